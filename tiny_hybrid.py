@@ -261,3 +261,33 @@ def attention(q, k, v, window=None, keep=None, scale=None):
     scores = scores.masked_fill(~allowed, float("-inf"))
     o = scores.softmax(dim=-1) @ vf                                               # [B, H, T, D]
     return o.transpose(1, 2).to(q.dtype)
+
+
+def attention_decode(q, k_cache, v_cache, valid=None, scale=None):
+    """One new query per sequence against a cache of key/value slots (the decoding step).
+
+    q: [B, H, D]; k_cache, v_cache: [B, S, Hkv, D]; valid: bool [B, S, Hkv] (which slots hold a
+    token this query may see; None: all). Slot order does not matter: the cache of SWA / LTE is a
+    ring buffer plus sinks plus retained tokens, the one of full attention grows.
+        o = sum_s softmax_s(scale q . k_s | valid_s) v_s
+    Returns o [B, H, D] in q's dtype.
+    """
+    _check_tensor("q", q, 3)
+    _check_tensor("k_cache", k_cache, 4)
+    _check_tensor("v_cache", v_cache, 4)
+    B, H, D = q.shape
+    S, Hkv = k_cache.shape[1], k_cache.shape[2]
+    if k_cache.shape != (B, S, Hkv, D) or v_cache.shape != k_cache.shape or H % Hkv:
+        raise ValueError(f"k_cache and v_cache must be [B, S, Hkv, D] with H % Hkv == 0; got q "
+                         f"{tuple(q.shape)}, k_cache {tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}")
+    scale = D ** -0.5 if scale is None else scale
+    G = H // Hkv
+    kf = _repeat_kv(k_cache, G).float()                                          # [B, S, H, D]
+    vf = _repeat_kv(v_cache, G).float()
+    scores = torch.einsum("bhd,bshd->bhs", q.float(), kf) * scale                # [B, H, S]
+    if valid is not None:
+        if valid.shape != (B, S, Hkv) or valid.dtype != torch.bool:
+            raise ValueError(f"valid must be bool [B, S, Hkv] = [{B}, {S}, {Hkv}], got "
+                             f"{valid.dtype} {tuple(valid.shape)}")
+        scores = scores.masked_fill(~_repeat_kv(valid[..., None], G)[..., 0].transpose(1, 2), float("-inf"))
+    return torch.einsum("bhs,bshd->bhd", scores.softmax(dim=-1), vf).to(q.dtype)
