@@ -291,3 +291,936 @@ def attention_decode(q, k_cache, v_cache, valid=None, scale=None):
                              f"{valid.dtype} {tuple(valid.shape)}")
         scores = scores.masked_fill(~_repeat_kv(valid[..., None], G)[..., 0].transpose(1, 2), float("-inf"))
     return torch.einsum("bhs,bshd->bhd", scores.softmax(dim=-1), vf).to(q.dtype)
+
+
+# --- 1c. Native Sparse Attention pieces -------------------------------------------------------
+
+def nsa_compress(x, block: int):
+    """Mean-pool complete blocks of l tokens: [B, T, Hkv, D] -> [B, T // l, Hkv, D].
+
+    The trailing incomplete block is left out: no query may read a summary of tokens it has not
+    seen, and a block is complete only once its last token exists."""
+    _check_tensor("x", x, 4)
+    B, T, Hkv, D = x.shape
+    n = T // block
+    return x[:, : n * block].reshape(B, n, block, Hkv, D).mean(dim=2)          # [B, n, Hkv, D]
+
+
+def _complete_blocks_mask(q_pos: torch.Tensor, n_blocks: int, block: int) -> torch.Tensor:
+    """bool [Tq, Nc]: block n is complete for the query at position p when (n + 1) l - 1 <= p."""
+    last_token = (torch.arange(n_blocks, device=q_pos.device) + 1) * block - 1
+    return last_token[None, :] <= q_pos[:, None]
+
+
+def nsa_compressed_attention(q, k_cmp, v_cmp, block: int, scale=None, offset: int = 0):
+    """Compressed branch: attention over mean-pooled blocks, complete blocks only.
+
+    q: [B, T, H, D] at positions offset .. offset + T - 1; k_cmp, v_cmp: [B, Nc, Hkv, D].
+    Returns (o [B, T, H, D], lse [B, T, H] float32). A query with no complete block yet gets
+    o = 0 and lse = -inf (there is nothing to attend to).
+    """
+    B, T, H, D = q.shape
+    Hkv = k_cmp.shape[2]
+    scale = D ** -0.5 if scale is None else scale
+    q_pos = torch.arange(offset, offset + T, device=q.device)
+    visible = _complete_blocks_mask(q_pos, k_cmp.shape[1], block)               # [T, Nc]
+    kf = _repeat_kv(k_cmp, H // Hkv).float()                                    # [B, Nc, H, D]
+    vf = _repeat_kv(v_cmp, H // Hkv).float()
+    scores = torch.einsum("bthd,bnhd->bhtn", q.float(), kf) * scale             # [B, H, T, Nc]
+    scores = scores.masked_fill(~visible, float("-inf"))
+    lse = scores.logsumexp(dim=-1)                                              # [B, H, T]
+    p = (scores - lse[..., None]).exp().nan_to_num(0.0)                         # rows with no block: 0
+    o = torch.einsum("bhtn,bnhd->bthd", p, vf)
+    return o.to(q.dtype), lse.transpose(1, 2)
+
+
+def nsa_block_scores(q, k_cmp, lse, block: int, scale=None, offset: int = 0):
+    """Importance of each compressed block for each query: the compressed attention probabilities
+    p_{i,n} = exp(scale q_i . kc_n - lse_i), summed over the query heads of a KV group.
+
+    q: [B, T, H, D], k_cmp: [B, Nc, Hkv, D], lse: [B, T, H]. Returns [B, T, Hkv, Nc] float32
+    (0 for blocks that are not complete yet). No gradient: selection is a hard choice."""
+    B, T, H, D = q.shape
+    Hkv = k_cmp.shape[2]
+    scale = D ** -0.5 if scale is None else scale
+    with torch.no_grad():
+        q_pos = torch.arange(offset, offset + T, device=q.device)
+        visible = _complete_blocks_mask(q_pos, k_cmp.shape[1], block)           # [T, Nc]
+        kf = _repeat_kv(k_cmp, H // Hkv).float()
+        logits = torch.einsum("bthd,bnhd->bthn", q.float(), kf) * scale         # [B, T, H, Nc]
+        p = (logits - lse.float()[..., None]).exp().masked_fill(~visible[:, None], 0.0)
+        return p.reshape(B, T, Hkv, H // Hkv, -1).sum(dim=3)                    # [B, T, Hkv, Nc]
+
+
+def nsa_select_blocks(scores, block: int, top_n: int, n_recent: int = 2, n_blocks: int | None = None,
+                      offset: int = 0):
+    """Top-n block selection per query and KV head, with forced blocks.
+
+    scores: [B, T, Hkv, Nc] from `nsa_block_scores`. Candidates for the query at position p are the
+    blocks that have started (n l <= p). Forced, whatever their score: block 0 and the n_recent most
+    recent blocks (the one holding p and those just before it). Ranking: score descending, ties to
+    the lower block index (a stable sort), so the choice is reproducible.
+    n_blocks: blocks that can exist (default ceil((offset + T) / l)).
+    Returns int64 [B, T, Hkv, top_n]: block indices, -1 where fewer than top_n candidates exist.
+    """
+    if top_n < n_recent + 1:
+        raise ValueError(f"top_n ({top_n}) must be at least n_recent + 1 = {n_recent + 1}: "
+                         f"the first and the recent blocks are always selected")
+    B, T, Hkv, Nc = scores.shape
+    q_pos = torch.arange(offset, offset + T, device=scores.device)
+    n_blocks = -(-(offset + T) // block) if n_blocks is None else n_blocks
+    rank = F.pad(scores.float(), (0, n_blocks - Nc))                            # [B, T, Hkv, Ns]
+    blk = torch.arange(n_blocks, device=scores.device)
+    current = (q_pos // block)[:, None]                                         # [T, 1]
+    started = blk[None, :] * block <= q_pos[:, None]                            # [T, Ns]
+    forced = (blk[None, :] == 0) | ((current - blk[None, :] >= 0) & (current - blk[None, :] < n_recent))
+    rank = rank.masked_fill(forced[:, None], float("inf")).masked_fill(~started[:, None], float("-inf"))
+    order = rank.sort(dim=-1, descending=True, stable=True)
+    idx = order.indices[..., :top_n]
+    idx = idx.masked_fill(order.values[..., :top_n] == float("-inf"), -1)
+    return F.pad(idx, (0, top_n - idx.shape[-1]), value=-1)
+
+
+def nsa_selected_attention(q, k, v, block_idx, block: int, scale=None):
+    """Selected branch: token-level causal attention over the selected blocks.
+
+    q: [B, T, H, D], k, v: [B, T, Hkv, D], block_idx: int [B, T, Hkv, n] (-1: no block). Query i
+    sees key j when block j // l is selected for (i, its KV head) and j <= i (so the block holding
+    i is read causally). Returns o [B, T, H, D]."""
+    _check_gqa(q, k, v)
+    B, T, H, D = q.shape
+    Hkv = k.shape[2]
+    scale = D ** -0.5 if scale is None else scale
+    key_block = torch.arange(T, device=q.device) // block                      # [T]
+    chosen = (block_idx[..., None] == key_block).any(dim=-2)                    # [B, T, Hkv, T]
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    allowed = (chosen & causal[None, :, None, :]).permute(0, 2, 1, 3)           # [B, Hkv, T, T]
+    allowed = allowed.repeat_interleave(H // Hkv, dim=1)                        # [B, H, T, T]
+    qf, kf, vf = (x.float().transpose(1, 2) for x in (q, _repeat_kv(k, H // Hkv), _repeat_kv(v, H // Hkv)))
+    scores = ((qf @ kf.transpose(-1, -2)) * scale).masked_fill(~allowed, float("-inf"))
+    return (scores.softmax(dim=-1) @ vf).transpose(1, 2).to(q.dtype)
+
+
+def nsa_combine(gates, o_cmp, o_slc, o_swa):
+    """The gated sum of the three branches: o = g_cmp o_cmp + g_slc o_slc + g_swa o_swa.
+
+    gates: [B, T, H, 3] in (0, 1) (sigmoid of a linear map of x); branch outputs [B, T, H, D]."""
+    g = gates.to(o_cmp.dtype)
+    return g[..., 0:1] * o_cmp + g[..., 1:2] * o_slc + g[..., 2:3] * o_swa
+
+
+# --- 1d. LTE: the streaming eviction rule ------------------------------------------------------
+
+def lte_buffer_push(buf_score, buf_pos, score, pos):
+    """Offer one token that leaves the window to the retained-token buffer (in place).
+
+    buf_score, buf_pos: [..., b] (empty slots: score -inf, pos -1); score: [...] float, pos: int.
+    The token enters when r > 0 and it fits or beats the lowest-scored buffered token; an empty
+    slot counts as lowest. Ties between buffered tokens: the oldest (lowest position) goes first.
+    Returns (entered bool [...], evicted_pos int64 [...] (-1 where nothing real was evicted),
+    slot int64 [...]: the buffer slot the token went to where it entered).
+    Pure tensor ops, no host sync: the same code runs per decoded token and in the parallel form.
+    """
+    low = buf_score.min(dim=-1, keepdim=True).values                           # [..., 1]
+    oldest_low = torch.where(buf_score == low, buf_pos, torch.iinfo(torch.int64).max)
+    slot = oldest_low.argmin(dim=-1, keepdim=True)                              # [..., 1]
+    entered = (score > 0) & (score > low[..., 0])
+    evicted = torch.where(entered, buf_pos.gather(-1, slot)[..., 0], -1)
+    buf_score.scatter_(-1, slot, torch.where(entered, score, low[..., 0])[..., None])
+    buf_pos.scatter_(-1, slot, torch.where(entered, pos, buf_pos.gather(-1, slot)[..., 0])[..., None])
+    return entered, evicted, slot[..., 0]
+
+
+def lte_visible_until(scores, window: int, sink: int, buffer: int):
+    """The capped-inference visibility of every key, from the streaming rule (eval-mode LTE).
+
+    scores: [B, T, Hkv] retention scores r. Token j leaves the window when query j + w + 1 arrives;
+    then sinks (j < s) stay forever, r <= 0 is dropped, otherwise it is offered to the buffer of b
+    slots (`lte_buffer_push`). Returns int64 [B, T, Hkv]: the last query index that sees key j
+    beyond the window (KEEP_FOREVER while still retained, -1 if never retained). Feeding this to
+    `attention` gives each query exactly the keys that token-by-token decoding holds for it.
+    Also returns the final buffer (buf_score, buf_pos: [B, Hkv, b]), from which prefill builds
+    the decoding state.
+    """
+    B, T, Hkv = scores.shape
+    until = torch.full((B, T, Hkv), -1, dtype=torch.int64, device=scores.device)
+    until[:, :sink] = KEEP_FOREVER
+    buf_score = torch.full((B, Hkv, buffer), float("-inf"), device=scores.device)
+    buf_pos = torch.full((B, Hkv, buffer), -1, dtype=torch.int64, device=scores.device)
+    flat = until.view(B, T * Hkv)                                               # [B, T * Hkv]
+    heads = torch.arange(Hkv, device=scores.device)
+    for j in range(sink, max(sink, T - window - 1)):       # token j leaves when query j + w + 1 comes
+        if buffer == 0:
+            break
+        entered, evicted, _ = lte_buffer_push(buf_score, buf_pos, scores[:, j].float(), j)
+        now = j + window + 1                                                    # the arriving query
+        until[:, j] = torch.where(entered, KEEP_FOREVER, -1)
+        # an evicted token was visible up to the query before `now`
+        target = torch.where(evicted >= 0, evicted * Hkv + heads, 0)
+        old = flat.gather(1, target)
+        flat.scatter_(1, target, torch.where(evicted >= 0, now - 1, old))
+    return until, buf_score, buf_pos
+
+
+# =============================================================================================
+# 2. MIXERS: (B, T, C) -> (B, T, C), each built from a Config
+# =============================================================================================
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight over the last dim, computed in float32."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight).to(x.dtype)
+
+
+def rotary(x, offset: int = 0, base: float = 10000.0):
+    """RoPE on [B, T, H, D] at positions offset .. offset + T - 1 (rotate-half form, float32 math)."""
+    B, T, H, D = x.shape
+    inv_freq = base ** (-torch.arange(0, D, 2, device=x.device, dtype=torch.float32) / D)   # [D/2]
+    angle = torch.arange(offset, offset + T, device=x.device, dtype=torch.float32)[:, None] * inv_freq
+    cos, sin = angle.cos()[:, None], angle.sin()[:, None]                       # [T, 1, D/2]
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+
+
+_warned_missing_kernels: set[str] = set()
+
+
+def _op(config, name: str):
+    """The op a mixer calls: its Triton twin in kernels.py when config.use_triton, else the reference.
+
+    kernels.py is imported only when asked for, so this file needs nothing but torch."""
+    reference = globals()[name]
+    if not config.use_triton:
+        return reference
+    try:
+        import kernels
+    except ImportError as e:
+        raise ImportError(f"Config.use_triton=True needs kernels.py and Triton (Linux only): {e}") from e
+    if not hasattr(kernels, name):
+        if name not in _warned_missing_kernels:
+            _warned_missing_kernels.add(name)
+            print(f"tiny_hybrid: kernels.py has no {name} yet, using the PyTorch reference")
+        return reference
+    return getattr(kernels, name)
+
+
+class ShortConv(nn.Module):
+    """Causal depthwise 1-D convolution over time (kernel 4 in GDN): y_t = sum_i w_i x_{t-i}."""
+
+    def __init__(self, channels: int, kernel_size: int):
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.weight = nn.Parameter(torch.empty(channels, 1, kernel_size))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+    def forward(self, x, cache=None):
+        """x: [B, T, C]; cache: [B, kernel - 1, C] inputs before x (None: zeros).
+        Returns (y [B, T, C], new cache [B, kernel - 1, C])."""
+        B, T, C = x.shape
+        past = x.new_zeros(B, self.kernel_size - 1, C) if cache is None else cache.to(x.dtype)
+        xp = torch.cat([past, x], dim=1)                                        # [B, k - 1 + T, C]
+        y = F.conv1d(xp.transpose(1, 2), self.weight.to(x.dtype), groups=C)     # [B, C, T]
+        return y.transpose(1, 2), xp[:, xp.shape[1] - (self.kernel_size - 1):]
+
+
+class GatedDeltaNet(nn.Module):
+    """Gated DeltaNet (Yang et al., ICLR 2025): the linear-attention layer of the hybrids.
+
+    x -> q, k, v (each: linear, short causal conv, SiLU); q, k L2-normalised per head;
+    beta = sigmoid(W_b x); g = -exp(A_log) softplus(W_a x + dt_bias)  (log decay, <= 0);
+    o = gated_delta_rule(q, k, v, g, beta); o = RMSNorm(o) * SiLU(W_gate x) per head; out = W_o o.
+    State per sequence: H x K x V numbers plus the conv tails, whatever the length.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        C, H, K = config.d_model, config.gdn_heads, config.gdn_head_dim
+        self.n_head, self.head_dim = H, K
+        self.q_proj = nn.Linear(C, H * K, bias=False)
+        self.k_proj = nn.Linear(C, H * K, bias=False)
+        self.v_proj = nn.Linear(C, H * K, bias=False)
+        self.q_conv, self.k_conv, self.v_conv = (ShortConv(H * K, config.gdn_conv_size) for _ in range(3))
+        self.a_proj = nn.Linear(C, H, bias=False)
+        self.b_proj = nn.Linear(C, H, bias=False)
+        self.g_proj = nn.Linear(C, H * K, bias=False)
+        self.o_norm = RMSNorm(K)
+        self.o_proj = nn.Linear(H * K, C, bias=False)
+        # Decay rates spread over heads (as in Mamba-2 / GDN): A in [1, 16], dt in [1e-3, 1e-1].
+        self.A_log = nn.Parameter(torch.empty(H).uniform_(1, 16).log())
+        dt = torch.exp(torch.empty(H).uniform_(math.log(1e-3), math.log(1e-1)))
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))          # softplus^-1(dt)
+
+    def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> dict:
+        """Empty decoding state: S [B, H, K, V] (float32) and the three conv tails."""
+        H, K = self.n_head, self.head_dim
+        tail = lambda: torch.zeros(batch_size, self.config.gdn_conv_size - 1, H * K, device=device, dtype=dtype)
+        return {"pos": 0, "S": torch.zeros(batch_size, H, K, K, device=device),
+                "q_conv": tail(), "k_conv": tail(), "v_conv": tail()}
+
+    def forward(self, x, state: dict | None = None):
+        B, T, _ = x.shape
+        H, K = self.n_head, self.head_dim
+        convs = {}
+        for name, proj, conv in (("q", self.q_proj, self.q_conv), ("k", self.k_proj, self.k_conv),
+                                 ("v", self.v_proj, self.v_conv)):
+            y, convs[name] = conv(proj(x), None if state is None else state[f"{name}_conv"])
+            convs[name + "_out"] = F.silu(y).view(B, T, H, K)                   # [B, T, C'] -> [B, T, H, K]
+        q = F.normalize(convs["q_out"].float(), dim=-1).to(x.dtype)
+        k = F.normalize(convs["k_out"].float(), dim=-1).to(x.dtype)
+        v = convs["v_out"]
+        beta = torch.sigmoid(self.b_proj(x).float())                            # [B, T, H]
+        g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias)
+        if state is None:
+            o, _ = _op(self.config, "gated_delta_rule")(q, k, v, g, beta, chunk_size=self.config.gdn_chunk_size)
+        else:
+            o = self._decode(q, k, v, g, beta, state)
+            state.update(q_conv=convs["q"], k_conv=convs["k"], v_conv=convs["v"], pos=state["pos"] + T)
+        o = self.o_norm(o) * F.silu(self.g_proj(x).view(B, T, H, K))
+        return self.o_proj(o.reshape(B, T, H * K))                              # [B, T, H, K] -> [B, T, C']
+
+    def _decode(self, q, k, v, g, beta, state):
+        """Continue from state["S"]: the recurrent form for one token, the chunked form for a prompt."""
+        if q.shape[1] == 1:
+            o, S = _op(self.config, "gated_delta_rule_recurrent")(q, k, v, g, beta, initial_state=state["S"])
+        else:
+            o, S = _op(self.config, "gated_delta_rule")(q, k, v, g, beta, initial_state=state["S"],
+                                                        chunk_size=self.config.gdn_chunk_size)
+        state["S"] = S
+        return o
+
+    def state_size(self, T: int) -> int:
+        """Numbers held per sequence while decoding, for any T."""
+        return self.n_head * self.head_dim ** 2 + 3 * (self.config.gdn_conv_size - 1) * self.n_head * self.head_dim
+
+
+class _AttentionBase(nn.Module):
+    """Projections, RoPE and decoding plumbing shared by the attention-type mixers.
+
+    Decoding (`forward(x, state)`): a prompt into an empty state runs the parallel form and then
+    fills the state; anything after that goes one token at a time through `_step`."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        C, H, Hkv, D = config.d_model, config.n_head, config.n_kv_head, config.head_dim
+        self.n_head, self.n_kv_head, self.head_dim = H, Hkv, D
+        self.q_proj = nn.Linear(C, H * D, bias=False)
+        self.k_proj = nn.Linear(C, Hkv * D, bias=False)
+        self.v_proj = nn.Linear(C, Hkv * D, bias=False)
+        self.o_proj = nn.Linear(H * D, C, bias=False)
+
+    def _qkv(self, x, offset: int = 0):
+        """x [B, T, C] -> q [B, T, H, D], k and v [B, T, Hkv, D], and k before RoPE."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        base = self.config.rope_base
+        return rotary(q, offset, base), rotary(k, offset, base), v, k
+
+    def forward(self, x, state: dict | None = None):
+        B, T, _ = x.shape
+        if state is None:
+            o = self._parallel(x)
+        elif state["pos"] == 0:
+            o = self._parallel(x, state)
+            state["pos"] = T
+        else:
+            o = torch.cat([self._step(x[:, t: t + 1], state) for t in range(T)], dim=1)
+        return self.o_proj(o.reshape(B, T, -1))                                 # [B, T, H, D] -> [B, T, H * D]
+
+
+class Attention(_AttentionBase):
+    """Softmax attention with RoPE and GQA: full (window=None) or sliding window (the last w + 1 tokens).
+
+    Decoding state: a growing KV cache (full) or a ring buffer of w + 1 slots (SWA)."""
+
+    def __init__(self, config, window: int | None = None):
+        super().__init__(config)
+        if window is not None and (not isinstance(window, int) or window < 0):
+            raise ValueError(f"window must be None or an int >= 0, got {window!r}")
+        self.window = window
+
+    def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> dict:
+        slots = 0 if self.window is None else self.window + 1
+        shape = (batch_size, slots, self.n_kv_head, self.head_dim)
+        return {"pos": 0, "k": torch.zeros(shape, device=device, dtype=dtype),
+                "v": torch.zeros(shape, device=device, dtype=dtype),
+                "valid": torch.zeros(shape[:3], dtype=torch.bool, device=device)}
+
+    def _parallel(self, x, state=None):
+        q, k, v, _ = self._qkv(x)
+        o = _op(self.config, "attention")(q, k, v, window=self.window)
+        if state is not None:
+            self._store(state, k, v, start=0)
+        return o
+
+    def _store(self, state, k, v, start: int):
+        """Write keys/values of positions start .. start + T - 1 into the cache."""
+        if self.window is None:
+            state["k"] = torch.cat([state["k"], k.to(state["k"].dtype)], dim=1)
+            state["v"] = torch.cat([state["v"], v.to(state["v"].dtype)], dim=1)
+            state["valid"] = torch.ones(state["k"].shape[:3], dtype=torch.bool, device=k.device)
+            return
+        T, slots = k.shape[1], self.window + 1
+        keep_from = max(0, T - slots)                      # older tokens would be overwritten anyway
+        ring = torch.arange(start + keep_from, start + T, device=k.device) % slots
+        state["k"][:, ring] = k[:, keep_from:].to(state["k"].dtype)
+        state["v"][:, ring] = v[:, keep_from:].to(state["v"].dtype)
+        state["valid"][:, ring] = True
+
+    def _step(self, x, state):
+        q, k, v, _ = self._qkv(x, state["pos"])
+        self._store(state, k, v, start=state["pos"])
+        state["pos"] += 1
+        o = _op(self.config, "attention_decode")(q[:, 0], state["k"].to(q.dtype), state["v"].to(q.dtype),
+                                                 state["valid"])
+        return o[:, None]
+
+    def state_size(self, T: int) -> int:
+        held = T if self.window is None else min(T, self.window + 1)
+        return 2 * held * self.n_kv_head * self.head_dim
+
+
+class LTERouter(nn.Module):
+    """The retention scorer of LTE: one small CNN per KV head over (k before RoPE, v).
+
+    Grouped 1-D convolutions (groups = Hkv, so heads never mix), 'same' padding, channels halving
+    each layer, SiLU and dropout, then a 1x1 projection to one number per token and head:
+        r_j = sigmoid(cnn([k_j; v_j] around j)) - 0.5       (kept when r_j > 0)
+    The projection's bias starts at +0.5 so that at first every token is kept (r ~ 0.12).
+    `reach` = tokens seen on each side = sum of dilation * (kernel - 1) / 2 (6 by default).
+    """
+
+    def __init__(self, n_kv_head: int, head_dim: int, kernel_sizes=(3, 3, 3), dilations=(2, 2, 2),
+                 dropout: float = 0.1, bias_init: float = 0.5):
+        super().__init__()
+        if len(kernel_sizes) != len(dilations) or not kernel_sizes:
+            raise ValueError(f"lte_kernel_sizes {kernel_sizes} and lte_dilations {dilations} must be "
+                             f"non-empty and of the same length")
+        if any(k < 1 or k % 2 == 0 for k in kernel_sizes) or any(d < 1 for d in dilations):
+            raise ValueError(f"lte_kernel_sizes must be odd and >= 1 ('same' padding), dilations >= 1; "
+                             f"got {kernel_sizes}, {dilations}")
+        self.n_kv_head = n_kv_head
+        self.reach = sum(d * (k - 1) // 2 for k, d in zip(kernel_sizes, dilations))
+        channels = 2 * head_dim
+        self.convs = nn.ModuleList()
+        for k, d in zip(kernel_sizes, dilations):
+            out = max(1, channels // 2)
+            self.convs.append(nn.Conv1d(n_kv_head * channels, n_kv_head * out, k, dilation=d,
+                                        padding=d * (k - 1) // 2, groups=n_kv_head))
+            channels = out
+        self.proj = nn.Conv1d(n_kv_head * channels, n_kv_head, 1, groups=n_kv_head)
+        self.dropout = nn.Dropout(dropout)
+        self.bias_init = bias_init
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        for conv in self.convs:
+            conv.reset_parameters()
+        self.proj.reset_parameters()
+        nn.init.constant_(self.proj.bias, self.bias_init)
+
+    def forward(self, k, v):
+        """k (before RoPE), v: [B, T, Hkv, D] -> r [B, T, Hkv] float32 in (-0.5, 0.5)."""
+        B, T, Hkv, D = k.shape
+        x = torch.cat([k, v], dim=-1).reshape(B, T, Hkv * 2 * D).transpose(1, 2)   # [B, Hkv * 2D, T], head-major
+        for conv in self.convs:
+            x = self.dropout(F.silu(conv(x)))
+        x = self.proj(x)                                                        # [B, Hkv, T]
+        return torch.sigmoid(x.float()).transpose(1, 2) - 0.5
+
+
+class LTEAttention(_AttentionBase):
+    """Learnable token eviction: sliding-window attention plus sink tokens plus the tokens the
+    router retains (the paper's "A-plus-column" pattern), with RoPE and GQA.
+
+    Query i sees key j when j <= i and (i - j <= w, or j < s, or j is retained for i).
+    Training: every token with r_j > 0 stays visible (the paper's rule; `lte_train_cap` applies the
+    inference cap instead). The hard choice gets a straight-through gradient through the values,
+        v'_j = v_j (1 + r_j - stopgrad(r_j))   =>   dL/dr_j = <v_j, dL/dv'_j>,
+    and an L1 penalty lambda_h * relu(r) (lambda per head, set by `update_lambda`) pushes scores down.
+    Eval and decoding: at most b retained tokens per head, by the streaming rule (`lte_buffer_push`).
+    Decoding state, fixed size: s sinks + a ring of w + 1 + a buffer of b tokens, their scores, and
+    the last 2 reach + 1 router inputs.
+    """
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.window, self.sink, self.buffer = config.window, config.lte_sink, config.lte_buffer
+        self.router = LTERouter(config.n_kv_head, config.head_dim, config.lte_kernel_sizes,
+                                config.lte_dilations, config.lte_dropout)
+        if self.router.reach > self.window:
+            raise ValueError(f"window ({self.window}) must be >= the LTE router's reach "
+                             f"({self.router.reach} tokens each side): a token's score must be known "
+                             f"before it leaves the window, or the mask would depend on the future")
+        Hkv = config.n_kv_head
+        self.register_buffer("lam", torch.full((Hkv,), config.lte_lambda_init))
+        self.register_buffer("kept_sum", torch.zeros(Hkv))
+        self.register_buffer("kept_steps", torch.zeros((), dtype=torch.long))
+        self.last_kept = torch.zeros(Hkv)          # retained tokens per sequence, last training forward
+        self.last_penalty = torch.zeros(())
+
+    # --- parallel form ---
+    def _parallel(self, x, state=None):
+        q, k, v, k_raw = self._qkv(x)
+        r = self.router(k_raw, v)                                               # [B, T, Hkv]
+        B, T, Hkv = r.shape
+        if self.training and not self.config.lte_train_cap and state is None:
+            keep = r > 0
+            keep[:, : self.sink] = True
+        else:
+            keep, buf_score, buf_pos = lte_visible_until(r.detach(), self.window, self.sink, self.buffer)
+        if self.training:
+            self.last_kept = (r[:, self.sink:] > 0).float().sum(dim=1).mean(dim=0).detach()   # [Hkv]
+            self.last_penalty = (self.lam * F.relu(r).mean(dim=(0, 1))).sum()
+            v = v * (1 + r - r.detach()).to(v.dtype)[..., None]                 # straight-through
+        o = _op(self.config, "attention")(q, k, v, window=self.window, keep=keep)
+        if state is not None:
+            self._fill_state(state, k, v, k_raw, r, buf_score, buf_pos)
+        return o
+
+    # --- lambda controller ---
+    @torch.no_grad()
+    def update_lambda(self):
+        """Call once per training step. Every N steps: lambda *= 1.5 for heads that kept more than
+        b tokens per sequence on average since the last update, /= 2 below 0.95 b; clamped."""
+        c = self.config
+        self.kept_sum += self.last_kept.to(self.kept_sum.device)
+        self.kept_steps += 1
+        if int(self.kept_steps) < c.lte_lambda_every:
+            return
+        kept = self.kept_sum / self.kept_steps
+        self.lam.mul_(torch.where(kept > self.buffer, c.lte_lambda_up, 1.0))
+        self.lam.div_(torch.where(kept < 0.95 * self.buffer, c.lte_lambda_down, 1.0))
+        self.lam.clamp_(c.lte_lambda_min, c.lte_lambda_max)
+        self.kept_sum.zero_()
+        self.kept_steps.zero_()
+
+    # --- decoding ---
+    def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> dict:
+        B, Hkv, D = batch_size, self.n_kv_head, self.head_dim
+        s, w1, b, h = self.sink, self.window + 1, self.buffer, 2 * self.router.reach + 1
+        zeros = lambda n: torch.zeros(B, n, Hkv, D, device=device, dtype=dtype)
+        off = lambda n: torch.zeros(B, n, Hkv, dtype=torch.bool, device=device)
+        return {"pos": 0,
+                "sink_k": zeros(s), "sink_v": zeros(s), "sink_valid": off(s),
+                "k": zeros(w1), "v": zeros(w1), "valid": off(w1),
+                "score": torch.zeros(B, w1, Hkv, device=device),
+                "buf_k": zeros(b), "buf_v": zeros(b),
+                "buf_score": torch.full((B, Hkv, b), float("-inf"), device=device),
+                "buf_pos": torch.full((B, Hkv, b), -1, dtype=torch.long, device=device),
+                "router_in": torch.zeros(B, h, Hkv, 2 * D, device=device, dtype=dtype)}
+
+    def _fill_state(self, state, k, v, k_raw, r, buf_score, buf_pos):
+        """After a parallel prefill of T tokens: the state that stepping them one by one leaves."""
+        B, T, Hkv, D = k.shape
+        w1, h = self.window + 1, 2 * self.router.reach + 1
+        dt = state["k"].dtype
+        n_sink = min(T, self.sink)
+        state["sink_k"][:, :n_sink], state["sink_v"][:, :n_sink] = k[:, :n_sink].to(dt), v[:, :n_sink].to(dt)
+        state["sink_valid"][:, :n_sink] = True
+        recent = torch.arange(max(0, T - w1), T, device=k.device)
+        state["k"][:, recent % w1], state["v"][:, recent % w1] = k[:, recent].to(dt), v[:, recent].to(dt)
+        state["valid"][:, recent % w1] = True
+        scored = recent[recent <= T - 1 - self.router.reach]   # later ones wait for their right context
+        state["score"][:, scored % w1] = r[:, scored].detach().float()
+        state["buf_score"], state["buf_pos"] = buf_score.clone(), buf_pos.clone()
+        pos = buf_pos.clamp(min=0).transpose(1, 2)                              # [B, b, Hkv]
+        state["buf_k"] = k.gather(1, pos[..., None].expand(-1, -1, -1, D)).to(dt)
+        state["buf_v"] = v.gather(1, pos[..., None].expand(-1, -1, -1, D)).to(dt)
+        tail = torch.arange(max(0, T - h), T, device=k.device)
+        state["router_in"][:, tail % h] = torch.cat([k_raw, v], dim=-1)[:, tail].to(dt)
+
+    def _step(self, x, state):
+        t = state["pos"]
+        q, k, v, k_raw = self._qkv(x, t)
+        self._leave_window(state, t)
+        w1, h, reach = self.window + 1, 2 * self.router.reach + 1, self.router.reach
+        dt = state["k"].dtype
+        state["k"][:, t % w1], state["v"][:, t % w1] = k[:, 0].to(dt), v[:, 0].to(dt)
+        state["valid"][:, t % w1] = True
+        state["router_in"][:, t % h] = torch.cat([k_raw, v], dim=-1)[:, 0].to(dt)
+        j = t - reach                                      # its right context has just arrived
+        if j >= 0:
+            positions = torch.arange(max(0, j - reach), t + 1, device=x.device)
+            ctx = state["router_in"][:, positions % h]                          # [B, n, Hkv, 2D]
+            r = self.router(*ctx.to(q.dtype).split(self.head_dim, dim=-1))     # [B, n, Hkv]
+            state["score"][:, j % w1] = r[:, j - int(positions[0])]
+        state["pos"] = t + 1
+        slots = [(state["sink_k"], state["sink_v"], state["sink_valid"]), (state["k"], state["v"], state["valid"]),
+                 (state["buf_k"], state["buf_v"], (state["buf_pos"] >= 0).transpose(1, 2))]
+        k_all, v_all, valid = (torch.cat(parts, dim=1) for parts in zip(*slots))   # [B, s + w + 1 + b, ...]
+        o = _op(self.config, "attention_decode")(q[:, 0], k_all.to(q.dtype), v_all.to(q.dtype), valid)
+        return o[:, None]
+
+    def _leave_window(self, state, t: int):
+        """Token j = t - w - 1 leaves the window as token t arrives: to the sinks, the buffer, or gone."""
+        j = t - self.window - 1
+        if j < 0:
+            return
+        w1 = self.window + 1
+        if j < self.sink:
+            state["sink_k"][:, j], state["sink_v"][:, j] = state["k"][:, j % w1], state["v"][:, j % w1]
+            state["sink_valid"][:, j] = True
+            return
+        if self.buffer == 0:
+            return
+        entered, _, slot = lte_buffer_push(state["buf_score"], state["buf_pos"],
+                                           state["score"][:, j % w1], j)       # [B, Hkv] each
+        for name in ("k", "v"):
+            buf = state["buf_" + name]                                          # [B, b, Hkv, D]
+            idx = slot[:, None, :, None].expand(-1, 1, -1, buf.shape[-1])       # [B, 1, Hkv, D]
+            new = torch.where(entered[:, None, :, None], state[name][:, j % w1][:, None], buf.gather(1, idx))
+            buf.scatter_(1, idx, new)
+
+    def state_size(self, T: int) -> int:
+        held = min(T, self.sink) + min(T, self.window + 1) + min(T, self.buffer)
+        return held * self.n_kv_head * (2 * self.head_dim + 1)   # keys, values, one score each
+
+
+class NativeSparseAttention(_AttentionBase):
+    """NSA as the paper uses it: three branches on the same roped q, k, v, mixed per query head by
+    sigmoid gates, o = g_cmp o_cmp + g_slc o_slc + g_swa o_swa:
+      1. compressed: attention over mean-pooled blocks of l tokens (complete blocks only);
+      2. selected: the compressed probabilities summed over a KV group rank the blocks; the top n
+         (block 0 and the most recent ones forced) are attended token by token, causally;
+      3. sliding window of w tokens.
+    Decoding state: the full KV cache plus the compressed blocks, appended as each block completes.
+    """
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.block, self.top_n, self.n_recent = config.nsa_block, config.nsa_topn, config.nsa_recent
+        self.window = config.nsa_window if config.nsa_window is not None else config.window
+        self.gate_proj = nn.Linear(config.d_model, 3 * config.n_head)
+
+    def _gates(self, x):
+        B, T, _ = x.shape
+        return torch.sigmoid(self.gate_proj(x).float()).view(B, T, self.n_head, 3)   # [B, T, H * 3] -> [B, T, H, 3]
+
+    def _parallel(self, x, state=None):
+        q, k, v, _ = self._qkv(x)
+        l, op = self.block, lambda name: _op(self.config, name)
+        k_cmp, v_cmp = nsa_compress(k, l), nsa_compress(v, l)
+        o_cmp, lse = op("nsa_compressed_attention")(q, k_cmp, v_cmp, l)
+        scores = nsa_block_scores(q, k_cmp, lse, l)
+        block_idx = nsa_select_blocks(scores, l, self.top_n, self.n_recent)
+        o_slc = op("nsa_selected_attention")(q, k, v, block_idx, l)
+        o_swa = op("attention")(q, k, v, window=self.window)
+        if state is not None:
+            state.update(k=k.detach(), v=v.detach(), k_cmp=k_cmp.detach(), v_cmp=v_cmp.detach())
+        return nsa_combine(self._gates(x), o_cmp, o_slc, o_swa)
+
+    def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> dict:
+        empty = lambda: torch.zeros(batch_size, 0, self.n_kv_head, self.head_dim, device=device, dtype=dtype)
+        return {"pos": 0, "k": empty(), "v": empty(), "k_cmp": empty(), "v_cmp": empty()}
+
+    def _step(self, x, state):
+        t, l = state["pos"], self.block
+        q, k, v, _ = self._qkv(x, t)
+        dt = state["k"].dtype
+        state["k"] = torch.cat([state["k"], k.to(dt)], dim=1)
+        state["v"] = torch.cat([state["v"], v.to(dt)], dim=1)
+        if (t + 1) % l == 0:                               # a block just completed: pool it, once
+            state["k_cmp"] = torch.cat([state["k_cmp"], state["k"][:, -l:].mean(dim=1, keepdim=True)], dim=1)
+            state["v_cmp"] = torch.cat([state["v_cmp"], state["v"][:, -l:].mean(dim=1, keepdim=True)], dim=1)
+        state["pos"] = t + 1
+        K, Vc, Kc, VC = (state[n].to(q.dtype) for n in ("k", "v", "k_cmp", "v_cmp"))
+        o_cmp, lse = nsa_compressed_attention(q, Kc, VC, l, offset=t)
+        scores = nsa_block_scores(q, Kc, lse, l, offset=t)
+        block_idx = nsa_select_blocks(scores, l, self.top_n, self.n_recent, offset=t)[:, 0]   # [B, Hkv, n]
+        o_slc = self._selected_step(q[:, 0], K, Vc, block_idx, t)
+        recent = slice(max(0, t - self.window), t + 1)
+        o_swa = _op(self.config, "attention_decode")(q[:, 0], K[:, recent], Vc[:, recent])
+        return nsa_combine(self._gates(x), o_cmp, o_slc[:, None], o_swa[:, None])
+
+    def _selected_step(self, q, k, v, block_idx, t: int):
+        """One query at position t over its selected blocks: gather n l tokens, never the whole cache."""
+        B, P, Hkv, D = k.shape
+        l = self.block
+        tok = (block_idx[..., None] * l + torch.arange(l, device=q.device)).flatten(2)   # [B, Hkv, n * l]
+        valid = (block_idx[..., None] >= 0).expand(-1, -1, -1, l).flatten(2) & (tok <= t)
+        idx = tok.clamp(0, P - 1).transpose(1, 2)[..., None].expand(-1, -1, -1, D)      # [B, n * l, Hkv, D]
+        return _op(self.config, "attention_decode")(q, k.gather(1, idx), v.gather(1, idx), valid.transpose(1, 2))
+
+    def state_size(self, T: int) -> int:
+        return 2 * (T + T // self.block) * self.n_kv_head * self.head_dim
+
+
+# =============================================================================================
+# 3. MODEL
+# =============================================================================================
+
+MIXERS = {
+    "gdn": GatedDeltaNet,
+    "swa": lambda config: Attention(config, window=config.window),
+    "attn": Attention,
+    "nsa": NativeSparseAttention,
+    "lte": LTEAttention,
+}
+
+# Layer patterns: attention-type mixers on the odd layers, GDN on the even ones (as in the paper).
+PRESETS = {
+    "gdn": ("gdn",),
+    "gdn+swa": ("gdn", "swa"),
+    "gdn+attn": ("gdn", "attn"),
+    "gdn+nsa": ("gdn", "nsa"),
+    "gdn+lte": ("gdn", "lte"),
+    "transformer": ("attn",),
+}
+
+
+@dataclass
+class Config:
+    """Sizes and per-mixer settings. The paper's settings (24 layers, w = 768, b = 512, s = 4,
+    l = 64, n = 16, 1.4B params) are scaled down to a model that trains on a laptop CPU."""
+
+    vocab_size: int = 2048
+    n_layer: int = 4
+    d_model: int = 128
+    n_head: int = 4                   # query heads of the attention-type mixers
+    n_kv_head: int = 2                # key/value heads (GQA)
+    head_dim: int = 32
+    mlp_hidden: int = 0               # SwiGLU hidden size; 0 means 8/3 d_model rounded up to 32
+    layers: tuple = ()                # one mixer name per layer (see MIXERS); () means all "gdn"
+    rope_base: float = 10000.0
+    # Gated DeltaNet
+    gdn_heads: int = 0                # 0 means n_head
+    gdn_head_dim: int = 0             # K = V; 0 means head_dim
+    gdn_conv_size: int = 4
+    gdn_chunk_size: int = 64
+    # sliding window (SWA, LTE, and NSA's third branch unless nsa_window is set)
+    window: int = 64
+    # LTE
+    lte_sink: int = 4
+    lte_buffer: int = 32
+    lte_kernel_sizes: tuple = (3, 3, 3)
+    lte_dilations: tuple = (2, 2, 2)
+    lte_dropout: float = 0.1
+    lte_train_cap: bool = False       # True: training sees the inference cap b too
+    lte_lambda_init: float = 1e-3
+    lte_lambda_every: int = 32        # controller period in steps
+    lte_lambda_up: float = 1.5
+    lte_lambda_down: float = 2.0
+    lte_lambda_min: float = 1e-9
+    lte_lambda_max: float = 1.0
+    # NSA
+    nsa_block: int = 16
+    nsa_topn: int = 4
+    nsa_recent: int = 2
+    nsa_window: int | None = None
+    # kernels
+    use_triton: bool = False
+
+    def __post_init__(self):
+        self.layers = tuple(self.layers) or ("gdn",) * self.n_layer
+        self.gdn_heads = self.gdn_heads or self.n_head
+        self.gdn_head_dim = self.gdn_head_dim or self.head_dim
+        self.mlp_hidden = self.mlp_hidden or 32 * math.ceil(8 * self.d_model / 3 / 32)
+        self.lte_kernel_sizes, self.lte_dilations = tuple(self.lte_kernel_sizes), tuple(self.lte_dilations)
+        for name in ("vocab_size", "n_layer", "d_model", "n_head", "n_kv_head", "head_dim", "gdn_conv_size",
+                     "gdn_chunk_size", "nsa_block", "nsa_topn"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name in ("window", "lte_sink", "lte_buffer", "nsa_recent"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
+        if self.head_dim % 2 or self.gdn_head_dim < 1:
+            raise ValueError(f"head_dim must be even (RoPE rotates pairs), got {self.head_dim}")
+        if len(self.layers) != self.n_layer:
+            raise ValueError(f"layers has {len(self.layers)} entries but n_layer is {self.n_layer}")
+        unknown = [m for m in self.layers if m not in MIXERS]
+        if unknown:
+            raise ValueError(f"unknown mixer name(s) {unknown}; allowed: {sorted(MIXERS)}")
+        if self.nsa_topn < self.nsa_recent + 1:
+            raise ValueError(f"nsa_topn ({self.nsa_topn}) must be >= nsa_recent + 1 = {self.nsa_recent + 1}")
+        if "lte" in self.layers:
+            reach = LTERouter(1, 2, self.lte_kernel_sizes, self.lte_dilations).reach
+            if reach > self.window:
+                raise ValueError(f"window ({self.window}) must be >= the LTE router's reach ({reach}): "
+                                 f"a token's score must be known before it leaves the window")
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "Config":
+        """A named model: 'gdn', 'gdn+swa', 'gdn+attn', 'gdn+nsa', 'gdn+lte' or 'transformer'."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; allowed: {sorted(PRESETS)}")
+        if "layers" in overrides:
+            raise ValueError("a preset sets layers itself; build Config(layers=...) directly instead")
+        n_layer = overrides.get("n_layer", cls.n_layer)
+        pattern = PRESETS[name]
+        return cls(layers=tuple(pattern[i % len(pattern)] for i in range(n_layer)), **overrides)
+
+
+class SwiGLU(nn.Module):
+    """The MLP: W_2 (SiLU(W_1 x) * W_3 x)."""
+
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(d_model, hidden, bias=False)
+        self.w3 = nn.Linear(d_model, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + mixer(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: Config, mixer: str):
+        super().__init__()
+        self.norm1 = RMSNorm(config.d_model)
+        self.mixer = MIXERS[mixer](config)
+        self.norm2 = RMSNorm(config.d_model)
+        self.mlp = SwiGLU(config.d_model, config.mlp_hidden)
+
+    def forward(self, x, state=None):
+        x = x + self.mixer(self.norm1(x), state)
+        return x + self.mlp(self.norm2(x))
+
+
+class TinyHybrid(nn.Module):
+    """The interleaved language model: token embedding, blocks, final norm, tied output head.
+
+    forward(idx, targets=None, state=None) -> (logits [B, T, vocab], loss or None).
+    In training the loss includes the LTE penalty; `last_losses` holds both parts separately.
+    With `state` (from `init_state`), the call continues a sequence: a prompt into an empty state
+    is prefilled in parallel, later calls step token by token; the state is updated in place.
+    """
+
+    def __init__(self, config: Config):
+        super().__init__()
+        if not isinstance(config, Config):
+            raise TypeError(f"config must be a tiny_hybrid.Config, got {type(config).__name__}")
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(Block(config, m) for m in config.layers)
+        self.norm = RMSNorm(config.d_model)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight                                   # tied
+        self.last_losses: dict = {}
+        self._init_weights()
+
+    def _init_weights(self):
+        """GPT-2 style: N(0, 0.02), residual output projections scaled by 1 / sqrt(2 n_layer)."""
+        for name, p in self.named_parameters():
+            if p.ndim == 2 and "router" not in name:
+                std = 0.02 / math.sqrt(2 * self.config.n_layer) if name.endswith(("o_proj.weight", "w2.weight")) else 0.02
+                nn.init.normal_(p, std=std)
+        for m in self.modules():
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def _check_idx(self, idx, check_range: bool = True):
+        if not isinstance(idx, torch.Tensor):
+            raise TypeError(f"idx must be a torch.Tensor of token ids, got {type(idx).__name__}")
+        if idx.is_floating_point() or idx.dtype == torch.bool or idx.is_complex():
+            raise TypeError(f"idx must hold integer token ids, got dtype {idx.dtype}")
+        if idx.ndim != 2 or idx.shape[1] == 0:
+            raise ValueError(f"idx must be [B, T] with T >= 1, got shape {tuple(idx.shape)}")
+        if check_range:
+            lo, hi = int(idx.min()), int(idx.max())
+            if lo < 0 or hi >= self.config.vocab_size:
+                raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got values in [{lo}, {hi}]")
+
+    def forward(self, idx, targets=None, state: list | None = None):
+        # one decoded token on the GPU: skip the range check, it would wait for the device
+        self._check_idx(idx, check_range=not (state is not None and idx.shape[1] == 1 and idx.is_cuda))
+        if state is not None and len(state) != len(self.blocks):
+            raise ValueError(f"state must come from init_state ({len(self.blocks)} layers), got {len(state)}")
+        x = self.wte(idx)
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if state is None else state[i])
+        logits = self.lm_head(self.norm(x))
+        if targets is None:
+            return logits, None
+        if not isinstance(targets, torch.Tensor) or targets.shape != idx.shape:
+            raise ValueError(f"targets must be a tensor shaped like idx {tuple(idx.shape)}")
+        lm_loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+        penalty = self.lte_penalty()
+        self.last_losses = {"lm": lm_loss.detach(), "lte_penalty": penalty.detach()}
+        return logits, lm_loss + penalty
+
+    # --- LTE training hooks ---
+    def _lte_layers(self):
+        return [(i, b.mixer) for i, b in enumerate(self.blocks) if isinstance(b.mixer, LTEAttention)]
+
+    def lte_penalty(self):
+        """Sum over LTE layers of lambda_h * mean relu(r), from the last training forward (0 in eval)."""
+        total = torch.zeros((), device=self.wte.weight.device)
+        if self.training:
+            for _, m in self._lte_layers():
+                total = total + m.last_penalty
+        return total
+
+    def update_lte_lambdas(self):
+        """Run the lambda controller of every LTE layer; call once per optimizer step."""
+        for _, m in self._lte_layers():
+            m.update_lambda()
+
+    def lte_stats(self) -> list[dict]:
+        """Per LTE layer: retained tokens per sequence (last training forward) and lambda, per KV head."""
+        return [{"layer": i, "kept": m.last_kept.tolist(), "lambda": m.lam.tolist()} for i, m in self._lte_layers()]
+
+    # --- decoding ---
+    def init_state(self, batch_size: int, device=None, dtype=None) -> list[dict]:
+        """An empty decoding state: one dict of tensors per layer."""
+        device = device or self.wte.weight.device
+        dtype = dtype or self.wte.weight.dtype
+        return [b.mixer.init_state(batch_size, device, dtype) for b in self.blocks]
+
+    @staticmethod
+    def state_nbytes(state: list[dict]) -> int:
+        """Bytes held per sequence by a decoding state."""
+        tensors = [t for layer in state for t in layer.values() if isinstance(t, torch.Tensor)]
+        batch = tensors[0].shape[0] if tensors else 1
+        return sum(t.numel() * t.element_size() for t in tensors) // max(batch, 1)
+
+    def state_size(self, T: int) -> dict:
+        """Numbers each mixer holds per sequence to decode token T + 1, by layer ("0:gdn", ...)."""
+        return {f"{i}:{name}": b.mixer.state_size(T) for i, (b, name) in enumerate(zip(self.blocks, self.config.layers))}
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 generator: torch.Generator | None = None):
+        """Prefill idx [B, T] once, then decode max_new_tokens one at a time (no recomputation of
+        the past). temperature 0 is greedy. Returns [B, T + max_new_tokens]."""
+        self._check_idx(idx)
+        if max_new_tokens < 0 or temperature < 0:
+            raise ValueError(f"max_new_tokens and temperature must be >= 0, got {max_new_tokens}, {temperature}")
+        was_training = self.training
+        self.eval()
+        state = self.init_state(idx.shape[0])
+        logits, _ = self(idx, state=state)
+        out = [idx]
+        for step in range(max_new_tokens):
+            nxt = self._sample(logits[:, -1].float(), temperature, top_k, generator)   # [B, 1]
+            out.append(nxt)
+            if step + 1 < max_new_tokens:
+                logits, _ = self(nxt, state=state)
+        self.train(was_training)
+        return torch.cat(out, dim=1)
+
+    @staticmethod
+    def _sample(logits, temperature, top_k, generator):
+        if temperature == 0:
+            return logits.argmax(dim=-1, keepdim=True)
+        logits = logits / temperature
+        if top_k is not None:
+            kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
