@@ -746,7 +746,7 @@ class LTEAttention(_AttentionBase):
     Query i sees key j when j <= i and (i - j <= w, or j < s, or j is retained for i).
     Training: every token with r_j > 0 stays visible (the paper's rule; `lte_train_cap` applies the
     inference cap instead). The hard choice gets a straight-through gradient through the values,
-        v'_j = v_j (1 + r_j - stopgrad(r_j))   =>   dL/dr_j = <v_j, dL/dv'_j>,
+        v'_j = v_j + v_j (r_j - stopgrad(r_j))   =>   dL/dr_j = <v_j, dL/dv'_j>,
     and an L1 penalty lambda_h * relu(r) (lambda per head, set by `update_lambda`) pushes scores down.
     Eval and decoding: at most b retained tokens per head, by the streaming rule (`lte_buffer_push`).
     Decoding state, fixed size: s sinks + a ring of w + 1 + a buffer of b tokens, their scores, and
@@ -782,7 +782,7 @@ class LTEAttention(_AttentionBase):
         if self.training:
             self.last_kept = (r[:, self.sink:] > 0).float().sum(dim=1).mean(dim=0).detach()   # [Hkv]
             self.last_penalty = (self.lam * F.relu(r).mean(dim=(0, 1))).sum()
-            v = v * (1 + r - r.detach()).to(v.dtype)[..., None]                 # straight-through
+            v = v + v * (r - r.detach()).to(v.dtype)[..., None]   # straight-through: exactly v forward
         o = _op(self.config, "attention")(q, k, v, window=self.window, keep=keep)
         if state is not None:
             self._fill_state(state, k, v, k_raw, r, buf_score, buf_pos)
@@ -825,7 +825,7 @@ class LTEAttention(_AttentionBase):
         B, T, Hkv, D = k.shape
         w1, h = self.window + 1, 2 * self.router.reach + 1
         dt = state["k"].dtype
-        n_sink = min(T, self.sink)
+        n_sink = min(self.sink, max(0, T - w1))           # sinks that have left the window by now
         state["sink_k"][:, :n_sink], state["sink_v"][:, :n_sink] = k[:, :n_sink].to(dt), v[:, :n_sink].to(dt)
         state["sink_valid"][:, :n_sink] = True
         recent = torch.arange(max(0, T - w1), T, device=k.device)

@@ -1,0 +1,656 @@
+"""Tests of tiny_hybrid.py: ops against slow oracles, mixers, the model, decoding.
+
+Tolerances: every reference op computes in float32. Where two float32 computations of the same
+function are compared (chunked vs recurrent GDN, dense vs per-query loop), they differ only by
+summation order: relative differences of a few float32 ulps times the number of summed terms,
+far below 1e-5 for the sizes here, so atol = rtol = 1e-5 can only fail on a real mistake
+(a wrong mask entry or a missed decay moves results by 1e-2 or more).
+"""
+
+import math
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tiny_hybrid as th
+from tiny_hybrid import (KEEP_FOREVER, PRESETS, Config, TinyHybrid, attention, attention_decode,
+                         gated_delta_rule, gated_delta_rule_recurrent, lte_buffer_push, lte_visible_until,
+                         nsa_block_scores, nsa_compress, nsa_compressed_attention, nsa_select_blocks,
+                         nsa_selected_attention)
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+def small_config(preset: str, **overrides) -> Config:
+    """A model small enough for the CPU, with windows short enough that eviction really happens."""
+    base = dict(vocab_size=61, n_layer=2, d_model=32, n_head=4, n_kv_head=2, head_dim=8, window=8,
+                lte_sink=2, lte_buffer=3, nsa_block=4, nsa_topn=3, gdn_chunk_size=8)
+    base.update(overrides)
+    return Config.preset(preset, **base)
+
+
+# =============================================================================================
+# Gated DeltaNet
+# =============================================================================================
+
+def gdn_inputs(B=2, T=37, H=3, K=8, V=6, decay=1.0, seed=0, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    q = F.normalize(torch.randn(B, T, H, K, generator=g), dim=-1)
+    k = F.normalize(torch.randn(B, T, H, K, generator=g), dim=-1)
+    v = torch.randn(B, T, H, V, generator=g)
+    gate = -torch.rand(B, T, H, generator=g) * decay
+    beta = torch.rand(B, T, H, generator=g)
+    s0 = torch.randn(B, H, K, V, generator=g)
+    xs = [q, k, v, gate, beta, s0]
+    return [x.requires_grad_(requires_grad) for x in xs]
+
+
+@pytest.mark.parametrize("T", [1, 15, 16, 37, 64])
+@pytest.mark.parametrize("chunk", [8, 16])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_gdn_chunked_equals_recurrent(T, chunk, with_state):
+    q, k, v, g, beta, s0 = gdn_inputs(T=T, requires_grad=True)
+    init = s0 if with_state else None
+    o1, S1 = gated_delta_rule_recurrent(q, k, v, g, beta, initial_state=init)
+    o2, S2 = gated_delta_rule(q, k, v, g, beta, initial_state=init, chunk_size=chunk)
+    torch.testing.assert_close(o2, o1, **TOL)
+    torch.testing.assert_close(S2, S1, **TOL)
+    # gradients of every input, through both the output and the final state
+    w_o, w_s = torch.randn_like(o1), torch.randn_like(S1)
+    inputs = [q, k, v, g, beta] + ([s0] if with_state else [])
+    g1 = torch.autograd.grad((o1 * w_o).sum() + (S1 * w_s).sum(), inputs)
+    g2 = torch.autograd.grad((o2 * w_o).sum() + (S2 * w_s).sum(), inputs)
+    for a, b in zip(g2, g1):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)   # grads sum ~T more terms
+
+
+def test_gdn_recurrent_matches_definition_in_float64():
+    """The recurrent form written out once more, naively, per batch and head, in float64."""
+    q, k, v, g, beta, s0 = gdn_inputs(B=1, T=9, H=2, K=4, V=3)
+    o, S = gated_delta_rule_recurrent(q, k, v, g, beta, initial_state=s0)
+    for h in range(2):
+        St = s0[0, h].double()
+        for t in range(9):
+            St = math.exp(g[0, t, h]) * St
+            kt, vt = k[0, t, h].double(), v[0, t, h].double()
+            St = St + torch.outer(kt, beta[0, t, h].double() * (vt - St.T @ kt))
+            expected = St.T @ q[0, t, h].double() / math.sqrt(4)
+            torch.testing.assert_close(o[0, t, h].double(), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(S[0, h].double(), St, atol=1e-5, rtol=1e-5)
+
+
+def test_gdn_strong_decay_is_stable():
+    q, k, v, g, beta, _ = gdn_inputs(T=64, decay=30.0)     # exp(-30 * 64) underflows: masked, not inf
+    o, S = gated_delta_rule(q, k, v, g, beta, chunk_size=64)
+    o_ref, S_ref = gated_delta_rule_recurrent(q, k, v, g, beta)
+    assert torch.isfinite(o).all()
+    torch.testing.assert_close(o, o_ref, **TOL)
+
+
+# =============================================================================================
+# attention: one op for full, SWA and LTE's band plus columns
+# =============================================================================================
+
+def brute_force_attention(q, k, v, visible):
+    """A loop over queries: softmax over the keys visible(b, h_kv, i, j) says, float64."""
+    B, T, H, D = q.shape
+    Hkv = k.shape[2]
+    out = torch.zeros(B, T, H, D, dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            hk = h // (H // Hkv)
+            for i in range(T):
+                js = [j for j in range(T) if visible(b, hk, i, j)]
+                s = torch.stack([q[b, i, h].double() @ k[b, j, hk].double() for j in js]) / math.sqrt(D)
+                out[b, i, h] = s.softmax(0) @ v[b, js, hk].double()
+    return out
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4])
+@pytest.mark.parametrize("pattern", ["full", "swa", "kept_forever", "kept_until"])
+def test_attention_equals_brute_force(groups, pattern):
+    torch.manual_seed(groups)
+    B, T, Hkv, D, w = 2, 21, 2, 8, 4
+    q = torch.randn(B, T, Hkv * groups, D)
+    k, v = torch.randn(B, T, Hkv, D), torch.randn(B, T, Hkv, D)
+    window, keep = (None, None) if pattern == "full" else (w, None)
+    if pattern == "kept_forever":
+        keep = torch.rand(B, T, Hkv) < 0.3
+        rule = lambda b, h, i, j: j <= i and (i - j <= w or bool(keep[b, j, h]))
+    elif pattern == "kept_until":
+        keep = torch.randint(-1, T + 2, (B, T, Hkv))
+        rule = lambda b, h, i, j: j <= i and (i - j <= w or i <= int(keep[b, j, h]))
+    elif pattern == "swa":
+        rule = lambda b, h, i, j: 0 <= i - j <= w
+    else:
+        rule = lambda b, h, i, j: j <= i
+    o = attention(q, k, v, window=window, keep=keep)
+    torch.testing.assert_close(o.double(), brute_force_attention(q, k, v, rule), **TOL)
+
+
+def test_window_edge_is_inclusive():
+    """With window w, key i - w is visible to query i and key i - w - 1 is not."""
+    T, w, D = 12, 3, 4
+    q = torch.zeros(1, T, 1, D)                       # uniform attention over what is visible
+    k = torch.zeros(1, T, 1, D)
+    for far in (w, w + 1):
+        v = torch.zeros(1, T, 1, D)
+        v[0, T - 1 - far] = 1.0                       # only the key at distance `far` carries signal
+        o = attention(q, k, v, window=w)[0, T - 1, 0, 0]
+        assert (o > 0) == (far == w), f"distance {far}: output {o}"
+
+
+def test_attention_keeps_dtype_and_decode_matches_last_row():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 9, 4, 8), torch.randn(2, 9, 2, 8), torch.randn(2, 9, 2, 8)
+    o = attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    assert o.dtype == torch.bfloat16
+    full = attention(q, k, v)
+    torch.testing.assert_close(attention_decode(q[:, -1], k, v), full[:, -1], **TOL)
+    valid = torch.zeros(2, 9, 2, dtype=torch.bool)
+    valid[:, -4:] = True                              # the window w = 3 as a slot mask
+    torch.testing.assert_close(attention_decode(q[:, -1], k, v, valid), attention(q, k, v, window=3)[:, -1], **TOL)
+
+
+# =============================================================================================
+# NSA
+# =============================================================================================
+
+def test_compressed_attention_never_reads_incomplete_blocks():
+    torch.manual_seed(0)
+    B, T, H, Hkv, D, l = 1, 23, 4, 2, 8, 4
+    q, k, v = torch.randn(B, T, H, D), torch.randn(B, T, Hkv, D), torch.randn(B, T, Hkv, D)
+    o, lse = nsa_compressed_attention(q, nsa_compress(k, l), nsa_compress(v, l), l)
+    assert nsa_compress(k, l).shape[1] == T // l
+    assert (o[:, : l - 1] == 0).all() and torch.isinf(lse[:, : l - 1]).all()   # nothing complete yet
+    for i in range(T):
+        # changing every key/value from position i + 1 on must not change query i's output
+        k2, v2 = k.clone(), v.clone()
+        k2[:, i + 1:] += torch.randn_like(k2[:, i + 1:])
+        v2[:, i + 1:] += torch.randn_like(v2[:, i + 1:])
+        o2, _ = nsa_compressed_attention(q, nsa_compress(k2, l), nsa_compress(v2, l), l)
+        torch.testing.assert_close(o2[:, i], o[:, i], atol=0, rtol=0)
+
+
+def brute_force_selection(scores, block, top_n, n_recent, T):
+    """Rank blocks one query at a time in plain Python."""
+    B, _, Hkv, Nc = scores.shape
+    out = torch.full((B, T, Hkv, top_n), -1, dtype=torch.long)
+    for b in range(B):
+        for i in range(T):
+            for h in range(Hkv):
+                cur = i // block
+                cands = list(range(cur + 1))
+                forced = [n for n in cands if n == 0 or cur - n < n_recent]
+                rest = sorted((n for n in cands if n not in forced),
+                              key=lambda n: (-(float(scores[b, i, h, n]) if n < Nc else 0.0), n))
+                chosen = sorted(forced) + rest
+                out[b, i, h, : min(top_n, len(chosen))] = torch.tensor(chosen[:top_n])
+    return out
+
+
+def test_block_selection_equals_brute_force_with_forced_blocks_and_ties():
+    torch.manual_seed(0)
+    B, T, Hkv, l, n = 2, 30, 2, 4, 4
+    Nc = T // l
+    scores = torch.randint(0, 3, (B, T, Hkv, Nc)).float()      # few values: many ties
+    idx = nsa_select_blocks(scores, l, n, n_recent=2)
+    expected = brute_force_selection(scores, l, n, 2, T)
+    assert torch.equal(idx.sort(-1).values, expected.sort(-1).values)
+    for i in range(T):
+        sel = idx[:, i]
+        assert (sel == 0).any(-1).all()                         # the first block
+        assert (sel == i // l).any(-1).all()                    # the block holding i
+        if i // l >= 1:
+            assert (sel == i // l - 1).any(-1).all()            # and the one before it
+
+
+def nsa_slow(mixer, x):
+    """NSA written per query: the three branches from their definitions, one query at a time."""
+    B, T, _ = x.shape
+    q, k, v, _ = mixer._qkv(x)
+    H, Hkv, D, l = mixer.n_head, mixer.n_kv_head, mixer.head_dim, mixer.block
+    G = H // Hkv
+    gates = torch.sigmoid(mixer.gate_proj(x)).view(B, T, H, 3)
+    out = torch.zeros(B, T, H, D)
+    for b in range(B):
+        for i in range(T):
+            n_done = (i + 1) // l                               # complete blocks at query i
+            probs = torch.zeros(H, max(n_done, 0))
+            for h in range(H):
+                hk = h // G
+                o_cmp = torch.zeros(D)
+                if n_done:
+                    kc = k[b, : n_done * l, hk].reshape(n_done, l, D).mean(1)
+                    vc = v[b, : n_done * l, hk].reshape(n_done, l, D).mean(1)
+                    p = (kc @ q[b, i, h] / math.sqrt(D)).softmax(0)
+                    probs[h] = p
+                    o_cmp = p @ vc
+                out[b, i, h] += gates[b, i, h, 0] * o_cmp
+                # sliding window
+                js = list(range(max(0, i - mixer.window), i + 1))
+                p = (k[b, js, hk] @ q[b, i, h] / math.sqrt(D)).softmax(0)
+                out[b, i, h] += gates[b, i, h, 2] * (p @ v[b, js, hk])
+            for hk in range(Hkv):
+                group = probs[hk * G: (hk + 1) * G].sum(0)
+                cur = i // l
+                forced = {0} | {n for n in range(cur + 1) if cur - n < mixer.n_recent}
+                rest = sorted((n for n in range(cur + 1) if n not in forced),
+                              key=lambda n: (-(float(group[n]) if n < n_done else 0.0), n))
+                chosen = (sorted(forced) + rest)[: mixer.top_n]
+                js = [j for j in range(i + 1) if j // l in chosen]
+                for h in range(hk * G, (hk + 1) * G):
+                    p = (k[b, js, hk] @ q[b, i, h] / math.sqrt(D)).softmax(0)
+                    out[b, i, h] += gates[b, i, h, 1] * (p @ v[b, js, hk])
+    return mixer.o_proj(out.reshape(B, T, H * D))
+
+
+def test_nsa_mixer_equals_per_query_loop():
+    torch.manual_seed(0)
+    cfg = small_config("gdn+nsa", window=5)
+    mixer = th.NativeSparseAttention(cfg)
+    x = torch.randn(2, 27, cfg.d_model)
+    with torch.no_grad():
+        torch.testing.assert_close(mixer(x), nsa_slow(mixer, x), atol=1e-5, rtol=1e-4)
+
+
+def test_nsa_selected_attention_is_causal_inside_the_current_block():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 8, 2, 4), torch.randn(1, 8, 1, 4), torch.randn(1, 8, 1, 4)
+    only_block_1 = torch.full((1, 8, 1, 1), 1)
+    o = nsa_selected_attention(q, k, v, only_block_1, block=4)
+    v2 = v.clone()
+    v2[:, 6:] += 10.0                                   # future tokens of the same block
+    o2 = nsa_selected_attention(q, k, v2, only_block_1, block=4)
+    torch.testing.assert_close(o2[:, 4:6], o[:, 4:6], atol=0, rtol=0)
+
+
+# =============================================================================================
+# LTE
+# =============================================================================================
+
+def lte_mixer(**overrides):
+    cfg = small_config("gdn+lte", **overrides)
+    torch.manual_seed(0)
+    return th.LTEAttention(cfg)
+
+
+def test_router_score_depends_exactly_on_its_receptive_field():
+    m = lte_mixer(lte_dropout=0.0).eval()
+    reach = m.router.reach
+    assert reach == 6                                   # 3 layers, kernel 3, dilation 2
+    B, T, Hkv, D = 1, 40, 2, 8
+    k, v = torch.randn(B, T, Hkv, D), torch.randn(B, T, Hkv, D)
+    r = m.router(k, v)
+    # offsets a stack of dilated convolutions can reach: sums of one tap offset per layer. With
+    # kernel 3 and dilation 2 everywhere these are the EVEN offsets -6..6 (span 13, 7 tokens).
+    reachable = {0}
+    for kernel, dilation in zip(m.config.lte_kernel_sizes, m.config.lte_dilations):
+        taps = range(-(kernel // 2) * dilation, (kernel // 2) * dilation + 1, dilation)
+        reachable = {a + b for a in reachable for b in taps}
+    assert reachable == {-6, -4, -2, 0, 2, 4, 6}
+    j = 20
+    for t in range(T):
+        k2 = k.clone()
+        k2[:, t, 0] += 1.0                              # perturb one token of KV head 0
+        r2 = m.router(k2, v)
+        changed = not torch.allclose(r2[0, j, 0], r[0, j, 0], atol=0, rtol=0)
+        assert changed == ((t - j) in reachable), f"neighbour at distance {t - j}"
+        assert torch.equal(r2[..., 1], r[..., 1])       # heads never mix
+
+
+def test_straight_through_gradient_is_v_dot_grad_v():
+    m = lte_mixer(lte_dropout=0.0, lte_lambda_init=0.0).train()
+    x = torch.randn(2, 30, m.config.d_model)
+    captured = {}
+    orig = m.router.forward
+
+    def spy(k, v):
+        r = orig(k, v)
+        r.retain_grad()
+        captured["r"], captured["v"] = r, v
+        return r
+    m.router.forward = spy
+    # capture dL/dv' by hooking the attention op's value input
+    real_attention = th.attention
+
+    def attention_spy(q, k, v, **kw):
+        v.retain_grad()
+        captured["v_prime"] = v
+        return real_attention(q, k, v, **kw)
+    th.attention = attention_spy
+    try:
+        m(x).pow(2).sum().backward()
+    finally:
+        th.attention = real_attention
+    r, v, vp = captured["r"], captured["v"], captured["v_prime"]
+    expected = (v.detach() * vp.grad).sum(-1)           # <v_j, dL/dv'_j>, [B, T, Hkv]
+    torch.testing.assert_close(r.grad, expected, **TOL)
+    torch.testing.assert_close(vp.detach(), v.detach(), atol=0, rtol=0)   # forward unchanged
+
+
+def test_sinks_are_always_visible_and_eval_cap_is_respected():
+    torch.manual_seed(0)
+    B, T, Hkv, w, s, b = 2, 60, 2, 5, 3, 4
+    scores = torch.rand(B, T, Hkv) - 0.3                # some negative: dropped
+    until, _, _ = lte_visible_until(scores, w, s, b)
+    mask = th.attention_mask(T, w, until, B, Hkv)       # [B, Hkv, T, T]
+    i = torch.arange(T)[:, None]
+    j = torch.arange(T)[None, :]
+    beyond = (i - j > w) & (j >= s)
+    assert mask[..., :s].logical_or(j[:, :s] > i).all()  # every sink, for every later query
+    assert (mask & beyond).sum(-1).max() <= b            # never more than b retained tokens
+
+
+def simulate_lte(scores, window, sink, buffer):
+    """The streaming rule in plain Python for one head: what each query sees beyond the window."""
+    T = len(scores)
+    buf, visible = [], []                               # buf: list of (score, position)
+    for i in range(T):
+        j = i - window - 1
+        if j >= sink and scores[j] > 0:
+            if len(buf) < buffer:
+                buf.append((scores[j], j))
+            elif buffer and scores[j] > min(buf)[0]:
+                buf.remove(min(buf))                    # lowest score, oldest on ties
+                buf.append((scores[j], j))
+        visible.append({p for _, p in buf})
+    return visible, {p for _, p in buf}
+
+
+@pytest.mark.parametrize("buffer", [0, 1, 4])
+def test_visible_until_equals_python_simulation_with_ties(buffer):
+    torch.manual_seed(buffer)
+    B, T, Hkv, w, s = 2, 70, 2, 6, 2
+    scores = torch.randint(-2, 4, (B, T, Hkv)).float() / 8       # many exact ties, some <= 0
+    until, buf_score, buf_pos = lte_visible_until(scores, w, s, buffer)
+    for b in range(B):
+        for h in range(Hkv):
+            visible, final = simulate_lte(scores[b, :, h].tolist(), w, s, buffer)
+            for i in range(T):
+                got = {j for j in range(s, max(s, i - w)) if i <= int(until[b, j, h])}
+                assert got == visible[i], f"query {i}"
+            assert {int(p) for p in buf_pos[b, h] if p >= 0} == final
+
+
+def test_lambda_controller_moves_the_right_way():
+    m = lte_mixer(lte_lambda_every=4, lte_lambda_init=1e-2, lte_buffer=10)
+    start = m.lam.clone()
+    for kept, direction in ((torch.tensor([20.0, 5.0]), (1.5, 0.5)), (torch.tensor([9.8, 10.0]), (1.0, 1.0))):
+        before = m.lam.clone()
+        for step in range(4):
+            m.last_kept = kept
+            m.update_lambda()
+            if step < 3:
+                assert torch.equal(m.lam, before)        # only every N steps
+        torch.testing.assert_close(m.lam, before * torch.tensor(direction))
+    m.lam.fill_(0.9)
+    for _ in range(4):
+        m.last_kept = torch.tensor([100.0, 100.0])
+        m.update_lambda()
+    assert torch.equal(m.lam, torch.full((2,), 1.0))    # clamped at lte_lambda_max
+    assert start.shape == (2,)
+
+
+def test_lte_training_keeps_every_positive_token_and_counts_them():
+    m = lte_mixer(lte_dropout=0.0).train()
+    x = torch.randn(3, 40, m.config.d_model)
+    m(x)
+    with torch.no_grad():
+        _, k, v, k_raw = m._qkv(x)
+        r = m.router(k_raw, v)
+    torch.testing.assert_close(m.last_kept, (r[:, m.sink:] > 0).float().sum(1).mean(0))
+    assert m.last_penalty.requires_grad and m.last_penalty > 0
+
+
+# =============================================================================================
+# every preset: causality, training, dtypes
+# =============================================================================================
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_causality(preset, mode):
+    torch.manual_seed(0)
+    model = TinyHybrid(small_config(preset, lte_dropout=0.0)).train(mode == "train")
+    idx = torch.randint(0, 61, (2, 45))
+    logits, _ = model(idx)
+    for t in (0, 10, 30):
+        idx2 = idx.clone()
+        idx2[:, t + 1:] = torch.randint(0, 61, idx2[:, t + 1:].shape)
+        logits2, _ = model(idx2)
+        torch.testing.assert_close(logits2[:, : t + 1], logits[:, : t + 1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_tiny_batch_can_be_overfit(preset):
+    torch.manual_seed(0)
+    model = TinyHybrid(small_config(preset))
+    idx = torch.randint(0, 61, (2, 24))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(40):
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        model.update_lte_lambdas()
+        losses.append(model.last_losses["lm"].item())
+    assert losses[-1] < 0.3 * losses[0], losses[::8]
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_bfloat16_forward_backward(preset):
+    torch.manual_seed(0)
+    model = TinyHybrid(small_config(preset))
+    ref_logits, _ = model(torch.arange(20)[None] % 61)
+    model = model.to(torch.bfloat16)
+    idx = torch.arange(20)[None] % 61
+    logits, loss = model(idx, idx)
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+    loss.backward()
+    assert torch.isfinite(model.wte.weight.grad.float()).all()
+    # bf16 keeps 8 bits of mantissa: logits agree with float32 to ~1e-2 of their scale
+    assert (logits.float() - ref_logits).abs().max() < 0.05 * ref_logits.abs().max() + 0.05
+
+
+def test_lte_penalty_is_part_of_training_loss_only():
+    torch.manual_seed(0)
+    model = TinyHybrid(small_config("gdn+lte", lte_dropout=0.0, lte_lambda_init=0.5))
+    idx = torch.randint(0, 61, (2, 30))
+    _, loss = model(idx, idx)
+    parts = model.last_losses
+    assert parts["lte_penalty"] > 0
+    torch.testing.assert_close(loss.detach(), parts["lm"] + parts["lte_penalty"])
+    model.eval()
+    _, loss = model(idx, idx)
+    assert model.last_losses["lte_penalty"] == 0
+    assert len(model.lte_stats()) == 1 and len(model.lte_stats()[0]["kept"]) == 2
+
+
+def test_state_size_report():
+    model = TinyHybrid(small_config("gdn+attn"))
+    sizes = model.state_size(100)
+    assert list(sizes) == ["0:gdn", "1:attn"]
+    assert sizes["1:attn"] == 2 * 100 * 2 * 8 and model.state_size(200)["1:attn"] == 2 * sizes["1:attn"]
+    assert model.state_size(200)["0:gdn"] == sizes["0:gdn"]
+
+
+# =============================================================================================
+# decoding: prefill + steps equals the parallel forward
+# =============================================================================================
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_prefill_then_step_equals_parallel_forward(preset):
+    torch.manual_seed(0)
+    model = TinyHybrid(small_config(preset)).eval()
+    for mixer in model.modules():                       # scores of both signs: drops, ties, evictions
+        if isinstance(mixer, th.LTERouter):
+            mixer.proj.bias.data.fill_(0.0)
+    T = 50                                              # window 8 + buffer 3: eviction happens
+    idx = torch.randint(0, 61, (2, T))
+    with torch.no_grad():
+        full, _ = model(idx)
+        for split in random.Random(preset).sample(range(1, T), 3) + [1, T - 1]:
+            state = model.init_state(2)
+            parts = [model(idx[:, :split], state=state)[0]]
+            parts += [model(idx[:, t: t + 1], state=state)[0] for t in range(split, T)]
+            torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_lte_decode_state_holds_exactly_the_streaming_rule_tokens():
+    torch.manual_seed(1)
+    model = TinyHybrid(small_config("gdn+lte", lte_buffer=4)).eval()
+    lte = model.blocks[1].mixer
+    idx = torch.randint(0, 61, (2, 64))
+    real = th.LTERouter.forward
+    with torch.no_grad():
+        _, _, v, k_raw = lte._qkv(model.blocks[1].norm1(_hidden_before(model, idx, 1)))
+        raw = real(lte.router, k_raw, v)
+    centre, spread = raw.median(), raw.std()
+    # quantised scores in {-3/8 .. 3/8}: many exact ties, both signs, the same in every code path
+    th.LTERouter.forward = lambda self, k, v: ((real(self, k, v) - centre) / spread * 1.5).round().clamp(-3, 3) / 8
+    try:
+        state = model.init_state(2)
+        with torch.no_grad():
+            model(idx[:, :20], state=state)
+            for t in range(20, 64):
+                model(idx[:, t: t + 1], state=state)
+            r = lte.router(k_raw, v)
+    finally:
+        th.LTERouter.forward = real
+    assert (r > 0).any() and (r <= 0).any() and len(r.unique()) < 8
+    st = state[1]
+    for b in range(2):
+        for h in range(2):
+            _, final = simulate_lte(r[b, :, h].tolist(), lte.window, lte.sink, lte.buffer)
+            assert {int(p) for p in st["buf_pos"][b, h] if p >= 0} == final
+    assert st["sink_valid"].all()
+
+
+def _hidden_before(model, idx, layer):
+    """Residual stream entering block `layer` (eval mode)."""
+    x = model.wte(idx)
+    for block in model.blocks[:layer]:
+        x = block(x)
+    return x
+
+
+def test_sinks_survive_a_one_token_prompt():
+    torch.manual_seed(0)
+    model = TinyHybrid(small_config("gdn+lte")).eval()
+    state = model.init_state(1)
+    with torch.no_grad():
+        model(torch.tensor([[5]]), state=state)
+        for t in range(40):
+            model(torch.tensor([[t % 61]]), state=state)
+    st = state[1]
+    assert st["sink_valid"].all()
+    first_key = model.blocks[1].mixer._qkv(model.blocks[1].norm1(_hidden_before(model, torch.tensor([[5]]), 1)))[1]
+    torch.testing.assert_close(st["sink_k"][0, 0], first_key[0, 0].detach(), **TOL)
+
+
+@pytest.mark.parametrize("preset,grows", [("gdn", False), ("gdn+swa", False), ("gdn+lte", False),
+                                          ("gdn+attn", True), ("gdn+nsa", True)])
+def test_state_bytes_constant_or_growing(preset, grows):
+    torch.manual_seed(0)
+    model = TinyHybrid(small_config(preset)).eval()
+    T = 24                                              # > window + sink + buffer
+    state = model.init_state(2)
+    sizes = {}
+    with torch.no_grad():
+        model(torch.randint(0, 61, (2, T)), state=state)
+        for t in range(T, 8 * T):
+            if t in (2 * T, 8 * T - 1):
+                sizes[t] = TinyHybrid.state_nbytes(state)
+            model(torch.randint(0, 61, (2, 1)), state=state)
+    a, b = sizes[2 * T], sizes[8 * T - 1]
+    assert (b > a) if grows else (b == a), sizes
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_greedy_generate_equals_repeated_full_forward(preset):
+    torch.manual_seed(0)
+    model = TinyHybrid(small_config(preset)).eval()
+    prompt = torch.randint(0, 61, (2, 7))
+    out = model.generate(prompt, 20, temperature=0)
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(20):
+            logits, _ = model(seq)
+            seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out, seq)
+
+
+def test_sampling_is_reproducible_with_a_seed():
+    model = TinyHybrid(small_config("gdn+lte")).eval()
+    prompt = torch.randint(0, 61, (1, 5))
+    a = model.generate(prompt, 10, temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(3))
+    b = model.generate(prompt, 10, temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+
+
+# =============================================================================================
+# bad input: a clear error naming what is wrong
+# =============================================================================================
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(n_head=4, n_kv_head=3), "multiple of n_kv_head"),
+    (dict(window=4), "reach"),                          # LTE router sees 6 tokens each side
+    (dict(layers=("gdn", "bogus")), "unknown mixer"),
+    (dict(head_dim=7), "even"),
+    (dict(nsa_topn=2, nsa_recent=2), "nsa_topn"),
+    (dict(window=-1), "window"),
+])
+def test_bad_config(kwargs, match):
+    base = dict(n_layer=2, layers=("gdn", "lte"))
+    base.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        Config(**base)
+
+
+def test_bad_preset_and_router():
+    with pytest.raises(ValueError, match="unknown preset"):
+        Config.preset("mamba")
+    with pytest.raises(ValueError, match="odd"):
+        th.LTERouter(2, 8, kernel_sizes=(2,), dilations=(1,))
+    with pytest.raises(TypeError, match="Config"):
+        TinyHybrid({"n_layer": 2})
+
+
+def test_bad_token_input():
+    model = TinyHybrid(small_config("gdn+swa"))
+    with pytest.raises(ValueError, match=r"\[0, 61\)"):
+        model(torch.tensor([[1, 61]]))
+    with pytest.raises(ValueError, match=r"\[0, 61\)"):
+        model(torch.tensor([[-1, 3]]))
+    with pytest.raises(TypeError, match="integer"):
+        model(torch.tensor([[1.0, 2.0]]))
+    with pytest.raises(ValueError, match=r"\[B, T\]"):
+        model(torch.tensor([1, 2, 3]))
+    with pytest.raises(TypeError, match="Tensor"):
+        model([[1, 2]])
+
+
+def test_bad_op_input():
+    q, k, v = torch.randn(1, 5, 3, 4), torch.randn(1, 5, 2, 4), torch.randn(1, 5, 2, 4)
+    with pytest.raises(ValueError, match="multiple"):
+        attention(q, k, v)
+    q = torch.randn(1, 5, 4, 4)
+    with pytest.raises(ValueError, match="4 dims"):
+        attention(q[0], k, v)
+    with pytest.raises(ValueError, match="window"):
+        attention(q, k, v, window=-2)
+    with pytest.raises(ValueError, match="keep"):
+        attention(q, k, v, window=2, keep=torch.ones(1, 4, 2, dtype=torch.bool))
+    with pytest.raises(TypeError, match="keep"):
+        attention(q, k, v, window=2, keep=torch.ones(1, 5, 2))
+    with pytest.raises(TypeError, match="floating"):
+        gated_delta_rule(*(x.long() if i == 0 else x for i, x in enumerate(gdn_inputs()[:5])))
+    with pytest.raises(ValueError, match="chunk_size"):
+        gated_delta_rule(*gdn_inputs()[:5], chunk_size=0)
+    q5, k5, v5, g5, b5, _ = gdn_inputs()
+    with pytest.raises(ValueError, match="beta"):
+        gated_delta_rule(q5, k5, v5, g5, b5[:, :-1])
