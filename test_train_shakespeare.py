@@ -159,9 +159,9 @@ def test_committed_tokenizer_loads_with_the_expected_size(enc):
     assert len(ranks) == ts.N_BPE == 2048
     assert sorted(ranks.values()) == list(range(ts.N_BPE))
     assert all(ranks[bytes([b])] == b for b in range(256))
-    assert enc.n_vocab == ts.VOCAB_SIZE == ts.N_BPE + 2 + ts.N_KEYS + ts.N_VALUES
-    assert enc.encode("<|fact|><|query|><|key_00|><|value_63|>", allowed_special="all") == [
-        ts.FACT_ID, ts.QUERY_ID, ts.KEY_ID0, ts.VALUE_ID0 + ts.N_VALUES - 1]
+    assert enc.n_vocab == ts.VOCAB_SIZE == ts.N_BPE + ts.N_KEYS + ts.N_VALUES
+    assert enc.encode("<|key_00|><|value_31|>", allowed_special="all") == [
+        ts.KEY_ID0, ts.VALUE_ID0 + ts.N_VALUES - 1]
 
 
 def test_tokenizer_round_trips_shakespeare(enc, corpus):
@@ -254,10 +254,17 @@ def test_batch_is_deterministic_for_a_seed_and_differs_for_another():
     assert not torch.equal(a["idx"], c["idx"])
 
 
+def _is_key(x):
+    return (x >= ts.KEY_ID0) & (x < ts.KEY_ID0 + ts.N_KEYS)
+
+
 def _facts(row):
-    """{key: (value position, value)} of the facts in one row of idx."""
-    starts = (row[:-2] == ts.FACT_ID).nonzero().flatten().tolist()
-    return {row[f + 1].item(): (f + 2, row[f + 2].item()) for f in starts}
+    """{key: (value position, value)} of the facts in one row of idx: a key's first appearance."""
+    facts = {}
+    for f in _is_key(row).nonzero().flatten().tolist():
+        if row[f].item() not in facts:                   # a fact is never the last token
+            facts[row[f].item()] = (f + 1, row[f + 1].item())
+    return facts
 
 
 def test_each_answer_is_the_value_bound_to_its_key_earlier():
@@ -266,9 +273,9 @@ def test_each_answer_is_the_value_bound_to_its_key_earlier():
             "answer_batch", "answer_pos", "answer_distance", "answer_n_facts"))):
         row, targets = batch["idx"][b], batch["targets"][b]
         facts = _facts(row)
-        assert len(facts) == n_facts == (row == ts.FACT_ID).sum()  # keys distinct within a row
-        assert row[pos - 1] == ts.QUERY_ID
+        assert len(facts) == n_facts == _is_key(row).sum() // 2   # each key: a fact and a query
         value_pos, value = facts[row[pos].item()]
+        assert value_pos < pos and row[pos + 1] == value if pos + 1 < len(row) else True
         assert targets[pos] == value and ts.VALUE_ID0 <= value < ts.VALUE_ID0 + ts.N_VALUES
         assert distance == pos - value_pos
 
@@ -294,14 +301,18 @@ def test_answers_are_exactly_the_masked_positions_in_mask_order():
 def test_fact_and_query_blocks_have_no_target_but_the_answer():
     batch = _batch(n_facts=10)
     idx, targets = batch["idx"], batch["targets"]
-    for b, t in (idx == ts.FACT_ID).nonzero().tolist():
-        assert (targets[b, max(t - 1, 0) : t + 3] == ts.IGNORE_INDEX).all()
-    for b, t in (idx == ts.QUERY_ID).nonzero().tolist():
-        assert targets[b, t] == ts.IGNORE_INDEX and batch["answer_mask"][b, t + 1]
-        if t > 0:
-            assert targets[b, t - 1] == ts.IGNORE_INDEX
-        if t + 2 < idx.shape[1]:
-            assert targets[b, t + 2] == ts.IGNORE_INDEX
+    for b in range(idx.shape[0]):
+        seen = set()
+        for t in _is_key(idx[b]).nonzero().flatten().tolist():
+            first = idx[b, t].item() not in seen
+            seen.add(idx[b, t].item())
+            if t > 0:
+                assert targets[b, t - 1] == ts.IGNORE_INDEX          # text before a block
+            if t + 1 < idx.shape[1]:
+                assert targets[b, t + 1] == ts.IGNORE_INDEX          # the block's value
+            # a fact's key has no target (its value is random); a query's key is the answer
+            assert (targets[b, t] == ts.IGNORE_INDEX) == first
+            assert batch["answer_mask"][b, t] == (not first)
 
 
 def test_text_targets_are_the_next_text_token():
@@ -335,13 +346,13 @@ def test_long_distances_crowding_the_sequence_still_fit():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(n_facts=65), "n_facts"),
+    (dict(n_facts=33), "n_facts"),
     (dict(n_facts=(5, 3)), "n_facts"),
-    (dict(distance_range=(1, 10)), "distance_range"),
-    (dict(distance_range=(10, 254)), "distance_range"),
-    (dict(n_facts=43, distance_range=(2, 5)), "n_facts"),
+    (dict(distance_range=(0, 10)), "distance_range"),
+    (dict(distance_range=(10, 255)), "distance_range"),
+    (dict(n_facts=(1, 32), distance_range=(2, 5), seq_len=100), "n_facts"),
     (dict(batch_size=0), "batch_size"),
-    (dict(n_facts=2, distance_range=(253, 253)), "could not fit"),  # both facts would need position 0
+    (dict(n_facts=2, distance_range=(254, 254)), "could not fit"),  # both facts would need position 0
 ])
 def test_impossible_recall_arguments_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -349,8 +360,8 @@ def test_impossible_recall_arguments_raise(kwargs, match):
 
 
 def test_distance_bins_straddle_the_window():
-    assert ts.distance_bins(64, 253) == [(2, 32), (33, 64), (65, 128), (129, 253)]
-    assert ts.distance_bins(16, 100) == [(2, 8), (9, 16), (17, 32), (33, 64), (65, 100)]
+    assert ts.distance_bins(64, 253) == [(1, 32), (33, 64), (65, 128), (129, 253)]
+    assert ts.distance_bins(16, 100) == [(1, 8), (9, 16), (17, 32), (33, 64), (65, 100)]
     bins = ts.distance_bins(64, 509)
-    assert bins[0][0] == 2 and bins[-1][1] == 509
+    assert bins[0][0] == 1 and bins[-1][1] == 509
     assert all(hi + 1 == next_lo for (_, hi), (next_lo, _) in zip(bins, bins[1:]))

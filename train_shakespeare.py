@@ -17,6 +17,9 @@ Sections, top to bottom:
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import platform
 import base64
 import collections
 import heapq
@@ -51,17 +54,18 @@ VAL_FRACTION = 0.1
 SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 N_BPE = 2048  # BPE vocabulary, including the 256 single bytes (ranks 0..255 = byte values)
 
-# Special tokens of the recall task, numbered right after the BPE vocabulary.
-N_KEYS = 64
-N_VALUES = 64
-FACT_ID = N_BPE  # marks [FACT, key, value]
-QUERY_ID = N_BPE + 1  # marks [QUERY, key] -> value
-KEY_ID0 = N_BPE + 2  # keys are KEY_ID0 .. KEY_ID0 + N_KEYS - 1
+# Special tokens of the recall task, numbered right after the BPE vocabulary. Keys and values are
+# reserved tokens, so a fact needs no marker: the first time a key appears it is a fact, the second
+# time a query. (Marker tokens, a larger key set and a larger vocabulary each delay the moment a
+# small model learns associative recall; together they pushed it past a CPU-sized budget.)
+N_KEYS = 32
+N_VALUES = 32
+KEY_ID0 = N_BPE  # keys are KEY_ID0 .. KEY_ID0 + N_KEYS - 1
 VALUE_ID0 = KEY_ID0 + N_KEYS  # values are VALUE_ID0 .. VALUE_ID0 + N_VALUES - 1
-VOCAB_SIZE = VALUE_ID0 + N_VALUES  # 2178: what the model's embedding must cover
+VOCAB_SIZE = VALUE_ID0 + N_VALUES  # 2112: what the model's embedding must cover
 
 IGNORE_INDEX = -100  # target of positions without a loss (torch's cross_entropy default)
-BLOCK_LEN = 3  # a fact [FACT, key, value] and a query [QUERY, key, value] are 3 tokens each
+BLOCK_LEN = 2  # a fact [key, value] and a query [key, value] are 2 tokens each
 
 
 # ----------------------------------------------------------------------------------------------
@@ -325,8 +329,7 @@ def read_ranks(path: str | Path) -> dict[bytes, int]:
 
 def special_tokens() -> dict[str, int]:
     """Names and ids of the recall task's reserved tokens (ids right after the BPE vocabulary)."""
-    names = {"<|fact|>": FACT_ID, "<|query|>": QUERY_ID}
-    names.update({f"<|key_{i:02d}|>": KEY_ID0 + i for i in range(N_KEYS)})
+    names = {f"<|key_{i:02d}|>": KEY_ID0 + i for i in range(N_KEYS)}
     names.update({f"<|value_{i:02d}|>": VALUE_ID0 + i for i in range(N_VALUES)})
     return names
 
@@ -368,8 +371,8 @@ def tokenize(enc: tiktoken.Encoding, text: str) -> np.ndarray:
 #
 # A training / evaluation sequence is a Shakespeare passage with facts and queries inserted:
 #
-#     ... text  FACT k v  text ... text  QUERY k v  text ...
-#                    ^fact position          ^answer position: input k, target v
+#     ... text  k v  text ... text  k v  text ...
+#                 ^fact's value       ^answer position: input k (its second appearance), target v
 #
 # Each fact is queried exactly once, later in the sequence. The distance of a query is
 # (answer position) - (position of the fact's value token): with sliding-window attention of
@@ -377,9 +380,9 @@ def tokenize(enc: tiktoken.Encoding, text: str) -> np.ndarray:
 #
 # Targets: text tokens predict the next text token; the answer position predicts the value;
 # everything else is IGNORE_INDEX: the text token before a block (the block's place is random),
-# and every token of a block except the answer position (what follows a marker or a fact's key
-# is random; a block's last token gets no loss either, so that a block carries no loss at all
-# besides its answer). The text itself runs on unbroken around the blocks.
+# and every token of a block except the answer position (what follows a fact's key is random; a
+# block's last token gets no loss either, so that a block carries no loss at all besides its
+# answer). The text itself runs on unbroken around the blocks.
 
 
 def _range(name: str, value: int | tuple[int, int]) -> tuple[int, int]:
@@ -421,7 +424,7 @@ def place_blocks(
         fact_starts = np.zeros(len(distances), dtype=np.int64)
         for i in order:
             gap = 1 + int(distances[i])  # query start - fact start
-            block_free = free[:-2] & free[1:-1] & free[2:]  # [stream_len - 2]: 3 free tokens from f
+            block_free = free[:-1] & free[1:]  # [stream_len - 1]: BLOCK_LEN = 2 free tokens from f
             spots = np.flatnonzero(block_free[: len(block_free) - gap] & block_free[gap:])
             if len(spots) == 0:
                 break
@@ -469,8 +472,8 @@ def make_sequence(
     stream = np.zeros(stream_len, dtype=np.int64)
     is_text = np.ones(stream_len, dtype=bool)
     for f, q, key, value in zip(fact_starts, query_starts, keys, values):
-        stream[f : f + BLOCK_LEN] = (FACT_ID, key, value)
-        stream[q : q + BLOCK_LEN] = (QUERY_ID, key, value)
+        stream[f : f + BLOCK_LEN] = (key, value)
+        stream[q : q + BLOCK_LEN] = (key, value)
         is_text[f : f + BLOCK_LEN] = is_text[q : q + BLOCK_LEN] = False
     n_text = int(is_text.sum())
     if len(tokens) < n_text:
@@ -480,11 +483,11 @@ def make_sequence(
 
     idx, targets = stream[:-1].copy(), stream[1:].copy()
     targets[~(is_text[:-1] & is_text[1:])] = IGNORE_INDEX  # only text -> text is language modelling
-    answer_pos = np.sort(query_starts + 1)  # the query's key: its target is the value
+    answer_pos = np.sort(query_starts)  # the query's key: its target is the value
     targets[answer_pos] = stream[answer_pos + 1]
     answer_mask = np.zeros(seq_len, dtype=bool)
     answer_mask[answer_pos] = True
-    distance_at = dict(zip(query_starts + 1, distances))
+    distance_at = dict(zip(query_starts, distances))
     answer_distance = np.array([distance_at[p] for p in answer_pos], dtype=np.int64)
     return dict(
         idx=idx,
@@ -551,32 +554,426 @@ def distance_bins(window: int, max_distance: int) -> list[tuple[int, int]]:
     return [(lo, min(hi - 1, max_distance)) for lo, hi in zip(edges, edges[1:]) if lo <= max_distance]
 
 
+
 # ----------------------------------------------------------------------------------------------
-# 4. Training (to come: model variants, training loop, forgetting-gap report)
+# 4. Training
 # ----------------------------------------------------------------------------------------------
+#
+# Every model sees the same batches in the same order: batch s is drawn from a generator seeded
+# with (seed, s), so it does not depend on what came before (which also makes --resume exact).
+# Curriculum: a small model learns associative recall through a sudden "induction" phase change,
+# and Shakespeare between the facts delays it. The first `dense_frac` of the steps therefore use
+# short, fact-dense sequences; after that, dense and full-length haystack batches alternate.
+
+MODELS = ("gdn", "gdn+swa", "gdn+lte", "gdn+nsa", "gdn+attn")
 
 
-def main() -> None:
+def model_config(preset: str, args, vocab_size: int, **overrides):
+    """The same width and depth for every preset; only the odd layers' mixer differs."""
+    from tiny_hybrid import Config
+
+    settings = dict(vocab_size=vocab_size, n_layer=args.n_layer, d_model=args.d_model, n_head=4,
+                    n_kv_head=2, head_dim=args.d_model // 4, gdn_heads=args.gdn_heads,
+                    gdn_head_dim=args.gdn_head_dim, window=args.window, lte_sink=4,
+                    lte_buffer=args.lte_buffer, lte_lambda_init=args.lte_lambda_init,
+                    lte_lambda_every=args.lte_lambda_every, nsa_block=args.window // 4, nsa_topn=4,
+                    gdn_chunk_size=64, use_triton=args.use_triton)
+    settings.update(overrides)
+    return Config.preset(preset, **settings)
+
+
+def task_for_step(step: int, args) -> tuple[int, tuple[int, int], tuple[int, int]]:
+    """(seq_len, n_facts range, distance range) of training batch `step` (see the curriculum)."""
+    dense = step < args.dense_frac * args.steps or step % 2 == 0
+    if dense:
+        T = args.dense_len
+        return T, (args.dense_facts, args.dense_facts), (1, T - BLOCK_LEN)
+    T = args.seq_len
+    return T, (1, args.max_facts), (1, T - BLOCK_LEN)
+
+
+def training_batch(tokens: np.ndarray, step: int, args) -> dict[str, torch.Tensor]:
+    T, n_facts, distances = task_for_step(step, args)
+    return make_batch(tokens, args.batch_size, T, n_facts, distances, np.random.default_rng((args.seed, step)))
+
+
+def learning_rate(step: int, args) -> float:
+    """Linear warm-up over 5 % of the steps, then cosine decay to 10 %."""
+    warmup = max(1, args.steps // 20)
+    if step < warmup:
+        return args.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, args.steps - warmup)
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * progress)))
+
+
+def recall_loss(logits: torch.Tensor, batch: dict, answer_weight: float) -> torch.Tensor:
+    """Cross-entropy over every target, the recall answers weighted `answer_weight` times a text token."""
+    targets = batch["targets"].flatten()
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets,
+                                           ignore_index=IGNORE_INDEX, reduction="none")
+    weight = torch.where(batch["answer_mask"].flatten(), answer_weight, 1.0) * (targets != IGNORE_INDEX)
+    return (ce * weight).sum() / weight.sum().clamp(min=1)
+
+
+def save_atomic(obj, path: Path) -> None:
+    """torch.save to a temporary file, then rename: a crash never leaves half a checkpoint."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def checkpoint_path(out: Path, preset: str) -> Path:
+    return out / f"{preset.replace('+', '_')}.pt"
+
+
+def train_model(preset: str, args, tokens: np.ndarray, vocab_size: int, device: torch.device, **overrides):
+    """Train one preset (or continue it with --resume). Returns (model, history)."""
+    from tiny_hybrid import TinyHybrid
+
+    torch.manual_seed(args.seed)
+    model = TinyHybrid(model_config(preset, args, vocab_size, **overrides)).to(device)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=args.lr, betas=(0.9, 0.95))
+    path = checkpoint_path(args.out, preset + overrides.get("tag", ""))
+    start, history = 0, []
+    if args.resume and path.exists():
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng"])
+        start, history = ckpt["step"], ckpt["history"]
+        print(f"{preset}: resumed at step {start} from {path}")
+
+    def save(step):
+        save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
+                     "step": step, "history": history, "preset": preset}, path)
+
+    model.train()
+    t0, tokens_seen, recent = time.perf_counter(), 0, collections.deque(maxlen=max(1, args.log_every))
+    step = start
+    try:
+        for step in range(start, args.steps):
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, args)
+            batch = {k: v.to(device) for k, v in training_batch(tokens, step, args).items()}
+            logits, _ = model(batch["idx"])
+            loss = recall_loss(logits, batch, args.answer_weight) + model.lte_penalty()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            model.update_lte_lambdas()
+            mask = batch["answer_mask"]
+            hits = (logits.detach()[mask].argmax(-1) == batch["targets"][mask]).float()
+            recent.append((loss.item(), hits.sum().item(), hits.numel()))
+            tokens_seen += batch["idx"].numel()
+            if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
+                history.append(progress_row(preset, model, step, start, args, recent, tokens_seen, t0))
+            if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0:
+                save(step + 1)
+        step = args.steps
+    except KeyboardInterrupt:
+        save(step)
+        print(f"\ninterrupted: {preset} saved at step {step} in {path}; continue with --resume")
+        raise SystemExit(130)
+    save(step)
+    return model, history
+
+
+def progress_row(preset, model, step, start, args, recent, tokens_seen, t0) -> dict:
+    """Print one progress line and return it as a dict for the training curves."""
+    elapsed = time.perf_counter() - t0
+    loss = float(np.mean([r[0] for r in recent]))
+    recall = sum(r[1] for r in recent) / max(1, sum(r[2] for r in recent))
+    done = step + 1
+    rate = tokens_seen / max(elapsed, 1e-9)
+    eta = (args.steps - done) * elapsed / max(1, done - start)
+    line = (f"{preset:9s} step {done:5d}/{args.steps} loss {loss:6.3f} recall {recall:6.1%} "
+            f"{rate:7.0f} tok/s ETA {eta:4.0f}s")
+    for stats in model.lte_stats():
+        kept = " ".join(f"{k:.0f}" for k in stats["kept"])
+        lam = " ".join(f"{x:.1e}" for x in stats["lambda"])
+        line += f" | L{stats['layer']} kept/head {kept} lambda {lam}"
+    print(line, flush=True)
+    return {"step": done, "loss": loss, "recall": recall, "tokens_per_s": rate}
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Evaluation and report
+# ----------------------------------------------------------------------------------------------
+
+def eval_batch(val_tokens, args, length: int, n_facts: int, distances: tuple[int, int]):
+    """A fixed held-out batch for one evaluation cell (the same for every model), or None if the
+    facts cannot fit at those distances."""
+    rng = np.random.default_rng((args.seed + 1, length, n_facts, distances[0]))
+    try:
+        return make_batch(val_tokens, args.eval_batch, length, n_facts, distances, rng)
+    except ValueError:
+        return None
+
+
+@torch.no_grad()
+def evaluate(model, val_tokens: np.ndarray, args, device) -> dict:
+    """Validation LM loss and recall accuracy by length, number of facts and distance bin; state size.
+
+    Returns {str(length): {"lm_loss", "state_bytes", "recall": {str(n_facts): {"lo-hi": acc}}}}."""
+    model.eval()
+    results = {}
+    for length in (args.seq_len, 2 * args.seq_len, 4 * args.seq_len):
+        lm_losses, recall = [], {}
+        for n_facts in args.eval_facts:
+            cells = {}
+            for lo, hi in distance_bins(args.window, length - BLOCK_LEN):
+                batch = eval_batch(val_tokens, args, length, n_facts, (lo, hi))
+                if batch is None:
+                    continue
+                batch = {k: v.to(device) for k, v in batch.items()}
+                logits, _ = model(batch["idx"])
+                mask = batch["answer_mask"]
+                cells[f"{lo}-{hi}"] = (logits[mask].argmax(-1) == batch["targets"][mask]).float().mean().item()
+                text = (batch["targets"] != IGNORE_INDEX) & ~mask
+                lm_losses.append(torch.nn.functional.cross_entropy(logits[text].float(), batch["targets"][text]).item())
+            recall[str(n_facts)] = cells
+        results[str(length)] = {"lm_loss": float(np.mean(lm_losses)), "recall": recall,
+                                "state_bytes": 4 * sum(model.state_size(length).values())}
+    model.train()
+    return results
+
+
+def hardest(results: dict, args) -> float:
+    """Recall at the hardest training-length setting: most facts, longest distance bin."""
+    cells = results[str(args.seq_len)]["recall"][str(max(args.eval_facts))]
+    return list(cells.values())[-1] if cells else float("nan")
+
+
+def easiest(results: dict, args) -> float:
+    """Recall at the easiest setting: fewest facts, shortest distance bin, training length."""
+    cells = results[str(args.seq_len)]["recall"][str(min(args.eval_facts))]
+    return list(cells.values())[0] if cells else float("nan")
+
+
+def print_report(all_results: dict, args) -> None:
+    """The forgetting gap as tables: recall by distance (most facts) and by facts, per length."""
+    chance = 1 / N_VALUES
+    print(f"\nrecall accuracy on held-out plays (chance {chance:.1%}); window w = {args.window}, "
+          f"LTE buffer b = {args.lte_buffer}")
+    for length in (args.seq_len, 2 * args.seq_len, 4 * args.seq_len):
+        n = str(max(args.eval_facts))
+        bins = list(next(iter(all_results.values()))["eval"][str(length)]["recall"][n])
+        print(f"\nT = {length} ({length // args.seq_len}x training length), {n} facts, by fact-to-query distance:")
+        print(f"{'model':10s} {'val loss':>8s} {'state KB':>9s} " + " ".join(f"{b:>9s}" for b in bins))
+        for preset, res in all_results.items():
+            r = res["eval"][str(length)]
+            cells = r["recall"][n]
+            print(f"{preset:10s} {r['lm_loss']:8.3f} {r['state_bytes'] / 1024:9.1f} "
+                  + " ".join(f"{cells.get(b, float('nan')):9.1%}" for b in bins))
+    print(f"\nT = {args.seq_len}, by number of facts (all distances pooled):")
+    print(f"{'model':10s} " + " ".join(f"{n + ' facts':>10s}" for n in map(str, args.eval_facts)))
+    for preset, res in all_results.items():
+        rec = res["eval"][str(args.seq_len)]["recall"]
+        print(f"{preset:10s} " + " ".join(f"{np.mean(list(rec[str(n)].values())):10.1%}" for n in args.eval_facts))
+
+
+def plot_report(all_results: dict, args) -> None:
+    """out/forgetting_gap.png (recall against distance, one line per model, per length) and
+    out/training_curves.png (loss and recall against step)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = (args.seq_len, 2 * args.seq_len, 4 * args.seq_len)
+    n = str(max(args.eval_facts))
+    fig, axes = plt.subplots(1, len(lengths), figsize=(5 * len(lengths), 4), sharey=True)
+    for ax, length in zip(axes, lengths):
+        for preset, res in all_results.items():
+            cells = res["eval"][str(length)]["recall"][n]
+            mids = [np.sqrt(int(b.split("-")[0]) * int(b.split("-")[1])) for b in cells]
+            ax.plot(mids, list(cells.values()), marker="o", label=preset)
+        ax.axvline(args.window, color="grey", ls="--", lw=1)
+        ax.text(args.window, 0.02, " window", color="grey")
+        ax.axhline(1 / N_VALUES, color="grey", ls=":", lw=1)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("fact-to-query distance (tokens)")
+        ax.set_title(f"T = {length}, {n} facts")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("recall accuracy")
+    axes[0].legend()
+    fig.suptitle("The forgetting gap: Gated DeltaNet alone forgets, its hybrids recall")
+    fig.tight_layout()
+    fig.savefig(args.out / "forgetting_gap.png", dpi=110)
+    plt.close(fig)
+
+    fig, (ax_l, ax_r) = plt.subplots(1, 2, figsize=(10, 4))
+    for preset, res in all_results.items():
+        steps = [h["step"] for h in res["history"]]
+        ax_l.plot(steps, [h["loss"] for h in res["history"]], label=preset)
+        ax_r.plot(steps, [h["recall"] for h in res["history"]], label=preset)
+    ax_l.set_ylabel("training loss")
+    ax_r.set_ylabel("recall on training batches")
+    for ax in (ax_l, ax_r):
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    ax_r.legend()
+    fig.tight_layout()
+    fig.savefig(args.out / "training_curves.png", dpi=110)
+    plt.close(fig)
+    print(f"saved {args.out / 'forgetting_gap.png'} and {args.out / 'training_curves.png'}")
+
+
+@torch.no_grad()
+def show_failed_recalls(models: dict, enc, val_tokens, args, device, count: int = 4) -> list[str]:
+    """Answers pure GDN gets wrong at the hardest setting, next to what the hybrids answered."""
+    if "gdn" not in models:
+        return []
+    n, length = max(args.eval_facts), args.seq_len
+    lo, hi = distance_bins(args.window, length - BLOCK_LEN)[-1]
+    batch = eval_batch(val_tokens, args, length, n, (lo, hi))
+    if batch is None:
+        return []
+    mask = batch["answer_mask"]
+    answers = {}
+    for preset, model in models.items():
+        model.eval()
+        logits, _ = model(batch["idx"].to(device))
+        answers[preset] = logits[mask.to(device)].argmax(-1).cpu()
+        model.train()
+    truth = batch["targets"][mask]
+    name = lambda t: enc.decode([int(t)]) if t < N_BPE else (
+        f"<key_{t - KEY_ID0:02d}>" if t < VALUE_ID0 else f"<value_{t - VALUE_ID0:02d}>")
+    lines = []
+    for i in (answers["gdn"] != truth).nonzero().flatten()[:count].tolist():
+        b, pos = batch["answer_batch"][i].item(), batch["answer_pos"][i].item()
+        context = "".join(name(t) for t in batch["idx"][b, max(0, pos - 12): pos + 1].tolist())
+        others = ", ".join(f"{p}: {name(a[i])} {'ok' if a[i] == truth[i] else 'wrong'}"
+                           for p, a in answers.items() if p != "gdn")
+        lines.append(f"...{context!r} -> expected {name(truth[i])} (fact {batch['answer_distance'][i].item()} "
+                     f"tokens back); gdn: {name(answers['gdn'][i])}; {others}")
+    return lines
+
+
+def sample_text(model, enc, val_tokens, args, device, lines: int = 3) -> str:
+    """A few lines of Shakespeare from a model, through its constant-memory decoding path."""
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    prompt = torch.as_tensor(val_tokens[1000:1032], device=device)[None]
+    out = model.generate(prompt, max_new_tokens=24 * lines, temperature=0.8, top_k=40, generator=generator)
+    return enc.decode([t for t in out[0].tolist() if t < N_BPE])
+
+
+def state_sweep(args, tokens, val_tokens, vocab_size, device) -> list[dict]:
+    """Pure GDN at growing state sizes (heads x key dim): recall at the hardest setting rises with it."""
+    rows = []
+    for heads, dim in ((1, 8), (2, 8), (2, 16), (4, 16), (4, 32)):
+        model, _ = train_model("gdn", args, tokens, vocab_size, device, gdn_heads=heads, gdn_head_dim=dim,
+                               tag=f"_state{heads}x{dim}")
+        res = evaluate(model, val_tokens, args, device)
+        rows.append({"gdn_heads": heads, "gdn_head_dim": dim, "state_numbers_per_layer": heads * dim * dim,
+                     "hardest_recall": hardest(res, args), "easiest_recall": easiest(res, args)})
+        print(f"state sweep: {heads} heads x {dim}^2 = {heads * dim * dim:5d} numbers/layer -> "
+              f"hardest recall {rows[-1]['hardest_recall']:.1%}", flush=True)
+    return rows
+
+
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--make-tokenizer", action="store_true", help=f"retrain the BPE and write {TOKENIZER_PATH.relative_to(ROOT)}")
     parser.add_argument("--data", type=Path, default=None, help="train on this UTF-8 text file instead of Shakespeare")
-    # --- training flags go here (lead) ---
-    args = parser.parse_args()
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated presets (default {','.join(MODELS)}; also: transformer)")
+    parser.add_argument("--use-triton", action="store_true", help="run the mixers through kernels.py (Triton)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda, ...")
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--seq-len", type=int, default=128, help="training length; evaluation also runs at 2x and 4x")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("out"))
+    parser.add_argument("--quick", action="store_true", help="a smoke run: few steps, small evaluation")
+    parser.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
+    parser.add_argument("--sweep-state", action="store_true", help="also train pure GDN at several state sizes")
+    # model and task (same for every preset)
+    parser.add_argument("--d-model", type=int, default=64)
+    parser.add_argument("--n-layer", type=int, default=2)
+    parser.add_argument("--gdn-heads", type=int, default=2)
+    parser.add_argument("--gdn-head-dim", type=int, default=16)
+    parser.add_argument("--window", type=int, default=16)
+    parser.add_argument("--lte-buffer", type=int, default=32)
+    parser.add_argument("--lte-lambda-init", type=float, default=1e-2)
+    parser.add_argument("--lte-lambda-every", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--answer-weight", type=float, default=1.0)
+    parser.add_argument("--max-facts", type=int, default=16)
+    parser.add_argument("--dense-len", type=int, default=64)
+    parser.add_argument("--dense-facts", type=int, default=8)
+    parser.add_argument("--dense-frac", type=float, default=0.3)
+    parser.add_argument("--eval-batch", type=int, default=16)
+    parser.add_argument("--log-every", type=int, default=50)
+    parser.add_argument("--checkpoint-every", type=int, default=250)
+    args = parser.parse_args(argv)
+    unknown = [m for m in args.models.split(",") if m not in MODELS + ("transformer",)]
+    if unknown:
+        parser.error(f"--models: unknown preset(s) {unknown}; choose from {', '.join(MODELS + ('transformer',))}")
+    args.models = args.models.split(",")
+    if args.quick:
+        args.steps, args.eval_batch, args.log_every, args.checkpoint_every = 40, 4, 10, 20
+        args.dense_frac = 0.5
+    args.eval_facts = sorted({2, args.max_facts // 2, args.max_facts})
+    return args
 
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     if args.make_tokenizer:
         if args.data is not None:
-            parser.error("--make-tokenizer always trains on the Shakespeare train split (the committed file); drop --data")
+            raise SystemExit("--make-tokenizer always trains on the Shakespeare train split (the committed file); drop --data")
         start = time.perf_counter()
         make_tokenizer()
         print(f"wrote {TOKENIZER_PATH} ({N_BPE} tokens) in {time.perf_counter() - start:.1f} s")
         return
 
+    wall_start = time.perf_counter()
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    if args.use_triton and device.type != "cuda":
+        print("--use-triton without a GPU: the kernels run in Triton's interpreter, which is very slow")
     train_text, val_text = load_corpus(args.data)
     enc = load_tokenizer()
-    for split, text in (("train", train_text), ("val", val_text)):
-        n = len(tokenize(enc, text))
-        print(f"{split}: {len(text):,} characters, {n:,} tokens ({n / len(text):.3f} tokens per character)")
-    # --- training loop goes here (lead) ---
+    tokens, val_tokens = tokenize(enc, train_text), tokenize(enc, val_text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    print(f"{len(tokens):,} training tokens, {len(val_tokens):,} validation tokens; device {device}, "
+          f"{torch.get_num_threads()} threads; models {', '.join(args.models)}; {args.steps} steps")
+
+    results, models = {}, {}
+    for preset in args.models:
+        t0 = time.perf_counter()
+        model, history = train_model(preset, args, tokens, enc.n_vocab, device)
+        train_s = time.perf_counter() - t0
+        results[preset] = {"history": history, "train_seconds": train_s,
+                           "eval": evaluate(model, val_tokens, args, device)}
+        models[preset] = model
+        print(f"{preset}: trained in {train_s:.0f}s; recall easiest {easiest(results[preset]['eval'], args):.1%}, "
+              f"hardest {hardest(results[preset]['eval'], args):.1%}", flush=True)
+
+    print_report(results, args)
+    plot_report(results, args)
+    failed = show_failed_recalls(models, enc, val_tokens, args, device)
+    if failed:
+        print("\nsome answers pure GDN got wrong (hardest setting):")
+        print("\n".join(failed))
+    sample = ""
+    if "gdn+lte" in models:
+        sample = sample_text(models["gdn+lte"], enc, val_tokens, args, device)
+        print(f"\ngdn+lte, sampled through its constant-memory decoding state:\n{sample}")
+    sweep = state_sweep(args, tokens, val_tokens, enc.n_vocab, device) if args.sweep_state else []
+    wall = time.perf_counter() - wall_start
+    summary = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+               "machine": f"{platform.machine()} {os.cpu_count()} cores, {device}",
+               "wall_seconds": wall, "models": results, "failed_recalls": failed, "sample": sample,
+               "state_sweep": sweep}
+    with open(args.out / "results.json", "w") as f:
+        json.dump(summary, f, indent=1)
+    print(f"\nwrote {args.out / 'results.json'}; wall time {wall:.0f}s")
 
 
 if __name__ == "__main__":
