@@ -35,6 +35,8 @@ import warnings
 
 import torch
 
+import tiny_hybrid
+
 # --- Set-up: Triton is Linux-only; without a GPU its interpreter runs the kernels on the CPU ----
 
 if importlib.util.find_spec("triton") is None:
@@ -1002,8 +1004,885 @@ def bench_attention_decode() -> None:
         print(f"{S:7d} | {ms[0]:7.4f} {ms[1]:9.4f}")
 
 
-CHECKS = [check_attention, check_attention_decode]  # each returns True when all its cases pass
-BENCHES = [bench_attention, bench_attention_decode]
+# float32 dots of the Gated DeltaNet kernels: exact ("ieee") in the interpreter, tensor cores
+# ("tf32", ~3e-4 relative) on the GPU. 16-bit dots run on tensor cores with float32 accumulation.
+_DOT_PRECISION = "ieee" if INTERPRET else "tf32"
+
+
+# =============================================================================================
+# Gated DeltaNet
+# =============================================================================================
+
+# --- small jit helpers ------------------------------------------------------------------------
+
+@triton.jit
+def _dot(a, b, PRECISION: tl.constexpr):
+    """a @ b with float32 accumulation. The interpreter multiplies bf16 operands wrongly, so there
+    ("ieee") they go to float32 first: the same products, as bf16 x bf16 is exact in float32."""
+    if PRECISION == "ieee":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _token_tile(i_b, i_h, t0, T, H, D, L: tl.constexpr, BD: tl.constexpr, d0=0):
+    """Offsets and mask of the [L, BD] tile (tokens t0.., dims d0..) of head i_h of sequence i_b
+    in a [B, T, H, D] tensor. Tokens past T are masked (they read as 0: the reference's padding)."""
+    t = t0 + tl.arange(0, L)
+    d = d0 + tl.arange(0, BD)
+    offs = ((i_b.to(tl.int64) * T + t[:, None]) * H + i_h) * D + d[None, :]
+    return offs, (t[:, None] < T) & (d[None, :] < D)
+
+
+@triton.jit
+def _token_vec(i_b, i_h, t0, T, H, L: tl.constexpr):
+    """Offsets and mask of L consecutive tokens of head i_h of sequence i_b in a [B, T, H] tensor."""
+    t = t0 + tl.arange(0, L)
+    return (i_b.to(tl.int64) * T + t) * H + i_h, t < T
+
+
+@triton.jit
+def _chunk_tile(i_bh, t0, Tp, D, L: tl.constexpr, BD: tl.constexpr, d0=0):
+    """Offsets and mask of an [L, BD] tile of a heads-first, padded work tensor [B*H, Tp, D]."""
+    t = t0 + tl.arange(0, L)
+    d = d0 + tl.arange(0, BD)
+    return (i_bh.to(tl.int64) * Tp + t[:, None]) * D + d[None, :], d[None, :] < D
+
+
+@triton.jit
+def _state_tile(i_bh, n, N, K, V, BK: tl.constexpr, BV: tl.constexpr, v0):
+    """Offsets and mask of the [BK, BV] tile (value columns v0..) of state n of [B*H, N, K, V]."""
+    dk = tl.arange(0, BK)
+    dv = v0 + tl.arange(0, BV)
+    offs = ((i_bh.to(tl.int64) * N + n) * K + dk[:, None]) * V + dv[None, :]
+    return offs, (dk[:, None] < K) & (dv[None, :] < V)
+
+
+@triton.jit
+def _decay_matrix(gam, L: tl.constexpr, STRICT: tl.constexpr):
+    """Gamma_ij = exp(gamma_i - gamma_j) on j < i (STRICT) or j <= i, else 0; [L] -> [L, L].
+    Masked before exp, so the upper triangle (positive exponents) cannot overflow."""
+    i = tl.arange(0, L)[:, None]
+    j = tl.arange(0, L)[None, :]
+    keep = (j < i) if STRICT else (j <= i)
+    return tl.exp(tl.where(keep, gam[:, None] - gam[None, :], float("-inf")))
+
+
+@triton.jit
+def _unit_lower_inverse(A, L: tl.constexpr, LOG2_BLOCKS: tl.constexpr, PRECISION: tl.constexpr):
+    """(I + A)^-1 for a strictly lower-triangular [L, L] A (L = 16 * 2^LOG2_BLOCKS), in two stages,
+    so that only 15 steps are sequential (a plain forward substitution would take L - 1):
+    (a) the 16 x 16 diagonal blocks D of A, all blocks at once, by forward substitution: at step s
+        row s of every block becomes T_r = e_r - sum_{j<r} D_rj T_j, one matrix product;
+    (b) the rest: I + A = (I + D)(I + N) with N = (I + D)^-1 E and E = A - D strictly
+        block-lower, so N^(L/16) = 0 and (I + N)^-1 = (I - N)(I + N^2)... is a finite product.
+    (A's powers grow like binomials, so no series in A itself: (a) substitutes.)
+    """
+    rows = tl.arange(0, L)[:, None]
+    cols = tl.arange(0, L)[None, :]
+    same_block = (rows // 16) == (cols // 16)
+    D = tl.where(same_block, A, 0.)
+    Tm = (rows == cols).to(tl.float32)                       # rows not yet reached stay e_r
+    for s in range(1, 16):
+        Tm -= _dot(tl.where(rows % 16 == s, D, 0.), Tm, PRECISION)
+    P = -_dot(Tm, tl.where(same_block, 0., A), PRECISION)   # -N
+    for i in tl.static_range(LOG2_BLOCKS):                  # Tm <- (I + (-N)^(2^i)) Tm
+        if i > 0:
+            P = _dot(P, P, PRECISION)
+        Tm += _dot(P, Tm, PRECISION)
+    return Tm
+
+
+# --- forward kernels ----------------------------------------------------------------------------
+
+@triton.jit
+def _gdn_prepare_kernel(k_ptr, v_ptr, g_ptr, beta_ptr,                  # inputs, [B, T, H, *]
+                        gamma_ptr, tinv_ptr, w_ptr, u_prime_ptr,         # outputs, [B*H, Tp, *]
+                        T, H, K, V, Tp,
+                        L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                        LOG2_BLOCKS: tl.constexpr, STORE_T: tl.constexpr, PRECISION: tl.constexpr):
+    """Steps 3-4 for one chunk: gamma, the UT transform T = (I + A)^-1, and the WY factors.
+
+    grid (N chunks, B*H). Writes gamma [L], W [L, K], U' [L, V] (and T [L, L] when STORE_T).
+    """
+    i_n, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    t0 = i_n * L
+    dt = w_ptr.dtype.element_ty                       # dot / storage type of the work tensors
+
+    # step 3: decay from the chunk's start
+    offs, mask = _token_vec(i_b, i_h, t0, T, H, L)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.).to(tl.float32)
+    beta = tl.load(beta_ptr + offs, mask=mask, other=0.).to(tl.float32)
+    gam = tl.cumsum(g, 0)                                                        # [L]
+    tl.store(gamma_ptr + i_bh.to(tl.int64) * Tp + t0 + tl.arange(0, L), gam)
+
+    # step 4: A_ij = beta_i Gamma_ij (k_i . k_j), j < i
+    k_offs, k_mask = _token_tile(i_b, i_h, t0, T, H, K, L, BK)
+    k = tl.load(k_ptr + k_offs, mask=k_mask, other=0.)                           # [L, BK]
+    kk = _dot(k, tl.trans(k), PRECISION)                                         # [L, L]
+    A = _decay_matrix(gam, L, True) * kk * beta[:, None]                         # [L, L]
+    Tm = _unit_lower_inverse(A, L, LOG2_BLOCKS, PRECISION)                       # (I + A)^-1
+
+    # W = T diag(beta e^gamma) K, U' = T diag(beta) V. The diagonal scales go onto T's columns
+    # ([L, L]) rather than onto K and V ([L, D]): fewer registers.
+    w = _dot((Tm * (beta * tl.exp(gam))[None, :]).to(dt), k, PRECISION)          # [L, BK]
+    offs, mask = _chunk_tile(i_bh, t0, Tp, K, L, BK)
+    tl.store(w_ptr + offs, w.to(dt), mask=mask)
+    offs, mask = _token_tile(i_b, i_h, t0, T, H, V, L, BV)
+    v = tl.load(v_ptr + offs, mask=mask, other=0.)                               # [L, BV]
+    u_prime = _dot((Tm * beta[None, :]).to(dt), v, PRECISION)                    # [L, BV]
+    offs, mask = _chunk_tile(i_bh, t0, Tp, V, L, BV)
+    tl.store(u_prime_ptr + offs, u_prime.to(dt), mask=mask)
+    if STORE_T:
+        offs, mask = _chunk_tile(i_bh, t0, Tp, L, L, L)
+        tl.store(tinv_ptr + offs, Tm.to(dt), mask=mask)
+
+
+@triton.jit
+def _gdn_state_fwd_kernel(k_ptr, w_ptr, u_prime_ptr, gamma_ptr, h0_ptr,  # inputs
+                          h_ptr, u_ptr, ht_ptr,                          # outputs
+                          T, H, K, V, Tp, N,
+                          L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                          HAS_H0: tl.constexpr, PRECISION: tl.constexpr):
+    """Step 5, the recurrence: walk the N chunks carrying S [K, BV] in float32 registers.
+
+    grid (V / BV, B*H). Writes h [N, K, V] (the state entering each chunk), U [Tp, V] and the
+    final state.
+    """
+    i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    v0 = i_v * BV
+    dt = w_ptr.dtype.element_ty
+
+    s_offs, s_mask = _state_tile(i_bh, 0, 1, K, V, BK, BV, v0)                   # [B*H, K, V] tile
+    if HAS_H0:
+        S = tl.load(h0_ptr + s_offs, mask=s_mask, other=0.).to(tl.float32)       # [BK, BV]
+    else:
+        S = tl.zeros([BK, BV], dtype=tl.float32)
+
+    for n in range(N):
+        t0 = n * L
+        offs, mask = _state_tile(i_bh, n, N, K, V, BK, BV, v0)
+        tl.store(h_ptr + offs, S.to(h_ptr.dtype.element_ty), mask=mask)
+
+        offs, mask = _chunk_tile(i_bh, t0, Tp, K, L, BK)
+        w = tl.load(w_ptr + offs, mask=mask, other=0.)                           # [L, BK]
+        offs, mask = _chunk_tile(i_bh, t0, Tp, V, L, BV, v0)
+        u = tl.load(u_prime_ptr + offs, mask=mask, other=0.).to(tl.float32) \
+            - _dot(w, S.to(dt), PRECISION)                                       # U = U' - W S
+        tl.store(u_ptr + offs, u.to(dt), mask=mask)
+
+        gam = tl.load(gamma_ptr + i_bh.to(tl.int64) * Tp + t0 + tl.arange(0, L))  # [L]
+        gam_last = tl.load(gamma_ptr + i_bh.to(tl.int64) * Tp + t0 + L - 1)
+        offs, mask = _token_tile(i_b, i_h, t0, T, H, K, L, BK)
+        k = tl.load(k_ptr + offs, mask=mask, other=0.)                           # [L, BK]
+        # the decay to the chunk's end goes onto U ([L, BV]) rather than K ([L, K]): fewer registers
+        u_to_end = (u * tl.exp(gam_last - gam)[:, None]).to(dt)
+        S = S * tl.exp(gam_last) + _dot(tl.trans(k), u_to_end, PRECISION)
+
+    tl.store(ht_ptr + s_offs, S, mask=s_mask)
+
+
+@triton.jit
+def _gdn_output_kernel(q_ptr, k_ptr, gamma_ptr, h_ptr, u_ptr, o_ptr, scale,
+                       T, H, K, V, Tp, N,
+                       L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                       PRECISION: tl.constexpr):
+    """Step 5, the output: O = scale (diag(e^gamma) Q S + (Q K^T * Gamma) U), every chunk at once.
+
+    grid (N, V / BV, B*H). Writes o [L, BV] into [B, T, H, V] (tokens past T dropped: step 6).
+    """
+    i_n, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    t0, v0 = i_n * L, i_v * BV
+    dt = u_ptr.dtype.element_ty
+
+    offs, mask = _token_tile(i_b, i_h, t0, T, H, K, L, BK)
+    q = tl.load(q_ptr + offs, mask=mask, other=0.)                               # [L, BK]
+    k = tl.load(k_ptr + offs, mask=mask, other=0.)                               # [L, BK]
+    gam = tl.load(gamma_ptr + i_bh.to(tl.int64) * Tp + t0 + tl.arange(0, L))     # [L]
+    offs, mask = _state_tile(i_bh, i_n, N, K, V, BK, BV, v0)
+    S = tl.load(h_ptr + offs, mask=mask, other=0.)                               # [BK, BV]
+    offs, mask = _chunk_tile(i_bh, t0, Tp, V, L, BV, v0)
+    u = tl.load(u_ptr + offs, mask=mask, other=0.)                               # [L, BV]
+
+    o_state = _dot(q, S.to(q.dtype), PRECISION) * tl.exp(gam)[:, None]           # [L, BV]
+    p = _dot(q, tl.trans(k), PRECISION) * _decay_matrix(gam, L, False)           # [L, L]
+    o = scale * (o_state + _dot(p.to(dt), u, PRECISION))
+
+    offs, mask = _token_tile(i_b, i_h, t0, T, H, V, L, BV, v0)
+    tl.store(o_ptr + offs, o.to(o_ptr.dtype.element_ty), mask=mask)
+
+
+# --- backward kernels ---------------------------------------------------------------------------
+# With P = scale (Q K^T * Gamma) (j <= i), dS_next the gradient of the state leaving a chunk:
+#   dU      = P^T dO + diag(e^(gamma_L - gamma)) K dS_next                     (U feeds O and S_next)
+#   dS      = e^gamma_L dS_next + scale (diag(e^gamma) Q)^T dO - W^T dU        (S feeds O, U, S_next)
+#   dQ      = scale diag(e^gamma) dO S^T + (scale dO U^T * Gamma) K
+#   dK     += (scale dO U^T * Gamma)^T Q + diag(e^(gamma_L - gamma)) U dS_next^T
+#   dW      = -dU S^T,   dU' = dU
+# Through the UT transform (W = T Xw, U' = T Xu, T = (I + A)^-1, dT = -T^T (.) T^T):
+#   dXw = T^T dW,  dXu = T^T dU',  dA = -(dXw W^T + dXu U'^T) on j < i
+# and from A_ij = beta_i Gamma_ij k_i.k_j, Xw = diag(beta e^gamma) K, Xu = diag(beta) V the
+# gradients of k, v, beta and gamma; gamma's gradient becomes g's by a reverse cumsum.
+
+@triton.jit
+def _gdn_state_bwd_kernel(q_ptr, k_ptr, w_ptr, gamma_ptr, do_ptr, dht_ptr,  # inputs
+                          dh_ptr, du_ptr, dh0_ptr,                          # outputs
+                          scale, T, H, K, V, Tp, N,
+                          L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                          PRECISION: tl.constexpr):
+    """The recurrence backwards: walk the chunks from the last, carrying dS [K, BV] in float32.
+
+    grid (V / BV, B*H). Writes dh [N, K, V] (gradient of the state LEAVING each chunk), dU [Tp, V]
+    and dS of the initial state.
+    """
+    i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    v0 = i_v * BV
+    dt = w_ptr.dtype.element_ty
+
+    s_offs, s_mask = _state_tile(i_bh, 0, 1, K, V, BK, BV, v0)
+    dS = tl.load(dht_ptr + s_offs, mask=s_mask, other=0.).to(tl.float32)         # [BK, BV]
+
+    for i in range(N):
+        n = N - 1 - i
+        t0 = n * L
+        offs, mask = _state_tile(i_bh, n, N, K, V, BK, BV, v0)
+        tl.store(dh_ptr + offs, dS.to(dh_ptr.dtype.element_ty), mask=mask)
+
+        offs, mask = _token_tile(i_b, i_h, t0, T, H, K, L, BK)
+        q = tl.load(q_ptr + offs, mask=mask, other=0.)                           # [L, BK]
+        k = tl.load(k_ptr + offs, mask=mask, other=0.)                           # [L, BK]
+        offs, mask = _chunk_tile(i_bh, t0, Tp, K, L, BK)
+        w = tl.load(w_ptr + offs, mask=mask, other=0.)                           # [L, BK]
+        offs, mask = _token_tile(i_b, i_h, t0, T, H, V, L, BV, v0)
+        do = tl.load(do_ptr + offs, mask=mask, other=0.)                         # [L, BV]
+        gam = tl.load(gamma_ptr + i_bh.to(tl.int64) * Tp + t0 + tl.arange(0, L))
+        gam_last = tl.load(gamma_ptr + i_bh.to(tl.int64) * Tp + t0 + L - 1)
+
+        # P^T (j, i) = scale k_j . q_i Gamma_ij, i >= j. Row scales (decays) go on the [L, BV]
+        # side of each product, not on the [L, K] one: fewer registers.
+        pt = scale * _dot(k, tl.trans(q), PRECISION) * tl.trans(_decay_matrix(gam, L, False))
+        du = _dot(pt.to(dt), do, PRECISION) \
+            + _dot(k, dS.to(dt), PRECISION) * tl.exp(gam_last - gam)[:, None]    # [L, BV]
+        offs, mask = _chunk_tile(i_bh, t0, Tp, V, L, BV, v0)
+        tl.store(du_ptr + offs, du.to(dt), mask=mask)
+
+        do_decayed = (do.to(tl.float32) * (scale * tl.exp(gam))[:, None]).to(dt)    # [L, BV]
+        dS = dS * tl.exp(gam_last) + _dot(tl.trans(q), do_decayed, PRECISION) \
+            - _dot(tl.trans(w), du.to(dt), PRECISION)
+
+    tl.store(dh0_ptr + s_offs, dS, mask=s_mask)
+
+
+@triton.jit
+def _gdn_bwd_output_kernel(q_ptr, k_ptr, gamma_ptr, h_ptr, u_ptr, du_ptr, dh_ptr, do_ptr,  # in
+                           dq_ptr, dk_ptr, dw_ptr, dgam_ptr,                                # out
+                           scale, T, H, K, V, Tp, N,
+                           L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                           PRECISION: tl.constexpr):
+    """Gradients through O, U = U' - W S and the state update, one chunk, looping over V tiles.
+
+    grid (N, B*H). Writes dq (final, into [B, T, H, K]), and float32 partials [B*H, Tp, *] of
+    dk, dW and dgamma that _gdn_bwd_wy_kernel completes.
+    """
+    i_n, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    t0 = i_n * L
+    dt = u_ptr.dtype.element_ty
+
+    dq_state = tl.zeros([L, BK], dtype=tl.float32)   # dO S^T
+    dk_state = tl.zeros([L, BK], dtype=tl.float32)   # U dS_next^T
+    dw = tl.zeros([L, BK], dtype=tl.float32)         # -dU S^T
+    r = tl.zeros([L, L], dtype=tl.float32)           # dO U^T
+    s_dot_ds = tl.zeros([BK], dtype=tl.float32)      # <S, dS_next>, row by row
+    for i_v in range(tl.cdiv(V, BV)):
+        v0 = i_v * BV
+        t_offs, t_mask = _token_tile(i_b, i_h, t0, T, H, V, L, BV, v0)
+        do = tl.load(do_ptr + t_offs, mask=t_mask, other=0.)                     # [L, BV]
+        c_offs, c_mask = _chunk_tile(i_bh, t0, Tp, V, L, BV, v0)
+        u = tl.load(u_ptr + c_offs, mask=c_mask, other=0.)                       # [L, BV]
+        du = tl.load(du_ptr + c_offs, mask=c_mask, other=0.)                     # [L, BV]
+        s_offs, s_mask = _state_tile(i_bh, i_n, N, K, V, BK, BV, v0)
+        S = tl.load(h_ptr + s_offs, mask=s_mask, other=0.)                       # [BK, BV]
+        dS = tl.load(dh_ptr + s_offs, mask=s_mask, other=0.)                     # [BK, BV]
+        dq_state += _dot(do, tl.trans(S), PRECISION)
+        dk_state += _dot(u, tl.trans(dS), PRECISION)
+        dw -= _dot(du, tl.trans(S), PRECISION)
+        r += _dot(do, tl.trans(u), PRECISION)
+        s_dot_ds += tl.sum(S.to(tl.float32) * dS.to(tl.float32), 1)
+    # (each result is stored as soon as it is final, and q, k load only now: short live ranges,
+    # so that K = 128 fits in registers)
+    offs, mask = _chunk_tile(i_bh, t0, Tp, K, L, BK)
+    tl.store(dw_ptr + offs, dw, mask=mask)
+
+    gam = tl.load(gamma_ptr + i_bh.to(tl.int64) * Tp + t0 + tl.arange(0, L))     # [L]
+    gam_last = tl.load(gamma_ptr + i_bh.to(tl.int64) * Tp + t0 + L - 1)
+    t_offs, t_mask = _token_tile(i_b, i_h, t0, T, H, K, L, BK)
+    q = tl.load(q_ptr + t_offs, mask=t_mask, other=0.)                           # [L, BK]
+    k = tl.load(k_ptr + t_offs, mask=t_mask, other=0.)                           # [L, BK]
+    z = scale * r * _decay_matrix(gam, L, False)                                 # dL/d(Q K^T)
+
+    # dgamma: from e^gamma in the state read-out, Gamma in P, e^(gamma_L - gamma) in the update
+    # (terms that cancel exactly, the diagonal of P and the last token's own decay to the chunk
+    # end, are left out: in float32 their rounding would swamp small gradients under strong decay)
+    dq_state *= (scale * tl.exp(gam))[:, None]
+    dgam = tl.sum(q.to(tl.float32) * dq_state, 1)
+    dq = dq_state + _dot(z.to(dt), k, PRECISION)
+    tl.store(dq_ptr + t_offs, dq.to(dq_ptr.dtype.element_ty), mask=t_mask)
+
+    dk_state *= tl.exp(gam_last - gam)[:, None]
+    is_last = tl.arange(0, L) == L - 1
+    k_dk = tl.where(is_last, 0., tl.sum(k.to(tl.float32) * dk_state, 1))         # [L]
+    dgam += tl.where(is_last, tl.exp(gam_last) * tl.sum(s_dot_ds, 0) + tl.sum(k_dk, 0), -k_dk)
+    dk = dk_state + _dot(tl.trans(z.to(dt)), q, PRECISION)
+    tl.store(dk_ptr + offs, dk, mask=mask)
+
+    e = r * scale * _dot(q, tl.trans(k), PRECISION) * _decay_matrix(gam, L, True)  # dP * P, j < i
+    dgam += tl.sum(e, 1) - tl.sum(e, 0)
+    tl.store(dgam_ptr + i_bh.to(tl.int64) * Tp + t0 + tl.arange(0, L), dgam)
+
+
+@triton.jit
+def _gdn_bwd_wy_kernel(k_ptr, v_ptr, beta_ptr, gamma_ptr, tinv_ptr, w_ptr, u_prime_ptr,  # in
+                       du_ptr, dw_ptr, dk_part_ptr, dgam_ptr,                             # in
+                       dk_ptr, dv_ptr, dg_ptr, dbeta_ptr,                                 # out
+                       T, H, K, V, Tp,
+                       L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                       PRECISION: tl.constexpr):
+    """Gradients through the UT transform (step 4) and the cumsum (step 3), one chunk.
+
+    grid (N, B*H). Completes dk and writes dk, dv, dg, dbeta into the inputs' layouts.
+    """
+    i_n, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    t0 = i_n * L
+    dt = w_ptr.dtype.element_ty
+    rows = tl.arange(0, L)[:, None]
+    cols = tl.arange(0, L)[None, :]
+
+    offs, mask = _token_vec(i_b, i_h, t0, T, H, L)
+    beta = tl.load(beta_ptr + offs, mask=mask, other=0.).to(tl.float32)          # [L]
+    gam = tl.load(gamma_ptr + i_bh.to(tl.int64) * Tp + t0 + tl.arange(0, L))     # [L]
+    offs, mask = _chunk_tile(i_bh, t0, Tp, L, L, L)
+    Tm = tl.load(tinv_ptr + offs, mask=mask, other=0.)                           # [L, L]
+    w_offs, w_mask = _chunk_tile(i_bh, t0, Tp, K, L, BK)
+    dw = tl.load(dw_ptr + w_offs, mask=w_mask, other=0.)                         # [L, BK] f32
+    w = tl.load(w_ptr + w_offs, mask=w_mask, other=0.)                           # [L, BK]
+
+    # W = T Xw with Xw = diag(beta e^gamma) K: dXw = T^T dW, then its share of dA and the
+    # direct gradients of k, beta, gamma
+    dxw = _dot(tl.trans(Tm), dw.to(dt), PRECISION)                               # [L, BK]
+    dA = -_dot(dxw.to(dt), tl.trans(w), PRECISION)                               # [L, L]
+    k_offs, k_mask = _token_tile(i_b, i_h, t0, T, H, K, L, BK)
+    k = tl.load(k_ptr + k_offs, mask=k_mask, other=0.)                           # [L, BK]
+    eg = tl.exp(gam)
+    k_dxw = tl.sum(dxw * k.to(tl.float32), 1)                                    # [L]
+    dbeta = eg * k_dxw
+    dgam_w = beta * eg * k_dxw
+    dk = dxw * (beta * eg)[:, None]                                              # [L, BK] f32
+
+    # U' = T Xu with Xu = diag(beta) V, V tile by tile: dXu = T^T dU', dV = diag(beta) dXu
+    for i_v in range(tl.cdiv(V, BV)):
+        v0 = i_v * BV
+        c_offs, c_mask = _chunk_tile(i_bh, t0, Tp, V, L, BV, v0)
+        du = tl.load(du_ptr + c_offs, mask=c_mask, other=0.)                     # [L, BV]
+        u_prime = tl.load(u_prime_ptr + c_offs, mask=c_mask, other=0.)          # [L, BV]
+        t_offs, t_mask = _token_tile(i_b, i_h, t0, T, H, V, L, BV, v0)
+        v = tl.load(v_ptr + t_offs, mask=t_mask, other=0.).to(tl.float32)       # [L, BV]
+        dxu = _dot(tl.trans(Tm), du, PRECISION)                                  # [L, BV]
+        tl.store(dv_ptr + t_offs, (dxu * beta[:, None]).to(dv_ptr.dtype.element_ty), mask=t_mask)
+        dbeta += tl.sum(dxu * v, 1)
+        dA -= _dot(dxu.to(dt), tl.trans(u_prime), PRECISION)
+    dA = tl.where(cols < rows, dA, 0.)                                           # A is strictly lower
+
+    # A = diag(beta) C with C = (K K^T) * Gamma (j < i)
+    decay = _decay_matrix(gam, L, True)
+    dA_c = dA * _dot(k, tl.trans(k), PRECISION) * decay                          # dA * C
+    dbeta += tl.sum(dA_c, 1)
+    e = dA_c * beta[:, None]                                                     # dA * A: dlog Gamma
+    dgam = dgam_w + tl.sum(e, 1) - tl.sum(e, 0)
+    dkk = (dA * decay * beta[:, None]).to(dt)                                    # dL/d(K K^T)
+    dk += _dot(dkk, k, PRECISION) + _dot(tl.trans(dkk), k, PRECISION)
+    dk += tl.load(dk_part_ptr + w_offs, mask=w_mask, other=0.)                   # from O, S_next
+    tl.store(dk_ptr + k_offs, dk.to(dk_ptr.dtype.element_ty), mask=k_mask)
+    dgam += tl.load(dgam_ptr + i_bh.to(tl.int64) * Tp + t0 + tl.arange(0, L))
+
+    # gamma = cumsum(g)  =>  dg_i = sum_{m >= i} dgamma_m (a reverse cumsum)
+    dg = tl.cumsum(dgam, 0, reverse=True)
+
+    offs, mask = _token_vec(i_b, i_h, t0, T, H, L)
+    tl.store(dg_ptr + offs, dg.to(dg_ptr.dtype.element_ty), mask=mask)
+    tl.store(dbeta_ptr + offs, dbeta.to(dbeta_ptr.dtype.element_ty), mask=mask)
+
+
+# --- decoding kernel ----------------------------------------------------------------------------
+
+@triton.jit
+def _gdn_recurrent_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, h0_ptr, o_ptr, ht_ptr, scale,
+                          T, H, K, V,
+                          BK: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr):
+    """The recurrent definition, token by token, the state tile [K, BV] kept in float32 registers.
+
+    grid (V / BV, B*H). Each value-column tile of the state evolves on its own (the delta rule's
+    read-out k^T S only mixes rows), so tiles run in parallel. ht may alias h0 (in-place update):
+    each program reads its tile before it writes it.
+    """
+    i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    v0 = i_v * BV
+    dk = tl.arange(0, BK)
+    dv = v0 + tl.arange(0, BV)
+    s_offs, s_mask = _state_tile(i_bh, 0, 1, K, V, BK, BV, v0)
+    if HAS_H0:
+        S = tl.load(h0_ptr + s_offs, mask=s_mask, other=0.).to(tl.float32)      # [BK, BV]
+    else:
+        S = tl.zeros([BK, BV], dtype=tl.float32)
+
+    for t in range(T):
+        tok = (i_b.to(tl.int64) * T + t) * H + i_h                               # [B, T, H] index
+        q = tl.load(q_ptr + tok * K + dk, mask=dk < K, other=0.).to(tl.float32)  # [BK]
+        k = tl.load(k_ptr + tok * K + dk, mask=dk < K, other=0.).to(tl.float32)  # [BK]
+        v = tl.load(v_ptr + tok * V + dv, mask=dv < V, other=0.).to(tl.float32)  # [BV]
+        g = tl.load(g_ptr + tok).to(tl.float32)
+        beta = tl.load(beta_ptr + tok).to(tl.float32)
+        S = S * tl.exp(g)
+        u = beta * (v - tl.sum(k[:, None] * S, 0))                               # [BV]
+        S = S + k[:, None] * u[None, :]                                          # rank-1 update
+        o = scale * tl.sum(q[:, None] * S, 0)                                    # [BV]
+        tl.store(o_ptr + tok * V + dv, o.to(o_ptr.dtype.element_ty), mask=dv < V)
+
+    tl.store(ht_ptr + s_offs, S, mask=s_mask)
+
+
+# --- host side ----------------------------------------------------------------------------------
+
+_GDN_CHUNK_SIZES = (16, 32, 64)
+_GDN_MAX_DIM = 128
+
+
+def _gdn_block(d: int) -> int:
+    """Tile width for a head dim: a power of two >= 16 (tl.dot's smallest)."""
+    return max(16, triton.next_power_of_2(d))
+
+
+def _gdn_check_kernel_limits(K: int, V: int, **tensors) -> None:
+    """What the Triton kernels need beyond the reference's checks: head dims and device."""
+    for name, d in (("K", K), ("V", V)):
+        if d > _GDN_MAX_DIM:
+            raise ValueError(f"head dim {name} = {d} is too large for the Triton kernel (at most "
+                             f"{_GDN_MAX_DIM}); use tiny_hybrid.gated_delta_rule")
+    want = "cpu" if INTERPRET else "cuda"
+    for name, x in tensors.items():
+        if x is not None and x.device.type != want:
+            raise ValueError(f"{name} is on {x.device}, but the Triton kernels run on "
+                             f"{'the CPU (interpreter)' if INTERPRET else 'a CUDA device'} here")
+
+
+def _gdn_work_dtype(q, k, v) -> torch.dtype:
+    """16-bit dots and intermediates when q, k, v share a 16-bit dtype, else float32."""
+    if q.dtype == k.dtype == v.dtype and q.dtype in (torch.float16, torch.bfloat16):
+        return q.dtype
+    return torch.float32
+
+
+def _gdn_seq_block_v(BH: int, V: int, device) -> int:
+    """Value-tile width of the sequential kernels. They run one program per (B*H, V tile) and
+    are latency-bound, so narrow the tiles while the programs still fit on the multiprocessors
+    one each (measured on the H100, B*H = 32: BV = 16 for V = 64, 32 for V = 128)."""
+    n_sm = 1 if INTERPRET else torch.cuda.get_device_properties(device).multi_processor_count
+    BV = min(64, _gdn_block(V))
+    while BV > 16 and 2 * BH * triton.cdiv(V, BV) <= n_sm:
+        BV //= 2
+    return BV
+
+
+def _gdn_num_warps(BK: int, BV: int) -> int:
+    return 4 if max(BK, BV) <= 64 else 8
+
+
+def _gdn_num_stages(x: torch.Tensor) -> int:
+    """Software-pipelining depth of the loops: 3 for 16-bit tiles; float32 tiles are twice the
+    size and 3 stages overflow the H100's 227 KB of shared memory, so no pipelining there."""
+    return 3 if x.element_size() == 2 else 1
+
+
+def _gdn_prepare(k, v, g, beta, L, store_t):
+    """Launch steps 3-4: returns gamma [B*H, Tp] f32, T [B*H, Tp, L] (or None), W, U'."""
+    B, T, H, K = k.shape
+    V = v.shape[3]
+    N = triton.cdiv(T, L)
+    Tp = N * L
+    gamma = torch.empty(B * H, Tp, device=k.device, dtype=torch.float32)
+    w = torch.empty(B * H, Tp, K, device=k.device, dtype=k.dtype)
+    u_prime = torch.empty(B * H, Tp, V, device=k.device, dtype=k.dtype)
+    tinv = torch.empty(B * H, Tp, L, device=k.device, dtype=k.dtype) if store_t else w
+    BK, BV = _gdn_block(K), _gdn_block(V)
+    _gdn_prepare_kernel[(N, B * H)](k, v, g, beta, gamma, tinv, w, u_prime, T, H, K, V, Tp,
+                                    L=L, BK=BK, BV=BV, LOG2_BLOCKS=(L // 16).bit_length() - 1,
+                                    STORE_T=store_t, PRECISION=_DOT_PRECISION,
+                                    num_warps=_gdn_num_warps(BK, BV))
+    return gamma, (tinv if store_t else None), w, u_prime
+
+
+def _gdn_state_fwd(k, w, u_prime, gamma, h0, L):
+    """Launch the forward recurrence: returns h [B*H, N, K, V], U [B*H, Tp, V], final state f32."""
+    B, T, H, K = k.shape
+    V = u_prime.shape[2]
+    Tp = u_prime.shape[1]
+    N = Tp // L
+    h = torch.empty(B * H, N, K, V, device=k.device, dtype=k.dtype)
+    u = torch.empty_like(u_prime)
+    ht = torch.empty(B, H, K, V, device=k.device, dtype=torch.float32)
+    BK, BV = _gdn_block(K), _gdn_seq_block_v(B * H, V, k.device)
+    _gdn_state_fwd_kernel[(triton.cdiv(V, BV), B * H)](
+        k, w, u_prime, gamma, h0 if h0 is not None else ht, h, u, ht, T, H, K, V, Tp, N,
+        L=L, BK=BK, BV=BV, HAS_H0=h0 is not None, PRECISION=_DOT_PRECISION, num_warps=4,
+        num_stages=_gdn_num_stages(k))
+    return h, u, ht
+
+
+def _gdn_output(q, k, gamma, h, u, scale, L, out_dtype):
+    """Launch the chunk-parallel output: o [B, T, H, V] in out_dtype."""
+    B, T, H, K = q.shape
+    V = u.shape[2]
+    Tp = u.shape[1]
+    N = Tp // L
+    o = torch.empty(B, T, H, V, device=q.device, dtype=out_dtype)
+    BK, BV = _gdn_block(K), min(64, _gdn_block(V))
+    _gdn_output_kernel[(N, triton.cdiv(V, BV), B * H)](
+        q, k, gamma, h, u, o, scale, T, H, K, V, Tp, N,
+        L=L, BK=BK, BV=BV, PRECISION=_DOT_PRECISION, num_warps=_gdn_num_warps(BK, BV),
+        num_stages=_gdn_num_stages(q))
+    return o
+
+
+def _gdn_validate(q, k, v, g, beta, initial_state, chunk_size) -> None:
+    """The reference's checks (same errors), then the kernel's own limits."""
+    tiny_hybrid._check_gdn(q, k, v, g, beta, initial_state)
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if chunk_size not in _GDN_CHUNK_SIZES:
+        raise ValueError(f"chunk_size must be one of {_GDN_CHUNK_SIZES} for the Triton kernel, "
+                         f"got {chunk_size}")
+    _gdn_check_kernel_limits(k.shape[3], v.shape[3], q=q, k=k, v=v, g=g, beta=beta,
+                             initial_state=initial_state)
+
+
+def _gdn_inputs(q, k, v, g, beta, initial_state, scale):
+    """Contiguous work tensors: q, k, v in the work dtype, g, beta, the state as they come."""
+    scale = q.shape[3] ** -0.5 if scale is None else float(scale)
+    wd = _gdn_work_dtype(q, k, v)
+    q, k, v = (x.to(wd).contiguous() for x in (q, k, v))
+    h0 = None if initial_state is None else initial_state.contiguous()
+    return q, k, v, g.contiguous(), beta.contiguous(), h0, scale
+
+
+def _gdn_forward(q, k, v, g, beta, h0, scale, L, out_dtype):
+    """The chunked forward on work tensors: returns (o, final_state)."""
+    gamma, _, w, u_prime = _gdn_prepare(k, v, g, beta, L, store_t=False)
+    h, u, ht = _gdn_state_fwd(k, w, u_prime, gamma, h0, L)
+    return _gdn_output(q, k, gamma, h, u, scale, L, out_dtype), ht
+
+
+def _gdn_state_bwd(q, k, w, gamma, do, dht, scale, L):
+    """Launch the backward recurrence: returns dh [B*H, N, K, V], dU [B*H, Tp, V], dS_0 f32."""
+    B, T, H, K = k.shape
+    V = do.shape[3]
+    Tp = w.shape[1]
+    N = Tp // L
+    dh = torch.empty(B * H, N, K, V, device=k.device, dtype=k.dtype)
+    du = torch.empty(B * H, Tp, V, device=k.device, dtype=k.dtype)
+    dh0 = torch.empty(B, H, K, V, device=k.device, dtype=torch.float32)
+    BK, BV = _gdn_block(K), _gdn_seq_block_v(B * H, V, k.device)
+    _gdn_state_bwd_kernel[(triton.cdiv(V, BV), B * H)](
+        q, k, w, gamma, do, dht, dh, du, dh0, scale, T, H, K, V, Tp, N,
+        L=L, BK=BK, BV=BV, PRECISION=_DOT_PRECISION, num_warps=4, num_stages=_gdn_num_stages(k))
+    return dh, du, dh0
+
+
+def _gdn_bwd_block_v(K: int, V: int) -> int:
+    """Value tile of the two chunk-parallel backward kernels (with 8 warps): 32 wide for K = 128
+    keeps them out of local memory (spills), 64 otherwise."""
+    return min(64 if _gdn_block(K) <= 64 else 32, _gdn_block(V))
+
+
+def _gdn_bwd_output(q, k, gamma, h, u, du, dh, do, scale, L, dq_dtype):
+    """Launch the gradients through O, U and S: returns dq (final) and f32 partials dk, dW, dgamma."""
+    B, T, H, K = k.shape
+    V = u.shape[2]
+    Tp = u.shape[1]
+    N = Tp // L
+    dq = torch.empty(B, T, H, K, device=k.device, dtype=dq_dtype)
+    dk_part = torch.empty(B * H, Tp, K, device=k.device, dtype=torch.float32)
+    dw = torch.empty_like(dk_part)
+    dgam = torch.empty(B * H, Tp, device=k.device, dtype=torch.float32)
+    _gdn_bwd_output_kernel[(N, B * H)](
+        q, k, gamma, h, u, du, dh, do, dq, dk_part, dw, dgam, scale, T, H, K, V, Tp, N,
+        L=L, BK=_gdn_block(K), BV=_gdn_bwd_block_v(K, V), PRECISION=_DOT_PRECISION, num_warps=8,
+        num_stages=_gdn_num_stages(k))
+    return dq, dk_part, dw, dgam
+
+
+def _gdn_bwd_wy(k, v, beta, gamma, tinv, w, u_prime, du, dw, dk_part, dgam, L, dtypes):
+    """Launch the gradients through the UT transform: returns dk, dv, dg, dbeta."""
+    B, T, H, K = k.shape
+    V = v.shape[3]
+    Tp = w.shape[1]
+    N = Tp // L
+    dk = torch.empty(B, T, H, K, device=k.device, dtype=dtypes[1])
+    dv = torch.empty(B, T, H, V, device=k.device, dtype=dtypes[2])
+    dg = torch.empty(B, T, H, device=k.device, dtype=dtypes[3])
+    dbeta = torch.empty(B, T, H, device=k.device, dtype=dtypes[4])
+    _gdn_bwd_wy_kernel[(N, B * H)](
+        k, v, beta, gamma, tinv, w, u_prime, du, dw, dk_part, dgam, dk, dv, dg, dbeta,
+        T, H, K, V, Tp, L=L, BK=_gdn_block(K), BV=_gdn_bwd_block_v(K, V),
+        PRECISION=_DOT_PRECISION, num_warps=8, num_stages=_gdn_num_stages(k))
+    return dk, dv, dg, dbeta
+
+
+def _gdn_backward(q, k, v, g, beta, h0, scale, L, do, dht, dtypes):
+    """The chunked backward on work tensors. Recomputes the forward's chunk-local quantities (T, W,
+    U', the chunk-start states h, U) from the inputs rather than storing them. Returns dq, dk, dv,
+    dg, dbeta, dh0 in the dtypes of `dtypes` (the original inputs)."""
+    B, T, H, K = k.shape
+    V = v.shape[3]
+    do = do.to(k.dtype).contiguous()
+    dht = torch.zeros(B, H, K, V, device=k.device) if dht is None else dht.float().contiguous()
+    gamma, tinv, w, u_prime = _gdn_prepare(k, v, g, beta, L, store_t=True)
+    h, u, _ = _gdn_state_fwd(k, w, u_prime, gamma, h0, L)
+    dh, du, dh0 = _gdn_state_bwd(q, k, w, gamma, do, dht, scale, L)
+    dq, dk_part, dw, dgam = _gdn_bwd_output(q, k, gamma, h, u, du, dh, do, scale, L, dtypes[0])
+    dk, dv, dg, dbeta = _gdn_bwd_wy(k, v, beta, gamma, tinv, w, u_prime, du, dw, dk_part, dgam, L,
+                                    dtypes)
+    return dq, dk, dv, dg, dbeta, None if h0 is None else dh0.to(dtypes[5])
+
+
+class _GatedDeltaRule(torch.autograd.Function):
+    """Chunked Gated DeltaNet; saves only the inputs, the backward recomputes the rest."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, beta, scale, initial_state, chunk_size):
+        dtypes = tuple(None if x is None else x.dtype for x in (q, k, v, g, beta, initial_state))
+        out_dtype = v.dtype
+        q, k, v, g, beta, h0, scale = _gdn_inputs(q, k, v, g, beta, initial_state, scale)
+        if q.shape[1] == 0:          # no tokens: nothing to launch (the reference fails on T = 0)
+            B, _, H, K = k.shape
+            o = torch.empty(B, 0, H, v.shape[3], device=v.device, dtype=out_dtype)
+            ht = h0.float().clone() if h0 is not None else \
+                torch.zeros(B, H, K, v.shape[3], device=v.device)
+        else:
+            o, ht = _gdn_forward(q, k, v, g, beta, h0, scale, chunk_size, out_dtype)
+        ctx.save_for_backward(q, k, v, g, beta, h0)
+        ctx.scale, ctx.chunk_size, ctx.dtypes = scale, chunk_size, dtypes
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, v, g, beta, h0 = ctx.saved_tensors
+        if q.shape[1] == 0:
+            dh0 = None if h0 is None else dht.to(ctx.dtypes[5])
+            return (torch.zeros_like(q, dtype=ctx.dtypes[0]), torch.zeros_like(k, dtype=ctx.dtypes[1]),
+                    torch.zeros_like(v, dtype=ctx.dtypes[2]), torch.zeros_like(g), torch.zeros_like(beta),
+                    None, dh0, None)
+        dq, dk, dv, dg, dbeta, dh0 = _gdn_backward(q, k, v, g, beta, h0, ctx.scale, ctx.chunk_size,
+                                                   do, dht, ctx.dtypes)
+        return dq, dk, dv, dg, dbeta, None, dh0, None
+
+
+def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, chunk_size=64):
+    """Gated DeltaNet, chunked form, in Triton: the twin of `tiny_hybrid.gated_delta_rule`.
+
+    q, k: [B, T, H, K] (L2-normalised), v: [B, T, H, V], g: [B, T, H] log decay (<= 0),
+    beta: [B, T, H] in (0, 1), initial_state: [B, H, K, V] or None, chunk_size L in (16, 32, 64);
+    K, V <= 128. float32 / float16 / bfloat16 inputs; the state and all accumulation are float32,
+    16-bit inputs use 16-bit tensor-core dots (float32 ones: tf32 on the GPU, exact in the
+    interpreter). Differentiable in q, k, v, g, beta, initial_state.
+    Returns (o [B, T, H, V] in v's dtype, final_state [B, H, K, V] float32).
+    """
+    _gdn_validate(q, k, v, g, beta, initial_state, chunk_size)
+    return _GatedDeltaRule.apply(q, k, v, g, beta, scale, initial_state, chunk_size)
+
+
+def _gdn_recurrent_launch(q, k, v, g, beta, h0, ht, o, scale):
+    """q, k [B, T, H, K], v, o [B, T, H, V], g, beta [B, T, H], contiguous; h0/ht [B, H, K, V] f32."""
+    B, T, H, K = k.shape
+    V = v.shape[3]
+    BK = _gdn_block(K)
+    BV = min(_gdn_block(V), 32)     # narrow tiles: more programs, and [K, BV] stays in registers
+    _gdn_recurrent_kernel[(triton.cdiv(V, BV), B * H)](
+        q, k, v, g, beta, h0 if h0 is not None else ht, o, ht, scale, T, H, K, V,
+        BK=BK, BV=BV, HAS_H0=h0 is not None, num_warps=4 if BK <= 64 else 8)
+
+
+def gated_delta_rule_recurrent(q, k, v, g, beta, scale=None, initial_state=None):
+    """Gated DeltaNet token by token in one fused Triton kernel: the twin of
+    `tiny_hybrid.gated_delta_rule_recurrent` (same arguments, checks and outputs).
+
+    FORWARD ONLY (no autograd): meant for decoding and prefill; train with `gated_delta_rule`.
+    Returns (o [B, T, H, V] in v's dtype, final_state [B, H, K, V] float32).
+    """
+    tiny_hybrid._check_gdn(q, k, v, g, beta, initial_state)
+    _gdn_check_kernel_limits(k.shape[3], v.shape[3], q=q, k=k, v=v, g=g, beta=beta,
+                             initial_state=initial_state)
+    B, T, H, K = k.shape
+    V = v.shape[3]
+    scale = K ** -0.5 if scale is None else float(scale)
+    q, k, v, g, beta = (x.detach().contiguous() for x in (q, k, v, g, beta))
+    h0 = None if initial_state is None else initial_state.detach().float().contiguous()
+    o = torch.empty(B, T, H, V, device=v.device, dtype=v.dtype)
+    ht = torch.empty(B, H, K, V, device=v.device, dtype=torch.float32)
+    if T == 0:
+        ht.copy_(h0) if h0 is not None else ht.zero_()
+        return o, ht
+    _gdn_recurrent_launch(q, k, v, g, beta, h0, ht, o, scale)
+    return o, ht
+
+
+def gated_delta_rule_recurrent_step(q, k, v, g, beta, state, scale=None):
+    """One decoding step of Gated DeltaNet for every sequence; `state` is updated IN PLACE.
+
+    q, k: [B, H, K], v: [B, H, V], g, beta: [B, H], state: [B, H, K, V] float32 contiguous.
+        state <- exp(g) state;  state <- state + k (beta (v - state^T k))^T;  o = scale state^T q
+    Returns o [B, H, V] in v's dtype. Forward only.
+    """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        tiny_hybrid._check_tensor(name, x, 3)
+    tiny_hybrid._check_tensor("g", g, 2)
+    tiny_hybrid._check_tensor("beta", beta, 2)
+    tiny_hybrid._check_tensor("state", state, 4)
+    B, H, K = k.shape
+    V = v.shape[2]
+    if q.shape != k.shape:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must have the same shape")
+    if v.shape[:2] != (B, H):
+        raise ValueError(f"v must be [B, H, V] = [{B}, {H}, V], got {tuple(v.shape)}")
+    for name, x in (("g", g), ("beta", beta)):
+        if x.shape != (B, H):
+            raise ValueError(f"{name} must be [B, H] = [{B}, {H}], got {tuple(x.shape)}")
+    if state.shape != (B, H, K, V):
+        raise ValueError(f"state must be [B, H, K, V] = [{B}, {H}, {K}, {V}], got {tuple(state.shape)}")
+    if state.dtype != torch.float32 or not state.is_contiguous():
+        raise ValueError(f"state must be a contiguous float32 tensor (it is updated in place), "
+                         f"got {state.dtype}, contiguous={state.is_contiguous()}")
+    _gdn_check_kernel_limits(K, V, q=q, k=k, v=v, g=g, beta=beta, state=state)
+    scale = K ** -0.5 if scale is None else float(scale)
+    # [B, H, D] is [B, 1, H, D] in memory: a sequence of one token
+    q, k, v, g, beta = (x.detach().contiguous().unsqueeze(1) for x in (q, k, v, g, beta))
+    o = torch.empty(B, 1, H, V, device=v.device, dtype=v.dtype)
+    _gdn_recurrent_launch(q, k, v, g, beta, state, state, o, scale)
+    return o[:, 0]
+
+
+# --- check and benchmark (called by kernels.py's main()) -------------------------------------
+
+def _gdn_random_inputs(B, T, H, K, V, dtype, device, decay=(-0.1, -0.01), seed=0):
+    """Inputs like a GDN layer makes them: L2-normalised q, k; v ~ N(0, 1); log decays g uniform
+    in `decay` (float32, <= 0); beta = sigmoid(randn) (float32). Seeded, drawn on the CPU."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(device)
+    q = torch.nn.functional.normalize(randn(B, T, H, K), dim=-1).to(dtype)
+    k = torch.nn.functional.normalize(randn(B, T, H, K), dim=-1).to(dtype)
+    v = randn(B, T, H, V).to(dtype)
+    lo, hi = decay
+    g = (lo + (hi - lo) * torch.rand(B, T, H, generator=gen)).to(device)       # float32 decay
+    beta = torch.sigmoid(randn(B, T, H))
+    return q, k, v, g, beta
+
+
+def _rel_err(a, b) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def check_gdn(device=None, shapes=None, verbose=True):
+    """Kernel vs `tiny_hybrid.gated_delta_rule` (output, final state, the gradients of q, k, v, g,
+    beta, initial_state) on random inputs, float32 and bf16. Prints and returns rows of
+    (case, {name: ||out - ref|| / ||ref||}). On the GPU float32 runs with tf32 dots (~2e-3)."""
+    device = device or ("cpu" if INTERPRET else "cuda")
+    shapes = shapes or ([(1, 100, 2, 16, 16, 32)] if INTERPRET else
+                        [(2, 1000, 4, 64, 64, 64), (2, 777, 4, 128, 128, 64), (1, 300, 2, 48, 96, 32)])
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for (B, T, H, K, V, L) in shapes:
+            q, k, v, g, beta = _gdn_random_inputs(B, T, H, K, V, dtype, device, decay=(-1., -0.01))
+            h0 = torch.randn(B, H, K, V, device=device)
+            ins = [x.clone().requires_grad_() for x in (q, k, v, g, beta, h0)]
+            refs = [x.detach().clone().requires_grad_() for x in (q, k, v, g, beta, h0)]
+            o, ht = gated_delta_rule(*ins[:5], initial_state=ins[5], chunk_size=L)
+            o_ref, ht_ref = tiny_hybrid.gated_delta_rule(*refs[:5], initial_state=refs[5], chunk_size=L)
+            do, dht = torch.randn_like(o_ref), torch.randn_like(ht_ref)
+            ((o.float() * do.float()).sum() + (ht * dht).sum()).backward()
+            ((o_ref.float() * do.float()).sum() + (ht_ref * dht).sum()).backward()
+            errs = {"o": _rel_err(o, o_ref), "state": _rel_err(ht, ht_ref)}
+            for name, x, r in zip(("dq", "dk", "dv", "dg", "dbeta", "dh0"), ins, refs):
+                errs[name] = _rel_err(x.grad, r.grad)
+            case = f"{str(dtype)[6:]:8s} B={B} T={T} H={H} K={K} V={V} L={L}"
+            rows.append((case, errs))
+            if verbose:
+                print(f"{case}  " + "  ".join(f"{n} {e:.1e}" for n, e in errs.items()))
+    return rows
+
+
+def bench_gdn(Ts=(1024, 4096, 16384), dims=(64, 128), B=4, H=8, with_reference=True, with_fla=True):
+    """Median ms (triton.testing.do_bench) of forward and forward+backward, bf16, for this kernel,
+    the PyTorch reference and (when importable) flash-linear-attention's chunk_gated_delta_rule."""
+    fla_fn = None
+    if with_fla:
+        try:
+            import fla.ops.common.chunk_o as fla_chunk_o
+            from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_fn
+            fla_chunk_o.TRITON_ABOVE_3_7_1 = True    # fla's Hopper guard (its issue #640): timing only
+        except ImportError:
+            fla_fn = None
+    impls = {"triton": lambda q, k, v, g, b: gated_delta_rule(q, k, v, g, b)}
+    if with_reference:
+        impls["torch ref"] = lambda q, k, v, g, b: tiny_hybrid.gated_delta_rule(q, k, v, g, b)
+    if fla_fn is not None:
+        impls["fla"] = lambda q, k, v, g, b: fla_fn(q, k, v, g, b, output_final_state=True)
+    rows = []
+    print(f"{'impl':10s} {'K=V':>4s} {'T':>6s} {'fwd ms':>8s} {'fwd+bwd ms':>11s}")
+    for D in dims:
+        for T in Ts:
+            q, k, v, g, beta = _gdn_random_inputs(B, T, H, D, D, torch.bfloat16, "cuda", decay=(-0.2, -0.005))
+            beta = beta.to(torch.bfloat16)
+            for name, fn in impls.items():
+                if name == "torch ref" and T > 4096:
+                    continue                                   # minutes and tens of GB: skip
+                ins = [x.clone().requires_grad_() for x in (q, k, v, g, beta)]
+                do = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16)
+
+                def fwd():
+                    with torch.no_grad():
+                        return fn(*ins)
+
+                def fwd_bwd():
+                    o, _ = fn(*ins)
+                    o.backward(do)
+                t_f = triton.testing.do_bench(fwd, warmup=25, rep=100, return_mode="median")
+                t_fb = triton.testing.do_bench(fwd_bwd, warmup=25, rep=100, grad_to_none=ins,
+                                               return_mode="median")
+                rows.append((name, D, T, t_f, t_fb))
+                print(f"{name:10s} {D:4d} {T:6d} {t_f:8.3f} {t_fb:11.3f}")
+    return rows
+
+
+def check_gdn_passes() -> bool:
+    """check_gdn with pass/fail: float32 (tf32 dots on the GPU) within 1e-2, bf16 within 3e-2."""
+    ok = True
+    for case, errs in check_gdn():
+        limit = 1e-2 if case.startswith("float32") else 3e-2
+        ok &= all(e < limit for e in errs.values())
+    return ok
+
+
+CHECKS = [check_attention, check_attention_decode, check_gdn_passes]  # each returns True when all its cases pass
+BENCHES = [bench_attention, bench_attention_decode, bench_gdn]
 
 
 def main() -> None:

@@ -230,3 +230,258 @@ def test_kernel_limits_are_named():
     q = torch.randn(1, 4, 1, 136, device=DEVICE)
     with pytest.raises(ValueError, match="head dims up to 128"):
         kernels.attention(q, q, q)
+
+
+# =============================================================================================
+# Gated DeltaNet kernels
+# =============================================================================================
+import math  # noqa: E402
+
+# Errors are relative, ||out - ref|| / ||ref||, over a whole tensor.
+#
+# Tolerances, and why:
+#   float32  1e-4. The kernels do exact float32 arithmetic here (IEEE dots), the reference does
+#            float32 too, in another order: both sit ~1e-6 from the exact result; 1e-4 leaves room
+#            for the ill-conditioned cases (strong decay, beta near 1) and still catches any
+#            wrong term, whose error would be O(1).
+#   bf16     5e-2 on outputs and gradients. The reference rounds only the inputs; the kernels also
+#            store W, U', U, the chunk states and T in bf16 and multiply in bf16 (like production
+#            kernels do): each rounding is ~2^-9 relative and the delta rule's prediction error
+#            v - S^T k cancels, which amplifies them. On the H100 this gives 2e-3 to 4e-3 (the same
+#            as flash-linear-attention); here 1e-2 to 2e-2, because Triton's interpreter converts
+#            float32 to bf16 by truncation, not round-to-nearest (half the values land one ulp off).
+F32_TOL = 1e-4
+BF16_TOL = 5e-2
+STRONG, WEAK = (-5.0, -3.0), (-0.02, -0.005)
+
+
+def rel_err(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def make_inputs(B, T, H, K, V, decay, dtype=torch.float32, with_h0=True, seed=0):
+    q, k, v, g, beta = kernels._gdn_random_inputs(B, T, H, K, V, dtype, "cpu", decay=decay, seed=seed)
+    torch.manual_seed(seed)
+    h0 = torch.randn(B, H, K, V) if with_h0 else None
+    return q, k, v, g, beta, h0
+
+
+def run_with_grads(fn, q, k, v, g, beta, h0, do, dht, **kw):
+    """o, final state and the gradients of <o, do> + <state, dht> w.r.t. every input."""
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, g, beta)]
+    h0 = None if h0 is None else h0.detach().clone().requires_grad_()
+    o, ht = fn(*leaves, initial_state=h0, **kw)
+    ((o.float() * do).sum() + (ht * dht).sum()).backward()
+    grads = [x.grad for x in leaves] + ([] if h0 is None else [h0.grad])
+    return o, ht, grads
+
+
+GRAD_NAMES = ("dq", "dk", "dv", "dg", "dbeta", "dh0")
+
+# (T, chunk, initial state, decay, K, V): every T, every chunk size, both decays, with and without
+# a state, a few head dims (powers of two and not); B = 2, H = 2.
+CASES = [
+    (1, 16, True, STRONG, 16, 16),
+    (15, 32, False, WEAK, 16, 16),
+    (15, 64, True, STRONG, 16, 32),
+    (64, 64, True, WEAK, 32, 16),
+    (64, 16, False, STRONG, 16, 16),
+    (100, 32, True, STRONG, 16, 16),
+    (100, 64, False, WEAK, 24, 40),
+    (200, 16, True, WEAK, 16, 16),
+    (200, 64, True, STRONG, 16, 16),
+    (200, 32, False, WEAK, 32, 32),
+]
+
+
+@pytest.mark.parametrize("T,L,with_h0,decay,K,V", CASES)
+def test_chunked_matches_reference_fp32(T, L, with_h0, decay, K, V):
+    q, k, v, g, beta, h0 = make_inputs(2, T, 2, K, V, decay, with_h0=with_h0, seed=T + L)
+    do = torch.randn(2, T, 2, V)
+    dht = torch.randn(2, 2, K, V)
+    o, ht, grads = run_with_grads(kernels.gated_delta_rule, q, k, v, g, beta, h0, do, dht, chunk_size=L)
+    o_ref, ht_ref, grads_ref = run_with_grads(tiny_hybrid.gated_delta_rule, q, k, v, g, beta, h0, do, dht,
+                                              chunk_size=L)
+    assert o.dtype == torch.float32 and ht.dtype == torch.float32 and o.shape == (2, T, 2, V)
+    assert rel_err(o, o_ref) < F32_TOL
+    assert rel_err(ht, ht_ref) < F32_TOL
+    for name, a, b in zip(GRAD_NAMES, grads, grads_ref):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert rel_err(a, b) < F32_TOL, f"{name}: {rel_err(a, b):.2e}"
+
+
+def test_chunked_matches_recurrent_definition():
+    """Also against the token-by-token definition (not only the reference's chunked form)."""
+    q, k, v, g, beta, h0 = make_inputs(1, 50, 2, 16, 16, (-1.0, -0.01), seed=3)
+    o, ht = kernels.gated_delta_rule(q, k, v, g, beta, scale=0.3, initial_state=h0, chunk_size=16)
+    o_ref, ht_ref = tiny_hybrid.gated_delta_rule_recurrent(q, k, v, g, beta, scale=0.3, initial_state=h0)
+    assert rel_err(o, o_ref) < F32_TOL and rel_err(ht, ht_ref) < F32_TOL
+
+
+def test_chunked_near_duplicate_keys():
+    """The hard case for the UT transform: no decay, beta near 1, almost parallel keys, so that
+    I + A is far from the identity. Checked against the float32 reference like the rest."""
+    torch.manual_seed(0)
+    base = torch.randn(1, 1, 2, 16)
+    k = torch.nn.functional.normalize(base + 0.01 * torch.randn(1, 128, 2, 16), dim=-1)
+    q = torch.nn.functional.normalize(torch.randn(1, 128, 2, 16), dim=-1)
+    v = torch.randn(1, 128, 2, 16)
+    g, beta = torch.zeros(1, 128, 2), torch.full((1, 128, 2), 0.99)
+    o, ht = kernels.gated_delta_rule(q, k, v, g, beta, chunk_size=64)
+    o_ref, ht_ref = tiny_hybrid.gated_delta_rule(q, k, v, g, beta, chunk_size=64)
+    assert rel_err(o, o_ref) < F32_TOL and rel_err(ht, ht_ref) < F32_TOL
+
+
+def test_chunked_bf16_close():
+    q, k, v, g, beta, h0 = make_inputs(1, 100, 2, 32, 32, (-0.5, -0.01), dtype=torch.bfloat16,
+                                       seed=7)
+    do = torch.randn(1, 100, 2, 32)
+    dht = torch.randn(1, 2, 32, 32)
+    beta = beta.to(torch.bfloat16)
+    o, ht, grads = run_with_grads(kernels.gated_delta_rule, q, k, v, g, beta, h0, do, dht, chunk_size=32)
+    o_ref, ht_ref, grads_ref = run_with_grads(tiny_hybrid.gated_delta_rule, q, k, v, g, beta, h0, do, dht,
+                                              chunk_size=32)
+    assert o.dtype == torch.bfloat16 and ht.dtype == torch.float32
+    assert rel_err(o, o_ref) < BF16_TOL and rel_err(ht, ht_ref) < BF16_TOL
+    for name, a, b in zip(GRAD_NAMES, grads, grads_ref):
+        assert a.dtype == b.dtype, name                      # gradients in each input's dtype
+        assert rel_err(a, b) < BF16_TOL, f"{name}: {rel_err(a, b):.2e}"
+
+
+def test_chunked_no_tokens():
+    """T = 0: empty output, the state passes through (the reference's recurrent form agrees)."""
+    q, k, v, g, beta, h0 = make_inputs(1, 0, 2, 16, 16, WEAK, seed=1)
+    o, ht = kernels.gated_delta_rule(q, k, v, g, beta, initial_state=h0)
+    o_ref, ht_ref = tiny_hybrid.gated_delta_rule_recurrent(q, k, v, g, beta, initial_state=h0)
+    assert o.shape == o_ref.shape and torch.equal(ht, ht_ref)
+
+
+def test_recurrent_step_matches_reference_step_by_step():
+    B, T, H, K, V = 2, 6, 2, 16, 32
+    q, k, v, g, beta, h0 = make_inputs(B, T, H, K, V, (-1.0, -0.01), seed=11)
+    state = h0.clone()
+    state_ref = h0.clone()
+    for t in range(T):
+        o = kernels.gated_delta_rule_recurrent_step(q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], state)
+        sl = slice(t, t + 1)
+        o_ref, state_ref = tiny_hybrid.gated_delta_rule_recurrent(q[:, sl], k[:, sl], v[:, sl], g[:, sl],
+                                                         beta[:, sl], initial_state=state_ref)
+        assert o.shape == (B, H, V)
+        assert rel_err(o, o_ref[:, 0]) < F32_TOL, t
+        assert rel_err(state, state_ref) < F32_TOL, t
+
+
+@pytest.mark.parametrize("with_h0", [True, False])
+def test_recurrent_matches_reference(with_h0):
+    q, k, v, g, beta, h0 = make_inputs(1, 15, 2, 16, 24, STRONG if with_h0 else WEAK,
+                                       with_h0=with_h0, seed=5)
+    o, ht = kernels.gated_delta_rule_recurrent(q, k, v, g, beta, scale=0.5, initial_state=h0)
+    o_ref, ht_ref = tiny_hybrid.gated_delta_rule_recurrent(q, k, v, g, beta, scale=0.5, initial_state=h0)
+    assert rel_err(o, o_ref) < F32_TOL and rel_err(ht, ht_ref) < F32_TOL
+    # bf16 in, bf16 out; the recurrent kernel keeps everything else in float32
+    args = [x.to(torch.bfloat16) for x in (q, k, v)] + [g, beta]
+    o16, ht16 = kernels.gated_delta_rule_recurrent(*args, scale=0.5, initial_state=h0)
+    o_ref16, ht_ref16 = tiny_hybrid.gated_delta_rule_recurrent(*args, scale=0.5, initial_state=h0)
+    assert o16.dtype == torch.bfloat16
+    assert rel_err(o16, o_ref16) < 1e-2 and rel_err(ht16, ht_ref16) < 1e-4
+
+
+def _bad_inputs():
+    """(description, args, kwargs) that the reference rejects."""
+    q, k, v, g, beta, h0 = make_inputs(1, 8, 2, 16, 16, WEAK)
+    return [
+        ("q not a tensor", (q.tolist(), k, v, g, beta), {}),
+        ("k 3-d", (q, k[..., 0], v, g, beta), {}),
+        ("integer v", (q, k, v.long(), g, beta), {}),
+        ("q, k shapes differ", (q[:, :, :1], k, v, g, beta), {}),
+        ("v wrong T", (q, k, v[:, :4], g, beta), {}),
+        ("g wrong shape", (q, k, v, g[:, :4], beta), {}),
+        ("beta wrong heads", (q, k, v, g, beta[..., :1]), {}),
+        ("h0 wrong shape", (q, k, v, g, beta), {"initial_state": h0[..., :8]}),
+        ("h0 3-d", (q, k, v, g, beta), {"initial_state": h0[0]}),
+    ]
+
+
+@pytest.mark.parametrize("fn_name", ["gated_delta_rule", "gated_delta_rule_recurrent"])
+def test_bad_inputs_raise_like_reference(fn_name):
+    ours, ref = getattr(kernels, fn_name), getattr(tiny_hybrid, fn_name)
+    for what, args, kwargs in _bad_inputs():
+        with pytest.raises((TypeError, ValueError)) as expected:
+            ref(*args, **kwargs)
+        with pytest.raises(expected.type) as got:
+            ours(*args, **kwargs)
+        assert str(got.value) == str(expected.value), what
+
+
+def test_bad_chunk_size():
+    q, k, v, g, beta, _ = make_inputs(1, 8, 2, 16, 16, WEAK)
+    for bad in (0, -16, 16.0, "64"):
+        with pytest.raises(ValueError) as expected:
+            tiny_hybrid.gated_delta_rule(q, k, v, g, beta, chunk_size=bad)
+        with pytest.raises(ValueError) as got:
+            kernels.gated_delta_rule(q, k, v, g, beta, chunk_size=bad)
+        assert str(got.value) == str(expected.value)
+    with pytest.raises(ValueError, match="chunk_size must be one of"):   # valid for the reference
+        kernels.gated_delta_rule(q, k, v, g, beta, chunk_size=48)
+    big = torch.randn(1, 8, 2, 256)
+    with pytest.raises(ValueError, match="head dim K = 256"):
+        kernels.gated_delta_rule(big, big, v, g, beta)
+
+
+def test_bad_step_inputs():
+    q, k, v, g, beta, h0 = make_inputs(1, 1, 2, 16, 16, WEAK)
+    args = [q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0]]
+    with pytest.raises(ValueError, match="state must be a contiguous float32"):
+        kernels.gated_delta_rule_recurrent_step(*args, h0.double())
+    with pytest.raises(ValueError, match="state must be a contiguous float32"):
+        kernels.gated_delta_rule_recurrent_step(*args, h0.transpose(-1, -2).contiguous().transpose(-1, -2))
+    with pytest.raises(ValueError, match=r"state must be \[B, H, K, V\]"):
+        kernels.gated_delta_rule_recurrent_step(*args, h0[..., :8].contiguous())
+    with pytest.raises(ValueError, match=r"g must be \[B, H\]"):
+        kernels.gated_delta_rule_recurrent_step(*args[:3], g[:, 0, :1], args[4], h0)
+    with pytest.raises(ValueError, match="v must have 3 dims"):
+        kernels.gated_delta_rule_recurrent_step(args[0], args[1], v, args[3], args[4], h0)
+    with pytest.raises(TypeError, match="q must be a torch.Tensor"):
+        kernels.gated_delta_rule_recurrent_step(None, *args[1:], h0)
+    assert math.isfinite(kernels.gated_delta_rule_recurrent_step(*args, h0.clone()).sum().item())
+
+
+# =============================================================================================
+# The model through the kernels
+# =============================================================================================
+
+def _model_pair(preset):
+    settings = dict(vocab_size=61, n_layer=2, d_model=32, n_head=4, n_kv_head=2, head_dim=16, window=8,
+                    lte_sink=2, lte_buffer=3, lte_dropout=0.0, gdn_chunk_size=16, nsa_block=4, nsa_topn=3)
+    torch.manual_seed(0)
+    ref = tiny_hybrid.TinyHybrid(tiny_hybrid.Config.preset(preset, **settings))
+    fast = tiny_hybrid.TinyHybrid(tiny_hybrid.Config.preset(preset, use_triton=True, **settings))
+    fast.load_state_dict(ref.state_dict())
+    return ref, fast
+
+
+@pytest.mark.parametrize("preset", ["gdn+swa", "gdn+lte", "gdn+attn", "gdn+nsa"])
+def test_model_with_triton_equals_reference(preset):
+    """Logits and every parameter gradient; the attention and GDN kernels run in float32 (IEEE)."""
+    ref, fast = _model_pair(preset)
+    idx = torch.randint(0, 61, (2, 37))
+    logits_ref, loss_ref = ref(idx, idx)
+    logits, loss = fast(idx, idx)
+    torch.testing.assert_close(logits, logits_ref, atol=1e-4, rtol=1e-4)
+    loss_ref.backward()
+    loss.backward()
+    for (name, a), b in zip(ref.named_parameters(), fast.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-4, rtol=1e-3, msg=name)
+
+
+@pytest.mark.parametrize("preset", ["gdn+lte", "gdn+attn"])
+def test_decoding_with_triton_equals_parallel_reference(preset):
+    ref, fast = _model_pair(preset)
+    ref.eval(), fast.eval()
+    idx = torch.randint(0, 61, (2, 30))
+    with torch.no_grad():
+        full, _ = ref(idx)
+        state = fast.init_state(2)
+        parts = [fast(idx[:, :11], state=state)[0]] + [fast(idx[:, t: t + 1], state=state)[0] for t in range(11, 30)]
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-4, rtol=1e-4)

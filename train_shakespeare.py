@@ -26,6 +26,7 @@ import heapq
 import html
 import importlib.util
 import re
+import signal
 import time
 from pathlib import Path
 
@@ -603,7 +604,7 @@ def learning_rate(step: int, args) -> float:
     if step < warmup:
         return args.lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, args.steps - warmup)
-    return args.lr * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * progress)))
+    return float(args.lr * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * progress))))  # a float: checkpoints load with weights_only
 
 
 def recall_loss(logits: torch.Tensor, batch: dict, answer_weight: float) -> torch.Tensor:
@@ -617,6 +618,7 @@ def recall_loss(logits: torch.Tensor, batch: dict, answer_weight: float) -> torc
 
 def save_atomic(obj, path: Path) -> None:
     """torch.save to a temporary file, then rename: a crash never leaves half a checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(obj, tmp)
     tmp.replace(path)
@@ -652,8 +654,7 @@ def train_model(preset: str, args, tokens: np.ndarray, vocab_size: int, device: 
 
     model.train()
     t0, tokens_seen, recent = time.perf_counter(), 0, collections.deque(maxlen=max(1, args.log_every))
-    step = start
-    try:
+    with StopOnInterrupt() as stop:
         for step in range(start, args.steps):
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, args)
@@ -671,15 +672,35 @@ def train_model(preset: str, args, tokens: np.ndarray, vocab_size: int, device: 
             tokens_seen += batch["idx"].numel()
             if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
                 history.append(progress_row(preset, model, step, start, args, recent, tokens_seen, t0))
+            if stop.requested:
+                save(step + 1)
+                print(f"\ninterrupted: {preset} saved after step {step + 1} in {path}; continue with --resume")
+                raise SystemExit(130)
             if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0:
                 save(step + 1)
-        step = args.steps
-    except KeyboardInterrupt:
-        save(step)
-        print(f"\ninterrupted: {preset} saved at step {step} in {path}; continue with --resume")
-        raise SystemExit(130)
-    save(step)
+    save(args.steps)
     return model, history
+
+
+class StopOnInterrupt:
+    """Ctrl-C asks training to stop after the current step (so the checkpoint is exact and
+    --resume continues to the same result); a second Ctrl-C stops at once."""
+
+    def __enter__(self):
+        self.requested = False
+        self.previous = signal.getsignal(signal.SIGINT)
+        signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: saving after this step (press again to stop at once)", flush=True)
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
+        return False
 
 
 def progress_row(preset, model, step, start, args, recent, tokens_seen, t0) -> dict:
