@@ -851,10 +851,11 @@ class LTEAttention(_AttentionBase):
         state["router_in"][:, t % h] = torch.cat([k_raw, v], dim=-1)[:, 0].to(dt)
         j = t - reach                                      # its right context has just arrived
         if j >= 0:
-            positions = torch.arange(max(0, j - reach), t + 1, device=x.device)
+            first = max(0, j - reach)                      # a Python int: no host sync on the GPU
+            positions = torch.arange(first, t + 1, device=x.device)
             ctx = state["router_in"][:, positions % h]                          # [B, n, Hkv, 2D]
             r = self.router(*ctx.to(q.dtype).split(self.head_dim, dim=-1))     # [B, n, Hkv]
-            state["score"][:, j % w1] = r[:, j - int(positions[0])]
+            state["score"][:, j % w1] = r[:, j - first]
         state["pos"] = t + 1
         slots = [(state["sink_k"], state["sink_v"], state["sink_valid"]), (state["k"], state["v"], state["valid"]),
                  (state["buf_k"], state["buf_v"], (state["buf_pos"] >= 0).transpose(1, 2))]
