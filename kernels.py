@@ -36,6 +36,7 @@ import warnings
 import torch
 
 import tiny_hybrid
+from tiny_hybrid import _check_tensor
 
 # --- Set-up: Triton is Linux-only; without a GPU its interpreter runs the kernels on the CPU ----
 
@@ -92,38 +93,9 @@ def _blocks(kernel: str, D: int) -> dict:
 # Input checks: the same errors as tiny_hybrid.attention / attention_decode
 # =============================================================================================
 
-def _check_tensor(name: str, x, ndim: int) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.ndim != ndim:
-        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
-
-
 def _check_attention_args(q, k, v, window, keep) -> None:
-    """The checks of tiny_hybrid.attention, in its order, plus what only the kernels need."""
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        _check_tensor(name, x, 4)
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on B, T and D")
-    if q.shape[2] % k.shape[2] != 0:
-        raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of key/value heads ({k.shape[2]})")
-    if window is not None and (not isinstance(window, int) or window < 0):
-        raise ValueError(f"window must be None or an int >= 0, got {window!r}")
-    if keep is not None and window is None:
-        raise ValueError("keep only makes sense with a window (full attention already sees every key)")
-    B, T, _, _ = q.shape
-    Hkv = k.shape[2]
-    if keep is not None:
-        if not isinstance(keep, torch.Tensor):
-            raise TypeError(f"keep must be None or a tensor, got {type(keep).__name__}")
-        if keep.shape != (B, T, Hkv):
-            raise ValueError(f"keep must be [B, T, Hkv] = [{B}, {T}, {Hkv}], got {tuple(keep.shape)}")
-        if keep.dtype != torch.bool and (keep.is_floating_point() or keep.is_complex()):
-            raise TypeError(f"keep must be bool (kept forever) or integer (visible until), got {keep.dtype}")
+    """The checks of tiny_hybrid.attention (the same function), plus what only the kernels need."""
+    tiny_hybrid._check_attention(q, k, v, window, keep)
     _check_kernel_limits(q, (q, k, v))
 
 
@@ -724,19 +696,8 @@ def _decode_combine_kernel(M_PART, L_PART, ACC_PART, O, n_splits, D: tl.constexp
 
 
 def _check_decode_args(q, k_cache, v_cache, valid) -> None:
-    """The checks of tiny_hybrid.attention_decode."""
-    _check_tensor("q", q, 3)
-    _check_tensor("k_cache", k_cache, 4)
-    _check_tensor("v_cache", v_cache, 4)
-    B, H, D = q.shape
-    S, Hkv = k_cache.shape[1], k_cache.shape[2]
-    if k_cache.shape != (B, S, Hkv, D) or v_cache.shape != k_cache.shape or H % Hkv:
-        raise ValueError(f"k_cache and v_cache must be [B, S, Hkv, D] with H % Hkv == 0; got q "
-                         f"{tuple(q.shape)}, k_cache {tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}")
-    if valid is not None and (not isinstance(valid, torch.Tensor) or valid.shape != (B, S, Hkv)
-                              or valid.dtype != torch.bool):
-        got = f"{valid.dtype} {tuple(valid.shape)}" if isinstance(valid, torch.Tensor) else type(valid).__name__
-        raise ValueError(f"valid must be bool [B, S, Hkv] = [{B}, {S}, {Hkv}], got {got}")
+    """The checks of tiny_hybrid.attention_decode (the same function), plus the kernels' limits."""
+    tiny_hybrid._check_decode(q, k_cache, v_cache, valid)
     _check_kernel_limits(q, (q, k_cache, v_cache) + (() if valid is None else (valid,)))
 
 
@@ -1750,10 +1711,10 @@ def gated_delta_rule_recurrent_step(q, k, v, g, beta, state, scale=None):
     Returns o [B, H, V] in v's dtype. Forward only.
     """
     for name, x in (("q", q), ("k", k), ("v", v)):
-        tiny_hybrid._check_tensor(name, x, 3)
-    tiny_hybrid._check_tensor("g", g, 2)
-    tiny_hybrid._check_tensor("beta", beta, 2)
-    tiny_hybrid._check_tensor("state", state, 4)
+        _check_tensor(name, x, 3)
+    _check_tensor("g", g, 2)
+    _check_tensor("beta", beta, 2)
+    _check_tensor("state", state, 4)
     B, H, K = k.shape
     V = v.shape[2]
     if q.shape != k.shape:

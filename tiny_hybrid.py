@@ -195,19 +195,34 @@ def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, chunk_siz
 
 # --- 1b. One causal softmax attention: full, sliding window, LTE band-plus-columns ------------
 
+def _check_attention(q, k, v, window, keep) -> None:
+    """Argument checks of `attention`, shared with its Triton twin so both reject alike."""
+    _check_gqa(q, k, v)
+    if window is not None and (not isinstance(window, int) or window < 0):
+        raise ValueError(f"window must be None or an int >= 0, got {window!r}")
+    if keep is not None and window is None:
+        raise ValueError("keep only makes sense with a window (full attention already sees every key)")
+    if keep is not None:
+        _check_keep(keep, q.shape[0], q.shape[1], k.shape[2])
+
+
+def _check_keep(keep, B: int, T: int, Hkv: int) -> None:
+    if not isinstance(keep, torch.Tensor):
+        raise TypeError(f"keep must be None or a tensor, got {type(keep).__name__}")
+    if keep.shape != (B, T, Hkv):
+        raise ValueError(f"keep must be [B, T, Hkv] = [{B}, {T}, {Hkv}], got {tuple(keep.shape)}")
+    if keep.dtype != torch.bool and (keep.is_floating_point() or keep.is_complex()):
+        raise TypeError(f"keep must be bool (kept forever) or integer (visible until), got {keep.dtype}")
+
+
 def _visible_until(keep, T: int, Hkv: int, B: int, device) -> torch.Tensor | None:
     """Normalise `keep` to int64 [B, T, Hkv]: the last query index that may see key j
     (outside the window). None stays None."""
     if keep is None:
         return None
-    if not isinstance(keep, torch.Tensor):
-        raise TypeError(f"keep must be None or a tensor, got {type(keep).__name__}")
-    if keep.shape != (B, T, Hkv):
-        raise ValueError(f"keep must be [B, T, Hkv] = [{B}, {T}, {Hkv}], got {tuple(keep.shape)}")
+    _check_keep(keep, B, T, Hkv)
     if keep.dtype == torch.bool:
         return torch.where(keep, KEEP_FOREVER, -1).to(device=device, dtype=torch.int64)
-    if keep.is_floating_point() or keep.is_complex():
-        raise TypeError(f"keep must be bool (kept forever) or integer (visible until), got {keep.dtype}")
     return keep.to(device=device, dtype=torch.int64)
 
 
@@ -246,11 +261,7 @@ def attention(q, k, v, window=None, keep=None, scale=None):
         o_i = sum_j softmax_j(scale q_i . k_j | j visible to i) v_j,  scale = D ** -0.5 by default.
     Returns o [B, T, H, D] in q's dtype; the math is float32 on a dense mask (a reference, O(T^2)).
     """
-    _check_gqa(q, k, v)
-    if window is not None and (not isinstance(window, int) or window < 0):
-        raise ValueError(f"window must be None or an int >= 0, got {window!r}")
-    if keep is not None and window is None:
-        raise ValueError("keep only makes sense with a window (full attention already sees every key)")
+    _check_attention(q, k, v, window, keep)
     B, T, H, D = q.shape
     Hkv = k.shape[2]
     scale = D ** -0.5 if scale is None else scale
@@ -263,6 +274,22 @@ def attention(q, k, v, window=None, keep=None, scale=None):
     return o.transpose(1, 2).to(q.dtype)
 
 
+def _check_decode(q, k_cache, v_cache, valid) -> None:
+    """Argument checks of `attention_decode`, shared with its Triton twin."""
+    _check_tensor("q", q, 3)
+    _check_tensor("k_cache", k_cache, 4)
+    _check_tensor("v_cache", v_cache, 4)
+    B, H, D = q.shape
+    S, Hkv = k_cache.shape[1], k_cache.shape[2]
+    if k_cache.shape != (B, S, Hkv, D) or v_cache.shape != k_cache.shape or H % Hkv:
+        raise ValueError(f"k_cache and v_cache must be [B, S, Hkv, D] with H % Hkv == 0; got q "
+                         f"{tuple(q.shape)}, k_cache {tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}")
+    if valid is not None and (not isinstance(valid, torch.Tensor) or valid.shape != (B, S, Hkv)
+                              or valid.dtype != torch.bool):
+        got = f"{valid.dtype} {tuple(valid.shape)}" if isinstance(valid, torch.Tensor) else type(valid).__name__
+        raise ValueError(f"valid must be bool [B, S, Hkv] = [{B}, {S}, {Hkv}], got {got}")
+
+
 def attention_decode(q, k_cache, v_cache, valid=None, scale=None):
     """One new query per sequence against a cache of key/value slots (the decoding step).
 
@@ -272,23 +299,15 @@ def attention_decode(q, k_cache, v_cache, valid=None, scale=None):
         o = sum_s softmax_s(scale q . k_s | valid_s) v_s
     Returns o [B, H, D] in q's dtype.
     """
-    _check_tensor("q", q, 3)
-    _check_tensor("k_cache", k_cache, 4)
-    _check_tensor("v_cache", v_cache, 4)
+    _check_decode(q, k_cache, v_cache, valid)
     B, H, D = q.shape
-    S, Hkv = k_cache.shape[1], k_cache.shape[2]
-    if k_cache.shape != (B, S, Hkv, D) or v_cache.shape != k_cache.shape or H % Hkv:
-        raise ValueError(f"k_cache and v_cache must be [B, S, Hkv, D] with H % Hkv == 0; got q "
-                         f"{tuple(q.shape)}, k_cache {tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}")
+    Hkv = k_cache.shape[2]
     scale = D ** -0.5 if scale is None else scale
     G = H // Hkv
     kf = _repeat_kv(k_cache, G).float()                                          # [B, S, H, D]
     vf = _repeat_kv(v_cache, G).float()
     scores = torch.einsum("bhd,bshd->bhs", q.float(), kf) * scale                # [B, H, S]
     if valid is not None:
-        if valid.shape != (B, S, Hkv) or valid.dtype != torch.bool:
-            raise ValueError(f"valid must be bool [B, S, Hkv] = [{B}, {S}, {Hkv}], got "
-                             f"{valid.dtype} {tuple(valid.shape)}")
         scores = scores.masked_fill(~_repeat_kv(valid[..., None], G)[..., 0].transpose(1, 2), float("-inf"))
     return torch.einsum("bhs,bshd->bhd", scores.softmax(dim=-1), vf).to(q.dtype)
 

