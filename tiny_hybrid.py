@@ -110,6 +110,7 @@ def gated_delta_rule_recurrent(q, k, v, g, beta, scale=None, initial_state=None)
     _check_gdn(q, k, v, g, beta, initial_state)
     B, T, H, K = k.shape
     scale = K ** -0.5 if scale is None else scale
+    out_dtype = v.dtype
     q, k, v, g, beta = (x.float() for x in (q, k, v, g, beta))
     S = q.new_zeros(B, H, K, v.shape[3]) if initial_state is None else initial_state.float()
     outputs = []
@@ -120,7 +121,7 @@ def gated_delta_rule_recurrent(q, k, v, g, beta, scale=None, initial_state=None)
         S = S + k_t[..., None] * u_t[..., None, :]                      # rank-1 update
         outputs.append(torch.einsum("bhk,bhkv->bhv", q[:, t] * scale, S))
     o = torch.stack(outputs, dim=1) if T else v.new_zeros(B, 0, H, v.shape[3])
-    return o.to(v.dtype if v.is_floating_point() else torch.float32), S
+    return o.to(out_dtype), S
 
 
 def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, chunk_size=64):
@@ -138,9 +139,12 @@ def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, chunk_siz
     Only step 5 runs sequentially over chunks; everything else is batched matrix algebra.
     """
     _check_gdn(q, k, v, g, beta, initial_state)
-    if not isinstance(chunk_size, int) or chunk_size < 1:
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     B, T, H, K = k.shape
+    if T == 0:                                             # nothing to do: the state passes through
+        S = k.new_zeros(B, H, K, v.shape[3], dtype=torch.float32) if initial_state is None else initial_state.float()
+        return v.new_zeros(B, 0, H, v.shape[3]), S
     Vd = v.shape[3]
     L = chunk_size
     scale = K ** -0.5 if scale is None else scale
@@ -320,6 +324,8 @@ def nsa_compress(x, block: int):
     The trailing incomplete block is left out: no query may read a summary of tokens it has not
     seen, and a block is complete only once its last token exists."""
     _check_tensor("x", x, 4)
+    if not isinstance(block, int) or block < 1:
+        raise ValueError(f"block must be a positive int, got {block!r}")
     B, T, Hkv, D = x.shape
     n = T // block
     return x[:, : n * block].reshape(B, n, block, Hkv, D).mean(dim=2)          # [B, n, Hkv, D]
@@ -466,18 +472,18 @@ def lte_visible_until(scores, window: int, sink: int, buffer: int):
     until[:, :sink] = KEEP_FOREVER
     buf_score = torch.full((B, Hkv, buffer), float("-inf"), device=scores.device)
     buf_pos = torch.full((B, Hkv, buffer), -1, dtype=torch.int64, device=scores.device)
+    if buffer == 0:
+        return until, buf_score, buf_pos
     flat = until.view(B, T * Hkv)                                               # [B, T * Hkv]
     heads = torch.arange(Hkv, device=scores.device)
     for j in range(sink, max(sink, T - window - 1)):       # token j leaves when query j + w + 1 comes
-        if buffer == 0:
-            break
         entered, evicted, _ = lte_buffer_push(buf_score, buf_pos, scores[:, j].float(), j)
         now = j + window + 1                                                    # the arriving query
         until[:, j] = torch.where(entered, KEEP_FOREVER, -1)
-        # an evicted token was visible up to the query before `now`
-        target = torch.where(evicted >= 0, evicted * Hkv + heads, 0)
-        old = flat.gather(1, target)
-        flat.scatter_(1, target, torch.where(evicted >= 0, now - 1, old))
+        # an evicted token was visible up to the query before `now`; heads that evicted nothing
+        # write KEEP_FOREVER through a min, which changes nothing (no colliding writes)
+        target = evicted.clamp(min=0) * Hkv + heads
+        flat.scatter_reduce_(1, target, torch.where(evicted >= 0, now - 1, KEEP_FOREVER), reduce="amin")
     return until, buf_score, buf_pos
 
 
@@ -799,7 +805,9 @@ class LTEAttention(_AttentionBase):
         else:
             keep, buf_score, buf_pos = lte_visible_until(r.detach(), self.window, self.sink, self.buffer)
         if self.training:
-            self.last_kept = (r[:, self.sink:] > 0).float().sum(dim=1).mean(dim=0).detach()   # [Hkv]
+            # retained tokens that leave the window (the ones the buffer b must hold), per sequence
+            leaving = r[:, self.sink: max(self.sink, T - self.window - 1)]
+            self.last_kept = (leaving > 0).float().sum(dim=1).mean(dim=0).detach()   # [Hkv]
             self.last_penalty = (self.lam * F.relu(r).mean(dim=(0, 1))).sum()
             v = v + v * (r - r.detach()).to(v.dtype)[..., None]   # straight-through: exactly v forward
         o = _op(self.config, "attention")(q, k, v, window=self.window, keep=keep)
@@ -903,8 +911,13 @@ class LTEAttention(_AttentionBase):
             buf.scatter_(1, idx, new)
 
     def state_size(self, T: int) -> int:
-        held = min(T, self.sink) + min(T, self.window + 1) + min(T, self.buffer)
-        return held * self.n_kv_head * (2 * self.head_dim + 1)   # keys, values, one score each
+        """Numbers held per sequence after T tokens: keys and values of the tokens held (sinks,
+        window, buffer: at most s + w + 1 + b), a score per window / buffer token, and the last
+        2 reach + 1 router inputs."""
+        held = min(T, self.sink + self.window + 1 + self.buffer)
+        scored = min(T, self.window + 1 + self.buffer)
+        router = min(T, 2 * self.router.reach + 1) * 2 * self.head_dim
+        return self.n_kv_head * (held * 2 * self.head_dim + scored + router)
 
 
 class NativeSparseAttention(_AttentionBase):
@@ -955,7 +968,7 @@ class NativeSparseAttention(_AttentionBase):
             state["v_cmp"] = torch.cat([state["v_cmp"], state["v"][:, -l:].mean(dim=1, keepdim=True)], dim=1)
         state["pos"] = t + 1
         K, Vc, Kc, VC = (state[n].to(q.dtype) for n in ("k", "v", "k_cmp", "v_cmp"))
-        o_cmp, lse = nsa_compressed_attention(q, Kc, VC, l, offset=t)
+        o_cmp, lse = _op(self.config, "nsa_compressed_attention")(q, Kc, VC, l, offset=t)
         scores = nsa_block_scores(q, Kc, lse, l, offset=t)
         block_idx = nsa_select_blocks(scores, l, self.top_n, self.n_recent, offset=t)[:, 0]   # [B, Hkv, n]
         o_slc = self._selected_step(q[:, 0], K, Vc, block_idx, t)
@@ -1047,18 +1060,27 @@ class Config:
         self.gdn_head_dim = self.gdn_head_dim or self.head_dim
         self.mlp_hidden = self.mlp_hidden or 32 * math.ceil(8 * self.d_model / 3 / 32)
         self.lte_kernel_sizes, self.lte_dilations = tuple(self.lte_kernel_sizes), tuple(self.lte_dilations)
-        for name in ("vocab_size", "n_layer", "d_model", "n_head", "n_kv_head", "head_dim", "gdn_conv_size",
-                     "gdn_chunk_size", "nsa_block", "nsa_topn"):
+        is_int = lambda value: isinstance(value, int) and not isinstance(value, bool)
+        for name in ("vocab_size", "n_layer", "d_model", "n_head", "n_kv_head", "head_dim", "gdn_heads",
+                     "gdn_head_dim", "gdn_conv_size", "gdn_chunk_size", "nsa_block", "nsa_topn",
+                     "lte_lambda_every"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         for name in ("window", "lte_sink", "lte_buffer", "nsa_recent"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
+            if not is_int(value) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        if self.nsa_window is not None and (not is_int(self.nsa_window) or self.nsa_window < 0):
+            raise ValueError(f"nsa_window must be None or an int >= 0, got {self.nsa_window!r}")
+        if not 0 <= self.lte_dropout < 1:
+            raise ValueError(f"lte_dropout must be in [0, 1), got {self.lte_dropout!r}")
+        if not 0 < self.lte_lambda_min <= self.lte_lambda_max:
+            raise ValueError(f"need 0 < lte_lambda_min <= lte_lambda_max, got {self.lte_lambda_min!r}, "
+                             f"{self.lte_lambda_max!r}")
         if self.n_head % self.n_kv_head:
             raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
-        if self.head_dim % 2 or self.gdn_head_dim < 1:
+        if self.head_dim % 2:
             raise ValueError(f"head_dim must be even (RoPE rotates pairs), got {self.head_dim}")
         if len(self.layers) != self.n_layer:
             raise ValueError(f"layers has {len(self.layers)} entries but n_layer is {self.n_layer}")
@@ -1162,6 +1184,10 @@ class TinyHybrid(nn.Module):
         self._check_idx(idx, check_range=not (state is not None and idx.shape[1] == 1 and idx.is_cuda))
         if state is not None and len(state) != len(self.blocks):
             raise ValueError(f"state must come from init_state ({len(self.blocks)} layers), got {len(state)}")
+        if state is not None:
+            held = next((t.shape[0] for t in state[0].values() if isinstance(t, torch.Tensor)), idx.shape[0])
+            if held != idx.shape[0]:
+                raise ValueError(f"state was made for batch size {held}, idx has batch size {idx.shape[0]}")
         x = self.wte(idx)
         for i, block in enumerate(self.blocks):
             x = block(x, None if state is None else state[i])
@@ -1220,19 +1246,24 @@ class TinyHybrid(nn.Module):
         """Prefill idx [B, T] once, then decode max_new_tokens one at a time (no recomputation of
         the past). temperature 0 is greedy. Returns [B, T + max_new_tokens]."""
         self._check_idx(idx)
-        if max_new_tokens < 0 or temperature < 0:
-            raise ValueError(f"max_new_tokens and temperature must be >= 0, got {max_new_tokens}, {temperature}")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0 or temperature < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0 and temperature >= 0, got "
+                             f"{max_new_tokens!r}, {temperature!r}")
+        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
         was_training = self.training
         self.eval()
-        state = self.init_state(idx.shape[0])
-        logits, _ = self(idx, state=state)
-        out = [idx]
-        for step in range(max_new_tokens):
-            nxt = self._sample(logits[:, -1].float(), temperature, top_k, generator)   # [B, 1]
-            out.append(nxt)
-            if step + 1 < max_new_tokens:
-                logits, _ = self(nxt, state=state)
-        self.train(was_training)
+        try:
+            state = self.init_state(idx.shape[0])
+            logits, _ = self(idx, state=state)
+            out = [idx]
+            for step in range(max_new_tokens):
+                nxt = self._sample(logits[:, -1].float(), temperature, top_k, generator)   # [B, 1]
+                out.append(nxt)
+                if step + 1 < max_new_tokens:
+                    logits, _ = self(nxt, state=state)
+        finally:
+            self.train(was_training)
         return torch.cat(out, dim=1)
 
     @staticmethod
