@@ -2,6 +2,7 @@
 
     attention(q, k, v, window=None, keep=None, scale=None)         full causal / SWA / LTE, fwd + bwd
     attention_decode(q, k_cache, v_cache, valid=None, scale=None)  one decoding step (split-K)
+    nsa_compressed_attention, nsa_block_scores, nsa_selected_attention   NSA's branches (section NSA)
 
 Each returns what its twin in tiny_hybrid.py returns, and raises the same errors on bad input.
 `python kernels.py` checks every kernel against the reference, then prints a benchmark table
@@ -1842,8 +1843,759 @@ def check_gdn_passes() -> bool:
     return ok
 
 
-CHECKS = [check_attention, check_attention_decode, check_gdn_passes]  # each returns True when all its cases pass
-BENCHES = [bench_attention, bench_attention_decode, bench_gdn]
+# =============================================================================================
+# Native Sparse Attention: the compressed and the selected branch (the window branch is `attention`)
+# =============================================================================================
+# Rows of a program are (token, query head) pairs: the G query heads of one KV group for
+# TQ = BLOCK_M // G consecutive tokens, so that one K/V tile serves G * TQ query rows (NSA's point:
+# the heads of a group share their blocks) and the M side of every dot is >= 16 even for G = 1.
+#
+#   compressed   forward and dQ: one program per (token tile, batch * KV head), over the complete
+#                blocks n < (p + 1) // l of each row's position p. dKc, dVc: one program per
+#                (tile of compressed blocks, chunk of tokens, batch * KV head) writing float32
+#                partials that the host sums: only T / l compressed keys, so without the token
+#                chunks the grid would be a few dozen programs.
+#   block scores one program per (token tile, tile of blocks, batch * KV head), looping over the G
+#                heads: sum_g exp(s - lse) without the [B, T, H, Nc] float32 logits of the reference
+#                (2 GB at the benchmark's T = 16K). Top-n selection stays the reference
+#                `nsa_select_blocks` (torch.sort over [B, T, Hkv, Nc], no [B, T, H, *] tensor, and
+#                its exact tie rule comes for free); measure it with `bench_nsa`'s breakdown.
+#   selected     forward and dQ: one program per (token tile, batch * KV head) visits the union of
+#                its tokens' selected blocks (listed by the host, _nsa_tile_union), each block once;
+#                a row sees a block's keys only if its own token selected it (and causally).
+#                dK, dV: the selection inverted into one list per (batch, KV head, block) of the
+#                tokens that chose it (a stable sort on the device, no host sync); one program per
+#                (block, piece of its list) walks it.
+# Decoding (one query at position t) uses `nsa_compressed_attention(..., offset=t)` and
+# `nsa_block_scores(..., offset=t)` from here; the selected branch gathers the n l selected tokens
+# of the cache and calls `attention_decode` (split-K) through the same switch (tiny_hybrid's
+# NativeSparseAttention._selected_step): one query per KV group is too little work for the tiles
+# above.
+
+LN2 = 0.6931471805599453
+
+# Not tuned on a GPU yet (written without one): M = 16 rows is one token's 16 heads at the paper's
+# G = 16, the smallest tile the tensor cores take. `python kernels.py` prints a breakdown to tune by.
+NSA_GPU_BLOCKS = {
+    "cmp":      dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+    "cmp_dkdv": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+    "scores":   dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+    "slc":      dict(BLOCK_M=16, num_warps=4, num_stages=1),
+    "slc_dkdv": dict(BLOCK_M=64, num_warps=4, num_stages=2),
+}
+# The interpreter pays per program and per call of a jit helper, hardly per element: big row tiles.
+NSA_INTERPRETER_BLOCKS = {name: dict(BLOCK_M=64, BLOCK_N=16) for name in NSA_GPU_BLOCKS}
+
+
+def _nsa_blocks(kernel: str, G: int, block: int | None = None) -> dict:
+    """Launch parameters of one NSA kernel: BLOCK_M rows hold at least one token's G heads;
+    for the selected branch BLOCK_N covers one block of l keys (16..64 keys a tile)."""
+    cfg = dict((NSA_INTERPRETER_BLOCKS if INTERPRET else NSA_GPU_BLOCKS)[kernel])
+    if kernel != "scores":  # the scores kernel's rows are tokens, one head at a time
+        cfg["BLOCK_M"] = max(cfg["BLOCK_M"], triton.next_power_of_2(G))
+    if block is not None:
+        cfg["BLOCK_N"] = min(64, max(16, triton.next_power_of_2(block)))
+    return cfg
+
+
+# --- checks -----------------------------------------------------------------------------------
+
+def _check_block(block) -> None:
+    if not isinstance(block, int) or isinstance(block, bool) or block < 1:
+        raise ValueError(f"block must be a positive int, got {block!r}")
+
+
+def _check_nsa_compressed_args(q, k_cmp, v_cmp, block, offset) -> None:
+    """q [B, T, H, D]; k_cmp, v_cmp [B, Nc, Hkv, D] with H % Hkv == 0; block >= 1; offset >= 0."""
+    for name, x in (("q", q), ("k_cmp", k_cmp), ("v_cmp", v_cmp)):
+        _check_tensor(name, x, 4)
+    if k_cmp.shape != v_cmp.shape:
+        raise ValueError(f"k_cmp and v_cmp must have the same shape, got {tuple(k_cmp.shape)} and "
+                         f"{tuple(v_cmp.shape)}")
+    if q.shape[0] != k_cmp.shape[0] or q.shape[3] != k_cmp.shape[3] or q.shape[2] % max(k_cmp.shape[2], 1):
+        raise ValueError(f"q {tuple(q.shape)} and k_cmp {tuple(k_cmp.shape)} must agree on B and D, and "
+                         f"the query heads must be a multiple of the key/value heads")
+    _check_block(block)
+    if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+        raise ValueError(f"offset must be an int >= 0, got {offset!r}")
+    _check_kernel_limits(q, (q, k_cmp, v_cmp))
+
+
+def _check_nsa_selected_args(q, k, v, block_idx, block) -> None:
+    tiny_hybrid._check_gqa(q, k, v)
+    _check_tensor("block_idx", block_idx, 4, floating=False)
+    B, T, Hkv = k.shape[:3]
+    if block_idx.shape[:3] != (B, T, Hkv) or block_idx.is_floating_point() or block_idx.dtype == torch.bool:
+        raise ValueError(f"block_idx must be integer [B, T, Hkv, n] = [{B}, {T}, {Hkv}, n], got "
+                         f"{block_idx.dtype} {tuple(block_idx.shape)}")
+    _check_block(block)
+    _check_kernel_limits(q, (q, k, v, block_idx))
+
+
+# --- jit helpers ------------------------------------------------------------------------------
+
+@triton.jit
+def _tile_rows(t0, t_end, G, BLOCK_M: tl.constexpr):
+    """Rows of a (token, query head) tile: row r is head r % G of the group, token t0 + r // G,
+    for the BLOCK_M // G tokens from t0 (rows past them, or at tokens >= t_end, are not ok).
+    Returns token [BLOCK_M], head in the group [BLOCK_M], ok [BLOCK_M]."""
+    r = tl.arange(0, BLOCK_M)
+    tok = t0 + r // G
+    return tok, r % G, (r < (BLOCK_M // G) * G) & (tok < t_end)
+
+
+@triton.jit
+def _n_complete(tok, offset, block, Nc):
+    """Complete compressed blocks for the query at position offset + tok: (p + 1) // l, at most Nc."""
+    return tl.minimum((offset + tok + 1) // block, Nc)
+
+
+@triton.jit
+def _tile_selection(BI, b, tok, ok, T, Hkv, hkv, n_sel, BLOCK_S: tl.constexpr):
+    """Each row's selected blocks, read from BI [B, T, Hkv, n] (int32): [BLOCK_M, BLOCK_S], -1 past
+    n and on rows that are not ok."""
+    offs_s = tl.arange(0, BLOCK_S)
+    rows = ((b * T + tok).to(tl.int64) * Hkv + hkv) * n_sel                  # [BLOCK_M]
+    return tl.load(BI + rows[:, None] + offs_s[None, :], mask=ok[:, None] & (offs_s[None, :] < n_sel),
+                   other=-1)
+
+
+# --- compressed attention ---------------------------------------------------------------------
+
+@triton.jit
+def _nsa_cmp_fwd_kernel(Q, KC, VC, O, LSE, T, Nc, H, Hkv, block, offset, qk_scale,
+                        G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """One program per (token tile, batch * KV head). Q, O [B, T, H, D]; KC, VC [B, Nc, Hkv, D].
+    Writes O (0 on rows with no complete block) and LSE [B, H, T] in base 2 (-inf on those rows)."""
+    t0 = tl.program_id(0) * (BLOCK_M // G)
+    b = tl.program_id(1) // Hkv
+    hkv = tl.program_id(1) % Hkv
+    tok, g, ok = _tile_rows(t0, T, G, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_off = (b.to(tl.int64) * T * H + hkv * G) * D            # row (t, g) at (t * H + g) * D from here
+    kc_off = (b.to(tl.int64) * Nc * Hkv + hkv) * D
+    q = _load_rows(Q + q_off, tok * H + g, ok, D, offs_d, D)                # [BLOCK_M, BLOCK_D]
+    n_seen = tl.where(ok, _n_complete(tok, offset, block, Nc), 0)           # [BLOCK_M]
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], NEG_INF, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for n0 in range(0, tl.max(n_seen, 0), BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        kc = _load_rows(KC + kc_off, offs_n, offs_n < Nc, Hkv * D, offs_d, D)
+        vc = _load_rows(VC + kc_off, offs_n, offs_n < Nc, Hkv * D, offs_d, D)
+        s = _mm(q, tl.trans(kc), PRECISION) * qk_scale
+        s = tl.where(offs_n[None, :] < n_seen[:, None], s, NEG_INF)
+        acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, vc, PRECISION)
+
+    seen = l_i > 0
+    o = acc / tl.where(seen, l_i, 1.0)[:, None]               # nothing to attend to: o = 0
+    _store_rows(O + q_off, o, tok * H + g, ok, D, offs_d, D)
+    lse_off = (b.to(tl.int64) * H + hkv * G) * T               # row (t, g) at g * T + t from here
+    lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), NEG_INF)
+    tl.store(LSE + lse_off + g * T + tok, lse, mask=ok)
+
+
+@triton.jit
+def _nsa_cmp_bwd_dq_kernel(Q, KC, VC, DO, LSE, DELTA, DQ, T, Nc, H, Hkv, block, offset, qk_scale,
+                           scale, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """DQ [B, T, H, D]: the forward's walk, with P recomputed from LSE, DELTA [B, H, T]."""
+    t0 = tl.program_id(0) * (BLOCK_M // G)
+    b = tl.program_id(1) // Hkv
+    hkv = tl.program_id(1) % Hkv
+    tok, g, ok = _tile_rows(t0, T, G, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_off = (b.to(tl.int64) * T * H + hkv * G) * D
+    kc_off = (b.to(tl.int64) * Nc * Hkv + hkv) * D
+    lse_off = (b.to(tl.int64) * H + hkv * G) * T
+    q = _load_rows(Q + q_off, tok * H + g, ok, D, offs_d, D)
+    do = _load_rows(DO + q_off, tok * H + g, ok, D, offs_d, D)
+    lse = tl.load(LSE + lse_off + g * T + tok, mask=ok, other=0.0)
+    delta = tl.load(DELTA + lse_off + g * T + tok, mask=ok, other=0.0)
+    n_seen = tl.where(ok, _n_complete(tok, offset, block, Nc), 0)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for n0 in range(0, tl.max(n_seen, 0), BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        kc = _load_rows(KC + kc_off, offs_n, offs_n < Nc, Hkv * D, offs_d, D)
+        vc = _load_rows(VC + kc_off, offs_n, offs_n < Nc, Hkv * D, offs_d, D)
+        visible = offs_n[None, :] < n_seen[:, None]
+        dq = _dq_update(dq, q, do, kc, vc, lse, delta, visible, qk_scale, True, PRECISION)
+    _store_rows(DQ + q_off, dq * scale, tok * H + g, ok, D, offs_d, D)
+
+
+@triton.jit
+def _nsa_cmp_bwd_dkdv_kernel(Q, KC, VC, DO, LSE, DELTA, DKC, DVC, T, Nc, H, Hkv, block, offset,
+                             tokens_per_chunk, qk_scale, scale, G: tl.constexpr, D: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                             PRECISION: tl.constexpr):
+    """One program per (tile of compressed blocks, chunk of tokens, batch * KV head): the part of
+    dKc, dVc that comes from the chunk's queries (all G heads). Writes float32 partials
+    DKC, DVC [n_chunks, B, Nc, Hkv, D]; the host sums over the chunks."""
+    n0 = tl.program_id(0) * BLOCK_N
+    chunk = tl.program_id(1)
+    b = tl.program_id(2) // Hkv
+    hkv = tl.program_id(2) % Hkv
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    kc_off = (b.to(tl.int64) * Nc * Hkv + hkv) * D
+    kc = _load_rows(KC + kc_off, offs_n, offs_n < Nc, Hkv * D, offs_d, D)
+    vc = _load_rows(VC + kc_off, offs_n, offs_n < Nc, Hkv * D, offs_d, D)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    q_off = (b.to(tl.int64) * T * H + hkv * G) * D
+    lse_off = (b.to(tl.int64) * H + hkv * G) * T
+
+    # Block n0 is complete from position (n0 + 1) l - 1 on: earlier tokens see none of the tile.
+    t_lo = tl.maximum(chunk * tokens_per_chunk, (n0 + 1) * block - 1 - offset)
+    t_hi = tl.minimum((chunk + 1) * tokens_per_chunk, T)
+    for t0 in range(t_lo, t_hi, BLOCK_M // G):
+        tok, g, ok = _tile_rows(t0, t_hi, G, BLOCK_M)
+        q = _load_rows(Q + q_off, tok * H + g, ok, D, offs_d, D)
+        do = _load_rows(DO + q_off, tok * H + g, ok, D, offs_d, D)
+        lse = tl.load(LSE + lse_off + g * T + tok, mask=ok, other=0.0)
+        delta = tl.load(DELTA + lse_off + g * T + tok, mask=ok, other=0.0)
+        n_seen = tl.where(ok, _n_complete(tok, offset, block, Nc), 0)
+        visible = offs_n[:, None] < n_seen[None, :]                              # [BLOCK_N, BLOCK_M]
+        dk, dv = _dkdv_update(dk, dv, q, do, kc, vc, lse, delta, visible, qk_scale, True, PRECISION)
+
+    part_off = ((chunk * (tl.num_programs(2) // Hkv) + b).to(tl.int64) * Nc * Hkv + hkv) * D
+    _store_rows(DKC + part_off, dk * scale, offs_n, offs_n < Nc, Hkv * D, offs_d, D)
+    _store_rows(DVC + part_off, dv, offs_n, offs_n < Nc, Hkv * D, offs_d, D)
+
+
+def _nsa_delta(o, do, dlse=None):
+    """DELTA [B, H, T] float32 = rowsum(O * dO) - dLSE: the softmax backward's correction term. A
+    gradient of the log-sum-exp adds dLSE_i p_ij to dS_ij, i.e. it only shifts DELTA."""
+    B, T, H, D = o.shape
+    delta = torch.empty(B, H, T, dtype=torch.float32, device=o.device)
+    _attn_bwd_delta_kernel[(triton.cdiv(T, 64), B * H)](o, do, delta, T, H, D=D, BLOCK_M=64, BLOCK_D=_block_d(D))
+    if dlse is not None:  # [B, H, T]; rows with lse = -inf see nothing, their gradient does not count
+        delta -= torch.nan_to_num(dlse.float(), posinf=0.0, neginf=0.0)
+    # A row that sees no key has o = NaN (selected branch): DELTA 0 keeps its p = 0 from making dS NaN.
+    return torch.nan_to_num_(delta)
+
+
+def _nsa_token_chunks(T: int, programs: int, tokens_per_step: int) -> int:
+    """Tokens per chunk of the compressed dKc, dVc kernel: enough chunks to fill the GPU (~2
+    programs per SM of an H100), each a whole number of token steps."""
+    n_chunks = 2 if INTERPRET else max(1, triton.cdiv(264, programs))
+    per_chunk = triton.cdiv(triton.cdiv(T, n_chunks), tokens_per_step) * tokens_per_step
+    return max(per_chunk, tokens_per_step)
+
+
+class _NSACompressedAttention(torch.autograd.Function):
+    """q [B, T, H, D], k_cmp, v_cmp [B, Nc, Hkv, D] contiguous, one dtype, Nc >= 1. Returns
+    (o, lse [B, H, T] natural log); both differentiable. Saves the base-2 LSE for the backward."""
+
+    @staticmethod
+    def forward(ctx, q, k_cmp, v_cmp, block, offset, scale):
+        B, T, H, D = q.shape
+        Nc, Hkv = k_cmp.shape[1], k_cmp.shape[2]
+        G = H // Hkv
+        o = torch.empty_like(q)
+        lse2 = torch.empty(B, H, T, dtype=torch.float32, device=q.device)      # base 2
+        cfg = _nsa_blocks("cmp", G)
+        _nsa_cmp_fwd_kernel[(triton.cdiv(T, cfg["BLOCK_M"] // G), B * Hkv)](
+            q, k_cmp, v_cmp, o, lse2, T, Nc, H, Hkv, block, offset, scale * LOG2E, G=G, D=D,
+            BLOCK_D=_block_d(D), PRECISION=_dot_precision(q.dtype), **cfg)
+        ctx.save_for_backward(q, k_cmp, v_cmp, o, lse2)
+        ctx.block, ctx.offset, ctx.scale = block, offset, scale
+        return o, lse2 * LN2                                                   # natural log, [B, H, T]
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, k_cmp, v_cmp, o, lse2 = ctx.saved_tensors
+        block, offset, scale = ctx.block, ctx.offset, ctx.scale
+        B, T, H, D = q.shape
+        Nc, Hkv = k_cmp.shape[1], k_cmp.shape[2]
+        G = H // Hkv
+        do = do.to(q.dtype).contiguous()
+        delta = _nsa_delta(o, do, dlse)
+        common = dict(G=G, D=D, BLOCK_D=_block_d(D), PRECISION=_dot_precision(q.dtype))
+
+        cfg = _nsa_blocks("cmp_dkdv", G)
+        key_tiles = triton.cdiv(Nc, cfg["BLOCK_N"])
+        per_chunk = _nsa_token_chunks(T, key_tiles * B * Hkv, cfg["BLOCK_M"] // G)
+        n_chunks = triton.cdiv(T, per_chunk)
+        dkc = torch.empty(n_chunks, B, Nc, Hkv, D, dtype=torch.float32, device=q.device)
+        dvc = torch.empty_like(dkc)
+        _nsa_cmp_bwd_dkdv_kernel[(key_tiles, n_chunks, B * Hkv)](
+            q, k_cmp, v_cmp, do, lse2, delta, dkc, dvc, T, Nc, H, Hkv, block, offset, per_chunk,
+            scale * LOG2E, scale, **common, **cfg)
+
+        cfg = _nsa_blocks("cmp", G)
+        dq = torch.empty_like(q)
+        _nsa_cmp_bwd_dq_kernel[(triton.cdiv(T, cfg["BLOCK_M"] // G), B * Hkv)](
+            q, k_cmp, v_cmp, do, lse2, delta, dq, T, Nc, H, Hkv, block, offset, scale * LOG2E, scale,
+            **common, **cfg)
+        return dq, dkc.sum(0).to(k_cmp.dtype), dvc.sum(0).to(v_cmp.dtype), None, None, None
+
+
+def nsa_compressed_attention(q, k_cmp, v_cmp, block: int, scale=None, offset: int = 0):
+    """NSA's compressed branch in Triton; same arguments and result as
+    tiny_hybrid.nsa_compressed_attention: q [B, T, H, D] at positions offset .. offset + T - 1,
+    k_cmp, v_cmp [B, Nc, Hkv, D] (mean-pooled blocks of `block` tokens); the query at position p
+    attends to the complete blocks n < (p + 1) // block. Returns (o [B, T, H, D] in q's dtype,
+    lse [B, T, H] float32); o = 0 and lse = -inf where no block is complete. Differentiable in
+    q, k_cmp, v_cmp, through o and lse."""
+    _check_nsa_compressed_args(q, k_cmp, v_cmp, block, offset)
+    B, T, H, D = q.shape
+    scale = D ** -0.5 if scale is None else float(scale)
+    if q.numel() == 0 or k_cmp.shape[1] == 0:  # nothing to attend to; still connected to the graph
+        o = (q * 0 + (k_cmp.sum() + v_cmp.sum()) * 0).to(q.dtype)
+        return o, torch.full((B, T, H), float("-inf"), device=q.device)
+    dtype = _compute_dtype(q, k_cmp, v_cmp)
+    q_, k_, v_ = (x.to(dtype).contiguous() for x in (q, k_cmp, v_cmp))
+    o, lse = _NSACompressedAttention.apply(q_, k_, v_, block, offset, scale)
+    return o.to(q.dtype), lse.transpose(1, 2)                                   # [B, H, T] -> [B, T, H]
+
+
+# --- block scores -----------------------------------------------------------------------------
+
+@triton.jit
+def _nsa_scores_kernel(Q, KC, LSE, S, T, Nc, H, Hkv, block, offset, qk_scale, G: tl.constexpr, D: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                       PRECISION: tl.constexpr):
+    """One program per (tile of BLOCK_M tokens, tile of BLOCK_N compressed blocks, batch * KV head):
+    S [B, T, Hkv, Nc] float32 = sum over the G heads h of the group of exp2(s_h - LSE_h), 0 on blocks
+    not complete yet. Q [B, T, H, D], KC [B, Nc, Hkv, D], LSE [B, T, H] (base 2)."""
+    offs_t = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    b = tl.program_id(2) // Hkv
+    hkv = tl.program_id(2) % Hkv
+    offs_d = tl.arange(0, BLOCK_D)
+    n_seen = tl.where(offs_t < T, _n_complete(offs_t, offset, block, Nc), 0)     # [BLOCK_M]
+    visible = offs_n[None, :] < n_seen[:, None]                                  # [BLOCK_M, BLOCK_N]
+    score = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if tl.program_id(1) * BLOCK_N < tl.max(n_seen, 0):  # else: no block of the tile is complete yet
+        kc = _load_rows(KC + (b.to(tl.int64) * Nc * Hkv + hkv) * D, offs_n, offs_n < Nc, Hkv * D, offs_d, D)
+        for g in range(G):  # the heads in a fixed order: the sum is reproducible
+            h = hkv * G + g
+            q = _load_rows(Q + (b.to(tl.int64) * T * H + h) * D, offs_t, offs_t < T, H * D, offs_d, D)
+            lse = tl.load(LSE + (b.to(tl.int64) * T + offs_t) * H + h, mask=offs_t < T, other=0.0)
+            s = _mm(q, tl.trans(kc), PRECISION) * qk_scale
+            score += tl.where(visible, tl.math.exp2(s - lse[:, None]), 0.0)
+    ptrs = S + ((b.to(tl.int64) * T + offs_t) * Hkv + hkv)[:, None] * Nc + offs_n[None, :]
+    tl.store(ptrs, score, mask=(offs_t < T)[:, None] & (offs_n < Nc)[None, :])
+
+
+def nsa_block_scores(q, k_cmp, lse, block: int, scale=None, offset: int = 0):
+    """tiny_hybrid.nsa_block_scores in Triton: the compressed attention probabilities summed over the
+    query heads of each KV group. q [B, T, H, D], k_cmp [B, Nc, Hkv, D], lse [B, T, H] (natural log,
+    from nsa_compressed_attention). Returns [B, T, Hkv, Nc] float32; no gradient."""
+    _check_nsa_compressed_args(q, k_cmp, k_cmp, block, offset)
+    _check_tensor("lse", lse, 3)
+    B, T, H, D = q.shape
+    Nc, Hkv = k_cmp.shape[1], k_cmp.shape[2]
+    if lse.shape != (B, T, H):
+        raise ValueError(f"lse must be [B, T, H] = [{B}, {T}, {H}], got {tuple(lse.shape)}")
+    scale = D ** -0.5 if scale is None else float(scale)
+    scores = torch.zeros(B, T, Hkv, Nc, dtype=torch.float32, device=q.device)
+    if scores.numel() == 0:
+        return scores
+    with torch.no_grad():
+        dtype = _compute_dtype(q, k_cmp)
+        q_, k_ = (x.detach().to(dtype).contiguous() for x in (q, k_cmp))
+        lse2 = (lse.detach().float() * LOG2E).contiguous()                      # base 2, [B, T, H]
+        cfg = _nsa_blocks("scores", H // Hkv)
+        grid = (triton.cdiv(T, cfg["BLOCK_M"]), triton.cdiv(Nc, cfg["BLOCK_N"]), B * Hkv)
+        _nsa_scores_kernel[grid](q_, k_, lse2, scores, T, Nc, H, Hkv, block, offset, scale * LOG2E, G=H // Hkv, D=D,
+                                 BLOCK_D=_block_d(D), PRECISION=_dot_precision(dtype), **cfg)
+    return scores
+
+
+# --- selected attention -----------------------------------------------------------------------
+
+@triton.jit
+def _nsa_slc_fwd_kernel(Q, K, V, BI, UNION, N_UNION, T, H, Hkv, block, n_sel, union_len, O, LSE, qk_scale,
+                        G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, PRECISION: tl.constexpr):
+    """One program per (token tile, batch * KV head). Q, O [B, T, H, D]; K, V [B, T, Hkv, D];
+    BI [B, T, Hkv, n] int32 (-1: none); UNION [B, Hkv, n_tiles, union_len], N_UNION [B, Hkv, n_tiles]:
+    the blocks the tile's tokens chose, each once (_nsa_tile_union). Row (t, g) sees key j of a
+    visited block c when t chose c and j <= t. Writes O and LSE [B, H, T] (base 2)."""
+    tile = tl.program_id(0)
+    t0 = tile * (BLOCK_M // G)
+    bhk = tl.program_id(1)
+    b = bhk // Hkv
+    hkv = bhk % Hkv
+    tok, g, ok = _tile_rows(t0, T, G, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_off = (b.to(tl.int64) * T * H + hkv * G) * D
+    kv_off = (b.to(tl.int64) * T * Hkv + hkv) * D
+    q = _load_rows(Q + q_off, tok * H + g, ok, D, offs_d, D)
+    sel = _tile_selection(BI, b, tok, ok, T, Hkv, hkv, n_sel, BLOCK_S)           # [BLOCK_M, BLOCK_S]
+    union_id = bhk.to(tl.int64) * tl.num_programs(0) + tile
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], NEG_INF, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for e in range(0, tl.load(N_UNION + union_id)):
+        c = tl.load(UNION + union_id * union_len + e)
+        chose = tl.sum((sel == c).to(tl.int32), 1) > 0                          # [BLOCK_M]
+        j_end = tl.minimum(c * block + block, T)
+        for j0 in range(c * block, j_end, BLOCK_N):  # one tile when l <= 64
+            offs_j = j0 + tl.arange(0, BLOCK_N)
+            k = _load_rows(K + kv_off, offs_j, offs_j < j_end, Hkv * D, offs_d, D)
+            v = _load_rows(V + kv_off, offs_j, offs_j < j_end, Hkv * D, offs_d, D)
+            s = _mm(q, tl.trans(k), PRECISION) * qk_scale
+            visible = chose[:, None] & (offs_j[None, :] <= tok[:, None]) & (offs_j < j_end)[None, :]
+            acc, m_i, l_i = _softmax_update(acc, m_i, l_i, tl.where(visible, s, NEG_INF), v, PRECISION)
+
+    # A row that sees no key gets NaN, as the reference's softmax over nothing does. NaN is made
+    # here as -inf * 0: a NaN global breaks Triton's recompile check (NaN != NaN reads as "changed").
+    seen = l_i > 0
+    o = tl.where(seen[:, None], acc / tl.where(seen, l_i, 1.0)[:, None], NEG_INF * 0.0)
+    _store_rows(O + q_off, o, tok * H + g, ok, D, offs_d, D)
+    lse_off = (b.to(tl.int64) * H + hkv * G) * T
+    lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), NEG_INF)
+    tl.store(LSE + lse_off + g * T + tok, lse, mask=ok)
+
+
+@triton.jit
+def _nsa_slc_bwd_dq_kernel(Q, K, V, BI, UNION, N_UNION, T, H, Hkv, block, n_sel, union_len, DO, LSE,
+                           DELTA, DQ, qk_scale, scale, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+                           PRECISION: tl.constexpr):
+    """DQ [B, T, H, D]: the forward's walk over the tile's blocks, P recomputed from LSE."""
+    tile = tl.program_id(0)
+    t0 = tile * (BLOCK_M // G)
+    bhk = tl.program_id(1)
+    b = bhk // Hkv
+    hkv = bhk % Hkv
+    tok, g, ok = _tile_rows(t0, T, G, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_off = (b.to(tl.int64) * T * H + hkv * G) * D
+    kv_off = (b.to(tl.int64) * T * Hkv + hkv) * D
+    lse_off = (b.to(tl.int64) * H + hkv * G) * T
+    q = _load_rows(Q + q_off, tok * H + g, ok, D, offs_d, D)
+    do = _load_rows(DO + q_off, tok * H + g, ok, D, offs_d, D)
+    lse = tl.load(LSE + lse_off + g * T + tok, mask=ok, other=0.0)
+    delta = tl.load(DELTA + lse_off + g * T + tok, mask=ok, other=0.0)
+    sel = _tile_selection(BI, b, tok, ok, T, Hkv, hkv, n_sel, BLOCK_S)
+    union_id = bhk.to(tl.int64) * tl.num_programs(0) + tile
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for e in range(0, tl.load(N_UNION + union_id)):
+        c = tl.load(UNION + union_id * union_len + e)
+        chose = tl.sum((sel == c).to(tl.int32), 1) > 0
+        j_end = tl.minimum(c * block + block, T)
+        for j0 in range(c * block, j_end, BLOCK_N):
+            offs_j = j0 + tl.arange(0, BLOCK_N)
+            k = _load_rows(K + kv_off, offs_j, offs_j < j_end, Hkv * D, offs_d, D)
+            v = _load_rows(V + kv_off, offs_j, offs_j < j_end, Hkv * D, offs_d, D)
+            visible = chose[:, None] & (offs_j[None, :] <= tok[:, None]) & (offs_j < j_end)[None, :]
+            dq = _dq_update(dq, q, do, k, v, lse, delta, visible, qk_scale, True, PRECISION)
+    _store_rows(DQ + q_off, dq * scale, tok * H + g, ok, D, offs_d, D)
+
+
+@triton.jit
+def _nsa_slc_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, TOKENS, STARTS, T, H, Hkv, block,
+                             n_blocks, tokens_per_piece, qk_scale, scale, G: tl.constexpr, D: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                             PRECISION: tl.constexpr):
+    """One program per (batch * KV head, key block c, piece of its list): the part of DK, DV
+    [B, T, Hkv, D] (float32, zeroed) of the block's keys that comes from the piece's queries, all G
+    heads, BLOCK_M // G tokens at a time. List i = (b Hkv + hkv)(n_blocks + 1) + c holds the tokens
+    that chose c, TOKENS[STARTS[i] : STARTS[i + 1]]. Block 0 is in every token's list: cutting
+    lists into pieces keeps its program from running alone at the end. A list of one piece is
+    stored, the pieces of a longer one are added atomically (their float32 sum order may vary)."""
+    bhk = tl.program_id(0)
+    c = tl.program_id(1)
+    piece = tl.program_id(2)
+    b = bhk // Hkv
+    hkv = bhk % Hkv
+    list_id = bhk.to(tl.int64) * (n_blocks + 1) + c
+    e_first = tl.load(STARTS + list_id)
+    e_last = tl.load(STARTS + list_id + 1)
+    e_lo = e_first + piece * tokens_per_piece
+    e_hi = tl.minimum(e_lo + tokens_per_piece, e_last)
+    if e_lo < e_hi:
+        r = tl.arange(0, BLOCK_M)
+        g = r % G
+        offs_d = tl.arange(0, BLOCK_D)
+        q_off = (b.to(tl.int64) * T * H + hkv * G) * D
+        kv_off = (b.to(tl.int64) * T * Hkv + hkv) * D
+        lse_off = (b.to(tl.int64) * H + hkv * G) * T
+        j_end = tl.minimum(c * block + block, T)
+        for j0 in range(c * block, j_end, BLOCK_N):  # one pass when l <= 64
+            offs_j = j0 + tl.arange(0, BLOCK_N)
+            k = _load_rows(K + kv_off, offs_j, offs_j < j_end, Hkv * D, offs_d, D)
+            v = _load_rows(V + kv_off, offs_j, offs_j < j_end, Hkv * D, offs_d, D)
+            dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+            dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+            for e0 in range(e_lo, e_hi, BLOCK_M // G):
+                ok = (r < (BLOCK_M // G) * G) & (e0 + r // G < e_hi)
+                tok = tl.load(TOKENS + e0 + r // G, mask=ok, other=0)            # [BLOCK_M]
+                q = _load_rows(Q + q_off, tok * H + g, ok, D, offs_d, D)
+                do = _load_rows(DO + q_off, tok * H + g, ok, D, offs_d, D)
+                lse = tl.load(LSE + lse_off + g * T + tok, mask=ok, other=0.0)
+                delta = tl.load(DELTA + lse_off + g * T + tok, mask=ok, other=0.0)
+                visible = (offs_j[:, None] <= tok[None, :]) & ok[None, :]          # [BLOCK_N, BLOCK_M]
+                dk, dv = _dkdv_update(dk, dv, q, do, k, v, lse, delta, visible, qk_scale, True, PRECISION)
+            rows_ok = (offs_j < j_end)[:, None] & (offs_d < D)[None, :]
+            dk_ptrs = DK + kv_off + offs_j[:, None] * (Hkv * D) + offs_d[None, :]
+            dv_ptrs = DV + kv_off + offs_j[:, None] * (Hkv * D) + offs_d[None, :]
+            if e_last - e_first <= tokens_per_piece:
+                tl.store(dk_ptrs, dk * scale, mask=rows_ok)
+                tl.store(dv_ptrs, dv, mask=rows_ok)
+            else:
+                tl.atomic_add(dk_ptrs, dk * scale, mask=rows_ok)
+                tl.atomic_add(dv_ptrs, dv, mask=rows_ok)
+
+
+def _nsa_list_pieces(T: int, tokens_per_step: int) -> int:
+    """Tokens per piece of a block's list in the selected dK, dV kernel: at most 16 pieces (block
+    0's list has all T tokens), at least 256 tokens (fewer would cost more atomics than they save).
+    The interpreter gets short pieces so that the tests cross piece boundaries."""
+    per_piece = 32 if INTERPRET else max(256, triton.cdiv(T, 16))
+    return triton.cdiv(per_piece, tokens_per_step) * tokens_per_step
+
+
+def _nsa_clean_selection(block_idx, n_blocks: int) -> torch.Tensor:
+    """block_idx (any integer dtype) [B, T, Hkv, n] -> int32, each token's blocks sorted, with -1 for
+    duplicates and for indices that hold no key (< 0 or >= n_blocks): the reference ignores both
+    (a key is seen once however often its block is listed)."""
+    idx = torch.where((block_idx >= 0) & (block_idx < n_blocks), block_idx, -1).sort(dim=-1).values
+    repeated = torch.zeros_like(idx, dtype=torch.bool)
+    repeated[..., 1:] = idx[..., 1:] == idx[..., :-1]
+    return idx.masked_fill(repeated, -1).to(torch.int32).contiguous()
+
+
+def _nsa_tile_union(block_idx: torch.Tensor, tokens_per_tile: int, n_blocks: int):
+    """The blocks each tile of tokens_per_tile tokens visits: the union of its tokens' choices.
+
+    block_idx int32 [B, T, Hkv, n] from _nsa_clean_selection. Returns union int32
+    [B, Hkv, n_tiles, tokens_per_tile n] (ascending, then padding) and its length per tile, int32
+    [B, Hkv, n_tiles]. Neighbouring tokens share blocks (block 0 and the recent ones at least), so
+    a tile loads each block once for all its rows."""
+    B, T, Hkv, n = block_idx.shape
+    n_tiles = triton.cdiv(T, tokens_per_tile)
+    x = torch.where(block_idx >= 0, block_idx, n_blocks)                     # none -> n_blocks: sorts last
+    pad = x.new_full((B, n_tiles * tokens_per_tile - T, Hkv, n), n_blocks)
+    x = torch.cat([x, pad], dim=1).view(B, n_tiles, tokens_per_tile, Hkv, n)
+    x = x.permute(0, 3, 1, 2, 4).reshape(B, Hkv, n_tiles, tokens_per_tile * n).sort(dim=-1).values
+    repeated = torch.zeros_like(x, dtype=torch.bool)
+    repeated[..., 1:] = x[..., 1:] == x[..., :-1]
+    x = x.masked_fill(repeated, n_blocks).sort(dim=-1).values
+    return x.to(torch.int32).contiguous(), (x < n_blocks).sum(dim=-1, dtype=torch.int32)
+
+
+def _nsa_block_lists(block_idx: torch.Tensor, n_blocks: int):
+    """Invert the selection: for each (batch, KV head, block c), the tokens that chose c, in order.
+
+    block_idx int32 [B, T, Hkv, n] from _nsa_clean_selection. Returns tokens int32 [B Hkv T n]
+    (the lists one after the other; unused entries last) and starts int32 [B Hkv (n_blocks + 1) + 1]:
+    list (bh, c) is tokens[starts[i] : starts[i + 1]] with i = bh (n_blocks + 1) + c (c = n_blocks
+    collects the -1 entries). A stable sort on the device: no host sync."""
+    B, T, Hkv, n = block_idx.shape
+    per_head = block_idx.permute(0, 2, 1, 3).reshape(B * Hkv, T * n)            # [B, T, Hkv, n] -> [B Hkv, T n]
+    bucket = torch.where(per_head >= 0, per_head, n_blocks).long()
+    bucket += torch.arange(B * Hkv, device=block_idx.device)[:, None] * (n_blocks + 1)
+    sorted_bucket, entry = bucket.flatten().sort(stable=True)                   # token order kept per list
+    tokens = ((entry % (T * n)) // n).to(torch.int32)
+    bounds = torch.arange(B * Hkv * (n_blocks + 1) + 1, device=block_idx.device)
+    starts = torch.searchsorted(sorted_bucket, bounds).to(torch.int32)
+    return tokens, starts
+
+
+class _NSASelectedAttention(torch.autograd.Function):
+    """q [B, T, H, D], k, v [B, T, Hkv, D] contiguous, one dtype; block_idx from
+    _nsa_clean_selection. Saves the base-2 LSE [B, H, T] for the backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, block_idx, block, scale):
+        B, T, H, D = q.shape
+        Hkv, n_sel = k.shape[2], block_idx.shape[3]
+        G = H // Hkv
+        cfg = _nsa_blocks("slc", G, block)
+        n_blocks = triton.cdiv(T, block)
+        union, n_union = _nsa_tile_union(block_idx, cfg["BLOCK_M"] // G, n_blocks)
+        o = torch.empty_like(q)
+        lse2 = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
+        _nsa_slc_fwd_kernel[(union.shape[2], B * Hkv)](
+            q, k, v, block_idx, union, n_union, T, H, Hkv, block, n_sel, union.shape[3], o, lse2,
+            scale * LOG2E, G=G, D=D, BLOCK_D=_block_d(D), BLOCK_S=max(2, triton.next_power_of_2(n_sel)),
+            PRECISION=_dot_precision(q.dtype), **cfg)
+        ctx.save_for_backward(q, k, v, block_idx, union, n_union, o, lse2)
+        ctx.block, ctx.scale = block, scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, block_idx, union, n_union, o, lse2 = ctx.saved_tensors
+        block, scale = ctx.block, ctx.scale
+        B, T, H, D = q.shape
+        Hkv, n_sel = k.shape[2], block_idx.shape[3]
+        G = H // Hkv
+        do = do.to(q.dtype).contiguous()
+        delta = _nsa_delta(o, do)
+        common = dict(G=G, D=D, BLOCK_D=_block_d(D), PRECISION=_dot_precision(q.dtype))
+
+        n_blocks = triton.cdiv(T, block)
+        tokens, starts = _nsa_block_lists(block_idx, n_blocks)
+        dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)     # keys nobody chose: 0
+        dv = torch.zeros_like(dk)
+        cfg = _nsa_blocks("slc_dkdv", G, block)
+        per_piece = _nsa_list_pieces(T, cfg["BLOCK_M"] // G)
+        # Batch * KV head on the fast axis: block 0, which every token chooses, starts first.
+        _nsa_slc_bwd_dkdv_kernel[(B * Hkv, n_blocks, triton.cdiv(T, per_piece))](
+            q, k, v, do, lse2, delta, dk, dv, tokens, starts, T, H, Hkv, block, n_blocks, per_piece,
+            scale * LOG2E, scale, **common, **cfg)
+
+        cfg = _nsa_blocks("slc", G, block)
+        dq = torch.empty_like(q)
+        _nsa_slc_bwd_dq_kernel[(union.shape[2], B * Hkv)](
+            q, k, v, block_idx, union, n_union, T, H, Hkv, block, n_sel, union.shape[3], do, lse2, delta, dq,
+            scale * LOG2E, scale, BLOCK_S=max(2, triton.next_power_of_2(n_sel)), **common, **cfg)
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+
+def nsa_selected_attention(q, k, v, block_idx, block: int, scale=None):
+    """NSA's selected branch in Triton; same arguments and result as
+    tiny_hybrid.nsa_selected_attention: q [B, T, H, D], k, v [B, T, Hkv, D], block_idx integer
+    [B, T, Hkv, n] (-1: no block). Query i sees key j when block j // block is selected for
+    (i, its KV head) and j <= i. Returns o [B, T, H, D] in q's dtype; differentiable in q, k, v."""
+    _check_nsa_selected_args(q, k, v, block_idx, block)
+    B, T, H, D = q.shape
+    scale = D ** -0.5 if scale is None else float(scale)
+    if q.numel() == 0:
+        return (q * 0 + (k.sum() + v.sum()) * 0).to(q.dtype)
+    dtype = _compute_dtype(q, k, v)
+    q_, k_, v_ = (x.to(dtype).contiguous() for x in (q, k, v))
+    idx = _nsa_clean_selection(block_idx.to(q.device), triton.cdiv(T, block))
+    return _NSASelectedAttention.apply(q_, k_, v_, idx, block, scale).to(q.dtype)
+
+
+# --- check and benchmark (called by kernels.py's main()) -------------------------------------
+
+def _nsa_core(ops, q, k, v, gates, block: int, top_n: int, n_recent: int, window):
+    """NativeSparseAttention's work between the projections, with the ops of `ops` (this module or
+    tiny_hybrid): compress, compressed attention, scores, top-n, selected attention, window, gated
+    sum. window None leaves the window branch out (what fla's parallel_nsa does without flash-attn)."""
+    k_cmp, v_cmp = tiny_hybrid.nsa_compress(k, block), tiny_hybrid.nsa_compress(v, block)
+    o_cmp, lse = ops.nsa_compressed_attention(q, k_cmp, v_cmp, block)
+    block_idx = tiny_hybrid.nsa_select_blocks(ops.nsa_block_scores(q, k_cmp, lse, block), block, top_n, n_recent)
+    o_slc = ops.nsa_selected_attention(q, k, v, block_idx, block)
+    if window is None:
+        g = gates.to(o_cmp.dtype)
+        return g[..., 0:1] * o_cmp + g[..., 1:2] * o_slc
+    return tiny_hybrid.nsa_combine(gates, o_cmp, o_slc, ops.attention(q, k, v, window=window))
+
+
+def _nsa_case(B, T, H, Hkv, D, block, top_n, dtype, device):
+    """Relative errors against tiny_hybrid (on the same rounded inputs, in float32) of: compressed
+    o, lse, dq, dk_cmp, dv_cmp; block scores; selected o, dq, dk, dv; and the fraction of
+    (token, KV head) selections that differ between the kernel's scores and the reference's."""
+    q, k, v, do = (torch.randn(B, T, h, D, device=device, dtype=dtype) for h in (H, Hkv, Hkv, H))
+    dlse = torch.randn(B, T, H, device=device)
+    k_cmp, v_cmp = tiny_hybrid.nsa_compress(k, block), tiny_hybrid.nsa_compress(v, block)
+    errs = []
+    outs = []
+    for ops, cast in ((sys.modules[__name__], lambda x: x), (tiny_hybrid, lambda x: x.float())):
+        leaves = [cast(x).detach().requires_grad_() for x in (q, k_cmp, v_cmp)]
+        o, lse = ops.nsa_compressed_attention(*leaves, block)
+        loss = (o.float() * do.float()).sum() + (torch.where(lse.isfinite(), lse, 0.0) * dlse).sum()
+        outs.append([o, lse, *torch.autograd.grad(loss, leaves)])
+    errs += [_relative_error(a.float().nan_to_num(neginf=0.0), b.nan_to_num(neginf=0.0)) for a, b in zip(*outs)]
+    lse_ref = outs[1][1]
+    scores = nsa_block_scores(q, k_cmp, lse_ref, block)
+    scores_ref = tiny_hybrid.nsa_block_scores(q.float(), k_cmp.float(), lse_ref, block)
+    errs.append(_relative_error(scores, scores_ref))
+    block_idx = tiny_hybrid.nsa_select_blocks(scores_ref, block, top_n)
+    differ = (tiny_hybrid.nsa_select_blocks(scores, block, top_n).sort(-1).values != block_idx.sort(-1).values)
+    outs = []
+    for ops, cast in ((sys.modules[__name__], lambda x: x), (tiny_hybrid, lambda x: x.float())):
+        leaves = [cast(x).detach().requires_grad_() for x in (q, k, v)]
+        o = ops.nsa_selected_attention(*leaves, block_idx, block)
+        outs.append([o, *torch.autograd.grad(o, leaves, cast(do))])
+    errs += [_relative_error(a, b) for a, b in zip(*outs)]
+    return errs, differ.any(-1).float().mean().item()
+
+
+def check_nsa() -> bool:
+    """NSA kernels vs reference; prints the relative max error of each output and gradient."""
+    device = "cpu" if INTERPRET else "cuda"
+    f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
+    if INTERPRET:  # (B, T, H, Hkv, D, block, top_n, dtype)
+        cases = [(1, 70, 4, 2, 16, 16, 3, f32)]
+    else:
+        cases = [(2, 2000, 32, 2, 64, 64, 16, bf16), (1, 777, 8, 2, 128, 32, 8, f16),
+                 (2, 500, 4, 4, 32, 16, 5, f32), (1, 600, 2, 1, 64, 16, 6, bf16)]
+    names = "cmp: o lse dq dkc dvc | scores | slc: o dq dk dv"
+    print(f"NSA vs tiny_hybrid: relative max error of {names}; share of selections that differ")
+    ok = True
+    for B, T, H, Hkv, D, block, top_n, dtype in cases:
+        errs, differ = _nsa_case(B, T, H, Hkv, D, block, top_n, dtype, device)
+        limit = 1e-4 if dtype == f32 else 2e-2  # as check_attention
+        # 16-bit: the kernel's scores come from the same rounded inputs, but near-ties may flip.
+        good = max(errs) < limit and differ < (1e-6 if dtype == f32 else 1e-2)
+        ok &= good
+        print(f"  B={B} T={T:5d} H={H:2d} Hkv={Hkv} D={D:3d} l={block} n={top_n:2d} {str(dtype)[6:]:8s} "
+              + " ".join(f"{e:.1e}" for e in errs) + f" | differ {differ:.1e}" + ("" if good else "  FAIL"))
+    return ok
+
+
+def bench_nsa(Ts=(2048, 8192, 16384), B=4, H=32, Hkv=2, D=64, block=64, top_n=16, window=512) -> None:
+    """The NSA mixer core (_nsa_core, no projections), bf16, the paper's shapes: ours with and
+    without the window branch, the PyTorch reference, and flash-linear-attention's parallel_nsa
+    (compressed + selected only: its window branch needs flash-attn). Median ms."""
+    try:
+        from fla.ops.nsa import parallel_nsa as fla_nsa
+    except ImportError:
+        fla_nsa = None
+        print("\nfla not installed: its column is skipped")
+    ours = sys.modules[__name__]
+    print(f"\nNSA core, bf16, B={B}, H={H} on Hkv={Hkv}, D={D}, block {block}, {top_n} blocks, window {window}; "
+          f"ms = median (fla: no window branch; compare it with 'ours -swa')")
+    print(f"{'T':>6} | {'ours fwd':>8} {'-swa':>7} {'ref':>8} {'fla':>7} | {'ours f+b':>8} {'-swa':>7} {'ref':>8} "
+          f"{'fla':>7} | ours fwd: cmp scores select slc swa")
+    for T in Ts:
+        q = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        k, v = (torch.randn(B, T, Hkv, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+        gates = torch.rand(B, T, H, 3, device="cuda", requires_grad=True)
+        do = torch.randn_like(q)
+        t = {}
+        for name, ops, w in (("ours", ours, window), ("-swa", ours, None), ("ref", tiny_hybrid, window)):
+            fn = lambda q_, k_, v_, g_, ops=ops, w=w: _nsa_core(ops, q_, k_, v_, g_, block, top_n, 2, w)
+            # The reference is dense: [B, H, T, T] float32 scores, several alive at once.
+            dense_gb = B * H * T * T * 4 / 1e9
+            if name == "ref" and 10 * dense_gb > torch.cuda.mem_get_info()[0] / 1e9:
+                t[name] = (float("nan"), float("nan"))
+                continue
+            try:
+                t[name] = tuple(_bench_ms(fn, bwd, (q, k, v, gates), do, rep=30) for bwd in (False, True))
+            except torch.cuda.OutOfMemoryError:
+                t[name] = (float("nan"), float("nan"))
+            torch.cuda.empty_cache()
+        t["fla"] = (float("nan"), float("nan"))
+        if fla_nsa is not None:
+            g_cmp, g_slc = (gates[..., i].detach().to(torch.bfloat16).requires_grad_() for i in range(2))
+            fn = lambda q_, k_, v_, a, b_: fla_nsa(q_, k_, v_, a, b_, block_counts=top_n, block_size=block)
+            t["fla"] = tuple(_bench_ms(fn, bwd, (q, k, v, g_cmp, g_slc), do, rep=30) for bwd in (False, True))
+        # Where our forward's time goes, piece by piece.
+        with torch.no_grad():
+            k_cmp, v_cmp = tiny_hybrid.nsa_compress(k, block), tiny_hybrid.nsa_compress(v, block)
+            o_cmp, lse = nsa_compressed_attention(q, k_cmp, v_cmp, block)
+            scores = nsa_block_scores(q, k_cmp, lse, block)
+            block_idx = tiny_hybrid.nsa_select_blocks(scores, block, top_n)
+            parts = [lambda: nsa_compressed_attention(q, k_cmp, v_cmp, block),
+                     lambda: nsa_block_scores(q, k_cmp, lse, block),
+                     lambda: tiny_hybrid.nsa_select_blocks(scores, block, top_n),
+                     lambda: nsa_selected_attention(q, k, v, block_idx, block),
+                     lambda: attention(q, k, v, window=window)]
+            split = [triton.testing.do_bench(f, warmup=5, rep=30, return_mode="median") for f in parts]
+        note = "" if t["ref"][0] == t["ref"][0] else f"  (ref skipped: dense [B,H,T,T] = {dense_gb:.0f} GB)"
+        print(f"{T:6d} | {t['ours'][0]:8.2f} {t['-swa'][0]:7.2f} {t['ref'][0]:8.2f} {t['fla'][0]:7.2f} | "
+              f"{t['ours'][1]:8.2f} {t['-swa'][1]:7.2f} {t['ref'][1]:8.2f} {t['fla'][1]:7.2f} | "
+              + " ".join(f"{x:.2f}" for x in split) + note, flush=True)
+
+
+CHECKS = [check_attention, check_attention_decode, check_gdn_passes, check_nsa]  # each returns True when all its cases pass
+BENCHES = [bench_attention, bench_attention_decode, bench_gdn, bench_nsa]
 
 
 def main() -> None:

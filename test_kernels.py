@@ -485,3 +485,215 @@ def test_decoding_with_triton_equals_parallel_reference(preset):
         state = fast.init_state(2)
         parts = [fast(idx[:, :11], state=state)[0]] + [fast(idx[:, t: t + 1], state=state)[0] for t in range(11, 30)]
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-4, rtol=1e-4)
+
+
+# =============================================================================================
+# Native Sparse Attention kernels
+# =============================================================================================
+# Tolerances: F32 above, for the same reason: exact float32 products (IEEE dots in the interpreter),
+# float32 accumulation, only the summation order and the online softmax's rescaling differ (seen:
+# <= 8e-6 absolute on gradients of size ~10). One wrong block or key moves outputs by ~1e-2.
+# Selection: the kernel's scores differ from the reference's by float32 rounding (~1e-7), so on
+# random inputs both select the same blocks; the tests assert that the sets are equal, and the
+# selected-attention tests feed the same block_idx to both sides.
+
+def _nsa_inputs(B, T, H, Hkv, D, block, offset=0, dtype=torch.float32, seed=0):
+    """q [B, T, H, D] at positions offset.., the keys and values of all offset + T positions,
+    their compressed blocks, and gradients for o and lse."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, H, D, generator=g)
+    k = torch.randn(B, offset + T, Hkv, D, generator=g)
+    v = torch.randn(B, offset + T, Hkv, D, generator=g)
+    do = torch.randn(B, T, H, D, generator=g)
+    dlse = torch.randn(B, T, H, generator=g)
+    q, k, v, do = (x.to(DEVICE, dtype) for x in (q, k, v, do))
+    k_cmp, v_cmp = tiny_hybrid.nsa_compress(k, block), tiny_hybrid.nsa_compress(v, block)
+    return q, k, v, k_cmp, v_cmp, do, dlse.to(DEVICE)
+
+
+def _compressed_with_grads(fn, q, k_cmp, v_cmp, do, dlse, block, offset):
+    """o, lse and the gradients of <o, do> + <lse, dlse> (rows with lse = -inf left out)."""
+    q, k_cmp, v_cmp = (x.detach().clone().requires_grad_() for x in (q, k_cmp, v_cmp))
+    o, lse = fn(q, k_cmp, v_cmp, block, offset=offset)
+    loss = (o.float() * do.float()).sum() + (torch.where(lse.isfinite(), lse, 0.0) * dlse).sum()
+    return (o, lse) + torch.autograd.grad(loss, (q, k_cmp, v_cmp))
+
+
+NSA_CMP_CASES = [  # (B, T, H, Hkv, D, block, offset)
+    (1, 37, 2, 2, 16, 16, 0),       # G = 1, T not a multiple of the block
+    (2, 50, 4, 2, 24, 16, 0),       # G = 2, a head dim that is not a power of two
+    (1, 80, 8, 2, 16, 4, 0),        # G = 4, 20 compressed blocks: more than one key tile
+    (1, 100, 16, 1, 16, 32, 0),     # G = 16
+    (1, 130, 4, 1, 32, 64, 0),      # block 64
+    (1, 10, 4, 2, 16, 16, 0),       # no block complete yet: o = 0, lse = -inf
+    (2, 1, 4, 2, 16, 16, 47),       # decoding: one query at position 47
+    (1, 6, 6, 2, 16, 16, 29),       # G = 3, a few queries after a prefix, a block completes inside
+]
+
+
+@pytest.mark.parametrize("B, T, H, Hkv, D, block, offset", NSA_CMP_CASES)
+def test_nsa_compressed_attention_matches_reference(B, T, H, Hkv, D, block, offset):
+    q, _, _, k_cmp, v_cmp, do, dlse = _nsa_inputs(B, T, H, Hkv, D, block, offset)
+    got = _compressed_with_grads(kernels.nsa_compressed_attention, q, k_cmp, v_cmp, do, dlse, block, offset)
+    want = _compressed_with_grads(tiny_hybrid.nsa_compressed_attention, q, k_cmp, v_cmp, do, dlse, block, offset)
+    assert torch.equal(got[1].isinf(), want[1].isinf())
+    for name, a, b in zip(("o", "lse", "dq", "dk_cmp", "dv_cmp"), got, want):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        torch.testing.assert_close(a, b, **F32, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("B, T, H, Hkv, D, block, offset", NSA_CMP_CASES)
+def test_nsa_block_scores_and_selection_match_reference(B, T, H, Hkv, D, block, offset):
+    q, _, _, k_cmp, _, _, _ = _nsa_inputs(B, T, H, Hkv, D, block, offset)
+    _, lse = tiny_hybrid.nsa_compressed_attention(q, k_cmp, k_cmp, block, offset=offset)
+    got = kernels.nsa_block_scores(q, k_cmp, lse, block, offset=offset)
+    want = tiny_hybrid.nsa_block_scores(q, k_cmp, lse, block, offset=offset)
+    torch.testing.assert_close(got, want, **F32)
+    top_n = 4
+    assert torch.equal(tiny_hybrid.nsa_select_blocks(got, block, top_n, 1, offset=offset),
+                       tiny_hybrid.nsa_select_blocks(want, block, top_n, 1, offset=offset))
+
+
+def _selected_with_grads(fn, q, k, v, do, block_idx, block):
+    return _forward_backward(fn, q, k, v, do, block_idx=block_idx, block=block)
+
+
+NSA_SLC_CASES = [  # (B, T, H, Hkv, D, block, top_n, n_recent)
+    (1, 37, 2, 2, 16, 16, 2, 1),    # G = 1, T not a multiple of the block
+    (2, 70, 4, 2, 16, 16, 3, 1),    # G = 2
+    (1, 100, 8, 2, 32, 32, 3, 2),   # G = 4, block 32
+    (1, 100, 16, 1, 16, 64, 2, 1),  # G = 16, block 64 (one complete block, one partial)
+    (1, 45, 6, 2, 24, 8, 4, 2),     # G = 3 (rows of a tile left over), block 8
+]
+
+
+@pytest.mark.parametrize("B, T, H, Hkv, D, block, top_n, n_recent", NSA_SLC_CASES)
+def test_nsa_selected_attention_matches_reference(B, T, H, Hkv, D, block, top_n, n_recent):
+    """On the blocks NSA selects (the kernel's scores, checked equal to the reference's above)."""
+    q, k, v, k_cmp, v_cmp, do, _ = _nsa_inputs(B, T, H, Hkv, D, block)
+    _, lse = kernels.nsa_compressed_attention(q, k_cmp, v_cmp, block)
+    block_idx = tiny_hybrid.nsa_select_blocks(kernels.nsa_block_scores(q, k_cmp, lse, block), block, top_n, n_recent)
+    got = _selected_with_grads(kernels.nsa_selected_attention, q, k, v, do, block_idx, block)
+    want = _selected_with_grads(tiny_hybrid.nsa_selected_attention, q, k, v, do, block_idx, block)
+    for name, a, b in zip(("o", "dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(a, b, **F32, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_nsa_selected_attention_any_block_idx():
+    """Indices the reference ignores or reads causally: -1, out of range, repeated, future blocks;
+    each token keeps its own block in slot 0 so that it sees at least itself. A custom scale."""
+    B, T, H, Hkv, D, block = 2, 60, 4, 2, 16, 8
+    q, k, v, _, _, do, _ = _nsa_inputs(B, T, H, Hkv, D, block)
+    g = torch.Generator().manual_seed(4)
+    block_idx = torch.randint(-2, T // block + 3, (B, T, Hkv, 5), generator=g)
+    block_idx[..., 0] = (torch.arange(T) // block)[None, :, None]
+    block_idx[..., 4] = block_idx[..., 3]                                  # a repeated block
+    block_idx = block_idx.to(DEVICE)
+    got = _forward_backward(kernels.nsa_selected_attention, q, k, v, do, block_idx=block_idx, block=block, scale=0.4)
+    want = _forward_backward(tiny_hybrid.nsa_selected_attention, q, k, v, do, block_idx=block_idx, block=block,
+                             scale=0.4)
+    for name, a, b in zip(("o", "dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(a, b, **F32, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_nsa_block_lists_invert_the_selection():
+    """The lists the selected dK, dV kernel walks: per (batch, KV head, block) the tokens that chose
+    it, in order; entries without a block go to the last list of their (batch, KV head)."""
+    B, T, Hkv, n, n_blocks = 2, 30, 2, 3, 4
+    g = torch.Generator().manual_seed(6)
+    idx = kernels._nsa_clean_selection(torch.randint(-1, n_blocks + 1, (B, T, Hkv, n), generator=g), n_blocks)
+    tokens, starts = kernels._nsa_block_lists(idx, n_blocks)
+    for b in range(B):
+        for h in range(Hkv):
+            for c in range(n_blocks):
+                i = (b * Hkv + h) * (n_blocks + 1) + c
+                want = torch.nonzero((idx[b, :, h] == c).any(dim=-1)).flatten()
+                assert torch.equal(tokens[starts[i]: starts[i + 1]].long(), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_nsa_low_precision(dtype):
+    """16-bit in, same dtype out (and gradients), close to the float32 reference on the same inputs
+    (LOW_PRECISION_REL, as for attention)."""
+    B, T, H, Hkv, D, block = 1, 64, 4, 2, 16, 16
+    q, k, v, k_cmp, v_cmp, do, dlse = _nsa_inputs(B, T, H, Hkv, D, block, dtype=dtype)
+    got = _compressed_with_grads(kernels.nsa_compressed_attention, q, k_cmp, v_cmp, do, dlse, block, 0)
+    want = _compressed_with_grads(tiny_hybrid.nsa_compressed_attention, *(x.float() for x in (q, k_cmp, v_cmp, do)),
+                                  dlse, block, 0)
+    block_idx = tiny_hybrid.nsa_select_blocks(tiny_hybrid.nsa_block_scores(q.float(), k_cmp.float(), want[1], block),
+                                              block, 3, 1)
+    got += _forward_backward(kernels.nsa_selected_attention, q, k, v, do, block_idx=block_idx, block=block)
+    want += _forward_backward(tiny_hybrid.nsa_selected_attention, *(x.float() for x in (q, k, v, do)),
+                              block_idx=block_idx, block=block)
+    names = ("o_cmp", "lse", "dq", "dk_cmp", "dv_cmp", "o_slc", "dq", "dk", "dv")
+    for name, a, b in zip(names, got, want):
+        assert a.dtype == (torch.float32 if name == "lse" else dtype), name
+        finite = b.isfinite()
+        rel = (a.float() - b)[finite].abs().max() / b[finite].abs().max()
+        assert rel < LOW_PRECISION_REL, f"{name}: relative error {rel:.2e}"
+
+
+def _bad_nsa_calls():
+    q, k, v, k_cmp, v_cmp, _, _ = _nsa_inputs(1, 16, 4, 2, 16, 4)
+    idx = torch.zeros(1, 16, 2, 2, dtype=torch.long, device=DEVICE)
+    cmp, slc = kernels.nsa_compressed_attention, kernels.nsa_selected_attention
+    return [  # (call, what the message must name)
+        (lambda: cmp(q, k_cmp, v_cmp, 0), "block"),
+        (lambda: cmp(q, k_cmp, v_cmp, 4.0), "block"),
+        (lambda: cmp(q, k_cmp, v_cmp, 4, offset=-1), "offset"),
+        (lambda: cmp(q, k_cmp[0], v_cmp, 4), "k_cmp"),
+        (lambda: cmp(q, k_cmp, v_cmp[:, :2], 4), "v_cmp"),
+        (lambda: cmp(q, k_cmp[..., :8], v_cmp[..., :8], 4), "k_cmp"),
+        (lambda: cmp(q[:, :, :3], k_cmp, v_cmp, 4), "heads"),
+        (lambda: slc(q, k, v, idx.float(), 4), "block_idx"),
+        (lambda: slc(q, k, v, idx[:, :5], 4), "block_idx"),
+        (lambda: slc(q, k, v, idx, 0), "block"),
+        (lambda: slc(q, k[:, :5], v[:, :5], idx, 4), "q"),
+        (lambda: kernels.nsa_block_scores(q, k_cmp, torch.zeros(1, 16, 3), 4), "lse"),
+    ]
+
+
+@pytest.mark.parametrize("i", range(12))
+def test_nsa_bad_inputs_are_named(i):
+    call, name = _bad_nsa_calls()[i]
+    with pytest.raises((TypeError, ValueError), match=name):
+        call()
+
+
+def _nsa_model_pair(**overrides):
+    """A small gdn+nsa model, reference and Triton, where the score-based choice matters: 8 blocks
+    of 8 tokens at T=48, top 4 with the first and one recent block forced, G = 4."""
+    settings = dict(vocab_size=61, n_layer=2, d_model=32, n_head=4, n_kv_head=1, head_dim=16, window=8,
+                    gdn_chunk_size=16, nsa_block=8, nsa_topn=4, nsa_recent=1)
+    settings.update(overrides)
+    torch.manual_seed(0)
+    ref = tiny_hybrid.TinyHybrid(tiny_hybrid.Config.preset("gdn+nsa", **settings))
+    fast = tiny_hybrid.TinyHybrid(tiny_hybrid.Config.preset("gdn+nsa", use_triton=True, **settings))
+    fast.load_state_dict(ref.state_dict())
+    return ref, fast
+
+
+def test_nsa_model_with_triton_equals_reference():
+    """Logits and every parameter gradient (the gates' included) of a gdn+nsa model."""
+    ref, fast = _nsa_model_pair()
+    idx = torch.randint(0, 61, (2, 48), generator=torch.Generator().manual_seed(1))
+    logits_ref, loss_ref = ref(idx, idx)
+    logits, loss = fast(idx, idx)
+    torch.testing.assert_close(logits, logits_ref, atol=1e-4, rtol=1e-4)
+    loss_ref.backward()
+    loss.backward()
+    for (name, a), b in zip(ref.named_parameters(), fast.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-4, rtol=1e-3, msg=name)
+
+
+def test_nsa_decoding_with_triton_equals_parallel_reference():
+    """Prefill then token by token through the kernels (compressed attention and scores at an
+    offset, the selected and window branches through attention_decode) == the parallel reference."""
+    ref, fast = _nsa_model_pair()
+    ref.eval(), fast.eval()
+    idx = torch.randint(0, 61, (2, 32), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full, _ = ref(idx)
+        state = fast.init_state(2)
+        parts = [fast(idx[:, :13], state=state)[0]] + [fast(idx[:, t: t + 1], state=state)[0] for t in range(13, 32)]
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-4, rtol=1e-4)

@@ -945,7 +945,7 @@ class NativeSparseAttention(_AttentionBase):
         l, op = self.block, lambda name: _op(self.config, name)
         k_cmp, v_cmp = nsa_compress(k, l), nsa_compress(v, l)
         o_cmp, lse = op("nsa_compressed_attention")(q, k_cmp, v_cmp, l)
-        scores = nsa_block_scores(q, k_cmp, lse, l)
+        scores = op("nsa_block_scores")(q, k_cmp, lse, l)
         block_idx = nsa_select_blocks(scores, l, self.top_n, self.n_recent)
         o_slc = op("nsa_selected_attention")(q, k, v, block_idx, l)
         o_swa = op("attention")(q, k, v, window=self.window)
@@ -969,7 +969,7 @@ class NativeSparseAttention(_AttentionBase):
         state["pos"] = t + 1
         K, Vc, Kc, VC = (state[n].to(q.dtype) for n in ("k", "v", "k_cmp", "v_cmp"))
         o_cmp, lse = _op(self.config, "nsa_compressed_attention")(q, Kc, VC, l, offset=t)
-        scores = nsa_block_scores(q, Kc, lse, l, offset=t)
+        scores = _op(self.config, "nsa_block_scores")(q, Kc, lse, l, offset=t)
         block_idx = nsa_select_blocks(scores, l, self.top_n, self.n_recent, offset=t)[:, 0]   # [B, Hkv, n]
         o_slc = self._selected_step(q[:, 0], K, Vc, block_idx, t)
         recent = slice(max(0, t - self.window), t + 1)
@@ -977,7 +977,8 @@ class NativeSparseAttention(_AttentionBase):
         return nsa_combine(self._gates(x), o_cmp, o_slc[:, None], o_swa[:, None])
 
     def _selected_step(self, q, k, v, block_idx, t: int):
-        """One query at position t over its selected blocks: gather n l tokens, never the whole cache."""
+        """One query at position t over its selected blocks: gather n l tokens, never the whole cache.
+        With use_triton this runs as kernels.attention_decode (split-K over the gathered slots)."""
         B, P, Hkv, D = k.shape
         l = self.block
         tok = (block_idx[..., None] * l + torch.arange(l, device=q.device)).flatten(2)   # [B, Hkv, n * l]
