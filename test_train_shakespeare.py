@@ -280,6 +280,42 @@ def test_each_answer_is_the_value_bound_to_its_key_earlier():
         assert distance == pos - value_pos
 
 
+def _drill(seed=0, n_facts=6, batch_size=5):
+    return ts.make_drill_batch(batch_size, n_facts, np.random.default_rng(seed))
+
+
+def test_drill_is_facts_and_queries_only_each_query_after_its_fact():
+    batch = _drill()
+    idx = batch["idx"]
+    assert idx.shape == (5, 24)
+    assert _is_key(idx[:, 0::2]).all() and ((idx[:, 1::2] >= ts.VALUE_ID0) & (idx[:, 1::2] < ts.VOCAB_SIZE)).all()
+    for row in idx:
+        keys, counts = row[0::2].unique(return_counts=True)
+        assert len(keys) == 6 and (counts == 2).all()                   # every key: one fact, one query
+    for b, pos, distance in zip(*(batch[k].tolist() for k in ("answer_batch", "answer_pos", "answer_distance"))):
+        row = idx[b]
+        value_pos, value = _facts(row)[row[pos].item()]
+        assert distance == pos - value_pos >= 1 and batch["targets"][b, pos] == value == row[pos + 1]
+    rows, cols = batch["answer_mask"].nonzero(as_tuple=True)
+    assert torch.equal(rows, batch["answer_batch"]) and torch.equal(cols, batch["answer_pos"])
+    assert (batch["answer_n_facts"] == 6).all() and batch["answer_mask"].sum() == 5 * 6
+    assert (batch["targets"][~batch["answer_mask"]] == ts.IGNORE_INDEX).all()
+
+
+def test_drill_is_deterministic_and_mixes_the_order():
+    a, b, c = _drill(seed=3), _drill(seed=3), _drill(seed=4)
+    assert all(torch.equal(a[key], b[key]) for key in a) and not torch.equal(a["idx"], c["idx"])
+    # facts and queries interleave: some query comes before the last fact of its row
+    batch = _drill(n_facts=8, batch_size=20)
+    assert (batch["answer_pos"] < 4 * 8 - 2 * 8).any()
+
+
+@pytest.mark.parametrize("n_facts", [0, ts.N_KEYS + 1])
+def test_drill_with_impossible_number_of_facts_raises(n_facts):
+    with pytest.raises(ValueError, match="n_facts"):
+        ts.make_drill_sequence(n_facts, np.random.default_rng(0))
+
+
 def test_distances_stay_in_the_requested_range():
     for lo, hi in ((2, 2), (10, 40), (60, 70), (200, 253)):
         distance = _batch(n_facts=4, distance_range=(lo, hi))["answer_distance"]
@@ -380,7 +416,7 @@ import tiny_hybrid
 def tiny_args(out, *extra):
     """A model and task small enough for a few CPU seconds per preset."""
     return ts.parse_args(["--out", str(out), "--steps", "20", "--seq-len", "48", "--dense-len", "24",
-                          "--dense-facts", "3", "--max-facts", "4", "--batch-size", "4", "--window", "8",
+                          "--dense-facts", "3", "--drill-facts", "3", "--max-facts", "4", "--batch-size", "4", "--window", "8",
                           "--d-model", "32", "--gdn-head-dim", "8", "--eval-batch", "2", "--log-every", "10",
                           "--lte-buffer", "4", *extra])
 
@@ -396,8 +432,9 @@ def test_twenty_step_training_smoke(preset, tmp_path):
 
 
 def test_text_loss_falls_on_predictable_text(tmp_path):
-    """On a 16-token cycle (each token predicts the next), 60 steps must cut the loss clearly."""
-    args = tiny_args(tmp_path, "--steps", "60", "--log-every", "20", "--lr", "1e-2")
+    """On a 16-token cycle (each token predicts the next), 60 steps must cut the loss clearly (no
+    drill warm-up, so text batches start at step 0)."""
+    args = tiny_args(tmp_path, "--steps", "60", "--log-every", "20", "--lr", "1e-2", "--drill-frac", "0")
     cycle = np.arange(10_000, dtype=np.int64) % 16
     _, history = ts.train_model("gdn+swa", args, cycle, ts.VOCAB_SIZE, torch.device("cpu"))
     assert history[-1]["loss"] < 0.5 * history[0]["loss"], history
@@ -439,10 +476,12 @@ def test_unknown_model_is_a_clear_error(capsys):
 
 
 def test_curriculum_and_batches_are_the_same_for_every_model(tmp_path):
-    args = tiny_args(tmp_path, "--steps", "100", "--dense-frac", "0.3")
-    kinds = [ts.task_for_step(s, args)[0] for s in range(100)]
-    assert all(k == args.dense_len for k in kinds[:30])          # dense warm-up first
-    assert kinds[30:34] == [args.dense_len, args.seq_len] * 2      # then alternating
+    args = tiny_args(tmp_path, "--steps", "100", "--drill-frac", "0.3")
+    kinds = [ts.task_for_step(s, args) for s in range(100)]
+    assert kinds[:30] == ["drill"] * 30                                   # text-free warm-up first
+    assert kinds[32:40] == ["drill", "haystack", "dense", "haystack"] * 2   # then a quarter stay drills
+    shapes = {kind: ts.training_batch(TEXT_TOKENS, kinds.index(kind, 30), args)["idx"].shape for kind in set(kinds)}
+    assert shapes == {"drill": (4, 4 * args.drill_facts), "dense": (4, args.dense_len), "haystack": (4, args.seq_len)}
     a, b = ts.training_batch(TEXT_TOKENS, 41, args), ts.training_batch(TEXT_TOKENS, 41, args)
     assert torch.equal(a["idx"], b["idx"])
 
@@ -461,3 +500,12 @@ def test_evaluation_reports_every_length_and_state_size(tmp_path):
     gdn_bytes = [results["gdn"][L]["state_bytes"] for L in ("48", "192")]
     attn_bytes = [results["gdn+attn"][L]["state_bytes"] for L in ("48", "192")]
     assert gdn_bytes[0] == gdn_bytes[1] and attn_bytes[1] > attn_bytes[0]
+
+
+def test_state_sweep_trains_pure_gdn_at_each_state_size(tmp_path):
+    args = tiny_args(tmp_path, "--steps", "4", "--log-every", "2")
+    args.state_sizes = ((1, 8), (2, 16))
+    rows = ts.state_sweep(args, TEXT_TOKENS, TEXT_TOKENS, ts.VOCAB_SIZE, torch.device("cpu"))
+    assert [(r["gdn_heads"], r["gdn_head_dim"], r["state_numbers_per_layer"]) for r in rows] == [(1, 8, 64), (2, 16, 512)]
+    assert all(0.0 <= r["hardest_recall"] <= 1.0 for r in rows)
+    assert ts.checkpoint_path(tmp_path, "gdn_state2x16").exists()

@@ -9,7 +9,8 @@ Sections, top to bottom:
   3. recall     - MQAR-style facts [key, value] hidden in Shakespeare passages and queried later
                   by repeating the key (the model must answer the value), at controlled distances,
                   to measure how recall degrades with distance and with the number of facts;
-  4. training   - every preset on the same batches in the same order, with a curriculum, progress
+  4. training   - every preset on the same batches in the same order, with a curriculum (text-free
+                  recall drills first, then drills, dense passages and haystacks), progress
                   lines, atomic checkpoints, exact Ctrl-C / --resume;
   5. report     - held-out recall by distance, number of facts and length (1x, 2x, 4x), state
                   size, out/results.json, out/forgetting_gap.png, out/training_curves.png.
@@ -532,17 +533,52 @@ def make_batch(
     _check_recall_args(seq_len, n_facts, distance_range)
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: must be >= 1")
-    rows, answers = [], collections.defaultdict(list)
-    for b in range(batch_size):
+    rows = []
+    for _ in range(batch_size):
         n = int(rng.integers(n_facts[0], n_facts[1] + 1))
-        row = make_sequence(tokens, seq_len, n, distance_range, rng)
-        rows.append(row)
-        answers["answer_batch"].append(np.full(n, b, dtype=np.int64))
-        answers["answer_pos"].append(row["answer_pos"])
-        answers["answer_distance"].append(row["answer_distance"])
-        answers["answer_n_facts"].append(np.full(n, n, dtype=np.int64))
+        rows.append(make_sequence(tokens, seq_len, n, distance_range, rng))
+    return collate(rows)
+
+
+def make_drill_sequence(n_facts: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """A text-free recall drill: n_facts facts and their queries and nothing else (T = 4 n_facts).
+
+    The 2 n_facts blocks come in random order; the first block of a key is its fact, the second
+    its query. Same arrays as `make_sequence`.
+    """
+    if not 1 <= n_facts <= N_KEYS:
+        raise ValueError(f"n_facts={n_facts}: a drill needs 1 to N_KEYS={N_KEYS} facts")
+    order = rng.permutation(np.repeat(np.arange(n_facts), 2))             # [2n]: the fact of block b
+    keys = KEY_ID0 + rng.choice(N_KEYS, size=n_facts, replace=False)
+    values = VALUE_ID0 + rng.integers(0, N_VALUES, size=n_facts)
+    idx = np.stack([keys[order], values[order]], axis=1).reshape(-1)     # [2n, 2] -> [4n]
+    is_fact = np.zeros(len(order), dtype=bool)
+    is_fact[np.unique(order, return_index=True)[1]] = True               # first block of each key
+    fact_block = np.empty(n_facts, dtype=np.int64)
+    fact_block[order[is_fact]] = np.flatnonzero(is_fact)
+    answer_pos = BLOCK_LEN * np.flatnonzero(~is_fact)                    # each query's key
+    answer_distance = answer_pos - (BLOCK_LEN * fact_block[order[~is_fact]] + 1)
+    targets = np.full(len(idx), IGNORE_INDEX, dtype=np.int64)
+    targets[answer_pos] = idx[answer_pos + 1]
+    return dict(idx=idx, targets=targets, answer_mask=targets != IGNORE_INDEX, answer_pos=answer_pos,
+                answer_distance=answer_distance, answer_value=targets[answer_pos])
+
+
+def make_drill_batch(batch_size: int, n_facts: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+    """A batch of `make_drill_sequence`s (T = 4 n_facts), collated like `make_batch`."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: must be >= 1")
+    return collate([make_drill_sequence(n_facts, rng) for _ in range(batch_size)])
+
+
+def collate(rows: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+    """Sequences of equal length -> the batch dict of `make_batch` (answers in answer_mask order)."""
     batch = {key: torch.from_numpy(np.stack([row[key] for row in rows])) for key in ("idx", "targets", "answer_mask")}
-    batch.update({key: torch.from_numpy(np.concatenate(parts)) for key, parts in answers.items()})
+    n = [len(row["answer_pos"]) for row in rows]
+    batch["answer_batch"] = torch.from_numpy(np.repeat(np.arange(len(rows)), n))
+    batch["answer_pos"] = torch.from_numpy(np.concatenate([row["answer_pos"] for row in rows]))
+    batch["answer_distance"] = torch.from_numpy(np.concatenate([row["answer_distance"] for row in rows]))
+    batch["answer_n_facts"] = torch.from_numpy(np.repeat(np.array(n, dtype=np.int64), n))
     return batch
 
 
@@ -567,9 +603,13 @@ def distance_bins(window: int, max_distance: int) -> list[tuple[int, int]]:
 #
 # Every model sees the same batches in the same order: batch s is drawn from a generator seeded
 # with (seed, s), so it does not depend on what came before (which also makes --resume exact).
-# Curriculum: a small model learns associative recall through a sudden "induction" phase change,
-# and Shakespeare between the facts delays it. The first `dense_frac` of the steps therefore use
-# short, fact-dense sequences; after that, dense and full-length haystack batches alternate.
+#
+# Curriculum. A small model learns associative recall through a sudden phase change (an
+# "induction" circuit forms), and Shakespeare between the facts delays it far beyond a CPU
+# budget: with text from the first step, every GDN-based model stayed at chance for thousands
+# of steps. So the first `drill_frac` of the steps are text-free drills (facts and queries only);
+# after that a quarter of the batches stay drills (so the skill is not lost) and the rest
+# alternate between short fact-dense passages and full-length haystacks.
 
 MODELS = ("gdn", "gdn+swa", "gdn+lte", "gdn+nsa", "gdn+attn")
 
@@ -588,19 +628,23 @@ def model_config(preset: str, args, vocab_size: int, **overrides):
     return Config.preset(preset, **settings)
 
 
-def task_for_step(step: int, args) -> tuple[int, tuple[int, int], tuple[int, int]]:
-    """(seq_len, n_facts range, distance range) of training batch `step` (see the curriculum)."""
-    dense = step < args.dense_frac * args.steps or step % 2 == 0
-    if dense:
-        T = args.dense_len
-        return T, (args.dense_facts, args.dense_facts), (1, T - BLOCK_LEN)
-    T = args.seq_len
-    return T, (1, args.max_facts), (1, T - BLOCK_LEN)
+def task_for_step(step: int, args) -> str:
+    """The kind of training batch `step`: "drill", "dense" or "haystack" (see the curriculum)."""
+    if step < args.drill_frac * args.steps or step % 4 == 0:
+        return "drill"
+    return "dense" if step % 4 == 2 else "haystack"
 
 
 def training_batch(tokens: np.ndarray, step: int, args) -> dict[str, torch.Tensor]:
-    T, n_facts, distances = task_for_step(step, args)
-    return make_batch(tokens, args.batch_size, T, n_facts, distances, np.random.default_rng((args.seed, step)))
+    rng = np.random.default_rng((args.seed, step))
+    kind = task_for_step(step, args)
+    if kind == "drill":
+        return make_drill_batch(args.batch_size, args.drill_facts, rng)
+    if kind == "dense":
+        T, n_facts = args.dense_len, (args.dense_facts, args.dense_facts)
+    else:
+        T, n_facts = args.seq_len, (1, args.max_facts)
+    return make_batch(tokens, args.batch_size, T, n_facts, (BLOCK_LEN - 1, T - BLOCK_LEN), rng)
 
 
 def learning_rate(step: int, args) -> float:
@@ -633,8 +677,10 @@ def checkpoint_path(out: Path, preset: str) -> Path:
     return out / f"{preset.replace('+', '_')}.pt"
 
 
-def train_model(preset: str, args, tokens: np.ndarray, vocab_size: int, device: torch.device, **overrides):
-    """Train one preset (or continue it with --resume). Returns (model, history)."""
+def train_model(preset: str, args, tokens: np.ndarray, vocab_size: int, device: torch.device, tag: str = "",
+                **overrides):
+    """Train one preset (or continue it with --resume). Returns (model, history).
+    overrides: Config fields that differ from `model_config`; tag: appended to the checkpoint name."""
     from tiny_hybrid import TinyHybrid
 
     torch.manual_seed(args.seed)
@@ -643,7 +689,7 @@ def train_model(preset: str, args, tokens: np.ndarray, vocab_size: int, device: 
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                                   lr=args.lr, betas=(0.9, 0.95))
-    path = checkpoint_path(args.out, preset + overrides.get("tag", ""))
+    path = checkpoint_path(args.out, preset + tag)
     start, history = 0, []
     if args.resume and path.exists():
         ckpt = torch.load(path, map_location=device, weights_only=True)
@@ -892,7 +938,7 @@ def sample_text(model, enc, val_tokens, args, device, lines: int = 3) -> str:
 def state_sweep(args, tokens, val_tokens, vocab_size, device) -> list[dict]:
     """Pure GDN at growing state sizes (heads x key dim): recall at the hardest setting rises with it."""
     rows = []
-    for heads, dim in ((1, 8), (2, 8), (2, 16), (4, 16), (4, 32)):
+    for heads, dim in args.state_sizes:
         model, _ = train_model("gdn", args, tokens, vocab_size, device, gdn_heads=heads, gdn_head_dim=dim,
                                tag=f"_state{heads}x{dim}")
         res = evaluate(model, val_tokens, args, device)
@@ -910,7 +956,7 @@ def parse_args(argv=None):
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated presets (default {','.join(MODELS)}; also: transformer)")
     parser.add_argument("--use-triton", action="store_true", help="run the mixers through kernels.py (Triton)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda, ...")
-    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--steps", type=int, default=1200)
     parser.add_argument("--seq-len", type=int, default=128, help="training length; evaluation also runs at 2x and 4x")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("out"))
@@ -921,18 +967,19 @@ def parse_args(argv=None):
     parser.add_argument("--d-model", type=int, default=64)
     parser.add_argument("--n-layer", type=int, default=2)
     parser.add_argument("--gdn-heads", type=int, default=2)
-    parser.add_argument("--gdn-head-dim", type=int, default=16)
+    parser.add_argument("--gdn-head-dim", type=int, default=24)
     parser.add_argument("--window", type=int, default=16)
     parser.add_argument("--lte-buffer", type=int, default=32)
     parser.add_argument("--lte-lambda-init", type=float, default=1e-2)
     parser.add_argument("--lte-lambda-every", type=int, default=8)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--answer-weight", type=float, default=1.0)
     parser.add_argument("--max-facts", type=int, default=16)
     parser.add_argument("--dense-len", type=int, default=64)
     parser.add_argument("--dense-facts", type=int, default=8)
-    parser.add_argument("--dense-frac", type=float, default=0.3)
+    parser.add_argument("--drill-frac", type=float, default=0.5, help="fraction of steps that start training on text-free drills")
+    parser.add_argument("--drill-facts", type=int, default=16, help="facts per drill (a drill is 4x as many tokens)")
     parser.add_argument("--eval-batch", type=int, default=16)
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--checkpoint-every", type=int, default=250)
@@ -943,8 +990,9 @@ def parse_args(argv=None):
     args.models = args.models.split(",")
     if args.quick:
         args.steps, args.eval_batch, args.log_every, args.checkpoint_every = 40, 4, 10, 20
-        args.dense_frac = 0.5
+        args.drill_frac = 0.5
     args.eval_facts = sorted({2, args.max_facts // 2, args.max_facts})
+    args.state_sizes = ((1, 8), (2, 8), (2, 16), (2, 24), (4, 32))  # --sweep-state: (GDN heads, key dim)
     return args
 
 
