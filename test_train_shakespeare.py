@@ -408,6 +408,7 @@ def test_distance_bins_straddle_the_window():
 # ----------------------------------------------------------------------------------------------
 
 import os
+import re
 import signal
 
 import tiny_hybrid
@@ -480,8 +481,10 @@ def test_curriculum_and_batches_are_the_same_for_every_model(tmp_path):
     kinds = [ts.task_for_step(s, args) for s in range(100)]
     assert kinds[:30] == ["drill"] * 30                                   # text-free warm-up first
     assert kinds[32:40] == ["drill", "haystack", "dense", "haystack"] * 2   # then a quarter stay drills
-    shapes = {kind: ts.training_batch(TEXT_TOKENS, kinds.index(kind, 30), args)["idx"].shape for kind in set(kinds)}
-    assert shapes == {"drill": (4, 4 * args.drill_facts), "dense": (4, args.dense_len), "haystack": (4, args.seq_len)}
+    shapes = {kind: ts.training_batch(TEXT_TOKENS, kinds.index(kind, 30), args)["idx"].shape for kind in ("dense", "haystack")}
+    assert shapes == {"dense": (4, args.dense_len), "haystack": (4, args.seq_len)}
+    drill_facts = {ts.training_batch(TEXT_TOKENS, s, args)["idx"].shape[1] // 4 for s in range(30)}
+    assert drill_facts == set(range(1, args.drill_facts + 1))              # every size from 1 fact up
     a, b = ts.training_batch(TEXT_TOKENS, 41, args), ts.training_batch(TEXT_TOKENS, 41, args)
     assert torch.equal(a["idx"], b["idx"])
 
@@ -509,3 +512,17 @@ def test_state_sweep_trains_pure_gdn_at_each_state_size(tmp_path):
     assert [(r["gdn_heads"], r["gdn_head_dim"], r["state_numbers_per_layer"]) for r in rows] == [(1, 8, 64), (2, 16, 512)]
     assert all(0.0 <= r["hardest_recall"] <= 1.0 for r in rows)
     assert ts.checkpoint_path(tmp_path, "gdn_state2x16").exists()
+
+
+def test_failed_recalls_use_the_longest_distance_that_the_facts_can_fill(tmp_path, enc):
+    """8 facts in 48 tokens cannot all lie 33+ tokens back, so the longest distance bin is empty: the
+    examples must come from a shorter bin rather than vanish. Untrained models answer at chance, so
+    gdn fails often."""
+    from tiny_hybrid import TinyHybrid
+    args = tiny_args(tmp_path, "--max-facts", "8")
+    torch.manual_seed(0)
+    models = {p: TinyHybrid(ts.model_config(p, args, ts.VOCAB_SIZE)) for p in ("gdn", "gdn+attn")}
+    lines = ts.show_failed_recalls(models, enc, TEXT_TOKENS, args, torch.device("cpu"))
+    assert lines and all("-> expected <value_" in line and "; gdn+attn: " in line for line in lines)
+    distances = [int(re.search(r"\(fact (\d+) tokens back\)", line).group(1)) for line in lines]
+    assert all(17 <= d <= 32 for d in distances), distances            # the bin below 33-46

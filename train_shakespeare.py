@@ -638,8 +638,8 @@ def task_for_step(step: int, args) -> str:
 def training_batch(tokens: np.ndarray, step: int, args) -> dict[str, torch.Tensor]:
     rng = np.random.default_rng((args.seed, step))
     kind = task_for_step(step, args)
-    if kind == "drill":
-        return make_drill_batch(args.batch_size, args.drill_facts, rng)
+    if kind == "drill":  # 1 to drill_facts facts: easy drills start recall early, full ones fill the state
+        return make_drill_batch(args.batch_size, int(rng.integers(1, args.drill_facts + 1)), rng)
     if kind == "dense":
         T, n_facts = args.dense_len, (args.dense_facts, args.dense_facts)
     else:
@@ -902,8 +902,9 @@ def show_failed_recalls(models: dict, enc, val_tokens, args, device, count: int 
     if "gdn" not in models:
         return []
     n, length = max(args.eval_facts), args.seq_len
-    lo, hi = distance_bins(args.window, length - BLOCK_LEN)[-1]
-    batch = eval_batch(val_tokens, args, length, n, (lo, hi))
+    # The longest distance bin that n facts can fill (with many facts the longest ones cannot).
+    bins = reversed(distance_bins(args.window, length - BLOCK_LEN))
+    batch = next((b for b in (eval_batch(val_tokens, args, length, n, d) for d in bins) if b is not None), None)
     if batch is None:
         return []
     mask = batch["answer_mask"]
@@ -975,11 +976,11 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--answer-weight", type=float, default=1.0)
-    parser.add_argument("--max-facts", type=int, default=16)
+    parser.add_argument("--max-facts", type=int, default=24)
     parser.add_argument("--dense-len", type=int, default=64)
     parser.add_argument("--dense-facts", type=int, default=8)
     parser.add_argument("--drill-frac", type=float, default=0.5, help="fraction of steps that start training on text-free drills")
-    parser.add_argument("--drill-facts", type=int, default=16, help="facts per drill (a drill is 4x as many tokens)")
+    parser.add_argument("--drill-facts", type=int, default=32, help="most facts per drill batch (drawn from 1..this; a drill is 4x as many tokens)")
     parser.add_argument("--eval-batch", type=int, default=16)
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--checkpoint-every", type=int, default=250)
