@@ -924,7 +924,7 @@ def show_failed_recalls(models: dict, enc, val_tokens, args, device, count: int 
         others = ", ".join(f"{p}: {name(a[i])} {'ok' if a[i] == truth[i] else 'wrong'}"
                            for p, a in answers.items() if p != "gdn")
         lines.append(f"...{context!r} -> expected {name(truth[i])} (fact {batch['answer_distance'][i].item()} "
-                     f"tokens back); gdn: {name(answers['gdn'][i])}; {others}")
+                     f"tokens back); gdn: {name(answers['gdn'][i])}" + (f"; {others}" if others else ""))
     return lines
 
 
