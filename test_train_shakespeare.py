@@ -526,3 +526,28 @@ def test_failed_recalls_use_the_longest_distance_that_the_facts_can_fill(tmp_pat
     assert lines and all("-> expected <value_" in line and "; gdn+attn: " in line for line in lines)
     distances = [int(re.search(r"\(fact (\d+) tokens back\)", line).group(1)) for line in lines]
     assert all(17 <= d <= 32 for d in distances), distances            # the bin below 33-46
+
+
+def test_use_triton_trains_like_the_reference(tmp_path, monkeypatch):
+    """--use-triton swaps every mixer's ops for the kernels (Triton's interpreter on a CPU): the
+    first steps' losses must match the reference run's. float32 with IEEE dots in the interpreter,
+    so the two differ only by summation order; 1e-4 relative leaves room for 3 optimizer steps."""
+    import kernels
+    calls = collections.Counter()
+    for name in ("attention", "gated_delta_rule"):
+        def counted(*a, _kernel=getattr(kernels, name), _name=name, **kw):
+            calls[_name] += 1
+            return _kernel(*a, **kw)
+        monkeypatch.setattr(kernels, name, counted)
+    device = torch.device("cpu")
+    runs = {}
+    for flags in ((), ("--use-triton",)):
+        args = tiny_args(tmp_path / str(len(flags)), "--steps", "3", "--log-every", "1", "--seq-len", "32",
+                         "--dense-len", "16", "--max-facts", "2", "--dense-facts", "2", "--drill-facts", "2",
+                         "--models", "gdn+lte", *flags)
+        _, runs[flags] = ts.train_model("gdn+lte", args, TEXT_TOKENS, ts.VOCAB_SIZE, device)
+    reference, triton_run = runs[()], runs[("--use-triton",)]
+    assert calls["attention"] >= 3 and calls["gated_delta_rule"] >= 3, calls   # the kernels did run
+    assert len(reference) == len(triton_run) == 3
+    for a, b in zip(reference, triton_run):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), (a, b)
