@@ -1059,19 +1059,20 @@ def _unit_lower_inverse(A, L: tl.constexpr, LOG2_BLOCKS: tl.constexpr, PRECISION
 # --- forward kernels ----------------------------------------------------------------------------
 
 @triton.jit
-def _gdn_prepare_kernel(k_ptr, v_ptr, g_ptr, beta_ptr,                  # inputs, [B, T, H, *]
-                        gamma_ptr, tinv_ptr, w_ptr, u_prime_ptr,         # outputs, [B*H, Tp, *]
-                        T, H, K, V, Tp,
-                        L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                        LOG2_BLOCKS: tl.constexpr, STORE_T: tl.constexpr, PRECISION: tl.constexpr):
-    """Steps 3-4 for one chunk: gamma, the UT transform T = (I + A)^-1, and the WY factors.
+def _gdn_ut_kernel(k_ptr, g_ptr, beta_ptr,                                  # inputs, [B, T, H, *]
+                   gamma_ptr, tinv_ptr,                                     # outputs, [B*H, Tp, *]
+                   T, H, K, Tp,
+                   L: tl.constexpr, BK: tl.constexpr, LOG2_BLOCKS: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    """Steps 3-4a for one chunk: gamma and the UT transform T = (I + A)^-1.
 
-    grid (N chunks, B*H). Writes gamma [L], W [L, K], U' [L, V] (and T [L, L] when STORE_T).
+    grid (N chunks, B*H). Writes gamma [L] and T [L, L]. Only [L, L] tiles stay live (K K^T is
+    summed over BK-wide slices of K), so several programs share a multiprocessor: the triangular
+    solve is a chain of small products, and other programs hide its latency.
     """
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     t0 = i_n * L
-    dt = w_ptr.dtype.element_ty                       # dot / storage type of the work tensors
 
     # step 3: decay from the chunk's start
     offs, mask = _token_vec(i_b, i_h, t0, T, H, L)
@@ -1080,26 +1081,51 @@ def _gdn_prepare_kernel(k_ptr, v_ptr, g_ptr, beta_ptr,                  # inputs
     gam = tl.cumsum(g, 0)                                                        # [L]
     tl.store(gamma_ptr + i_bh.to(tl.int64) * Tp + t0 + tl.arange(0, L), gam)
 
-    # step 4: A_ij = beta_i Gamma_ij (k_i . k_j), j < i
-    k_offs, k_mask = _token_tile(i_b, i_h, t0, T, H, K, L, BK)
-    k = tl.load(k_ptr + k_offs, mask=k_mask, other=0.)                           # [L, BK]
-    kk = _dot(k, tl.trans(k), PRECISION)                                         # [L, L]
+    # step 4a: A_ij = beta_i Gamma_ij (k_i . k_j), j < i, and T = (I + A)^-1
+    kk = tl.zeros([L, L], dtype=tl.float32)
+    for d0 in range(0, K, BK):
+        k_offs, k_mask = _token_tile(i_b, i_h, t0, T, H, K, L, BK, d0)
+        k = tl.load(k_ptr + k_offs, mask=k_mask, other=0.)                       # [L, BK]
+        kk += _dot(k, tl.trans(k), PRECISION)                                    # [L, L]
     A = _decay_matrix(gam, L, True) * kk * beta[:, None]                         # [L, L]
-    Tm = _unit_lower_inverse(A, L, LOG2_BLOCKS, PRECISION)                       # (I + A)^-1
+    Tm = _unit_lower_inverse(A, L, LOG2_BLOCKS, PRECISION)
+    offs, mask = _chunk_tile(i_bh, t0, Tp, L, L, L)
+    tl.store(tinv_ptr + offs, Tm.to(tinv_ptr.dtype.element_ty), mask=mask)
 
-    # W = T diag(beta e^gamma) K, U' = T diag(beta) V. The diagonal scales go onto T's columns
-    # ([L, L]) rather than onto K and V ([L, D]): fewer registers.
-    w = _dot((Tm * (beta * tl.exp(gam))[None, :]).to(dt), k, PRECISION)          # [L, BK]
-    offs, mask = _chunk_tile(i_bh, t0, Tp, K, L, BK)
-    tl.store(w_ptr + offs, w.to(dt), mask=mask)
-    offs, mask = _token_tile(i_b, i_h, t0, T, H, V, L, BV)
-    v = tl.load(v_ptr + offs, mask=mask, other=0.)                               # [L, BV]
-    u_prime = _dot((Tm * beta[None, :]).to(dt), v, PRECISION)                    # [L, BV]
-    offs, mask = _chunk_tile(i_bh, t0, Tp, V, L, BV)
-    tl.store(u_prime_ptr + offs, u_prime.to(dt), mask=mask)
-    if STORE_T:
-        offs, mask = _chunk_tile(i_bh, t0, Tp, L, L, L)
-        tl.store(tinv_ptr + offs, Tm.to(dt), mask=mask)
+
+@triton.jit
+def _gdn_wy_kernel(k_ptr, v_ptr, beta_ptr, gamma_ptr, tinv_ptr,             # inputs
+                   w_ptr, u_prime_ptr,                                      # outputs, [B*H, Tp, *]
+                   T, H, K, V, Tp,
+                   L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr):
+    """Step 4b for one chunk: the WY factors W = T diag(beta e^gamma) K and U' = T diag(beta) V.
+
+    grid (N chunks, B*H). The forward runs it after _gdn_ut_kernel, the backward from the saved T.
+    """
+    i_n, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    t0 = i_n * L
+    dt = w_ptr.dtype.element_ty
+
+    offs, mask = _token_vec(i_b, i_h, t0, T, H, L)
+    beta = tl.load(beta_ptr + offs, mask=mask, other=0.).to(tl.float32)          # [L]
+    gam = tl.load(gamma_ptr + i_bh.to(tl.int64) * Tp + t0 + tl.arange(0, L))     # [L]
+    offs, mask = _chunk_tile(i_bh, t0, Tp, L, L, L)
+    Tm = tl.load(tinv_ptr + offs, mask=mask, other=0.).to(tl.float32)            # [L, L]
+    # the diagonal scales go onto T's columns ([L, L]) rather than onto K and V ([L, D])
+    tw = (Tm * (beta * tl.exp(gam))[None, :]).to(dt)
+    tu = (Tm * beta[None, :]).to(dt)
+    # (loop variables get names of their own: a loop may not change a variable's shape)
+    for d0 in range(0, K, BK):
+        t_offs, t_mask = _token_tile(i_b, i_h, t0, T, H, K, L, BK, d0)
+        k = tl.load(k_ptr + t_offs, mask=t_mask, other=0.)                       # [L, BK]
+        c_offs, c_mask = _chunk_tile(i_bh, t0, Tp, K, L, BK, d0)
+        tl.store(w_ptr + c_offs, _dot(tw, k, PRECISION).to(dt), mask=c_mask)
+    for d0 in range(0, V, BV):
+        t_offs, t_mask = _token_tile(i_b, i_h, t0, T, H, V, L, BV, d0)
+        v = tl.load(v_ptr + t_offs, mask=t_mask, other=0.)                       # [L, BV]
+        c_offs, c_mask = _chunk_tile(i_bh, t0, Tp, V, L, BV, d0)
+        tl.store(u_prime_ptr + c_offs, _dot(tu, v, PRECISION).to(dt), mask=c_mask)
 
 
 @triton.jit
@@ -1330,7 +1356,7 @@ def _gdn_bwd_wy_kernel(k_ptr, v_ptr, beta_ptr, gamma_ptr, tinv_ptr, w_ptr, u_pri
     beta = tl.load(beta_ptr + offs, mask=mask, other=0.).to(tl.float32)          # [L]
     gam = tl.load(gamma_ptr + i_bh.to(tl.int64) * Tp + t0 + tl.arange(0, L))     # [L]
     offs, mask = _chunk_tile(i_bh, t0, Tp, L, L, L)
-    Tm = tl.load(tinv_ptr + offs, mask=mask, other=0.)                           # [L, L]
+    Tm = tl.load(tinv_ptr + offs, mask=mask, other=0.).to(dt)                    # [L, L]
     w_offs, w_mask = _chunk_tile(i_bh, t0, Tp, K, L, BK)
     dw = tl.load(dw_ptr + w_offs, mask=w_mask, other=0.)                         # [L, BK] f32
     w = tl.load(w_ptr + w_offs, mask=w_mask, other=0.)                           # [L, BK]
@@ -1462,32 +1488,38 @@ def _gdn_seq_block_v(BH: int, V: int, device) -> int:
     return BV
 
 
-def _gdn_num_warps(BK: int, BV: int) -> int:
-    return 4 if max(BK, BV) <= 64 else 8
-
-
 def _gdn_num_stages(x: torch.Tensor) -> int:
     """Software-pipelining depth of the loops: 3 for 16-bit tiles; float32 tiles are twice the
-    size and 3 stages overflow the H100's 227 KB of shared memory, so no pipelining there."""
+    size and 3 stages overflow the H100's 227 KB of shared memory, so no pipelining there.
+    (Never 1 for 16-bit tiles: with Triton 3.6 on the H200, bf16 backward kernels built with one
+    stage returned wrong gradients or faulted, while the same code with 3 stages checks out.)"""
     return 3 if x.element_size() == 2 else 1
 
 
-def _gdn_prepare(k, v, g, beta, L, store_t):
-    """Launch steps 3-4: returns gamma [B*H, Tp] f32, T [B*H, Tp, L] (or None), W, U'."""
+def _gdn_ut(k, g, beta, L):
+    """Launch steps 3-4a: returns gamma [B*H, Tp] and T [B*H, Tp, L], both float32 (T is rounded
+    only once, when it is scaled into W and U')."""
+    B, T, H, K = k.shape
+    N = triton.cdiv(T, L)
+    gamma = torch.empty(B * H, N * L, device=k.device, dtype=torch.float32)
+    tinv = torch.empty(B * H, N * L, L, device=k.device, dtype=torch.float32)
+    _gdn_ut_kernel[(N, B * H)](k, g, beta, gamma, tinv, T, H, K, N * L, L=L,
+                               BK=min(64, _gdn_block(K)), LOG2_BLOCKS=(L // 16).bit_length() - 1,
+                               PRECISION=_DOT_PRECISION, num_warps=4)
+    return gamma, tinv
+
+
+def _gdn_wy(k, v, beta, gamma, tinv, L):
+    """Launch step 4b: returns W [B*H, Tp, K] and U' [B*H, Tp, V] in the work dtype."""
     B, T, H, K = k.shape
     V = v.shape[3]
-    N = triton.cdiv(T, L)
-    Tp = N * L
-    gamma = torch.empty(B * H, Tp, device=k.device, dtype=torch.float32)
+    Tp = gamma.shape[1]
     w = torch.empty(B * H, Tp, K, device=k.device, dtype=k.dtype)
     u_prime = torch.empty(B * H, Tp, V, device=k.device, dtype=k.dtype)
-    tinv = torch.empty(B * H, Tp, L, device=k.device, dtype=k.dtype) if store_t else w
-    BK, BV = _gdn_block(K), _gdn_block(V)
-    _gdn_prepare_kernel[(N, B * H)](k, v, g, beta, gamma, tinv, w, u_prime, T, H, K, V, Tp,
-                                    L=L, BK=BK, BV=BV, LOG2_BLOCKS=(L // 16).bit_length() - 1,
-                                    STORE_T=store_t, PRECISION=_DOT_PRECISION,
-                                    num_warps=_gdn_num_warps(BK, BV))
-    return gamma, (tinv if store_t else None), w, u_prime
+    _gdn_wy_kernel[(Tp // L, B * H)](k, v, beta, gamma, tinv, w, u_prime, T, H, K, V, Tp, L=L,
+                                     BK=min(64, _gdn_block(K)), BV=min(64, _gdn_block(V)),
+                                     PRECISION=_DOT_PRECISION, num_warps=4)
+    return w, u_prime
 
 
 def _gdn_state_fwd(k, w, u_prime, gamma, h0, L):
@@ -1514,11 +1546,12 @@ def _gdn_output(q, k, gamma, h, u, scale, L, out_dtype):
     Tp = u.shape[1]
     N = Tp // L
     o = torch.empty(B, T, H, V, device=q.device, dtype=out_dtype)
-    BK, BV = _gdn_block(K), min(64, _gdn_block(V))
+    # one program per chunk and V tile; at K = V = 128 a whole-V tile with 4 warps was the
+    # fastest on the H200 (0.24 ms at T = 16K against 0.38 for 64-wide tiles with 8 warps)
+    BK, BV = _gdn_block(K), _gdn_block(V)
     _gdn_output_kernel[(N, triton.cdiv(V, BV), B * H)](
         q, k, gamma, h, u, o, scale, T, H, K, V, Tp, N,
-        L=L, BK=BK, BV=BV, PRECISION=_DOT_PRECISION, num_warps=_gdn_num_warps(BK, BV),
-        num_stages=_gdn_num_stages(q))
+        L=L, BK=BK, BV=BV, PRECISION=_DOT_PRECISION, num_warps=4, num_stages=_gdn_num_stages(q))
     return o
 
 
@@ -1544,10 +1577,12 @@ def _gdn_inputs(q, k, v, g, beta, initial_state, scale):
 
 
 def _gdn_forward(q, k, v, g, beta, h0, scale, L, out_dtype):
-    """The chunked forward on work tensors: returns (o, final_state)."""
-    gamma, _, w, u_prime = _gdn_prepare(k, v, g, beta, L, store_t=False)
+    """The chunked forward on work tensors: returns (o, final_state, gamma, T); the backward
+    keeps gamma and T so that it need not solve the triangular systems again."""
+    gamma, tinv = _gdn_ut(k, g, beta, L)
+    w, u_prime = _gdn_wy(k, v, beta, gamma, tinv, L)
     h, u, ht = _gdn_state_fwd(k, w, u_prime, gamma, h0, L)
-    return _gdn_output(q, k, gamma, h, u, scale, L, out_dtype), ht
+    return _gdn_output(q, k, gamma, h, u, scale, L, out_dtype), ht, gamma, tinv
 
 
 def _gdn_state_bwd(q, k, w, gamma, do, dht, scale, L):
@@ -1566,10 +1601,12 @@ def _gdn_state_bwd(q, k, w, gamma, do, dht, scale, L):
     return dh, du, dh0
 
 
-def _gdn_bwd_block_v(K: int, V: int) -> int:
-    """Value tile of the two chunk-parallel backward kernels (with 8 warps): 32 wide for K = 128
-    keeps them out of local memory (spills), 64 otherwise."""
-    return min(64 if _gdn_block(K) <= 64 else 32, _gdn_block(V))
+def _gdn_bwd_config(kernel: str, K: int, V: int, x: torch.Tensor) -> dict:
+    """Value tile, warps and pipelining of the chunk-parallel backward kernels ("output", "wy"):
+    the fastest of a sweep on the H200 at T = 16K, B*H = 32, bf16 (output: 0.31 / 0.77 ms at
+    K = 64 / 128 against 0.47 / 0.83 for the next best; wy: 0.38 / 0.61 against 0.64 / 1.0)."""
+    BV, warps = (64, 8) if kernel == "output" and _gdn_block(K) > 64 else (32, 4)
+    return dict(BV=min(BV, _gdn_block(V)), num_warps=warps, num_stages=_gdn_num_stages(x))
 
 
 def _gdn_bwd_output(q, k, gamma, h, u, du, dh, do, scale, L, dq_dtype):
@@ -1584,8 +1621,7 @@ def _gdn_bwd_output(q, k, gamma, h, u, du, dh, do, scale, L, dq_dtype):
     dgam = torch.empty(B * H, Tp, device=k.device, dtype=torch.float32)
     _gdn_bwd_output_kernel[(N, B * H)](
         q, k, gamma, h, u, du, dh, do, dq, dk_part, dw, dgam, scale, T, H, K, V, Tp, N,
-        L=L, BK=_gdn_block(K), BV=_gdn_bwd_block_v(K, V), PRECISION=_DOT_PRECISION, num_warps=8,
-        num_stages=_gdn_num_stages(k))
+        L=L, BK=_gdn_block(K), PRECISION=_DOT_PRECISION, **_gdn_bwd_config("output", K, V, k))
     return dq, dk_part, dw, dgam
 
 
@@ -1601,20 +1637,20 @@ def _gdn_bwd_wy(k, v, beta, gamma, tinv, w, u_prime, du, dw, dk_part, dgam, L, d
     dbeta = torch.empty(B, T, H, device=k.device, dtype=dtypes[4])
     _gdn_bwd_wy_kernel[(N, B * H)](
         k, v, beta, gamma, tinv, w, u_prime, du, dw, dk_part, dgam, dk, dv, dg, dbeta,
-        T, H, K, V, Tp, L=L, BK=_gdn_block(K), BV=_gdn_bwd_block_v(K, V),
-        PRECISION=_DOT_PRECISION, num_warps=8, num_stages=_gdn_num_stages(k))
+        T, H, K, V, Tp, L=L, BK=_gdn_block(K), PRECISION=_DOT_PRECISION,
+        **_gdn_bwd_config("wy", K, V, k))
     return dk, dv, dg, dbeta
 
 
-def _gdn_backward(q, k, v, g, beta, h0, scale, L, do, dht, dtypes):
-    """The chunked backward on work tensors. Recomputes the forward's chunk-local quantities (T, W,
-    U', the chunk-start states h, U) from the inputs rather than storing them. Returns dq, dk, dv,
-    dg, dbeta, dh0 in the dtypes of `dtypes` (the original inputs)."""
+def _gdn_backward(q, k, v, beta, h0, gamma, tinv, scale, L, do, dht, dtypes):
+    """The chunked backward on work tensors. Recomputes W, U' (from the saved T) and the
+    chunk-start states h, U rather than storing them. Returns dq, dk, dv, dg, dbeta, dh0 in the
+    dtypes of `dtypes` (the original inputs)."""
     B, T, H, K = k.shape
     V = v.shape[3]
     do = do.to(k.dtype).contiguous()
     dht = torch.zeros(B, H, K, V, device=k.device) if dht is None else dht.float().contiguous()
-    gamma, tinv, w, u_prime = _gdn_prepare(k, v, g, beta, L, store_t=True)
+    w, u_prime = _gdn_wy(k, v, beta, gamma, tinv, L)
     h, u, _ = _gdn_state_fwd(k, w, u_prime, gamma, h0, L)
     dh, du, dh0 = _gdn_state_bwd(q, k, w, gamma, do, dht, scale, L)
     dq, dk_part, dw, dgam = _gdn_bwd_output(q, k, gamma, h, u, du, dh, do, scale, L, dtypes[0])
@@ -1624,34 +1660,36 @@ def _gdn_backward(q, k, v, g, beta, h0, scale, L, do, dht, dtypes):
 
 
 class _GatedDeltaRule(torch.autograd.Function):
-    """Chunked Gated DeltaNet; saves only the inputs, the backward recomputes the rest."""
+    """Chunked Gated DeltaNet; saves the inputs and the chunks' gamma and T = (I + A)^-1 (float32,
+    [B*H, T, L]: the size of one more input), the backward recomputes the rest."""
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta, scale, initial_state, chunk_size):
         dtypes = tuple(None if x is None else x.dtype for x in (q, k, v, g, beta, initial_state))
         out_dtype = v.dtype
         q, k, v, g, beta, h0, scale = _gdn_inputs(q, k, v, g, beta, initial_state, scale)
+        gamma = tinv = None
         if q.shape[1] == 0:          # no tokens: nothing to launch (the reference fails on T = 0)
             B, _, H, K = k.shape
             o = torch.empty(B, 0, H, v.shape[3], device=v.device, dtype=out_dtype)
             ht = h0.float().clone() if h0 is not None else \
                 torch.zeros(B, H, K, v.shape[3], device=v.device)
         else:
-            o, ht = _gdn_forward(q, k, v, g, beta, h0, scale, chunk_size, out_dtype)
-        ctx.save_for_backward(q, k, v, g, beta, h0)
+            o, ht, gamma, tinv = _gdn_forward(q, k, v, g, beta, h0, scale, chunk_size, out_dtype)
+        ctx.save_for_backward(q, k, v, g, beta, h0, gamma, tinv)
         ctx.scale, ctx.chunk_size, ctx.dtypes = scale, chunk_size, dtypes
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, g, beta, h0 = ctx.saved_tensors
+        q, k, v, g, beta, h0, gamma, tinv = ctx.saved_tensors
         if q.shape[1] == 0:
             dh0 = None if h0 is None else dht.to(ctx.dtypes[5])
             return (torch.zeros_like(q, dtype=ctx.dtypes[0]), torch.zeros_like(k, dtype=ctx.dtypes[1]),
                     torch.zeros_like(v, dtype=ctx.dtypes[2]), torch.zeros_like(g), torch.zeros_like(beta),
                     None, dh0, None)
-        dq, dk, dv, dg, dbeta, dh0 = _gdn_backward(q, k, v, g, beta, h0, ctx.scale, ctx.chunk_size,
-                                                   do, dht, ctx.dtypes)
+        dq, dk, dv, dg, dbeta, dh0 = _gdn_backward(q, k, v, beta, h0, gamma, tinv, ctx.scale,
+                                                   ctx.chunk_size, do, dht, ctx.dtypes)
         return dq, dk, dv, dg, dbeta, None, dh0, None
 
 
