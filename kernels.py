@@ -68,23 +68,27 @@ LOG2E = 1.4426950408889634  # scores are kept in base 2 so that exp2 (one instru
 # The interpreter gets small blocks because its cost is per operation, not per element.
 GPU_BLOCKS = {
     "fwd":  dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
+    # a band without kept columns (SWA): 64-query tiles, 0.147 ms against 0.177 at T=8K (H200)
+    "fwd_band": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
     "dq":   dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=5),
     "dkdv": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
 }
 GPU_BLOCKS_D128 = {  # not tuned: fewer rows per program at D > 64, so the tiles fit in registers
     "fwd":  dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+    "fwd_band": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
     "dq":   dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
     "dkdv": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
 }
 INTERPRETER_BLOCKS = {
     "fwd":  dict(BLOCK_M=32, BLOCK_N=32),
+    "fwd_band": dict(BLOCK_M=32, BLOCK_N=32),
     "dq":   dict(BLOCK_M=32, BLOCK_N=32),
     "dkdv": dict(BLOCK_M=32, BLOCK_N=32),
 }
 
 
 def _blocks(kernel: str, D: int) -> dict:
-    """Launch parameters of one kernel ("fwd", "dq", "dkdv") for head dim D."""
+    """Launch parameters of one kernel ("fwd", "fwd_band", "dq", "dkdv") for head dim D."""
     if INTERPRET:
         return INTERPRETER_BLOCKS[kernel]
     return (GPU_BLOCKS if D <= 64 else GPU_BLOCKS_D128)[kernel]
@@ -558,7 +562,8 @@ class _SparseCausalAttention(torch.autograd.Function):
             cols = col_until = nbefore = torch.zeros(1, dtype=torch.int32, device=q.device)
         o = torch.empty_like(q)
         lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
-        cfg = dict(_blocks("fwd", D))
+        band_only = window < T and not has_keep
+        cfg = dict(_blocks("fwd_band" if band_only else "fwd", D))
         grid = (triton.cdiv(T, cfg["BLOCK_M"]), B * H)
         _attn_fwd_kernel[grid](q, k, v, o, lse, cols, col_until, nbefore, T, H, Hkv, window,
                                scale * LOG2E, D=D, HAS_KEEP=has_keep, BLOCK_D=_block_d(D),
