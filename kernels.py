@@ -45,7 +45,9 @@ if importlib.util.find_spec("triton") is None:
     raise ImportError("kernels.py needs Triton, which ships for Linux only (pip install triton). "
                       "Everything in tiny_hybrid.py runs without it: leave Config.use_triton off.")
 
-INTERPRET = not torch.cuda.is_available()
+# TRITON_INTERPRET=0 set by hand keeps the compiler even without a GPU: kernels can then be built
+# but not run (test_kernel_compile.py compiles them for a Hopper GPU that way).
+INTERPRET = not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "0"
 if INTERPRET:
     # Triton reads this when it defines a jit function, its own library's included: it must be
     # set before Triton's first import. A test file that imports triton itself sets it first.
