@@ -484,6 +484,22 @@ def test_state_size_report():
 # decoding: prefill + steps equals the parallel forward
 # =============================================================================================
 
+def test_gdn_value_dim_other_than_key_dim():
+    """V != K (fla's expand_v): the parallel forward equals prefill + steps, and state_size counts
+    exactly what the decoding state holds (S and the conv tails)."""
+    torch.manual_seed(0)
+    model = TinyHybrid(small_config("gdn+attn", gdn_heads=2, gdn_head_dim=8, gdn_value_dim=24)).eval()
+    idx = torch.randint(0, 61, (2, 30))
+    with torch.no_grad():
+        full, _ = model(idx)
+        state = model.init_state(2)
+        parts = [model(idx[:, :11], state=state)[0]] + [model(idx[:, t:t + 1], state=state)[0] for t in range(11, 30)]
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
+    gdn = next(m for m in model.modules() if isinstance(m, th.GatedDeltaNet))
+    held = sum(x[0].numel() for x in gdn.init_state(1).values() if isinstance(x, torch.Tensor))
+    assert held == gdn.state_size(30) == 2 * 8 * 24 + 3 * 2 * (8 + 8 + 24)
+
+
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_prefill_then_step_equals_parallel_forward(preset):
     torch.manual_seed(0)
@@ -605,6 +621,7 @@ def test_sampling_is_reproducible_with_a_seed():
     (dict(head_dim=7), "even"),
     (dict(nsa_topn=2, nsa_recent=2), "nsa_topn"),
     (dict(window=-1), "window"),
+    (dict(gdn_value_dim=-4), "gdn_value_dim"),
 ])
 def test_bad_config(kwargs, match):
     base = dict(n_layer=2, layers=("gdn", "lte"))

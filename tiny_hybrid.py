@@ -567,17 +567,18 @@ class GatedDeltaNet(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        C, H, K = config.d_model, config.gdn_heads, config.gdn_head_dim
-        self.n_head, self.head_dim = H, K
+        C, H, K, V = config.d_model, config.gdn_heads, config.gdn_head_dim, config.gdn_value_dim
+        self.n_head, self.head_dim, self.value_dim = H, K, V
         self.q_proj = nn.Linear(C, H * K, bias=False)
         self.k_proj = nn.Linear(C, H * K, bias=False)
-        self.v_proj = nn.Linear(C, H * K, bias=False)
-        self.q_conv, self.k_conv, self.v_conv = (ShortConv(H * K, config.gdn_conv_size) for _ in range(3))
+        self.v_proj = nn.Linear(C, H * V, bias=False)
+        self.q_conv, self.k_conv = (ShortConv(H * K, config.gdn_conv_size) for _ in range(2))
+        self.v_conv = ShortConv(H * V, config.gdn_conv_size)
         self.a_proj = nn.Linear(C, H, bias=False)
         self.b_proj = nn.Linear(C, H, bias=False)
-        self.g_proj = nn.Linear(C, H * K, bias=False)
-        self.o_norm = RMSNorm(K)
-        self.o_proj = nn.Linear(H * K, C, bias=False)
+        self.g_proj = nn.Linear(C, H * V, bias=False)
+        self.o_norm = RMSNorm(V)
+        self.o_proj = nn.Linear(H * V, C, bias=False)
         # Decay rates spread over heads (as in Mamba-2 / GDN): A in [1, 16], dt in [1e-3, 1e-1].
         self.A_log = nn.Parameter(torch.empty(H).uniform_(1, 16).log())
         dt = torch.exp(torch.empty(H).uniform_(math.log(1e-3), math.log(1e-1)))
@@ -585,19 +586,19 @@ class GatedDeltaNet(nn.Module):
 
     def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> dict:
         """Empty decoding state: S [B, H, K, V] (float32) and the three conv tails."""
-        H, K = self.n_head, self.head_dim
-        tail = lambda: torch.zeros(batch_size, self.config.gdn_conv_size - 1, H * K, device=device, dtype=dtype)
-        return {"pos": 0, "S": torch.zeros(batch_size, H, K, K, device=device),
-                "q_conv": tail(), "k_conv": tail(), "v_conv": tail()}
+        H, K, V = self.n_head, self.head_dim, self.value_dim
+        tail = lambda C: torch.zeros(batch_size, self.config.gdn_conv_size - 1, C, device=device, dtype=dtype)
+        return {"pos": 0, "S": torch.zeros(batch_size, H, K, V, device=device),
+                "q_conv": tail(H * K), "k_conv": tail(H * K), "v_conv": tail(H * V)}
 
     def forward(self, x, state: dict | None = None):
         B, T, _ = x.shape
-        H, K = self.n_head, self.head_dim
+        H, K, V = self.n_head, self.head_dim, self.value_dim
         convs = {}
         for name, proj, conv in (("q", self.q_proj, self.q_conv), ("k", self.k_proj, self.k_conv),
                                  ("v", self.v_proj, self.v_conv)):
             y, convs[name] = conv(proj(x), None if state is None else state[f"{name}_conv"])
-            convs[name + "_out"] = F.silu(y).view(B, T, H, K)                   # [B, T, C'] -> [B, T, H, K]
+            convs[name + "_out"] = F.silu(y).view(B, T, H, -1)                  # [B, T, C'] -> [B, T, H, K or V]
         q = F.normalize(convs["q_out"].float(), dim=-1).to(x.dtype)
         k = F.normalize(convs["k_out"].float(), dim=-1).to(x.dtype)
         v = convs["v_out"]
@@ -608,8 +609,8 @@ class GatedDeltaNet(nn.Module):
         else:
             o = self._decode(q, k, v, g, beta, state)
             state.update(q_conv=convs["q"], k_conv=convs["k"], v_conv=convs["v"], pos=state["pos"] + T)
-        o = self.o_norm(o) * F.silu(self.g_proj(x).view(B, T, H, K))
-        return self.o_proj(o.reshape(B, T, H * K))                              # [B, T, H, K] -> [B, T, C']
+        o = self.o_norm(o) * F.silu(self.g_proj(x).view(B, T, H, V))
+        return self.o_proj(o.reshape(B, T, H * V))                              # [B, T, H, V] -> [B, T, C']
 
     def _decode(self, q, k, v, g, beta, state):
         """Continue from state["S"]: the recurrent form for one token, the chunked form for a prompt."""
@@ -623,7 +624,8 @@ class GatedDeltaNet(nn.Module):
 
     def state_size(self, T: int) -> int:
         """Numbers held per sequence while decoding, for any T."""
-        return self.n_head * self.head_dim ** 2 + 3 * (self.config.gdn_conv_size - 1) * self.n_head * self.head_dim
+        H, K, V = self.n_head, self.head_dim, self.value_dim
+        return H * K * V + (self.config.gdn_conv_size - 1) * H * (2 * K + V)
 
 
 class _AttentionBase(nn.Module):
@@ -1029,7 +1031,8 @@ class Config:
     rope_base: float = 10000.0
     # Gated DeltaNet
     gdn_heads: int = 0                # 0 means n_head
-    gdn_head_dim: int = 0             # K = V; 0 means head_dim
+    gdn_head_dim: int = 0             # K (key dim: how many facts a head can hold); 0 means head_dim
+    gdn_value_dim: int = 0            # V (what a read returns); 0 means K (fla's expand_v = V / K)
     gdn_conv_size: int = 4
     gdn_chunk_size: int = 64
     # sliding window (SWA, LTE, and NSA's third branch unless nsa_window is set)
@@ -1059,11 +1062,12 @@ class Config:
         self.layers = tuple(self.layers) or ("gdn",) * self.n_layer
         self.gdn_heads = self.gdn_heads or self.n_head
         self.gdn_head_dim = self.gdn_head_dim or self.head_dim
+        self.gdn_value_dim = self.gdn_value_dim or self.gdn_head_dim
         self.mlp_hidden = self.mlp_hidden or 32 * math.ceil(8 * self.d_model / 3 / 32)
         self.lte_kernel_sizes, self.lte_dilations = tuple(self.lte_kernel_sizes), tuple(self.lte_dilations)
         is_int = lambda value: isinstance(value, int) and not isinstance(value, bool)
         for name in ("vocab_size", "n_layer", "d_model", "n_head", "n_kv_head", "head_dim", "gdn_heads",
-                     "gdn_head_dim", "gdn_conv_size", "gdn_chunk_size", "nsa_block", "nsa_topn",
+                     "gdn_head_dim", "gdn_value_dim", "gdn_conv_size", "gdn_chunk_size", "nsa_block", "nsa_topn",
                      "lte_lambda_every"):
             value = getattr(self, name)
             if not is_int(value) or value < 1:

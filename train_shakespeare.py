@@ -620,7 +620,8 @@ def model_config(preset: str, args, vocab_size: int, **overrides):
 
     settings = dict(vocab_size=vocab_size, n_layer=args.n_layer, d_model=args.d_model, n_head=4,
                     n_kv_head=2, head_dim=args.d_model // 4, gdn_heads=args.gdn_heads,
-                    gdn_head_dim=args.gdn_head_dim, window=args.window, lte_sink=4,
+                    gdn_head_dim=args.gdn_head_dim, gdn_value_dim=args.gdn_value_dim,
+                    window=args.window, lte_sink=4,
                     lte_buffer=args.lte_buffer, lte_lambda_init=args.lte_lambda_init,
                     lte_lambda_every=args.lte_lambda_every, nsa_block=args.window // 4, nsa_topn=4,
                     gdn_chunk_size=64, use_triton=args.use_triton)
@@ -943,9 +944,10 @@ def state_sweep(args, tokens, val_tokens, vocab_size, device) -> list[dict]:
         model, _ = train_model("gdn", args, tokens, vocab_size, device, gdn_heads=heads, gdn_head_dim=dim,
                                tag=f"_state{heads}x{dim}")
         res = evaluate(model, val_tokens, args, device)
-        rows.append({"gdn_heads": heads, "gdn_head_dim": dim, "state_numbers_per_layer": heads * dim * dim,
+        value_dim = args.gdn_value_dim or dim
+        rows.append({"gdn_heads": heads, "gdn_head_dim": dim, "state_numbers_per_layer": heads * dim * value_dim,
                      "hardest_recall": hardest(res, args), "easiest_recall": easiest(res, args)})
-        print(f"state sweep: {heads} heads x {dim}^2 = {heads * dim * dim:5d} numbers/layer -> "
+        print(f"state sweep: {heads} heads x {dim} x {value_dim} = {heads * dim * value_dim:5d} numbers/layer -> "
               f"hardest recall {rows[-1]['hardest_recall']:.1%}", flush=True)
     return rows
 
@@ -968,7 +970,8 @@ def parse_args(argv=None):
     parser.add_argument("--d-model", type=int, default=64)
     parser.add_argument("--n-layer", type=int, default=2)
     parser.add_argument("--gdn-heads", type=int, default=2)
-    parser.add_argument("--gdn-head-dim", type=int, default=24)
+    parser.add_argument("--gdn-head-dim", type=int, default=24, help="GDN key dim K")
+    parser.add_argument("--gdn-value-dim", type=int, default=0, help="GDN value dim V (0: = K)")
     parser.add_argument("--window", type=int, default=16)
     parser.add_argument("--lte-buffer", type=int, default=32)
     parser.add_argument("--lte-lambda-init", type=float, default=1e-2)
