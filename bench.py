@@ -96,7 +96,8 @@ def bench_decode(args, device) -> list[dict]:
     rows = []
     print(f"\ndecode: batch {args.batch}, {device_name(device)}, ms per token (median of {args.steps}) "
           f"and state MB per sequence")
-    print(f"{'preset':10s}" + "".join(f"{n // 1024:>8d}K ms {'MB':>8s}" for n in args.contexts))
+    label = lambda n: f"{n // 1024}K" if n % 1024 == 0 else str(n)   # context length: 64K, 1000
+    print(f"{'preset':10s}" + "".join(f"{label(n):>8s} ms {'MB':>8s}" for n in args.contexts))
     for preset in args.presets:
         config = bench_config(preset, use_triton=args.use_triton)
         model = TinyHybrid(config).to(device).eval()
