@@ -1118,7 +1118,7 @@ def _gdn_wy_kernel(k_ptr, v_ptr, beta_ptr, gamma_ptr, tinv_ptr,             # in
     beta = tl.load(beta_ptr + offs, mask=mask, other=0.).to(tl.float32)          # [L]
     gam = tl.load(gamma_ptr + i_bh.to(tl.int64) * Tp + t0 + tl.arange(0, L))     # [L]
     offs, mask = _chunk_tile(i_bh, t0, Tp, L, L, L)
-    Tm = tl.load(tinv_ptr + offs, mask=mask, other=0.).to(tl.float32)            # [L, L]
+    Tm = tl.load(tinv_ptr + offs, mask=mask, other=0.)                           # [L, L] f32
     # the diagonal scales go onto T's columns ([L, L]) rather than onto K and V ([L, D])
     tw = (Tm * (beta * tl.exp(gam))[None, :]).to(dt)
     tu = (Tm * beta[None, :]).to(dt)
@@ -1508,9 +1508,10 @@ def _gdn_ut(k, g, beta, L):
     only once, when it is scaled into W and U')."""
     B, T, H, K = k.shape
     N = triton.cdiv(T, L)
-    gamma = torch.empty(B * H, N * L, device=k.device, dtype=torch.float32)
-    tinv = torch.empty(B * H, N * L, L, device=k.device, dtype=torch.float32)
-    _gdn_ut_kernel[(N, B * H)](k, g, beta, gamma, tinv, T, H, K, N * L, L=L,
+    Tp = N * L                                                    # T padded to whole chunks
+    gamma = torch.empty(B * H, Tp, device=k.device, dtype=torch.float32)
+    tinv = torch.empty(B * H, Tp, L, device=k.device, dtype=torch.float32)
+    _gdn_ut_kernel[(N, B * H)](k, g, beta, gamma, tinv, T, H, K, Tp, L=L,
                                BK=min(64, _gdn_block(K)), LOG2_BLOCKS=(L // 16).bit_length() - 1,
                                PRECISION=_DOT_PRECISION, num_warps=4)
     return gamma, tinv

@@ -78,8 +78,9 @@ def _run_every_op(dtype):
     kernels.nsa_selected_attention(q, k, v, block_idx, block).float().sum().backward()
 
 
-def _recorded_launches(monkeypatch):
-    """{key: (kernel, bound arguments, launch options)} of every distinct launch of the ops."""
+def _recorded_launches(monkeypatch) -> list[dict]:
+    """Every distinct launch of the ops, as {name, signature, constexprs, options} (what _compile
+    takes), sorted by kernel name."""
     launches = {}
     run = InterpretedFunction.run
 
@@ -88,10 +89,11 @@ def _recorded_launches(monkeypatch):
         bound = inspect.signature(self.fn).bind(*args, **{k: v for k, v in kwargs.items()
                                                           if k not in ("grid", "warmup")})
         bound.apply_defaults()
+        name = self.fn.__name__
         signature = _signature(self.fn, bound.arguments)
-        constexprs = {name: bound.arguments[name] for name, t in signature.items() if t == "constexpr"}
-        key = (self.fn.__name__, repr(signature), repr(constexprs), repr(options))
-        launches.setdefault(key, (self, bound.arguments, options))
+        launch = dict(name=name, signature=signature, options=options,
+                      constexprs=_gpu_constexprs(name, bound.arguments, signature))
+        launches.setdefault(json.dumps(launch, sort_keys=True), launch)
         return run(self, *args, **kwargs)
 
     monkeypatch.setattr(InterpretedFunction, "run", recording_run)
@@ -100,8 +102,7 @@ def _recorded_launches(monkeypatch):
     monkeypatch.setattr(kernels, "NSA_INTERPRETER_BLOCKS", kernels.NSA_GPU_BLOCKS)
     for dtype in (torch.bfloat16, torch.float32):
         _run_every_op(dtype)
-    monkeypatch.undo()
-    return launches
+    return sorted(launches.values(), key=lambda launch: launch["name"])
 
 
 def _argument_type(value) -> str:
@@ -143,7 +144,7 @@ def test_every_kernel_was_launched(launches):
     (in bfloat16 every one; float32 as well except the attention kernels)."""
     defined = {name for name, obj in vars(kernels).items()
                if isinstance(obj, InterpretedFunction) and name.endswith("_kernel")}
-    assert defined - {key[0] for key in launches} == set()
+    assert defined - {launch["name"] for launch in launches} == set()
 
 
 def _compile(launches: list[dict]) -> list[str]:
@@ -167,11 +168,6 @@ def _compile(launches: list[dict]) -> list[str]:
 
 
 def test_every_launch_compiles_for_hopper(launches):
-    jobs = []
-    for (name, *_), (kernel, arguments, options) in sorted(launches.items(), key=lambda kv: kv[0]):
-        signature = _signature(kernel.fn, arguments)
-        jobs.append(dict(name=name, signature=signature, options=options,
-                         constexprs=_gpu_constexprs(name, arguments, signature)))
     # compiling takes seconds a kernel: one worker process per core, each with its share of the jobs
     n_workers = max(1, min(4, len(os.sched_getaffinity(0))))
     worker = ("import json, sys, test_kernel_compile as t; "
@@ -181,7 +177,7 @@ def test_every_launch_compiles_for_hopper(launches):
                               stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parent, env=env)
              for _ in range(n_workers)]
     failures = []
-    results = [p.communicate(json.dumps(jobs[i::n_workers]), timeout=1800) for i, p in enumerate(procs)]
+    results = [p.communicate(json.dumps(launches[i::n_workers]), timeout=1800) for i, p in enumerate(procs)]
     for p, (out, err) in zip(procs, results):
         assert p.returncode == 0, err[-3000:]
         failures += json.loads(out.strip().splitlines()[-1])

@@ -484,6 +484,14 @@ def test_state_size_report():
 # decoding: prefill + steps equals the parallel forward
 # =============================================================================================
 
+def _prefill_then_steps(model, idx, split):
+    """Logits of idx decoded through a fresh state: idx[:, :split] prefilled, then one token a step."""
+    state = model.init_state(idx.shape[0])
+    parts = [model(idx[:, :split], state=state)[0]]
+    parts += [model(idx[:, t: t + 1], state=state)[0] for t in range(split, idx.shape[1])]
+    return torch.cat(parts, 1)
+
+
 def test_gdn_value_dim_other_than_key_dim():
     """V != K (fla's expand_v): the parallel forward equals prefill + steps, and state_size counts
     exactly what the decoding state holds (S and the conv tails)."""
@@ -491,10 +499,7 @@ def test_gdn_value_dim_other_than_key_dim():
     model = TinyHybrid(small_config("gdn+attn", gdn_heads=2, gdn_head_dim=8, gdn_value_dim=24)).eval()
     idx = torch.randint(0, 61, (2, 30))
     with torch.no_grad():
-        full, _ = model(idx)
-        state = model.init_state(2)
-        parts = [model(idx[:, :11], state=state)[0]] + [model(idx[:, t:t + 1], state=state)[0] for t in range(11, 30)]
-    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(_prefill_then_steps(model, idx, 11), model(idx)[0], atol=1e-5, rtol=1e-5)
     gdn = next(m for m in model.modules() if isinstance(m, th.GatedDeltaNet))
     held = sum(x[0].numel() for x in gdn.init_state(1).values() if isinstance(x, torch.Tensor))
     assert held == gdn.state_size(30) == 2 * 8 * 24 + 3 * 2 * (8 + 8 + 24)
@@ -512,10 +517,7 @@ def test_prefill_then_step_equals_parallel_forward(preset):
     with torch.no_grad():
         full, _ = model(idx)
         for split in random.Random(preset).sample(range(1, T), 3) + [1, T - 1]:
-            state = model.init_state(2)
-            parts = [model(idx[:, :split], state=state)[0]]
-            parts += [model(idx[:, t: t + 1], state=state)[0] for t in range(split, T)]
-            torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(_prefill_then_steps(model, idx, split), full, atol=1e-5, rtol=1e-5)
 
 
 def test_lte_decode_state_holds_exactly_the_streaming_rule_tokens():
