@@ -413,9 +413,10 @@ def test_lte_training_keeps_every_positive_token_and_counts_them():
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_causality(preset, mode):
+@pytest.mark.parametrize("key_conv", [0, 3])
+def test_causality(preset, mode, key_conv):
     torch.manual_seed(0)
-    model = TinyHybrid(small_config(preset, lte_dropout=0.0)).train(mode == "train")
+    model = TinyHybrid(small_config(preset, lte_dropout=0.0, key_conv=key_conv)).train(mode == "train")
     idx = torch.randint(0, 61, (2, 45))
     logits, _ = model(idx)
     for t in (0, 10, 30):
@@ -506,9 +507,10 @@ def test_gdn_value_dim_other_than_key_dim():
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
-def test_prefill_then_step_equals_parallel_forward(preset):
+@pytest.mark.parametrize("key_conv", [0, 3])
+def test_prefill_then_step_equals_parallel_forward(preset, key_conv):
     torch.manual_seed(0)
-    model = TinyHybrid(small_config(preset)).eval()
+    model = TinyHybrid(small_config(preset, key_conv=key_conv)).eval()
     for mixer in model.modules():                       # scores of both signs: drops, ties, evictions
         if isinstance(mixer, th.LTERouter):
             mixer.proj.bias.data.fill_(0.0)
@@ -624,6 +626,7 @@ def test_sampling_is_reproducible_with_a_seed():
     (dict(nsa_topn=2, nsa_recent=2), "nsa_topn"),
     (dict(window=-1), "window"),
     (dict(gdn_value_dim=-4), "gdn_value_dim"),
+    (dict(key_conv=-1), "key_conv"),
 ])
 def test_bad_config(kwargs, match):
     base = dict(n_layer=2, layers=("gdn", "lte"))
@@ -700,6 +703,23 @@ def test_bfloat16_model_generates():
     q, k, v, g, beta, _ = gdn_inputs(T=3)
     o, _ = gated_delta_rule_recurrent(q.bfloat16(), k.bfloat16(), v.bfloat16(), g, beta)
     assert o.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("preset", ["gdn+swa", "gdn+lte", "gdn+nsa", "gdn+attn"])
+def test_key_shift_reads_only_the_previous_tokens_and_its_tail_is_state(preset):
+    """key_conv = 3: the key of token t depends on tokens t-2 .. t only (before any mixing), and
+    state_size counts the 2-token tail the decoding state carries."""
+    torch.manual_seed(0)
+    model = TinyHybrid(small_config(preset, key_conv=3)).eval()
+    mixer = model.blocks[1].mixer
+    x = torch.randn(1, 12, 32, requires_grad=True)
+    k_raw = mixer._qkv(x)[3]                                                    # [1, 12, Hkv, D]
+    k_raw[0, 7].sum().backward()
+    reads = x.grad[0].abs().sum(-1) > 0
+    assert reads.tolist() == [t in (5, 6, 7) for t in range(12)]
+    plain = TinyHybrid(small_config(preset)).blocks[1].mixer
+    assert mixer.state_size(40) - plain.state_size(40) == 2 * 2 * 8             # (3 - 1) x Hkv x D
+    assert mixer.init_state(1)["k_conv"].shape == (1, 2, 16)
 
 
 def test_lte_state_size_matches_what_decoding_holds():

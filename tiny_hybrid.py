@@ -631,6 +631,12 @@ class GatedDeltaNet(nn.Module):
 class _AttentionBase(nn.Module):
     """Projections, RoPE and decoding plumbing shared by the attention-type mixers.
 
+    Optional key shift (`Config.key_conv = c > 0`, not in the paper): k = W_k x + ShortConv_c(W_k x),
+    so a key can carry the tokens just before it. Associative recall needs "the token after key K":
+    with the shift one attention layer finds it; without it, the model first has to grow a
+    previous-token head in another layer, which a tiny model on a CPU budget does not manage
+    (the README's training section has the numbers). GDN's own short convs play the same role.
+
     Decoding (`forward(x, state)`): a prompt into an empty state runs the parallel form and then
     fills the state; anything after that goes one token at a time through `_step`."""
 
@@ -643,12 +649,30 @@ class _AttentionBase(nn.Module):
         self.k_proj = nn.Linear(C, Hkv * D, bias=False)
         self.v_proj = nn.Linear(C, Hkv * D, bias=False)
         self.o_proj = nn.Linear(H * D, C, bias=False)
+        self.k_conv = ShortConv(Hkv * D, config.key_conv) if config.key_conv else None
 
-    def _qkv(self, x, offset: int = 0):
-        """x [B, T, C] -> q [B, T, H, D], k and v [B, T, Hkv, D], and k before RoPE."""
+    def _key_conv_state(self, batch_size: int, device=None, dtype=torch.float32) -> dict:
+        """The key shift's decoding state: the last key_conv - 1 key projections (none without it)."""
+        if self.k_conv is None:
+            return {}
+        return {"k_conv": torch.zeros(batch_size, self.config.key_conv - 1, self.n_kv_head * self.head_dim,
+                                      device=device, dtype=dtype)}
+
+    def _key_conv_size(self) -> int:
+        return 0 if self.k_conv is None else (self.config.key_conv - 1) * self.n_kv_head * self.head_dim
+
+    def _qkv(self, x, offset: int = 0, state: dict | None = None):
+        """x [B, T, C] -> q [B, T, H, D], k and v [B, T, Hkv, D], and k before RoPE.
+        With a decoding state, the key shift continues from (and updates) its conv tail."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        k = self.k_proj(x)
+        if self.k_conv is not None:
+            shifted, tail = self.k_conv(k, None if state is None else state["k_conv"])
+            k = k + shifted
+            if state is not None:
+                state["k_conv"] = tail
+        k = k.view(B, T, self.n_kv_head, self.head_dim)                         # [B, T, Hkv * D] -> [B, T, Hkv, D]
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)
         base = self.config.rope_base
         return rotary(q, offset, base), rotary(k, offset, base), v, k
@@ -681,10 +705,11 @@ class Attention(_AttentionBase):
         shape = (batch_size, slots, self.n_kv_head, self.head_dim)
         return {"pos": 0, "k": torch.zeros(shape, device=device, dtype=dtype),
                 "v": torch.zeros(shape, device=device, dtype=dtype),
-                "valid": torch.zeros(shape[:3], dtype=torch.bool, device=device)}
+                "valid": torch.zeros(shape[:3], dtype=torch.bool, device=device),
+                **self._key_conv_state(batch_size, device, dtype)}
 
     def _parallel(self, x, state=None):
-        q, k, v, _ = self._qkv(x)
+        q, k, v, _ = self._qkv(x, state=state)
         o = _op(self.config, "attention")(q, k, v, window=self.window)
         if state is not None:
             self._store(state, k, v, start=0)
@@ -705,7 +730,7 @@ class Attention(_AttentionBase):
         state["valid"][:, ring] = True
 
     def _step(self, x, state):
-        q, k, v, _ = self._qkv(x, state["pos"])
+        q, k, v, _ = self._qkv(x, state["pos"], state)
         self._store(state, k, v, start=state["pos"])
         state["pos"] += 1
         o = _op(self.config, "attention_decode")(q[:, 0], state["k"].to(q.dtype), state["v"].to(q.dtype),
@@ -714,7 +739,7 @@ class Attention(_AttentionBase):
 
     def state_size(self, T: int) -> int:
         held = T if self.window is None else min(T, self.window + 1)
-        return 2 * held * self.n_kv_head * self.head_dim
+        return 2 * held * self.n_kv_head * self.head_dim + self._key_conv_size()
 
 
 class LTERouter(nn.Module):
@@ -798,7 +823,7 @@ class LTEAttention(_AttentionBase):
 
     # --- parallel form ---
     def _parallel(self, x, state=None):
-        q, k, v, k_raw = self._qkv(x)
+        q, k, v, k_raw = self._qkv(x, state=state)
         r = self.router(k_raw, v)                                               # [B, T, Hkv]
         B, T, Hkv = r.shape
         if self.training and not self.config.lte_train_cap and state is None:
@@ -847,7 +872,8 @@ class LTEAttention(_AttentionBase):
                 "buf_k": zeros(b), "buf_v": zeros(b),
                 "buf_score": torch.full((B, Hkv, b), float("-inf"), device=device),
                 "buf_pos": torch.full((B, Hkv, b), -1, dtype=torch.long, device=device),
-                "router_in": torch.zeros(B, h, Hkv, 2 * D, device=device, dtype=dtype)}
+                "router_in": torch.zeros(B, h, Hkv, 2 * D, device=device, dtype=dtype),
+                **self._key_conv_state(batch_size, device, dtype)}
 
     def _fill_state(self, state, k, v, k_raw, r, buf_score, buf_pos):
         """After a parallel prefill of T tokens: the state that stepping them one by one leaves."""
@@ -871,7 +897,7 @@ class LTEAttention(_AttentionBase):
 
     def _step(self, x, state):
         t = state["pos"]
-        q, k, v, k_raw = self._qkv(x, t)
+        q, k, v, k_raw = self._qkv(x, t, state)
         self._leave_window(state, t)
         w1, h, reach = self.window + 1, 2 * self.router.reach + 1, self.router.reach
         dt = state["k"].dtype
@@ -919,7 +945,7 @@ class LTEAttention(_AttentionBase):
         held = min(T, self.sink + self.window + 1 + self.buffer)
         scored = min(T, self.window + 1 + self.buffer)
         router = min(T, 2 * self.router.reach + 1) * 2 * self.head_dim
-        return self.n_kv_head * (held * 2 * self.head_dim + scored + router)
+        return self.n_kv_head * (held * 2 * self.head_dim + scored + router) + self._key_conv_size()
 
 
 class NativeSparseAttention(_AttentionBase):
@@ -943,7 +969,7 @@ class NativeSparseAttention(_AttentionBase):
         return torch.sigmoid(self.gate_proj(x).float()).view(B, T, self.n_head, 3)   # [B, T, H * 3] -> [B, T, H, 3]
 
     def _parallel(self, x, state=None):
-        q, k, v, _ = self._qkv(x)
+        q, k, v, _ = self._qkv(x, state=state)
         l, op = self.block, lambda name: _op(self.config, name)
         k_cmp, v_cmp = nsa_compress(k, l), nsa_compress(v, l)
         o_cmp, lse = op("nsa_compressed_attention")(q, k_cmp, v_cmp, l)
@@ -957,11 +983,12 @@ class NativeSparseAttention(_AttentionBase):
 
     def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> dict:
         empty = lambda: torch.zeros(batch_size, 0, self.n_kv_head, self.head_dim, device=device, dtype=dtype)
-        return {"pos": 0, "k": empty(), "v": empty(), "k_cmp": empty(), "v_cmp": empty()}
+        return {"pos": 0, "k": empty(), "v": empty(), "k_cmp": empty(), "v_cmp": empty(),
+                **self._key_conv_state(batch_size, device, dtype)}
 
     def _step(self, x, state):
         t, l = state["pos"], self.block
-        q, k, v, _ = self._qkv(x, t)
+        q, k, v, _ = self._qkv(x, t, state)
         dt = state["k"].dtype
         state["k"] = torch.cat([state["k"], k.to(dt)], dim=1)
         state["v"] = torch.cat([state["v"], v.to(dt)], dim=1)
@@ -989,7 +1016,7 @@ class NativeSparseAttention(_AttentionBase):
         return _op(self.config, "attention_decode")(q, k.gather(1, idx), v.gather(1, idx), valid.transpose(1, 2))
 
     def state_size(self, T: int) -> int:
-        return 2 * (T + T // self.block) * self.n_kv_head * self.head_dim
+        return 2 * (T + T // self.block) * self.n_kv_head * self.head_dim + self._key_conv_size()
 
 
 # =============================================================================================
@@ -1029,6 +1056,7 @@ class Config:
     mlp_hidden: int = 0               # SwiGLU hidden size; 0 means 8/3 d_model rounded up to 32
     layers: tuple = ()                # one mixer name per layer (see MIXERS); () means all "gdn"
     rope_base: float = 10000.0
+    key_conv: int = 0                 # attention-type mixers: key shift kernel (0: none, as in the paper)
     # Gated DeltaNet
     gdn_heads: int = 0                # 0 means n_head
     gdn_head_dim: int = 0             # K (key dim: how many facts a head can hold); 0 means head_dim
@@ -1072,7 +1100,7 @@ class Config:
             value = getattr(self, name)
             if not is_int(value) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for name in ("window", "lte_sink", "lte_buffer", "nsa_recent"):
+        for name in ("window", "lte_sink", "lte_buffer", "nsa_recent", "key_conv"):
             value = getattr(self, name)
             if not is_int(value) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
