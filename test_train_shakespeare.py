@@ -432,6 +432,18 @@ def test_twenty_step_training_smoke(preset, tmp_path):
     assert ckpt["step"] == 20 and ckpt["preset"] == preset
 
 
+def test_lte_lambda_controller_runs_on_haystack_steps_only(tmp_path, monkeypatch):
+    """Kept tokens per sequence are compared with b only at the training length, and the
+    attention layers of the training script shift their keys."""
+    args = tiny_args(tmp_path, "--models", "gdn+lte")
+    calls = []
+    monkeypatch.setattr(tiny_hybrid.TinyHybrid, "update_lte_lambdas", lambda self: calls.append(1))
+    model, _ = ts.train_model("gdn+lte", args, TEXT_TOKENS, ts.VOCAB_SIZE, torch.device("cpu"))
+    haystacks = [s for s in range(args.steps) if ts.task_for_step(s, args) == "haystack"]
+    assert 0 < len(calls) == len(haystacks) < args.steps
+    assert model.config.key_conv == 2 and model.blocks[1].mixer.k_conv is not None
+
+
 def test_text_loss_falls_on_predictable_text(tmp_path):
     """On a 16-token cycle (each token predicts the next), 60 steps must cut the loss clearly (no
     drill warm-up, so text batches start at step 0)."""
