@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import statistics
 import sys
 import time
 import traceback
@@ -957,6 +958,36 @@ def bench_attention(Ts=(8192, 2048, 16384, 4096, 1024), kv_heads=(8, 2), deadlin
                 print(row, flush=True)
                 rows.append(row)
     print("\n" + header + "\n" + "\n".join(sorted(rows, key=lambda r: (int(r.split()[1]), int(r.split()[0])))))
+
+
+def bench_swa_spread(T: int = 8192, reps: int = 8) -> None:
+    """SWA forward + backward against flex_attention, alternated `reps` times in one process.
+
+    Single medians of this pair drift by up to 2x between measurements on a shared machine, and
+    both sides drift together; alternating them and taking the median of the medians compares
+    them under the same conditions."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    flex = torch.compile(flex_attention, dynamic=False)
+    B, H, D, window = 4, 8, 64, 512
+    print(f"\nSWA f+b, bf16, B={B}, H={H}, D={D}, T={T}, window {window}: ms per measurement, alternated")
+    for Hkv in (8, 2):
+        q = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        k, v = (torch.randn(B, T, Hkv, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+        do = torch.randn_like(q)
+        qt, kt, vt = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))  # [B, h, T, D]
+        with warnings.catch_warnings():  # _compile=True is deprecated, still the fast path in 2.11
+            warnings.simplefilter("ignore", DeprecationWarning)
+            mask = create_block_mask(lambda b, h, qi, kj: (kj <= qi) & (qi - kj <= window), B, H, T, T,
+                                     device="cuda", _compile=True)
+        ours = lambda q_, k_, v_: attention(q_, k_, v_, window=window)
+        base = lambda q_, k_, v_: flex(q_, k_, v_, block_mask=mask, enable_gqa=Hkv < H)
+        times = {"ours": [], "flex": []}
+        for _ in range(reps):
+            times["ours"].append(_bench_ms(ours, True, (q, k, v), do))
+            times["flex"].append(_bench_ms(base, True, (qt, kt, vt), do.transpose(1, 2).contiguous()))
+        for name, ms in times.items():
+            print(f"Hkv={Hkv} {name}: " + " ".join(f"{x:.3f}" for x in ms) + f" | median {statistics.median(ms):.3f}")
+        print(f"Hkv={Hkv} flex / ours (medians): {statistics.median(times['flex']) / statistics.median(times['ours']):.2f}x")
 
 
 def bench_attention_decode() -> None:
@@ -2642,7 +2673,7 @@ def bench_nsa(Ts=(2048, 8192, 16384), B=4, H=32, Hkv=2, D=64, block=64, top_n=16
 
 
 CHECKS = [check_attention, check_attention_decode, check_gdn_passes, check_nsa]  # each returns True when all its cases pass
-BENCHES = [bench_attention, bench_attention_decode, bench_gdn, bench_nsa]
+BENCHES = [bench_attention, bench_swa_spread, bench_attention_decode, bench_gdn, bench_nsa]
 
 
 def main() -> None:
