@@ -884,11 +884,29 @@ def tune_attention(T: int = 8192, Hkv: int = 8) -> None:
     print(f"  chosen: {GPU_BLOCKS}")
 
 
+def _bench_inputs(B: int, T: int, H: int, Hkv: int, D: int):
+    """bf16 q [B, T, H, D], k, v [B, T, Hkv, D] and do for ours, and the same as [B, h, T, D]
+    leaf tensors (and do) for flex_attention and SDPA."""
+    q = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(B, T, Hkv, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    do = torch.randn_like(q)
+    qt, kt, vt = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))  # [B, h, T, D]
+    return (q, k, v), do, (qt, kt, vt), do.transpose(1, 2).contiguous()
+
+
+def _flex_block_mask(mask_fn, B: int, H: int, T: int):
+    """flex_attention's block mask for mask_fn(b, h, q_idx, kv_idx), built compiled."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    with warnings.catch_warnings():  # _compile=True is deprecated, still the fast path in 2.11
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return create_block_mask(mask_fn, B, H, T, T, device="cuda", _compile=True)
+
+
 def bench_attention(Ts=(8192, 2048, 16384, 4096, 1024), kv_heads=(8, 2), deadline: float = float("inf")) -> None:
     """Ours vs flex_attention (LTE, SWA) and SDPA flash (full causal), bf16, B=4, H=8, D=64, w=512."""
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import flex_attention
     torch._dynamo.config.cache_size_limit = 256
     torch._dynamo.config.accumulated_cache_size_limit = 4096
     flex = torch.compile(flex_attention, dynamic=False)
@@ -911,11 +929,7 @@ def bench_attention(Ts=(8192, 2048, 16384, 4096, 1024), kv_heads=(8, 2), deadlin
     for T in Ts:
         for Hkv in kv_heads:
             G = H // Hkv
-            q = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-            k, v = (torch.randn(B, T, Hkv, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
-            do = torch.randn_like(q)
-            qt, kt, vt = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))  # [B, h, T, D]
-            do_t = do.transpose(1, 2).contiguous()
+            (q, k, v), do, (qt, kt, vt), do_t = _bench_inputs(B, T, H, Hkv, D)
             keep = torch.rand(B, T, Hkv, device="cuda") < 0.125
             keep_bh = keep.transpose(1, 2).contiguous()                                       # [B, Hkv, T]
 
@@ -940,10 +954,7 @@ def bench_attention(Ts=(8192, 2048, 16384, 4096, 1024), kv_heads=(8, 2), deadlin
                     base_name = "SDPA flash" + ("" if G == 1 else ", enable_gqa" if flash_gqa else ", K/V repeated")
                 else:
                     base_name = f"flex {pattern}, enable_gqa" if G > 1 else f"flex {pattern}"
-                    with warnings.catch_warnings():  # _compile=True is deprecated, still the fast path in 2.11
-                        warnings.simplefilter("ignore", DeprecationWarning)
-                        bm = create_block_mask(lte_mask if pattern == "lte" else swa_mask, B, H, T, T,
-                                               device="cuda", _compile=True)
+                    bm = _flex_block_mask(lte_mask if pattern == "lte" else swa_mask, B, H, T)
                     base = lambda q_, k_, v_, bm=bm: flex(q_, k_, v_, block_mask=bm, enable_gqa=G > 1)
                 t = [_bench_ms(ours, False, (q, k, v), do), float("nan"), _bench_ms(ours, True, (q, k, v), do), float("nan")]
                 if pattern == "causal" or time.time() < deadline:  # flex compiles per shape: that takes the time
@@ -966,25 +977,19 @@ def bench_swa_spread(T: int = 8192, reps: int = 8) -> None:
     Single medians of this pair drift by up to 2x between measurements on a shared machine, and
     both sides drift together; alternating them and taking the median of the medians compares
     them under the same conditions."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import flex_attention
     flex = torch.compile(flex_attention, dynamic=False)
     B, H, D, window = 4, 8, 64, 512
     print(f"\nSWA f+b, bf16, B={B}, H={H}, D={D}, T={T}, window {window}: ms per measurement, alternated")
     for Hkv in (8, 2):
-        q = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        k, v = (torch.randn(B, T, Hkv, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
-        do = torch.randn_like(q)
-        qt, kt, vt = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))  # [B, h, T, D]
-        with warnings.catch_warnings():  # _compile=True is deprecated, still the fast path in 2.11
-            warnings.simplefilter("ignore", DeprecationWarning)
-            mask = create_block_mask(lambda b, h, qi, kj: (kj <= qi) & (qi - kj <= window), B, H, T, T,
-                                     device="cuda", _compile=True)
+        inputs, do, inputs_t, do_t = _bench_inputs(B, T, H, Hkv, D)
+        mask = _flex_block_mask(lambda b, h, qi, kj: (kj <= qi) & (qi - kj <= window), B, H, T)
         ours = lambda q_, k_, v_: attention(q_, k_, v_, window=window)
         base = lambda q_, k_, v_: flex(q_, k_, v_, block_mask=mask, enable_gqa=Hkv < H)
         times = {"ours": [], "flex": []}
         for _ in range(reps):
-            times["ours"].append(_bench_ms(ours, True, (q, k, v), do))
-            times["flex"].append(_bench_ms(base, True, (qt, kt, vt), do.transpose(1, 2).contiguous()))
+            times["ours"].append(_bench_ms(ours, True, inputs, do))
+            times["flex"].append(_bench_ms(base, True, inputs_t, do_t))
         for name, ms in times.items():
             print(f"Hkv={Hkv} {name}: " + " ".join(f"{x:.3f}" for x in ms) + f" | median {statistics.median(ms):.3f}")
         print(f"Hkv={Hkv} flex / ours (medians): {statistics.median(times['flex']) / statistics.median(times['ours']):.2f}x")
