@@ -15,10 +15,9 @@ import torch
 import torch.nn.functional as F
 
 import tiny_hybrid as th
-from tiny_hybrid import (KEEP_FOREVER, PRESETS, Config, TinyHybrid, attention, attention_decode,
-                         gated_delta_rule, gated_delta_rule_recurrent, lte_buffer_push, lte_visible_until,
-                         nsa_block_scores, nsa_compress, nsa_compressed_attention, nsa_select_blocks,
-                         nsa_selected_attention)
+from tiny_hybrid import (PRESETS, Config, TinyHybrid, attention, attention_decode, gated_delta_rule,
+                         gated_delta_rule_recurrent, lte_visible_until, nsa_compress, nsa_compressed_attention,
+                         nsa_select_blocks, nsa_selected_attention)
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -393,6 +392,17 @@ def test_lambda_controller_moves_the_right_way():
         m.update_lambda()
     assert torch.equal(m.lam, torch.full((2,), 1.0))    # clamped at lte_lambda_max
     assert start.shape == (2,)
+
+
+def test_lambda_controller_off_keeps_lambda_fixed():
+    m = lte_mixer(lte_lambda_every=0, lte_lambda_init=1e-3, lte_buffer=10)
+    for kept in (torch.tensor([50.0, 50.0]), torch.tensor([0.0, 0.0])):
+        for _ in range(40):
+            m.last_kept = kept
+            m.update_lambda()
+        assert torch.equal(m.lam, torch.full((2,), 1e-3))
+    with pytest.raises(ValueError, match="lte_lambda_every"):
+        lte_mixer(lte_lambda_every=-1)
 
 
 def test_lte_training_keeps_every_positive_token_and_counts_them():

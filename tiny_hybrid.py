@@ -30,7 +30,7 @@ Glossary of dimension names
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -593,7 +593,7 @@ class GatedDeltaNet(nn.Module):
 
     def forward(self, x, state: dict | None = None):
         B, T, _ = x.shape
-        H, K, V = self.n_head, self.head_dim, self.value_dim
+        H, V = self.n_head, self.value_dim
         convs = {}
         for name, proj, conv in (("q", self.q_proj, self.q_conv), ("k", self.k_proj, self.k_conv),
                                  ("v", self.v_proj, self.v_conv)):
@@ -845,9 +845,12 @@ class LTEAttention(_AttentionBase):
     # --- lambda controller ---
     @torch.no_grad()
     def update_lambda(self):
-        """Call once per training step. Every N steps: lambda *= 1.5 for heads that kept more than
-        b tokens per sequence on average since the last update, /= 2 below 0.95 b; clamped."""
+        """Call once per training step. Every N = lte_lambda_every steps: lambda *= 1.5 for heads that
+        kept more than b tokens per sequence on average since the last update, /= 2 below 0.95 b;
+        clamped. N = 0 keeps lambda fixed."""
         c = self.config
+        if c.lte_lambda_every == 0:  # the controller is off: a fixed penalty
+            return
         self.kept_sum += self.last_kept.to(self.kept_sum.device)
         self.kept_steps += 1
         if int(self.kept_steps) < c.lte_lambda_every:
@@ -1073,7 +1076,7 @@ class Config:
     lte_dropout: float = 0.1
     lte_train_cap: bool = False       # True: training sees the inference cap b too
     lte_lambda_init: float = 1e-3
-    lte_lambda_every: int = 32        # controller period in steps
+    lte_lambda_every: int = 32        # controller period in steps (0: lambda stays at lte_lambda_init)
     lte_lambda_up: float = 1.5
     lte_lambda_down: float = 2.0
     lte_lambda_min: float = 1e-9
@@ -1095,12 +1098,11 @@ class Config:
         self.lte_kernel_sizes, self.lte_dilations = tuple(self.lte_kernel_sizes), tuple(self.lte_dilations)
         is_int = lambda value: isinstance(value, int) and not isinstance(value, bool)
         for name in ("vocab_size", "n_layer", "d_model", "n_head", "n_kv_head", "head_dim", "gdn_heads",
-                     "gdn_head_dim", "gdn_value_dim", "gdn_conv_size", "gdn_chunk_size", "nsa_block", "nsa_topn",
-                     "lte_lambda_every"):
+                     "gdn_head_dim", "gdn_value_dim", "gdn_conv_size", "gdn_chunk_size", "nsa_block", "nsa_topn"):
             value = getattr(self, name)
             if not is_int(value) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for name in ("window", "lte_sink", "lte_buffer", "nsa_recent", "key_conv"):
+        for name in ("window", "lte_sink", "lte_buffer", "lte_lambda_every", "nsa_recent", "key_conv"):
             value = getattr(self, name)
             if not is_int(value) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
