@@ -385,12 +385,14 @@ def _dq_band(dq, q, do, lse, delta, k_base, v_base, offs_i, offs_d, j_lo, j_hi, 
 
 
 @triton.jit
-def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, COLS, COL_UNTIL, NBEFORE, T, H, Hkv, window,
+def _attn_bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, COLS, COL_UNTIL, NBEFORE, T, H, Hkv, window,
                         qk_scale, scale, D: tl.constexpr, HAS_KEEP: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                         PRECISION: tl.constexpr):
     """One program per (query block, batch * query head): DQ [B, T, H, D], the same key walk as
-    the forward (band, then the kept list)."""
+    the forward (band, then the kept list). It first writes DELTA [B, H, T] = rowsum(O * dO) of
+    its rows, which the dK, dV kernels read after it (one launch fewer than a kernel of its own:
+    at 8K tokens, launches cost as much host time as the kernels take on the GPU)."""
     i0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     bh = tl.program_id(1)
     b = bh // H
@@ -403,7 +405,9 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, COLS, COL_UNTIL, NBEFORE, T
     q = _load_rows(Q + q_off, offs_i, offs_i < T, H * D, offs_d, D)
     do = _load_rows(DO + q_off, offs_i, offs_i < T, H * D, offs_d, D)
     lse = tl.load(LSE + bh.to(tl.int64) * T + offs_i, mask=offs_i < T, other=0.0)
-    delta = tl.load(DELTA + bh.to(tl.int64) * T + offs_i, mask=offs_i < T, other=0.0)
+    o = _load_rows(O + q_off, offs_i, offs_i < T, H * D, offs_d, D)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # the softmax backward's correction term
+    tl.store(DELTA + bh.to(tl.int64) * T + offs_i, delta, mask=offs_i < T)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     i_last = tl.minimum(i0 + BLOCK_M, T) - 1
@@ -553,7 +557,8 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DK_KEPT, DV_KEPT, NBE
 
 class _SparseCausalAttention(torch.autograd.Function):
     """q [B, T, H, D], k, v [B, T, Hkv, D] contiguous, one dtype; window an int in [0, T]
-    (T: full causal); cols, col_until, nbefore: the kept list from _kept_list, or three Nones.
+    (T: full causal); cols, col_until, nbefore: the kept list from _kept_list, or three Nones
+    (the kernels then take None for those pointers: HAS_KEEP=False compiles their reads away).
     Saves the base-2 log-sum-exp LSE [B, H, T] for the backward, which recomputes P from it."""
 
     @staticmethod
@@ -561,8 +566,6 @@ class _SparseCausalAttention(torch.autograd.Function):
         B, T, H, D = q.shape
         Hkv = k.shape[2]
         has_keep = cols is not None
-        if not has_keep:  # the kernels still take pointers; any int32 tensor will do
-            cols = col_until = nbefore = torch.zeros(1, dtype=torch.int32, device=q.device)
         o = torch.empty_like(q)
         lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
         band_only = window < T and not has_keep
@@ -584,11 +587,14 @@ class _SparseCausalAttention(torch.autograd.Function):
         do = do.to(q.dtype).contiguous()
         common = dict(D=D, BLOCK_D=_block_d(D), PRECISION=_dot_precision(q.dtype))
 
-        delta = torch.empty_like(lse)                                          # [B, H, T]
-        _attn_bwd_delta_kernel[(triton.cdiv(T, 64), B * H)](o, do, delta, T, H, D=D, BLOCK_M=64,
-                                                             BLOCK_D=_block_d(D))
+        # dQ first: its kernel also writes DELTA, which the dK, dV kernels read.
+        cfg = dict(_blocks("dq", D))
+        dq, delta = torch.empty_like(q), torch.empty_like(lse)                 # delta [B, H, T]
+        _attn_bwd_dq_kernel[(triton.cdiv(T, cfg["BLOCK_M"]), B * H)](
+            q, k, v, o, do, lse, delta, dq, cols, col_until, nbefore, T, H, Hkv, window, scale * LOG2E,
+            scale, HAS_KEEP=has_keep, **common, **cfg)
         cfg = dict(_blocks("dkdv", D))
-        dk_kept = dv_kept = lse  # placeholders when nothing is kept
+        dk_kept = dv_kept = None
         if has_keep:
             # Compact float32 partials, one row per list slot: [B, Hkv, T, D].
             dk_kept = torch.empty(B, Hkv, T, D, dtype=torch.float32, device=q.device)
@@ -600,11 +606,6 @@ class _SparseCausalAttention(torch.autograd.Function):
         _attn_bwd_dkdv_kernel[(triton.cdiv(T, cfg["BLOCK_N"]), B * Hkv)](
             q, k, v, do, lse, delta, dk, dv, dk_kept, dv_kept, nbefore, T, H, Hkv, window,
             scale * LOG2E, scale, HAS_KEEP=has_keep, **common, **cfg)
-        cfg = dict(_blocks("dq", D))
-        dq = torch.empty_like(q)
-        _attn_bwd_dq_kernel[(triton.cdiv(T, cfg["BLOCK_M"]), B * H)](
-            q, k, v, do, lse, delta, dq, cols, col_until, nbefore, T, H, Hkv, window, scale * LOG2E,
-            scale, HAS_KEEP=has_keep, **common, **cfg)
         return dq, dk, dv, None, None, None, None, None
 
 

@@ -120,7 +120,8 @@ def _argument_type(value) -> str:
 def _signature(fn, arguments) -> dict:
     constexprs = {name for name, p in inspect.signature(fn).parameters.items()
                   if p.annotation is not inspect.Parameter.empty and "constexpr" in str(p.annotation)}
-    return {name: "constexpr" if name in constexprs else _argument_type(value)
+    # a None pointer (an unused optional input) is a constexpr, as Triton's JIT specialises it
+    return {name: "constexpr" if name in constexprs or value is None else _argument_type(value)
             for name, value in arguments.items()}
 
 
