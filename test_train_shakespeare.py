@@ -444,6 +444,28 @@ def test_lte_lambda_controller_runs_on_haystack_steps_only(tmp_path, monkeypatch
     assert model.config.key_conv == 2 and model.blocks[1].mixer.k_conv is not None
 
 
+def test_lte_router_trains_at_its_own_learning_rate(tmp_path):
+    """The routers' parameters (and only they) get --lte-router-lr times the rate, without decay."""
+    args = tiny_args(tmp_path, "--lte-router-lr", "0.1")
+    model = tiny_hybrid.TinyHybrid(ts.model_config("gdn+lte", args, ts.VOCAB_SIZE))
+    groups = ts.param_groups(model, args)
+    router = {id(p) for p in model.blocks[1].mixer.router.parameters()}
+    assert router and {id(p) for p in groups[2]["params"]} == router
+    assert (groups[2]["lr_scale"], groups[2]["weight_decay"]) == (0.1, 0.0)
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    assert all(g["lr_scale"] == 1.0 for g in groups[:2])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for name, p in model.named_parameters():  # one AdamW step moves each weight by about its lr
+        p.grad = torch.ones_like(p)
+    opt = torch.optim.AdamW(groups, lr=1e-2)
+    for g in opt.param_groups:
+        g["lr"] = 1e-2 * g["lr_scale"]
+    opt.step()
+    moved = {n: (p.detach() - before[n]).abs().max().item() for n, p in model.named_parameters()}
+    assert max(m for n, m in moved.items() if ".router." in n) < 2e-3 < min(
+        m for n, m in moved.items() if ".router." not in n and "bias" not in n)
+
+
 def test_text_loss_falls_on_predictable_text(tmp_path):
     """On a 16-token cycle (each token predicts the next), 60 steps must cut the loss clearly (no
     drill warm-up, so text batches start at step 0)."""

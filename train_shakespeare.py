@@ -624,7 +624,8 @@ def model_config(preset: str, args, vocab_size: int, **overrides):
                     window=args.window, lte_sink=4,
                     lte_buffer=args.lte_buffer, lte_lambda_init=args.lte_lambda_init,
                     lte_lambda_every=args.lte_lambda_every, nsa_block=args.window // 4, nsa_topn=4,
-                    gdn_chunk_size=64, key_conv=args.key_conv, use_triton=args.use_triton)
+                    lte_train_cap=args.lte_train_cap, gdn_chunk_size=64, key_conv=args.key_conv,
+                    use_triton=args.use_triton)
     settings.update(overrides)
     return Config.preset(preset, **settings)
 
@@ -666,6 +667,17 @@ def recall_loss(logits: torch.Tensor, batch: dict, answer_weight: float) -> torc
     return (ce * weight).sum() / weight.sum().clamp(min=1)
 
 
+def param_groups(model, args) -> list[dict]:
+    """AdamW groups: weight decay on matrices only; the LTE routers apart, at a fraction of the
+    learning rate and without decay. A router as fast as the rest ranks the recall values below the
+    text within a few hundred steps of Shakespeare and never recovers (README, "What LTE needed here")."""
+    named = list(model.named_parameters())
+    is_router = lambda name: ".router." in name
+    return [{"params": [p for n, p in named if p.ndim >= 2 and not is_router(n)], "weight_decay": 0.1, "lr_scale": 1.0},
+            {"params": [p for n, p in named if p.ndim < 2 and not is_router(n)], "weight_decay": 0.0, "lr_scale": 1.0},
+            {"params": [p for n, p in named if is_router(n)], "weight_decay": 0.0, "lr_scale": args.lte_router_lr}]
+
+
 def save_atomic(obj, path: Path) -> None:
     """torch.save to a temporary file, then rename: a crash never leaves half a checkpoint."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -686,10 +698,7 @@ def train_model(preset: str, args, tokens: np.ndarray, vocab_size: int, device: 
 
     torch.manual_seed(args.seed)
     model = TinyHybrid(model_config(preset, args, vocab_size, **overrides)).to(device)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=args.lr, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(param_groups(model, args), lr=args.lr, betas=(0.9, 0.95))
     path = checkpoint_path(args.out, preset + tag)
     start, history = 0, []
     if args.resume and path.exists():
@@ -709,7 +718,7 @@ def train_model(preset: str, args, tokens: np.ndarray, vocab_size: int, device: 
     with StopOnInterrupt() as stop:
         for step in range(start, args.steps):
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(step, args)
+                group["lr"] = learning_rate(step, args) * group["lr_scale"]
             batch = {k: v.to(device) for k, v in training_batch(tokens, step, args).items()}
             logits, _ = model(batch["idx"])
             loss = recall_loss(logits, batch, args.answer_weight) + model.lte_penalty()
@@ -771,7 +780,8 @@ def progress_row(preset, model, step, start, args, recent, tokens_seen, t0) -> d
     for stats in model.lte_stats():
         kept = " ".join(f"{k:.0f}" for k in stats["kept"])
         lam = " ".join(f"{x:.1e}" for x in stats["lambda"])
-        line += f" | L{stats['layer']} kept/head {kept} lambda {lam}"
+        # tokens per sequence leaving the window with r > 0: kept, unless the cap b evicts them
+        line += f" | L{stats['layer']} r>0/head {kept} lambda {lam}"
     print(line, flush=True)
     return {"step": done, "loss": loss, "recall": recall, "tokens_per_s": rate}
 
@@ -977,9 +987,12 @@ def parse_args(argv=None):
     parser.add_argument("--gdn-value-dim", type=int, default=0, help="GDN value dim V (0: = K)")
     parser.add_argument("--window", type=int, default=16)
     parser.add_argument("--key-conv", type=int, default=2, help="key shift kernel of the attention layers (0: none, as in the paper)")
-    parser.add_argument("--lte-buffer", type=int, default=32)
-    parser.add_argument("--lte-lambda-init", type=float, default=1e-2)
-    parser.add_argument("--lte-lambda-every", type=int, default=8)
+    parser.add_argument("--lte-buffer", type=int, default=64, help="LTE's retained-token buffer b")
+    parser.add_argument("--lte-lambda-init", type=float, default=1e-3)
+    parser.add_argument("--lte-lambda-every", type=int, default=0, help="lambda controller period in steps (0: lambda stays fixed)")
+    parser.add_argument("--lte-router-lr", type=float, default=0.1, help="the LTE router's learning rate as a fraction of --lr")
+    parser.add_argument("--lte-train-cap", action=argparse.BooleanOptionalAction, default=True,
+                        help="training sees the inference cap b (the streaming buffer rule), as decoding does")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--answer-weight", type=float, default=1.0)
