@@ -391,8 +391,8 @@ def _attn_bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, COLS, COL_UNTIL, NBEFORE
                         PRECISION: tl.constexpr):
     """One program per (query block, batch * query head): DQ [B, T, H, D], the same key walk as
     the forward (band, then the kept list). It first writes DELTA [B, H, T] = rowsum(O * dO) of
-    its rows, which the dK, dV kernels read after it (one launch fewer than a kernel of its own:
-    at 8K tokens, launches cost as much host time as the kernels take on the GPU)."""
+    its rows, which the dK, dV kernels read after it: one launch fewer than a kernel of its own,
+    and an SWA forward + backward at 8K tokens costs as much host time as GPU time."""
     i0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     bh = tl.program_id(1)
     b = bh // H

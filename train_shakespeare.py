@@ -1013,7 +1013,7 @@ def parse_args(argv=None):
         args.steps, args.eval_batch, args.log_every, args.checkpoint_every = 40, 4, 10, 20
         args.drill_frac = 0.5
     args.eval_facts = sorted({2, args.max_facts // 2, args.max_facts})
-    args.state_sizes = ((1, 8), (2, 8), (2, 16), (2, 24), (4, 32))  # --sweep-state: (GDN heads, key dim)
+    args.state_sizes = ((1, 8), (2, 8), (2, 16), (2, 24), (2, 32))  # --sweep-state: (GDN heads, key dim)
     return args
 
 
