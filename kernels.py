@@ -192,6 +192,21 @@ def _kept_visible(i, j, until, window):
 
 
 @triton.jit
+def _kept_tile(cols, col_until, k_base, v_base, n0, n_kept, offs_i, offs_d, window, row_stride,
+               D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Entries n0 .. n0 + BLOCK_N of one head's kept list (cols, col_until: its key positions and
+    visible-until; n_kept entries are valid): the keys' rows k, v [BLOCK_N, BLOCK_D] and which of
+    the queries offs_i see them, visible [BLOCK_M, BLOCK_N]."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    in_list = offs_n < n_kept
+    offs_j = tl.load(cols + offs_n, mask=in_list, other=0)
+    until = tl.load(col_until + offs_n, mask=in_list, other=-1)
+    k = _load_rows(k_base, offs_j, in_list, row_stride, offs_d, D)
+    v = _load_rows(v_base, offs_j, in_list, row_stride, offs_d, D)
+    return k, v, _kept_visible(offs_i[:, None], offs_j[None, :], until[None, :], window)
+
+
+@triton.jit
 def _softmax_update(acc, m_i, l_i, s, v, PRECISION: tl.constexpr):
     """One step of the online softmax. s [BM, BN]: masked scores in base 2 (-inf: not visible);
     m_i, l_i [BM]: running max and sum; acc [BM, BLOCK_D] += softmax-weighted v [BN, BLOCK_D]."""
@@ -337,14 +352,9 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, COLS, COL_UNTIL, NBEFORE, T, H, Hkv, windo
         list_base = (b * Hkv + hkv).to(tl.int64) * T
         n_kept = tl.load(NBEFORE + (b * Hkv + hkv).to(tl.int64) * (T + 1) + tl.maximum(i_last - window, 0))
         for n0 in range(0, n_kept, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            in_list = offs_n < n_kept
-            offs_j = tl.load(COLS + list_base + offs_n, mask=in_list, other=0)
-            until = tl.load(COL_UNTIL + list_base + offs_n, mask=in_list, other=-1)
-            k = _load_rows(K + kv_off, offs_j, in_list, Hkv * D, offs_d, D)
-            v = _load_rows(V + kv_off, offs_j, in_list, Hkv * D, offs_d, D)
-            s = _mm(q, tl.trans(k), PRECISION) * qk_scale
-            s = tl.where(_kept_visible(offs_i[:, None], offs_j[None, :], until[None, :], window), s, NEG_INF)
+            k, v, visible = _kept_tile(COLS + list_base, COL_UNTIL + list_base, K + kv_off, V + kv_off, n0,
+                                       n_kept, offs_i, offs_d, window, Hkv * D, D, BLOCK_N)
+            s = tl.where(visible, _mm(q, tl.trans(k), PRECISION) * qk_scale, NEG_INF)
             acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, v, PRECISION)
 
     # Every real row sees at least its own key, so l_i > 0 there (padding rows are not stored).
@@ -424,13 +434,8 @@ def _attn_bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, COLS, COL_UNTIL, NBEFORE
         list_base = (b * Hkv + hkv).to(tl.int64) * T
         n_kept = tl.load(NBEFORE + (b * Hkv + hkv).to(tl.int64) * (T + 1) + tl.maximum(i_last - window, 0))
         for n0 in range(0, n_kept, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            in_list = offs_n < n_kept
-            offs_j = tl.load(COLS + list_base + offs_n, mask=in_list, other=0)
-            until = tl.load(COL_UNTIL + list_base + offs_n, mask=in_list, other=-1)
-            k = _load_rows(K + kv_off, offs_j, in_list, Hkv * D, offs_d, D)
-            v = _load_rows(V + kv_off, offs_j, in_list, Hkv * D, offs_d, D)
-            visible = _kept_visible(offs_i[:, None], offs_j[None, :], until[None, :], window)
+            k, v, visible = _kept_tile(COLS + list_base, COL_UNTIL + list_base, K + kv_off, V + kv_off, n0,
+                                       n_kept, offs_i, offs_d, window, Hkv * D, D, BLOCK_N)
             dq = _dq_update(dq, q, do, k, v, lse, delta, visible, qk_scale, True, PRECISION)
 
     # s = scale * q.k, so dL/dq = scale * sum_j ds_ij k_j.
