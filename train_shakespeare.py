@@ -623,7 +623,7 @@ def model_config(preset: str, args, vocab_size: int, **overrides):
                     gdn_head_dim=args.gdn_head_dim, gdn_value_dim=args.gdn_value_dim,
                     window=args.window, lte_sink=4,
                     lte_buffer=args.lte_buffer, lte_lambda_init=args.lte_lambda_init,
-                    lte_lambda_every=args.lte_lambda_every, nsa_block=args.window // 4, nsa_topn=4,
+                    lte_lambda_every=args.lte_lambda_every, nsa_block=args.window // 4, nsa_topn=args.nsa_topn,
                     lte_train_cap=args.lte_train_cap, gdn_chunk_size=64, key_conv=args.key_conv,
                     use_triton=args.use_triton)
     settings.update(overrides)
@@ -993,6 +993,8 @@ def parse_args(argv=None):
     parser.add_argument("--lte-router-lr", type=float, default=0.1, help="the LTE router's learning rate as a fraction of --lr")
     parser.add_argument("--lte-train-cap", action=argparse.BooleanOptionalAction, default=True,
                         help="training sees the inference cap b (the streaming buffer rule), as decoding does")
+    parser.add_argument("--nsa-topn", type=int, default=16,
+                        help="blocks (of window/4 tokens) each NSA query selects; 16 as in the paper: 64 tokens, LTE's b")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--answer-weight", type=float, default=1.0)
