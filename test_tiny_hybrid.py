@@ -7,6 +7,7 @@ far below 1e-5 for the sizes here, so atol = rtol = 1e-5 can only fail on a real
 (a wrong mask entry or a missed decay moves results by 1e-2 or more).
 """
 
+import heapq
 import math
 import random
 
@@ -352,7 +353,7 @@ def simulate_lte(scores, window, sink, buffer):
         if j >= sink and scores[j] > 0:
             if len(buf) < buffer:
                 buf.append((scores[j], j))
-            elif buffer and scores[j] > min(buf)[0]:
+            elif buffer and scores[j] >= min(buf)[0]:   # ties go to the newer token
                 buf.remove(min(buf))                    # lowest score, oldest on ties
                 buf.append((scores[j], j))
         visible.append({p for _, p in buf})
@@ -373,6 +374,81 @@ def test_visible_until_equals_python_simulation_with_ties(buffer, sink):
                 got = {j for j in range(s, max(s, i - w)) if i <= int(until[b, j, h])}
                 assert got == visible[i], f"query {i}"
             assert {int(p) for p in buf_pos[b, h] if p >= 0} == final
+
+
+def stream_lte_until(scores, window, sink, buffer):
+    """The streaming rule token by token for one head, as decoding runs it, written as plainly as
+    possible (a min-heap of (score, position): the lowest score leaves first, the oldest on ties).
+    Returns what `lte_visible_until` returns for that head: the last query that sees each key beyond
+    the window, and the final buffer as {position: score}."""
+    T, forever = len(scores), th.KEEP_FOREVER
+    until = [forever if j < sink else -1 for j in range(T)]
+    heap = []
+    for j in range(sink, max(sink, T - window - 1)):     # token j leaves when query j + w + 1 arrives
+        if scores[j] <= 0 or buffer == 0:
+            continue
+        if len(heap) < buffer:
+            heapq.heappush(heap, (scores[j], j))
+            until[j] = forever
+        elif scores[j] >= heap[0][0]:                   # ties go to the newer token
+            _, evicted = heapq.heapreplace(heap, (scores[j], j))
+            until[j], until[evicted] = forever, j + window   # the evicted one's last query: j + w
+    return until, {p: s for s, p in heap}
+
+
+def assert_lte_rule_matches_stream(scores, window, sink, buffer, rule=lte_visible_until):
+    until, buf_score, buf_pos = rule(scores, window, sink, buffer)
+    B, T, Hkv = scores.shape
+    assert until.shape == (B, T, Hkv) and until.dtype == torch.int64
+    assert buf_score.shape == buf_pos.shape == (B, Hkv, buffer)
+    for b in range(B):
+        for h in range(Hkv):
+            want_until, want_buffer = stream_lte_until(scores[b, :, h].tolist(), window, sink, buffer)
+            assert until[b, :, h].tolist() == want_until, f"batch {b}, head {h}"
+            held = buf_pos[b, h] >= 0
+            got = dict(zip(buf_pos[b, h][held].tolist(), buf_score[b, h][held].tolist()))
+            assert got == want_buffer
+            assert (buf_score[b, h][~held] == float("-inf")).all()
+
+
+LTE_RULE_CASES = {
+    # name: (B, T, Hkv, window, sink, buffer, scores from a generator)
+    "random": (2, 300, 3, 7, 4, 16, lambda g, s: torch.randn(s, generator=g)),
+    "tied": (2, 200, 2, 5, 2, 8, lambda g, s: torch.randint(-2, 5, s, generator=g).float() / 8),
+    "all tied": (1, 90, 2, 3, 1, 4, lambda g, s: torch.full(s, 0.25)),
+    "all negative": (2, 120, 2, 5, 3, 8, lambda g, s: -torch.rand(s, generator=g)),
+    "no buffer": (2, 80, 2, 5, 3, 0, lambda g, s: torch.randn(s, generator=g)),
+    "no sinks": (2, 150, 2, 6, 0, 5, lambda g, s: torch.randint(-1, 3, s, generator=g).float()),
+    "buffer > T": (1, 40, 2, 4, 2, 64, lambda g, s: torch.randn(s, generator=g)),
+    "T <= w + 1": (2, 9, 2, 8, 2, 4, lambda g, s: torch.randn(s, generator=g)),
+    "T = 1": (1, 1, 1, 0, 0, 2, lambda g, s: torch.ones(s)),
+    "window 0": (1, 60, 2, 0, 1, 3, lambda g, s: torch.randint(0, 4, s, generator=g).float()),
+}
+
+
+@pytest.mark.parametrize("case", LTE_RULE_CASES)
+def test_lte_visible_until_equals_the_streaming_rule(case):
+    B, T, Hkv, w, s, b, make = LTE_RULE_CASES[case]
+    scores = make(torch.Generator().manual_seed(0), (B, T, Hkv))
+    assert_lte_rule_matches_stream(scores, w, s, b)
+
+
+def test_lte_visible_until_at_64k_tokens():
+    """Long enough that a T x T tensor would need 32 GB: the chunked form must stay exact."""
+    scores = torch.randn(1, 65536, 1, generator=torch.Generator().manual_seed(0))
+    scores[0, 1000:1400] = 0.5                          # a run of exact ties among the best
+    assert_lte_rule_matches_stream(scores, 512, 4, 256)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(scores=torch.zeros(2, 5)), "scores"), (dict(scores=torch.zeros(1, 5, 1, dtype=torch.long)), "scores"),
+    (dict(scores=torch.zeros(1, 0, 1)), "scores"), (dict(window=-1), "window"), (dict(sink=1.5), "sink"),
+    (dict(buffer=-2), "buffer"), (dict(buffer=True), "buffer"),
+])
+def test_lte_visible_until_rejects_bad_input(bad, match):
+    args = dict(scores=torch.zeros(1, 5, 1), window=2, sink=1, buffer=2) | bad
+    with pytest.raises((ValueError, TypeError), match=match):
+        lte_visible_until(**args)
 
 
 def test_lambda_controller_moves_the_right_way():

@@ -440,20 +440,74 @@ def lte_buffer_push(buf_score, buf_pos, score, pos):
     """Offer one token that leaves the window to the retained-token buffer (in place).
 
     buf_score, buf_pos: [..., b] (empty slots: score -inf, pos -1); score: [...] float, pos: int.
-    The token enters when r > 0 and it fits or beats the lowest-scored buffered token; an empty
-    slot counts as lowest. Ties between buffered tokens: the oldest (lowest position) goes first.
+    The token enters when r > 0 and it fits or is at least as good as the lowest-scored buffered
+    token, which then leaves (an empty slot counts as lowest). Ties go to the newer token: among
+    equal scores the oldest leaves first, and a newcomer equal to the lowest enters. So the buffer
+    always holds the top b of the tokens offered so far, ranked by (r, position), which is what
+    lets `lte_visible_until` compute the same rule in parallel.
     Returns (entered bool [...], evicted_pos int64 [...] (-1 where nothing real was evicted),
     slot int64 [...]: the buffer slot the token went to where it entered).
-    Pure tensor ops, no host sync: the same code runs per decoded token and in the parallel form.
+    Pure tensor ops, no host sync: the same code runs per decoded token.
     """
     low = buf_score.min(dim=-1, keepdim=True).values                           # [..., 1]
     oldest_low = torch.where(buf_score == low, buf_pos, torch.iinfo(torch.int64).max)
     slot = oldest_low.argmin(dim=-1, keepdim=True)                              # [..., 1]
-    entered = (score > 0) & (score > low[..., 0])
+    entered = (score > 0) & (score >= low[..., 0])
     evicted = torch.where(entered, buf_pos.gather(-1, slot)[..., 0], -1)
     buf_score.scatter_(-1, slot, torch.where(entered, score, low[..., 0])[..., None])
     buf_pos.scatter_(-1, slot, torch.where(entered, pos, buf_pos.gather(-1, slot)[..., 0])[..., None])
     return entered, evicted, slot[..., 0]
+
+
+def _check_lte_rule(scores, window, sink, buffer) -> None:
+    """Argument checks of `lte_visible_until`, shared with its Triton twin so both reject alike."""
+    _check_tensor("scores", scores, 3)
+    if scores.shape[0] < 1 or scores.shape[1] < 1 or scores.shape[2] < 1:
+        raise ValueError(f"scores must be [B, T, Hkv] with every size >= 1, got {tuple(scores.shape)}")
+    for name, value in (("window", window), ("sink", sink), ("buffer", buffer)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+
+
+def lte_offered(scores, window: int, sink: int):
+    """bool [B, Hkv, T]: the tokens the streaming rule offers to the buffer within these T queries:
+    not a sink, r > 0, and leaving the window (token j leaves when query j + w + 1 arrives)."""
+    B, T, Hkv = scores.shape
+    pos = torch.arange(T, device=scores.device)
+    leaves = (pos >= sink) & (pos < T - window - 1)                             # [T]
+    return leaves & (scores.transpose(1, 2) > 0)                                # [B, Hkv, T]
+
+
+def _lte_ranks(r, offered):
+    """int64 [B, Hkv, T]: each offered token's rank by (r, position), 0 = best (the higher score;
+    on equal scores the newer token); T for tokens not offered (worse than any offered one)."""
+    T = r.shape[-1]
+    newest_first = torch.where(offered, r, float("-inf")).flip(-1)             # [B, Hkv, T], time reversed
+    order = newest_first.sort(dim=-1, descending=True, stable=True).indices     # stable: newer first on ties
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(T, device=r.device).expand_as(order))
+    return torch.where(offered, rank.flip(-1), T).contiguous()
+
+
+def _running_kth_smallest(x, k: int, fill: int, chunk: int = 256):
+    """out[..., t] = the k-th smallest of x[..., :t + 1] together with k copies of `fill`
+    (>= every x: it stands for "nothing yet", so out is `fill` while fewer than k have arrived).
+
+    One chunk of positions at a time: what came before the chunk only matters through its k
+    smallest values, so row t of a chunk looks at those k plus the chunk's values up to t.
+    Memory O(chunk (k + chunk)) per row of x, never T x T.
+    """
+    *lead, T = x.shape
+    k_smallest = x.new_full((*lead, k), fill)                                   # [..., k]
+    out = torch.empty_like(x)
+    for c0 in range(0, T, chunk):
+        xc = x[..., c0:c0 + chunk]                                              # [..., n]
+        n = xc.shape[-1]
+        not_yet = torch.ones(n, n, dtype=torch.bool, device=x.device).triu(1)   # [t, i]: i arrives after t
+        before = k_smallest[..., None, :].expand(*lead, n, k)                   # [..., n, k]
+        so_far = xc[..., None, :].expand(*lead, n, n).masked_fill(not_yet, fill)
+        out[..., c0:c0 + n] = torch.cat([before, so_far], dim=-1).kthvalue(k, dim=-1).values
+        k_smallest = torch.cat([k_smallest, xc], dim=-1).topk(k, dim=-1, largest=False).values
+    return out
 
 
 def lte_visible_until(scores, window: int, sink: int, buffer: int):
@@ -464,27 +518,46 @@ def lte_visible_until(scores, window: int, sink: int, buffer: int):
     slots (`lte_buffer_push`). Returns int64 [B, T, Hkv]: the last query index that sees key j
     beyond the window (KEEP_FOREVER while still retained, -1 if never retained). Feeding this to
     `attention` gives each query exactly the keys that token-by-token decoding holds for it.
-    Also returns the final buffer (buf_score, buf_pos: [B, Hkv, b]), from which prefill builds
-    the decoding state.
+    Also returns the final buffer (buf_score, buf_pos: [B, Hkv, b], by position, empty slots
+    -inf / -1), from which prefill builds the decoding state.
+
+    The rule in parallel, without replaying it token by token: scores are fixed before a token
+    leaves, one token leaves per query, and the buffer always holds the top b offered tokens by
+    (r, position) (`lte_buffer_push`). Rank the offered tokens once (rank 0 = best). After token t
+    has left, the buffer holds the ranks <= R_t, the b-th smallest rank offered up to t; R_t never
+    grows with t. So token j enters iff rank_j <= R_j, and it stays until the first t with
+    R_t < rank_j, when the b-th token that beats it leaves the window: its last query is t + w.
     """
+    _check_lte_rule(scores, window, sink, buffer)
     B, T, Hkv = scores.shape
-    until = torch.full((B, T, Hkv), -1, dtype=torch.int64, device=scores.device)
-    until[:, :sink] = KEEP_FOREVER
-    buf_score = torch.full((B, Hkv, buffer), float("-inf"), device=scores.device)
-    buf_pos = torch.full((B, Hkv, buffer), -1, dtype=torch.int64, device=scores.device)
-    if buffer == 0:
-        return until, buf_score, buf_pos
-    flat = until.view(B, T * Hkv)                                               # [B, T * Hkv]
-    heads = torch.arange(Hkv, device=scores.device)
-    for j in range(sink, max(sink, T - window - 1)):       # token j leaves when query j + w + 1 comes
-        entered, evicted, _ = lte_buffer_push(buf_score, buf_pos, scores[:, j].float(), j)
-        now = j + window + 1                                                    # the arriving query
-        until[:, j] = torch.where(entered, KEEP_FOREVER, -1)
-        # an evicted token was visible up to the query before `now`; heads that evicted nothing
-        # write KEEP_FOREVER through a min, which changes nothing (no colliding writes)
-        target = evicted.clamp(min=0) * Hkv + heads
-        flat.scatter_reduce_(1, target, torch.where(evicted >= 0, now - 1, KEEP_FOREVER), reduce="amin")
-    return until, buf_score, buf_pos
+    device = scores.device
+    until = torch.full((B, Hkv, T), -1, dtype=torch.int64, device=device)     # [B, Hkv, T] until the end
+    until[..., :sink] = KEEP_FOREVER
+    if buffer > 0:
+        offered = lte_offered(scores, window, sink)                             # [B, Hkv, T]
+        rank = _lte_ranks(scores.detach().float().transpose(1, 2), offered)    # [B, Hkv, T]
+        worst_kept = _running_kth_smallest(rank, buffer, fill=T)                # R_t: [B, Hkv, T]
+        # first t with R_t < rank_j; R never grows, so -R is sorted
+        leaves_at = torch.searchsorted(-worst_kept, -rank, right=True)          # [B, Hkv, T]
+        last_query = torch.where(leaves_at < T, leaves_at + window, KEEP_FOREVER)
+        until = torch.where(offered & (rank <= worst_kept), last_query, until)
+    buf_score, buf_pos = lte_final_buffer(scores, until, window, sink, buffer)
+    return until.transpose(1, 2).contiguous(), buf_score, buf_pos             # [B, T, Hkv]
+
+
+def lte_final_buffer(scores, until, window: int, sink: int, buffer: int):
+    """The buffer the streaming rule holds after the last query: the offered tokens still retained
+    (until == KEEP_FOREVER), by position. until: [B, Hkv, T]. Returns buf_score float32 and buf_pos
+    int64, both [B, Hkv, b], empty slots -inf / -1."""
+    B, T, Hkv = scores.shape
+    held = lte_offered(scores, window, sink) & (until == KEEP_FOREVER)          # [B, Hkv, T], <= b each
+    pos = torch.where(held, torch.arange(T, device=scores.device), T)
+    pos = F.pad(pos, (0, max(0, buffer - T)), value=T)                          # [B, Hkv, max(T, b)]
+    buf_pos = pos.topk(buffer, dim=-1, largest=False).values                    # [B, Hkv, b], ascending
+    empty = buf_pos == T
+    r = scores.detach().float().transpose(1, 2)                                 # [B, Hkv, T]
+    buf_score = r.gather(-1, buf_pos.clamp(max=T - 1)).masked_fill(empty, float("-inf"))
+    return buf_score, buf_pos.masked_fill(empty, -1)
 
 
 # =============================================================================================
