@@ -2,11 +2,14 @@
 
     attention(q, k, v, window=None, keep=None, scale=None)         full causal / SWA / LTE, fwd + bwd
     attention_decode(q, k_cache, v_cache, valid=None, scale=None)  one decoding step (split-K)
+    lte_visible_until(scores, window, sink, buffer)                LTE's buffer rule in parallel (section 2b)
+    gated_delta_rule, gated_delta_rule_recurrent(_step)            Gated DeltaNet (section GDN)
     nsa_compressed_attention, nsa_block_scores, nsa_selected_attention   NSA's branches (section NSA)
 
 Each returns what its twin in tiny_hybrid.py returns, and raises the same errors on bad input.
-`python kernels.py` checks every kernel against the reference, then prints a benchmark table
-(`--check-only` stops after the checks). Sections for more ops go into CHECKS and BENCHES.
+`python kernels.py` checks every kernel against the reference, then prints one headline benchmark
+per op (`--check-only` stops after the checks, `--full` times every shape and baseline of the
+README's tables). Sections for more ops go into CHECKS, BENCHES and FULL_BENCHES.
 
 The cost of `attention` follows the keys a query can see, not T. Per query block the forward visits
   1. the window band, block by block (blocks wholly inside every row's band skip the mask), and
@@ -754,6 +757,69 @@ def attention_decode(q, k_cache, v_cache, valid=None, scale=None):
                                      BLOCK_SPLITS=max(2, triton.next_power_of_2(n_splits)),
                                      BLOCK_D=_block_d(D))
     return o.to(q.dtype)
+
+
+# =============================================================================================
+# 2b. LTE's buffer rule in parallel (tiny_hybrid.lte_visible_until)
+# =============================================================================================
+# The buffer always holds the top b offered tokens by (r, position), so an offered token j stays
+# from the moment it leaves the window until the b-th offered token that beats it leaves (never
+# if that one left before j). The reference finds that moment through a running order statistic;
+# here every key counts its beaters directly, a tile of keys against a tile of tokens at a time:
+# O(T^2) comparisons, but all of them independent, which a GPU does in well under a millisecond at 8K.
+
+LTE_RULE_GPU_BLOCKS = dict(BLOCK_J=64, BLOCK_I=64, num_warps=4)
+LTE_RULE_INTERPRETER_BLOCKS = dict(BLOCK_J=32, BLOCK_I=32)
+
+
+@triton.jit
+def _lte_until_kernel(R, UNTIL, T, Hkv, n_left, window, sink, buffer, KEEP_FOREVER: tl.constexpr,
+                      BLOCK_J: tl.constexpr, BLOCK_I: tl.constexpr):
+    """One program per (block of keys j, batch x KV head). R [B, T, Hkv] float32 scores; writes
+    UNTIL [B, T, Hkv] int64. Offered tokens are j in [sink, n_left) with r_j > 0; token i beats j
+    when r_i > r_j, or r_i == r_j and i is newer (the tie rule of tiny_hybrid.lte_buffer_push)."""
+    pid_j = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    base = (bh // Hkv) * T * Hkv + bh % Hkv                  # element (b, 0, h) of [B, T, Hkv]
+    j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
+    r_j = tl.load(R + base + j * Hkv, mask=j < T, other=0.0)
+    beaten = tl.zeros([BLOCK_J], dtype=tl.int32)             # offered tokens seen so far that beat j
+    bth = tl.full([BLOCK_J], -1, dtype=tl.int32)             # position of the b-th of them (-1: none yet)
+    for i0 in range(sink, n_left, BLOCK_I):
+        i = i0 + tl.arange(0, BLOCK_I)
+        r_i = tl.load(R + base + i * Hkv, mask=i < n_left, other=0.0)   # 0: not offered
+        beats = (r_i[None, :] > 0) & ((r_i[None, :] > r_j[:, None]) |
+                                      ((r_i[None, :] == r_j[:, None]) & (i[None, :] > j[:, None])))
+        n_beats = tl.sum(beats.to(tl.int32), axis=1)
+        crossing = (beaten < buffer) & (beaten + n_beats >= buffer)
+        if tl.max(crossing.to(tl.int32), axis=0) > 0:       # some key meets its b-th beater in this tile
+            count = beaten[:, None] + tl.cumsum(beats.to(tl.int32), axis=1)   # [BLOCK_J, BLOCK_I]
+            at = tl.min(tl.where(beats & (count == buffer), i[None, :], n_left), axis=1)
+            bth = tl.where(crossing, at, bth)
+        beaten += n_beats
+    offered = (j >= sink) & (j < n_left) & (r_j > 0) & (buffer > 0)
+    entered = offered & ((bth < 0) | (bth > j))
+    until = tl.where(bth < 0, KEEP_FOREVER, bth.to(tl.int64) + window)
+    until = tl.where(entered, until, -1)
+    until = tl.where(j < sink, KEEP_FOREVER, until)
+    tl.store(UNTIL + base + j * Hkv, until, mask=j < T)
+
+
+def lte_visible_until(scores, window: int, sink: int, buffer: int):
+    """LTE's capped visibility in Triton; same arguments, errors and results as
+    tiny_hybrid.lte_visible_until: scores [B, T, Hkv] -> (until int64 [B, T, Hkv],
+    buf_score [B, Hkv, b], buf_pos [B, Hkv, b]). No autograd (the rule has no gradient)."""
+    tiny_hybrid._check_lte_rule(scores, window, sink, buffer)
+    B, T, Hkv = scores.shape
+    r = scores.detach().float().contiguous()
+    until = torch.empty(B, T, Hkv, dtype=torch.int64, device=r.device)
+    n_left = max(sink, T - window - 1)                       # tokens [sink, n_left) leave within T queries
+    blocks = LTE_RULE_INTERPRETER_BLOCKS if INTERPRET else LTE_RULE_GPU_BLOCKS
+    grid = (triton.cdiv(T, blocks["BLOCK_J"]), B * Hkv)
+    _lte_until_kernel[grid](r, until, T, Hkv, n_left, window, sink, buffer,
+                            KEEP_FOREVER=tiny_hybrid.KEEP_FOREVER, **blocks)
+    buf_score, buf_pos = tiny_hybrid.lte_final_buffer(r, until.transpose(1, 2), window, sink, buffer)
+    return until, buf_score, buf_pos
 
 
 # =============================================================================================
@@ -2683,13 +2749,66 @@ def bench_nsa(Ts=(2048, 8192, 16384), B=4, H=32, Hkv=2, D=64, block=64, top_n=16
               + " ".join(f"{x:.2f}" for x in split) + note, flush=True)
 
 
-CHECKS = [check_attention, check_attention_decode, check_gdn_passes, check_nsa]  # each returns True when all its cases pass
-BENCHES = [bench_attention, bench_swa_spread, bench_attention_decode, bench_gdn, bench_nsa]
+def check_lte_rule() -> bool:
+    """kernels.lte_visible_until equals the reference exactly (random and tied scores, long T)."""
+    device = "cpu" if INTERPRET else "cuda"
+    cases = [(2, 300, 2, 7, 4, 16)]
+    if not INTERPRET:
+        cases += [(4, 2048, 2, 512, 4, 256), (4, 8192, 2, 512, 4, 256), (1, 65536, 2, 512, 4, 256)]
+    ok = True
+    for B, T, Hkv, w, s, b in cases:
+        g = torch.Generator().manual_seed(T)
+        for name, scores in (("random", torch.randn(B, T, Hkv, generator=g) * 0.2),
+                             ("tied", torch.randint(-4, 9, (B, T, Hkv), generator=g) / 16)):
+            scores = scores.to(device)
+            same = all(torch.equal(x, y) for x, y in zip(lte_visible_until(scores, w, s, b),
+                                                         tiny_hybrid.lte_visible_until(scores, w, s, b)))
+            ok &= same
+            print(f"lte_visible_until {name:6s} B={B} T={T} Hkv={Hkv} w={w} s={s} b={b}: "
+                  f"{'equal' if same else 'DIFFERENT'}", flush=True)
+    return ok
+
+
+def bench_lte_rule(Ts=(2048, 8192, 65536), B=4, Hkv=2, window=512, sink=4, buffer=256) -> None:
+    """lte_visible_until: kernel vs the parallel PyTorch reference, median ms."""
+    print(f"\nlte_visible_until, B={B}, Hkv={Hkv}, w={window}, s={sink}, b={buffer}; ms = median")
+    print(f"{'T':>6} | {'kernel':>8} {'reference':>9}")
+    for T in Ts:
+        scores = torch.randn(B, T, Hkv, device="cuda") * 0.2
+        ms = [triton.testing.do_bench(lambda f=f: f(scores, window, sink, buffer), warmup=5, rep=50,
+                                      return_mode="median")
+              for f in (lte_visible_until, tiny_hybrid.lte_visible_until)]
+        print(f"{T:6d} | {ms[0]:8.3f} {ms[1]:9.3f}", flush=True)
+
+
+CHECKS = [check_attention, check_attention_decode, check_gdn_passes, check_nsa, check_lte_rule]  # each: True if all pass
+# The default benchmarks: one headline shape per op, a few minutes on one GPU with the checks.
+BENCHES = [
+    lambda deadline: bench_attention(Ts=(8192,), kv_heads=(2,), deadline=deadline),
+    lambda deadline: bench_attention_decode(),
+    lambda deadline: bench_gdn(Ts=(16384,), dims=(128,), with_reference=False),
+    lambda deadline: bench_nsa(Ts=(8192,)),
+    lambda deadline: bench_lte_rule(Ts=(8192,)),
+]
+# --full: every length and baseline of the README's tables (flex_attention compiles per shape: long)
+FULL_BENCHES = [
+    lambda deadline: bench_attention(deadline=deadline),
+    lambda deadline: bench_swa_spread(),
+    lambda deadline: bench_attention_decode(),
+    lambda deadline: bench_gdn(),
+    lambda deadline: bench_nsa(),
+    lambda deadline: bench_lte_rule(),
+]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Check the Triton kernels against tiny_hybrid, then time them.")
+    parser = argparse.ArgumentParser(description="Check the Triton kernels against tiny_hybrid, then time them "
+                                     "(on one H200: checks and the default benchmarks in about 3 minutes).",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--check-only", action="store_true", help="run the checks, skip the benchmarks")
+    parser.add_argument("--full", action="store_true",
+                        help="every length and baseline of the README's tables (tens of minutes: flex_attention "
+                             "compiles for every shape)")
     parser.add_argument("--tune", action="store_true", help="pick attention block sizes by measuring first")
     parser.add_argument("--budget-s", type=float, default=float("inf"),
                         help="stop timing flex_attention after this many seconds (the rest print as nan)")
@@ -2701,18 +2820,20 @@ def main() -> None:
     if args.check_only or INTERPRET:
         if INTERPRET and not args.check_only:
             print("no CUDA GPU: benchmarks skipped")
+        print(f"wall time {time.time() - start:.0f} s")
         sys.exit(0 if ok else 1)
     if args.tune:
         try:
             tune_attention()
         except Exception:
             traceback.print_exc()
-    for bench in BENCHES:
+    for bench in FULL_BENCHES if args.full else BENCHES:
         try:  # one broken section should not hide the others' numbers
-            bench(deadline=start + args.budget_s) if bench is bench_attention else bench()
+            bench(deadline=start + args.budget_s)
         except Exception:
             traceback.print_exc()
             ok = False
+    print(f"\nwall time {time.time() - start:.0f} s (checks and benchmarks)")
     sys.exit(0 if ok else 1)
 
 

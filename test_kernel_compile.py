@@ -77,6 +77,9 @@ def _run_every_op(dtype):
     block_idx = tiny_hybrid.nsa_select_blocks(scores, block, 2, 1)
     kernels.nsa_selected_attention(q, k, v, block_idx, block).float().sum().backward()
 
+    # LTE's buffer rule (float32 scores whatever the model's dtype)
+    kernels.lte_visible_until(torch.randn(B, T, Hkv, generator=g), 16, 2, 8)
+
 
 def _recorded_launches(monkeypatch) -> list[dict]:
     """Every distinct launch of the ops, as {name, signature, constexprs, options} (what _compile
@@ -100,6 +103,7 @@ def _recorded_launches(monkeypatch) -> list[dict]:
     # the GPU's tiles, not the interpreter's small ones
     monkeypatch.setattr(kernels, "INTERPRETER_BLOCKS", kernels.GPU_BLOCKS)
     monkeypatch.setattr(kernels, "NSA_INTERPRETER_BLOCKS", kernels.NSA_GPU_BLOCKS)
+    monkeypatch.setattr(kernels, "LTE_RULE_INTERPRETER_BLOCKS", kernels.LTE_RULE_GPU_BLOCKS)
     for dtype in (torch.bfloat16, torch.float32):
         _run_every_op(dtype)
     return sorted(launches.values(), key=lambda launch: launch["name"])

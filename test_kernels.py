@@ -4,6 +4,7 @@ Without a CUDA GPU the kernels run in Triton's interpreter, so shapes here are s
 """
 
 import os
+import re
 
 import pytest
 import torch
@@ -697,3 +698,34 @@ def test_nsa_decoding_with_triton_equals_parallel_reference():
         state = fast.init_state(2)
         parts = [fast(idx[:, :13], state=state)[0]] + [fast(idx[:, t: t + 1], state=state)[0] for t in range(13, 32)]
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-4, rtol=1e-4)
+
+
+# =============================================================================================
+# LTE's buffer rule
+# =============================================================================================
+
+from test_tiny_hybrid import LTE_RULE_CASES, assert_lte_rule_matches_stream  # noqa: E402
+
+
+@pytest.mark.parametrize("case", LTE_RULE_CASES)
+def test_lte_visible_until_kernel_equals_the_streaming_rule(case):
+    """The kernel counts beaters pairwise, the reference tracks a running order statistic: two
+    different computations of one rule, each checked against the token-by-token oracle, exactly."""
+    B, T, Hkv, w, s, b, make = LTE_RULE_CASES[case]
+    scores = make(torch.Generator().manual_seed(0), (B, T, Hkv)).to(DEVICE)
+    assert_lte_rule_matches_stream(scores, w, s, b, rule=kernels.lte_visible_until)
+    for got, want in zip(kernels.lte_visible_until(scores, w, s, b), tiny_hybrid.lte_visible_until(scores, w, s, b)):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("bad", [
+    dict(scores=torch.zeros(2, 5, device=DEVICE)), dict(scores=torch.zeros(1, 0, 1, device=DEVICE)),
+    dict(window=-1), dict(sink=1.5),
+    dict(buffer=-2), dict(buffer=True),
+])
+def test_lte_visible_until_kernel_rejects_what_the_reference_rejects(bad):
+    args = dict(scores=torch.zeros(1, 5, 1, device=DEVICE), window=2, sink=1, buffer=2) | bad
+    with pytest.raises((ValueError, TypeError)) as want:
+        tiny_hybrid.lte_visible_until(**args)
+    with pytest.raises(type(want.value), match=re.escape(str(want.value))):
+        kernels.lte_visible_until(**args)

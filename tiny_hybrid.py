@@ -903,7 +903,8 @@ class LTEAttention(_AttentionBase):
             keep = r > 0
             keep[:, : self.sink] = True
         else:
-            keep, buf_score, buf_pos = lte_visible_until(r.detach(), self.window, self.sink, self.buffer)
+            keep, buf_score, buf_pos = _op(self.config, "lte_visible_until")(r.detach(), self.window, self.sink,
+                                                                              self.buffer)
         if self.training:
             # retained tokens that leave the window (the ones the buffer b must hold), per sequence
             leaving = r[:, self.sink: max(self.sink, T - self.window - 1)]
