@@ -344,9 +344,9 @@ def _check_decode_sees_a_slot(valid, B: int, S: int, H: int) -> None:
         return
     if _capturing_cuda_graph(valid):
         return
-    empty = ~valid.any(dim=1)                                                   # [B, Hkv]
-    if bool(empty.any()):
-        b, h = (int(i) for i in empty.nonzero()[0])
+    sees = valid.any(dim=1)                                                     # [B, Hkv]
+    if not bool(sees.all()):
+        b, h = (int(i) for i in (~sees).nonzero()[0])
         raise ValueError(f"valid has no True slot for batch row {b}, KV head {h}: its queries would "
                          f"attend to nothing (softmax over no key is NaN); each needs at least one valid slot")
 
