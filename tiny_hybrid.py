@@ -1214,10 +1214,10 @@ class Config:
 
     def _check_relations(self):
         """Rules between fields, once the defaults are filled in."""
-        if self.lte_lambda_min > self.lte_lambda_max:
-            raise ValueError(f"need lte_lambda_min <= lte_lambda_max, got lte_lambda_min={self.lte_lambda_min!r}, "
-                             f"lte_lambda_max={self.lte_lambda_max!r}")
         low, high = self.lte_lambda_min, self.lte_lambda_max
+        if low > high:
+            raise ValueError(f"need lte_lambda_min <= lte_lambda_max, got lte_lambda_min={low!r}, "
+                             f"lte_lambda_max={high!r}")
         if self.lte_lambda_every and not low <= self.lte_lambda_init <= high:
             raise ValueError(f"lte_lambda_init must lie in [lte_lambda_min, lte_lambda_max] = [{low!r}, {high!r}] "
                              f"while the controller runs (lte_lambda_every > 0: it clamps lambda there), got "
