@@ -302,7 +302,7 @@ def test_router_score_depends_exactly_on_its_receptive_field():
 
 
 def test_straight_through_gradient_is_v_dot_grad_v():
-    m = lte_mixer(lte_dropout=0.0, lte_lambda_init=0.0).train()
+    m = lte_mixer(lte_dropout=0.0, lte_lambda_init=0.0, lte_lambda_every=0).train()
     x = torch.randn(2, 30, m.config.d_model)
     captured = {}
     orig = m.router.forward

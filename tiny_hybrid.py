@@ -30,6 +30,7 @@ Glossary of dimension names
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -61,8 +62,42 @@ def _check_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on B, T and D")
-    if q.shape[2] % k.shape[2] != 0:
+    if k.shape[2] == 0 or q.shape[2] % k.shape[2] != 0:
         raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of key/value heads ({k.shape[2]})")
+
+
+def _check_mixer_input(x, d_model: int) -> None:
+    """What every mixer takes: a floating tensor x [B, T, C] with B >= 1, T >= 1 and C = d_model."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor [B, T, C], got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+    if x.ndim != 3 or x.shape[0] < 1 or x.shape[1] < 1 or x.shape[2] != d_model:
+        raise ValueError(f"x must be [B, T, C] with B >= 1, T >= 1 and C = d_model = {d_model}, "
+                         f"got shape {tuple(x.shape)}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_int(name: str, value, low: int, note: str = "") -> None:
+    """A size or count: an int (not a bool) >= low."""
+    if not _is_int(value) or value < low:
+        allowed = "a positive int" if low == 1 else f"an int >= {low}"
+        raise ValueError(f"{name} must be {allowed}{note}, got {value!r}")
+
+
+def _check_real(name: str, value, ok, allowed: str) -> None:
+    """A rate or scale: a finite real number (not a bool) for which ok(value) holds."""
+    real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not real or not math.isfinite(value) or not ok(value):
+        raise ValueError(f"{name} must be a finite number {allowed}, got {value!r}")
+
+
+def _check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
 
 
 def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -285,13 +320,40 @@ def _check_decode(q, k_cache, v_cache, valid) -> None:
     _check_tensor("v_cache", v_cache, 4)
     B, H, D = q.shape
     S, Hkv = k_cache.shape[1], k_cache.shape[2]
-    if k_cache.shape != (B, S, Hkv, D) or v_cache.shape != k_cache.shape or H % Hkv:
+    if k_cache.shape != (B, S, Hkv, D) or v_cache.shape != k_cache.shape or Hkv == 0 or H % Hkv:
         raise ValueError(f"k_cache and v_cache must be [B, S, Hkv, D] with H % Hkv == 0; got q "
                          f"{tuple(q.shape)}, k_cache {tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}")
     if valid is not None and (not isinstance(valid, torch.Tensor) or valid.shape != (B, S, Hkv)
                               or valid.dtype != torch.bool):
         got = f"{valid.dtype} {tuple(valid.shape)}" if isinstance(valid, torch.Tensor) else type(valid).__name__
         raise ValueError(f"valid must be bool [B, S, Hkv] = [{B}, {S}, {Hkv}], got {got}")
+    _check_decode_sees_a_slot(valid, B, S, H)
+
+
+def _check_decode_sees_a_slot(valid, B: int, S: int, H: int) -> None:
+    """Every query must see at least one slot: softmax over no key at all is 0 / 0 = NaN.
+
+    Reading `valid` is data-dependent (on CUDA it waits for the device), so it is skipped while a
+    CUDA graph is being captured, where no such wait is allowed; the mixers' own decoding always
+    holds the current token, so they never trip it."""
+    if B * H == 0:                                     # no query at all: nothing to attend to
+        return
+    if valid is None:
+        if S == 0:
+            raise ValueError("k_cache has no slots (S = 0): the query would attend to nothing")
+        return
+    if _capturing_cuda_graph(valid):
+        return
+    sees = valid.any(dim=1)                                                     # [B, Hkv]
+    if not bool(sees.all()):
+        b, h = (int(i) for i in (~sees).nonzero()[0])
+        raise ValueError(f"valid has no True slot for batch row {b}, KV head {h}: its queries would "
+                         f"attend to nothing (softmax over no key is NaN); each needs at least one valid slot")
+
+
+def _capturing_cuda_graph(t: torch.Tensor) -> bool:
+    """True while a CUDA graph captures work on t's device (then no host may read device data)."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def attention_decode(q, k_cache, v_cache, valid=None, scale=None):
@@ -665,6 +727,7 @@ class GatedDeltaNet(nn.Module):
                 "q_conv": tail(H * K), "k_conv": tail(H * K), "v_conv": tail(H * V)}
 
     def forward(self, x, state: dict | None = None):
+        _check_mixer_input(x, self.config.d_model)
         B, T, _ = x.shape
         H, V = self.n_head, self.value_dim
         convs = {}
@@ -751,6 +814,7 @@ class _AttentionBase(nn.Module):
         return rotary(q, offset, base), rotary(k, offset, base), v, k
 
     def forward(self, x, state: dict | None = None):
+        _check_mixer_input(x, self.config.d_model)
         B, T, _ = x.shape
         if state is None:
             o = self._parallel(x)
@@ -1122,7 +1186,10 @@ PRESETS = {
 @dataclass
 class Config:
     """Sizes and per-mixer settings. The paper's settings (24 layers, w = 768, b = 512, s = 4,
-    l = 64, n = 16, 1.4B params) are scaled down to a model that trains on a laptop CPU."""
+    l = 64, n = 16, 1.4B params) are scaled down to a model that trains on a laptop CPU.
+
+    Every field is checked when the Config is made: a wrong type, a value out of range, NaN or inf
+    raises ValueError naming the field, the value and what is allowed."""
 
     vocab_size: int = 2048
     n_layer: int = 4
@@ -1164,29 +1231,71 @@ class Config:
     use_triton: bool = False
 
     def __post_init__(self):
+        self._check_fields()
         self.layers = tuple(self.layers) or ("gdn",) * self.n_layer
         self.gdn_heads = self.gdn_heads or self.n_head
         self.gdn_head_dim = self.gdn_head_dim or self.head_dim
         self.gdn_value_dim = self.gdn_value_dim or self.gdn_head_dim
         self.mlp_hidden = self.mlp_hidden or 32 * math.ceil(8 * self.d_model / 3 / 32)
         self.lte_kernel_sizes, self.lte_dilations = tuple(self.lte_kernel_sizes), tuple(self.lte_dilations)
-        is_int = lambda value: isinstance(value, int) and not isinstance(value, bool)
-        for name in ("vocab_size", "n_layer", "d_model", "n_head", "n_kv_head", "head_dim", "gdn_heads",
-                     "gdn_head_dim", "gdn_value_dim", "gdn_conv_size", "gdn_chunk_size", "nsa_block", "nsa_topn"):
-            value = getattr(self, name)
-            if not is_int(value) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self._check_relations()
+
+    def _check_fields(self):
+        """Every field on its own: type, range, finite. Runs before the 0-means-default sizes are
+        filled in, so that a negative one is reported as itself. Errors name field, value, range."""
+        for name in ("vocab_size", "n_layer", "d_model", "n_head", "n_kv_head", "head_dim", "gdn_conv_size",
+                     "gdn_chunk_size", "nsa_block", "nsa_topn"):
+            _check_int(name, getattr(self, name), low=1)
+        for name in ("mlp_hidden", "gdn_heads", "gdn_head_dim", "gdn_value_dim"):
+            _check_int(name, getattr(self, name), low=0, note=" (0: the default)")
         for name in ("window", "lte_sink", "lte_buffer", "lte_lambda_every", "nsa_recent", "key_conv"):
-            value = getattr(self, name)
-            if not is_int(value) or value < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-        if self.nsa_window is not None and (not is_int(self.nsa_window) or self.nsa_window < 0):
+            _check_int(name, getattr(self, name), low=0)
+        if self.nsa_window is not None and (not _is_int(self.nsa_window) or self.nsa_window < 0):
             raise ValueError(f"nsa_window must be None or an int >= 0, got {self.nsa_window!r}")
-        if not 0 <= self.lte_dropout < 1:
-            raise ValueError(f"lte_dropout must be in [0, 1), got {self.lte_dropout!r}")
-        if not 0 < self.lte_lambda_min <= self.lte_lambda_max:
-            raise ValueError(f"need 0 < lte_lambda_min <= lte_lambda_max, got {self.lte_lambda_min!r}, "
-                             f"{self.lte_lambda_max!r}")
+        for name in ("lte_train_cap", "use_triton"):
+            _check_bool(name, getattr(self, name))
+        # base <= 1 has no slow frequencies (base -> 0 even overflows the angles to inf: NaN losses)
+        _check_real("rope_base", self.rope_base, lambda x: x > 1, "> 1")
+        _check_real("lte_dropout", self.lte_dropout, lambda x: 0 <= x < 1, "in [0, 1)")
+        _check_real("lte_lambda_init", self.lte_lambda_init, lambda x: x >= 0,
+                    ">= 0 (a negative penalty would reward keeping)")
+        _check_real("lte_lambda_min", self.lte_lambda_min, lambda x: x > 0,
+                    "> 0 (from 0 the controller could never grow lambda again)")
+        _check_real("lte_lambda_max", self.lte_lambda_max, lambda x: x > 0, "> 0")
+        # update_lambda multiplies by up when a head keeps too many tokens and divides by down when
+        # it keeps too few: a factor below 1 would push lambda the wrong way
+        _check_real("lte_lambda_up", self.lte_lambda_up, lambda x: x >= 1,
+                    ">= 1 (lambda *= up when a head keeps more than lte_buffer tokens)")
+        _check_real("lte_lambda_down", self.lte_lambda_down, lambda x: x >= 1,
+                    ">= 1 (lambda /= down when a head keeps fewer than 0.95 lte_buffer)")
+        self._check_tuples()
+
+    def _check_tuples(self):
+        """layers: mixer names; the router's kernel sizes (odd, for 'same' padding) and dilations."""
+        if not isinstance(self.layers, (tuple, list)) or not all(isinstance(m, str) for m in self.layers):
+            raise ValueError(f"layers must be a tuple of mixer names (from {sorted(MIXERS)}) or () for all "
+                             f"'gdn', got {self.layers!r}")
+        for name in ("lte_kernel_sizes", "lte_dilations"):
+            value = getattr(self, name)
+            if not isinstance(value, (tuple, list)) or not value or not all(_is_int(v) and v >= 1 for v in value):
+                raise ValueError(f"{name} must be a non-empty tuple of positive ints, got {value!r}")
+        if any(k % 2 == 0 for k in self.lte_kernel_sizes):
+            raise ValueError(f"lte_kernel_sizes must be odd ('same' padding centres the router on its token), "
+                             f"got {self.lte_kernel_sizes!r}")
+        if len(self.lte_kernel_sizes) != len(self.lte_dilations):
+            raise ValueError(f"lte_kernel_sizes {self.lte_kernel_sizes!r} and lte_dilations {self.lte_dilations!r} "
+                             f"must have the same length (one dilation per conv layer)")
+
+    def _check_relations(self):
+        """Rules between fields, once the defaults are filled in."""
+        low, high = self.lte_lambda_min, self.lte_lambda_max
+        if low > high:
+            raise ValueError(f"need lte_lambda_min <= lte_lambda_max, got lte_lambda_min={low!r}, "
+                             f"lte_lambda_max={high!r}")
+        if self.lte_lambda_every and not low <= self.lte_lambda_init <= high:
+            raise ValueError(f"lte_lambda_init must lie in [lte_lambda_min, lte_lambda_max] = [{low!r}, {high!r}] "
+                             f"while the controller runs (lte_lambda_every > 0: it clamps lambda there), got "
+                             f"{self.lte_lambda_init!r}; for a fixed lambda (0: no penalty) set lte_lambda_every=0")
         if self.n_head % self.n_kv_head:
             raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
         if self.head_dim % 2:
@@ -1195,7 +1304,7 @@ class Config:
             raise ValueError(f"layers has {len(self.layers)} entries but n_layer is {self.n_layer}")
         unknown = [m for m in self.layers if m not in MIXERS]
         if unknown:
-            raise ValueError(f"unknown mixer name(s) {unknown}; allowed: {sorted(MIXERS)}")
+            raise ValueError(f"unknown mixer name(s) {unknown} in layers; allowed: {sorted(MIXERS)}")
         if self.nsa_topn < self.nsa_recent + 1:
             raise ValueError(f"nsa_topn ({self.nsa_topn}) must be >= nsa_recent + 1 = {self.nsa_recent + 1}")
         if "lte" in self.layers:
@@ -1281,16 +1390,37 @@ class TinyHybrid(nn.Module):
             raise TypeError(f"idx must be a torch.Tensor of token ids, got {type(idx).__name__}")
         if idx.is_floating_point() or idx.dtype == torch.bool or idx.is_complex():
             raise TypeError(f"idx must hold integer token ids, got dtype {idx.dtype}")
-        if idx.ndim != 2 or idx.shape[1] == 0:
-            raise ValueError(f"idx must be [B, T] with T >= 1, got shape {tuple(idx.shape)}")
+        if idx.ndim != 2 or idx.shape[0] == 0 or idx.shape[1] == 0:
+            raise ValueError(f"idx must be [B, T] with B >= 1 and T >= 1, got shape {tuple(idx.shape)}")
         if check_range:
             lo, hi = int(idx.min()), int(idx.max())
             if lo < 0 or hi >= self.config.vocab_size:
                 raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got values in [{lo}, {hi}]")
 
+    def _check_targets(self, targets, idx):
+        """targets: integer ids shaped like idx, each in [0, vocab) or -100 (no loss there), and at
+        least one that is not -100 (a mean over no target is 0 / 0 = NaN)."""
+        if not isinstance(targets, torch.Tensor):
+            raise TypeError(f"targets must be None or a torch.Tensor of token ids, got {type(targets).__name__}")
+        if targets.is_floating_point() or targets.dtype == torch.bool or targets.is_complex():
+            raise TypeError(f"targets must hold integer token ids (or -100), got dtype {targets.dtype}")
+        if targets.shape != idx.shape:
+            raise ValueError(f"targets must be shaped like idx {tuple(idx.shape)}, got {tuple(targets.shape)}")
+        ignored = targets == -100
+        out_of_range = ~ignored & ((targets < 0) | (targets >= self.config.vocab_size))
+        n_bad, n_real = torch.stack([out_of_range.sum(), (~ignored).sum()]).tolist()   # one host sync
+        if n_bad:
+            bad = int(targets[out_of_range][0])
+            raise ValueError(f"targets must be in [0, {self.config.vocab_size}) or -100 (ignored), got {n_bad} "
+                             f"value(s) outside, e.g. {bad}")
+        if n_real == 0:
+            raise ValueError("targets are all -100 (ignored): there is nothing to learn from, the loss would be NaN")
+
     def forward(self, idx, targets=None, state: list | None = None):
         # one decoded token on the GPU: skip the range check, it would wait for the device
         self._check_idx(idx, check_range=not (state is not None and idx.shape[1] == 1 and idx.is_cuda))
+        if targets is not None:
+            self._check_targets(targets, idx)
         if state is not None and len(state) != len(self.blocks):
             raise ValueError(f"state must come from init_state ({len(self.blocks)} layers), got {len(state)}")
         if state is not None:
@@ -1303,8 +1433,6 @@ class TinyHybrid(nn.Module):
         logits = self.lm_head(self.norm(x))
         if targets is None:
             return logits, None
-        if not isinstance(targets, torch.Tensor) or targets.shape != idx.shape:
-            raise ValueError(f"targets must be a tensor shaped like idx {tuple(idx.shape)}")
         lm_loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
         penalty = self.lte_penalty()
         self.last_losses = {"lm": lm_loss.detach(), "lte_penalty": penalty.detach()}
@@ -1355,10 +1483,9 @@ class TinyHybrid(nn.Module):
         """Prefill idx [B, T] once, then decode max_new_tokens one at a time (no recomputation of
         the past). temperature 0 is greedy. Returns [B, T + max_new_tokens]."""
         self._check_idx(idx)
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 0 or temperature < 0:
-            raise ValueError(f"max_new_tokens must be an int >= 0 and temperature >= 0, got "
-                             f"{max_new_tokens!r}, {temperature!r}")
-        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        _check_int("max_new_tokens", max_new_tokens, low=0)
+        _check_real("temperature", temperature, lambda x: x >= 0, ">= 0 (0: greedy)")
+        if top_k is not None and (not _is_int(top_k) or top_k < 1):
             raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
         was_training = self.training
         self.eval()
