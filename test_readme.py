@@ -1,11 +1,14 @@
 """The documentation works as written: README.md's Python examples run, every table in README.md
-and EXPERIMENTS.md is well formed, and every relative link or image in README.md resolves.
+and EXPERIMENTS.md is well formed, every relative link or image in them resolves, and the names
+README.md says to copy for LTE attention are enough to run it.
 
 The examples run in a subprocess with the environment a user has: conftest.py sets
 TRITON_INTERPRET for this process, and a user who copies an example never has it."""
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import os
 import re
 import subprocess
@@ -13,6 +16,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+import tiny_hybrid as th
 
 ROOT = Path(__file__).resolve().parent
 README = ROOT / "README.md"
@@ -212,3 +218,51 @@ def test_readme_python_example_runs(block):
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, (f"the example at README.md line {block['line']} failed:\n"
                                     f"{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
+
+
+def _section(text: str, heading: str) -> str:
+    """The body of the '## heading' section, up to the next heading of level 2."""
+    start = text.index(f"## {heading}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start: end if end >= 0 else len(text)]
+
+
+def test_the_copy_list_for_lte_is_complete(tmp_path):
+    """A module built from only the names the README tells a user to copy (plus the file's imports)
+    runs LTE attention and gives what tiny_hybrid gives, in training, eval and decoding."""
+    source = (ROOT / "tiny_hybrid.py").read_text(encoding="utf-8")
+    tree = ast.parse(source)
+    top_level = {}
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            top_level[node.name] = node
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            target = node.targets[0] if isinstance(node, ast.Assign) else node.target
+            if isinstance(target, ast.Name):
+                top_level[target.id] = node
+    section = _section(README.read_text(encoding="utf-8"), "Copying one mixer into another project")
+    named = {n for n in re.findall(r"`(\w+)`", section) if n in top_level} - {"Config"}
+    assert {"LTEAttention", "LTERouter", "attention"} <= named, f"the README's copy list: {sorted(named)}"
+
+    imports = "\n".join(ast.get_source_segment(source, n) for n in tree.body
+                        if isinstance(n, (ast.Import, ast.ImportFrom)))
+    copied = "\n\n".join(ast.get_source_segment(source, node) for name, node in top_level.items() if name in named)
+    path = tmp_path / "copied_lte.py"
+    path.write_text(imports + "\n\n" + copied + "\n", encoding="utf-8")
+    spec = importlib.util.spec_from_file_location("copied_lte", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    config = th.Config(d_model=32, n_head=4, n_kv_head=2, head_dim=8, window=8, lte_buffer=4,
+                       lte_dropout=0.0, key_conv=2)
+    torch.manual_seed(0)
+    ours = th.LTEAttention(config)
+    theirs = module.LTEAttention(config)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 40, 32)
+    for training in (True, False):
+        ours.train(training), theirs.train(training)
+        torch.testing.assert_close(theirs(x), ours(x), rtol=0, atol=0)
+    state_ours, state_theirs = ours.init_state(2), theirs.init_state(2)
+    ours(x[:, :30], state_ours), theirs(x[:, :30], state_theirs)                   # prefill
+    torch.testing.assert_close(theirs(x[:, 30:], state_theirs), ours(x[:, 30:], state_ours), rtol=0, atol=0)
