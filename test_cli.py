@@ -302,9 +302,10 @@ def test_extension_gives_the_same_model_whenever_the_run_was_stopped(tmp_path, m
 # ----------------------------------------------------------------------------------------------
 
 
-def test_sampled_prose_never_contains_recall_tokens():
-    """An untrained model whose logits favour the key / value tokens: unmasked sampling would give
-    nothing but them (which the old sampler dropped, printing the prompt as if the model wrote it)."""
+def test_sampled_prose_never_contains_recall_tokens_or_control_bytes():
+    """An untrained model whose logits favour the key / value tokens and control bytes: unmasked
+    sampling would give nothing but them (the recall tokens decode to nothing, so the prompt alone
+    used to pass as the model's text)."""
     torch.manual_seed(0)
     model = tiny_hybrid.TinyHybrid(tiny_hybrid.Config.preset(
         "gdn+lte", vocab_size=ts.VOCAB_SIZE, n_layer=2, d_model=16, head_dim=4, window=8, lte_buffer=4))
@@ -312,12 +313,16 @@ def test_sampled_prose_never_contains_recall_tokens():
 
     def favour_recall_tokens(*a, **kw):
         logits, loss = forward(*a, **kw)
-        return logits + 30.0 * (torch.arange(ts.VOCAB_SIZE) >= ts.N_BPE), loss
+        banned = torch.zeros(ts.VOCAB_SIZE)
+        banned[ts.NOT_PROSE] = 30.0
+        return logits + banned, loss
     model.forward = favour_recall_tokens
     prompt = torch.arange(100, 116)[None]                                   # [1, 16]
-    assert model(prompt)[0][0, -1].topk(40).indices.min() >= ts.N_BPE        # all top-40 are reserved
+    top = set(model(prompt)[0][0, -1].topk(40).indices.tolist())
+    assert top <= set(ts.NOT_PROSE) and top & set(range(32)) and max(top) >= ts.N_BPE
     ids = ts.sample_prose(model, prompt, 30, torch.Generator().manual_seed(0))
-    assert len(ids) == 30 and max(ids) < ts.N_BPE
+    assert len(ids) == 30 and not set(ids) & set(ts.NOT_PROSE)
+    assert set(range(ts.N_BPE, ts.VOCAB_SIZE)) <= set(ts.NOT_PROSE) and 10 not in ts.NOT_PROSE   # newline is prose
     assert model.training                                                    # left as it was found
 
 

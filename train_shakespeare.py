@@ -628,6 +628,7 @@ def distance_bins(window: int, max_distance: int) -> list[tuple[int, int]]:
 # alternate between short fact-dense passages and full-length haystacks.
 
 MODELS = ("gdn", "gdn+swa", "gdn+lte", "gdn+nsa", "gdn+attn")
+DEFAULT_STEPS = 2400
 
 
 def model_config(preset: str, args, vocab_size: int, **overrides):
@@ -889,7 +890,7 @@ def chance_note(all_results: dict, args) -> str:
     steps = max(all_results[preset].get("steps", args.steps) for preset in flat)
     if steps < SHORT_RUN:
         return (f"Recall at chance ({chance:.1%}) is expected after {steps} steps: a model learns recall "
-                f"suddenly, several hundred steps into the default {build_parser().get_default('steps')}-step run.")
+                f"suddenly, several hundred steps into the default {DEFAULT_STEPS}-step run.")
     return (f"Recall at chance ({chance:.1%}) for {', '.join(flat)}: not learned in this run (a small model "
             f"learns recall suddenly, and not with every seed).")
 
@@ -1014,12 +1015,17 @@ def show_failed_recalls(models: dict, enc, val_tokens, args, device, count: int 
     return lines
 
 
+# Token ids never sampled as prose: the recall task's keys and values (an undertrained model puts
+# most of its probability on them, and they decode to nothing), and the single bytes of control
+# characters other than tab and newline (a bell or an escape code would act on the terminal).
+NOT_PROSE = [b for b in range(32) if chr(b) not in "\t\n"] + [127] + list(range(N_BPE, VOCAB_SIZE))
+
+
 @torch.no_grad()
 def sample_prose(model, prompt: torch.Tensor, new_tokens: int, generator: torch.Generator,
                  temperature: float = 0.8, top_k: int = 40) -> list[int]:
     """Prefill prompt [1, T] into the model's decoding state, then sample new_tokens token ids one at
-    a time from that state, never one of the recall task's key or value tokens: they are not prose
-    (an undertrained model puts most of its probability on them, and they decode to nothing)."""
+    a time from that state, never one of NOT_PROSE."""
     was_training = model.training
     model.eval()
     try:
@@ -1028,7 +1034,7 @@ def sample_prose(model, prompt: torch.Tensor, new_tokens: int, generator: torch.
         ids = []
         for _ in range(new_tokens):
             scores = logits[0, -1].float() / temperature                          # [vocab]
-            scores[N_BPE:] = float("-inf")                                         # keys and values
+            scores[NOT_PROSE] = float("-inf")
             kth = scores.topk(top_k).values[-1]
             scores = scores.masked_fill(scores < kth, float("-inf"))
             token = torch.multinomial(scores.softmax(-1), 1, generator=generator)  # [1]
@@ -1131,7 +1137,7 @@ def build_parser() -> ArgumentParser:
     run = parser.add_argument_group("what to run")
     run.add_argument("--models", default=",".join(MODELS),
                      help=f"comma-separated presets to train and compare, from {', '.join(ALL_PRESETS)}")
-    run.add_argument("--steps", type=int, default=2400,
+    run.add_argument("--steps", type=int, default=DEFAULT_STEPS,
                      help="training steps per model; the learning-rate schedule and the curriculum scale with it")
     run.add_argument("--quick", action="store_true",
                      help=f"a smoke run, {QUICK_TIME}: --steps {QUICK['steps']} --eval-batch {QUICK['eval_batch']} "
@@ -1316,10 +1322,11 @@ def use_triton_interpreter() -> None:
         import kernels  # noqa: F401  (raises ImportError if Triton was imported before the switch)
 
 
-# Tokens per second in Triton's CPU interpreter (--use-triton without a GPU), (training step,
-# evaluation forward), measured on a 2-core x86-64 CPU at the default sizes, with --quick.
-INTERPRETER_TOKENS_PER_S = {"gdn": (100, 350), "gdn+swa": (75, 150), "gdn+lte": (20, 50), "gdn+nsa": (20, 50),
-                            "gdn+attn": (75, 150), "transformer": (75, 150)}
+# Tokens per second in Triton's CPU interpreter (--use-triton without a GPU): (training step,
+# evaluation forward), measured on a 2-core x86-64 CPU at the default sizes (drills, haystacks and
+# passages of --quick; evaluation at 128-512 tokens). The reference ops train at 10,000-30,000 there.
+INTERPRETER_TOKENS_PER_S = {"gdn": (100, 350), "gdn+swa": (70, 180), "gdn+lte": (30, 100), "gdn+nsa": (12, 25),
+                            "gdn+attn": (65, 200), "transformer": (40, 70)}
 
 
 def run_names(args) -> list[tuple[str, str]]:
@@ -1351,11 +1358,13 @@ def interpreter_plan(args, saved: dict) -> str:
                                             saved.get(name, {}).get("schedule_steps"))
         train_speed, eval_speed = INTERPRETER_TOKENS_PER_S[preset]
         seconds += train / train_speed + evaluation / eval_speed
-    threads = torch.get_num_threads()
-    return (f"--use-triton without a GPU: the Triton kernels run in Triton's CPU interpreter, which trains at "
-            f"20-100 tokens/s on 2 CPU cores. This run: about {_duration(seconds)} on 2 cores ({threads} threads "
-            f"here). Drop --use-triton for the same maths through the PyTorch reference ops, hundreds of "
-            f"times faster.")
+    speeds = sorted({INTERPRETER_TOKENS_PER_S[preset][0] for _, preset in run_names(args)})
+    speed = f"{speeds[0]}" if len(speeds) == 1 else f"{speeds[0]}-{speeds[-1]}"
+    return (f"--use-triton without a GPU: the Triton kernels run in Triton's CPU interpreter, which trains "
+            f"{'this model' if len(run_names(args)) == 1 else 'these models'} at about {speed} tokens/s on 2 CPU "
+            f"cores. This run: about {_duration(seconds)} "
+            f"on 2 cores ({torch.get_num_threads()} threads here). Drop --use-triton for the same maths through "
+            f"the PyTorch reference ops, hundreds of times faster.")
 
 
 def _duration(seconds: float) -> str:
@@ -1488,16 +1497,10 @@ def write_json_atomic(obj, path: Path) -> None:
     tmp.replace(path)
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    if args.make_tokenizer:
-        start = time.perf_counter()
-        make_tokenizer()
-        print(f"wrote {TOKENIZER_PATH} ({N_BPE} tokens) in {time.perf_counter() - start:.1f} s")
-        return
-
-    wall_start = time.perf_counter()
-    try:  # every check before any work: a bad input stops here with one line, nothing written
+def prepare_run(args):
+    """Every check before any work (a bad input stops here with one line, nothing written), then the
+    plan, and --out made ready. Returns (device, saved checkpoints, tokenizer, train and val tokens)."""
+    try:
         device = pick_device(args.device, args.use_triton)
         if args.use_triton and device.type == "cpu":
             use_triton_interpreter()
@@ -1515,7 +1518,19 @@ def main(argv=None) -> None:
     if args.overwrite:
         remove_outputs(args.out)
     args.out.mkdir(parents=True, exist_ok=True)
+    return device, saved, enc, tokens, val_tokens
 
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.make_tokenizer:
+        start = time.perf_counter()
+        make_tokenizer()
+        print(f"wrote {TOKENIZER_PATH} ({N_BPE} tokens) in {time.perf_counter() - start:.1f} s")
+        return
+
+    wall_start = time.perf_counter()
+    device, saved, enc, tokens, val_tokens = prepare_run(args)
     results, models = {}, {}
     for preset in args.models:
         t0 = time.perf_counter()
