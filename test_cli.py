@@ -374,3 +374,9 @@ def test_help_shows_every_flag_with_its_default_and_one_quick_time():
     quick_help = next(a.help for a in parser._actions if a.dest == "quick")
     assert ts.QUICK_TIME in quick_help and ts.QUICK_TIME in ts.__doc__
     assert len(set(re.findall(r"(\d+) s on 2 CPU cores", ts.__doc__))) == 1
+
+
+def test_flags_given_win_over_quick(tmp_path):
+    args = ts.parse_args(["--quick", "--steps", "100", "--out", str(tmp_path)])
+    assert (args.steps, args.eval_batch, args.log_every, args.checkpoint_every) == (100, 4, 10, 20)
+    assert ts.parse_args(["--out", str(tmp_path)]).steps == ts.DEFAULT_STEPS
