@@ -1157,7 +1157,7 @@ def build_parser() -> ArgumentParser:
                        help="run the mixers through kernels.py's Triton kernels (the same maths as the PyTorch "
                             "reference ops); without a GPU they run in Triton's CPU interpreter, hundreds of "
                             "times slower, and the run says how long it will take before it starts")
-    where.add_argument("--out", type=Path, default=Path("out"),
+    where.add_argument("--out", type=Path, default=Path("out"), metavar="DIR",
                        help="folder for checkpoints, results.json and the figures; if it holds results of an "
                             "earlier run, give --resume or --overwrite")
     where.add_argument("--resume", action="store_true", help=RESUME_HELP)
