@@ -2,9 +2,9 @@
 
     attention(q, k, v, window=None, keep=None, scale=None)         full causal / SWA / LTE, fwd + bwd
     attention_decode(q, k_cache, v_cache, valid=None, scale=None)  one decoding step (split-K)
-    lte_visible_until(scores, window, sink, buffer)                LTE's buffer rule in parallel (section 2b)
-    gated_delta_rule, gated_delta_rule_recurrent(_step)            Gated DeltaNet (section GDN)
-    nsa_compressed_attention, nsa_block_scores, nsa_selected_attention   NSA's branches (section NSA)
+    lte_visible_until(scores, window, sink, buffer)                LTE's buffer rule in parallel (section 1d)
+    gated_delta_rule, gated_delta_rule_recurrent(_step)            Gated DeltaNet (section 1a)
+    nsa_compressed_attention, nsa_block_scores, nsa_selected_attention   NSA's branches (section 1c)
 
 Each returns what its twin in tiny_hybrid.py returns, and raises the same errors on bad input.
 `python kernels.py` checks every kernel against the reference, then prints one headline benchmark
@@ -27,6 +27,7 @@ i - j > w and i <= visible_until[j]. The backward is organised the same way:
 Without a CUDA GPU the kernels run in Triton's interpreter (slow; fine for small tests).
 """
 
+
 from __future__ import annotations
 
 import argparse
@@ -40,6 +41,11 @@ import torch
 
 import tiny_hybrid
 from tiny_hybrid import _check_tensor
+
+
+# =============================================================================================
+# 0. Shared: set-up, the precision rule, input checks, tile helpers
+# =============================================================================================
 
 # --- Set-up: Triton is Linux-only; without a GPU its interpreter runs the kernels on the CPU ----
 
@@ -63,61 +69,9 @@ if INTERPRET:
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+
 NEG_INF = tl.constexpr(float("-inf"))  # a global a kernel may read must be a constexpr
 LOG2E = 1.4426950408889634  # scores are kept in base 2 so that exp2 (one instruction) does the softmax
-
-# Block sizes (BLOCK_M: queries, BLOCK_N: keys per tile). GPU values: the fastest of a few
-# candidates on an H100, bf16, D=64, LTE pattern at T=8K (`python kernels.py --tune` re-measures);
-# e.g. dkdv with 128 keys and 4 warps spills registers and runs 2.5x slower.
-# The interpreter gets small blocks because its cost is per operation, not per element.
-GPU_BLOCKS = {
-    "fwd":  dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
-    # a band without kept columns (SWA): 64-query tiles, 0.147 ms against 0.177 at T=8K (H200)
-    "fwd_band": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
-    "dq":   dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=5),
-    "dkdv": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
-}
-GPU_BLOCKS_D128 = {  # not tuned: fewer rows per program at D > 64, so the tiles fit in registers
-    "fwd":  dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-    "fwd_band": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-    "dq":   dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
-    "dkdv": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
-}
-INTERPRETER_BLOCKS = {
-    "fwd":  dict(BLOCK_M=32, BLOCK_N=32),
-    "fwd_band": dict(BLOCK_M=32, BLOCK_N=32),
-    "dq":   dict(BLOCK_M=32, BLOCK_N=32),
-    "dkdv": dict(BLOCK_M=32, BLOCK_N=32),
-}
-
-
-def _blocks(kernel: str, D: int) -> dict:
-    """Launch parameters of one kernel ("fwd", "fwd_band", "dq", "dkdv") for head dim D."""
-    if INTERPRET:
-        return INTERPRETER_BLOCKS[kernel]
-    return (GPU_BLOCKS if D <= 64 else GPU_BLOCKS_D128)[kernel]
-
-
-# =============================================================================================
-# Input checks: the same errors as tiny_hybrid.attention / attention_decode
-# =============================================================================================
-
-def _check_attention_args(q, k, v, window, keep) -> None:
-    """The checks of tiny_hybrid.attention (the same function), plus what only the kernels need."""
-    tiny_hybrid._check_attention(q, k, v, window, keep)
-    _check_kernel_limits(q, (q, k, v))
-
-
-def _check_kernel_limits(q, tensors) -> None:
-    """What the reference accepts but these kernels do not: a huge head dim, mixed devices."""
-    D = q.shape[-1]
-    if D > 128:
-        raise ValueError(f"kernels support head dims up to 128, got D={D} (use tiny_hybrid's reference)")
-    if any(x.device != q.device for x in tensors):
-        raise ValueError(f"all inputs must be on one device, got {[str(x.device) for x in tensors]}")
-    if INTERPRET != (q.device.type == "cpu"):
-        raise ValueError(f"Triton here runs {'on the CPU (interpreter)' if INTERPRET else 'on CUDA'}, "
-                         f"but the inputs are on {q.device}")
 
 
 def _compute_dtype(*xs: torch.Tensor) -> torch.dtype:
@@ -133,9 +87,22 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-# =============================================================================================
-# 1. Attention: building blocks shared by the kernels
-# =============================================================================================
+def _check_kernel_limits(q, tensors) -> None:
+    """What the reference accepts but these kernels do not: a huge head dim, mixed devices."""
+    D = q.shape[-1]
+    if D > 128:
+        raise ValueError(f"kernels support head dims up to 128, got D={D} (use tiny_hybrid's reference)")
+    if any(x.device != q.device for x in tensors):
+        raise ValueError(f"all inputs must be on one device, got {[str(x.device) for x in tensors]}")
+    if INTERPRET != (q.device.type == "cpu"):
+        raise ValueError(f"Triton here runs {'on the CPU (interpreter)' if INTERPRET else 'on CUDA'}, "
+                         f"but the inputs are on {q.device}")
+
+
+def _block_d(D: int) -> int:
+    """Head-dim tile: a power of two (Triton's rule) and >= 16 (the tensor cores' smallest K)."""
+    return max(16, triton.next_power_of_2(D))
+
 
 # Triton's interpreter multiplies bfloat16 matrices as raw 16-bit integers; there the operands go
 # through float32 first (bf16 x bf16 products are exact in float32, so the result is the same).
@@ -165,751 +132,14 @@ def _store_rows(base, x, rows, row_ok, row_stride, offs_d, D: tl.constexpr):
     tl.store(ptrs, x.to(base.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
 
 
-@triton.jit
-def _split_range(start, full_lo, full_hi, end, BLOCK: tl.constexpr):
-    """Cut [start, end) into blocks of BLOCK that begin at `start`, and find the run of blocks that
-    lie wholly inside [full_lo, full_hi): those need no mask. Returns (a, b): blocks of [start, a)
-    and [b, end) are masked, those of [a, b) are not. All counts stay >= 0 (Triton divides ints
-    like C, toward zero)."""
-    n_end = tl.cdiv(end - start, BLOCK)
-    n_a = tl.minimum(tl.cdiv(tl.maximum(full_lo - start, 0), BLOCK), n_end)
-    n_b = tl.maximum(tl.minimum(tl.maximum(full_hi - start, 0) // BLOCK, n_end), n_a)
-    return start + n_a * BLOCK, start + n_b * BLOCK
-
-
-@triton.jit
-def _band_visible(i, j, window):
-    """Key j is in query i's band: 0 <= i - j <= window. i, j: positions broadcast to one 2-D
-    shape ([BM, 1] and [1, BN] for scores, [1, BM] and [BN, 1] for transposed ones)."""
-    diff = i - j
-    return (diff >= 0) & (diff <= window)
-
-
-@triton.jit
-def _kept_visible(i, j, until, window):
-    """Key j is seen by query i beyond the band: i - j > window and i <= until (until laid out
-    like j). Shapes as in _band_visible."""
-    return (i - j > window) & (i <= until)
-
-
-@triton.jit
-def _kept_tile(cols, col_until, k_base, v_base, n0, n_kept, offs_i, offs_d, window, row_stride,
-               D: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Entries n0 .. n0 + BLOCK_N of one head's kept list (cols, col_until: its key positions and
-    visible-until; n_kept entries are valid): the keys' rows k, v [BLOCK_N, BLOCK_D] and which of
-    the queries offs_i see them, visible [BLOCK_M, BLOCK_N]."""
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    in_list = offs_n < n_kept
-    offs_j = tl.load(cols + offs_n, mask=in_list, other=0)
-    until = tl.load(col_until + offs_n, mask=in_list, other=-1)
-    k = _load_rows(k_base, offs_j, in_list, row_stride, offs_d, D)
-    v = _load_rows(v_base, offs_j, in_list, row_stride, offs_d, D)
-    return k, v, _kept_visible(offs_i[:, None], offs_j[None, :], until[None, :], window)
-
-
-@triton.jit
-def _softmax_update(acc, m_i, l_i, s, v, PRECISION: tl.constexpr):
-    """One step of the online softmax. s [BM, BN]: masked scores in base 2 (-inf: not visible);
-    m_i, l_i [BM]: running max and sum; acc [BM, BLOCK_D] += softmax-weighted v [BN, BLOCK_D]."""
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    # A row that has seen nothing yet has m_new = -inf: subtract 0 instead, so p = 0, not NaN.
-    m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
-    p = tl.math.exp2(s - m_safe[:, None])
-    alpha = tl.math.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PRECISION)
-    return acc, m_new, l_i
-
-
-@triton.jit
-def _dq_update(dq, q, do, k, v, lse, delta, visible, qk_scale, MASK: tl.constexpr,
-               PRECISION: tl.constexpr):
-    """dq [BM, BLOCK_D] += dS k for one key tile; visible [BM, BN] is used only when MASK."""
-    s = _mm(q, tl.trans(k), PRECISION) * qk_scale  # [BM, BN], base 2
-    p = tl.math.exp2(s - lse[:, None])  # the softmax probabilities, from the forward's LSE
-    if MASK:
-        p = tl.where(visible, p, 0.0)
-    dp = _mm(do, tl.trans(v), PRECISION)  # [BM, BN]
-    ds = p * (dp - delta[:, None])
-    return dq + _mm(ds.to(k.dtype), k, PRECISION)
-
-
-@triton.jit
-def _dkdv_update(dk, dv, q, do, k, v, lse, delta, visible, qk_scale,
-                 MASK: tl.constexpr, PRECISION: tl.constexpr):
-    """dk, dv [BN, BLOCK_D] += the contribution of one query tile q, do [BM, BLOCK_D], computed
-    transposed ([BN, BM]) so that both products are plain dots; visible [BN, BM] used when MASK."""
-    s_t = _mm(k, tl.trans(q), PRECISION) * qk_scale  # [BN, BM], base 2
-    p_t = tl.math.exp2(s_t - lse[None, :])
-    if MASK:
-        p_t = tl.where(visible, p_t, 0.0)
-    dv += _mm(p_t.to(do.dtype), do, PRECISION)
-    dp_t = _mm(v, tl.trans(do), PRECISION)  # [BN, BM]
-    ds_t = p_t * (dp_t - delta[None, :])
-    dk += _mm(ds_t.to(q.dtype), q, PRECISION)
-    return dk, dv
-
-
-# --- 1a. The kept-column list -----------------------------------------------------------------
-
-@triton.jit
-def _compact_kept_kernel(UNTIL, COLS, COL_UNTIL, NBEFORE, T, Hkv, window, BLOCK: tl.constexpr):
-    """One program per (batch, KV head): list, in order, the keys seen beyond the band.
-
-    UNTIL [B, T, Hkv] int32 (visible-until, clamped to [-1, T-1]). Writes COLS [B, Hkv, T] (key
-    positions, first `count` entries valid), COL_UNTIL [B, Hkv, T] (their visible-until) and
-    NBEFORE [B, Hkv, T+1] (NBEFORE[x] = listed keys at positions < x; NBEFORE[T] = count)."""
-    pid = tl.program_id(0)
-    b = pid // Hkv
-    h = pid % Hkv
-    list_base = pid.to(tl.int64) * T
-    count_base = pid.to(tl.int64) * (T + 1)
-    tl.store(NBEFORE + count_base, 0)
-    total = tl.zeros([], dtype=tl.int32)  # listed keys so far
-    for t0 in range(0, T, BLOCK):
-        t = t0 + tl.arange(0, BLOCK)
-        until = tl.load(UNTIL + (b * T + t) * Hkv + h, mask=t < T, other=-1)
-        listed = until > t + window  # some query i in (t + window, until] sees key t
-        inclusive = tl.cumsum(listed.to(tl.int32), 0) + total
-        tl.store(NBEFORE + count_base + t + 1, inclusive, mask=t < T)
-        tl.store(COLS + list_base + inclusive - 1, t, mask=listed)
-        tl.store(COL_UNTIL + list_base + inclusive - 1, until, mask=listed)
-        total += tl.sum(listed.to(tl.int32), 0)
-
-
-def _kept_list(keep: torch.Tensor, window: int, T: int):
-    """keep bool / int [B, T, Hkv] -> (cols, col_until, nbefore) int32 tensors (see the kernel).
-
-    Visible-until values are clamped to [-1, T-1]: queries only exist at 0..T-1, so the answer is
-    the same, and int32 suffices."""
-    B, _, Hkv = keep.shape
-    if keep.dtype == torch.bool:
-        until = torch.where(keep, T - 1, -1).to(torch.int32)
-    else:
-        until = keep.clamp(-1, T - 1).to(torch.int32)
-    until = until.contiguous()
-    cols = torch.empty(B, Hkv, T, dtype=torch.int32, device=until.device)
-    col_until = torch.empty_like(cols)
-    nbefore = torch.empty(B, Hkv, T + 1, dtype=torch.int32, device=until.device)
-    _compact_kept_kernel[(B * Hkv,)](until, cols, col_until, nbefore, T, Hkv, window,
-                                     BLOCK=64 if INTERPRET else 1024)
-    return cols, col_until, nbefore
-
-
-# --- 1b. Forward ------------------------------------------------------------------------------
-
-@triton.jit
-def _fwd_band(acc, m_i, l_i, q, k_base, v_base, offs_i, offs_d, j_lo, j_hi, T, window, row_stride,
-              qk_scale, D: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr,
-              PRECISION: tl.constexpr):
-    """Attend the query tile to keys [j_lo, j_hi) of the band, BLOCK_N at a time."""
-    for j0 in range(j_lo, j_hi, BLOCK_N):
-        offs_j = j0 + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_base, offs_j, offs_j < T, row_stride, offs_d, D)
-        v = _load_rows(v_base, offs_j, offs_j < T, row_stride, offs_d, D)
-        s = _mm(q, tl.trans(k), PRECISION) * qk_scale
-        if MASK:
-            s = tl.where(_band_visible(offs_i[:, None], offs_j[None, :], window), s, NEG_INF)
-        acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, v, PRECISION)
-    return acc, m_i, l_i
-
-
-@triton.jit
-def _attn_fwd_kernel(Q, K, V, O, LSE, COLS, COL_UNTIL, NBEFORE, T, H, Hkv, window, qk_scale,
-                     D: tl.constexpr, HAS_KEEP: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    """One program per (query block, batch * query head). Q, O [B, T, H, D]; K, V [B, T, Hkv, D]
-    (all contiguous); writes O and LSE [B, H, T] (base-2 log-sum-exp of the scaled scores)."""
-    # The last query blocks see the most keys: start them first so the tail of the grid is short.
-    i0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    hkv = h // (H // Hkv)
-    offs_i = i0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    q_base = Q + (b * T * H + h).to(tl.int64) * D         # row t of this head starts at t * H * D
-    kv_off = (b * T * Hkv + hkv).to(tl.int64) * D
-    q = _load_rows(q_base, offs_i, offs_i < T, H * D, offs_d, D)
-
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], NEG_INF, dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-
-    # 1. The band: keys [i0 - w, i_last]. Blocks inside every row's band and below the
-    #    diagonal, i.e. within [i_last - w, i0], need no mask.
-    i_last = tl.minimum(i0 + BLOCK_M, T) - 1
-    j_lo = tl.maximum(i0 - window, 0)
-    j_a, j_b = _split_range(j_lo, i_last - window, i0 + 1, i_last + 1, BLOCK_N)
-    acc, m_i, l_i = _fwd_band(acc, m_i, l_i, q, K + kv_off, V + kv_off, offs_i, offs_d, j_lo, j_a, T,
-                              window, Hkv * D, qk_scale, D, True, BLOCK_N, PRECISION)
-    acc, m_i, l_i = _fwd_band(acc, m_i, l_i, q, K + kv_off, V + kv_off, offs_i, offs_d, j_a, j_b, T,
-                              window, Hkv * D, qk_scale, D, False, BLOCK_N, PRECISION)
-    acc, m_i, l_i = _fwd_band(acc, m_i, l_i, q, K + kv_off, V + kv_off, offs_i, offs_d, j_b, i_last + 1,
-                              T, window, Hkv * D, qk_scale, D, True, BLOCK_N, PRECISION)
-
-    # 2. Kept columns beyond the band: the listed keys j < i_last - w (a prefix of the sorted list).
-    if HAS_KEEP:
-        list_base = (b * Hkv + hkv).to(tl.int64) * T
-        n_kept = tl.load(NBEFORE + (b * Hkv + hkv).to(tl.int64) * (T + 1) + tl.maximum(i_last - window, 0))
-        for n0 in range(0, n_kept, BLOCK_N):
-            k, v, visible = _kept_tile(COLS + list_base, COL_UNTIL + list_base, K + kv_off, V + kv_off, n0,
-                                       n_kept, offs_i, offs_d, window, Hkv * D, D, BLOCK_N)
-            s = tl.where(visible, _mm(q, tl.trans(k), PRECISION) * qk_scale, NEG_INF)
-            acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, v, PRECISION)
-
-    # Every real row sees at least its own key, so l_i > 0 there (padding rows are not stored).
-    o = acc / l_i[:, None]
-    _store_rows(O + (b * T * H + h).to(tl.int64) * D, o, offs_i, offs_i < T, H * D, offs_d, D)
-    tl.store(LSE + bh.to(tl.int64) * T + offs_i, m_i + tl.math.log2(l_i), mask=offs_i < T)
-
-
-# --- 1c. Backward -----------------------------------------------------------------------------
-
-@triton.jit
-def _attn_bwd_delta_kernel(O, DO, DELTA, T, H, D: tl.constexpr, BLOCK_M: tl.constexpr,
-                           BLOCK_D: tl.constexpr):
-    """DELTA [B, H, T] = rowsum(O * dO) in float32 (the softmax backward's correction term)."""
-    offs_i = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    offs_d = tl.arange(0, BLOCK_D)
-    base = (b * T * H + h).to(tl.int64) * D
-    o = _load_rows(O + base, offs_i, offs_i < T, H * D, offs_d, D).to(tl.float32)
-    do = _load_rows(DO + base, offs_i, offs_i < T, H * D, offs_d, D).to(tl.float32)
-    tl.store(DELTA + bh.to(tl.int64) * T + offs_i, tl.sum(o * do, 1), mask=offs_i < T)
-
-
-@triton.jit
-def _dq_band(dq, q, do, lse, delta, k_base, v_base, offs_i, offs_d, j_lo, j_hi, T, window,
-             row_stride, qk_scale, D: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr,
-             PRECISION: tl.constexpr):
-    """dQ of the query tile from keys [j_lo, j_hi) of the band, BLOCK_N at a time."""
-    for j0 in range(j_lo, j_hi, BLOCK_N):
-        offs_j = j0 + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_base, offs_j, offs_j < T, row_stride, offs_d, D)
-        v = _load_rows(v_base, offs_j, offs_j < T, row_stride, offs_d, D)
-        visible = _band_visible(offs_i[:, None], offs_j[None, :], window)
-        dq = _dq_update(dq, q, do, k, v, lse, delta, visible, qk_scale, MASK, PRECISION)
-    return dq
-
-
-@triton.jit
-def _attn_bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, COLS, COL_UNTIL, NBEFORE, T, H, Hkv, window,
-                        qk_scale, scale, D: tl.constexpr, HAS_KEEP: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                        PRECISION: tl.constexpr):
-    """One program per (query block, batch * query head): DQ [B, T, H, D], the same key walk as
-    the forward (band, then the kept list). It first writes DELTA [B, H, T] = rowsum(O * dO) of
-    its rows, which the dK, dV kernels read after it: one launch fewer than a kernel of its own,
-    and an SWA forward + backward at 8K tokens costs as much host time as GPU time."""
-    i0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    hkv = h // (H // Hkv)
-    offs_i = i0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    q_off = (b * T * H + h).to(tl.int64) * D
-    kv_off = (b * T * Hkv + hkv).to(tl.int64) * D
-    q = _load_rows(Q + q_off, offs_i, offs_i < T, H * D, offs_d, D)
-    do = _load_rows(DO + q_off, offs_i, offs_i < T, H * D, offs_d, D)
-    lse = tl.load(LSE + bh.to(tl.int64) * T + offs_i, mask=offs_i < T, other=0.0)
-    o = _load_rows(O + q_off, offs_i, offs_i < T, H * D, offs_d, D)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # the softmax backward's correction term
-    tl.store(DELTA + bh.to(tl.int64) * T + offs_i, delta, mask=offs_i < T)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-
-    i_last = tl.minimum(i0 + BLOCK_M, T) - 1
-    j_lo = tl.maximum(i0 - window, 0)
-    j_a, j_b = _split_range(j_lo, i_last - window, i0 + 1, i_last + 1, BLOCK_N)
-    dq = _dq_band(dq, q, do, lse, delta, K + kv_off, V + kv_off, offs_i, offs_d, j_lo, j_a, T, window,
-                  Hkv * D, qk_scale, D, True, BLOCK_N, PRECISION)
-    dq = _dq_band(dq, q, do, lse, delta, K + kv_off, V + kv_off, offs_i, offs_d, j_a, j_b, T, window,
-                  Hkv * D, qk_scale, D, False, BLOCK_N, PRECISION)
-    dq = _dq_band(dq, q, do, lse, delta, K + kv_off, V + kv_off, offs_i, offs_d, j_b, i_last + 1, T,
-                  window, Hkv * D, qk_scale, D, True, BLOCK_N, PRECISION)
-
-    if HAS_KEEP:
-        list_base = (b * Hkv + hkv).to(tl.int64) * T
-        n_kept = tl.load(NBEFORE + (b * Hkv + hkv).to(tl.int64) * (T + 1) + tl.maximum(i_last - window, 0))
-        for n0 in range(0, n_kept, BLOCK_N):
-            k, v, visible = _kept_tile(COLS + list_base, COL_UNTIL + list_base, K + kv_off, V + kv_off, n0,
-                                       n_kept, offs_i, offs_d, window, Hkv * D, D, BLOCK_N)
-            dq = _dq_update(dq, q, do, k, v, lse, delta, visible, qk_scale, True, PRECISION)
-
-    # s = scale * q.k, so dL/dq = scale * sum_j ds_ij k_j.
-    _store_rows(DQ + q_off, dq * scale, offs_i, offs_i < T, H * D, offs_d, D)
-
-
-@triton.jit
-def _dkdv_queries(dk, dv, k, v, Q, DO, LSE, DELTA, offs_j, until, offs_d, i_lo, i_hi, b, h, T, H,
-                  window, qk_scale, D: tl.constexpr, KEPT: tl.constexpr, MASK: tl.constexpr,
-                  BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
-    """dK, dV of one key tile from queries [i_lo, i_hi) of query head h, BLOCK_M at a time.
-    KEPT picks the visibility rule: the band (False) or kept beyond the band (True)."""
-    q_off = (b * T * H + h).to(tl.int64) * D
-    row_off = (b * H + h).to(tl.int64) * T
-    for i0 in range(i_lo, i_hi, BLOCK_M):
-        offs_i = i0 + tl.arange(0, BLOCK_M)
-        q = _load_rows(Q + q_off, offs_i, offs_i < T, H * D, offs_d, D)
-        do = _load_rows(DO + q_off, offs_i, offs_i < T, H * D, offs_d, D)
-        lse = tl.load(LSE + row_off + offs_i, mask=offs_i < T, other=0.0)
-        delta = tl.load(DELTA + row_off + offs_i, mask=offs_i < T, other=0.0)
-        if KEPT:  # [BN, BM], keys along rows
-            visible = _kept_visible(offs_i[None, :], offs_j[:, None], until[:, None], window)
-        else:
-            visible = _band_visible(offs_i[None, :], offs_j[:, None], window) & (offs_i[None, :] < T)
-        dk, dv = _dkdv_update(dk, dv, q, do, k, v, lse, delta, visible, qk_scale, MASK, PRECISION)
-    return dk, dv
-
-
-@triton.jit
-def _attn_bwd_dkdv_kept_kernel(Q, K, V, DO, LSE, DELTA, DK_KEPT, DV_KEPT, COLS, COL_UNTIL, NBEFORE,
-                               T, H, Hkv, window, qk_scale, D: tl.constexpr, BLOCK_M: tl.constexpr,
-                               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                               PRECISION: tl.constexpr):
-    """One program per (block of BLOCK_N entries of the kept list, batch * KV head): the part of
-    dK, dV that comes from queries beyond the band, for the G query heads of the group. Writes
-    float32 partials DK_KEPT, DV_KEPT [B, Hkv, T, D] at the list slots (the band kernel adds them)."""
-    n0 = tl.program_id(0) * BLOCK_N
-    bhk = tl.program_id(1)
-    b = bhk // Hkv
-    hkv = bhk % Hkv
-    G = H // Hkv
-    list_base = bhk.to(tl.int64) * T
-    n_list = tl.load(NBEFORE + bhk.to(tl.int64) * (T + 1) + T)
-    if n0 < n_list:  # the list's length is known only here, on the device
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        in_list = offs_n < n_list
-        offs_j = tl.load(COLS + list_base + offs_n, mask=in_list, other=0)
-        until = tl.load(COL_UNTIL + list_base + offs_n, mask=in_list, other=-1)
-        offs_d = tl.arange(0, BLOCK_D)
-        kv_off = (b * T * Hkv + hkv).to(tl.int64) * D
-        k = _load_rows(K + kv_off, offs_j, in_list, Hkv * D, offs_d, D)
-        v = _load_rows(V + kv_off, offs_j, in_list, Hkv * D, offs_d, D)
-        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-
-        # Queries that see some listed key of the tile: (first key + w, largest visible-until].
-        # Those past the last key's band and up to the smallest visible-until see every key.
-        j_first = tl.min(tl.where(in_list, offs_j, T), 0)
-        j_end = tl.max(tl.where(in_list, offs_j, -1), 0)
-        until_min = tl.min(tl.where(in_list, until, T), 0)
-        until_max = tl.max(until, 0)
-        i_lo = j_first + window + 1
-        i_a, i_b = _split_range(i_lo, j_end + window + 1, until_min + 1, until_max + 1, BLOCK_M)
-        for g in range(G):
-            h = hkv * G + g
-            dk, dv = _dkdv_queries(dk, dv, k, v, Q, DO, LSE, DELTA, offs_j, until, offs_d, i_lo, i_a, b,
-                                   h, T, H, window, qk_scale, D, True, True, BLOCK_M, PRECISION)
-            dk, dv = _dkdv_queries(dk, dv, k, v, Q, DO, LSE, DELTA, offs_j, until, offs_d, i_a, i_b, b,
-                                   h, T, H, window, qk_scale, D, True, False, BLOCK_M, PRECISION)
-            dk, dv = _dkdv_queries(dk, dv, k, v, Q, DO, LSE, DELTA, offs_j, until, offs_d, i_b,
-                                   until_max + 1, b, h, T, H, window, qk_scale, D, True, True,
-                                   BLOCK_M, PRECISION)
-        _store_rows(DK_KEPT + list_base * D, dk, offs_n, in_list, D, offs_d, D)
-        _store_rows(DV_KEPT + list_base * D, dv, offs_n, in_list, D, offs_d, D)
-
-
-@triton.jit
-def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DK_KEPT, DV_KEPT, NBEFORE, T, H, Hkv,
-                          window, qk_scale, scale, D: tl.constexpr, HAS_KEEP: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                          PRECISION: tl.constexpr):
-    """One program per (key block, batch * KV head): DK, DV [B, T, Hkv, D] from the band queries
-    of the G query heads of the group, plus (HAS_KEEP) the kept partials of listed keys."""
-    j0 = tl.program_id(0) * BLOCK_N
-    bhk = tl.program_id(1)
-    b = bhk // Hkv
-    hkv = bhk % Hkv
-    G = H // Hkv
-    offs_j = j0 + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    kv_off = (b * T * Hkv + hkv).to(tl.int64) * D
-    k = _load_rows(K + kv_off, offs_j, offs_j < T, Hkv * D, offs_d, D)
-    v = _load_rows(V + kv_off, offs_j, offs_j < T, Hkv * D, offs_d, D)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-
-    # Band queries: [j0, j_last + w]. Those in [j_last, j0 + w] (and < T) see every key of the tile.
-    j_last = tl.minimum(j0 + BLOCK_N, T) - 1
-    i_hi = tl.minimum(j_last + window + 1, T)
-    i_a, i_b = _split_range(j0, j_last, tl.minimum(j0 + window + 1, T), i_hi, BLOCK_M)
-    for g in range(G):
-        h = hkv * G + g
-        dk, dv = _dkdv_queries(dk, dv, k, v, Q, DO, LSE, DELTA, offs_j, offs_j, offs_d, j0, i_a, b, h,
-                               T, H, window, qk_scale, D, False, True, BLOCK_M, PRECISION)
-        dk, dv = _dkdv_queries(dk, dv, k, v, Q, DO, LSE, DELTA, offs_j, offs_j, offs_d, i_a, i_b, b, h,
-                               T, H, window, qk_scale, D, False, False, BLOCK_M, PRECISION)
-        dk, dv = _dkdv_queries(dk, dv, k, v, Q, DO, LSE, DELTA, offs_j, offs_j, offs_d, i_b, i_hi, b, h,
-                               T, H, window, qk_scale, D, False, True, BLOCK_M, PRECISION)
-
-    if HAS_KEEP:
-        # A listed key j sits at slot NBEFORE[j] of the list, and is listed when NBEFORE[j+1] > NBEFORE[j].
-        count_base = NBEFORE + bhk.to(tl.int64) * (T + 1)
-        slot = tl.load(count_base + offs_j, mask=offs_j < T, other=0)
-        listed = tl.load(count_base + offs_j + 1, mask=offs_j < T, other=0) > slot
-        list_off = bhk.to(tl.int64) * T * D
-        dk += _load_rows(DK_KEPT + list_off, slot, listed, D, offs_d, D)
-        dv += _load_rows(DV_KEPT + list_off, slot, listed, D, offs_d, D)
-
-    _store_rows(DK + kv_off, dk * scale, offs_j, offs_j < T, Hkv * D, offs_d, D)
-    _store_rows(DV + kv_off, dv, offs_j, offs_j < T, Hkv * D, offs_d, D)
-
-
-# --- 1d. The autograd op ----------------------------------------------------------------------
-
-class _SparseCausalAttention(torch.autograd.Function):
-    """q [B, T, H, D], k, v [B, T, Hkv, D] contiguous, one dtype; window an int in [0, T]
-    (T: full causal); cols, col_until, nbefore: the kept list from _kept_list, or three Nones
-    (the kernels then take None for those pointers: HAS_KEEP=False compiles their reads away).
-    Saves the base-2 log-sum-exp LSE [B, H, T] for the backward, which recomputes P from it."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, window, scale, cols, col_until, nbefore):
-        B, T, H, D = q.shape
-        Hkv = k.shape[2]
-        has_keep = cols is not None
-        o = torch.empty_like(q)
-        lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
-        band_only = window < T and not has_keep
-        cfg = dict(_blocks("fwd_band" if band_only else "fwd", D))
-        grid = (triton.cdiv(T, cfg["BLOCK_M"]), B * H)
-        _attn_fwd_kernel[grid](q, k, v, o, lse, cols, col_until, nbefore, T, H, Hkv, window,
-                               scale * LOG2E, D=D, HAS_KEEP=has_keep, BLOCK_D=_block_d(D),
-                               PRECISION=_dot_precision(q.dtype), **cfg)
-        ctx.save_for_backward(q, k, v, o, lse, cols, col_until, nbefore)
-        ctx.window, ctx.scale, ctx.has_keep = window, scale, has_keep
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse, cols, col_until, nbefore = ctx.saved_tensors
-        window, scale, has_keep = ctx.window, ctx.scale, ctx.has_keep
-        B, T, H, D = q.shape
-        Hkv = k.shape[2]
-        do = do.to(q.dtype).contiguous()
-        common = dict(D=D, BLOCK_D=_block_d(D), PRECISION=_dot_precision(q.dtype))
-
-        # dQ first: its kernel also writes DELTA, which the dK, dV kernels read.
-        cfg = dict(_blocks("dq", D))
-        dq, delta = torch.empty_like(q), torch.empty_like(lse)                 # delta [B, H, T]
-        _attn_bwd_dq_kernel[(triton.cdiv(T, cfg["BLOCK_M"]), B * H)](
-            q, k, v, o, do, lse, delta, dq, cols, col_until, nbefore, T, H, Hkv, window, scale * LOG2E,
-            scale, HAS_KEEP=has_keep, **common, **cfg)
-        cfg = dict(_blocks("dkdv", D))
-        dk_kept = dv_kept = None
-        if has_keep:
-            # Compact float32 partials, one row per list slot: [B, Hkv, T, D].
-            dk_kept = torch.empty(B, Hkv, T, D, dtype=torch.float32, device=q.device)
-            dv_kept = torch.empty_like(dk_kept)
-            _attn_bwd_dkdv_kept_kernel[(triton.cdiv(T, cfg["BLOCK_N"]), B * Hkv)](
-                q, k, v, do, lse, delta, dk_kept, dv_kept, cols, col_until, nbefore, T, H, Hkv, window,
-                scale * LOG2E, **common, **cfg)
-        dk, dv = torch.empty_like(k), torch.empty_like(v)
-        _attn_bwd_dkdv_kernel[(triton.cdiv(T, cfg["BLOCK_N"]), B * Hkv)](
-            q, k, v, do, lse, delta, dk, dv, dk_kept, dv_kept, nbefore, T, H, Hkv, window,
-            scale * LOG2E, scale, HAS_KEEP=has_keep, **common, **cfg)
-        return dq, dk, dv, None, None, None, None, None
-
-
-def _block_d(D: int) -> int:
-    """Head-dim tile: a power of two (Triton's rule) and >= 16 (the tensor cores' smallest K)."""
-    return max(16, triton.next_power_of_2(D))
-
-
-def attention(q, k, v, window=None, keep=None, scale=None):
-    """Causal softmax attention (full, sliding window, LTE band-plus-columns) in Triton.
-
-    Same arguments, errors and result as tiny_hybrid.attention:
-    q [B, T, H, D]; k, v [B, T, Hkv, D] (query head h reads KV head h // (H / Hkv));
-    window None (full causal) or w >= 0 (query i sees key j when 0 <= i - j <= w);
-    keep None, bool [B, T, Hkv] (kept forever) or integer [B, T, Hkv] (the last query index that
-    sees key j beyond the window; -1: never). Returns o [B, T, H, D] in q's dtype; differentiable
-    in q, k, v. Products in float32 for float32 inputs, accumulation in float32 always.
-    """
-    _check_attention_args(q, k, v, window, keep)
-    B, T, H, D = q.shape
-    scale = D ** -0.5 if scale is None else float(scale)
-    dtype = _compute_dtype(q, k, v)
-    if q.numel() == 0 or k.numel() == 0:
-        return (q * 0 + (k.sum() + v.sum()) * 0).to(q.dtype)  # empty, still connected to the graph
-    # A window that reaches back past the first token is full causal attention.
-    window = T if window is None else min(window, T)
-    kept = (None, None, None)
-    if keep is not None and window < T - 1:
-        kept = _kept_list(keep.to(q.device), window, T)
-    q_, k_, v_ = (x.to(dtype).contiguous() for x in (q, k, v))
-    o = _SparseCausalAttention.apply(q_, k_, v_, window, scale, *kept)
-    return o.to(q.dtype)
-
-
 # =============================================================================================
-# 2. Decoding step: one query per sequence against a cache of slots (split-K)
+# 1a. Gated DeltaNet (tiny_hybrid.gated_delta_rule, gated_delta_rule_recurrent)
 # =============================================================================================
-
-@triton.jit
-def _decode_split_kernel(Q, K, V, VALID, M_PART, L_PART, ACC_PART, S, H, Hkv, keys_per_split,
-                         n_splits, qk_scale, D: tl.constexpr, HAS_VALID: tl.constexpr,
-                         BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                         PRECISION: tl.constexpr):
-    """One program per (split of the slots, batch * KV head): the G query heads of the group
-    attend together to slots [split * keys_per_split, +keys_per_split). Q [B, H, D],
-    K, V [B, S, Hkv, D], VALID [B, S, Hkv] (int8). Writes the split's running max and sum
-    M_PART, L_PART [B, H, n_splits] and unnormalised output ACC_PART [B, H, n_splits, D]."""
-    split = tl.program_id(0)
-    bhk = tl.program_id(1)
-    b = bhk // Hkv
-    hkv = bhk % Hkv
-    G = H // Hkv
-    offs_g = tl.arange(0, BLOCK_G)
-    offs_d = tl.arange(0, BLOCK_D)
-    head_ok = offs_g < G
-    q_off = (b * H + hkv * G).to(tl.int64) * D   # the G heads of the group are adjacent rows
-    q = _load_rows(Q + q_off, offs_g, head_ok, D, offs_d, D)                    # [BLOCK_G, BLOCK_D]
-    kv_off = (b * S * Hkv + hkv).to(tl.int64) * D
-
-    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
-    m_i = tl.full([BLOCK_G], NEG_INF, dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
-    s_lo = split * keys_per_split
-    s_hi = tl.minimum(s_lo + keys_per_split, S)
-    for s0 in range(s_lo, s_hi, BLOCK_N):
-        offs_s = s0 + tl.arange(0, BLOCK_N)
-        ok = offs_s < s_hi
-        if HAS_VALID:
-            ok &= tl.load(VALID + (b * S + offs_s) * Hkv + hkv, mask=ok, other=0) != 0
-        k = _load_rows(K + kv_off, offs_s, ok, Hkv * D, offs_d, D)
-        v = _load_rows(V + kv_off, offs_s, ok, Hkv * D, offs_d, D)
-        s = _mm(q, tl.trans(k), PRECISION) * qk_scale  # [BLOCK_G, BLOCK_N]
-        s = tl.where(ok[None, :], s, NEG_INF)
-        acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, v, PRECISION)
-
-    part = (b * H + hkv * G + offs_g).to(tl.int64) * n_splits + split          # [BLOCK_G]
-    tl.store(M_PART + part, m_i, mask=head_ok)
-    tl.store(L_PART + part, l_i, mask=head_ok)
-    _store_rows(ACC_PART, acc, part, head_ok, D, offs_d, D)
-
-
-@triton.jit
-def _decode_combine_kernel(M_PART, L_PART, ACC_PART, O, n_splits, D: tl.constexpr,
-                           BLOCK_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One program per (batch * query head): merge the splits' partial softmaxes into O [B, H, D].
-    A head whose slots are all invalid gets NaN, as the reference's softmax over nothing does."""
-    bh = tl.program_id(0).to(tl.int64)
-    offs_s = tl.arange(0, BLOCK_SPLITS)
-    offs_d = tl.arange(0, BLOCK_D)
-    ok = offs_s < n_splits
-    m = tl.load(M_PART + bh * n_splits + offs_s, mask=ok, other=NEG_INF)
-    l = tl.load(L_PART + bh * n_splits + offs_s, mask=ok, other=0.0)
-    acc = _load_rows(ACC_PART + bh * n_splits * D, offs_s, ok, D, offs_d, D)   # [BLOCK_SPLITS, BLOCK_D]
-    m_max = tl.max(m, 0)
-    weight = tl.math.exp2(m - m_max)                   # a split that saw nothing has m = -inf: weight 0
-    o = tl.sum(acc * weight[:, None], 0) / tl.sum(l * weight, 0)
-    tl.store(O + bh * D + offs_d, o.to(O.dtype.element_ty), mask=offs_d < D)
-
-
-def _check_decode_args(q, k_cache, v_cache, valid) -> None:
-    """The checks of tiny_hybrid.attention_decode (the same function), plus the kernels' limits."""
-    tiny_hybrid._check_decode(q, k_cache, v_cache, valid)
-    _check_kernel_limits(q, (q, k_cache, v_cache) + (() if valid is None else (valid,)))
-
-
-def _decode_splits(S: int, B: int, Hkv: int, block_n: int) -> int:
-    """How many pieces to cut the slot axis into: enough programs to fill the GPU (~2 per SM on an
-    H100's 132), never a piece smaller than one key block."""
-    if INTERPRET:
-        return min(triton.cdiv(S, block_n), 4)
-    return max(1, min(triton.cdiv(S, block_n), triton.cdiv(264, B * Hkv)))
-
-
-def attention_decode(q, k_cache, v_cache, valid=None, scale=None):
-    """One decoding step in Triton; same arguments, errors and result as
-    tiny_hybrid.attention_decode: q [B, H, D], k_cache, v_cache [B, S, Hkv, D], valid bool
-    [B, S, Hkv] or None. Returns o [B, H, D] in q's dtype. Forward only (no autograd)."""
-    _check_decode_args(q, k_cache, v_cache, valid)
-    B, H, D = q.shape
-    S, Hkv = k_cache.shape[1], k_cache.shape[2]
-    scale = D ** -0.5 if scale is None else float(scale)
-    if q.numel() == 0:
-        return q.clone()
-    dtype = _compute_dtype(q, k_cache, v_cache)
-    q_, k_, v_ = (x.to(dtype).contiguous() for x in (q, k_cache, v_cache))
-    valid_ = valid.contiguous().view(torch.int8) if valid is not None else q_  # q_: unused pointer
-    block_n = 16 if INTERPRET else 64
-    n_splits = _decode_splits(S, B, Hkv, block_n)
-    keys_per_split = triton.cdiv(triton.cdiv(S, n_splits), block_n) * block_n
-    n_splits = max(1, triton.cdiv(S, keys_per_split))
-    m_part = torch.empty(B, H, n_splits, dtype=torch.float32, device=q.device)
-    l_part = torch.empty_like(m_part)
-    acc_part = torch.empty(B, H, n_splits, D, dtype=torch.float32, device=q.device)
-    _decode_split_kernel[(n_splits, B * Hkv)](
-        q_, k_, v_, valid_, m_part, l_part, acc_part, S, H, Hkv, keys_per_split, n_splits, scale * LOG2E,
-        D=D, HAS_VALID=valid is not None, BLOCK_G=max(16, triton.next_power_of_2(H // Hkv)),
-        BLOCK_N=block_n, BLOCK_D=_block_d(D), PRECISION=_dot_precision(dtype),
-        **({} if INTERPRET else dict(num_warps=4, num_stages=3)))
-    o = torch.empty(B, H, D, dtype=dtype, device=q.device)
-    _decode_combine_kernel[(B * H,)](m_part, l_part, acc_part, o, n_splits, D=D,
-                                     BLOCK_SPLITS=max(2, triton.next_power_of_2(n_splits)),
-                                     BLOCK_D=_block_d(D))
-    return o.to(q.dtype)
-
-
-# =============================================================================================
-# 2b. LTE's buffer rule in parallel (tiny_hybrid.lte_visible_until)
-# =============================================================================================
-# The buffer always holds the top b offered tokens by (r, position), so an offered token j stays
-# from the moment it leaves the window until the b-th offered token that beats it leaves (never
-# if that one left before j). The reference finds that moment through a running order statistic;
-# here every key counts its beaters directly, a tile of keys against a tile of tokens at a time:
-# O(T^2) comparisons, but all of them independent, which a GPU does in well under a millisecond at 8K.
-
-# H200, B=4, T=8K, Hkv=2: 32 x 32 tiles with 4 warps 0.46 ms; 64 x 64 0.80; 128 x 128 2.6 (of 27 tried)
-LTE_RULE_GPU_BLOCKS = dict(BLOCK_J=32, BLOCK_I=32, num_warps=4)
-LTE_RULE_INTERPRETER_BLOCKS = dict(BLOCK_J=32, BLOCK_I=32)
-
-
-@triton.jit
-def _lte_until_kernel(R, UNTIL, T, Hkv, n_left, window, sink, buffer, KEEP_FOREVER: tl.constexpr,
-                      BLOCK_J: tl.constexpr, BLOCK_I: tl.constexpr):
-    """One program per (block of keys j, batch x KV head). R [B, T, Hkv] float32 scores; writes
-    UNTIL [B, T, Hkv] int64. Offered tokens are j in [sink, n_left) with r_j > 0; token i beats j
-    when r_i > r_j, or r_i == r_j and i is newer (the tie rule of tiny_hybrid.lte_buffer_push)."""
-    pid_j = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    base = (bh // Hkv) * T * Hkv + bh % Hkv                  # element (b, 0, h) of [B, T, Hkv]
-    j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
-    r_j = tl.load(R + base + j * Hkv, mask=j < T, other=0.0)
-    beaten = tl.zeros([BLOCK_J], dtype=tl.int32)             # offered tokens seen so far that beat j
-    bth = tl.full([BLOCK_J], -1, dtype=tl.int32)             # position of the b-th of them (-1: none yet)
-    for i0 in range(sink, n_left, BLOCK_I):
-        i = i0 + tl.arange(0, BLOCK_I)
-        r_i = tl.load(R + base + i * Hkv, mask=i < n_left, other=0.0)   # 0: not offered
-        beats = (r_i[None, :] > 0) & ((r_i[None, :] > r_j[:, None]) |
-                                      ((r_i[None, :] == r_j[:, None]) & (i[None, :] > j[:, None])))
-        n_beats = tl.sum(beats.to(tl.int32), axis=1)
-        crossing = (beaten < buffer) & (beaten + n_beats >= buffer)
-        if tl.max(crossing.to(tl.int32), axis=0) > 0:       # some key meets its b-th beater in this tile
-            count = beaten[:, None] + tl.cumsum(beats.to(tl.int32), axis=1)   # [BLOCK_J, BLOCK_I]
-            at = tl.min(tl.where(beats & (count == buffer), i[None, :], n_left), axis=1)
-            bth = tl.where(crossing, at, bth)
-        beaten += n_beats
-    offered = (j >= sink) & (j < n_left) & (r_j > 0) & (buffer > 0)
-    entered = offered & ((bth < 0) | (bth > j))
-    until = tl.where(bth < 0, KEEP_FOREVER, bth.to(tl.int64) + window)
-    until = tl.where(entered, until, -1)
-    until = tl.where(j < sink, KEEP_FOREVER, until)
-    tl.store(UNTIL + base + j * Hkv, until, mask=j < T)
-
-
-def lte_visible_until(scores, window: int, sink: int, buffer: int):
-    """LTE's capped visibility in Triton; same arguments, errors and results as
-    tiny_hybrid.lte_visible_until: scores [B, T, Hkv] -> (until int64 [B, T, Hkv],
-    buf_score [B, Hkv, b], buf_pos [B, Hkv, b]). No autograd (the rule has no gradient)."""
-    tiny_hybrid._check_lte_rule(scores, window, sink, buffer)
-    B, T, Hkv = scores.shape
-    r = scores.detach().float().contiguous()
-    until = torch.empty(B, T, Hkv, dtype=torch.int64, device=r.device)
-    n_left = max(sink, T - window - 1)                       # tokens [sink, n_left) leave within T queries
-    blocks = LTE_RULE_INTERPRETER_BLOCKS if INTERPRET else LTE_RULE_GPU_BLOCKS
-    grid = (triton.cdiv(T, blocks["BLOCK_J"]), B * Hkv)
-    _lte_until_kernel[grid](r, until, T, Hkv, n_left, window, sink, buffer,
-                            KEEP_FOREVER=tiny_hybrid.KEEP_FOREVER, **blocks)
-    buf_score, buf_pos = tiny_hybrid.lte_final_buffer(r, until.transpose(1, 2), window, sink, buffer)
-    return until, buf_score, buf_pos
-
-
-# =============================================================================================
-# 3. `python kernels.py`: check every kernel against the reference, then time them
-# =============================================================================================
-
-def _random_keep(kind, B: int, T: int, Hkv: int, device, p: float = 0.15):
-    """A keep argument of one kind: None; "all" / "random" (bool, about p kept); "until"
-    (integer visible-until: -1, small values inside the window, values past T, KEEP_FOREVER)."""
-    if kind is None:
-        return None
-    if kind == "all":
-        return torch.ones(B, T, Hkv, dtype=torch.bool, device=device)
-    if kind == "random":
-        return torch.rand(B, T, Hkv, device=device) < p
-    until = torch.randint(-1, T + 3, (B, T, Hkv), device=device)
-    forever = torch.rand(B, T, Hkv, device=device) < 0.1
-    return torch.where(forever, torch.iinfo(torch.int32).max, until)
-
-
-def _relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """max |x - ref| / max |ref| (NaN anywhere counts as an infinite error)."""
-    err = (x.double() - ref.double()).abs().max().item()
-    return err / max(ref.double().abs().max().item(), 1e-30) if err == err else float("inf")
-
-
-def _attention_case(B, T, H, Hkv, D, window, keep_kind, dtype, device):
-    """Relative errors of o, dq, dk, dv of kernels.attention against tiny_hybrid.attention."""
-    import tiny_hybrid
-    q = torch.randn(B, T, H, D, device=device, dtype=dtype, requires_grad=True)
-    k = torch.randn(B, T, Hkv, D, device=device, dtype=dtype, requires_grad=True)
-    v = torch.randn(B, T, Hkv, D, device=device, dtype=dtype, requires_grad=True)
-    keep = _random_keep(keep_kind, B, T, Hkv, device)
-    do = torch.randn(B, T, H, D, device=device, dtype=dtype)
-    o = attention(q, k, v, window, keep)
-    grads = torch.autograd.grad(o, (q, k, v), do)
-    # The reference sees the same (rounded) inputs, and computes in float32.
-    qf, kf, vf = (x.detach().float().requires_grad_() for x in (q, k, v))
-    o_ref = tiny_hybrid.attention(qf, kf, vf, window, keep)
-    grads_ref = torch.autograd.grad(o_ref, (qf, kf, vf), do.float())
-    return [_relative_error(a, b) for a, b in zip((o,) + grads, (o_ref,) + grads_ref)]
-
-
-def check_attention() -> bool:
-    """Kernel vs reference on random inputs; prints the relative max error of o, dq, dk, dv."""
-    device = "cpu" if INTERPRET else "cuda"
-    f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
-    if INTERPRET:  # (B, T, H, Hkv, D, window, keep, dtype)
-        cases = [(1, 100, 2, 1, 16, 16, "random", f32), (1, 64, 2, 2, 16, None, None, f32)]
-    else:
-        cases = [(2, 1000, 4, 2, 64, 128, "random", bf16), (2, 777, 8, 2, 64, 100, "until", bf16),
-                 (1, 1000, 4, 4, 64, None, None, bf16), (2, 600, 4, 1, 64, 64, None, f16),
-                 (1, 500, 4, 2, 32, 50, "random", f32), (1, 700, 2, 1, 128, 200, "random", f16)]
-    ok = True
-    print("attention vs tiny_hybrid.attention: relative max error of o, dq, dk, dv")
-    for B, T, H, Hkv, D, window, keep, dtype in cases:
-        errs = _attention_case(B, T, H, Hkv, D, window, keep, dtype, device)
-        limit = 1e-4 if dtype == f32 else 2e-2  # 16-bit: rounding of inputs, P and dS to 8/11 bits
-        ok &= max(errs) < limit
-        print(f"  B={B} T={T:5d} H={H} Hkv={Hkv} D={D:3d} window={str(window):4s} keep={str(keep):6s} "
-              f"{str(dtype)[6:]:8s} " + " ".join(f"{e:.1e}" for e in errs) + ("" if max(errs) < limit else "  FAIL"))
-    return ok
-
-
-def check_attention_decode() -> bool:
-    """Decode kernel vs reference, with invalid slots and a long cache (the split-K path)."""
-    import tiny_hybrid
-    device = "cpu" if INTERPRET else "cuda"
-    cases = [(2, 4, 2, 16, 100)] if INTERPRET else [(3, 8, 2, 64, 5000), (2, 32, 2, 128, 333), (4, 8, 8, 64, 70000)]
-    ok = True
-    print("attention_decode vs tiny_hybrid.attention_decode: relative max error")
-    for B, H, Hkv, D, S in cases:
-        for dtype in (torch.float32, torch.bfloat16):
-            q = torch.randn(B, H, D, device=device, dtype=dtype)
-            kc, vc = (torch.randn(B, S, Hkv, D, device=device, dtype=dtype) for _ in range(2))
-            valid = torch.rand(B, S, Hkv, device=device) < 0.7
-            err = _relative_error(attention_decode(q, kc, vc, valid), tiny_hybrid.attention_decode(q, kc, vc, valid))
-            limit = 1e-5 if dtype == torch.float32 else 1e-2
-            ok &= err < limit
-            print(f"  B={B} H={H} Hkv={Hkv} D={D} S={S:6d} {str(dtype)[6:]:8s} {err:.1e}" + ("" if err < limit else "  FAIL"))
-    return ok
-
 
 # float32 dots of the Gated DeltaNet kernels: exact ("ieee") in the interpreter, tensor cores
 # ("tf32", ~3e-4 relative) on the GPU. 16-bit dots run on tensor cores with float32 accumulation.
 _DOT_PRECISION = "ieee" if INTERPRET else "tf32"
 
-
-# =============================================================================================
-# Gated DeltaNet
-# =============================================================================================
 
 # --- small jit helpers ------------------------------------------------------------------------
 
@@ -1714,70 +944,624 @@ def gated_delta_rule_recurrent_step(q, k, v, g, beta, state, scale=None):
     return o[:, 0]
 
 
-# --- check and benchmark (called by kernels.py's main()) -------------------------------------
+# =============================================================================================
+# 1b. Attention: full causal, sliding window, LTE's band plus kept columns; one decoding step
+# =============================================================================================
 
-def _gdn_random_inputs(B, T, H, K, V, dtype, device, decay=(-0.1, -0.01), seed=0):
-    """Inputs like a GDN layer makes them: L2-normalised q, k; v ~ N(0, 1); log decays g uniform
-    in `decay` (float32, <= 0); beta = sigmoid(randn) (float32). Seeded, drawn on the CPU."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen).to(device)
-    q = torch.nn.functional.normalize(randn(B, T, H, K), dim=-1).to(dtype)
-    k = torch.nn.functional.normalize(randn(B, T, H, K), dim=-1).to(dtype)
-    v = randn(B, T, H, V).to(dtype)
-    lo, hi = decay
-    g = (lo + (hi - lo) * torch.rand(B, T, H, generator=gen)).to(device)       # float32 decay
-    beta = torch.sigmoid(randn(B, T, H))
-    return q, k, v, g, beta
-
-
-def _rel_err(a, b) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
-def check_gdn(device=None, shapes=None, verbose=True):
-    """Kernel vs `tiny_hybrid.gated_delta_rule` (output, final state, the gradients of q, k, v, g,
-    beta, initial_state) on random inputs, float32 and bf16. Prints and returns rows of
-    (case, {name: ||out - ref|| / ||ref||}). On the GPU float32 runs with tf32 dots (~2e-3)."""
-    device = device or ("cpu" if INTERPRET else "cuda")
-    shapes = shapes or ([(1, 100, 2, 16, 16, 32)] if INTERPRET else
-                        [(2, 1000, 4, 64, 64, 64), (2, 777, 4, 128, 128, 64), (1, 300, 2, 48, 96, 32)])
-    rows = []
-    for dtype in (torch.float32, torch.bfloat16):
-        for (B, T, H, K, V, L) in shapes:
-            q, k, v, g, beta = _gdn_random_inputs(B, T, H, K, V, dtype, device, decay=(-1., -0.01))
-            h0 = torch.randn(B, H, K, V, device=device)
-            ins = [x.clone().requires_grad_() for x in (q, k, v, g, beta, h0)]
-            refs = [x.detach().clone().requires_grad_() for x in (q, k, v, g, beta, h0)]
-            o, ht = gated_delta_rule(*ins[:5], initial_state=ins[5], chunk_size=L)
-            o_ref, ht_ref = tiny_hybrid.gated_delta_rule(*refs[:5], initial_state=refs[5], chunk_size=L)
-            do, dht = torch.randn_like(o_ref), torch.randn_like(ht_ref)
-            ((o.float() * do.float()).sum() + (ht * dht).sum()).backward()
-            ((o_ref.float() * do.float()).sum() + (ht_ref * dht).sum()).backward()
-            errs = {"o": _rel_err(o, o_ref), "state": _rel_err(ht, ht_ref)}
-            for name, x, r in zip(("dq", "dk", "dv", "dg", "dbeta", "dh0"), ins, refs):
-                errs[name] = _rel_err(x.grad, r.grad)
-            case = f"{str(dtype)[6:]:8s} B={B} T={T} H={H} K={K} V={V} L={L}"
-            rows.append((case, errs))
-            if verbose:
-                print(f"{case}  " + "  ".join(f"{n} {e:.1e}" for n, e in errs.items()))
-    return rows
+# Block sizes (BLOCK_M: queries, BLOCK_N: keys per tile). GPU values: the fastest of a few
+# candidates on an H100, bf16, D=64, LTE pattern at T=8K (`python kernels.py --tune` re-measures);
+# e.g. dkdv with 128 keys and 4 warps spills registers and runs 2.5x slower.
+# The interpreter gets small blocks because its cost is per operation, not per element.
+GPU_BLOCKS = {
+    "fwd":  dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
+    # a band without kept columns (SWA): 64-query tiles, 0.147 ms against 0.177 at T=8K (H200)
+    "fwd_band": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+    "dq":   dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=5),
+    "dkdv": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+}
+GPU_BLOCKS_D128 = {  # not tuned: fewer rows per program at D > 64, so the tiles fit in registers
+    "fwd":  dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+    "fwd_band": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+    "dq":   dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+    "dkdv": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+}
+INTERPRETER_BLOCKS = {
+    "fwd":  dict(BLOCK_M=32, BLOCK_N=32),
+    "fwd_band": dict(BLOCK_M=32, BLOCK_N=32),
+    "dq":   dict(BLOCK_M=32, BLOCK_N=32),
+    "dkdv": dict(BLOCK_M=32, BLOCK_N=32),
+}
 
 
-def check_gdn_passes() -> bool:
-    """check_gdn with pass/fail: float32 (tf32 dots on the GPU) within 1e-2, bf16 within 3e-2."""
-    ok = True
-    for case, errs in check_gdn():
-        limit = 1e-2 if case.startswith("float32") else 3e-2
-        ok &= all(e < limit for e in errs.values())
-    return ok
+def _blocks(kernel: str, D: int) -> dict:
+    """Launch parameters of one kernel ("fwd", "fwd_band", "dq", "dkdv") for head dim D."""
+    if INTERPRET:
+        return INTERPRETER_BLOCKS[kernel]
+    return (GPU_BLOCKS if D <= 64 else GPU_BLOCKS_D128)[kernel]
+
+
+def _check_attention_args(q, k, v, window, keep) -> None:
+    """The checks of tiny_hybrid.attention (the same function), plus what only the kernels need."""
+    tiny_hybrid._check_attention(q, k, v, window, keep)
+    _check_kernel_limits(q, (q, k, v))
+
+
+# --- Building blocks shared by the kernels -----------------------------------------------------
+
+@triton.jit
+def _split_range(start, full_lo, full_hi, end, BLOCK: tl.constexpr):
+    """Cut [start, end) into blocks of BLOCK that begin at `start`, and find the run of blocks that
+    lie wholly inside [full_lo, full_hi): those need no mask. Returns (a, b): blocks of [start, a)
+    and [b, end) are masked, those of [a, b) are not. All counts stay >= 0 (Triton divides ints
+    like C, toward zero)."""
+    n_end = tl.cdiv(end - start, BLOCK)
+    n_a = tl.minimum(tl.cdiv(tl.maximum(full_lo - start, 0), BLOCK), n_end)
+    n_b = tl.maximum(tl.minimum(tl.maximum(full_hi - start, 0) // BLOCK, n_end), n_a)
+    return start + n_a * BLOCK, start + n_b * BLOCK
+
+
+@triton.jit
+def _band_visible(i, j, window):
+    """Key j is in query i's band: 0 <= i - j <= window. i, j: positions broadcast to one 2-D
+    shape ([BM, 1] and [1, BN] for scores, [1, BM] and [BN, 1] for transposed ones)."""
+    diff = i - j
+    return (diff >= 0) & (diff <= window)
+
+
+@triton.jit
+def _kept_visible(i, j, until, window):
+    """Key j is seen by query i beyond the band: i - j > window and i <= until (until laid out
+    like j). Shapes as in _band_visible."""
+    return (i - j > window) & (i <= until)
+
+
+@triton.jit
+def _kept_tile(cols, col_until, k_base, v_base, n0, n_kept, offs_i, offs_d, window, row_stride,
+               D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Entries n0 .. n0 + BLOCK_N of one head's kept list (cols, col_until: its key positions and
+    visible-until; n_kept entries are valid): the keys' rows k, v [BLOCK_N, BLOCK_D] and which of
+    the queries offs_i see them, visible [BLOCK_M, BLOCK_N]."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    in_list = offs_n < n_kept
+    offs_j = tl.load(cols + offs_n, mask=in_list, other=0)
+    until = tl.load(col_until + offs_n, mask=in_list, other=-1)
+    k = _load_rows(k_base, offs_j, in_list, row_stride, offs_d, D)
+    v = _load_rows(v_base, offs_j, in_list, row_stride, offs_d, D)
+    return k, v, _kept_visible(offs_i[:, None], offs_j[None, :], until[None, :], window)
+
+
+@triton.jit
+def _softmax_update(acc, m_i, l_i, s, v, PRECISION: tl.constexpr):
+    """One step of the online softmax. s [BM, BN]: masked scores in base 2 (-inf: not visible);
+    m_i, l_i [BM]: running max and sum; acc [BM, BLOCK_D] += softmax-weighted v [BN, BLOCK_D]."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row that has seen nothing yet has m_new = -inf: subtract 0 instead, so p = 0, not NaN.
+    m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _dq_update(dq, q, do, k, v, lse, delta, visible, qk_scale, MASK: tl.constexpr,
+               PRECISION: tl.constexpr):
+    """dq [BM, BLOCK_D] += dS k for one key tile; visible [BM, BN] is used only when MASK."""
+    s = _mm(q, tl.trans(k), PRECISION) * qk_scale  # [BM, BN], base 2
+    p = tl.math.exp2(s - lse[:, None])  # the softmax probabilities, from the forward's LSE
+    if MASK:
+        p = tl.where(visible, p, 0.0)
+    dp = _mm(do, tl.trans(v), PRECISION)  # [BM, BN]
+    ds = p * (dp - delta[:, None])
+    return dq + _mm(ds.to(k.dtype), k, PRECISION)
+
+
+@triton.jit
+def _dkdv_update(dk, dv, q, do, k, v, lse, delta, visible, qk_scale,
+                 MASK: tl.constexpr, PRECISION: tl.constexpr):
+    """dk, dv [BN, BLOCK_D] += the contribution of one query tile q, do [BM, BLOCK_D], computed
+    transposed ([BN, BM]) so that both products are plain dots; visible [BN, BM] used when MASK."""
+    s_t = _mm(k, tl.trans(q), PRECISION) * qk_scale  # [BN, BM], base 2
+    p_t = tl.math.exp2(s_t - lse[None, :])
+    if MASK:
+        p_t = tl.where(visible, p_t, 0.0)
+    dv += _mm(p_t.to(do.dtype), do, PRECISION)
+    dp_t = _mm(v, tl.trans(do), PRECISION)  # [BN, BM]
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk += _mm(ds_t.to(q.dtype), q, PRECISION)
+    return dk, dv
+
+
+# --- The kept-column list --------------------------------------------------------------------
+
+@triton.jit
+def _compact_kept_kernel(UNTIL, COLS, COL_UNTIL, NBEFORE, T, Hkv, window, BLOCK: tl.constexpr):
+    """One program per (batch, KV head): list, in order, the keys seen beyond the band.
+
+    UNTIL [B, T, Hkv] int32 (visible-until, clamped to [-1, T-1]). Writes COLS [B, Hkv, T] (key
+    positions, first `count` entries valid), COL_UNTIL [B, Hkv, T] (their visible-until) and
+    NBEFORE [B, Hkv, T+1] (NBEFORE[x] = listed keys at positions < x; NBEFORE[T] = count)."""
+    pid = tl.program_id(0)
+    b = pid // Hkv
+    h = pid % Hkv
+    list_base = pid.to(tl.int64) * T
+    count_base = pid.to(tl.int64) * (T + 1)
+    tl.store(NBEFORE + count_base, 0)
+    total = tl.zeros([], dtype=tl.int32)  # listed keys so far
+    for t0 in range(0, T, BLOCK):
+        t = t0 + tl.arange(0, BLOCK)
+        until = tl.load(UNTIL + (b * T + t) * Hkv + h, mask=t < T, other=-1)
+        listed = until > t + window  # some query i in (t + window, until] sees key t
+        inclusive = tl.cumsum(listed.to(tl.int32), 0) + total
+        tl.store(NBEFORE + count_base + t + 1, inclusive, mask=t < T)
+        tl.store(COLS + list_base + inclusive - 1, t, mask=listed)
+        tl.store(COL_UNTIL + list_base + inclusive - 1, until, mask=listed)
+        total += tl.sum(listed.to(tl.int32), 0)
+
+
+def _kept_list(keep: torch.Tensor, window: int, T: int):
+    """keep bool / int [B, T, Hkv] -> (cols, col_until, nbefore) int32 tensors (see the kernel).
+
+    Visible-until values are clamped to [-1, T-1]: queries only exist at 0..T-1, so the answer is
+    the same, and int32 suffices."""
+    B, _, Hkv = keep.shape
+    if keep.dtype == torch.bool:
+        until = torch.where(keep, T - 1, -1).to(torch.int32)
+    else:
+        until = keep.clamp(-1, T - 1).to(torch.int32)
+    until = until.contiguous()
+    cols = torch.empty(B, Hkv, T, dtype=torch.int32, device=until.device)
+    col_until = torch.empty_like(cols)
+    nbefore = torch.empty(B, Hkv, T + 1, dtype=torch.int32, device=until.device)
+    _compact_kept_kernel[(B * Hkv,)](until, cols, col_until, nbefore, T, Hkv, window,
+                                     BLOCK=64 if INTERPRET else 1024)
+    return cols, col_until, nbefore
+
+
+# --- Forward ---------------------------------------------------------------------------------
+
+@triton.jit
+def _fwd_band(acc, m_i, l_i, q, k_base, v_base, offs_i, offs_d, j_lo, j_hi, T, window, row_stride,
+              qk_scale, D: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr,
+              PRECISION: tl.constexpr):
+    """Attend the query tile to keys [j_lo, j_hi) of the band, BLOCK_N at a time."""
+    for j0 in range(j_lo, j_hi, BLOCK_N):
+        offs_j = j0 + tl.arange(0, BLOCK_N)
+        k = _load_rows(k_base, offs_j, offs_j < T, row_stride, offs_d, D)
+        v = _load_rows(v_base, offs_j, offs_j < T, row_stride, offs_d, D)
+        s = _mm(q, tl.trans(k), PRECISION) * qk_scale
+        if MASK:
+            s = tl.where(_band_visible(offs_i[:, None], offs_j[None, :], window), s, NEG_INF)
+        acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, v, PRECISION)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _attn_fwd_kernel(Q, K, V, O, LSE, COLS, COL_UNTIL, NBEFORE, T, H, Hkv, window, qk_scale,
+                     D: tl.constexpr, HAS_KEEP: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """One program per (query block, batch * query head). Q, O [B, T, H, D]; K, V [B, T, Hkv, D]
+    (all contiguous); writes O and LSE [B, H, T] (base-2 log-sum-exp of the scaled scores)."""
+    # The last query blocks see the most keys: start them first so the tail of the grid is short.
+    i0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hkv = h // (H // Hkv)
+    offs_i = i0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_base = Q + (b * T * H + h).to(tl.int64) * D         # row t of this head starts at t * H * D
+    kv_off = (b * T * Hkv + hkv).to(tl.int64) * D
+    q = _load_rows(q_base, offs_i, offs_i < T, H * D, offs_d, D)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], NEG_INF, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+    # 1. The band: keys [i0 - w, i_last]. Blocks inside every row's band and below the
+    #    diagonal, i.e. within [i_last - w, i0], need no mask.
+    i_last = tl.minimum(i0 + BLOCK_M, T) - 1
+    j_lo = tl.maximum(i0 - window, 0)
+    j_a, j_b = _split_range(j_lo, i_last - window, i0 + 1, i_last + 1, BLOCK_N)
+    acc, m_i, l_i = _fwd_band(acc, m_i, l_i, q, K + kv_off, V + kv_off, offs_i, offs_d, j_lo, j_a, T,
+                              window, Hkv * D, qk_scale, D, True, BLOCK_N, PRECISION)
+    acc, m_i, l_i = _fwd_band(acc, m_i, l_i, q, K + kv_off, V + kv_off, offs_i, offs_d, j_a, j_b, T,
+                              window, Hkv * D, qk_scale, D, False, BLOCK_N, PRECISION)
+    acc, m_i, l_i = _fwd_band(acc, m_i, l_i, q, K + kv_off, V + kv_off, offs_i, offs_d, j_b, i_last + 1,
+                              T, window, Hkv * D, qk_scale, D, True, BLOCK_N, PRECISION)
+
+    # 2. Kept columns beyond the band: the listed keys j < i_last - w (a prefix of the sorted list).
+    if HAS_KEEP:
+        list_base = (b * Hkv + hkv).to(tl.int64) * T
+        n_kept = tl.load(NBEFORE + (b * Hkv + hkv).to(tl.int64) * (T + 1) + tl.maximum(i_last - window, 0))
+        for n0 in range(0, n_kept, BLOCK_N):
+            k, v, visible = _kept_tile(COLS + list_base, COL_UNTIL + list_base, K + kv_off, V + kv_off, n0,
+                                       n_kept, offs_i, offs_d, window, Hkv * D, D, BLOCK_N)
+            s = tl.where(visible, _mm(q, tl.trans(k), PRECISION) * qk_scale, NEG_INF)
+            acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, v, PRECISION)
+
+    # Every real row sees at least its own key, so l_i > 0 there (padding rows are not stored).
+    o = acc / l_i[:, None]
+    _store_rows(O + (b * T * H + h).to(tl.int64) * D, o, offs_i, offs_i < T, H * D, offs_d, D)
+    tl.store(LSE + bh.to(tl.int64) * T + offs_i, m_i + tl.math.log2(l_i), mask=offs_i < T)
+
+
+# --- Backward ----------------------------------------------------------------------------------
+
+@triton.jit
+def _dq_band(dq, q, do, lse, delta, k_base, v_base, offs_i, offs_d, j_lo, j_hi, T, window,
+             row_stride, qk_scale, D: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr,
+             PRECISION: tl.constexpr):
+    """dQ of the query tile from keys [j_lo, j_hi) of the band, BLOCK_N at a time."""
+    for j0 in range(j_lo, j_hi, BLOCK_N):
+        offs_j = j0 + tl.arange(0, BLOCK_N)
+        k = _load_rows(k_base, offs_j, offs_j < T, row_stride, offs_d, D)
+        v = _load_rows(v_base, offs_j, offs_j < T, row_stride, offs_d, D)
+        visible = _band_visible(offs_i[:, None], offs_j[None, :], window)
+        dq = _dq_update(dq, q, do, k, v, lse, delta, visible, qk_scale, MASK, PRECISION)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, COLS, COL_UNTIL, NBEFORE, T, H, Hkv, window,
+                        qk_scale, scale, D: tl.constexpr, HAS_KEEP: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                        PRECISION: tl.constexpr):
+    """One program per (query block, batch * query head): DQ [B, T, H, D], the same key walk as
+    the forward (band, then the kept list). It first writes DELTA [B, H, T] = rowsum(O * dO) of
+    its rows, which the dK, dV kernels read after it: one launch fewer than a kernel of its own,
+    and an SWA forward + backward at 8K tokens costs as much host time as GPU time."""
+    i0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hkv = h // (H // Hkv)
+    offs_i = i0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_off = (b * T * H + h).to(tl.int64) * D
+    kv_off = (b * T * Hkv + hkv).to(tl.int64) * D
+    q = _load_rows(Q + q_off, offs_i, offs_i < T, H * D, offs_d, D)
+    do = _load_rows(DO + q_off, offs_i, offs_i < T, H * D, offs_d, D)
+    lse = tl.load(LSE + bh.to(tl.int64) * T + offs_i, mask=offs_i < T, other=0.0)
+    o = _load_rows(O + q_off, offs_i, offs_i < T, H * D, offs_d, D)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # the softmax backward's correction term
+    tl.store(DELTA + bh.to(tl.int64) * T + offs_i, delta, mask=offs_i < T)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    i_last = tl.minimum(i0 + BLOCK_M, T) - 1
+    j_lo = tl.maximum(i0 - window, 0)
+    j_a, j_b = _split_range(j_lo, i_last - window, i0 + 1, i_last + 1, BLOCK_N)
+    dq = _dq_band(dq, q, do, lse, delta, K + kv_off, V + kv_off, offs_i, offs_d, j_lo, j_a, T, window,
+                  Hkv * D, qk_scale, D, True, BLOCK_N, PRECISION)
+    dq = _dq_band(dq, q, do, lse, delta, K + kv_off, V + kv_off, offs_i, offs_d, j_a, j_b, T, window,
+                  Hkv * D, qk_scale, D, False, BLOCK_N, PRECISION)
+    dq = _dq_band(dq, q, do, lse, delta, K + kv_off, V + kv_off, offs_i, offs_d, j_b, i_last + 1, T,
+                  window, Hkv * D, qk_scale, D, True, BLOCK_N, PRECISION)
+
+    if HAS_KEEP:
+        list_base = (b * Hkv + hkv).to(tl.int64) * T
+        n_kept = tl.load(NBEFORE + (b * Hkv + hkv).to(tl.int64) * (T + 1) + tl.maximum(i_last - window, 0))
+        for n0 in range(0, n_kept, BLOCK_N):
+            k, v, visible = _kept_tile(COLS + list_base, COL_UNTIL + list_base, K + kv_off, V + kv_off, n0,
+                                       n_kept, offs_i, offs_d, window, Hkv * D, D, BLOCK_N)
+            dq = _dq_update(dq, q, do, k, v, lse, delta, visible, qk_scale, True, PRECISION)
+
+    # s = scale * q.k, so dL/dq = scale * sum_j ds_ij k_j.
+    _store_rows(DQ + q_off, dq * scale, offs_i, offs_i < T, H * D, offs_d, D)
+
+
+@triton.jit
+def _dkdv_queries(dk, dv, k, v, Q, DO, LSE, DELTA, offs_j, until, offs_d, i_lo, i_hi, b, h, T, H,
+                  window, qk_scale, D: tl.constexpr, KEPT: tl.constexpr, MASK: tl.constexpr,
+                  BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
+    """dK, dV of one key tile from queries [i_lo, i_hi) of query head h, BLOCK_M at a time.
+    KEPT picks the visibility rule: the band (False) or kept beyond the band (True)."""
+    q_off = (b * T * H + h).to(tl.int64) * D
+    row_off = (b * H + h).to(tl.int64) * T
+    for i0 in range(i_lo, i_hi, BLOCK_M):
+        offs_i = i0 + tl.arange(0, BLOCK_M)
+        q = _load_rows(Q + q_off, offs_i, offs_i < T, H * D, offs_d, D)
+        do = _load_rows(DO + q_off, offs_i, offs_i < T, H * D, offs_d, D)
+        lse = tl.load(LSE + row_off + offs_i, mask=offs_i < T, other=0.0)
+        delta = tl.load(DELTA + row_off + offs_i, mask=offs_i < T, other=0.0)
+        if KEPT:  # [BN, BM], keys along rows
+            visible = _kept_visible(offs_i[None, :], offs_j[:, None], until[:, None], window)
+        else:
+            visible = _band_visible(offs_i[None, :], offs_j[:, None], window) & (offs_i[None, :] < T)
+        dk, dv = _dkdv_update(dk, dv, q, do, k, v, lse, delta, visible, qk_scale, MASK, PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_kept_kernel(Q, K, V, DO, LSE, DELTA, DK_KEPT, DV_KEPT, COLS, COL_UNTIL, NBEFORE,
+                               T, H, Hkv, window, qk_scale, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                               PRECISION: tl.constexpr):
+    """One program per (block of BLOCK_N entries of the kept list, batch * KV head): the part of
+    dK, dV that comes from queries beyond the band, for the G query heads of the group. Writes
+    float32 partials DK_KEPT, DV_KEPT [B, Hkv, T, D] at the list slots (the band kernel adds them)."""
+    n0 = tl.program_id(0) * BLOCK_N
+    bhk = tl.program_id(1)
+    b = bhk // Hkv
+    hkv = bhk % Hkv
+    G = H // Hkv
+    list_base = bhk.to(tl.int64) * T
+    n_list = tl.load(NBEFORE + bhk.to(tl.int64) * (T + 1) + T)
+    if n0 < n_list:  # the list's length is known only here, on the device
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        in_list = offs_n < n_list
+        offs_j = tl.load(COLS + list_base + offs_n, mask=in_list, other=0)
+        until = tl.load(COL_UNTIL + list_base + offs_n, mask=in_list, other=-1)
+        offs_d = tl.arange(0, BLOCK_D)
+        kv_off = (b * T * Hkv + hkv).to(tl.int64) * D
+        k = _load_rows(K + kv_off, offs_j, in_list, Hkv * D, offs_d, D)
+        v = _load_rows(V + kv_off, offs_j, in_list, Hkv * D, offs_d, D)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+        # Queries that see some listed key of the tile: (first key + w, largest visible-until].
+        # Those past the last key's band and up to the smallest visible-until see every key.
+        j_first = tl.min(tl.where(in_list, offs_j, T), 0)
+        j_end = tl.max(tl.where(in_list, offs_j, -1), 0)
+        until_min = tl.min(tl.where(in_list, until, T), 0)
+        until_max = tl.max(until, 0)
+        i_lo = j_first + window + 1
+        i_a, i_b = _split_range(i_lo, j_end + window + 1, until_min + 1, until_max + 1, BLOCK_M)
+        for g in range(G):
+            h = hkv * G + g
+            dk, dv = _dkdv_queries(dk, dv, k, v, Q, DO, LSE, DELTA, offs_j, until, offs_d, i_lo, i_a, b,
+                                   h, T, H, window, qk_scale, D, True, True, BLOCK_M, PRECISION)
+            dk, dv = _dkdv_queries(dk, dv, k, v, Q, DO, LSE, DELTA, offs_j, until, offs_d, i_a, i_b, b,
+                                   h, T, H, window, qk_scale, D, True, False, BLOCK_M, PRECISION)
+            dk, dv = _dkdv_queries(dk, dv, k, v, Q, DO, LSE, DELTA, offs_j, until, offs_d, i_b,
+                                   until_max + 1, b, h, T, H, window, qk_scale, D, True, True,
+                                   BLOCK_M, PRECISION)
+        _store_rows(DK_KEPT + list_base * D, dk, offs_n, in_list, D, offs_d, D)
+        _store_rows(DV_KEPT + list_base * D, dv, offs_n, in_list, D, offs_d, D)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DK_KEPT, DV_KEPT, NBEFORE, T, H, Hkv,
+                          window, qk_scale, scale, D: tl.constexpr, HAS_KEEP: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                          PRECISION: tl.constexpr):
+    """One program per (key block, batch * KV head): DK, DV [B, T, Hkv, D] from the band queries
+    of the G query heads of the group, plus (HAS_KEEP) the kept partials of listed keys."""
+    j0 = tl.program_id(0) * BLOCK_N
+    bhk = tl.program_id(1)
+    b = bhk // Hkv
+    hkv = bhk % Hkv
+    G = H // Hkv
+    offs_j = j0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    kv_off = (b * T * Hkv + hkv).to(tl.int64) * D
+    k = _load_rows(K + kv_off, offs_j, offs_j < T, Hkv * D, offs_d, D)
+    v = _load_rows(V + kv_off, offs_j, offs_j < T, Hkv * D, offs_d, D)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    # Band queries: [j0, j_last + w]. Those in [j_last, j0 + w] (and < T) see every key of the tile.
+    j_last = tl.minimum(j0 + BLOCK_N, T) - 1
+    i_hi = tl.minimum(j_last + window + 1, T)
+    i_a, i_b = _split_range(j0, j_last, tl.minimum(j0 + window + 1, T), i_hi, BLOCK_M)
+    for g in range(G):
+        h = hkv * G + g
+        dk, dv = _dkdv_queries(dk, dv, k, v, Q, DO, LSE, DELTA, offs_j, offs_j, offs_d, j0, i_a, b, h,
+                               T, H, window, qk_scale, D, False, True, BLOCK_M, PRECISION)
+        dk, dv = _dkdv_queries(dk, dv, k, v, Q, DO, LSE, DELTA, offs_j, offs_j, offs_d, i_a, i_b, b, h,
+                               T, H, window, qk_scale, D, False, False, BLOCK_M, PRECISION)
+        dk, dv = _dkdv_queries(dk, dv, k, v, Q, DO, LSE, DELTA, offs_j, offs_j, offs_d, i_b, i_hi, b, h,
+                               T, H, window, qk_scale, D, False, True, BLOCK_M, PRECISION)
+
+    if HAS_KEEP:
+        # A listed key j sits at slot NBEFORE[j] of the list, and is listed when NBEFORE[j+1] > NBEFORE[j].
+        count_base = NBEFORE + bhk.to(tl.int64) * (T + 1)
+        slot = tl.load(count_base + offs_j, mask=offs_j < T, other=0)
+        listed = tl.load(count_base + offs_j + 1, mask=offs_j < T, other=0) > slot
+        list_off = bhk.to(tl.int64) * T * D
+        dk += _load_rows(DK_KEPT + list_off, slot, listed, D, offs_d, D)
+        dv += _load_rows(DV_KEPT + list_off, slot, listed, D, offs_d, D)
+
+    _store_rows(DK + kv_off, dk * scale, offs_j, offs_j < T, Hkv * D, offs_d, D)
+    _store_rows(DV + kv_off, dv, offs_j, offs_j < T, Hkv * D, offs_d, D)
+
+
+# --- The autograd op -------------------------------------------------------------------------
+
+class _SparseCausalAttention(torch.autograd.Function):
+    """q [B, T, H, D], k, v [B, T, Hkv, D] contiguous, one dtype; window an int in [0, T]
+    (T: full causal); cols, col_until, nbefore: the kept list from _kept_list, or three Nones
+    (the kernels then take None for those pointers: HAS_KEEP=False compiles their reads away).
+    Saves the base-2 log-sum-exp LSE [B, H, T] for the backward, which recomputes P from it."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, window, scale, cols, col_until, nbefore):
+        B, T, H, D = q.shape
+        Hkv = k.shape[2]
+        has_keep = cols is not None
+        o = torch.empty_like(q)
+        lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
+        band_only = window < T and not has_keep
+        cfg = dict(_blocks("fwd_band" if band_only else "fwd", D))
+        grid = (triton.cdiv(T, cfg["BLOCK_M"]), B * H)
+        _attn_fwd_kernel[grid](q, k, v, o, lse, cols, col_until, nbefore, T, H, Hkv, window,
+                               scale * LOG2E, D=D, HAS_KEEP=has_keep, BLOCK_D=_block_d(D),
+                               PRECISION=_dot_precision(q.dtype), **cfg)
+        ctx.save_for_backward(q, k, v, o, lse, cols, col_until, nbefore)
+        ctx.window, ctx.scale, ctx.has_keep = window, scale, has_keep
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, cols, col_until, nbefore = ctx.saved_tensors
+        window, scale, has_keep = ctx.window, ctx.scale, ctx.has_keep
+        B, T, H, D = q.shape
+        Hkv = k.shape[2]
+        do = do.to(q.dtype).contiguous()
+        common = dict(D=D, BLOCK_D=_block_d(D), PRECISION=_dot_precision(q.dtype))
+
+        # dQ first: its kernel also writes DELTA, which the dK, dV kernels read.
+        cfg = dict(_blocks("dq", D))
+        dq, delta = torch.empty_like(q), torch.empty_like(lse)                 # delta [B, H, T]
+        _attn_bwd_dq_kernel[(triton.cdiv(T, cfg["BLOCK_M"]), B * H)](
+            q, k, v, o, do, lse, delta, dq, cols, col_until, nbefore, T, H, Hkv, window, scale * LOG2E,
+            scale, HAS_KEEP=has_keep, **common, **cfg)
+        cfg = dict(_blocks("dkdv", D))
+        dk_kept = dv_kept = None
+        if has_keep:
+            # Compact float32 partials, one row per list slot: [B, Hkv, T, D].
+            dk_kept = torch.empty(B, Hkv, T, D, dtype=torch.float32, device=q.device)
+            dv_kept = torch.empty_like(dk_kept)
+            _attn_bwd_dkdv_kept_kernel[(triton.cdiv(T, cfg["BLOCK_N"]), B * Hkv)](
+                q, k, v, do, lse, delta, dk_kept, dv_kept, cols, col_until, nbefore, T, H, Hkv, window,
+                scale * LOG2E, **common, **cfg)
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        _attn_bwd_dkdv_kernel[(triton.cdiv(T, cfg["BLOCK_N"]), B * Hkv)](
+            q, k, v, do, lse, delta, dk, dv, dk_kept, dv_kept, nbefore, T, H, Hkv, window,
+            scale * LOG2E, scale, HAS_KEEP=has_keep, **common, **cfg)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def attention(q, k, v, window=None, keep=None, scale=None):
+    """Causal softmax attention (full, sliding window, LTE band-plus-columns) in Triton.
+
+    Same arguments, errors and result as tiny_hybrid.attention:
+    q [B, T, H, D]; k, v [B, T, Hkv, D] (query head h reads KV head h // (H / Hkv));
+    window None (full causal) or w >= 0 (query i sees key j when 0 <= i - j <= w);
+    keep None, bool [B, T, Hkv] (kept forever) or integer [B, T, Hkv] (the last query index that
+    sees key j beyond the window; -1: never). Returns o [B, T, H, D] in q's dtype; differentiable
+    in q, k, v. Products in float32 for float32 inputs, accumulation in float32 always.
+    """
+    _check_attention_args(q, k, v, window, keep)
+    B, T, H, D = q.shape
+    scale = D ** -0.5 if scale is None else float(scale)
+    dtype = _compute_dtype(q, k, v)
+    if q.numel() == 0 or k.numel() == 0:
+        return (q * 0 + (k.sum() + v.sum()) * 0).to(q.dtype)  # empty, still connected to the graph
+    # A window that reaches back past the first token is full causal attention.
+    window = T if window is None else min(window, T)
+    kept = (None, None, None)
+    if keep is not None and window < T - 1:
+        kept = _kept_list(keep.to(q.device), window, T)
+    q_, k_, v_ = (x.to(dtype).contiguous() for x in (q, k, v))
+    o = _SparseCausalAttention.apply(q_, k_, v_, window, scale, *kept)
+    return o.to(q.dtype)
+
+
+# --- One decoding step: one query per sequence against a cache of slots (split-K) --------------
+
+@triton.jit
+def _decode_split_kernel(Q, K, V, VALID, M_PART, L_PART, ACC_PART, S, H, Hkv, keys_per_split,
+                         n_splits, qk_scale, D: tl.constexpr, HAS_VALID: tl.constexpr,
+                         BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                         PRECISION: tl.constexpr):
+    """One program per (split of the slots, batch * KV head): the G query heads of the group
+    attend together to slots [split * keys_per_split, +keys_per_split). Q [B, H, D],
+    K, V [B, S, Hkv, D], VALID [B, S, Hkv] (int8). Writes the split's running max and sum
+    M_PART, L_PART [B, H, n_splits] and unnormalised output ACC_PART [B, H, n_splits, D]."""
+    split = tl.program_id(0)
+    bhk = tl.program_id(1)
+    b = bhk // Hkv
+    hkv = bhk % Hkv
+    G = H // Hkv
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    head_ok = offs_g < G
+    q_off = (b * H + hkv * G).to(tl.int64) * D   # the G heads of the group are adjacent rows
+    q = _load_rows(Q + q_off, offs_g, head_ok, D, offs_d, D)                    # [BLOCK_G, BLOCK_D]
+    kv_off = (b * S * Hkv + hkv).to(tl.int64) * D
+
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_G], NEG_INF, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    s_lo = split * keys_per_split
+    s_hi = tl.minimum(s_lo + keys_per_split, S)
+    for s0 in range(s_lo, s_hi, BLOCK_N):
+        offs_s = s0 + tl.arange(0, BLOCK_N)
+        ok = offs_s < s_hi
+        if HAS_VALID:
+            ok &= tl.load(VALID + (b * S + offs_s) * Hkv + hkv, mask=ok, other=0) != 0
+        k = _load_rows(K + kv_off, offs_s, ok, Hkv * D, offs_d, D)
+        v = _load_rows(V + kv_off, offs_s, ok, Hkv * D, offs_d, D)
+        s = _mm(q, tl.trans(k), PRECISION) * qk_scale  # [BLOCK_G, BLOCK_N]
+        s = tl.where(ok[None, :], s, NEG_INF)
+        acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, v, PRECISION)
+
+    part = (b * H + hkv * G + offs_g).to(tl.int64) * n_splits + split          # [BLOCK_G]
+    tl.store(M_PART + part, m_i, mask=head_ok)
+    tl.store(L_PART + part, l_i, mask=head_ok)
+    _store_rows(ACC_PART, acc, part, head_ok, D, offs_d, D)
+
+
+@triton.jit
+def _decode_combine_kernel(M_PART, L_PART, ACC_PART, O, n_splits, D: tl.constexpr,
+                           BLOCK_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One program per (batch * query head): merge the splits' partial softmaxes into O [B, H, D].
+    A head whose slots are all invalid gets NaN, as the reference's softmax over nothing does."""
+    bh = tl.program_id(0).to(tl.int64)
+    offs_s = tl.arange(0, BLOCK_SPLITS)
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = offs_s < n_splits
+    m = tl.load(M_PART + bh * n_splits + offs_s, mask=ok, other=NEG_INF)
+    l = tl.load(L_PART + bh * n_splits + offs_s, mask=ok, other=0.0)
+    acc = _load_rows(ACC_PART + bh * n_splits * D, offs_s, ok, D, offs_d, D)   # [BLOCK_SPLITS, BLOCK_D]
+    m_max = tl.max(m, 0)
+    weight = tl.math.exp2(m - m_max)                   # a split that saw nothing has m = -inf: weight 0
+    o = tl.sum(acc * weight[:, None], 0) / tl.sum(l * weight, 0)
+    tl.store(O + bh * D + offs_d, o.to(O.dtype.element_ty), mask=offs_d < D)
+
+
+def _check_decode_args(q, k_cache, v_cache, valid) -> None:
+    """The checks of tiny_hybrid.attention_decode (the same function), plus the kernels' limits."""
+    tiny_hybrid._check_decode(q, k_cache, v_cache, valid)
+    _check_kernel_limits(q, (q, k_cache, v_cache) + (() if valid is None else (valid,)))
+
+
+def _decode_splits(S: int, B: int, Hkv: int, block_n: int) -> int:
+    """How many pieces to cut the slot axis into: enough programs to fill the GPU (~2 per SM on an
+    H100's 132), never a piece smaller than one key block."""
+    if INTERPRET:
+        return min(triton.cdiv(S, block_n), 4)
+    return max(1, min(triton.cdiv(S, block_n), triton.cdiv(264, B * Hkv)))
+
+
+def attention_decode(q, k_cache, v_cache, valid=None, scale=None):
+    """One decoding step in Triton; same arguments, errors and result as
+    tiny_hybrid.attention_decode: q [B, H, D], k_cache, v_cache [B, S, Hkv, D], valid bool
+    [B, S, Hkv] or None. Returns o [B, H, D] in q's dtype. Forward only (no autograd)."""
+    _check_decode_args(q, k_cache, v_cache, valid)
+    B, H, D = q.shape
+    S, Hkv = k_cache.shape[1], k_cache.shape[2]
+    scale = D ** -0.5 if scale is None else float(scale)
+    if q.numel() == 0:
+        return q.clone()
+    dtype = _compute_dtype(q, k_cache, v_cache)
+    q_, k_, v_ = (x.to(dtype).contiguous() for x in (q, k_cache, v_cache))
+    valid_ = valid.contiguous().view(torch.int8) if valid is not None else q_  # q_: unused pointer
+    block_n = 16 if INTERPRET else 64
+    n_splits = _decode_splits(S, B, Hkv, block_n)
+    keys_per_split = triton.cdiv(triton.cdiv(S, n_splits), block_n) * block_n
+    n_splits = max(1, triton.cdiv(S, keys_per_split))
+    m_part = torch.empty(B, H, n_splits, dtype=torch.float32, device=q.device)
+    l_part = torch.empty_like(m_part)
+    acc_part = torch.empty(B, H, n_splits, D, dtype=torch.float32, device=q.device)
+    _decode_split_kernel[(n_splits, B * Hkv)](
+        q_, k_, v_, valid_, m_part, l_part, acc_part, S, H, Hkv, keys_per_split, n_splits, scale * LOG2E,
+        D=D, HAS_VALID=valid is not None, BLOCK_G=max(16, triton.next_power_of_2(H // Hkv)),
+        BLOCK_N=block_n, BLOCK_D=_block_d(D), PRECISION=_dot_precision(dtype),
+        **({} if INTERPRET else dict(num_warps=4, num_stages=3)))
+    o = torch.empty(B, H, D, dtype=dtype, device=q.device)
+    _decode_combine_kernel[(B * H,)](m_part, l_part, acc_part, o, n_splits, D=D,
+                                     BLOCK_SPLITS=max(2, triton.next_power_of_2(n_splits)),
+                                     BLOCK_D=_block_d(D))
+    return o.to(q.dtype)
 
 
 # =============================================================================================
-# Native Sparse Attention: the compressed and the selected branch (the window branch is `attention`)
+# 1c. Native Sparse Attention: the compressed and the selected branch (the window branch is `attention`)
 # =============================================================================================
+
 # Rows of a program are (token, query head) pairs: the G query heads of one KV group for
 # TQ = BLOCK_M // G consecutive tokens, so that one K/V tile serves G * TQ query rows (NSA's point:
 # the heads of a group share their blocks) and the M side of every dot is >= 16 even for G = 1.
@@ -1997,6 +1781,21 @@ def _nsa_cmp_bwd_dkdv_kernel(Q, KC, VC, DO, LSE, DELTA, DKC, DVC, T, Nc, H, Hkv,
     part_off = ((chunk * (tl.num_programs(2) // Hkv) + b).to(tl.int64) * Nc * Hkv + hkv) * D
     _store_rows(DKC + part_off, dk * scale, offs_n, offs_n < Nc, Hkv * D, offs_d, D)
     _store_rows(DVC + part_off, dv, offs_n, offs_n < Nc, Hkv * D, offs_d, D)
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(O, DO, DELTA, T, H, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_D: tl.constexpr):
+    """DELTA [B, H, T] = rowsum(O * dO) in float32 (the softmax backward's correction term)."""
+    offs_i = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_d = tl.arange(0, BLOCK_D)
+    base = (b * T * H + h).to(tl.int64) * D
+    o = _load_rows(O + base, offs_i, offs_i < T, H * D, offs_d, D).to(tl.float32)
+    do = _load_rows(DO + base, offs_i, offs_i < T, H * D, offs_d, D).to(tl.float32)
+    tl.store(DELTA + bh.to(tl.int64) * T + offs_i, tl.sum(o * do, 1), mask=offs_i < T)
 
 
 def _nsa_delta(o, do, dlse=None):
@@ -2403,7 +2202,210 @@ def nsa_selected_attention(q, k, v, block_idx, block: int, scale=None):
     return _NSASelectedAttention.apply(q_, k_, v_, idx, block, scale).to(q.dtype)
 
 
-# --- check and benchmark (called by kernels.py's main()) -------------------------------------
+# =============================================================================================
+# 1d. LTE's buffer rule in parallel (tiny_hybrid.lte_visible_until)
+# =============================================================================================
+
+# The buffer always holds the top b offered tokens by (r, position), so an offered token j stays
+# from the moment it leaves the window until the b-th offered token that beats it leaves (never
+# if that one left before j). The reference finds that moment through a running order statistic;
+# here every key counts its beaters directly, a tile of keys against a tile of tokens at a time:
+# O(T^2) comparisons, but all of them independent, which a GPU does in well under a millisecond at 8K.
+
+# H200, B=4, T=8K, Hkv=2: 32 x 32 tiles with 4 warps 0.46 ms; 64 x 64 0.80; 128 x 128 2.6 (of 27 tried)
+LTE_RULE_GPU_BLOCKS = dict(BLOCK_J=32, BLOCK_I=32, num_warps=4)
+LTE_RULE_INTERPRETER_BLOCKS = dict(BLOCK_J=32, BLOCK_I=32)
+
+
+@triton.jit
+def _lte_until_kernel(R, UNTIL, T, Hkv, n_left, window, sink, buffer, KEEP_FOREVER: tl.constexpr,
+                      BLOCK_J: tl.constexpr, BLOCK_I: tl.constexpr):
+    """One program per (block of keys j, batch x KV head). R [B, T, Hkv] float32 scores; writes
+    UNTIL [B, T, Hkv] int64. Offered tokens are j in [sink, n_left) with r_j > 0; token i beats j
+    when r_i > r_j, or r_i == r_j and i is newer (the tie rule of tiny_hybrid.lte_buffer_push)."""
+    pid_j = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    base = (bh // Hkv) * T * Hkv + bh % Hkv                  # element (b, 0, h) of [B, T, Hkv]
+    j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
+    r_j = tl.load(R + base + j * Hkv, mask=j < T, other=0.0)
+    beaten = tl.zeros([BLOCK_J], dtype=tl.int32)             # offered tokens seen so far that beat j
+    bth = tl.full([BLOCK_J], -1, dtype=tl.int32)             # position of the b-th of them (-1: none yet)
+    for i0 in range(sink, n_left, BLOCK_I):
+        i = i0 + tl.arange(0, BLOCK_I)
+        r_i = tl.load(R + base + i * Hkv, mask=i < n_left, other=0.0)   # 0: not offered
+        beats = (r_i[None, :] > 0) & ((r_i[None, :] > r_j[:, None]) |
+                                      ((r_i[None, :] == r_j[:, None]) & (i[None, :] > j[:, None])))
+        n_beats = tl.sum(beats.to(tl.int32), axis=1)
+        crossing = (beaten < buffer) & (beaten + n_beats >= buffer)
+        if tl.max(crossing.to(tl.int32), axis=0) > 0:       # some key meets its b-th beater in this tile
+            count = beaten[:, None] + tl.cumsum(beats.to(tl.int32), axis=1)   # [BLOCK_J, BLOCK_I]
+            at = tl.min(tl.where(beats & (count == buffer), i[None, :], n_left), axis=1)
+            bth = tl.where(crossing, at, bth)
+        beaten += n_beats
+    offered = (j >= sink) & (j < n_left) & (r_j > 0) & (buffer > 0)
+    entered = offered & ((bth < 0) | (bth > j))
+    until = tl.where(bth < 0, KEEP_FOREVER, bth.to(tl.int64) + window)
+    until = tl.where(entered, until, -1)
+    until = tl.where(j < sink, KEEP_FOREVER, until)
+    tl.store(UNTIL + base + j * Hkv, until, mask=j < T)
+
+
+def lte_visible_until(scores, window: int, sink: int, buffer: int):
+    """LTE's capped visibility in Triton; same arguments, errors and results as
+    tiny_hybrid.lte_visible_until: scores [B, T, Hkv] -> (until int64 [B, T, Hkv],
+    buf_score [B, Hkv, b], buf_pos [B, Hkv, b]). No autograd (the rule has no gradient)."""
+    tiny_hybrid._check_lte_rule(scores, window, sink, buffer)
+    B, T, Hkv = scores.shape
+    r = scores.detach().float().contiguous()
+    until = torch.empty(B, T, Hkv, dtype=torch.int64, device=r.device)
+    n_left = max(sink, T - window - 1)                       # tokens [sink, n_left) leave within T queries
+    blocks = LTE_RULE_INTERPRETER_BLOCKS if INTERPRET else LTE_RULE_GPU_BLOCKS
+    grid = (triton.cdiv(T, blocks["BLOCK_J"]), B * Hkv)
+    _lte_until_kernel[grid](r, until, T, Hkv, n_left, window, sink, buffer,
+                            KEEP_FOREVER=tiny_hybrid.KEEP_FOREVER, **blocks)
+    buf_score, buf_pos = tiny_hybrid.lte_final_buffer(r, until.transpose(1, 2), window, sink, buffer)
+    return until, buf_score, buf_pos
+
+
+# =============================================================================================
+# 2. Checks: every kernel against its reference (`python kernels.py`)
+# =============================================================================================
+
+def _gdn_random_inputs(B, T, H, K, V, dtype, device, decay=(-0.1, -0.01), seed=0):
+    """Inputs like a GDN layer makes them: L2-normalised q, k; v ~ N(0, 1); log decays g uniform
+    in `decay` (float32, <= 0); beta = sigmoid(randn) (float32). Seeded, drawn on the CPU."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(device)
+    q = torch.nn.functional.normalize(randn(B, T, H, K), dim=-1).to(dtype)
+    k = torch.nn.functional.normalize(randn(B, T, H, K), dim=-1).to(dtype)
+    v = randn(B, T, H, V).to(dtype)
+    lo, hi = decay
+    g = (lo + (hi - lo) * torch.rand(B, T, H, generator=gen)).to(device)       # float32 decay
+    beta = torch.sigmoid(randn(B, T, H))
+    return q, k, v, g, beta
+
+
+def _rel_err(a, b) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def check_gdn(device=None, shapes=None, verbose=True):
+    """Kernel vs `tiny_hybrid.gated_delta_rule` (output, final state, the gradients of q, k, v, g,
+    beta, initial_state) on random inputs, float32 and bf16. Prints and returns rows of
+    (case, {name: ||out - ref|| / ||ref||}). On the GPU float32 runs with tf32 dots (~2e-3)."""
+    device = device or ("cpu" if INTERPRET else "cuda")
+    shapes = shapes or ([(1, 100, 2, 16, 16, 32)] if INTERPRET else
+                        [(2, 1000, 4, 64, 64, 64), (2, 777, 4, 128, 128, 64), (1, 300, 2, 48, 96, 32)])
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for (B, T, H, K, V, L) in shapes:
+            q, k, v, g, beta = _gdn_random_inputs(B, T, H, K, V, dtype, device, decay=(-1., -0.01))
+            h0 = torch.randn(B, H, K, V, device=device)
+            ins = [x.clone().requires_grad_() for x in (q, k, v, g, beta, h0)]
+            refs = [x.detach().clone().requires_grad_() for x in (q, k, v, g, beta, h0)]
+            o, ht = gated_delta_rule(*ins[:5], initial_state=ins[5], chunk_size=L)
+            o_ref, ht_ref = tiny_hybrid.gated_delta_rule(*refs[:5], initial_state=refs[5], chunk_size=L)
+            do, dht = torch.randn_like(o_ref), torch.randn_like(ht_ref)
+            ((o.float() * do.float()).sum() + (ht * dht).sum()).backward()
+            ((o_ref.float() * do.float()).sum() + (ht_ref * dht).sum()).backward()
+            errs = {"o": _rel_err(o, o_ref), "state": _rel_err(ht, ht_ref)}
+            for name, x, r in zip(("dq", "dk", "dv", "dg", "dbeta", "dh0"), ins, refs):
+                errs[name] = _rel_err(x.grad, r.grad)
+            case = f"{str(dtype)[6:]:8s} B={B} T={T} H={H} K={K} V={V} L={L}"
+            rows.append((case, errs))
+            if verbose:
+                print(f"{case}  " + "  ".join(f"{n} {e:.1e}" for n, e in errs.items()))
+    return rows
+
+
+def check_gdn_passes() -> bool:
+    """check_gdn with pass/fail: float32 (tf32 dots on the GPU) within 1e-2, bf16 within 3e-2."""
+    ok = True
+    for case, errs in check_gdn():
+        limit = 1e-2 if case.startswith("float32") else 3e-2
+        ok &= all(e < limit for e in errs.values())
+    return ok
+
+
+def _random_keep(kind, B: int, T: int, Hkv: int, device, p: float = 0.15):
+    """A keep argument of one kind: None; "all" / "random" (bool, about p kept); "until"
+    (integer visible-until: -1, small values inside the window, values past T, KEEP_FOREVER)."""
+    if kind is None:
+        return None
+    if kind == "all":
+        return torch.ones(B, T, Hkv, dtype=torch.bool, device=device)
+    if kind == "random":
+        return torch.rand(B, T, Hkv, device=device) < p
+    until = torch.randint(-1, T + 3, (B, T, Hkv), device=device)
+    forever = torch.rand(B, T, Hkv, device=device) < 0.1
+    return torch.where(forever, torch.iinfo(torch.int32).max, until)
+
+
+def _relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |x - ref| / max |ref| (NaN anywhere counts as an infinite error)."""
+    err = (x.double() - ref.double()).abs().max().item()
+    return err / max(ref.double().abs().max().item(), 1e-30) if err == err else float("inf")
+
+
+def _attention_case(B, T, H, Hkv, D, window, keep_kind, dtype, device):
+    """Relative errors of o, dq, dk, dv of kernels.attention against tiny_hybrid.attention."""
+    import tiny_hybrid
+    q = torch.randn(B, T, H, D, device=device, dtype=dtype, requires_grad=True)
+    k = torch.randn(B, T, Hkv, D, device=device, dtype=dtype, requires_grad=True)
+    v = torch.randn(B, T, Hkv, D, device=device, dtype=dtype, requires_grad=True)
+    keep = _random_keep(keep_kind, B, T, Hkv, device)
+    do = torch.randn(B, T, H, D, device=device, dtype=dtype)
+    o = attention(q, k, v, window, keep)
+    grads = torch.autograd.grad(o, (q, k, v), do)
+    # The reference sees the same (rounded) inputs, and computes in float32.
+    qf, kf, vf = (x.detach().float().requires_grad_() for x in (q, k, v))
+    o_ref = tiny_hybrid.attention(qf, kf, vf, window, keep)
+    grads_ref = torch.autograd.grad(o_ref, (qf, kf, vf), do.float())
+    return [_relative_error(a, b) for a, b in zip((o,) + grads, (o_ref,) + grads_ref)]
+
+
+def check_attention() -> bool:
+    """Kernel vs reference on random inputs; prints the relative max error of o, dq, dk, dv."""
+    device = "cpu" if INTERPRET else "cuda"
+    f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
+    if INTERPRET:  # (B, T, H, Hkv, D, window, keep, dtype)
+        cases = [(1, 100, 2, 1, 16, 16, "random", f32), (1, 64, 2, 2, 16, None, None, f32)]
+    else:
+        cases = [(2, 1000, 4, 2, 64, 128, "random", bf16), (2, 777, 8, 2, 64, 100, "until", bf16),
+                 (1, 1000, 4, 4, 64, None, None, bf16), (2, 600, 4, 1, 64, 64, None, f16),
+                 (1, 500, 4, 2, 32, 50, "random", f32), (1, 700, 2, 1, 128, 200, "random", f16)]
+    ok = True
+    print("attention vs tiny_hybrid.attention: relative max error of o, dq, dk, dv")
+    for B, T, H, Hkv, D, window, keep, dtype in cases:
+        errs = _attention_case(B, T, H, Hkv, D, window, keep, dtype, device)
+        limit = 1e-4 if dtype == f32 else 2e-2  # 16-bit: rounding of inputs, P and dS to 8/11 bits
+        ok &= max(errs) < limit
+        print(f"  B={B} T={T:5d} H={H} Hkv={Hkv} D={D:3d} window={str(window):4s} keep={str(keep):6s} "
+              f"{str(dtype)[6:]:8s} " + " ".join(f"{e:.1e}" for e in errs) + ("" if max(errs) < limit else "  FAIL"))
+    return ok
+
+
+def check_attention_decode() -> bool:
+    """Decode kernel vs reference, with invalid slots and a long cache (the split-K path)."""
+    import tiny_hybrid
+    device = "cpu" if INTERPRET else "cuda"
+    cases = [(2, 4, 2, 16, 100)] if INTERPRET else [(3, 8, 2, 64, 5000), (2, 32, 2, 128, 333), (4, 8, 8, 64, 70000)]
+    ok = True
+    print("attention_decode vs tiny_hybrid.attention_decode: relative max error")
+    for B, H, Hkv, D, S in cases:
+        for dtype in (torch.float32, torch.bfloat16):
+            q = torch.randn(B, H, D, device=device, dtype=dtype)
+            kc, vc = (torch.randn(B, S, Hkv, D, device=device, dtype=dtype) for _ in range(2))
+            valid = torch.rand(B, S, Hkv, device=device) < 0.7
+            err = _relative_error(attention_decode(q, kc, vc, valid), tiny_hybrid.attention_decode(q, kc, vc, valid))
+            limit = 1e-5 if dtype == torch.float32 else 1e-2
+            ok &= err < limit
+            print(f"  B={B} H={H} Hkv={Hkv} D={D} S={S:6d} {str(dtype)[6:]:8s} {err:.1e}" + ("" if err < limit else "  FAIL"))
+    return ok
+
 
 def _nsa_case(B, T, H, Hkv, D, block, top_n, dtype, device):
     """Relative errors against tiny_hybrid (on the same rounded inputs, in float32) of: compressed
@@ -2478,7 +2480,10 @@ def check_lte_rule() -> bool:
     return ok
 
 
-CHECKS = [check_attention, check_attention_decode, check_gdn_passes, check_nsa, check_lte_rule]  # each: True if all pass
+# Each returns True when every case passes; in the order of the sections above.
+CHECKS = [check_gdn_passes, check_attention, check_attention_decode, check_nsa, check_lte_rule]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Check the Triton kernels against tiny_hybrid, then time them "
                                      "with bench.py's kernel benchmarks (on one H200: checks and the default "
