@@ -31,6 +31,7 @@ Without a CUDA GPU the kernels run in Triton's interpreter (slow; fine for small
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import os
 import sys
@@ -87,16 +88,39 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _check_kernel_limits(q, tensors) -> None:
-    """What the reference accepts but these kernels do not: a huge head dim, mixed devices."""
-    D = q.shape[-1]
-    if D > 128:
-        raise ValueError(f"kernels support head dims up to 128, got D={D} (use tiny_hybrid's reference)")
-    if any(x.device != q.device for x in tensors):
-        raise ValueError(f"all inputs must be on one device, got {[str(x.device) for x in tensors]}")
-    if INTERPRET != (q.device.type == "cpu"):
-        raise ValueError(f"Triton here runs {'on the CPU (interpreter)' if INTERPRET else 'on CUDA'}, "
-                         f"but the inputs are on {q.device}")
+MAX_HEAD_DIM = 128  # the largest head-dim tile the kernels are built and checked for
+
+
+def _check_kernel_limits(reference: str, head_dims: dict, tensors: dict) -> None:
+    """What tiny_hybrid.<reference> accepts but the kernels do not: a head dim (name -> size) past
+    MAX_HEAD_DIM, or a tensor (name -> tensor or None) on another device than the one Triton runs
+    on here, or on several devices."""
+    for name, d in head_dims.items():
+        if d > MAX_HEAD_DIM:
+            raise ValueError(f"head dim {name} = {d} is too large for the Triton kernels (at most "
+                             f"{MAX_HEAD_DIM}); use tiny_hybrid.{reference}")
+    given = {name: x for name, x in tensors.items() if x is not None}
+    for name, x in given.items():
+        if x.device.type != ("cpu" if INTERPRET else "cuda"):
+            raise ValueError(f"{name} is on {x.device}, but Triton here runs "
+                             f"{'on the CPU (interpreter)' if INTERPRET else 'on CUDA'}")
+    if len({x.device for x in given.values()}) > 1:
+        raise ValueError("all inputs must be on one device, got "
+                         + ", ".join(f"{name} on {x.device}" for name, x in given.items()))
+
+
+def _default_scale(scale, D: int) -> float:
+    """The softmax / read-out scale: D^-1/2 unless the caller gives one (as in tiny_hybrid)."""
+    return D ** -0.5 if scale is None else float(scale)
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device) -> int:
+    """Streaming multiprocessors of a CUDA device (132 on an H100 or H200); 1 in the interpreter.
+    Grids that must fill the GPU size themselves by it."""
+    if INTERPRET:
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _block_d(D: int) -> int:
@@ -110,7 +134,7 @@ _BF16_DOT_VIA_FP32 = tl.constexpr(INTERPRET)
 
 
 @triton.jit
-def _mm(a, b, PRECISION: tl.constexpr):
+def _dot(a, b, PRECISION: tl.constexpr):
     """a @ b accumulated in float32 (PRECISION: "ieee" exact float32 products, or "tf32")."""
     if _BF16_DOT_VIA_FP32 and a.dtype == tl.bfloat16:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
@@ -142,16 +166,6 @@ _DOT_PRECISION = "ieee" if INTERPRET else "tf32"
 
 
 # --- small jit helpers ------------------------------------------------------------------------
-
-@triton.jit
-def _dot(a, b, PRECISION: tl.constexpr):
-    """a @ b with float32 accumulation. The interpreter multiplies bf16 operands wrongly, so there
-    ("ieee") they go to float32 first: the same products, as bf16 x bf16 is exact in float32."""
-    if PRECISION == "ieee":
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        return tl.dot(a, b, input_precision=PRECISION)
-
 
 @triton.jit
 def _token_tile(i_b, i_h, t0, T, H, D, L: tl.constexpr, BD: tl.constexpr, d0=0):
@@ -615,25 +629,6 @@ def _gdn_recurrent_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, h0_ptr, o_ptr, h
 # --- host side ----------------------------------------------------------------------------------
 
 _GDN_CHUNK_SIZES = (16, 32, 64)
-_GDN_MAX_DIM = 128
-
-
-def _gdn_block(d: int) -> int:
-    """Tile width for a head dim: a power of two >= 16 (tl.dot's smallest)."""
-    return max(16, triton.next_power_of_2(d))
-
-
-def _gdn_check_kernel_limits(K: int, V: int, **tensors) -> None:
-    """What the Triton kernels need beyond the reference's checks: head dims and device."""
-    for name, d in (("K", K), ("V", V)):
-        if d > _GDN_MAX_DIM:
-            raise ValueError(f"head dim {name} = {d} is too large for the Triton kernel (at most "
-                             f"{_GDN_MAX_DIM}); use tiny_hybrid.gated_delta_rule")
-    want = "cpu" if INTERPRET else "cuda"
-    for name, x in tensors.items():
-        if x is not None and x.device.type != want:
-            raise ValueError(f"{name} is on {x.device}, but the Triton kernels run on "
-                             f"{'the CPU (interpreter)' if INTERPRET else 'a CUDA device'} here")
 
 
 def _gdn_work_dtype(q, k, v) -> torch.dtype:
@@ -647,9 +642,8 @@ def _gdn_seq_block_v(BH: int, V: int, device) -> int:
     """Value-tile width of the sequential kernels. They run one program per (B*H, V tile) and
     are latency-bound, so narrow the tiles while the programs still fit on the multiprocessors
     one each (measured on the H100, B*H = 32: BV = 16 for V = 64, 32 for V = 128)."""
-    n_sm = 1 if INTERPRET else torch.cuda.get_device_properties(device).multi_processor_count
-    BV = min(64, _gdn_block(V))
-    while BV > 16 and 2 * BH * triton.cdiv(V, BV) <= n_sm:
+    BV = min(64, _block_d(V))
+    while BV > 16 and 2 * BH * triton.cdiv(V, BV) <= _multiprocessors(device):
         BV //= 2
     return BV
 
@@ -671,7 +665,7 @@ def _gdn_ut(k, g, beta, L):
     gamma = torch.empty(B * H, Tp, device=k.device, dtype=torch.float32)
     tinv = torch.empty(B * H, Tp, L, device=k.device, dtype=torch.float32)
     _gdn_ut_kernel[(N, B * H)](k, g, beta, gamma, tinv, T, H, K, Tp, L=L,
-                               BK=min(64, _gdn_block(K)), LOG2_BLOCKS=(L // 16).bit_length() - 1,
+                               BK=min(64, _block_d(K)), LOG2_BLOCKS=(L // 16).bit_length() - 1,
                                PRECISION=_DOT_PRECISION, num_warps=4)
     return gamma, tinv
 
@@ -684,7 +678,7 @@ def _gdn_wy(k, v, beta, gamma, tinv, L):
     w = torch.empty(B * H, Tp, K, device=k.device, dtype=k.dtype)
     u_prime = torch.empty(B * H, Tp, V, device=k.device, dtype=k.dtype)
     _gdn_wy_kernel[(Tp // L, B * H)](k, v, beta, gamma, tinv, w, u_prime, T, H, K, V, Tp, L=L,
-                                     BK=min(64, _gdn_block(K)), BV=min(64, _gdn_block(V)),
+                                     BK=min(64, _block_d(K)), BV=min(64, _block_d(V)),
                                      PRECISION=_DOT_PRECISION, num_warps=4)
     return w, u_prime
 
@@ -698,7 +692,7 @@ def _gdn_state_fwd(k, w, u_prime, gamma, h0, L):
     h = torch.empty(B * H, N, K, V, device=k.device, dtype=k.dtype)
     u = torch.empty_like(u_prime)
     ht = torch.empty(B, H, K, V, device=k.device, dtype=torch.float32)
-    BK, BV = _gdn_block(K), _gdn_seq_block_v(B * H, V, k.device)
+    BK, BV = _block_d(K), _gdn_seq_block_v(B * H, V, k.device)
     _gdn_state_fwd_kernel[(triton.cdiv(V, BV), B * H)](
         k, w, u_prime, gamma, h0 if h0 is not None else ht, h, u, ht, T, H, K, V, Tp, N,
         L=L, BK=BK, BV=BV, HAS_H0=h0 is not None, PRECISION=_DOT_PRECISION, num_warps=4,
@@ -715,7 +709,7 @@ def _gdn_output(q, k, gamma, h, u, scale, L, out_dtype):
     o = torch.empty(B, T, H, V, device=q.device, dtype=out_dtype)
     # one program per chunk and V tile; at K = V = 128 a whole-V tile with 4 warps was the
     # fastest on the H200 (0.24 ms at T = 16K against 0.38 for 64-wide tiles with 8 warps)
-    BK, BV = _gdn_block(K), _gdn_block(V)
+    BK, BV = _block_d(K), _block_d(V)
     _gdn_output_kernel[(N, triton.cdiv(V, BV), B * H)](
         q, k, gamma, h, u, o, scale, T, H, K, V, Tp, N,
         L=L, BK=BK, BV=BV, PRECISION=_DOT_PRECISION, num_warps=4, num_stages=_gdn_num_stages(q))
@@ -725,18 +719,18 @@ def _gdn_output(q, k, gamma, h, u, scale, L, out_dtype):
 def _gdn_validate(q, k, v, g, beta, initial_state, chunk_size) -> None:
     """The reference's checks (same errors), then the kernel's own limits."""
     tiny_hybrid._check_gdn(q, k, v, g, beta, initial_state)
-    if not isinstance(chunk_size, int) or chunk_size < 1:
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     if chunk_size not in _GDN_CHUNK_SIZES:
         raise ValueError(f"chunk_size must be one of {_GDN_CHUNK_SIZES} for the Triton kernel, "
                          f"got {chunk_size}")
-    _gdn_check_kernel_limits(k.shape[3], v.shape[3], q=q, k=k, v=v, g=g, beta=beta,
-                             initial_state=initial_state)
+    _check_kernel_limits("gated_delta_rule", dict(K=k.shape[3], V=v.shape[3]),
+                         dict(q=q, k=k, v=v, g=g, beta=beta, initial_state=initial_state))
 
 
 def _gdn_inputs(q, k, v, g, beta, initial_state, scale):
     """Contiguous work tensors: q, k, v in the work dtype, g, beta, the state as they come."""
-    scale = q.shape[3] ** -0.5 if scale is None else float(scale)
+    scale = _default_scale(scale, q.shape[3])
     wd = _gdn_work_dtype(q, k, v)
     q, k, v = (x.to(wd).contiguous() for x in (q, k, v))
     h0 = None if initial_state is None else initial_state.contiguous()
@@ -761,7 +755,7 @@ def _gdn_state_bwd(q, k, w, gamma, do, dht, scale, L):
     dh = torch.empty(B * H, N, K, V, device=k.device, dtype=k.dtype)
     du = torch.empty(B * H, Tp, V, device=k.device, dtype=k.dtype)
     dh0 = torch.empty(B, H, K, V, device=k.device, dtype=torch.float32)
-    BK, BV = _gdn_block(K), _gdn_seq_block_v(B * H, V, k.device)
+    BK, BV = _block_d(K), _gdn_seq_block_v(B * H, V, k.device)
     _gdn_state_bwd_kernel[(triton.cdiv(V, BV), B * H)](
         q, k, w, gamma, do, dht, dh, du, dh0, scale, T, H, K, V, Tp, N,
         L=L, BK=BK, BV=BV, PRECISION=_DOT_PRECISION, num_warps=4, num_stages=_gdn_num_stages(k))
@@ -772,8 +766,8 @@ def _gdn_bwd_config(kernel: str, K: int, V: int, x: torch.Tensor) -> dict:
     """Value tile, warps and pipelining of the chunk-parallel backward kernels ("output", "wy"):
     the fastest of a sweep on the H200 at T = 16K, B*H = 32, bf16 (output: 0.31 / 0.77 ms at
     K = 64 / 128 against 0.47 / 0.83 for the next best; wy: 0.38 / 0.61 against 0.64 / 1.0)."""
-    BV, warps = (64, 8) if kernel == "output" and _gdn_block(K) > 64 else (32, 4)
-    return dict(BV=min(BV, _gdn_block(V)), num_warps=warps, num_stages=_gdn_num_stages(x))
+    BV, warps = (64, 8) if kernel == "output" and _block_d(K) > 64 else (32, 4)
+    return dict(BV=min(BV, _block_d(V)), num_warps=warps, num_stages=_gdn_num_stages(x))
 
 
 def _gdn_bwd_output(q, k, gamma, h, u, du, dh, do, scale, L, dq_dtype):
@@ -788,7 +782,7 @@ def _gdn_bwd_output(q, k, gamma, h, u, du, dh, do, scale, L, dq_dtype):
     dgam = torch.empty(B * H, Tp, device=k.device, dtype=torch.float32)
     _gdn_bwd_output_kernel[(N, B * H)](
         q, k, gamma, h, u, du, dh, do, dq, dk_part, dw, dgam, scale, T, H, K, V, Tp, N,
-        L=L, BK=_gdn_block(K), PRECISION=_DOT_PRECISION, **_gdn_bwd_config("output", K, V, k))
+        L=L, BK=_block_d(K), PRECISION=_DOT_PRECISION, **_gdn_bwd_config("output", K, V, k))
     return dq, dk_part, dw, dgam
 
 
@@ -804,7 +798,7 @@ def _gdn_bwd_wy(k, v, beta, gamma, tinv, w, u_prime, du, dw, dk_part, dgam, L, d
     dbeta = torch.empty(B, T, H, device=k.device, dtype=dtypes[4])
     _gdn_bwd_wy_kernel[(N, B * H)](
         k, v, beta, gamma, tinv, w, u_prime, du, dw, dk_part, dgam, dk, dv, dg, dbeta,
-        T, H, K, V, Tp, L=L, BK=_gdn_block(K), PRECISION=_DOT_PRECISION,
+        T, H, K, V, Tp, L=L, BK=_block_d(K), PRECISION=_DOT_PRECISION,
         **_gdn_bwd_config("wy", K, V, k))
     return dk, dv, dg, dbeta
 
@@ -878,8 +872,8 @@ def _gdn_recurrent_launch(q, k, v, g, beta, h0, ht, o, scale):
     """q, k [B, T, H, K], v, o [B, T, H, V], g, beta [B, T, H], contiguous; h0/ht [B, H, K, V] f32."""
     B, T, H, K = k.shape
     V = v.shape[3]
-    BK = _gdn_block(K)
-    BV = min(_gdn_block(V), 32)     # narrow tiles: more programs, and [K, BV] stays in registers
+    BK = _block_d(K)
+    BV = min(_block_d(V), 32)     # narrow tiles: more programs, and [K, BV] stays in registers
     _gdn_recurrent_kernel[(triton.cdiv(V, BV), B * H)](
         q, k, v, g, beta, h0 if h0 is not None else ht, o, ht, scale, T, H, K, V,
         BK=BK, BV=BV, HAS_H0=h0 is not None, num_warps=4 if BK <= 64 else 8)
@@ -893,11 +887,11 @@ def gated_delta_rule_recurrent(q, k, v, g, beta, scale=None, initial_state=None)
     Returns (o [B, T, H, V] in v's dtype, final_state [B, H, K, V] float32).
     """
     tiny_hybrid._check_gdn(q, k, v, g, beta, initial_state)
-    _gdn_check_kernel_limits(k.shape[3], v.shape[3], q=q, k=k, v=v, g=g, beta=beta,
-                             initial_state=initial_state)
+    _check_kernel_limits("gated_delta_rule_recurrent", dict(K=k.shape[3], V=v.shape[3]),
+                         dict(q=q, k=k, v=v, g=g, beta=beta, initial_state=initial_state))
     B, T, H, K = k.shape
     V = v.shape[3]
-    scale = K ** -0.5 if scale is None else float(scale)
+    scale = _default_scale(scale, K)
     q, k, v, g, beta = (x.detach().contiguous() for x in (q, k, v, g, beta))
     h0 = None if initial_state is None else initial_state.detach().float().contiguous()
     o = torch.empty(B, T, H, V, device=v.device, dtype=v.dtype)
@@ -935,8 +929,9 @@ def gated_delta_rule_recurrent_step(q, k, v, g, beta, state, scale=None):
     if state.dtype != torch.float32 or not state.is_contiguous():
         raise ValueError(f"state must be a contiguous float32 tensor (it is updated in place), "
                          f"got {state.dtype}, contiguous={state.is_contiguous()}")
-    _gdn_check_kernel_limits(K, V, q=q, k=k, v=v, g=g, beta=beta, state=state)
-    scale = K ** -0.5 if scale is None else float(scale)
+    _check_kernel_limits("gated_delta_rule_recurrent", dict(K=K, V=V),
+                         dict(q=q, k=k, v=v, g=g, beta=beta, state=state))
+    scale = _default_scale(scale, K)
     # [B, H, D] is [B, 1, H, D] in memory: a sequence of one token
     q, k, v, g, beta = (x.detach().contiguous().unsqueeze(1) for x in (q, k, v, g, beta))
     o = torch.empty(B, 1, H, V, device=v.device, dtype=v.dtype)
@@ -983,7 +978,7 @@ def _blocks(kernel: str, D: int) -> dict:
 def _check_attention_args(q, k, v, window, keep) -> None:
     """The checks of tiny_hybrid.attention (the same function), plus what only the kernels need."""
     tiny_hybrid._check_attention(q, k, v, window, keep)
-    _check_kernel_limits(q, (q, k, v))
+    _check_kernel_limits("attention", dict(D=q.shape[3]), dict(q=q, k=k, v=v))
 
 
 # --- Building blocks shared by the kernels -----------------------------------------------------
@@ -1040,7 +1035,7 @@ def _softmax_update(acc, m_i, l_i, s, v, PRECISION: tl.constexpr):
     p = tl.math.exp2(s - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PRECISION)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
     return acc, m_new, l_i
 
 
@@ -1048,13 +1043,13 @@ def _softmax_update(acc, m_i, l_i, s, v, PRECISION: tl.constexpr):
 def _dq_update(dq, q, do, k, v, lse, delta, visible, qk_scale, MASK: tl.constexpr,
                PRECISION: tl.constexpr):
     """dq [BM, BLOCK_D] += dS k for one key tile; visible [BM, BN] is used only when MASK."""
-    s = _mm(q, tl.trans(k), PRECISION) * qk_scale  # [BM, BN], base 2
+    s = _dot(q, tl.trans(k), PRECISION) * qk_scale  # [BM, BN], base 2
     p = tl.math.exp2(s - lse[:, None])  # the softmax probabilities, from the forward's LSE
     if MASK:
         p = tl.where(visible, p, 0.0)
-    dp = _mm(do, tl.trans(v), PRECISION)  # [BM, BN]
+    dp = _dot(do, tl.trans(v), PRECISION)  # [BM, BN]
     ds = p * (dp - delta[:, None])
-    return dq + _mm(ds.to(k.dtype), k, PRECISION)
+    return dq + _dot(ds.to(k.dtype), k, PRECISION)
 
 
 @triton.jit
@@ -1062,14 +1057,14 @@ def _dkdv_update(dk, dv, q, do, k, v, lse, delta, visible, qk_scale,
                  MASK: tl.constexpr, PRECISION: tl.constexpr):
     """dk, dv [BN, BLOCK_D] += the contribution of one query tile q, do [BM, BLOCK_D], computed
     transposed ([BN, BM]) so that both products are plain dots; visible [BN, BM] used when MASK."""
-    s_t = _mm(k, tl.trans(q), PRECISION) * qk_scale  # [BN, BM], base 2
+    s_t = _dot(k, tl.trans(q), PRECISION) * qk_scale  # [BN, BM], base 2
     p_t = tl.math.exp2(s_t - lse[None, :])
     if MASK:
         p_t = tl.where(visible, p_t, 0.0)
-    dv += _mm(p_t.to(do.dtype), do, PRECISION)
-    dp_t = _mm(v, tl.trans(do), PRECISION)  # [BN, BM]
+    dv += _dot(p_t.to(do.dtype), do, PRECISION)
+    dp_t = _dot(v, tl.trans(do), PRECISION)  # [BN, BM]
     ds_t = p_t * (dp_t - delta[None, :])
-    dk += _mm(ds_t.to(q.dtype), q, PRECISION)
+    dk += _dot(ds_t.to(q.dtype), q, PRECISION)
     return dk, dv
 
 
@@ -1130,7 +1125,7 @@ def _fwd_band(acc, m_i, l_i, q, k_base, v_base, offs_i, offs_d, j_lo, j_hi, T, w
         offs_j = j0 + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, offs_j, offs_j < T, row_stride, offs_d, D)
         v = _load_rows(v_base, offs_j, offs_j < T, row_stride, offs_d, D)
-        s = _mm(q, tl.trans(k), PRECISION) * qk_scale
+        s = _dot(q, tl.trans(k), PRECISION) * qk_scale
         if MASK:
             s = tl.where(_band_visible(offs_i[:, None], offs_j[None, :], window), s, NEG_INF)
         acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, v, PRECISION)
@@ -1178,7 +1173,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, COLS, COL_UNTIL, NBEFORE, T, H, Hkv, windo
         for n0 in range(0, n_kept, BLOCK_N):
             k, v, visible = _kept_tile(COLS + list_base, COL_UNTIL + list_base, K + kv_off, V + kv_off, n0,
                                        n_kept, offs_i, offs_d, window, Hkv * D, D, BLOCK_N)
-            s = tl.where(visible, _mm(q, tl.trans(k), PRECISION) * qk_scale, NEG_INF)
+            s = tl.where(visible, _dot(q, tl.trans(k), PRECISION) * qk_scale, NEG_INF)
             acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, v, PRECISION)
 
     # Every real row sees at least its own key, so l_i > 0 there (padding rows are not stored).
@@ -1435,7 +1430,7 @@ def attention(q, k, v, window=None, keep=None, scale=None):
     """
     _check_attention_args(q, k, v, window, keep)
     B, T, H, D = q.shape
-    scale = D ** -0.5 if scale is None else float(scale)
+    scale = _default_scale(scale, D)
     dtype = _compute_dtype(q, k, v)
     if q.numel() == 0 or k.numel() == 0:
         return (q * 0 + (k.sum() + v.sum()) * 0).to(q.dtype)  # empty, still connected to the graph
@@ -1484,7 +1479,7 @@ def _decode_split_kernel(Q, K, V, VALID, M_PART, L_PART, ACC_PART, S, H, Hkv, ke
             ok &= tl.load(VALID + (b * S + offs_s) * Hkv + hkv, mask=ok, other=0) != 0
         k = _load_rows(K + kv_off, offs_s, ok, Hkv * D, offs_d, D)
         v = _load_rows(V + kv_off, offs_s, ok, Hkv * D, offs_d, D)
-        s = _mm(q, tl.trans(k), PRECISION) * qk_scale  # [BLOCK_G, BLOCK_N]
+        s = _dot(q, tl.trans(k), PRECISION) * qk_scale  # [BLOCK_G, BLOCK_N]
         s = tl.where(ok[None, :], s, NEG_INF)
         acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, v, PRECISION)
 
@@ -1515,15 +1510,16 @@ def _decode_combine_kernel(M_PART, L_PART, ACC_PART, O, n_splits, D: tl.constexp
 def _check_decode_args(q, k_cache, v_cache, valid) -> None:
     """The checks of tiny_hybrid.attention_decode (the same function), plus the kernels' limits."""
     tiny_hybrid._check_decode(q, k_cache, v_cache, valid)
-    _check_kernel_limits(q, (q, k_cache, v_cache) + (() if valid is None else (valid,)))
+    _check_kernel_limits("attention_decode", dict(D=q.shape[2]),
+                         dict(q=q, k_cache=k_cache, v_cache=v_cache, valid=valid))
 
 
-def _decode_splits(S: int, B: int, Hkv: int, block_n: int) -> int:
-    """How many pieces to cut the slot axis into: enough programs to fill the GPU (~2 per SM on an
-    H100's 132), never a piece smaller than one key block."""
+def _decode_splits(S: int, B: int, Hkv: int, block_n: int, device) -> int:
+    """How many pieces to cut the slot axis into: enough programs to fill the GPU (about 2 per
+    multiprocessor: an untuned default), never a piece smaller than one key block."""
     if INTERPRET:
         return min(triton.cdiv(S, block_n), 4)
-    return max(1, min(triton.cdiv(S, block_n), triton.cdiv(264, B * Hkv)))
+    return max(1, min(triton.cdiv(S, block_n), triton.cdiv(2 * _multiprocessors(device), B * Hkv)))
 
 
 def attention_decode(q, k_cache, v_cache, valid=None, scale=None):
@@ -1533,14 +1529,14 @@ def attention_decode(q, k_cache, v_cache, valid=None, scale=None):
     _check_decode_args(q, k_cache, v_cache, valid)
     B, H, D = q.shape
     S, Hkv = k_cache.shape[1], k_cache.shape[2]
-    scale = D ** -0.5 if scale is None else float(scale)
+    scale = _default_scale(scale, D)
     if q.numel() == 0:
         return q.clone()
     dtype = _compute_dtype(q, k_cache, v_cache)
     q_, k_, v_ = (x.to(dtype).contiguous() for x in (q, k_cache, v_cache))
     valid_ = valid.contiguous().view(torch.int8) if valid is not None else q_  # q_: unused pointer
     block_n = 16 if INTERPRET else 64
-    n_splits = _decode_splits(S, B, Hkv, block_n)
+    n_splits = _decode_splits(S, B, Hkv, block_n, q.device)
     keys_per_split = triton.cdiv(triton.cdiv(S, n_splits), block_n) * block_n
     n_splits = max(1, triton.cdiv(S, keys_per_split))
     m_part = torch.empty(B, H, n_splits, dtype=torch.float32, device=q.device)
@@ -1635,7 +1631,7 @@ def _check_nsa_compressed_args(q, k_cmp, v_cmp, block, offset) -> None:
     _check_block(block)
     if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
         raise ValueError(f"offset must be an int >= 0, got {offset!r}")
-    _check_kernel_limits(q, (q, k_cmp, v_cmp))
+    _check_kernel_limits("nsa_compressed_attention", dict(D=q.shape[3]), dict(q=q, k_cmp=k_cmp, v_cmp=v_cmp))
 
 
 def _check_nsa_selected_args(q, k, v, block_idx, block) -> None:
@@ -1646,7 +1642,8 @@ def _check_nsa_selected_args(q, k, v, block_idx, block) -> None:
         raise ValueError(f"block_idx must be integer [B, T, Hkv, n] = [{B}, {T}, {Hkv}, n], got "
                          f"{block_idx.dtype} {tuple(block_idx.shape)}")
     _check_block(block)
-    _check_kernel_limits(q, (q, k, v, block_idx))
+    _check_kernel_limits("nsa_selected_attention", dict(D=q.shape[3]),
+                         dict(q=q, k=k, v=v, block_idx=block_idx))
 
 
 # --- jit helpers ------------------------------------------------------------------------------
@@ -1702,7 +1699,7 @@ def _nsa_cmp_fwd_kernel(Q, KC, VC, O, LSE, T, Nc, H, Hkv, block, offset, qk_scal
         offs_n = n0 + tl.arange(0, BLOCK_N)
         kc = _load_rows(KC + kc_off, offs_n, offs_n < Nc, Hkv * D, offs_d, D)
         vc = _load_rows(VC + kc_off, offs_n, offs_n < Nc, Hkv * D, offs_d, D)
-        s = _mm(q, tl.trans(kc), PRECISION) * qk_scale
+        s = _dot(q, tl.trans(kc), PRECISION) * qk_scale
         s = tl.where(offs_n[None, :] < n_seen[:, None], s, NEG_INF)
         acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, vc, PRECISION)
 
@@ -1810,10 +1807,10 @@ def _nsa_delta(o, do, dlse=None):
     return torch.nan_to_num_(delta)
 
 
-def _nsa_token_chunks(T: int, programs: int, tokens_per_step: int) -> int:
-    """Tokens per chunk of the compressed dKc, dVc kernel: enough chunks to fill the GPU (~2
-    programs per SM of an H100), each a whole number of token steps."""
-    n_chunks = 2 if INTERPRET else max(1, triton.cdiv(264, programs))
+def _nsa_token_chunks(T: int, programs: int, tokens_per_step: int, device) -> int:
+    """Tokens per chunk of the compressed dKc, dVc kernel: enough chunks to fill the GPU (about 2
+    programs per multiprocessor: an untuned default), each a whole number of token steps."""
+    n_chunks = 2 if INTERPRET else max(1, triton.cdiv(2 * _multiprocessors(device), programs))
     per_chunk = triton.cdiv(triton.cdiv(T, n_chunks), tokens_per_step) * tokens_per_step
     return max(per_chunk, tokens_per_step)
 
@@ -1850,7 +1847,7 @@ class _NSACompressedAttention(torch.autograd.Function):
 
         cfg = _nsa_blocks("cmp_dkdv", G)
         key_tiles = triton.cdiv(Nc, cfg["BLOCK_N"])
-        per_chunk = _nsa_token_chunks(T, key_tiles * B * Hkv, cfg["BLOCK_M"] // G)
+        per_chunk = _nsa_token_chunks(T, key_tiles * B * Hkv, cfg["BLOCK_M"] // G, q.device)
         n_chunks = triton.cdiv(T, per_chunk)
         dkc = torch.empty(n_chunks, B, Nc, Hkv, D, dtype=torch.float32, device=q.device)
         dvc = torch.empty_like(dkc)
@@ -1875,7 +1872,7 @@ def nsa_compressed_attention(q, k_cmp, v_cmp, block: int, scale=None, offset: in
     q, k_cmp, v_cmp, through o and lse."""
     _check_nsa_compressed_args(q, k_cmp, v_cmp, block, offset)
     B, T, H, D = q.shape
-    scale = D ** -0.5 if scale is None else float(scale)
+    scale = _default_scale(scale, D)
     if q.numel() == 0 or k_cmp.shape[1] == 0:  # nothing to attend to; still connected to the graph
         o = (q * 0 + (k_cmp.sum() + v_cmp.sum()) * 0).to(q.dtype)
         return o, torch.full((B, T, H), float("-inf"), device=q.device)
@@ -1908,7 +1905,7 @@ def _nsa_scores_kernel(Q, KC, LSE, S, T, Nc, H, Hkv, block, offset, qk_scale, G:
             h = hkv * G + g
             q = _load_rows(Q + (b.to(tl.int64) * T * H + h) * D, offs_t, offs_t < T, H * D, offs_d, D)
             lse = tl.load(LSE + (b.to(tl.int64) * T + offs_t) * H + h, mask=offs_t < T, other=0.0)
-            s = _mm(q, tl.trans(kc), PRECISION) * qk_scale
+            s = _dot(q, tl.trans(kc), PRECISION) * qk_scale
             score += tl.where(visible, tl.math.exp2(s - lse[:, None]), 0.0)
     ptrs = S + ((b.to(tl.int64) * T + offs_t) * Hkv + hkv)[:, None] * Nc + offs_n[None, :]
     tl.store(ptrs, score, mask=(offs_t < T)[:, None] & (offs_n < Nc)[None, :])
@@ -1924,7 +1921,7 @@ def nsa_block_scores(q, k_cmp, lse, block: int, scale=None, offset: int = 0):
     Nc, Hkv = k_cmp.shape[1], k_cmp.shape[2]
     if lse.shape != (B, T, H):
         raise ValueError(f"lse must be [B, T, H] = [{B}, {T}, {H}], got {tuple(lse.shape)}")
-    scale = D ** -0.5 if scale is None else float(scale)
+    scale = _default_scale(scale, D)
     scores = torch.zeros(B, T, Hkv, Nc, dtype=torch.float32, device=q.device)
     if scores.numel() == 0:
         return scores
@@ -1973,7 +1970,7 @@ def _nsa_slc_fwd_kernel(Q, K, V, BI, UNION, N_UNION, T, H, Hkv, block, n_sel, un
             offs_j = j0 + tl.arange(0, BLOCK_N)
             k = _load_rows(K + kv_off, offs_j, offs_j < j_end, Hkv * D, offs_d, D)
             v = _load_rows(V + kv_off, offs_j, offs_j < j_end, Hkv * D, offs_d, D)
-            s = _mm(q, tl.trans(k), PRECISION) * qk_scale
+            s = _dot(q, tl.trans(k), PRECISION) * qk_scale
             visible = chose[:, None] & (offs_j[None, :] <= tok[:, None]) & (offs_j < j_end)[None, :]
             acc, m_i, l_i = _softmax_update(acc, m_i, l_i, tl.where(visible, s, NEG_INF), v, PRECISION)
 
@@ -2193,7 +2190,7 @@ def nsa_selected_attention(q, k, v, block_idx, block: int, scale=None):
     (i, its KV head) and j <= i. Returns o [B, T, H, D] in q's dtype; differentiable in q, k, v."""
     _check_nsa_selected_args(q, k, v, block_idx, block)
     B, T, H, D = q.shape
-    scale = D ** -0.5 if scale is None else float(scale)
+    scale = _default_scale(scale, D)
     if q.numel() == 0:
         return (q * 0 + (k.sum() + v.sum()) * 0).to(q.dtype)
     dtype = _compute_dtype(q, k, v)
@@ -2255,6 +2252,7 @@ def lte_visible_until(scores, window: int, sink: int, buffer: int):
     tiny_hybrid.lte_visible_until: scores [B, T, Hkv] -> (until int64 [B, T, Hkv],
     buf_score [B, Hkv, b], buf_pos [B, Hkv, b]). No autograd (the rule has no gradient)."""
     tiny_hybrid._check_lte_rule(scores, window, sink, buffer)
+    _check_kernel_limits("lte_visible_until", {}, dict(scores=scores))
     B, T, Hkv = scores.shape
     r = scores.detach().float().contiguous()
     until = torch.empty(B, T, Hkv, dtype=torch.int64, device=r.device)
