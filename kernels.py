@@ -142,18 +142,18 @@ def _dot(a, b, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _load_rows(base, rows, row_ok, row_stride, offs_d, D: tl.constexpr):
+def _load_rows(ptr, rows, row_ok, row_stride, offs_d, D: tl.constexpr):
     """Gather rows `rows` of a matrix whose rows are `row_stride` apart: [len(rows), BLOCK_D],
     zeros for rows not ok and for the columns past D."""
-    ptrs = base + rows[:, None] * row_stride + offs_d[None, :]
+    ptrs = ptr + rows[:, None] * row_stride + offs_d[None, :]
     return tl.load(ptrs, mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
 
 
 @triton.jit
-def _store_rows(base, x, rows, row_ok, row_stride, offs_d, D: tl.constexpr):
+def _store_rows(ptr, x, rows, row_ok, row_stride, offs_d, D: tl.constexpr):
     """Scatter the rows of x [len(rows), BLOCK_D] to `rows` (the inverse of _load_rows)."""
-    ptrs = base + rows[:, None] * row_stride + offs_d[None, :]
-    tl.store(ptrs, x.to(base.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
+    ptrs = ptr + rows[:, None] * row_stride + offs_d[None, :]
+    tl.store(ptrs, x.to(ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
 
 
 # =============================================================================================
@@ -168,36 +168,36 @@ _DOT_PRECISION = "ieee" if INTERPRET else "tf32"
 # --- small jit helpers ------------------------------------------------------------------------
 
 @triton.jit
-def _token_tile(i_b, i_h, t0, T, H, D, L: tl.constexpr, BD: tl.constexpr, d0=0):
-    """Offsets and mask of the [L, BD] tile (tokens t0.., dims d0..) of head i_h of sequence i_b
+def _token_tile(b, h, t0, T, H, D, L: tl.constexpr, BLOCK_D: tl.constexpr, d0=0):
+    """Offsets and mask of the [L, BLOCK_D] tile (tokens t0.., dims d0..) of head h of sequence b
     in a [B, T, H, D] tensor. Tokens past T are masked (they read as 0: the reference's padding)."""
     t = t0 + tl.arange(0, L)
-    d = d0 + tl.arange(0, BD)
-    offs = ((i_b.to(tl.int64) * T + t[:, None]) * H + i_h) * D + d[None, :]
+    d = d0 + tl.arange(0, BLOCK_D)
+    offs = ((b.to(tl.int64) * T + t[:, None]) * H + h) * D + d[None, :]
     return offs, (t[:, None] < T) & (d[None, :] < D)
 
 
 @triton.jit
-def _token_vec(i_b, i_h, t0, T, H, L: tl.constexpr):
-    """Offsets and mask of L consecutive tokens of head i_h of sequence i_b in a [B, T, H] tensor."""
+def _token_vec(b, h, t0, T, H, L: tl.constexpr):
+    """Offsets and mask of L consecutive tokens of head h of sequence b in a [B, T, H] tensor."""
     t = t0 + tl.arange(0, L)
-    return (i_b.to(tl.int64) * T + t) * H + i_h, t < T
+    return (b.to(tl.int64) * T + t) * H + h, t < T
 
 
 @triton.jit
-def _chunk_tile(i_bh, t0, Tp, D, L: tl.constexpr, BD: tl.constexpr, d0=0):
-    """Offsets and mask of an [L, BD] tile of a heads-first, padded work tensor [B*H, Tp, D]."""
+def _chunk_tile(bh, t0, T_pad, D, L: tl.constexpr, BLOCK_D: tl.constexpr, d0=0):
+    """Offsets and mask of an [L, BLOCK_D] tile of a heads-first, padded work tensor [B*H, T_pad, D]."""
     t = t0 + tl.arange(0, L)
-    d = d0 + tl.arange(0, BD)
-    return (i_bh.to(tl.int64) * Tp + t[:, None]) * D + d[None, :], d[None, :] < D
+    d = d0 + tl.arange(0, BLOCK_D)
+    return (bh.to(tl.int64) * T_pad + t[:, None]) * D + d[None, :], d[None, :] < D
 
 
 @triton.jit
-def _state_tile(i_bh, n, N, K, V, BK: tl.constexpr, BV: tl.constexpr, v0):
-    """Offsets and mask of the [BK, BV] tile (value columns v0..) of state n of [B*H, N, K, V]."""
-    dk = tl.arange(0, BK)
-    dv = v0 + tl.arange(0, BV)
-    offs = ((i_bh.to(tl.int64) * N + n) * K + dk[:, None]) * V + dv[None, :]
+def _state_tile(bh, n, N, K, V, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, v0):
+    """Offsets and mask of the [BLOCK_K, BLOCK_V] tile (value columns v0..) of state n of [B*H, N, K, V]."""
+    dk = tl.arange(0, BLOCK_K)
+    dv = v0 + tl.arange(0, BLOCK_V)
+    offs = ((bh.to(tl.int64) * N + n) * K + dk[:, None]) * V + dv[None, :]
     return offs, (dk[:, None] < K) & (dv[None, :] < V)
 
 
@@ -224,129 +224,129 @@ def _unit_lower_inverse(A, L: tl.constexpr, LOG2_BLOCKS: tl.constexpr, PRECISION
     rows = tl.arange(0, L)[:, None]
     cols = tl.arange(0, L)[None, :]
     same_block = (rows // 16) == (cols // 16)
-    D = tl.where(same_block, A, 0.)
-    Tm = (rows == cols).to(tl.float32)                       # rows not yet reached stay e_r
+    A_diag = tl.where(same_block, A, 0.)
+    inv = (rows == cols).to(tl.float32)                      # rows not yet reached stay e_r
     for s in range(1, 16):
-        Tm -= _dot(tl.where(rows % 16 == s, D, 0.), Tm, PRECISION)
-    P = -_dot(Tm, tl.where(same_block, 0., A), PRECISION)   # -N
-    for i in tl.static_range(LOG2_BLOCKS):                  # Tm <- (I + (-N)^(2^i)) Tm
+        inv -= _dot(tl.where(rows % 16 == s, A_diag, 0.), inv, PRECISION)
+    P = -_dot(inv, tl.where(same_block, 0., A), PRECISION)  # -N
+    for i in tl.static_range(LOG2_BLOCKS):                  # inv <- (I + (-N)^(2^i)) inv
         if i > 0:
             P = _dot(P, P, PRECISION)
-        Tm += _dot(P, Tm, PRECISION)
-    return Tm
+        inv += _dot(P, inv, PRECISION)
+    return inv
 
 
 # --- forward kernels ----------------------------------------------------------------------------
 
 @triton.jit
 def _gdn_ut_kernel(k_ptr, g_ptr, beta_ptr,                                  # inputs, [B, T, H, *]
-                   gamma_ptr, tinv_ptr,                                     # outputs, [B*H, Tp, *]
-                   T, H, K, Tp,
-                   L: tl.constexpr, BK: tl.constexpr, LOG2_BLOCKS: tl.constexpr,
+                   gamma_ptr, a_inv_ptr,                                    # outputs, [B*H, T_pad, *]
+                   T, H, K, T_pad,
+                   L: tl.constexpr, BLOCK_K: tl.constexpr, LOG2_BLOCKS: tl.constexpr,
                    PRECISION: tl.constexpr):
     """Steps 3-4a for one chunk: gamma and the UT transform T = (I + A)^-1.
 
     grid (N chunks, B*H). Writes gamma [L] and T [L, L]. Only [L, L] tiles stay live (K K^T is
-    summed over BK-wide slices of K), so several programs share a multiprocessor: the triangular
+    summed over BLOCK_K-wide slices of K), so several programs share a multiprocessor: the triangular
     solve is a chain of small products, and other programs hide its latency.
     """
-    i_n, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    t0 = i_n * L
+    n, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    t0 = n * L
 
     # step 3: decay from the chunk's start
-    offs, mask = _token_vec(i_b, i_h, t0, T, H, L)
+    offs, mask = _token_vec(b, h, t0, T, H, L)
     g = tl.load(g_ptr + offs, mask=mask, other=0.).to(tl.float32)
     beta = tl.load(beta_ptr + offs, mask=mask, other=0.).to(tl.float32)
     gam = tl.cumsum(g, 0)                                                        # [L]
-    tl.store(gamma_ptr + i_bh.to(tl.int64) * Tp + t0 + tl.arange(0, L), gam)
+    tl.store(gamma_ptr + bh.to(tl.int64) * T_pad + t0 + tl.arange(0, L), gam)
 
     # step 4a: A_ij = beta_i Gamma_ij (k_i . k_j), j < i, and T = (I + A)^-1
     kk = tl.zeros([L, L], dtype=tl.float32)
-    for d0 in range(0, K, BK):
-        k_offs, k_mask = _token_tile(i_b, i_h, t0, T, H, K, L, BK, d0)
-        k = tl.load(k_ptr + k_offs, mask=k_mask, other=0.)                       # [L, BK]
+    for d0 in range(0, K, BLOCK_K):
+        k_offs, k_mask = _token_tile(b, h, t0, T, H, K, L, BLOCK_K, d0)
+        k = tl.load(k_ptr + k_offs, mask=k_mask, other=0.)                       # [L, BLOCK_K]
         kk += _dot(k, tl.trans(k), PRECISION)                                    # [L, L]
     A = _decay_matrix(gam, L, True) * kk * beta[:, None]                         # [L, L]
-    Tm = _unit_lower_inverse(A, L, LOG2_BLOCKS, PRECISION)
-    offs, mask = _chunk_tile(i_bh, t0, Tp, L, L, L)
-    tl.store(tinv_ptr + offs, Tm.to(tinv_ptr.dtype.element_ty), mask=mask)
+    A_inv = _unit_lower_inverse(A, L, LOG2_BLOCKS, PRECISION)
+    offs, mask = _chunk_tile(bh, t0, T_pad, L, L, L)
+    tl.store(a_inv_ptr + offs, A_inv.to(a_inv_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _gdn_wy_kernel(k_ptr, v_ptr, beta_ptr, gamma_ptr, tinv_ptr,             # inputs
-                   w_ptr, u_prime_ptr,                                      # outputs, [B*H, Tp, *]
-                   T, H, K, V, Tp,
-                   L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr):
+def _gdn_wy_kernel(k_ptr, v_ptr, beta_ptr, gamma_ptr, a_inv_ptr,            # inputs
+                   w_ptr, u_prime_ptr,                                      # outputs, [B*H, T_pad, *]
+                   T, H, K, V, T_pad,
+                   L: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, PRECISION: tl.constexpr):
     """Step 4b for one chunk: the WY factors W = T diag(beta e^gamma) K and U' = T diag(beta) V.
 
     grid (N chunks, B*H). The forward runs it after _gdn_ut_kernel, the backward from the saved T.
     """
-    i_n, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    t0 = i_n * L
+    n, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    t0 = n * L
     dt = w_ptr.dtype.element_ty
 
-    offs, mask = _token_vec(i_b, i_h, t0, T, H, L)
+    offs, mask = _token_vec(b, h, t0, T, H, L)
     beta = tl.load(beta_ptr + offs, mask=mask, other=0.).to(tl.float32)          # [L]
-    gam = tl.load(gamma_ptr + i_bh.to(tl.int64) * Tp + t0 + tl.arange(0, L))     # [L]
-    offs, mask = _chunk_tile(i_bh, t0, Tp, L, L, L)
-    Tm = tl.load(tinv_ptr + offs, mask=mask, other=0.)                           # [L, L] f32
+    gam = tl.load(gamma_ptr + bh.to(tl.int64) * T_pad + t0 + tl.arange(0, L))    # [L]
+    offs, mask = _chunk_tile(bh, t0, T_pad, L, L, L)
+    A_inv = tl.load(a_inv_ptr + offs, mask=mask, other=0.)                       # [L, L] f32
     # the diagonal scales go onto T's columns ([L, L]) rather than onto K and V ([L, D])
-    tw = (Tm * (beta * tl.exp(gam))[None, :]).to(dt)
-    tu = (Tm * beta[None, :]).to(dt)
+    tw = (A_inv * (beta * tl.exp(gam))[None, :]).to(dt)
+    tu = (A_inv * beta[None, :]).to(dt)
     # (loop variables get names of their own: a loop may not change a variable's shape)
-    for d0 in range(0, K, BK):
-        t_offs, t_mask = _token_tile(i_b, i_h, t0, T, H, K, L, BK, d0)
-        k = tl.load(k_ptr + t_offs, mask=t_mask, other=0.)                       # [L, BK]
-        c_offs, c_mask = _chunk_tile(i_bh, t0, Tp, K, L, BK, d0)
+    for d0 in range(0, K, BLOCK_K):
+        t_offs, t_mask = _token_tile(b, h, t0, T, H, K, L, BLOCK_K, d0)
+        k = tl.load(k_ptr + t_offs, mask=t_mask, other=0.)                       # [L, BLOCK_K]
+        c_offs, c_mask = _chunk_tile(bh, t0, T_pad, K, L, BLOCK_K, d0)
         tl.store(w_ptr + c_offs, _dot(tw, k, PRECISION).to(dt), mask=c_mask)
-    for d0 in range(0, V, BV):
-        t_offs, t_mask = _token_tile(i_b, i_h, t0, T, H, V, L, BV, d0)
-        v = tl.load(v_ptr + t_offs, mask=t_mask, other=0.)                       # [L, BV]
-        c_offs, c_mask = _chunk_tile(i_bh, t0, Tp, V, L, BV, d0)
+    for d0 in range(0, V, BLOCK_V):
+        t_offs, t_mask = _token_tile(b, h, t0, T, H, V, L, BLOCK_V, d0)
+        v = tl.load(v_ptr + t_offs, mask=t_mask, other=0.)                       # [L, BLOCK_V]
+        c_offs, c_mask = _chunk_tile(bh, t0, T_pad, V, L, BLOCK_V, d0)
         tl.store(u_prime_ptr + c_offs, _dot(tu, v, PRECISION).to(dt), mask=c_mask)
 
 
 @triton.jit
 def _gdn_state_fwd_kernel(k_ptr, w_ptr, u_prime_ptr, gamma_ptr, h0_ptr,  # inputs
                           h_ptr, u_ptr, ht_ptr,                          # outputs
-                          T, H, K, V, Tp, N,
-                          L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                          T, H, K, V, T_pad, N,
+                          L: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
                           HAS_H0: tl.constexpr, PRECISION: tl.constexpr):
-    """Step 5, the recurrence: walk the N chunks carrying S [K, BV] in float32 registers.
+    """Step 5, the recurrence: walk the N chunks carrying S [K, BLOCK_V] in float32 registers.
 
-    grid (V / BV, B*H). Writes h [N, K, V] (the state entering each chunk), U [Tp, V] and the
+    grid (V / BLOCK_V, B*H). Writes h [N, K, V] (the state entering each chunk), U [T_pad, V] and the
     final state.
     """
-    i_v, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    v0 = i_v * BV
+    v_tile, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    v0 = v_tile * BLOCK_V
     dt = w_ptr.dtype.element_ty
 
-    s_offs, s_mask = _state_tile(i_bh, 0, 1, K, V, BK, BV, v0)                   # [B*H, K, V] tile
+    s_offs, s_mask = _state_tile(bh, 0, 1, K, V, BLOCK_K, BLOCK_V, v0)           # [B*H, K, V] tile
     if HAS_H0:
-        S = tl.load(h0_ptr + s_offs, mask=s_mask, other=0.).to(tl.float32)       # [BK, BV]
+        S = tl.load(h0_ptr + s_offs, mask=s_mask, other=0.).to(tl.float32)       # [BLOCK_K, BLOCK_V]
     else:
-        S = tl.zeros([BK, BV], dtype=tl.float32)
+        S = tl.zeros([BLOCK_K, BLOCK_V], dtype=tl.float32)
 
     for n in range(N):
         t0 = n * L
-        offs, mask = _state_tile(i_bh, n, N, K, V, BK, BV, v0)
+        offs, mask = _state_tile(bh, n, N, K, V, BLOCK_K, BLOCK_V, v0)
         tl.store(h_ptr + offs, S.to(h_ptr.dtype.element_ty), mask=mask)
 
-        offs, mask = _chunk_tile(i_bh, t0, Tp, K, L, BK)
-        w = tl.load(w_ptr + offs, mask=mask, other=0.)                           # [L, BK]
-        offs, mask = _chunk_tile(i_bh, t0, Tp, V, L, BV, v0)
+        offs, mask = _chunk_tile(bh, t0, T_pad, K, L, BLOCK_K)
+        w = tl.load(w_ptr + offs, mask=mask, other=0.)                           # [L, BLOCK_K]
+        offs, mask = _chunk_tile(bh, t0, T_pad, V, L, BLOCK_V, v0)
         u = tl.load(u_prime_ptr + offs, mask=mask, other=0.).to(tl.float32) \
             - _dot(w, S.to(dt), PRECISION)                                       # U = U' - W S
         tl.store(u_ptr + offs, u.to(dt), mask=mask)
 
-        gam = tl.load(gamma_ptr + i_bh.to(tl.int64) * Tp + t0 + tl.arange(0, L))  # [L]
-        gam_last = tl.load(gamma_ptr + i_bh.to(tl.int64) * Tp + t0 + L - 1)
-        offs, mask = _token_tile(i_b, i_h, t0, T, H, K, L, BK)
-        k = tl.load(k_ptr + offs, mask=mask, other=0.)                           # [L, BK]
-        # the decay to the chunk's end goes onto U ([L, BV]) rather than K ([L, K]): fewer registers
+        gam = tl.load(gamma_ptr + bh.to(tl.int64) * T_pad + t0 + tl.arange(0, L))  # [L]
+        gam_last = tl.load(gamma_ptr + bh.to(tl.int64) * T_pad + t0 + L - 1)
+        offs, mask = _token_tile(b, h, t0, T, H, K, L, BLOCK_K)
+        k = tl.load(k_ptr + offs, mask=mask, other=0.)                           # [L, BLOCK_K]
+        # the decay to the chunk's end goes onto U ([L, BLOCK_V]) rather than K ([L, K]): fewer registers
         u_to_end = (u * tl.exp(gam_last - gam)[:, None]).to(dt)
         S = S * tl.exp(gam_last) + _dot(tl.trans(k), u_to_end, PRECISION)
 
@@ -355,32 +355,32 @@ def _gdn_state_fwd_kernel(k_ptr, w_ptr, u_prime_ptr, gamma_ptr, h0_ptr,  # input
 
 @triton.jit
 def _gdn_output_kernel(q_ptr, k_ptr, gamma_ptr, h_ptr, u_ptr, o_ptr, scale,
-                       T, H, K, V, Tp, N,
-                       L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                       T, H, K, V, T_pad, N,
+                       L: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
                        PRECISION: tl.constexpr):
     """Step 5, the output: O = scale (diag(e^gamma) Q S + (Q K^T * Gamma) U), every chunk at once.
 
-    grid (N, V / BV, B*H). Writes o [L, BV] into [B, T, H, V] (tokens past T dropped: step 6).
+    grid (N, V / BLOCK_V, B*H). Writes o [L, BLOCK_V] into [B, T, H, V] (tokens past T dropped: step 6).
     """
-    i_n, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_b, i_h = i_bh // H, i_bh % H
-    t0, v0 = i_n * L, i_v * BV
+    n, v_tile, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, h = bh // H, bh % H
+    t0, v0 = n * L, v_tile * BLOCK_V
     dt = u_ptr.dtype.element_ty
 
-    offs, mask = _token_tile(i_b, i_h, t0, T, H, K, L, BK)
-    q = tl.load(q_ptr + offs, mask=mask, other=0.)                               # [L, BK]
-    k = tl.load(k_ptr + offs, mask=mask, other=0.)                               # [L, BK]
-    gam = tl.load(gamma_ptr + i_bh.to(tl.int64) * Tp + t0 + tl.arange(0, L))     # [L]
-    offs, mask = _state_tile(i_bh, i_n, N, K, V, BK, BV, v0)
-    S = tl.load(h_ptr + offs, mask=mask, other=0.)                               # [BK, BV]
-    offs, mask = _chunk_tile(i_bh, t0, Tp, V, L, BV, v0)
-    u = tl.load(u_ptr + offs, mask=mask, other=0.)                               # [L, BV]
+    offs, mask = _token_tile(b, h, t0, T, H, K, L, BLOCK_K)
+    q = tl.load(q_ptr + offs, mask=mask, other=0.)                               # [L, BLOCK_K]
+    k = tl.load(k_ptr + offs, mask=mask, other=0.)                               # [L, BLOCK_K]
+    gam = tl.load(gamma_ptr + bh.to(tl.int64) * T_pad + t0 + tl.arange(0, L))    # [L]
+    offs, mask = _state_tile(bh, n, N, K, V, BLOCK_K, BLOCK_V, v0)
+    S = tl.load(h_ptr + offs, mask=mask, other=0.)                               # [BLOCK_K, BLOCK_V]
+    offs, mask = _chunk_tile(bh, t0, T_pad, V, L, BLOCK_V, v0)
+    u = tl.load(u_ptr + offs, mask=mask, other=0.)                               # [L, BLOCK_V]
 
-    o_state = _dot(q, S.to(q.dtype), PRECISION) * tl.exp(gam)[:, None]           # [L, BV]
+    o_state = _dot(q, S.to(q.dtype), PRECISION) * tl.exp(gam)[:, None]           # [L, BLOCK_V]
     p = _dot(q, tl.trans(k), PRECISION) * _decay_matrix(gam, L, False)           # [L, L]
     o = scale * (o_state + _dot(p.to(dt), u, PRECISION))
 
-    offs, mask = _token_tile(i_b, i_h, t0, T, H, V, L, BV, v0)
+    offs, mask = _token_tile(b, h, t0, T, H, V, L, BLOCK_V, v0)
     tl.store(o_ptr + offs, o.to(o_ptr.dtype.element_ty), mask=mask)
 
 
@@ -399,47 +399,47 @@ def _gdn_output_kernel(q_ptr, k_ptr, gamma_ptr, h_ptr, u_ptr, o_ptr, scale,
 @triton.jit
 def _gdn_state_bwd_kernel(q_ptr, k_ptr, w_ptr, gamma_ptr, do_ptr, dht_ptr,  # inputs
                           dh_ptr, du_ptr, dh0_ptr,                          # outputs
-                          scale, T, H, K, V, Tp, N,
-                          L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                          scale, T, H, K, V, T_pad, N,
+                          L: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
                           PRECISION: tl.constexpr):
-    """The recurrence backwards: walk the chunks from the last, carrying dS [K, BV] in float32.
+    """The recurrence backwards: walk the chunks from the last, carrying dS [K, BLOCK_V] in float32.
 
-    grid (V / BV, B*H). Writes dh [N, K, V] (gradient of the state LEAVING each chunk), dU [Tp, V]
+    grid (V / BLOCK_V, B*H). Writes dh [N, K, V] (gradient of the state LEAVING each chunk), dU [T_pad, V]
     and dS of the initial state.
     """
-    i_v, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    v0 = i_v * BV
+    v_tile, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    v0 = v_tile * BLOCK_V
     dt = w_ptr.dtype.element_ty
 
-    s_offs, s_mask = _state_tile(i_bh, 0, 1, K, V, BK, BV, v0)
-    dS = tl.load(dht_ptr + s_offs, mask=s_mask, other=0.).to(tl.float32)         # [BK, BV]
+    s_offs, s_mask = _state_tile(bh, 0, 1, K, V, BLOCK_K, BLOCK_V, v0)
+    dS = tl.load(dht_ptr + s_offs, mask=s_mask, other=0.).to(tl.float32)         # [BLOCK_K, BLOCK_V]
 
     for i in range(N):
         n = N - 1 - i
         t0 = n * L
-        offs, mask = _state_tile(i_bh, n, N, K, V, BK, BV, v0)
+        offs, mask = _state_tile(bh, n, N, K, V, BLOCK_K, BLOCK_V, v0)
         tl.store(dh_ptr + offs, dS.to(dh_ptr.dtype.element_ty), mask=mask)
 
-        offs, mask = _token_tile(i_b, i_h, t0, T, H, K, L, BK)
-        q = tl.load(q_ptr + offs, mask=mask, other=0.)                           # [L, BK]
-        k = tl.load(k_ptr + offs, mask=mask, other=0.)                           # [L, BK]
-        offs, mask = _chunk_tile(i_bh, t0, Tp, K, L, BK)
-        w = tl.load(w_ptr + offs, mask=mask, other=0.)                           # [L, BK]
-        offs, mask = _token_tile(i_b, i_h, t0, T, H, V, L, BV, v0)
-        do = tl.load(do_ptr + offs, mask=mask, other=0.)                         # [L, BV]
-        gam = tl.load(gamma_ptr + i_bh.to(tl.int64) * Tp + t0 + tl.arange(0, L))
-        gam_last = tl.load(gamma_ptr + i_bh.to(tl.int64) * Tp + t0 + L - 1)
+        offs, mask = _token_tile(b, h, t0, T, H, K, L, BLOCK_K)
+        q = tl.load(q_ptr + offs, mask=mask, other=0.)                           # [L, BLOCK_K]
+        k = tl.load(k_ptr + offs, mask=mask, other=0.)                           # [L, BLOCK_K]
+        offs, mask = _chunk_tile(bh, t0, T_pad, K, L, BLOCK_K)
+        w = tl.load(w_ptr + offs, mask=mask, other=0.)                           # [L, BLOCK_K]
+        offs, mask = _token_tile(b, h, t0, T, H, V, L, BLOCK_V, v0)
+        do = tl.load(do_ptr + offs, mask=mask, other=0.)                         # [L, BLOCK_V]
+        gam = tl.load(gamma_ptr + bh.to(tl.int64) * T_pad + t0 + tl.arange(0, L))
+        gam_last = tl.load(gamma_ptr + bh.to(tl.int64) * T_pad + t0 + L - 1)
 
-        # P^T (j, i) = scale k_j . q_i Gamma_ij, i >= j. Row scales (decays) go on the [L, BV]
+        # P^T (j, i) = scale k_j . q_i Gamma_ij, i >= j. Row scales (decays) go on the [L, BLOCK_V]
         # side of each product, not on the [L, K] one: fewer registers.
         pt = scale * _dot(k, tl.trans(q), PRECISION) * tl.trans(_decay_matrix(gam, L, False))
         du = _dot(pt.to(dt), do, PRECISION) \
-            + _dot(k, dS.to(dt), PRECISION) * tl.exp(gam_last - gam)[:, None]    # [L, BV]
-        offs, mask = _chunk_tile(i_bh, t0, Tp, V, L, BV, v0)
+            + _dot(k, dS.to(dt), PRECISION) * tl.exp(gam_last - gam)[:, None]    # [L, BLOCK_V]
+        offs, mask = _chunk_tile(bh, t0, T_pad, V, L, BLOCK_V, v0)
         tl.store(du_ptr + offs, du.to(dt), mask=mask)
 
-        do_decayed = (do.to(tl.float32) * (scale * tl.exp(gam))[:, None]).to(dt)    # [L, BV]
+        do_decayed = (do.to(tl.float32) * (scale * tl.exp(gam))[:, None]).to(dt)    # [L, BLOCK_V]
         dS = dS * tl.exp(gam_last) + _dot(tl.trans(q), do_decayed, PRECISION) \
             - _dot(tl.trans(w), du.to(dt), PRECISION)
 
@@ -449,34 +449,34 @@ def _gdn_state_bwd_kernel(q_ptr, k_ptr, w_ptr, gamma_ptr, do_ptr, dht_ptr,  # in
 @triton.jit
 def _gdn_bwd_output_kernel(q_ptr, k_ptr, gamma_ptr, h_ptr, u_ptr, du_ptr, dh_ptr, do_ptr,  # in
                            dq_ptr, dk_ptr, dw_ptr, dgam_ptr,                                # out
-                           scale, T, H, K, V, Tp, N,
-                           L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                           scale, T, H, K, V, T_pad, N,
+                           L: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
                            PRECISION: tl.constexpr):
     """Gradients through O, U = U' - W S and the state update, one chunk, looping over V tiles.
 
-    grid (N, B*H). Writes dq (final, into [B, T, H, K]), and float32 partials [B*H, Tp, *] of
+    grid (N, B*H). Writes dq (final, into [B, T, H, K]), and float32 partials [B*H, T_pad, *] of
     dk, dW and dgamma that _gdn_bwd_wy_kernel completes.
     """
-    i_n, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    t0 = i_n * L
+    n, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    t0 = n * L
     dt = u_ptr.dtype.element_ty
 
-    dq_state = tl.zeros([L, BK], dtype=tl.float32)   # dO S^T
-    dk_state = tl.zeros([L, BK], dtype=tl.float32)   # U dS_next^T
-    dw = tl.zeros([L, BK], dtype=tl.float32)         # -dU S^T
+    dq_state = tl.zeros([L, BLOCK_K], dtype=tl.float32)  # dO S^T
+    dk_state = tl.zeros([L, BLOCK_K], dtype=tl.float32)  # U dS_next^T
+    dw = tl.zeros([L, BLOCK_K], dtype=tl.float32)    # -dU S^T
     r = tl.zeros([L, L], dtype=tl.float32)           # dO U^T
-    s_dot_ds = tl.zeros([BK], dtype=tl.float32)      # <S, dS_next>, row by row
-    for i_v in range(tl.cdiv(V, BV)):
-        v0 = i_v * BV
-        t_offs, t_mask = _token_tile(i_b, i_h, t0, T, H, V, L, BV, v0)
-        do = tl.load(do_ptr + t_offs, mask=t_mask, other=0.)                     # [L, BV]
-        c_offs, c_mask = _chunk_tile(i_bh, t0, Tp, V, L, BV, v0)
-        u = tl.load(u_ptr + c_offs, mask=c_mask, other=0.)                       # [L, BV]
-        du = tl.load(du_ptr + c_offs, mask=c_mask, other=0.)                     # [L, BV]
-        s_offs, s_mask = _state_tile(i_bh, i_n, N, K, V, BK, BV, v0)
-        S = tl.load(h_ptr + s_offs, mask=s_mask, other=0.)                       # [BK, BV]
-        dS = tl.load(dh_ptr + s_offs, mask=s_mask, other=0.)                     # [BK, BV]
+    s_dot_ds = tl.zeros([BLOCK_K], dtype=tl.float32)  # <S, dS_next>, row by row
+    for v_tile in range(tl.cdiv(V, BLOCK_V)):
+        v0 = v_tile * BLOCK_V
+        t_offs, t_mask = _token_tile(b, h, t0, T, H, V, L, BLOCK_V, v0)
+        do = tl.load(do_ptr + t_offs, mask=t_mask, other=0.)                     # [L, BLOCK_V]
+        c_offs, c_mask = _chunk_tile(bh, t0, T_pad, V, L, BLOCK_V, v0)
+        u = tl.load(u_ptr + c_offs, mask=c_mask, other=0.)                       # [L, BLOCK_V]
+        du = tl.load(du_ptr + c_offs, mask=c_mask, other=0.)                     # [L, BLOCK_V]
+        s_offs, s_mask = _state_tile(bh, n, N, K, V, BLOCK_K, BLOCK_V, v0)
+        S = tl.load(h_ptr + s_offs, mask=s_mask, other=0.)                       # [BLOCK_K, BLOCK_V]
+        dS = tl.load(dh_ptr + s_offs, mask=s_mask, other=0.)                     # [BLOCK_K, BLOCK_V]
         dq_state += _dot(do, tl.trans(S), PRECISION)
         dk_state += _dot(u, tl.trans(dS), PRECISION)
         dw -= _dot(du, tl.trans(S), PRECISION)
@@ -484,14 +484,14 @@ def _gdn_bwd_output_kernel(q_ptr, k_ptr, gamma_ptr, h_ptr, u_ptr, du_ptr, dh_ptr
         s_dot_ds += tl.sum(S.to(tl.float32) * dS.to(tl.float32), 1)
     # (each result is stored as soon as it is final, and q, k load only now: short live ranges,
     # so that K = 128 fits in registers)
-    offs, mask = _chunk_tile(i_bh, t0, Tp, K, L, BK)
+    offs, mask = _chunk_tile(bh, t0, T_pad, K, L, BLOCK_K)
     tl.store(dw_ptr + offs, dw, mask=mask)
 
-    gam = tl.load(gamma_ptr + i_bh.to(tl.int64) * Tp + t0 + tl.arange(0, L))     # [L]
-    gam_last = tl.load(gamma_ptr + i_bh.to(tl.int64) * Tp + t0 + L - 1)
-    t_offs, t_mask = _token_tile(i_b, i_h, t0, T, H, K, L, BK)
-    q = tl.load(q_ptr + t_offs, mask=t_mask, other=0.)                           # [L, BK]
-    k = tl.load(k_ptr + t_offs, mask=t_mask, other=0.)                           # [L, BK]
+    gam = tl.load(gamma_ptr + bh.to(tl.int64) * T_pad + t0 + tl.arange(0, L))    # [L]
+    gam_last = tl.load(gamma_ptr + bh.to(tl.int64) * T_pad + t0 + L - 1)
+    t_offs, t_mask = _token_tile(b, h, t0, T, H, K, L, BLOCK_K)
+    q = tl.load(q_ptr + t_offs, mask=t_mask, other=0.)                           # [L, BLOCK_K]
+    k = tl.load(k_ptr + t_offs, mask=t_mask, other=0.)                           # [L, BLOCK_K]
     z = scale * r * _decay_matrix(gam, L, False)                                 # dL/d(Q K^T)
 
     # dgamma: from e^gamma in the state read-out, Gamma in P, e^(gamma_L - gamma) in the update
@@ -511,57 +511,57 @@ def _gdn_bwd_output_kernel(q_ptr, k_ptr, gamma_ptr, h_ptr, u_ptr, du_ptr, dh_ptr
 
     e = r * scale * _dot(q, tl.trans(k), PRECISION) * _decay_matrix(gam, L, True)  # dP * P, j < i
     dgam += tl.sum(e, 1) - tl.sum(e, 0)
-    tl.store(dgam_ptr + i_bh.to(tl.int64) * Tp + t0 + tl.arange(0, L), dgam)
+    tl.store(dgam_ptr + bh.to(tl.int64) * T_pad + t0 + tl.arange(0, L), dgam)
 
 
 @triton.jit
-def _gdn_bwd_wy_kernel(k_ptr, v_ptr, beta_ptr, gamma_ptr, tinv_ptr, w_ptr, u_prime_ptr,  # in
+def _gdn_bwd_wy_kernel(k_ptr, v_ptr, beta_ptr, gamma_ptr, a_inv_ptr, w_ptr, u_prime_ptr,  # in
                        du_ptr, dw_ptr, dk_part_ptr, dgam_ptr,                             # in
                        dk_ptr, dv_ptr, dg_ptr, dbeta_ptr,                                 # out
-                       T, H, K, V, Tp,
-                       L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                       T, H, K, V, T_pad,
+                       L: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
                        PRECISION: tl.constexpr):
     """Gradients through the UT transform (step 4) and the cumsum (step 3), one chunk.
 
     grid (N, B*H). Completes dk and writes dk, dv, dg, dbeta into the inputs' layouts.
     """
-    i_n, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    t0 = i_n * L
+    n, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    t0 = n * L
     dt = w_ptr.dtype.element_ty
     rows = tl.arange(0, L)[:, None]
     cols = tl.arange(0, L)[None, :]
 
-    offs, mask = _token_vec(i_b, i_h, t0, T, H, L)
+    offs, mask = _token_vec(b, h, t0, T, H, L)
     beta = tl.load(beta_ptr + offs, mask=mask, other=0.).to(tl.float32)          # [L]
-    gam = tl.load(gamma_ptr + i_bh.to(tl.int64) * Tp + t0 + tl.arange(0, L))     # [L]
-    offs, mask = _chunk_tile(i_bh, t0, Tp, L, L, L)
-    Tm = tl.load(tinv_ptr + offs, mask=mask, other=0.).to(dt)                    # [L, L]
-    w_offs, w_mask = _chunk_tile(i_bh, t0, Tp, K, L, BK)
-    dw = tl.load(dw_ptr + w_offs, mask=w_mask, other=0.)                         # [L, BK] f32
-    w = tl.load(w_ptr + w_offs, mask=w_mask, other=0.)                           # [L, BK]
+    gam = tl.load(gamma_ptr + bh.to(tl.int64) * T_pad + t0 + tl.arange(0, L))    # [L]
+    offs, mask = _chunk_tile(bh, t0, T_pad, L, L, L)
+    A_inv = tl.load(a_inv_ptr + offs, mask=mask, other=0.).to(dt)                # [L, L]
+    w_offs, w_mask = _chunk_tile(bh, t0, T_pad, K, L, BLOCK_K)
+    dw = tl.load(dw_ptr + w_offs, mask=w_mask, other=0.)                         # [L, BLOCK_K] f32
+    w = tl.load(w_ptr + w_offs, mask=w_mask, other=0.)                           # [L, BLOCK_K]
 
     # W = T Xw with Xw = diag(beta e^gamma) K: dXw = T^T dW, then its share of dA and the
     # direct gradients of k, beta, gamma
-    dxw = _dot(tl.trans(Tm), dw.to(dt), PRECISION)                               # [L, BK]
+    dxw = _dot(tl.trans(A_inv), dw.to(dt), PRECISION)                            # [L, BLOCK_K]
     dA = -_dot(dxw.to(dt), tl.trans(w), PRECISION)                               # [L, L]
-    k_offs, k_mask = _token_tile(i_b, i_h, t0, T, H, K, L, BK)
-    k = tl.load(k_ptr + k_offs, mask=k_mask, other=0.)                           # [L, BK]
+    k_offs, k_mask = _token_tile(b, h, t0, T, H, K, L, BLOCK_K)
+    k = tl.load(k_ptr + k_offs, mask=k_mask, other=0.)                           # [L, BLOCK_K]
     eg = tl.exp(gam)
     k_dxw = tl.sum(dxw * k.to(tl.float32), 1)                                    # [L]
     dbeta = eg * k_dxw
     dgam_w = beta * eg * k_dxw
-    dk = dxw * (beta * eg)[:, None]                                              # [L, BK] f32
+    dk = dxw * (beta * eg)[:, None]                                              # [L, BLOCK_K] f32
 
     # U' = T Xu with Xu = diag(beta) V, V tile by tile: dXu = T^T dU', dV = diag(beta) dXu
-    for i_v in range(tl.cdiv(V, BV)):
-        v0 = i_v * BV
-        c_offs, c_mask = _chunk_tile(i_bh, t0, Tp, V, L, BV, v0)
-        du = tl.load(du_ptr + c_offs, mask=c_mask, other=0.)                     # [L, BV]
-        u_prime = tl.load(u_prime_ptr + c_offs, mask=c_mask, other=0.)          # [L, BV]
-        t_offs, t_mask = _token_tile(i_b, i_h, t0, T, H, V, L, BV, v0)
-        v = tl.load(v_ptr + t_offs, mask=t_mask, other=0.).to(tl.float32)       # [L, BV]
-        dxu = _dot(tl.trans(Tm), du, PRECISION)                                  # [L, BV]
+    for v_tile in range(tl.cdiv(V, BLOCK_V)):
+        v0 = v_tile * BLOCK_V
+        c_offs, c_mask = _chunk_tile(bh, t0, T_pad, V, L, BLOCK_V, v0)
+        du = tl.load(du_ptr + c_offs, mask=c_mask, other=0.)                     # [L, BLOCK_V]
+        u_prime = tl.load(u_prime_ptr + c_offs, mask=c_mask, other=0.)          # [L, BLOCK_V]
+        t_offs, t_mask = _token_tile(b, h, t0, T, H, V, L, BLOCK_V, v0)
+        v = tl.load(v_ptr + t_offs, mask=t_mask, other=0.).to(tl.float32)       # [L, BLOCK_V]
+        dxu = _dot(tl.trans(A_inv), du, PRECISION)                               # [L, BLOCK_V]
         tl.store(dv_ptr + t_offs, (dxu * beta[:, None]).to(dv_ptr.dtype.element_ty), mask=t_mask)
         dbeta += tl.sum(dxu * v, 1)
         dA -= _dot(dxu.to(dt), tl.trans(u_prime), PRECISION)
@@ -577,12 +577,12 @@ def _gdn_bwd_wy_kernel(k_ptr, v_ptr, beta_ptr, gamma_ptr, tinv_ptr, w_ptr, u_pri
     dk += _dot(dkk, k, PRECISION) + _dot(tl.trans(dkk), k, PRECISION)
     dk += tl.load(dk_part_ptr + w_offs, mask=w_mask, other=0.)                   # from O, S_next
     tl.store(dk_ptr + k_offs, dk.to(dk_ptr.dtype.element_ty), mask=k_mask)
-    dgam += tl.load(dgam_ptr + i_bh.to(tl.int64) * Tp + t0 + tl.arange(0, L))
+    dgam += tl.load(dgam_ptr + bh.to(tl.int64) * T_pad + t0 + tl.arange(0, L))
 
     # gamma = cumsum(g)  =>  dg_i = sum_{m >= i} dgamma_m (a reverse cumsum)
     dg = tl.cumsum(dgam, 0, reverse=True)
 
-    offs, mask = _token_vec(i_b, i_h, t0, T, H, L)
+    offs, mask = _token_vec(b, h, t0, T, H, L)
     tl.store(dg_ptr + offs, dg.to(dg_ptr.dtype.element_ty), mask=mask)
     tl.store(dbeta_ptr + offs, dbeta.to(dbeta_ptr.dtype.element_ty), mask=mask)
 
@@ -592,35 +592,35 @@ def _gdn_bwd_wy_kernel(k_ptr, v_ptr, beta_ptr, gamma_ptr, tinv_ptr, w_ptr, u_pri
 @triton.jit
 def _gdn_recurrent_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, h0_ptr, o_ptr, ht_ptr, scale,
                           T, H, K, V,
-                          BK: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr):
-    """The recurrent definition, token by token, the state tile [K, BV] kept in float32 registers.
+                          BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, HAS_H0: tl.constexpr):
+    """The recurrent definition, token by token, the state tile [K, BLOCK_V] kept in float32 registers.
 
-    grid (V / BV, B*H). Each value-column tile of the state evolves on its own (the delta rule's
+    grid (V / BLOCK_V, B*H). Each value-column tile of the state evolves on its own (the delta rule's
     read-out k^T S only mixes rows), so tiles run in parallel. ht may alias h0 (in-place update):
     each program reads its tile before it writes it.
     """
-    i_v, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    v0 = i_v * BV
-    dk = tl.arange(0, BK)
-    dv = v0 + tl.arange(0, BV)
-    s_offs, s_mask = _state_tile(i_bh, 0, 1, K, V, BK, BV, v0)
+    v_tile, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    v0 = v_tile * BLOCK_V
+    dk = tl.arange(0, BLOCK_K)
+    dv = v0 + tl.arange(0, BLOCK_V)
+    s_offs, s_mask = _state_tile(bh, 0, 1, K, V, BLOCK_K, BLOCK_V, v0)
     if HAS_H0:
-        S = tl.load(h0_ptr + s_offs, mask=s_mask, other=0.).to(tl.float32)      # [BK, BV]
+        S = tl.load(h0_ptr + s_offs, mask=s_mask, other=0.).to(tl.float32)      # [BLOCK_K, BLOCK_V]
     else:
-        S = tl.zeros([BK, BV], dtype=tl.float32)
+        S = tl.zeros([BLOCK_K, BLOCK_V], dtype=tl.float32)
 
     for t in range(T):
-        tok = (i_b.to(tl.int64) * T + t) * H + i_h                               # [B, T, H] index
-        q = tl.load(q_ptr + tok * K + dk, mask=dk < K, other=0.).to(tl.float32)  # [BK]
-        k = tl.load(k_ptr + tok * K + dk, mask=dk < K, other=0.).to(tl.float32)  # [BK]
-        v = tl.load(v_ptr + tok * V + dv, mask=dv < V, other=0.).to(tl.float32)  # [BV]
+        tok = (b.to(tl.int64) * T + t) * H + h                                   # [B, T, H] index
+        q = tl.load(q_ptr + tok * K + dk, mask=dk < K, other=0.).to(tl.float32)  # [BLOCK_K]
+        k = tl.load(k_ptr + tok * K + dk, mask=dk < K, other=0.).to(tl.float32)  # [BLOCK_K]
+        v = tl.load(v_ptr + tok * V + dv, mask=dv < V, other=0.).to(tl.float32)  # [BLOCK_V]
         g = tl.load(g_ptr + tok).to(tl.float32)
         beta = tl.load(beta_ptr + tok).to(tl.float32)
         S = S * tl.exp(g)
-        u = beta * (v - tl.sum(k[:, None] * S, 0))                               # [BV]
+        u = beta * (v - tl.sum(k[:, None] * S, 0))                               # [BLOCK_V]
         S = S + k[:, None] * u[None, :]                                          # rank-1 update
-        o = scale * tl.sum(q[:, None] * S, 0)                                    # [BV]
+        o = scale * tl.sum(q[:, None] * S, 0)                                    # [BLOCK_V]
         tl.store(o_ptr + tok * V + dv, o.to(o_ptr.dtype.element_ty), mask=dv < V)
 
     tl.store(ht_ptr + s_offs, S, mask=s_mask)
@@ -641,11 +641,11 @@ def _gdn_work_dtype(q, k, v) -> torch.dtype:
 def _gdn_seq_block_v(BH: int, V: int, device) -> int:
     """Value-tile width of the sequential kernels. They run one program per (B*H, V tile) and
     are latency-bound, so narrow the tiles while the programs still fit on the multiprocessors
-    one each (measured on the H100, B*H = 32: BV = 16 for V = 64, 32 for V = 128)."""
-    BV = min(64, _block_d(V))
-    while BV > 16 and 2 * BH * triton.cdiv(V, BV) <= _multiprocessors(device):
-        BV //= 2
-    return BV
+    one each (measured on the H100, B*H = 32: BLOCK_V = 16 for V = 64, 32 for V = 128)."""
+    BLOCK_V = min(64, _block_d(V))
+    while BLOCK_V > 16 and 2 * BH * triton.cdiv(V, BLOCK_V) <= _multiprocessors(device):
+        BLOCK_V //= 2
+    return BLOCK_V
 
 
 def _gdn_num_stages(x: torch.Tensor) -> int:
@@ -657,45 +657,45 @@ def _gdn_num_stages(x: torch.Tensor) -> int:
 
 
 def _gdn_ut(k, g, beta, L):
-    """Launch steps 3-4a: returns gamma [B*H, Tp] and T [B*H, Tp, L], both float32 (T is rounded
+    """Launch steps 3-4a: returns gamma [B*H, T_pad] and T [B*H, T_pad, L], both float32 (T is rounded
     only once, when it is scaled into W and U')."""
     B, T, H, K = k.shape
     N = triton.cdiv(T, L)
-    Tp = N * L                                                    # T padded to whole chunks
-    gamma = torch.empty(B * H, Tp, device=k.device, dtype=torch.float32)
-    tinv = torch.empty(B * H, Tp, L, device=k.device, dtype=torch.float32)
-    _gdn_ut_kernel[(N, B * H)](k, g, beta, gamma, tinv, T, H, K, Tp, L=L,
-                               BK=min(64, _block_d(K)), LOG2_BLOCKS=(L // 16).bit_length() - 1,
+    T_pad = N * L                                                 # T padded to whole chunks
+    gamma = torch.empty(B * H, T_pad, device=k.device, dtype=torch.float32)
+    a_inv = torch.empty(B * H, T_pad, L, device=k.device, dtype=torch.float32)
+    _gdn_ut_kernel[(N, B * H)](k, g, beta, gamma, a_inv, T, H, K, T_pad, L=L,
+                               BLOCK_K=min(64, _block_d(K)), LOG2_BLOCKS=(L // 16).bit_length() - 1,
                                PRECISION=_DOT_PRECISION, num_warps=4)
-    return gamma, tinv
+    return gamma, a_inv
 
 
-def _gdn_wy(k, v, beta, gamma, tinv, L):
-    """Launch step 4b: returns W [B*H, Tp, K] and U' [B*H, Tp, V] in the work dtype."""
+def _gdn_wy(k, v, beta, gamma, a_inv, L):
+    """Launch step 4b: returns W [B*H, T_pad, K] and U' [B*H, T_pad, V] in the work dtype."""
     B, T, H, K = k.shape
     V = v.shape[3]
-    Tp = gamma.shape[1]
-    w = torch.empty(B * H, Tp, K, device=k.device, dtype=k.dtype)
-    u_prime = torch.empty(B * H, Tp, V, device=k.device, dtype=k.dtype)
-    _gdn_wy_kernel[(Tp // L, B * H)](k, v, beta, gamma, tinv, w, u_prime, T, H, K, V, Tp, L=L,
-                                     BK=min(64, _block_d(K)), BV=min(64, _block_d(V)),
+    T_pad = gamma.shape[1]
+    w = torch.empty(B * H, T_pad, K, device=k.device, dtype=k.dtype)
+    u_prime = torch.empty(B * H, T_pad, V, device=k.device, dtype=k.dtype)
+    _gdn_wy_kernel[(T_pad // L, B * H)](k, v, beta, gamma, a_inv, w, u_prime, T, H, K, V, T_pad, L=L,
+                                     BLOCK_K=min(64, _block_d(K)), BLOCK_V=min(64, _block_d(V)),
                                      PRECISION=_DOT_PRECISION, num_warps=4)
     return w, u_prime
 
 
 def _gdn_state_fwd(k, w, u_prime, gamma, h0, L):
-    """Launch the forward recurrence: returns h [B*H, N, K, V], U [B*H, Tp, V], final state f32."""
+    """Launch the forward recurrence: returns h [B*H, N, K, V], U [B*H, T_pad, V], final state f32."""
     B, T, H, K = k.shape
     V = u_prime.shape[2]
-    Tp = u_prime.shape[1]
-    N = Tp // L
+    T_pad = u_prime.shape[1]
+    N = T_pad // L
     h = torch.empty(B * H, N, K, V, device=k.device, dtype=k.dtype)
     u = torch.empty_like(u_prime)
     ht = torch.empty(B, H, K, V, device=k.device, dtype=torch.float32)
-    BK, BV = _block_d(K), _gdn_seq_block_v(B * H, V, k.device)
-    _gdn_state_fwd_kernel[(triton.cdiv(V, BV), B * H)](
-        k, w, u_prime, gamma, h0 if h0 is not None else ht, h, u, ht, T, H, K, V, Tp, N,
-        L=L, BK=BK, BV=BV, HAS_H0=h0 is not None, PRECISION=_DOT_PRECISION, num_warps=4,
+    BLOCK_K, BLOCK_V = _block_d(K), _gdn_seq_block_v(B * H, V, k.device)
+    _gdn_state_fwd_kernel[(triton.cdiv(V, BLOCK_V), B * H)](
+        k, w, u_prime, gamma, h0 if h0 is not None else ht, h, u, ht, T, H, K, V, T_pad, N,
+        L=L, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, HAS_H0=h0 is not None, PRECISION=_DOT_PRECISION, num_warps=4,
         num_stages=_gdn_num_stages(k))
     return h, u, ht
 
@@ -704,15 +704,15 @@ def _gdn_output(q, k, gamma, h, u, scale, L, out_dtype):
     """Launch the chunk-parallel output: o [B, T, H, V] in out_dtype."""
     B, T, H, K = q.shape
     V = u.shape[2]
-    Tp = u.shape[1]
-    N = Tp // L
+    T_pad = u.shape[1]
+    N = T_pad // L
     o = torch.empty(B, T, H, V, device=q.device, dtype=out_dtype)
     # one program per chunk and V tile; at K = V = 128 a whole-V tile with 4 warps was the
     # fastest on the H200 (0.24 ms at T = 16K against 0.38 for 64-wide tiles with 8 warps)
-    BK, BV = _block_d(K), _block_d(V)
-    _gdn_output_kernel[(N, triton.cdiv(V, BV), B * H)](
-        q, k, gamma, h, u, o, scale, T, H, K, V, Tp, N,
-        L=L, BK=BK, BV=BV, PRECISION=_DOT_PRECISION, num_warps=4, num_stages=_gdn_num_stages(q))
+    BLOCK_K, BLOCK_V = _block_d(K), _block_d(V)
+    _gdn_output_kernel[(N, triton.cdiv(V, BLOCK_V), B * H)](
+        q, k, gamma, h, u, o, scale, T, H, K, V, T_pad, N,
+        L=L, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, PRECISION=_DOT_PRECISION, num_warps=4, num_stages=_gdn_num_stages(q))
     return o
 
 
@@ -740,25 +740,25 @@ def _gdn_inputs(q, k, v, g, beta, initial_state, scale):
 def _gdn_forward(q, k, v, g, beta, h0, scale, L, out_dtype):
     """The chunked forward on work tensors: returns (o, final_state, gamma, T); the backward
     keeps gamma and T so that it need not solve the triangular systems again."""
-    gamma, tinv = _gdn_ut(k, g, beta, L)
-    w, u_prime = _gdn_wy(k, v, beta, gamma, tinv, L)
+    gamma, a_inv = _gdn_ut(k, g, beta, L)
+    w, u_prime = _gdn_wy(k, v, beta, gamma, a_inv, L)
     h, u, ht = _gdn_state_fwd(k, w, u_prime, gamma, h0, L)
-    return _gdn_output(q, k, gamma, h, u, scale, L, out_dtype), ht, gamma, tinv
+    return _gdn_output(q, k, gamma, h, u, scale, L, out_dtype), ht, gamma, a_inv
 
 
 def _gdn_state_bwd(q, k, w, gamma, do, dht, scale, L):
-    """Launch the backward recurrence: returns dh [B*H, N, K, V], dU [B*H, Tp, V], dS_0 f32."""
+    """Launch the backward recurrence: returns dh [B*H, N, K, V], dU [B*H, T_pad, V], dS_0 f32."""
     B, T, H, K = k.shape
     V = do.shape[3]
-    Tp = w.shape[1]
-    N = Tp // L
+    T_pad = w.shape[1]
+    N = T_pad // L
     dh = torch.empty(B * H, N, K, V, device=k.device, dtype=k.dtype)
-    du = torch.empty(B * H, Tp, V, device=k.device, dtype=k.dtype)
+    du = torch.empty(B * H, T_pad, V, device=k.device, dtype=k.dtype)
     dh0 = torch.empty(B, H, K, V, device=k.device, dtype=torch.float32)
-    BK, BV = _block_d(K), _gdn_seq_block_v(B * H, V, k.device)
-    _gdn_state_bwd_kernel[(triton.cdiv(V, BV), B * H)](
-        q, k, w, gamma, do, dht, dh, du, dh0, scale, T, H, K, V, Tp, N,
-        L=L, BK=BK, BV=BV, PRECISION=_DOT_PRECISION, num_warps=4, num_stages=_gdn_num_stages(k))
+    BLOCK_K, BLOCK_V = _block_d(K), _gdn_seq_block_v(B * H, V, k.device)
+    _gdn_state_bwd_kernel[(triton.cdiv(V, BLOCK_V), B * H)](
+        q, k, w, gamma, do, dht, dh, du, dh0, scale, T, H, K, V, T_pad, N,
+        L=L, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, PRECISION=_DOT_PRECISION, num_warps=4, num_stages=_gdn_num_stages(k))
     return dh, du, dh0
 
 
@@ -766,44 +766,44 @@ def _gdn_bwd_config(kernel: str, K: int, V: int, x: torch.Tensor) -> dict:
     """Value tile, warps and pipelining of the chunk-parallel backward kernels ("output", "wy"):
     the fastest of a sweep on the H200 at T = 16K, B*H = 32, bf16 (output: 0.31 / 0.77 ms at
     K = 64 / 128 against 0.47 / 0.83 for the next best; wy: 0.38 / 0.61 against 0.64 / 1.0)."""
-    BV, warps = (64, 8) if kernel == "output" and _block_d(K) > 64 else (32, 4)
-    return dict(BV=min(BV, _block_d(V)), num_warps=warps, num_stages=_gdn_num_stages(x))
+    BLOCK_V, warps = (64, 8) if kernel == "output" and _block_d(K) > 64 else (32, 4)
+    return dict(BLOCK_V=min(BLOCK_V, _block_d(V)), num_warps=warps, num_stages=_gdn_num_stages(x))
 
 
 def _gdn_bwd_output(q, k, gamma, h, u, du, dh, do, scale, L, dq_dtype):
     """Launch the gradients through O, U and S: returns dq (final) and f32 partials dk, dW, dgamma."""
     B, T, H, K = k.shape
     V = u.shape[2]
-    Tp = u.shape[1]
-    N = Tp // L
+    T_pad = u.shape[1]
+    N = T_pad // L
     dq = torch.empty(B, T, H, K, device=k.device, dtype=dq_dtype)
-    dk_part = torch.empty(B * H, Tp, K, device=k.device, dtype=torch.float32)
+    dk_part = torch.empty(B * H, T_pad, K, device=k.device, dtype=torch.float32)
     dw = torch.empty_like(dk_part)
-    dgam = torch.empty(B * H, Tp, device=k.device, dtype=torch.float32)
+    dgam = torch.empty(B * H, T_pad, device=k.device, dtype=torch.float32)
     _gdn_bwd_output_kernel[(N, B * H)](
-        q, k, gamma, h, u, du, dh, do, dq, dk_part, dw, dgam, scale, T, H, K, V, Tp, N,
-        L=L, BK=_block_d(K), PRECISION=_DOT_PRECISION, **_gdn_bwd_config("output", K, V, k))
+        q, k, gamma, h, u, du, dh, do, dq, dk_part, dw, dgam, scale, T, H, K, V, T_pad, N,
+        L=L, BLOCK_K=_block_d(K), PRECISION=_DOT_PRECISION, **_gdn_bwd_config("output", K, V, k))
     return dq, dk_part, dw, dgam
 
 
-def _gdn_bwd_wy(k, v, beta, gamma, tinv, w, u_prime, du, dw, dk_part, dgam, L, dtypes):
+def _gdn_bwd_wy(k, v, beta, gamma, a_inv, w, u_prime, du, dw, dk_part, dgam, L, dtypes):
     """Launch the gradients through the UT transform: returns dk, dv, dg, dbeta."""
     B, T, H, K = k.shape
     V = v.shape[3]
-    Tp = w.shape[1]
-    N = Tp // L
+    T_pad = w.shape[1]
+    N = T_pad // L
     dk = torch.empty(B, T, H, K, device=k.device, dtype=dtypes[1])
     dv = torch.empty(B, T, H, V, device=k.device, dtype=dtypes[2])
     dg = torch.empty(B, T, H, device=k.device, dtype=dtypes[3])
     dbeta = torch.empty(B, T, H, device=k.device, dtype=dtypes[4])
     _gdn_bwd_wy_kernel[(N, B * H)](
-        k, v, beta, gamma, tinv, w, u_prime, du, dw, dk_part, dgam, dk, dv, dg, dbeta,
-        T, H, K, V, Tp, L=L, BK=_block_d(K), PRECISION=_DOT_PRECISION,
+        k, v, beta, gamma, a_inv, w, u_prime, du, dw, dk_part, dgam, dk, dv, dg, dbeta,
+        T, H, K, V, T_pad, L=L, BLOCK_K=_block_d(K), PRECISION=_DOT_PRECISION,
         **_gdn_bwd_config("wy", K, V, k))
     return dk, dv, dg, dbeta
 
 
-def _gdn_backward(q, k, v, beta, h0, gamma, tinv, scale, L, do, dht, dtypes):
+def _gdn_backward(q, k, v, beta, h0, gamma, a_inv, scale, L, do, dht, dtypes):
     """The chunked backward on work tensors. Recomputes W, U' (from the saved T) and the
     chunk-start states h, U rather than storing them. Returns dq, dk, dv, dg, dbeta, dh0 in the
     dtypes of `dtypes` (the original inputs)."""
@@ -811,11 +811,11 @@ def _gdn_backward(q, k, v, beta, h0, gamma, tinv, scale, L, do, dht, dtypes):
     V = v.shape[3]
     do = do.to(k.dtype).contiguous()
     dht = torch.zeros(B, H, K, V, device=k.device) if dht is None else dht.float().contiguous()
-    w, u_prime = _gdn_wy(k, v, beta, gamma, tinv, L)
+    w, u_prime = _gdn_wy(k, v, beta, gamma, a_inv, L)
     h, u, _ = _gdn_state_fwd(k, w, u_prime, gamma, h0, L)
     dh, du, dh0 = _gdn_state_bwd(q, k, w, gamma, do, dht, scale, L)
     dq, dk_part, dw, dgam = _gdn_bwd_output(q, k, gamma, h, u, du, dh, do, scale, L, dtypes[0])
-    dk, dv, dg, dbeta = _gdn_bwd_wy(k, v, beta, gamma, tinv, w, u_prime, du, dw, dk_part, dgam, L,
+    dk, dv, dg, dbeta = _gdn_bwd_wy(k, v, beta, gamma, a_inv, w, u_prime, du, dw, dk_part, dgam, L,
                                     dtypes)
     return dq, dk, dv, dg, dbeta, None if h0 is None else dh0.to(dtypes[5])
 
@@ -829,27 +829,27 @@ class _GatedDeltaRule(torch.autograd.Function):
         dtypes = tuple(None if x is None else x.dtype for x in (q, k, v, g, beta, initial_state))
         out_dtype = v.dtype
         q, k, v, g, beta, h0, scale = _gdn_inputs(q, k, v, g, beta, initial_state, scale)
-        gamma = tinv = None
+        gamma = a_inv = None
         if q.shape[1] == 0:          # no tokens: nothing to launch (the reference fails on T = 0)
             B, _, H, K = k.shape
             o = torch.empty(B, 0, H, v.shape[3], device=v.device, dtype=out_dtype)
             ht = h0.float().clone() if h0 is not None else \
                 torch.zeros(B, H, K, v.shape[3], device=v.device)
         else:
-            o, ht, gamma, tinv = _gdn_forward(q, k, v, g, beta, h0, scale, chunk_size, out_dtype)
-        ctx.save_for_backward(q, k, v, g, beta, h0, gamma, tinv)
+            o, ht, gamma, a_inv = _gdn_forward(q, k, v, g, beta, h0, scale, chunk_size, out_dtype)
+        ctx.save_for_backward(q, k, v, g, beta, h0, gamma, a_inv)
         ctx.scale, ctx.chunk_size, ctx.dtypes = scale, chunk_size, dtypes
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, g, beta, h0, gamma, tinv = ctx.saved_tensors
+        q, k, v, g, beta, h0, gamma, a_inv = ctx.saved_tensors
         if q.shape[1] == 0:
             dh0 = None if h0 is None else dht.to(ctx.dtypes[5])
             return (torch.zeros_like(q, dtype=ctx.dtypes[0]), torch.zeros_like(k, dtype=ctx.dtypes[1]),
                     torch.zeros_like(v, dtype=ctx.dtypes[2]), torch.zeros_like(g), torch.zeros_like(beta),
                     None, dh0, None)
-        dq, dk, dv, dg, dbeta, dh0 = _gdn_backward(q, k, v, beta, h0, gamma, tinv, ctx.scale,
+        dq, dk, dv, dg, dbeta, dh0 = _gdn_backward(q, k, v, beta, h0, gamma, a_inv, ctx.scale,
                                                    ctx.chunk_size, do, dht, ctx.dtypes)
         return dq, dk, dv, dg, dbeta, None, dh0, None
 
@@ -872,11 +872,11 @@ def _gdn_recurrent_launch(q, k, v, g, beta, h0, ht, o, scale):
     """q, k [B, T, H, K], v, o [B, T, H, V], g, beta [B, T, H], contiguous; h0/ht [B, H, K, V] f32."""
     B, T, H, K = k.shape
     V = v.shape[3]
-    BK = _block_d(K)
-    BV = min(_block_d(V), 32)     # narrow tiles: more programs, and [K, BV] stays in registers
-    _gdn_recurrent_kernel[(triton.cdiv(V, BV), B * H)](
+    BLOCK_K = _block_d(K)
+    BLOCK_V = min(_block_d(V), 32)  # narrow tiles: more programs, and [K, BLOCK_V] stays in registers
+    _gdn_recurrent_kernel[(triton.cdiv(V, BLOCK_V), B * H)](
         q, k, v, g, beta, h0 if h0 is not None else ht, o, ht, scale, T, H, K, V,
-        BK=BK, BV=BV, HAS_H0=h0 is not None, num_warps=4 if BK <= 64 else 8)
+        BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, HAS_H0=h0 is not None, num_warps=4 if BLOCK_K <= 64 else 8)
 
 
 def gated_delta_rule_recurrent(q, k, v, g, beta, scale=None, initial_state=None):
@@ -1011,17 +1011,17 @@ def _kept_visible(i, j, until, window):
 
 
 @triton.jit
-def _kept_tile(cols, col_until, k_base, v_base, n0, n_kept, offs_i, offs_d, window, row_stride,
+def _kept_tile(cols_ptr, col_until_ptr, k_ptr, v_ptr, n0, n_kept, offs_i, offs_d, window, row_stride,
                D: tl.constexpr, BLOCK_N: tl.constexpr):
     """Entries n0 .. n0 + BLOCK_N of one head's kept list (cols, col_until: its key positions and
     visible-until; n_kept entries are valid): the keys' rows k, v [BLOCK_N, BLOCK_D] and which of
     the queries offs_i see them, visible [BLOCK_M, BLOCK_N]."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     in_list = offs_n < n_kept
-    offs_j = tl.load(cols + offs_n, mask=in_list, other=0)
-    until = tl.load(col_until + offs_n, mask=in_list, other=-1)
-    k = _load_rows(k_base, offs_j, in_list, row_stride, offs_d, D)
-    v = _load_rows(v_base, offs_j, in_list, row_stride, offs_d, D)
+    offs_j = tl.load(cols_ptr + offs_n, mask=in_list, other=0)
+    until = tl.load(col_until_ptr + offs_n, mask=in_list, other=-1)
+    k = _load_rows(k_ptr, offs_j, in_list, row_stride, offs_d, D)
+    v = _load_rows(v_ptr, offs_j, in_list, row_stride, offs_d, D)
     return k, v, _kept_visible(offs_i[:, None], offs_j[None, :], until[None, :], window)
 
 
@@ -1071,7 +1071,7 @@ def _dkdv_update(dk, dv, q, do, k, v, lse, delta, visible, qk_scale,
 # --- The kept-column list --------------------------------------------------------------------
 
 @triton.jit
-def _compact_kept_kernel(UNTIL, COLS, COL_UNTIL, NBEFORE, T, Hkv, window, BLOCK: tl.constexpr):
+def _compact_kept_kernel(until_ptr, cols_ptr, col_until_ptr, nbefore_ptr, T, Hkv, window, BLOCK: tl.constexpr):
     """One program per (batch, KV head): list, in order, the keys seen beyond the band.
 
     UNTIL [B, T, Hkv] int32 (visible-until, clamped to [-1, T-1]). Writes COLS [B, Hkv, T] (key
@@ -1082,16 +1082,16 @@ def _compact_kept_kernel(UNTIL, COLS, COL_UNTIL, NBEFORE, T, Hkv, window, BLOCK:
     h = pid % Hkv
     list_base = pid.to(tl.int64) * T
     count_base = pid.to(tl.int64) * (T + 1)
-    tl.store(NBEFORE + count_base, 0)
+    tl.store(nbefore_ptr + count_base, 0)
     total = tl.zeros([], dtype=tl.int32)  # listed keys so far
     for t0 in range(0, T, BLOCK):
         t = t0 + tl.arange(0, BLOCK)
-        until = tl.load(UNTIL + (b * T + t) * Hkv + h, mask=t < T, other=-1)
+        until = tl.load(until_ptr + (b * T + t) * Hkv + h, mask=t < T, other=-1)
         listed = until > t + window  # some query i in (t + window, until] sees key t
         inclusive = tl.cumsum(listed.to(tl.int32), 0) + total
-        tl.store(NBEFORE + count_base + t + 1, inclusive, mask=t < T)
-        tl.store(COLS + list_base + inclusive - 1, t, mask=listed)
-        tl.store(COL_UNTIL + list_base + inclusive - 1, until, mask=listed)
+        tl.store(nbefore_ptr + count_base + t + 1, inclusive, mask=t < T)
+        tl.store(cols_ptr + list_base + inclusive - 1, t, mask=listed)
+        tl.store(col_until_ptr + list_base + inclusive - 1, until, mask=listed)
         total += tl.sum(listed.to(tl.int32), 0)
 
 
@@ -1117,14 +1117,14 @@ def _kept_list(keep: torch.Tensor, window: int, T: int):
 # --- Forward ---------------------------------------------------------------------------------
 
 @triton.jit
-def _fwd_band(acc, m_i, l_i, q, k_base, v_base, offs_i, offs_d, j_lo, j_hi, T, window, row_stride,
+def _fwd_band(acc, m_i, l_i, q, k_ptr, v_ptr, offs_i, offs_d, j_lo, j_hi, T, window, row_stride,
               qk_scale, D: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr,
               PRECISION: tl.constexpr):
     """Attend the query tile to keys [j_lo, j_hi) of the band, BLOCK_N at a time."""
     for j0 in range(j_lo, j_hi, BLOCK_N):
         offs_j = j0 + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_base, offs_j, offs_j < T, row_stride, offs_d, D)
-        v = _load_rows(v_base, offs_j, offs_j < T, row_stride, offs_d, D)
+        k = _load_rows(k_ptr, offs_j, offs_j < T, row_stride, offs_d, D)
+        v = _load_rows(v_ptr, offs_j, offs_j < T, row_stride, offs_d, D)
         s = _dot(q, tl.trans(k), PRECISION) * qk_scale
         if MASK:
             s = tl.where(_band_visible(offs_i[:, None], offs_j[None, :], window), s, NEG_INF)
@@ -1133,8 +1133,8 @@ def _fwd_band(acc, m_i, l_i, q, k_base, v_base, offs_i, offs_d, j_lo, j_hi, T, w
 
 
 @triton.jit
-def _attn_fwd_kernel(Q, K, V, O, LSE, COLS, COL_UNTIL, NBEFORE, T, H, Hkv, window, qk_scale,
-                     D: tl.constexpr, HAS_KEEP: tl.constexpr, BLOCK_M: tl.constexpr,
+def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cols_ptr, col_until_ptr, nbefore_ptr, T, H, Hkv,
+                     window, qk_scale, D: tl.constexpr, HAS_KEEP: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """One program per (query block, batch * query head). Q, O [B, T, H, D]; K, V [B, T, Hkv, D]
     (all contiguous); writes O and LSE [B, H, T] (base-2 log-sum-exp of the scaled scores)."""
@@ -1146,7 +1146,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, COLS, COL_UNTIL, NBEFORE, T, H, Hkv, windo
     hkv = h // (H // Hkv)
     offs_i = i0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q_base = Q + (b * T * H + h).to(tl.int64) * D         # row t of this head starts at t * H * D
+    q_base = q_ptr + (b * T * H + h).to(tl.int64) * D     # row t of this head starts at t * H * D
     kv_off = (b * T * Hkv + hkv).to(tl.int64) * D
     q = _load_rows(q_base, offs_i, offs_i < T, H * D, offs_d, D)
 
@@ -1159,50 +1159,50 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, COLS, COL_UNTIL, NBEFORE, T, H, Hkv, windo
     i_last = tl.minimum(i0 + BLOCK_M, T) - 1
     j_lo = tl.maximum(i0 - window, 0)
     j_a, j_b = _split_range(j_lo, i_last - window, i0 + 1, i_last + 1, BLOCK_N)
-    acc, m_i, l_i = _fwd_band(acc, m_i, l_i, q, K + kv_off, V + kv_off, offs_i, offs_d, j_lo, j_a, T,
+    acc, m_i, l_i = _fwd_band(acc, m_i, l_i, q, k_ptr + kv_off, v_ptr + kv_off, offs_i, offs_d, j_lo, j_a, T,
                               window, Hkv * D, qk_scale, D, True, BLOCK_N, PRECISION)
-    acc, m_i, l_i = _fwd_band(acc, m_i, l_i, q, K + kv_off, V + kv_off, offs_i, offs_d, j_a, j_b, T,
+    acc, m_i, l_i = _fwd_band(acc, m_i, l_i, q, k_ptr + kv_off, v_ptr + kv_off, offs_i, offs_d, j_a, j_b, T,
                               window, Hkv * D, qk_scale, D, False, BLOCK_N, PRECISION)
-    acc, m_i, l_i = _fwd_band(acc, m_i, l_i, q, K + kv_off, V + kv_off, offs_i, offs_d, j_b, i_last + 1,
+    acc, m_i, l_i = _fwd_band(acc, m_i, l_i, q, k_ptr + kv_off, v_ptr + kv_off, offs_i, offs_d, j_b, i_last + 1,
                               T, window, Hkv * D, qk_scale, D, True, BLOCK_N, PRECISION)
 
     # 2. Kept columns beyond the band: the listed keys j < i_last - w (a prefix of the sorted list).
     if HAS_KEEP:
         list_base = (b * Hkv + hkv).to(tl.int64) * T
-        n_kept = tl.load(NBEFORE + (b * Hkv + hkv).to(tl.int64) * (T + 1) + tl.maximum(i_last - window, 0))
+        n_kept = tl.load(nbefore_ptr + (b * Hkv + hkv).to(tl.int64) * (T + 1) + tl.maximum(i_last - window, 0))
         for n0 in range(0, n_kept, BLOCK_N):
-            k, v, visible = _kept_tile(COLS + list_base, COL_UNTIL + list_base, K + kv_off, V + kv_off, n0,
-                                       n_kept, offs_i, offs_d, window, Hkv * D, D, BLOCK_N)
+            k, v, visible = _kept_tile(cols_ptr + list_base, col_until_ptr + list_base, k_ptr + kv_off,
+                                       v_ptr + kv_off, n0, n_kept, offs_i, offs_d, window, Hkv * D, D, BLOCK_N)
             s = tl.where(visible, _dot(q, tl.trans(k), PRECISION) * qk_scale, NEG_INF)
             acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, v, PRECISION)
 
     # Every real row sees at least its own key, so l_i > 0 there (padding rows are not stored).
     o = acc / l_i[:, None]
-    _store_rows(O + (b * T * H + h).to(tl.int64) * D, o, offs_i, offs_i < T, H * D, offs_d, D)
-    tl.store(LSE + bh.to(tl.int64) * T + offs_i, m_i + tl.math.log2(l_i), mask=offs_i < T)
+    _store_rows(o_ptr + (b * T * H + h).to(tl.int64) * D, o, offs_i, offs_i < T, H * D, offs_d, D)
+    tl.store(lse_ptr + bh.to(tl.int64) * T + offs_i, m_i + tl.math.log2(l_i), mask=offs_i < T)
 
 
 # --- Backward ----------------------------------------------------------------------------------
 
 @triton.jit
-def _dq_band(dq, q, do, lse, delta, k_base, v_base, offs_i, offs_d, j_lo, j_hi, T, window,
+def _dq_band(dq, q, do, lse, delta, k_ptr, v_ptr, offs_i, offs_d, j_lo, j_hi, T, window,
              row_stride, qk_scale, D: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr,
              PRECISION: tl.constexpr):
     """dQ of the query tile from keys [j_lo, j_hi) of the band, BLOCK_N at a time."""
     for j0 in range(j_lo, j_hi, BLOCK_N):
         offs_j = j0 + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_base, offs_j, offs_j < T, row_stride, offs_d, D)
-        v = _load_rows(v_base, offs_j, offs_j < T, row_stride, offs_d, D)
+        k = _load_rows(k_ptr, offs_j, offs_j < T, row_stride, offs_d, D)
+        v = _load_rows(v_ptr, offs_j, offs_j < T, row_stride, offs_d, D)
         visible = _band_visible(offs_i[:, None], offs_j[None, :], window)
         dq = _dq_update(dq, q, do, k, v, lse, delta, visible, qk_scale, MASK, PRECISION)
     return dq
 
 
 @triton.jit
-def _attn_bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, COLS, COL_UNTIL, NBEFORE, T, H, Hkv, window,
-                        qk_scale, scale, D: tl.constexpr, HAS_KEEP: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                        PRECISION: tl.constexpr):
+def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, cols_ptr, col_until_ptr,
+                        nbefore_ptr, T, H, Hkv, window, qk_scale, scale, D: tl.constexpr,
+                        HAS_KEEP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """One program per (query block, batch * query head): DQ [B, T, H, D], the same key walk as
     the forward (band, then the kept list). It first writes DELTA [B, H, T] = rowsum(O * dO) of
     its rows, which the dK, dV kernels read after it: one launch fewer than a kernel of its own,
@@ -1216,38 +1216,38 @@ def _attn_bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, COLS, COL_UNTIL, NBEFORE
     offs_d = tl.arange(0, BLOCK_D)
     q_off = (b * T * H + h).to(tl.int64) * D
     kv_off = (b * T * Hkv + hkv).to(tl.int64) * D
-    q = _load_rows(Q + q_off, offs_i, offs_i < T, H * D, offs_d, D)
-    do = _load_rows(DO + q_off, offs_i, offs_i < T, H * D, offs_d, D)
-    lse = tl.load(LSE + bh.to(tl.int64) * T + offs_i, mask=offs_i < T, other=0.0)
-    o = _load_rows(O + q_off, offs_i, offs_i < T, H * D, offs_d, D)
+    q = _load_rows(q_ptr + q_off, offs_i, offs_i < T, H * D, offs_d, D)
+    do = _load_rows(do_ptr + q_off, offs_i, offs_i < T, H * D, offs_d, D)
+    lse = tl.load(lse_ptr + bh.to(tl.int64) * T + offs_i, mask=offs_i < T, other=0.0)
+    o = _load_rows(o_ptr + q_off, offs_i, offs_i < T, H * D, offs_d, D)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # the softmax backward's correction term
-    tl.store(DELTA + bh.to(tl.int64) * T + offs_i, delta, mask=offs_i < T)
+    tl.store(delta_ptr + bh.to(tl.int64) * T + offs_i, delta, mask=offs_i < T)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     i_last = tl.minimum(i0 + BLOCK_M, T) - 1
     j_lo = tl.maximum(i0 - window, 0)
     j_a, j_b = _split_range(j_lo, i_last - window, i0 + 1, i_last + 1, BLOCK_N)
-    dq = _dq_band(dq, q, do, lse, delta, K + kv_off, V + kv_off, offs_i, offs_d, j_lo, j_a, T, window,
+    dq = _dq_band(dq, q, do, lse, delta, k_ptr + kv_off, v_ptr + kv_off, offs_i, offs_d, j_lo, j_a, T, window,
                   Hkv * D, qk_scale, D, True, BLOCK_N, PRECISION)
-    dq = _dq_band(dq, q, do, lse, delta, K + kv_off, V + kv_off, offs_i, offs_d, j_a, j_b, T, window,
+    dq = _dq_band(dq, q, do, lse, delta, k_ptr + kv_off, v_ptr + kv_off, offs_i, offs_d, j_a, j_b, T, window,
                   Hkv * D, qk_scale, D, False, BLOCK_N, PRECISION)
-    dq = _dq_band(dq, q, do, lse, delta, K + kv_off, V + kv_off, offs_i, offs_d, j_b, i_last + 1, T,
+    dq = _dq_band(dq, q, do, lse, delta, k_ptr + kv_off, v_ptr + kv_off, offs_i, offs_d, j_b, i_last + 1, T,
                   window, Hkv * D, qk_scale, D, True, BLOCK_N, PRECISION)
 
     if HAS_KEEP:
         list_base = (b * Hkv + hkv).to(tl.int64) * T
-        n_kept = tl.load(NBEFORE + (b * Hkv + hkv).to(tl.int64) * (T + 1) + tl.maximum(i_last - window, 0))
+        n_kept = tl.load(nbefore_ptr + (b * Hkv + hkv).to(tl.int64) * (T + 1) + tl.maximum(i_last - window, 0))
         for n0 in range(0, n_kept, BLOCK_N):
-            k, v, visible = _kept_tile(COLS + list_base, COL_UNTIL + list_base, K + kv_off, V + kv_off, n0,
-                                       n_kept, offs_i, offs_d, window, Hkv * D, D, BLOCK_N)
+            k, v, visible = _kept_tile(cols_ptr + list_base, col_until_ptr + list_base, k_ptr + kv_off,
+                                       v_ptr + kv_off, n0, n_kept, offs_i, offs_d, window, Hkv * D, D, BLOCK_N)
             dq = _dq_update(dq, q, do, k, v, lse, delta, visible, qk_scale, True, PRECISION)
 
     # s = scale * q.k, so dL/dq = scale * sum_j ds_ij k_j.
-    _store_rows(DQ + q_off, dq * scale, offs_i, offs_i < T, H * D, offs_d, D)
+    _store_rows(dq_ptr + q_off, dq * scale, offs_i, offs_i < T, H * D, offs_d, D)
 
 
 @triton.jit
-def _dkdv_queries(dk, dv, k, v, Q, DO, LSE, DELTA, offs_j, until, offs_d, i_lo, i_hi, b, h, T, H,
+def _dkdv_queries(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, offs_j, until, offs_d, i_lo, i_hi, b, h, T, H,
                   window, qk_scale, D: tl.constexpr, KEPT: tl.constexpr, MASK: tl.constexpr,
                   BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
     """dK, dV of one key tile from queries [i_lo, i_hi) of query head h, BLOCK_M at a time.
@@ -1256,10 +1256,10 @@ def _dkdv_queries(dk, dv, k, v, Q, DO, LSE, DELTA, offs_j, until, offs_d, i_lo, 
     row_off = (b * H + h).to(tl.int64) * T
     for i0 in range(i_lo, i_hi, BLOCK_M):
         offs_i = i0 + tl.arange(0, BLOCK_M)
-        q = _load_rows(Q + q_off, offs_i, offs_i < T, H * D, offs_d, D)
-        do = _load_rows(DO + q_off, offs_i, offs_i < T, H * D, offs_d, D)
-        lse = tl.load(LSE + row_off + offs_i, mask=offs_i < T, other=0.0)
-        delta = tl.load(DELTA + row_off + offs_i, mask=offs_i < T, other=0.0)
+        q = _load_rows(q_ptr + q_off, offs_i, offs_i < T, H * D, offs_d, D)
+        do = _load_rows(do_ptr + q_off, offs_i, offs_i < T, H * D, offs_d, D)
+        lse = tl.load(lse_ptr + row_off + offs_i, mask=offs_i < T, other=0.0)
+        delta = tl.load(delta_ptr + row_off + offs_i, mask=offs_i < T, other=0.0)
         if KEPT:  # [BN, BM], keys along rows
             visible = _kept_visible(offs_i[None, :], offs_j[:, None], until[:, None], window)
         else:
@@ -1269,10 +1269,10 @@ def _dkdv_queries(dk, dv, k, v, Q, DO, LSE, DELTA, offs_j, until, offs_d, i_lo, 
 
 
 @triton.jit
-def _attn_bwd_dkdv_kept_kernel(Q, K, V, DO, LSE, DELTA, DK_KEPT, DV_KEPT, COLS, COL_UNTIL, NBEFORE,
-                               T, H, Hkv, window, qk_scale, D: tl.constexpr, BLOCK_M: tl.constexpr,
-                               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                               PRECISION: tl.constexpr):
+def _attn_bwd_dkdv_kept_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_kept_ptr, dv_kept_ptr,
+                               cols_ptr, col_until_ptr, nbefore_ptr, T, H, Hkv, window, qk_scale,
+                               D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                               BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """One program per (block of BLOCK_N entries of the kept list, batch * KV head): the part of
     dK, dV that comes from queries beyond the band, for the G query heads of the group. Writes
     float32 partials DK_KEPT, DV_KEPT [B, Hkv, T, D] at the list slots (the band kernel adds them)."""
@@ -1282,16 +1282,16 @@ def _attn_bwd_dkdv_kept_kernel(Q, K, V, DO, LSE, DELTA, DK_KEPT, DV_KEPT, COLS, 
     hkv = bhk % Hkv
     G = H // Hkv
     list_base = bhk.to(tl.int64) * T
-    n_list = tl.load(NBEFORE + bhk.to(tl.int64) * (T + 1) + T)
+    n_list = tl.load(nbefore_ptr + bhk.to(tl.int64) * (T + 1) + T)
     if n0 < n_list:  # the list's length is known only here, on the device
         offs_n = n0 + tl.arange(0, BLOCK_N)
         in_list = offs_n < n_list
-        offs_j = tl.load(COLS + list_base + offs_n, mask=in_list, other=0)
-        until = tl.load(COL_UNTIL + list_base + offs_n, mask=in_list, other=-1)
+        offs_j = tl.load(cols_ptr + list_base + offs_n, mask=in_list, other=0)
+        until = tl.load(col_until_ptr + list_base + offs_n, mask=in_list, other=-1)
         offs_d = tl.arange(0, BLOCK_D)
         kv_off = (b * T * Hkv + hkv).to(tl.int64) * D
-        k = _load_rows(K + kv_off, offs_j, in_list, Hkv * D, offs_d, D)
-        v = _load_rows(V + kv_off, offs_j, in_list, Hkv * D, offs_d, D)
+        k = _load_rows(k_ptr + kv_off, offs_j, in_list, Hkv * D, offs_d, D)
+        v = _load_rows(v_ptr + kv_off, offs_j, in_list, Hkv * D, offs_d, D)
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
@@ -1305,22 +1305,22 @@ def _attn_bwd_dkdv_kept_kernel(Q, K, V, DO, LSE, DELTA, DK_KEPT, DV_KEPT, COLS, 
         i_a, i_b = _split_range(i_lo, j_end + window + 1, until_min + 1, until_max + 1, BLOCK_M)
         for g in range(G):
             h = hkv * G + g
-            dk, dv = _dkdv_queries(dk, dv, k, v, Q, DO, LSE, DELTA, offs_j, until, offs_d, i_lo, i_a, b,
-                                   h, T, H, window, qk_scale, D, True, True, BLOCK_M, PRECISION)
-            dk, dv = _dkdv_queries(dk, dv, k, v, Q, DO, LSE, DELTA, offs_j, until, offs_d, i_a, i_b, b,
-                                   h, T, H, window, qk_scale, D, True, False, BLOCK_M, PRECISION)
-            dk, dv = _dkdv_queries(dk, dv, k, v, Q, DO, LSE, DELTA, offs_j, until, offs_d, i_b,
+            dk, dv = _dkdv_queries(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, offs_j, until, offs_d, i_lo,
+                                   i_a, b, h, T, H, window, qk_scale, D, True, True, BLOCK_M, PRECISION)
+            dk, dv = _dkdv_queries(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, offs_j, until, offs_d, i_a,
+                                   i_b, b, h, T, H, window, qk_scale, D, True, False, BLOCK_M, PRECISION)
+            dk, dv = _dkdv_queries(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, offs_j, until, offs_d, i_b,
                                    until_max + 1, b, h, T, H, window, qk_scale, D, True, True,
                                    BLOCK_M, PRECISION)
-        _store_rows(DK_KEPT + list_base * D, dk, offs_n, in_list, D, offs_d, D)
-        _store_rows(DV_KEPT + list_base * D, dv, offs_n, in_list, D, offs_d, D)
+        _store_rows(dk_kept_ptr + list_base * D, dk, offs_n, in_list, D, offs_d, D)
+        _store_rows(dv_kept_ptr + list_base * D, dv, offs_n, in_list, D, offs_d, D)
 
 
 @triton.jit
-def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DK_KEPT, DV_KEPT, NBEFORE, T, H, Hkv,
-                          window, qk_scale, scale, D: tl.constexpr, HAS_KEEP: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                          PRECISION: tl.constexpr):
+def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dk_kept_ptr,
+                          dv_kept_ptr, nbefore_ptr, T, H, Hkv, window, qk_scale, scale, D: tl.constexpr,
+                          HAS_KEEP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """One program per (key block, batch * KV head): DK, DV [B, T, Hkv, D] from the band queries
     of the G query heads of the group, plus (HAS_KEEP) the kept partials of listed keys."""
     j0 = tl.program_id(0) * BLOCK_N
@@ -1331,8 +1331,8 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DK_KEPT, DV_KEPT, NBE
     offs_j = j0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     kv_off = (b * T * Hkv + hkv).to(tl.int64) * D
-    k = _load_rows(K + kv_off, offs_j, offs_j < T, Hkv * D, offs_d, D)
-    v = _load_rows(V + kv_off, offs_j, offs_j < T, Hkv * D, offs_d, D)
+    k = _load_rows(k_ptr + kv_off, offs_j, offs_j < T, Hkv * D, offs_d, D)
+    v = _load_rows(v_ptr + kv_off, offs_j, offs_j < T, Hkv * D, offs_d, D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
@@ -1342,24 +1342,24 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DK_KEPT, DV_KEPT, NBE
     i_a, i_b = _split_range(j0, j_last, tl.minimum(j0 + window + 1, T), i_hi, BLOCK_M)
     for g in range(G):
         h = hkv * G + g
-        dk, dv = _dkdv_queries(dk, dv, k, v, Q, DO, LSE, DELTA, offs_j, offs_j, offs_d, j0, i_a, b, h,
+        dk, dv = _dkdv_queries(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, offs_j, offs_j, offs_d, j0, i_a, b, h,
                                T, H, window, qk_scale, D, False, True, BLOCK_M, PRECISION)
-        dk, dv = _dkdv_queries(dk, dv, k, v, Q, DO, LSE, DELTA, offs_j, offs_j, offs_d, i_a, i_b, b, h,
-                               T, H, window, qk_scale, D, False, False, BLOCK_M, PRECISION)
-        dk, dv = _dkdv_queries(dk, dv, k, v, Q, DO, LSE, DELTA, offs_j, offs_j, offs_d, i_b, i_hi, b, h,
-                               T, H, window, qk_scale, D, False, True, BLOCK_M, PRECISION)
+        dk, dv = _dkdv_queries(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, offs_j, offs_j, offs_d, i_a,
+                               i_b, b, h, T, H, window, qk_scale, D, False, False, BLOCK_M, PRECISION)
+        dk, dv = _dkdv_queries(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, offs_j, offs_j, offs_d, i_b,
+                               i_hi, b, h, T, H, window, qk_scale, D, False, True, BLOCK_M, PRECISION)
 
     if HAS_KEEP:
         # A listed key j sits at slot NBEFORE[j] of the list, and is listed when NBEFORE[j+1] > NBEFORE[j].
-        count_base = NBEFORE + bhk.to(tl.int64) * (T + 1)
+        count_base = nbefore_ptr + bhk.to(tl.int64) * (T + 1)
         slot = tl.load(count_base + offs_j, mask=offs_j < T, other=0)
         listed = tl.load(count_base + offs_j + 1, mask=offs_j < T, other=0) > slot
         list_off = bhk.to(tl.int64) * T * D
-        dk += _load_rows(DK_KEPT + list_off, slot, listed, D, offs_d, D)
-        dv += _load_rows(DV_KEPT + list_off, slot, listed, D, offs_d, D)
+        dk += _load_rows(dk_kept_ptr + list_off, slot, listed, D, offs_d, D)
+        dv += _load_rows(dv_kept_ptr + list_off, slot, listed, D, offs_d, D)
 
-    _store_rows(DK + kv_off, dk * scale, offs_j, offs_j < T, Hkv * D, offs_d, D)
-    _store_rows(DV + kv_off, dv, offs_j, offs_j < T, Hkv * D, offs_d, D)
+    _store_rows(dk_ptr + kv_off, dk * scale, offs_j, offs_j < T, Hkv * D, offs_d, D)
+    _store_rows(dv_ptr + kv_off, dv, offs_j, offs_j < T, Hkv * D, offs_d, D)
 
 
 # --- The autograd op -------------------------------------------------------------------------
@@ -1447,8 +1447,8 @@ def attention(q, k, v, window=None, keep=None, scale=None):
 # --- One decoding step: one query per sequence against a cache of slots (split-K) --------------
 
 @triton.jit
-def _decode_split_kernel(Q, K, V, VALID, M_PART, L_PART, ACC_PART, S, H, Hkv, keys_per_split,
-                         n_splits, qk_scale, D: tl.constexpr, HAS_VALID: tl.constexpr,
+def _decode_split_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, m_part_ptr, l_part_ptr, acc_part_ptr, S, H, Hkv,
+                         keys_per_split, n_splits, qk_scale, D: tl.constexpr, HAS_VALID: tl.constexpr,
                          BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                          PRECISION: tl.constexpr):
     """One program per (split of the slots, batch * KV head): the G query heads of the group
@@ -1464,7 +1464,7 @@ def _decode_split_kernel(Q, K, V, VALID, M_PART, L_PART, ACC_PART, S, H, Hkv, ke
     offs_d = tl.arange(0, BLOCK_D)
     head_ok = offs_g < G
     q_off = (b * H + hkv * G).to(tl.int64) * D   # the G heads of the group are adjacent rows
-    q = _load_rows(Q + q_off, offs_g, head_ok, D, offs_d, D)                    # [BLOCK_G, BLOCK_D]
+    q = _load_rows(q_ptr + q_off, offs_g, head_ok, D, offs_d, D)                # [BLOCK_G, BLOCK_D]
     kv_off = (b * S * Hkv + hkv).to(tl.int64) * D
 
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
@@ -1476,21 +1476,21 @@ def _decode_split_kernel(Q, K, V, VALID, M_PART, L_PART, ACC_PART, S, H, Hkv, ke
         offs_s = s0 + tl.arange(0, BLOCK_N)
         ok = offs_s < s_hi
         if HAS_VALID:
-            ok &= tl.load(VALID + (b * S + offs_s) * Hkv + hkv, mask=ok, other=0) != 0
-        k = _load_rows(K + kv_off, offs_s, ok, Hkv * D, offs_d, D)
-        v = _load_rows(V + kv_off, offs_s, ok, Hkv * D, offs_d, D)
+            ok &= tl.load(valid_ptr + (b * S + offs_s) * Hkv + hkv, mask=ok, other=0) != 0
+        k = _load_rows(k_ptr + kv_off, offs_s, ok, Hkv * D, offs_d, D)
+        v = _load_rows(v_ptr + kv_off, offs_s, ok, Hkv * D, offs_d, D)
         s = _dot(q, tl.trans(k), PRECISION) * qk_scale  # [BLOCK_G, BLOCK_N]
         s = tl.where(ok[None, :], s, NEG_INF)
         acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, v, PRECISION)
 
     part = (b * H + hkv * G + offs_g).to(tl.int64) * n_splits + split          # [BLOCK_G]
-    tl.store(M_PART + part, m_i, mask=head_ok)
-    tl.store(L_PART + part, l_i, mask=head_ok)
-    _store_rows(ACC_PART, acc, part, head_ok, D, offs_d, D)
+    tl.store(m_part_ptr + part, m_i, mask=head_ok)
+    tl.store(l_part_ptr + part, l_i, mask=head_ok)
+    _store_rows(acc_part_ptr, acc, part, head_ok, D, offs_d, D)
 
 
 @triton.jit
-def _decode_combine_kernel(M_PART, L_PART, ACC_PART, O, n_splits, D: tl.constexpr,
+def _decode_combine_kernel(m_part_ptr, l_part_ptr, acc_part_ptr, o_ptr, n_splits, D: tl.constexpr,
                            BLOCK_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
     """One program per (batch * query head): merge the splits' partial softmaxes into O [B, H, D].
     A head whose slots are all invalid gets NaN, as the reference's softmax over nothing does."""
@@ -1498,13 +1498,13 @@ def _decode_combine_kernel(M_PART, L_PART, ACC_PART, O, n_splits, D: tl.constexp
     offs_s = tl.arange(0, BLOCK_SPLITS)
     offs_d = tl.arange(0, BLOCK_D)
     ok = offs_s < n_splits
-    m = tl.load(M_PART + bh * n_splits + offs_s, mask=ok, other=NEG_INF)
-    l = tl.load(L_PART + bh * n_splits + offs_s, mask=ok, other=0.0)
-    acc = _load_rows(ACC_PART + bh * n_splits * D, offs_s, ok, D, offs_d, D)   # [BLOCK_SPLITS, BLOCK_D]
+    m = tl.load(m_part_ptr + bh * n_splits + offs_s, mask=ok, other=NEG_INF)
+    l = tl.load(l_part_ptr + bh * n_splits + offs_s, mask=ok, other=0.0)
+    acc = _load_rows(acc_part_ptr + bh * n_splits * D, offs_s, ok, D, offs_d, D)  # [BLOCK_SPLITS, BLOCK_D]
     m_max = tl.max(m, 0)
     weight = tl.math.exp2(m - m_max)                   # a split that saw nothing has m = -inf: weight 0
     o = tl.sum(acc * weight[:, None], 0) / tl.sum(l * weight, 0)
-    tl.store(O + bh * D + offs_d, o.to(O.dtype.element_ty), mask=offs_d < D)
+    tl.store(o_ptr + bh * D + offs_d, o.to(o_ptr.dtype.element_ty), mask=offs_d < D)
 
 
 def _check_decode_args(q, k_cache, v_cache, valid) -> None:
@@ -1665,19 +1665,19 @@ def _n_complete(tok, offset, block, Nc):
 
 
 @triton.jit
-def _tile_selection(BI, b, tok, ok, T, Hkv, hkv, n_sel, BLOCK_S: tl.constexpr):
+def _tile_selection(block_idx_ptr, b, tok, ok, T, Hkv, hkv, n_sel, BLOCK_S: tl.constexpr):
     """Each row's selected blocks, read from BI [B, T, Hkv, n] (int32): [BLOCK_M, BLOCK_S], -1 past
     n and on rows that are not ok."""
     offs_s = tl.arange(0, BLOCK_S)
     rows = ((b * T + tok).to(tl.int64) * Hkv + hkv) * n_sel                  # [BLOCK_M]
-    return tl.load(BI + rows[:, None] + offs_s[None, :], mask=ok[:, None] & (offs_s[None, :] < n_sel),
+    return tl.load(block_idx_ptr + rows[:, None] + offs_s[None, :], mask=ok[:, None] & (offs_s[None, :] < n_sel),
                    other=-1)
 
 
 # --- compressed attention ---------------------------------------------------------------------
 
 @triton.jit
-def _nsa_cmp_fwd_kernel(Q, KC, VC, O, LSE, T, Nc, H, Hkv, block, offset, qk_scale,
+def _nsa_cmp_fwd_kernel(q_ptr, kc_ptr, vc_ptr, o_ptr, lse_ptr, T, Nc, H, Hkv, block, offset, qk_scale,
                         G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """One program per (token tile, batch * KV head). Q, O [B, T, H, D]; KC, VC [B, Nc, Hkv, D].
@@ -1689,7 +1689,7 @@ def _nsa_cmp_fwd_kernel(Q, KC, VC, O, LSE, T, Nc, H, Hkv, block, offset, qk_scal
     offs_d = tl.arange(0, BLOCK_D)
     q_off = (b.to(tl.int64) * T * H + hkv * G) * D            # row (t, g) at (t * H + g) * D from here
     kc_off = (b.to(tl.int64) * Nc * Hkv + hkv) * D
-    q = _load_rows(Q + q_off, tok * H + g, ok, D, offs_d, D)                # [BLOCK_M, BLOCK_D]
+    q = _load_rows(q_ptr + q_off, tok * H + g, ok, D, offs_d, D)            # [BLOCK_M, BLOCK_D]
     n_seen = tl.where(ok, _n_complete(tok, offset, block, Nc), 0)           # [BLOCK_M]
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -1697,24 +1697,24 @@ def _nsa_cmp_fwd_kernel(Q, KC, VC, O, LSE, T, Nc, H, Hkv, block, offset, qk_scal
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     for n0 in range(0, tl.max(n_seen, 0), BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        kc = _load_rows(KC + kc_off, offs_n, offs_n < Nc, Hkv * D, offs_d, D)
-        vc = _load_rows(VC + kc_off, offs_n, offs_n < Nc, Hkv * D, offs_d, D)
+        kc = _load_rows(kc_ptr + kc_off, offs_n, offs_n < Nc, Hkv * D, offs_d, D)
+        vc = _load_rows(vc_ptr + kc_off, offs_n, offs_n < Nc, Hkv * D, offs_d, D)
         s = _dot(q, tl.trans(kc), PRECISION) * qk_scale
         s = tl.where(offs_n[None, :] < n_seen[:, None], s, NEG_INF)
         acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, vc, PRECISION)
 
     seen = l_i > 0
     o = acc / tl.where(seen, l_i, 1.0)[:, None]               # nothing to attend to: o = 0
-    _store_rows(O + q_off, o, tok * H + g, ok, D, offs_d, D)
+    _store_rows(o_ptr + q_off, o, tok * H + g, ok, D, offs_d, D)
     lse_off = (b.to(tl.int64) * H + hkv * G) * T               # row (t, g) at g * T + t from here
     lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), NEG_INF)
-    tl.store(LSE + lse_off + g * T + tok, lse, mask=ok)
+    tl.store(lse_ptr + lse_off + g * T + tok, lse, mask=ok)
 
 
 @triton.jit
-def _nsa_cmp_bwd_dq_kernel(Q, KC, VC, DO, LSE, DELTA, DQ, T, Nc, H, Hkv, block, offset, qk_scale,
-                           scale, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                           BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+def _nsa_cmp_bwd_dq_kernel(q_ptr, kc_ptr, vc_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, T, Nc, H, Hkv, block,
+                           offset, qk_scale, scale, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """DQ [B, T, H, D]: the forward's walk, with P recomputed from LSE, DELTA [B, H, T]."""
     t0 = tl.program_id(0) * (BLOCK_M // G)
     b = tl.program_id(1) // Hkv
@@ -1724,25 +1724,25 @@ def _nsa_cmp_bwd_dq_kernel(Q, KC, VC, DO, LSE, DELTA, DQ, T, Nc, H, Hkv, block, 
     q_off = (b.to(tl.int64) * T * H + hkv * G) * D
     kc_off = (b.to(tl.int64) * Nc * Hkv + hkv) * D
     lse_off = (b.to(tl.int64) * H + hkv * G) * T
-    q = _load_rows(Q + q_off, tok * H + g, ok, D, offs_d, D)
-    do = _load_rows(DO + q_off, tok * H + g, ok, D, offs_d, D)
-    lse = tl.load(LSE + lse_off + g * T + tok, mask=ok, other=0.0)
-    delta = tl.load(DELTA + lse_off + g * T + tok, mask=ok, other=0.0)
+    q = _load_rows(q_ptr + q_off, tok * H + g, ok, D, offs_d, D)
+    do = _load_rows(do_ptr + q_off, tok * H + g, ok, D, offs_d, D)
+    lse = tl.load(lse_ptr + lse_off + g * T + tok, mask=ok, other=0.0)
+    delta = tl.load(delta_ptr + lse_off + g * T + tok, mask=ok, other=0.0)
     n_seen = tl.where(ok, _n_complete(tok, offset, block, Nc), 0)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for n0 in range(0, tl.max(n_seen, 0), BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        kc = _load_rows(KC + kc_off, offs_n, offs_n < Nc, Hkv * D, offs_d, D)
-        vc = _load_rows(VC + kc_off, offs_n, offs_n < Nc, Hkv * D, offs_d, D)
+        kc = _load_rows(kc_ptr + kc_off, offs_n, offs_n < Nc, Hkv * D, offs_d, D)
+        vc = _load_rows(vc_ptr + kc_off, offs_n, offs_n < Nc, Hkv * D, offs_d, D)
         visible = offs_n[None, :] < n_seen[:, None]
         dq = _dq_update(dq, q, do, kc, vc, lse, delta, visible, qk_scale, True, PRECISION)
-    _store_rows(DQ + q_off, dq * scale, tok * H + g, ok, D, offs_d, D)
+    _store_rows(dq_ptr + q_off, dq * scale, tok * H + g, ok, D, offs_d, D)
 
 
 @triton.jit
-def _nsa_cmp_bwd_dkdv_kernel(Q, KC, VC, DO, LSE, DELTA, DKC, DVC, T, Nc, H, Hkv, block, offset,
-                             tokens_per_chunk, qk_scale, scale, G: tl.constexpr, D: tl.constexpr,
+def _nsa_cmp_bwd_dkdv_kernel(q_ptr, kc_ptr, vc_ptr, do_ptr, lse_ptr, delta_ptr, dkc_ptr, dvc_ptr, T, Nc, H, Hkv,
+                             block, offset, tokens_per_chunk, qk_scale, scale, G: tl.constexpr, D: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                              PRECISION: tl.constexpr):
     """One program per (tile of compressed blocks, chunk of tokens, batch * KV head): the part of
@@ -1755,8 +1755,8 @@ def _nsa_cmp_bwd_dkdv_kernel(Q, KC, VC, DO, LSE, DELTA, DKC, DVC, T, Nc, H, Hkv,
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     kc_off = (b.to(tl.int64) * Nc * Hkv + hkv) * D
-    kc = _load_rows(KC + kc_off, offs_n, offs_n < Nc, Hkv * D, offs_d, D)
-    vc = _load_rows(VC + kc_off, offs_n, offs_n < Nc, Hkv * D, offs_d, D)
+    kc = _load_rows(kc_ptr + kc_off, offs_n, offs_n < Nc, Hkv * D, offs_d, D)
+    vc = _load_rows(vc_ptr + kc_off, offs_n, offs_n < Nc, Hkv * D, offs_d, D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     q_off = (b.to(tl.int64) * T * H + hkv * G) * D
@@ -1767,21 +1767,21 @@ def _nsa_cmp_bwd_dkdv_kernel(Q, KC, VC, DO, LSE, DELTA, DKC, DVC, T, Nc, H, Hkv,
     t_hi = tl.minimum((chunk + 1) * tokens_per_chunk, T)
     for t0 in range(t_lo, t_hi, BLOCK_M // G):
         tok, g, ok = _tile_rows(t0, t_hi, G, BLOCK_M)
-        q = _load_rows(Q + q_off, tok * H + g, ok, D, offs_d, D)
-        do = _load_rows(DO + q_off, tok * H + g, ok, D, offs_d, D)
-        lse = tl.load(LSE + lse_off + g * T + tok, mask=ok, other=0.0)
-        delta = tl.load(DELTA + lse_off + g * T + tok, mask=ok, other=0.0)
+        q = _load_rows(q_ptr + q_off, tok * H + g, ok, D, offs_d, D)
+        do = _load_rows(do_ptr + q_off, tok * H + g, ok, D, offs_d, D)
+        lse = tl.load(lse_ptr + lse_off + g * T + tok, mask=ok, other=0.0)
+        delta = tl.load(delta_ptr + lse_off + g * T + tok, mask=ok, other=0.0)
         n_seen = tl.where(ok, _n_complete(tok, offset, block, Nc), 0)
         visible = offs_n[:, None] < n_seen[None, :]                              # [BLOCK_N, BLOCK_M]
         dk, dv = _dkdv_update(dk, dv, q, do, kc, vc, lse, delta, visible, qk_scale, True, PRECISION)
 
     part_off = ((chunk * (tl.num_programs(2) // Hkv) + b).to(tl.int64) * Nc * Hkv + hkv) * D
-    _store_rows(DKC + part_off, dk * scale, offs_n, offs_n < Nc, Hkv * D, offs_d, D)
-    _store_rows(DVC + part_off, dv, offs_n, offs_n < Nc, Hkv * D, offs_d, D)
+    _store_rows(dkc_ptr + part_off, dk * scale, offs_n, offs_n < Nc, Hkv * D, offs_d, D)
+    _store_rows(dvc_ptr + part_off, dv, offs_n, offs_n < Nc, Hkv * D, offs_d, D)
 
 
 @triton.jit
-def _attn_bwd_delta_kernel(O, DO, DELTA, T, H, D: tl.constexpr, BLOCK_M: tl.constexpr,
+def _nsa_delta_kernel(o_ptr, do_ptr, delta_ptr, T, H, D: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_D: tl.constexpr):
     """DELTA [B, H, T] = rowsum(O * dO) in float32 (the softmax backward's correction term)."""
     offs_i = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -1790,9 +1790,9 @@ def _attn_bwd_delta_kernel(O, DO, DELTA, T, H, D: tl.constexpr, BLOCK_M: tl.cons
     h = bh % H
     offs_d = tl.arange(0, BLOCK_D)
     base = (b * T * H + h).to(tl.int64) * D
-    o = _load_rows(O + base, offs_i, offs_i < T, H * D, offs_d, D).to(tl.float32)
-    do = _load_rows(DO + base, offs_i, offs_i < T, H * D, offs_d, D).to(tl.float32)
-    tl.store(DELTA + bh.to(tl.int64) * T + offs_i, tl.sum(o * do, 1), mask=offs_i < T)
+    o = _load_rows(o_ptr + base, offs_i, offs_i < T, H * D, offs_d, D).to(tl.float32)
+    do = _load_rows(do_ptr + base, offs_i, offs_i < T, H * D, offs_d, D).to(tl.float32)
+    tl.store(delta_ptr + bh.to(tl.int64) * T + offs_i, tl.sum(o * do, 1), mask=offs_i < T)
 
 
 def _nsa_delta(o, do, dlse=None):
@@ -1800,7 +1800,7 @@ def _nsa_delta(o, do, dlse=None):
     gradient of the log-sum-exp adds dLSE_i p_ij to dS_ij, i.e. it only shifts DELTA."""
     B, T, H, D = o.shape
     delta = torch.empty(B, H, T, dtype=torch.float32, device=o.device)
-    _attn_bwd_delta_kernel[(triton.cdiv(T, 64), B * H)](o, do, delta, T, H, D=D, BLOCK_M=64, BLOCK_D=_block_d(D))
+    _nsa_delta_kernel[(triton.cdiv(T, 64), B * H)](o, do, delta, T, H, D=D, BLOCK_M=64, BLOCK_D=_block_d(D))
     if dlse is not None:  # [B, H, T]; rows with lse = -inf see nothing, their gradient does not count
         delta -= torch.nan_to_num(dlse.float(), posinf=0.0, neginf=0.0)
     # A row that sees no key has o = NaN (selected branch): DELTA 0 keeps its p = 0 from making dS NaN.
@@ -1885,9 +1885,9 @@ def nsa_compressed_attention(q, k_cmp, v_cmp, block: int, scale=None, offset: in
 # --- block scores -----------------------------------------------------------------------------
 
 @triton.jit
-def _nsa_scores_kernel(Q, KC, LSE, S, T, Nc, H, Hkv, block, offset, qk_scale, G: tl.constexpr, D: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                       PRECISION: tl.constexpr):
+def _nsa_scores_kernel(q_ptr, kc_ptr, lse_ptr, score_ptr, T, Nc, H, Hkv, block, offset, qk_scale,
+                       G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """One program per (tile of BLOCK_M tokens, tile of BLOCK_N compressed blocks, batch * KV head):
     S [B, T, Hkv, Nc] float32 = sum over the G heads h of the group of exp2(s_h - LSE_h), 0 on blocks
     not complete yet. Q [B, T, H, D], KC [B, Nc, Hkv, D], LSE [B, T, H] (base 2)."""
@@ -1900,14 +1900,14 @@ def _nsa_scores_kernel(Q, KC, LSE, S, T, Nc, H, Hkv, block, offset, qk_scale, G:
     visible = offs_n[None, :] < n_seen[:, None]                                  # [BLOCK_M, BLOCK_N]
     score = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     if tl.program_id(1) * BLOCK_N < tl.max(n_seen, 0):  # else: no block of the tile is complete yet
-        kc = _load_rows(KC + (b.to(tl.int64) * Nc * Hkv + hkv) * D, offs_n, offs_n < Nc, Hkv * D, offs_d, D)
+        kc = _load_rows(kc_ptr + (b.to(tl.int64) * Nc * Hkv + hkv) * D, offs_n, offs_n < Nc, Hkv * D, offs_d, D)
         for g in range(G):  # the heads in a fixed order: the sum is reproducible
             h = hkv * G + g
-            q = _load_rows(Q + (b.to(tl.int64) * T * H + h) * D, offs_t, offs_t < T, H * D, offs_d, D)
-            lse = tl.load(LSE + (b.to(tl.int64) * T + offs_t) * H + h, mask=offs_t < T, other=0.0)
+            q = _load_rows(q_ptr + (b.to(tl.int64) * T * H + h) * D, offs_t, offs_t < T, H * D, offs_d, D)
+            lse = tl.load(lse_ptr + (b.to(tl.int64) * T + offs_t) * H + h, mask=offs_t < T, other=0.0)
             s = _dot(q, tl.trans(kc), PRECISION) * qk_scale
             score += tl.where(visible, tl.math.exp2(s - lse[:, None]), 0.0)
-    ptrs = S + ((b.to(tl.int64) * T + offs_t) * Hkv + hkv)[:, None] * Nc + offs_n[None, :]
+    ptrs = score_ptr + ((b.to(tl.int64) * T + offs_t) * Hkv + hkv)[:, None] * Nc + offs_n[None, :]
     tl.store(ptrs, score, mask=(offs_t < T)[:, None] & (offs_n < Nc)[None, :])
 
 
@@ -1939,9 +1939,10 @@ def nsa_block_scores(q, k_cmp, lse, block: int, scale=None, offset: int = 0):
 # --- selected attention -----------------------------------------------------------------------
 
 @triton.jit
-def _nsa_slc_fwd_kernel(Q, K, V, BI, UNION, N_UNION, T, H, Hkv, block, n_sel, union_len, O, LSE, qk_scale,
-                        G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, PRECISION: tl.constexpr):
+def _nsa_slc_fwd_kernel(q_ptr, k_ptr, v_ptr, block_idx_ptr, union_ptr, n_union_ptr, T, H, Hkv, block, n_sel,
+                        union_len, o_ptr, lse_ptr, qk_scale, G: tl.constexpr, D: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                        BLOCK_S: tl.constexpr, PRECISION: tl.constexpr):
     """One program per (token tile, batch * KV head). Q, O [B, T, H, D]; K, V [B, T, Hkv, D];
     BI [B, T, Hkv, n] int32 (-1: none); UNION [B, Hkv, n_tiles, union_len], N_UNION [B, Hkv, n_tiles]:
     the blocks the tile's tokens chose, each once (_nsa_tile_union). Row (t, g) sees key j of a
@@ -1955,21 +1956,21 @@ def _nsa_slc_fwd_kernel(Q, K, V, BI, UNION, N_UNION, T, H, Hkv, block, n_sel, un
     offs_d = tl.arange(0, BLOCK_D)
     q_off = (b.to(tl.int64) * T * H + hkv * G) * D
     kv_off = (b.to(tl.int64) * T * Hkv + hkv) * D
-    q = _load_rows(Q + q_off, tok * H + g, ok, D, offs_d, D)
-    sel = _tile_selection(BI, b, tok, ok, T, Hkv, hkv, n_sel, BLOCK_S)           # [BLOCK_M, BLOCK_S]
+    q = _load_rows(q_ptr + q_off, tok * H + g, ok, D, offs_d, D)
+    sel = _tile_selection(block_idx_ptr, b, tok, ok, T, Hkv, hkv, n_sel, BLOCK_S)  # [BLOCK_M, BLOCK_S]
     union_id = bhk.to(tl.int64) * tl.num_programs(0) + tile
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], NEG_INF, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for e in range(0, tl.load(N_UNION + union_id)):
-        c = tl.load(UNION + union_id * union_len + e)
+    for e in range(0, tl.load(n_union_ptr + union_id)):
+        c = tl.load(union_ptr + union_id * union_len + e)
         chose = tl.sum((sel == c).to(tl.int32), 1) > 0                          # [BLOCK_M]
         j_end = tl.minimum(c * block + block, T)
         for j0 in range(c * block, j_end, BLOCK_N):  # one tile when l <= 64
             offs_j = j0 + tl.arange(0, BLOCK_N)
-            k = _load_rows(K + kv_off, offs_j, offs_j < j_end, Hkv * D, offs_d, D)
-            v = _load_rows(V + kv_off, offs_j, offs_j < j_end, Hkv * D, offs_d, D)
+            k = _load_rows(k_ptr + kv_off, offs_j, offs_j < j_end, Hkv * D, offs_d, D)
+            v = _load_rows(v_ptr + kv_off, offs_j, offs_j < j_end, Hkv * D, offs_d, D)
             s = _dot(q, tl.trans(k), PRECISION) * qk_scale
             visible = chose[:, None] & (offs_j[None, :] <= tok[:, None]) & (offs_j < j_end)[None, :]
             acc, m_i, l_i = _softmax_update(acc, m_i, l_i, tl.where(visible, s, NEG_INF), v, PRECISION)
@@ -1978,17 +1979,17 @@ def _nsa_slc_fwd_kernel(Q, K, V, BI, UNION, N_UNION, T, H, Hkv, block, n_sel, un
     # here as -inf * 0: a NaN global breaks Triton's recompile check (NaN != NaN reads as "changed").
     seen = l_i > 0
     o = tl.where(seen[:, None], acc / tl.where(seen, l_i, 1.0)[:, None], NEG_INF * 0.0)
-    _store_rows(O + q_off, o, tok * H + g, ok, D, offs_d, D)
+    _store_rows(o_ptr + q_off, o, tok * H + g, ok, D, offs_d, D)
     lse_off = (b.to(tl.int64) * H + hkv * G) * T
     lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), NEG_INF)
-    tl.store(LSE + lse_off + g * T + tok, lse, mask=ok)
+    tl.store(lse_ptr + lse_off + g * T + tok, lse, mask=ok)
 
 
 @triton.jit
-def _nsa_slc_bwd_dq_kernel(Q, K, V, BI, UNION, N_UNION, T, H, Hkv, block, n_sel, union_len, DO, LSE,
-                           DELTA, DQ, qk_scale, scale, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-                           PRECISION: tl.constexpr):
+def _nsa_slc_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, block_idx_ptr, union_ptr, n_union_ptr, T, H, Hkv, block, n_sel,
+                           union_len, do_ptr, lse_ptr, delta_ptr, dq_ptr, qk_scale, scale, G: tl.constexpr,
+                           D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                           BLOCK_S: tl.constexpr, PRECISION: tl.constexpr):
     """DQ [B, T, H, D]: the forward's walk over the tile's blocks, P recomputed from LSE."""
     tile = tl.program_id(0)
     t0 = tile * (BLOCK_M // G)
@@ -2000,32 +2001,32 @@ def _nsa_slc_bwd_dq_kernel(Q, K, V, BI, UNION, N_UNION, T, H, Hkv, block, n_sel,
     q_off = (b.to(tl.int64) * T * H + hkv * G) * D
     kv_off = (b.to(tl.int64) * T * Hkv + hkv) * D
     lse_off = (b.to(tl.int64) * H + hkv * G) * T
-    q = _load_rows(Q + q_off, tok * H + g, ok, D, offs_d, D)
-    do = _load_rows(DO + q_off, tok * H + g, ok, D, offs_d, D)
-    lse = tl.load(LSE + lse_off + g * T + tok, mask=ok, other=0.0)
-    delta = tl.load(DELTA + lse_off + g * T + tok, mask=ok, other=0.0)
-    sel = _tile_selection(BI, b, tok, ok, T, Hkv, hkv, n_sel, BLOCK_S)
+    q = _load_rows(q_ptr + q_off, tok * H + g, ok, D, offs_d, D)
+    do = _load_rows(do_ptr + q_off, tok * H + g, ok, D, offs_d, D)
+    lse = tl.load(lse_ptr + lse_off + g * T + tok, mask=ok, other=0.0)
+    delta = tl.load(delta_ptr + lse_off + g * T + tok, mask=ok, other=0.0)
+    sel = _tile_selection(block_idx_ptr, b, tok, ok, T, Hkv, hkv, n_sel, BLOCK_S)
     union_id = bhk.to(tl.int64) * tl.num_programs(0) + tile
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for e in range(0, tl.load(N_UNION + union_id)):
-        c = tl.load(UNION + union_id * union_len + e)
+    for e in range(0, tl.load(n_union_ptr + union_id)):
+        c = tl.load(union_ptr + union_id * union_len + e)
         chose = tl.sum((sel == c).to(tl.int32), 1) > 0
         j_end = tl.minimum(c * block + block, T)
         for j0 in range(c * block, j_end, BLOCK_N):
             offs_j = j0 + tl.arange(0, BLOCK_N)
-            k = _load_rows(K + kv_off, offs_j, offs_j < j_end, Hkv * D, offs_d, D)
-            v = _load_rows(V + kv_off, offs_j, offs_j < j_end, Hkv * D, offs_d, D)
+            k = _load_rows(k_ptr + kv_off, offs_j, offs_j < j_end, Hkv * D, offs_d, D)
+            v = _load_rows(v_ptr + kv_off, offs_j, offs_j < j_end, Hkv * D, offs_d, D)
             visible = chose[:, None] & (offs_j[None, :] <= tok[:, None]) & (offs_j < j_end)[None, :]
             dq = _dq_update(dq, q, do, k, v, lse, delta, visible, qk_scale, True, PRECISION)
-    _store_rows(DQ + q_off, dq * scale, tok * H + g, ok, D, offs_d, D)
+    _store_rows(dq_ptr + q_off, dq * scale, tok * H + g, ok, D, offs_d, D)
 
 
 @triton.jit
-def _nsa_slc_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, TOKENS, STARTS, T, H, Hkv, block,
-                             n_blocks, tokens_per_piece, qk_scale, scale, G: tl.constexpr, D: tl.constexpr,
-                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                             PRECISION: tl.constexpr):
+def _nsa_slc_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, tokens_ptr,
+                             starts_ptr, T, H, Hkv, block, n_blocks, tokens_per_piece, qk_scale, scale,
+                             G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """One program per (batch * KV head, key block c, piece of its list): the part of DK, DV
     [B, T, Hkv, D] (float32, zeroed) of the block's keys that comes from the piece's queries, all G
     heads, BLOCK_M // G tokens at a time. List i = (b Hkv + hkv)(n_blocks + 1) + c holds the tokens
@@ -2038,8 +2039,8 @@ def _nsa_slc_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, TOKENS, STARTS, T,
     b = bhk // Hkv
     hkv = bhk % Hkv
     list_id = bhk.to(tl.int64) * (n_blocks + 1) + c
-    e_first = tl.load(STARTS + list_id)
-    e_last = tl.load(STARTS + list_id + 1)
+    e_first = tl.load(starts_ptr + list_id)
+    e_last = tl.load(starts_ptr + list_id + 1)
     e_lo = e_first + piece * tokens_per_piece
     e_hi = tl.minimum(e_lo + tokens_per_piece, e_last)
     if e_lo < e_hi:
@@ -2052,22 +2053,22 @@ def _nsa_slc_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, TOKENS, STARTS, T,
         j_end = tl.minimum(c * block + block, T)
         for j0 in range(c * block, j_end, BLOCK_N):  # one pass when l <= 64
             offs_j = j0 + tl.arange(0, BLOCK_N)
-            k = _load_rows(K + kv_off, offs_j, offs_j < j_end, Hkv * D, offs_d, D)
-            v = _load_rows(V + kv_off, offs_j, offs_j < j_end, Hkv * D, offs_d, D)
+            k = _load_rows(k_ptr + kv_off, offs_j, offs_j < j_end, Hkv * D, offs_d, D)
+            v = _load_rows(v_ptr + kv_off, offs_j, offs_j < j_end, Hkv * D, offs_d, D)
             dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
             dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
             for e0 in range(e_lo, e_hi, BLOCK_M // G):
                 ok = (r < (BLOCK_M // G) * G) & (e0 + r // G < e_hi)
-                tok = tl.load(TOKENS + e0 + r // G, mask=ok, other=0)            # [BLOCK_M]
-                q = _load_rows(Q + q_off, tok * H + g, ok, D, offs_d, D)
-                do = _load_rows(DO + q_off, tok * H + g, ok, D, offs_d, D)
-                lse = tl.load(LSE + lse_off + g * T + tok, mask=ok, other=0.0)
-                delta = tl.load(DELTA + lse_off + g * T + tok, mask=ok, other=0.0)
+                tok = tl.load(tokens_ptr + e0 + r // G, mask=ok, other=0)        # [BLOCK_M]
+                q = _load_rows(q_ptr + q_off, tok * H + g, ok, D, offs_d, D)
+                do = _load_rows(do_ptr + q_off, tok * H + g, ok, D, offs_d, D)
+                lse = tl.load(lse_ptr + lse_off + g * T + tok, mask=ok, other=0.0)
+                delta = tl.load(delta_ptr + lse_off + g * T + tok, mask=ok, other=0.0)
                 visible = (offs_j[:, None] <= tok[None, :]) & ok[None, :]          # [BLOCK_N, BLOCK_M]
                 dk, dv = _dkdv_update(dk, dv, q, do, k, v, lse, delta, visible, qk_scale, True, PRECISION)
             rows_ok = (offs_j < j_end)[:, None] & (offs_d < D)[None, :]
-            dk_ptrs = DK + kv_off + offs_j[:, None] * (Hkv * D) + offs_d[None, :]
-            dv_ptrs = DV + kv_off + offs_j[:, None] * (Hkv * D) + offs_d[None, :]
+            dk_ptrs = dk_ptr + kv_off + offs_j[:, None] * (Hkv * D) + offs_d[None, :]
+            dv_ptrs = dv_ptr + kv_off + offs_j[:, None] * (Hkv * D) + offs_d[None, :]
             if e_last - e_first <= tokens_per_piece:
                 tl.store(dk_ptrs, dk * scale, mask=rows_ok)
                 tl.store(dv_ptrs, dv, mask=rows_ok)
@@ -2215,7 +2216,7 @@ LTE_RULE_INTERPRETER_BLOCKS = dict(BLOCK_J=32, BLOCK_I=32)
 
 
 @triton.jit
-def _lte_until_kernel(R, UNTIL, T, Hkv, n_left, window, sink, buffer, KEEP_FOREVER: tl.constexpr,
+def _lte_until_kernel(r_ptr, until_ptr, T, Hkv, n_left, window, sink, buffer, KEEP_FOREVER: tl.constexpr,
                       BLOCK_J: tl.constexpr, BLOCK_I: tl.constexpr):
     """One program per (block of keys j, batch x KV head). R [B, T, Hkv] float32 scores; writes
     UNTIL [B, T, Hkv] int64. Offered tokens are j in [sink, n_left) with r_j > 0; token i beats j
@@ -2224,12 +2225,12 @@ def _lte_until_kernel(R, UNTIL, T, Hkv, n_left, window, sink, buffer, KEEP_FOREV
     bh = tl.program_id(1).to(tl.int64)
     base = (bh // Hkv) * T * Hkv + bh % Hkv                  # element (b, 0, h) of [B, T, Hkv]
     j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
-    r_j = tl.load(R + base + j * Hkv, mask=j < T, other=0.0)
+    r_j = tl.load(r_ptr + base + j * Hkv, mask=j < T, other=0.0)
     beaten = tl.zeros([BLOCK_J], dtype=tl.int32)             # offered tokens seen so far that beat j
     bth = tl.full([BLOCK_J], -1, dtype=tl.int32)             # position of the b-th of them (-1: none yet)
     for i0 in range(sink, n_left, BLOCK_I):
         i = i0 + tl.arange(0, BLOCK_I)
-        r_i = tl.load(R + base + i * Hkv, mask=i < n_left, other=0.0)   # 0: not offered
+        r_i = tl.load(r_ptr + base + i * Hkv, mask=i < n_left, other=0.0)  # 0: not offered
         beats = (r_i[None, :] > 0) & ((r_i[None, :] > r_j[:, None]) |
                                       ((r_i[None, :] == r_j[:, None]) & (i[None, :] > j[:, None])))
         n_beats = tl.sum(beats.to(tl.int32), axis=1)
@@ -2244,7 +2245,7 @@ def _lte_until_kernel(R, UNTIL, T, Hkv, n_left, window, sink, buffer, KEEP_FOREV
     until = tl.where(bth < 0, KEEP_FOREVER, bth.to(tl.int64) + window)
     until = tl.where(entered, until, -1)
     until = tl.where(j < sink, KEEP_FOREVER, until)
-    tl.store(UNTIL + base + j * Hkv, until, mask=j < T)
+    tl.store(until_ptr + base + j * Hkv, until, mask=j < T)
 
 
 def lte_visible_until(scores, window: int, sink: int, buffer: int):
