@@ -202,6 +202,14 @@ def _state_tile(bh, n, N, K, V, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, v0
 
 
 @triton.jit
+def _chunk_gamma(gamma_ptr, bh, t0, T_pad, L: tl.constexpr):
+    """gamma of the chunk starting at t0 (the decay from its start, float32 [L], from the work
+    tensor [B*H, T_pad]) and its last entry gamma_L, the decay over the whole chunk."""
+    gam = tl.load(gamma_ptr + bh.to(tl.int64) * T_pad + t0 + tl.arange(0, L))
+    return gam, tl.load(gamma_ptr + bh.to(tl.int64) * T_pad + t0 + L - 1)
+
+
+@triton.jit
 def _decay_matrix(gam, L: tl.constexpr, STRICT: tl.constexpr):
     """Gamma_ij = exp(gamma_i - gamma_j) on j < i (STRICT) or j <= i, else 0; [L] -> [L, L].
     Masked before exp, so the upper triangle (positive exponents) cannot overflow."""
@@ -289,7 +297,7 @@ def _gdn_wy_kernel(k_ptr, v_ptr, beta_ptr, gamma_ptr, a_inv_ptr,            # in
 
     offs, mask = _token_vec(b, h, t0, T, H, L)
     beta = tl.load(beta_ptr + offs, mask=mask, other=0.).to(tl.float32)          # [L]
-    gam = tl.load(gamma_ptr + bh.to(tl.int64) * T_pad + t0 + tl.arange(0, L))    # [L]
+    gam, _ = _chunk_gamma(gamma_ptr, bh, t0, T_pad, L)                           # [L]
     offs, mask = _chunk_tile(bh, t0, T_pad, L, L, L)
     A_inv = tl.load(a_inv_ptr + offs, mask=mask, other=0.)                       # [L, L] f32
     # the diagonal scales go onto T's columns ([L, L]) rather than onto K and V ([L, D])
@@ -342,8 +350,7 @@ def _gdn_state_fwd_kernel(k_ptr, w_ptr, u_prime_ptr, gamma_ptr, h0_ptr,  # input
             - _dot(w, S.to(dt), PRECISION)                                       # U = U' - W S
         tl.store(u_ptr + offs, u.to(dt), mask=mask)
 
-        gam = tl.load(gamma_ptr + bh.to(tl.int64) * T_pad + t0 + tl.arange(0, L))  # [L]
-        gam_last = tl.load(gamma_ptr + bh.to(tl.int64) * T_pad + t0 + L - 1)
+        gam, gam_last = _chunk_gamma(gamma_ptr, bh, t0, T_pad, L)                # [L], scalar
         offs, mask = _token_tile(b, h, t0, T, H, K, L, BLOCK_K)
         k = tl.load(k_ptr + offs, mask=mask, other=0.)                           # [L, BLOCK_K]
         # the decay to the chunk's end goes onto U ([L, BLOCK_V]) rather than K ([L, K]): fewer registers
@@ -370,7 +377,7 @@ def _gdn_output_kernel(q_ptr, k_ptr, gamma_ptr, h_ptr, u_ptr, o_ptr, scale,
     offs, mask = _token_tile(b, h, t0, T, H, K, L, BLOCK_K)
     q = tl.load(q_ptr + offs, mask=mask, other=0.)                               # [L, BLOCK_K]
     k = tl.load(k_ptr + offs, mask=mask, other=0.)                               # [L, BLOCK_K]
-    gam = tl.load(gamma_ptr + bh.to(tl.int64) * T_pad + t0 + tl.arange(0, L))    # [L]
+    gam, _ = _chunk_gamma(gamma_ptr, bh, t0, T_pad, L)                           # [L]
     offs, mask = _state_tile(bh, n, N, K, V, BLOCK_K, BLOCK_V, v0)
     S = tl.load(h_ptr + offs, mask=mask, other=0.)                               # [BLOCK_K, BLOCK_V]
     offs, mask = _chunk_tile(bh, t0, T_pad, V, L, BLOCK_V, v0)
@@ -428,8 +435,7 @@ def _gdn_state_bwd_kernel(q_ptr, k_ptr, w_ptr, gamma_ptr, do_ptr, dht_ptr,  # in
         w = tl.load(w_ptr + offs, mask=mask, other=0.)                           # [L, BLOCK_K]
         offs, mask = _token_tile(b, h, t0, T, H, V, L, BLOCK_V, v0)
         do = tl.load(do_ptr + offs, mask=mask, other=0.)                         # [L, BLOCK_V]
-        gam = tl.load(gamma_ptr + bh.to(tl.int64) * T_pad + t0 + tl.arange(0, L))
-        gam_last = tl.load(gamma_ptr + bh.to(tl.int64) * T_pad + t0 + L - 1)
+        gam, gam_last = _chunk_gamma(gamma_ptr, bh, t0, T_pad, L)                # [L], scalar
 
         # P^T (j, i) = scale k_j . q_i Gamma_ij, i >= j. Row scales (decays) go on the [L, BLOCK_V]
         # side of each product, not on the [L, K] one: fewer registers.
@@ -487,8 +493,7 @@ def _gdn_bwd_output_kernel(q_ptr, k_ptr, gamma_ptr, h_ptr, u_ptr, du_ptr, dh_ptr
     offs, mask = _chunk_tile(bh, t0, T_pad, K, L, BLOCK_K)
     tl.store(dw_ptr + offs, dw, mask=mask)
 
-    gam = tl.load(gamma_ptr + bh.to(tl.int64) * T_pad + t0 + tl.arange(0, L))    # [L]
-    gam_last = tl.load(gamma_ptr + bh.to(tl.int64) * T_pad + t0 + L - 1)
+    gam, gam_last = _chunk_gamma(gamma_ptr, bh, t0, T_pad, L)                    # [L], scalar
     t_offs, t_mask = _token_tile(b, h, t0, T, H, K, L, BLOCK_K)
     q = tl.load(q_ptr + t_offs, mask=t_mask, other=0.)                           # [L, BLOCK_K]
     k = tl.load(k_ptr + t_offs, mask=t_mask, other=0.)                           # [L, BLOCK_K]
@@ -534,7 +539,7 @@ def _gdn_bwd_wy_kernel(k_ptr, v_ptr, beta_ptr, gamma_ptr, a_inv_ptr, w_ptr, u_pr
 
     offs, mask = _token_vec(b, h, t0, T, H, L)
     beta = tl.load(beta_ptr + offs, mask=mask, other=0.).to(tl.float32)          # [L]
-    gam = tl.load(gamma_ptr + bh.to(tl.int64) * T_pad + t0 + tl.arange(0, L))    # [L]
+    gam, _ = _chunk_gamma(gamma_ptr, bh, t0, T_pad, L)                           # [L]
     offs, mask = _chunk_tile(bh, t0, T_pad, L, L, L)
     A_inv = tl.load(a_inv_ptr + offs, mask=mask, other=0.).to(dt)                # [L, L]
     w_offs, w_mask = _chunk_tile(bh, t0, T_pad, K, L, BLOCK_K)
@@ -1114,13 +1119,28 @@ def _kept_list(keep: torch.Tensor, window: int, T: int):
     return cols, col_until, nbefore
 
 
-# --- Forward ---------------------------------------------------------------------------------
+# --- Forward -------------------------------------------------------------------------------------
 
 @triton.jit
-def _fwd_band(acc, m_i, l_i, q, k_ptr, v_ptr, offs_i, offs_d, j_lo, j_hi, T, window, row_stride,
-              qk_scale, D: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr,
-              PRECISION: tl.constexpr):
-    """Attend the query tile to keys [j_lo, j_hi) of the band, BLOCK_N at a time."""
+def _query_block(T, H, Hkv, D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Program (query block, batch * query head) of the forward and dQ kernels: its first query i0
+    (the last blocks see the most keys, so they start first and the grid's tail is short), bh, its
+    KV head's list id bhk = b Hkv + hkv, and the element offsets of row 0 of its query head in
+    [B, T, H, D] (q_off) and of its KV head in [B, T, Hkv, D] (kv_off)."""
+    i0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hkv = h // (H // Hkv)
+    q_off = (b * T * H + h).to(tl.int64) * D          # row t of this head starts at q_off + t H D
+    kv_off = (b * T * Hkv + hkv).to(tl.int64) * D
+    return i0, bh, b * Hkv + hkv, q_off, kv_off
+
+
+@triton.jit
+def _fwd_keys(acc, m_i, l_i, q, k_ptr, v_ptr, offs_i, offs_d, j_lo, j_hi, T, window, row_stride, qk_scale,
+              D: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """Attend the query tile to band keys [j_lo, j_hi), BLOCK_N at a time (masked when MASK)."""
     for j0 in range(j_lo, j_hi, BLOCK_N):
         offs_j = j0 + tl.arange(0, BLOCK_N)
         k = _load_rows(k_ptr, offs_j, offs_j < T, row_stride, offs_d, D)
@@ -1133,62 +1153,65 @@ def _fwd_band(acc, m_i, l_i, q, k_ptr, v_ptr, offs_i, offs_d, j_lo, j_hi, T, win
 
 
 @triton.jit
+def _fwd_band(acc, m_i, l_i, q, k_ptr, v_ptr, offs_i, offs_d, i0, i_last, T, window, row_stride, qk_scale,
+              D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """Attend queries [i0, i_last] to their band, keys [i0 - w, i_last]: the key blocks within
+    [i_last - w, i0] are inside every row's band and below the diagonal, so they skip the mask."""
+    j_lo = tl.maximum(i0 - window, 0)
+    j_a, j_b = _split_range(j_lo, i_last - window, i0 + 1, i_last + 1, BLOCK_N)
+    acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, k_ptr, v_ptr, offs_i, offs_d, j_lo, j_a, T, window, row_stride,
+                              qk_scale, D, MASK=True, BLOCK_N=BLOCK_N, PRECISION=PRECISION)
+    acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, k_ptr, v_ptr, offs_i, offs_d, j_a, j_b, T, window, row_stride,
+                              qk_scale, D, MASK=False, BLOCK_N=BLOCK_N, PRECISION=PRECISION)
+    acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, k_ptr, v_ptr, offs_i, offs_d, j_b, i_last + 1, T, window,
+                              row_stride, qk_scale, D, MASK=True, BLOCK_N=BLOCK_N, PRECISION=PRECISION)
+    return acc, m_i, l_i
+
+
+@triton.jit
 def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cols_ptr, col_until_ptr, nbefore_ptr, T, H, Hkv,
                      window, qk_scale, D: tl.constexpr, HAS_KEEP: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    """One program per (query block, batch * query head). Q, O [B, T, H, D]; K, V [B, T, Hkv, D]
-    (all contiguous); writes O and LSE [B, H, T] (base-2 log-sum-exp of the scaled scores)."""
-    # The last query blocks see the most keys: start them first so the tail of the grid is short.
-    i0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    hkv = h // (H // Hkv)
+    """One program per (query block, batch * query head). q, o [B, T, H, D]; k, v [B, T, Hkv, D]
+    (all contiguous); writes o and lse [B, H, T] (base-2 log-sum-exp of the scaled scores)."""
+    i0, bh, bhk, q_off, kv_off = _query_block(T, H, Hkv, D, BLOCK_M)
     offs_i = i0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q_base = q_ptr + (b * T * H + h).to(tl.int64) * D     # row t of this head starts at t * H * D
-    kv_off = (b * T * Hkv + hkv).to(tl.int64) * D
-    q = _load_rows(q_base, offs_i, offs_i < T, H * D, offs_d, D)
+    q = _load_rows(q_ptr + q_off, offs_i, offs_i < T, H * D, offs_d, D)
+    k_ptr += kv_off
+    v_ptr += kv_off
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], NEG_INF, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
 
-    # 1. The band: keys [i0 - w, i_last]. Blocks inside every row's band and below the
-    #    diagonal, i.e. within [i_last - w, i0], need no mask.
+    # 1. The band: keys [i0 - w, i_last].
     i_last = tl.minimum(i0 + BLOCK_M, T) - 1
-    j_lo = tl.maximum(i0 - window, 0)
-    j_a, j_b = _split_range(j_lo, i_last - window, i0 + 1, i_last + 1, BLOCK_N)
-    acc, m_i, l_i = _fwd_band(acc, m_i, l_i, q, k_ptr + kv_off, v_ptr + kv_off, offs_i, offs_d, j_lo, j_a, T,
-                              window, Hkv * D, qk_scale, D, True, BLOCK_N, PRECISION)
-    acc, m_i, l_i = _fwd_band(acc, m_i, l_i, q, k_ptr + kv_off, v_ptr + kv_off, offs_i, offs_d, j_a, j_b, T,
-                              window, Hkv * D, qk_scale, D, False, BLOCK_N, PRECISION)
-    acc, m_i, l_i = _fwd_band(acc, m_i, l_i, q, k_ptr + kv_off, v_ptr + kv_off, offs_i, offs_d, j_b, i_last + 1,
-                              T, window, Hkv * D, qk_scale, D, True, BLOCK_N, PRECISION)
+    acc, m_i, l_i = _fwd_band(acc, m_i, l_i, q, k_ptr, v_ptr, offs_i, offs_d, i0, i_last, T, window, Hkv * D,
+                              qk_scale, D, BLOCK_N, PRECISION)
 
     # 2. Kept columns beyond the band: the listed keys j < i_last - w (a prefix of the sorted list).
     if HAS_KEEP:
-        list_base = (b * Hkv + hkv).to(tl.int64) * T
-        n_kept = tl.load(nbefore_ptr + (b * Hkv + hkv).to(tl.int64) * (T + 1) + tl.maximum(i_last - window, 0))
+        list_base = bhk.to(tl.int64) * T
+        n_kept = tl.load(nbefore_ptr + bhk.to(tl.int64) * (T + 1) + tl.maximum(i_last - window, 0))
         for n0 in range(0, n_kept, BLOCK_N):
-            k, v, visible = _kept_tile(cols_ptr + list_base, col_until_ptr + list_base, k_ptr + kv_off,
-                                       v_ptr + kv_off, n0, n_kept, offs_i, offs_d, window, Hkv * D, D, BLOCK_N)
+            k, v, visible = _kept_tile(cols_ptr + list_base, col_until_ptr + list_base, k_ptr, v_ptr, n0, n_kept,
+                                       offs_i, offs_d, window, Hkv * D, D, BLOCK_N)
             s = tl.where(visible, _dot(q, tl.trans(k), PRECISION) * qk_scale, NEG_INF)
             acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, v, PRECISION)
 
     # Every real row sees at least its own key, so l_i > 0 there (padding rows are not stored).
     o = acc / l_i[:, None]
-    _store_rows(o_ptr + (b * T * H + h).to(tl.int64) * D, o, offs_i, offs_i < T, H * D, offs_d, D)
+    _store_rows(o_ptr + q_off, o, offs_i, offs_i < T, H * D, offs_d, D)
     tl.store(lse_ptr + bh.to(tl.int64) * T + offs_i, m_i + tl.math.log2(l_i), mask=offs_i < T)
 
 
-# --- Backward ----------------------------------------------------------------------------------
+# --- Backward ------------------------------------------------------------------------------------
 
 @triton.jit
-def _dq_band(dq, q, do, lse, delta, k_ptr, v_ptr, offs_i, offs_d, j_lo, j_hi, T, window,
-             row_stride, qk_scale, D: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr,
-             PRECISION: tl.constexpr):
-    """dQ of the query tile from keys [j_lo, j_hi) of the band, BLOCK_N at a time."""
+def _dq_keys(dq, q, do, lse, delta, k_ptr, v_ptr, offs_i, offs_d, j_lo, j_hi, T, window, row_stride, qk_scale,
+             D: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """dQ of the query tile from band keys [j_lo, j_hi), BLOCK_N at a time (masked when MASK)."""
     for j0 in range(j_lo, j_hi, BLOCK_N):
         offs_j = j0 + tl.arange(0, BLOCK_N)
         k = _load_rows(k_ptr, offs_j, offs_j < T, row_stride, offs_d, D)
@@ -1199,47 +1222,51 @@ def _dq_band(dq, q, do, lse, delta, k_ptr, v_ptr, offs_i, offs_d, j_lo, j_hi, T,
 
 
 @triton.jit
+def _dq_band(dq, q, do, lse, delta, k_ptr, v_ptr, offs_i, offs_d, i0, i_last, T, window, row_stride, qk_scale,
+             D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """dQ of queries [i0, i_last] from their band: the forward's three runs of key blocks."""
+    j_lo = tl.maximum(i0 - window, 0)
+    j_a, j_b = _split_range(j_lo, i_last - window, i0 + 1, i_last + 1, BLOCK_N)
+    dq = _dq_keys(dq, q, do, lse, delta, k_ptr, v_ptr, offs_i, offs_d, j_lo, j_a, T, window, row_stride,
+                  qk_scale, D, MASK=True, BLOCK_N=BLOCK_N, PRECISION=PRECISION)
+    dq = _dq_keys(dq, q, do, lse, delta, k_ptr, v_ptr, offs_i, offs_d, j_a, j_b, T, window, row_stride,
+                  qk_scale, D, MASK=False, BLOCK_N=BLOCK_N, PRECISION=PRECISION)
+    dq = _dq_keys(dq, q, do, lse, delta, k_ptr, v_ptr, offs_i, offs_d, j_b, i_last + 1, T, window, row_stride,
+                  qk_scale, D, MASK=True, BLOCK_N=BLOCK_N, PRECISION=PRECISION)
+    return dq
+
+
+@triton.jit
 def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, cols_ptr, col_until_ptr,
                         nbefore_ptr, T, H, Hkv, window, qk_scale, scale, D: tl.constexpr,
                         HAS_KEEP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    """One program per (query block, batch * query head): DQ [B, T, H, D], the same key walk as
-    the forward (band, then the kept list). It first writes DELTA [B, H, T] = rowsum(O * dO) of
+    """One program per (query block, batch * query head): dq [B, T, H, D], the same key walk as
+    the forward (band, then the kept list). It first writes delta [B, H, T] = rowsum(O * dO) of
     its rows, which the dK, dV kernels read after it: one launch fewer than a kernel of its own,
     and an SWA forward + backward at 8K tokens costs as much host time as GPU time."""
-    i0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    hkv = h // (H // Hkv)
+    i0, bh, bhk, q_off, kv_off = _query_block(T, H, Hkv, D, BLOCK_M)
     offs_i = i0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q_off = (b * T * H + h).to(tl.int64) * D
-    kv_off = (b * T * Hkv + hkv).to(tl.int64) * D
     q = _load_rows(q_ptr + q_off, offs_i, offs_i < T, H * D, offs_d, D)
     do = _load_rows(do_ptr + q_off, offs_i, offs_i < T, H * D, offs_d, D)
     lse = tl.load(lse_ptr + bh.to(tl.int64) * T + offs_i, mask=offs_i < T, other=0.0)
     o = _load_rows(o_ptr + q_off, offs_i, offs_i < T, H * D, offs_d, D)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # the softmax backward's correction term
     tl.store(delta_ptr + bh.to(tl.int64) * T + offs_i, delta, mask=offs_i < T)
+    k_ptr += kv_off
+    v_ptr += kv_off
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     i_last = tl.minimum(i0 + BLOCK_M, T) - 1
-    j_lo = tl.maximum(i0 - window, 0)
-    j_a, j_b = _split_range(j_lo, i_last - window, i0 + 1, i_last + 1, BLOCK_N)
-    dq = _dq_band(dq, q, do, lse, delta, k_ptr + kv_off, v_ptr + kv_off, offs_i, offs_d, j_lo, j_a, T, window,
-                  Hkv * D, qk_scale, D, True, BLOCK_N, PRECISION)
-    dq = _dq_band(dq, q, do, lse, delta, k_ptr + kv_off, v_ptr + kv_off, offs_i, offs_d, j_a, j_b, T, window,
-                  Hkv * D, qk_scale, D, False, BLOCK_N, PRECISION)
-    dq = _dq_band(dq, q, do, lse, delta, k_ptr + kv_off, v_ptr + kv_off, offs_i, offs_d, j_b, i_last + 1, T,
-                  window, Hkv * D, qk_scale, D, True, BLOCK_N, PRECISION)
-
+    dq = _dq_band(dq, q, do, lse, delta, k_ptr, v_ptr, offs_i, offs_d, i0, i_last, T, window, Hkv * D, qk_scale,
+                  D, BLOCK_N, PRECISION)
     if HAS_KEEP:
-        list_base = (b * Hkv + hkv).to(tl.int64) * T
-        n_kept = tl.load(nbefore_ptr + (b * Hkv + hkv).to(tl.int64) * (T + 1) + tl.maximum(i_last - window, 0))
+        list_base = bhk.to(tl.int64) * T
+        n_kept = tl.load(nbefore_ptr + bhk.to(tl.int64) * (T + 1) + tl.maximum(i_last - window, 0))
         for n0 in range(0, n_kept, BLOCK_N):
-            k, v, visible = _kept_tile(cols_ptr + list_base, col_until_ptr + list_base, k_ptr + kv_off,
-                                       v_ptr + kv_off, n0, n_kept, offs_i, offs_d, window, Hkv * D, D, BLOCK_N)
+            k, v, visible = _kept_tile(cols_ptr + list_base, col_until_ptr + list_base, k_ptr, v_ptr, n0, n_kept,
+                                       offs_i, offs_d, window, Hkv * D, D, BLOCK_N)
             dq = _dq_update(dq, q, do, k, v, lse, delta, visible, qk_scale, True, PRECISION)
 
     # s = scale * q.k, so dL/dq = scale * sum_j ds_ij k_j.
@@ -1247,8 +1274,8 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, 
 
 
 @triton.jit
-def _dkdv_queries(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, offs_j, until, offs_d, i_lo, i_hi, b, h, T, H,
-                  window, qk_scale, D: tl.constexpr, KEPT: tl.constexpr, MASK: tl.constexpr,
+def _dkdv_queries(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, offs_j, until, offs_d, i_lo, i_hi, b, h, T,
+                  H, window, qk_scale, D: tl.constexpr, KEPT: tl.constexpr, MASK: tl.constexpr,
                   BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
     """dK, dV of one key tile from queries [i_lo, i_hi) of query head h, BLOCK_M at a time.
     KEPT picks the visibility rule: the band (False) or kept beyond the band (True)."""
@@ -1269,13 +1296,28 @@ def _dkdv_queries(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, offs_j, until
 
 
 @triton.jit
+def _dkdv_runs(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, offs_j, until, offs_d, i_lo, i_a, i_b, i_hi, b,
+               h, T, H, window, qk_scale, D: tl.constexpr, KEPT: tl.constexpr, BLOCK_M: tl.constexpr,
+               PRECISION: tl.constexpr):
+    """dK, dV of one key tile from queries [i_lo, i_hi) of query head h, cut by _split_range:
+    [i_lo, i_a) and [i_b, i_hi) masked, [i_a, i_b) seeing every key of the tile."""
+    dk, dv = _dkdv_queries(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, offs_j, until, offs_d, i_lo, i_a, b,
+                           h, T, H, window, qk_scale, D, KEPT=KEPT, MASK=True, BLOCK_M=BLOCK_M, PRECISION=PRECISION)
+    dk, dv = _dkdv_queries(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, offs_j, until, offs_d, i_a, i_b, b,
+                           h, T, H, window, qk_scale, D, KEPT=KEPT, MASK=False, BLOCK_M=BLOCK_M, PRECISION=PRECISION)
+    dk, dv = _dkdv_queries(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, offs_j, until, offs_d, i_b, i_hi, b,
+                           h, T, H, window, qk_scale, D, KEPT=KEPT, MASK=True, BLOCK_M=BLOCK_M, PRECISION=PRECISION)
+    return dk, dv
+
+
+@triton.jit
 def _attn_bwd_dkdv_kept_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_kept_ptr, dv_kept_ptr,
                                cols_ptr, col_until_ptr, nbefore_ptr, T, H, Hkv, window, qk_scale,
                                D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """One program per (block of BLOCK_N entries of the kept list, batch * KV head): the part of
     dK, dV that comes from queries beyond the band, for the G query heads of the group. Writes
-    float32 partials DK_KEPT, DV_KEPT [B, Hkv, T, D] at the list slots (the band kernel adds them)."""
+    float32 partials dk_kept, dv_kept [B, Hkv, T, D] at the list slots (the band kernel adds them)."""
     n0 = tl.program_id(0) * BLOCK_N
     bhk = tl.program_id(1)
     b = bhk // Hkv
@@ -1304,14 +1346,9 @@ def _attn_bwd_dkdv_kept_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, 
         i_lo = j_first + window + 1
         i_a, i_b = _split_range(i_lo, j_end + window + 1, until_min + 1, until_max + 1, BLOCK_M)
         for g in range(G):
-            h = hkv * G + g
-            dk, dv = _dkdv_queries(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, offs_j, until, offs_d, i_lo,
-                                   i_a, b, h, T, H, window, qk_scale, D, True, True, BLOCK_M, PRECISION)
-            dk, dv = _dkdv_queries(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, offs_j, until, offs_d, i_a,
-                                   i_b, b, h, T, H, window, qk_scale, D, True, False, BLOCK_M, PRECISION)
-            dk, dv = _dkdv_queries(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, offs_j, until, offs_d, i_b,
-                                   until_max + 1, b, h, T, H, window, qk_scale, D, True, True,
-                                   BLOCK_M, PRECISION)
+            dk, dv = _dkdv_runs(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, offs_j, until, offs_d, i_lo, i_a,
+                                i_b, until_max + 1, b, hkv * G + g, T, H, window, qk_scale, D, KEPT=True,
+                                BLOCK_M=BLOCK_M, PRECISION=PRECISION)
         _store_rows(dk_kept_ptr + list_base * D, dk, offs_n, in_list, D, offs_d, D)
         _store_rows(dv_kept_ptr + list_base * D, dv, offs_n, in_list, D, offs_d, D)
 
@@ -1321,7 +1358,7 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_pt
                           dv_kept_ptr, nbefore_ptr, T, H, Hkv, window, qk_scale, scale, D: tl.constexpr,
                           HAS_KEEP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    """One program per (key block, batch * KV head): DK, DV [B, T, Hkv, D] from the band queries
+    """One program per (key block, batch * KV head): dk, dv [B, T, Hkv, D] from the band queries
     of the G query heads of the group, plus (HAS_KEEP) the kept partials of listed keys."""
     j0 = tl.program_id(0) * BLOCK_N
     bhk = tl.program_id(1)
@@ -1341,16 +1378,12 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_pt
     i_hi = tl.minimum(j_last + window + 1, T)
     i_a, i_b = _split_range(j0, j_last, tl.minimum(j0 + window + 1, T), i_hi, BLOCK_M)
     for g in range(G):
-        h = hkv * G + g
-        dk, dv = _dkdv_queries(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, offs_j, offs_j, offs_d, j0, i_a, b, h,
-                               T, H, window, qk_scale, D, False, True, BLOCK_M, PRECISION)
-        dk, dv = _dkdv_queries(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, offs_j, offs_j, offs_d, i_a,
-                               i_b, b, h, T, H, window, qk_scale, D, False, False, BLOCK_M, PRECISION)
-        dk, dv = _dkdv_queries(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, offs_j, offs_j, offs_d, i_b,
-                               i_hi, b, h, T, H, window, qk_scale, D, False, True, BLOCK_M, PRECISION)
+        dk, dv = _dkdv_runs(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, offs_j, offs_j, offs_d, j0, i_a, i_b,
+                            i_hi, b, hkv * G + g, T, H, window, qk_scale, D, KEPT=False, BLOCK_M=BLOCK_M,
+                            PRECISION=PRECISION)
 
     if HAS_KEEP:
-        # A listed key j sits at slot NBEFORE[j] of the list, and is listed when NBEFORE[j+1] > NBEFORE[j].
+        # A listed key j sits at slot nbefore[j] of the list, and is listed when nbefore[j+1] > nbefore[j].
         count_base = nbefore_ptr + bhk.to(tl.int64) * (T + 1)
         slot = tl.load(count_base + offs_j, mask=offs_j < T, other=0)
         listed = tl.load(count_base + offs_j + 1, mask=offs_j < T, other=0) > slot
@@ -1674,6 +1707,48 @@ def _tile_selection(block_idx_ptr, b, tok, ok, T, Hkv, hkv, n_sel, BLOCK_S: tl.c
                    other=-1)
 
 
+@triton.jit
+def _group_offsets(b, hkv, T, H, G: tl.constexpr, D: tl.constexpr):
+    """Element offsets of the first query head of KV group (b, hkv): q_off in [B, T, H, D] (row
+    (t, g) of the group at q_off + (t H + g) D) and lse_off in [B, H, T] (at lse_off + g T + t)."""
+    q_off = (b.to(tl.int64) * T * H + hkv * G) * D
+    lse_off = (b.to(tl.int64) * H + hkv * G) * T
+    return q_off, lse_off
+
+
+@triton.jit
+def _group_tile(T, H, Hkv, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Program (token tile, batch * KV head) of the forward and dQ kernels: its batch b, KV head
+    hkv, rows (tok, g, ok: see _tile_rows) and _group_offsets."""
+    t0 = tl.program_id(0) * (BLOCK_M // G)
+    b = tl.program_id(1) // Hkv
+    hkv = tl.program_id(1) % Hkv
+    tok, g, ok = _tile_rows(t0, T, G, BLOCK_M)
+    q_off, lse_off = _group_offsets(b, hkv, T, H, G, D)
+    return b, hkv, tok, g, ok, q_off, lse_off
+
+
+@triton.jit
+def _cmp_tile(kc_ptr, vc_ptr, n0, Nc, n_seen, offs_d, row_stride, D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Compressed blocks n0 .. n0 + BLOCK_N: their rows kc, vc [BLOCK_N, BLOCK_D] and which rows of
+    the tile see them, visible [BLOCK_M, BLOCK_N] (a row sees its n_seen complete blocks)."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    kc = _load_rows(kc_ptr, offs_n, offs_n < Nc, row_stride, offs_d, D)
+    vc = _load_rows(vc_ptr, offs_n, offs_n < Nc, row_stride, offs_d, D)
+    return kc, vc, offs_n[None, :] < n_seen[:, None]
+
+
+@triton.jit
+def _slc_tile(k_ptr, v_ptr, j0, j_end, tok, chose, offs_d, row_stride, D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys j0 .. j0 + BLOCK_N of a selected block that ends at j_end: their rows k, v
+    [BLOCK_N, BLOCK_D] and which rows see them, visible [BLOCK_M, BLOCK_N]: those whose token chose
+    the block (chose [BLOCK_M]), causally (j <= tok)."""
+    offs_j = j0 + tl.arange(0, BLOCK_N)
+    k = _load_rows(k_ptr, offs_j, offs_j < j_end, row_stride, offs_d, D)
+    v = _load_rows(v_ptr, offs_j, offs_j < j_end, row_stride, offs_d, D)
+    return k, v, chose[:, None] & (offs_j[None, :] <= tok[:, None]) & (offs_j < j_end)[None, :]
+
+
 # --- compressed attention ---------------------------------------------------------------------
 
 @triton.jit
@@ -1682,13 +1757,10 @@ def _nsa_cmp_fwd_kernel(q_ptr, kc_ptr, vc_ptr, o_ptr, lse_ptr, T, Nc, H, Hkv, bl
                         BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """One program per (token tile, batch * KV head). Q, O [B, T, H, D]; KC, VC [B, Nc, Hkv, D].
     Writes O (0 on rows with no complete block) and LSE [B, H, T] in base 2 (-inf on those rows)."""
-    t0 = tl.program_id(0) * (BLOCK_M // G)
-    b = tl.program_id(1) // Hkv
-    hkv = tl.program_id(1) % Hkv
-    tok, g, ok = _tile_rows(t0, T, G, BLOCK_M)
+    b, hkv, tok, g, ok, q_off, lse_off = _group_tile(T, H, Hkv, G, D, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q_off = (b.to(tl.int64) * T * H + hkv * G) * D            # row (t, g) at (t * H + g) * D from here
-    kc_off = (b.to(tl.int64) * Nc * Hkv + hkv) * D
+    kc_ptr += (b.to(tl.int64) * Nc * Hkv + hkv) * D
+    vc_ptr += (b.to(tl.int64) * Nc * Hkv + hkv) * D
     q = _load_rows(q_ptr + q_off, tok * H + g, ok, D, offs_d, D)            # [BLOCK_M, BLOCK_D]
     n_seen = tl.where(ok, _n_complete(tok, offset, block, Nc), 0)           # [BLOCK_M]
 
@@ -1696,17 +1768,13 @@ def _nsa_cmp_fwd_kernel(q_ptr, kc_ptr, vc_ptr, o_ptr, lse_ptr, T, Nc, H, Hkv, bl
     m_i = tl.full([BLOCK_M], NEG_INF, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     for n0 in range(0, tl.max(n_seen, 0), BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        kc = _load_rows(kc_ptr + kc_off, offs_n, offs_n < Nc, Hkv * D, offs_d, D)
-        vc = _load_rows(vc_ptr + kc_off, offs_n, offs_n < Nc, Hkv * D, offs_d, D)
-        s = _dot(q, tl.trans(kc), PRECISION) * qk_scale
-        s = tl.where(offs_n[None, :] < n_seen[:, None], s, NEG_INF)
+        kc, vc, visible = _cmp_tile(kc_ptr, vc_ptr, n0, Nc, n_seen, offs_d, Hkv * D, D, BLOCK_N)
+        s = tl.where(visible, _dot(q, tl.trans(kc), PRECISION) * qk_scale, NEG_INF)
         acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, vc, PRECISION)
 
     seen = l_i > 0
     o = acc / tl.where(seen, l_i, 1.0)[:, None]               # nothing to attend to: o = 0
     _store_rows(o_ptr + q_off, o, tok * H + g, ok, D, offs_d, D)
-    lse_off = (b.to(tl.int64) * H + hkv * G) * T               # row (t, g) at g * T + t from here
     lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), NEG_INF)
     tl.store(lse_ptr + lse_off + g * T + tok, lse, mask=ok)
 
@@ -1716,14 +1784,10 @@ def _nsa_cmp_bwd_dq_kernel(q_ptr, kc_ptr, vc_ptr, do_ptr, lse_ptr, delta_ptr, dq
                            offset, qk_scale, scale, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """DQ [B, T, H, D]: the forward's walk, with P recomputed from LSE, DELTA [B, H, T]."""
-    t0 = tl.program_id(0) * (BLOCK_M // G)
-    b = tl.program_id(1) // Hkv
-    hkv = tl.program_id(1) % Hkv
-    tok, g, ok = _tile_rows(t0, T, G, BLOCK_M)
+    b, hkv, tok, g, ok, q_off, lse_off = _group_tile(T, H, Hkv, G, D, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q_off = (b.to(tl.int64) * T * H + hkv * G) * D
-    kc_off = (b.to(tl.int64) * Nc * Hkv + hkv) * D
-    lse_off = (b.to(tl.int64) * H + hkv * G) * T
+    kc_ptr += (b.to(tl.int64) * Nc * Hkv + hkv) * D
+    vc_ptr += (b.to(tl.int64) * Nc * Hkv + hkv) * D
     q = _load_rows(q_ptr + q_off, tok * H + g, ok, D, offs_d, D)
     do = _load_rows(do_ptr + q_off, tok * H + g, ok, D, offs_d, D)
     lse = tl.load(lse_ptr + lse_off + g * T + tok, mask=ok, other=0.0)
@@ -1732,10 +1796,7 @@ def _nsa_cmp_bwd_dq_kernel(q_ptr, kc_ptr, vc_ptr, do_ptr, lse_ptr, delta_ptr, dq
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for n0 in range(0, tl.max(n_seen, 0), BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        kc = _load_rows(kc_ptr + kc_off, offs_n, offs_n < Nc, Hkv * D, offs_d, D)
-        vc = _load_rows(vc_ptr + kc_off, offs_n, offs_n < Nc, Hkv * D, offs_d, D)
-        visible = offs_n[None, :] < n_seen[:, None]
+        kc, vc, visible = _cmp_tile(kc_ptr, vc_ptr, n0, Nc, n_seen, offs_d, Hkv * D, D, BLOCK_N)
         dq = _dq_update(dq, q, do, kc, vc, lse, delta, visible, qk_scale, True, PRECISION)
     _store_rows(dq_ptr + q_off, dq * scale, tok * H + g, ok, D, offs_d, D)
 
@@ -1759,8 +1820,7 @@ def _nsa_cmp_bwd_dkdv_kernel(q_ptr, kc_ptr, vc_ptr, do_ptr, lse_ptr, delta_ptr, 
     vc = _load_rows(vc_ptr + kc_off, offs_n, offs_n < Nc, Hkv * D, offs_d, D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    q_off = (b.to(tl.int64) * T * H + hkv * G) * D
-    lse_off = (b.to(tl.int64) * H + hkv * G) * T
+    q_off, lse_off = _group_offsets(b, hkv, T, H, G, D)
 
     # Block n0 is complete from position (n0 + 1) l - 1 on: earlier tokens see none of the tile.
     t_lo = tl.maximum(chunk * tokens_per_chunk, (n0 + 1) * block - 1 - offset)
@@ -1947,18 +2007,13 @@ def _nsa_slc_fwd_kernel(q_ptr, k_ptr, v_ptr, block_idx_ptr, union_ptr, n_union_p
     BI [B, T, Hkv, n] int32 (-1: none); UNION [B, Hkv, n_tiles, union_len], N_UNION [B, Hkv, n_tiles]:
     the blocks the tile's tokens chose, each once (_nsa_tile_union). Row (t, g) sees key j of a
     visited block c when t chose c and j <= t. Writes O and LSE [B, H, T] (base 2)."""
-    tile = tl.program_id(0)
-    t0 = tile * (BLOCK_M // G)
-    bhk = tl.program_id(1)
-    b = bhk // Hkv
-    hkv = bhk % Hkv
-    tok, g, ok = _tile_rows(t0, T, G, BLOCK_M)
+    b, hkv, tok, g, ok, q_off, lse_off = _group_tile(T, H, Hkv, G, D, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q_off = (b.to(tl.int64) * T * H + hkv * G) * D
-    kv_off = (b.to(tl.int64) * T * Hkv + hkv) * D
+    k_ptr += (b.to(tl.int64) * T * Hkv + hkv) * D
+    v_ptr += (b.to(tl.int64) * T * Hkv + hkv) * D
     q = _load_rows(q_ptr + q_off, tok * H + g, ok, D, offs_d, D)
     sel = _tile_selection(block_idx_ptr, b, tok, ok, T, Hkv, hkv, n_sel, BLOCK_S)  # [BLOCK_M, BLOCK_S]
-    union_id = bhk.to(tl.int64) * tl.num_programs(0) + tile
+    union_id = tl.program_id(1).to(tl.int64) * tl.num_programs(0) + tl.program_id(0)
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], NEG_INF, dtype=tl.float32)
@@ -1968,19 +2023,15 @@ def _nsa_slc_fwd_kernel(q_ptr, k_ptr, v_ptr, block_idx_ptr, union_ptr, n_union_p
         chose = tl.sum((sel == c).to(tl.int32), 1) > 0                          # [BLOCK_M]
         j_end = tl.minimum(c * block + block, T)
         for j0 in range(c * block, j_end, BLOCK_N):  # one tile when l <= 64
-            offs_j = j0 + tl.arange(0, BLOCK_N)
-            k = _load_rows(k_ptr + kv_off, offs_j, offs_j < j_end, Hkv * D, offs_d, D)
-            v = _load_rows(v_ptr + kv_off, offs_j, offs_j < j_end, Hkv * D, offs_d, D)
-            s = _dot(q, tl.trans(k), PRECISION) * qk_scale
-            visible = chose[:, None] & (offs_j[None, :] <= tok[:, None]) & (offs_j < j_end)[None, :]
-            acc, m_i, l_i = _softmax_update(acc, m_i, l_i, tl.where(visible, s, NEG_INF), v, PRECISION)
+            k, v, visible = _slc_tile(k_ptr, v_ptr, j0, j_end, tok, chose, offs_d, Hkv * D, D, BLOCK_N)
+            s = tl.where(visible, _dot(q, tl.trans(k), PRECISION) * qk_scale, NEG_INF)
+            acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, v, PRECISION)
 
     # A row that sees no key gets NaN, as the reference's softmax over nothing does. NaN is made
     # here as -inf * 0: a NaN global breaks Triton's recompile check (NaN != NaN reads as "changed").
     seen = l_i > 0
     o = tl.where(seen[:, None], acc / tl.where(seen, l_i, 1.0)[:, None], NEG_INF * 0.0)
     _store_rows(o_ptr + q_off, o, tok * H + g, ok, D, offs_d, D)
-    lse_off = (b.to(tl.int64) * H + hkv * G) * T
     lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), NEG_INF)
     tl.store(lse_ptr + lse_off + g * T + tok, lse, mask=ok)
 
@@ -1991,22 +2042,16 @@ def _nsa_slc_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, block_idx_ptr, union_ptr, n_unio
                            D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                            BLOCK_S: tl.constexpr, PRECISION: tl.constexpr):
     """DQ [B, T, H, D]: the forward's walk over the tile's blocks, P recomputed from LSE."""
-    tile = tl.program_id(0)
-    t0 = tile * (BLOCK_M // G)
-    bhk = tl.program_id(1)
-    b = bhk // Hkv
-    hkv = bhk % Hkv
-    tok, g, ok = _tile_rows(t0, T, G, BLOCK_M)
+    b, hkv, tok, g, ok, q_off, lse_off = _group_tile(T, H, Hkv, G, D, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q_off = (b.to(tl.int64) * T * H + hkv * G) * D
-    kv_off = (b.to(tl.int64) * T * Hkv + hkv) * D
-    lse_off = (b.to(tl.int64) * H + hkv * G) * T
+    k_ptr += (b.to(tl.int64) * T * Hkv + hkv) * D
+    v_ptr += (b.to(tl.int64) * T * Hkv + hkv) * D
     q = _load_rows(q_ptr + q_off, tok * H + g, ok, D, offs_d, D)
     do = _load_rows(do_ptr + q_off, tok * H + g, ok, D, offs_d, D)
     lse = tl.load(lse_ptr + lse_off + g * T + tok, mask=ok, other=0.0)
     delta = tl.load(delta_ptr + lse_off + g * T + tok, mask=ok, other=0.0)
     sel = _tile_selection(block_idx_ptr, b, tok, ok, T, Hkv, hkv, n_sel, BLOCK_S)
-    union_id = bhk.to(tl.int64) * tl.num_programs(0) + tile
+    union_id = tl.program_id(1).to(tl.int64) * tl.num_programs(0) + tl.program_id(0)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for e in range(0, tl.load(n_union_ptr + union_id)):
@@ -2014,10 +2059,7 @@ def _nsa_slc_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, block_idx_ptr, union_ptr, n_unio
         chose = tl.sum((sel == c).to(tl.int32), 1) > 0
         j_end = tl.minimum(c * block + block, T)
         for j0 in range(c * block, j_end, BLOCK_N):
-            offs_j = j0 + tl.arange(0, BLOCK_N)
-            k = _load_rows(k_ptr + kv_off, offs_j, offs_j < j_end, Hkv * D, offs_d, D)
-            v = _load_rows(v_ptr + kv_off, offs_j, offs_j < j_end, Hkv * D, offs_d, D)
-            visible = chose[:, None] & (offs_j[None, :] <= tok[:, None]) & (offs_j < j_end)[None, :]
+            k, v, visible = _slc_tile(k_ptr, v_ptr, j0, j_end, tok, chose, offs_d, Hkv * D, D, BLOCK_N)
             dq = _dq_update(dq, q, do, k, v, lse, delta, visible, qk_scale, True, PRECISION)
     _store_rows(dq_ptr + q_off, dq * scale, tok * H + g, ok, D, offs_d, D)
 
@@ -2047,9 +2089,8 @@ def _nsa_slc_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk
         r = tl.arange(0, BLOCK_M)
         g = r % G
         offs_d = tl.arange(0, BLOCK_D)
-        q_off = (b.to(tl.int64) * T * H + hkv * G) * D
+        q_off, lse_off = _group_offsets(b, hkv, T, H, G, D)
         kv_off = (b.to(tl.int64) * T * Hkv + hkv) * D
-        lse_off = (b.to(tl.int64) * H + hkv * G) * T
         j_end = tl.minimum(c * block + block, T)
         for j0 in range(c * block, j_end, BLOCK_N):  # one pass when l <= 64
             offs_j = j0 + tl.arange(0, BLOCK_N)
