@@ -6,7 +6,10 @@
     python bench.py prefill     prefill time: a prompt of N tokens into a fresh decoding state
     python bench.py lte-rule    LTE's buffer rule alone (lte_visible_until): parallel reference,
                                 Triton kernel, and the rule replayed token by token as decoding does
-    python bench.py             all of them
+    python bench.py             all of the above
+    python bench.py kernels     each Triton kernel of kernels.py against its reference and the fastest
+                                baselines (CUDA GPU only): a headline shape per op, --full for every
+                                table of the README, --tune to pick attention tiles first
 
 Decode: a context of N tokens is represented by a state of the size N tokens leave behind, filled
 with random numbers (prefilling 64K tokens through the O(T^2) reference would not fit in memory,
@@ -21,7 +24,10 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
+import traceback
+import warnings
 
 import torch
 
@@ -251,6 +257,385 @@ def bench_lte_rule(args, device) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------
+# kernels: each Triton kernel of kernels.py against the reference and the fastest baselines
+# ---------------------------------------------------------------------------------------------
+# kernels.py imports Triton and, without a GPU, switches it to its interpreter: every function
+# here imports it when called, so that the other measurements need neither.
+
+def _do_bench(fn, rep: int, warmup: int = 10, grad_to_none=None) -> float:
+    """Median ms of fn() by triton.testing.do_bench (CUDA events, the L2 cache flushed between calls)."""
+    import triton
+    return triton.testing.do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, return_mode="median")
+
+
+def _bench_ms(fn, backward: bool, inputs, do, rep: int = 60) -> float:
+    """Median ms of fn(*inputs) (forward, no autograd), or of its forward + backward."""
+    if not backward:
+        with torch.no_grad():
+            return _do_bench(lambda: fn(*inputs), rep)
+    return _do_bench(lambda: fn(*inputs).backward(do), rep, grad_to_none=list(inputs))
+
+
+def _peak_tflops() -> float:
+    """Measured bf16 matmul rate (8192^3), the ceiling for the attention's products."""
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    return 2 * 8192 ** 3 / _do_bench(lambda: a @ b, rep=100) / 1e9
+
+
+def _visible_pairs(T: int, window, keep) -> float:
+    """(query, key) pairs visible per query head, summed over the batch: the useful work."""
+    if window is None or window >= T - 1:
+        per_head = T * (T + 1) / 2
+    else:
+        per_head = (window + 1) * (T - window) + window * (window + 1) / 2
+    B, Hkv = (1, 1) if keep is None else (keep.shape[0], keep.shape[2])
+    total = per_head * B * Hkv
+    if keep is not None:  # a kept key j is also seen by the queries j + w + 1 .. T - 1
+        j = torch.arange(T, device=keep.device)[None, :, None]
+        total += ((T - 1 - window - j).clamp(min=0) * keep).sum().item()
+    return total / (B * Hkv)
+
+
+def tune_kernel_attention(T: int = 8192, Hkv: int = 8) -> list[dict]:
+    """Try a few block configurations of each attention kernel on the LTE pattern; keep the fastest
+    in kernels.GPU_BLOCKS for the rest of the run (and print them, to be written into that table)."""
+    import kernels
+    B, H, D, window = 4, 8, 64, 512
+    q, k, v, do = (torch.randn(B, T, h, D, device="cuda", dtype=torch.bfloat16, requires_grad=x != "do")
+                   for h, x in ((H, "q"), (Hkv, "k"), (Hkv, "v"), (H, "do")))
+    keep = torch.rand(B, T, Hkv, device="cuda") < 0.125
+    candidates = {  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
+        "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 4)],
+        "dq": [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 5)],
+        "dkdv": [(64, 128, 8, 3), (32, 128, 4, 5), (64, 64, 4, 3), (64, 128, 4, 3)],
+    }
+    table = kernels.GPU_BLOCKS
+    rows = []
+    for kernel, options in candidates.items():
+        timings = []
+        for bm, bn, warps, stages in options:
+            table[kernel] = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+            ms = _bench_ms(lambda *x: kernels.attention(*x, window=window, keep=keep), kernel != "fwd", (q, k, v), do)
+            timings.append((ms, dict(table[kernel])))
+            rows.append(dict(kernel=kernel, **table[kernel], ms=ms))
+            print(f"  tune {kernel:5s} BM={bm:3d} BN={bn:3d} warps={warps} stages={stages}: {ms:.3f} ms", flush=True)
+        table[kernel] = min(timings, key=lambda t: t[0])[1]
+    print(f"  chosen: {table}")
+    return rows
+
+
+def _attention_bench_inputs(B: int, T: int, H: int, Hkv: int, D: int):
+    """bf16 q [B, T, H, D], k, v [B, T, Hkv, D] and do for ours, and the same as [B, h, T, D]
+    leaf tensors (and do) for flex_attention and SDPA."""
+    q = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(B, T, Hkv, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    do = torch.randn_like(q)
+    qt, kt, vt = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))  # [B, h, T, D]
+    return (q, k, v), do, (qt, kt, vt), do.transpose(1, 2).contiguous()
+
+
+def _flex_block_mask(mask_fn, B: int, H: int, T: int):
+    """flex_attention's block mask for mask_fn(b, h, q_idx, kv_idx), built compiled."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    with warnings.catch_warnings():  # _compile=True is deprecated, still the fast path in 2.11
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return create_block_mask(mask_fn, B, H, T, T, device="cuda", _compile=True)
+
+
+def bench_kernel_attention(Ts=(8192, 2048, 16384, 4096, 1024), kv_heads=(8, 2), deadline: float = float("inf"),
+                           flex: bool = True) -> list[dict]:
+    """kernels.attention vs flex_attention (LTE, SWA) and SDPA flash (full causal), bf16, B=4, H=8,
+    D=64, w=512. flex=False skips flex_attention, which compiles for every shape (about a minute)."""
+    import kernels
+    import torch.nn.functional as F
+    import triton
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.flex_attention import flex_attention
+    torch._dynamo.config.cache_size_limit = 256
+    torch._dynamo.config.accumulated_cache_size_limit = 4096
+    flex_fn = torch.compile(flex_attention, dynamic=False)
+    B, H, D, window = 4, 8, 64, 512
+    peak = _peak_tflops()
+    try:  # does the flash backend take GQA directly?
+        x = torch.randn(1, 4, 128, 64, device="cuda", dtype=torch.bfloat16)
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            F.scaled_dot_product_attention(x, x[:, :2], x[:, :2], is_causal=True, enable_gqa=True)
+        flash_gqa = True
+    except RuntimeError:
+        flash_gqa = False
+    print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
+          f"bf16 matmul 8192^3: {peak:.0f} TFLOP/s")
+    print("attention, bf16, B=4, H=8, D=64, window 512, lte = window + 12.5% random kept columns; ms = median")
+    header = (f"{'T':>6} {'Hkv':>3} {'pattern':7} | {'ours fwd':>8} {'base fwd':>8} | {'ours f+b':>8} {'base f+b':>8} "
+              f"{'x f+b':>6} | {'TF/s fwd':>8} {'TF/s f+b':>8} {'%peak':>5} | baseline")
+    print(header)
+    lines, rows = [], []
+    for T in Ts:
+        for Hkv in kv_heads:
+            G = H // Hkv
+            (q, k, v), do, (qt, kt, vt), do_t = _attention_bench_inputs(B, T, H, Hkv, D)
+            keep = torch.rand(B, T, Hkv, device="cuda") < 0.125
+            keep_bh = keep.transpose(1, 2).contiguous()                                       # [B, Hkv, T]
+
+            def lte_mask(b, h, qi, kj):
+                return (kj <= qi) & ((qi - kj <= window) | keep_bh[b, h // G, kj])
+
+            def swa_mask(b, h, qi, kj):
+                return (kj <= qi) & (qi - kj <= window)
+
+            def sdpa(q_, k_, v_):
+                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                    if G > 1 and not flash_gqa:  # flash without GQA support: repeated K/V, timed too
+                        k_, v_ = k_.repeat_interleave(G, 1), v_.repeat_interleave(G, 1)
+                    return F.scaled_dot_product_attention(q_, k_, v_, is_causal=True, enable_gqa=G > 1 and flash_gqa)
+
+            for pattern in ("lte", "swa", "causal"):
+                w = None if pattern == "causal" else window
+                kp = keep if pattern == "lte" else None
+                ours = lambda q_, k_, v_: kernels.attention(q_, k_, v_, window=w, keep=kp)
+                if pattern == "causal":
+                    base = sdpa
+                    base_name = "SDPA flash" + ("" if G == 1 else ", enable_gqa" if flash_gqa else ", K/V repeated")
+                else:
+                    base_name = f"flex {pattern}, enable_gqa" if G > 1 else f"flex {pattern}"
+                    bm = _flex_block_mask(lte_mask if pattern == "lte" else swa_mask, B, H, T) if flex else None
+                    base = lambda q_, k_, v_, bm=bm: flex_fn(q_, k_, v_, block_mask=bm, enable_gqa=G > 1)
+                t = [_bench_ms(ours, False, (q, k, v), do), float("nan"), _bench_ms(ours, True, (q, k, v), do), float("nan")]
+                if pattern == "causal" or flex and time.time() < deadline:  # flex compiles per shape: slow
+                    t[1] = _bench_ms(base, False, (qt, kt, vt), do_t)
+                    t[3] = _bench_ms(base, True, (qt, kt, vt), do_t)
+                else:
+                    base_name += " (skipped: --full times it)" if not flex else " (skipped: time budget)"
+                flops = 4 * D * _visible_pairs(T, w, kp) * B * H
+                tf_fwd, tf_fb = flops / t[0] / 1e9, 3.5 * flops / t[2] / 1e9
+                line = (f"{T:6d} {Hkv:3d} {pattern:7} | {t[0]:8.3f} {t[1]:8.3f} | {t[2]:8.3f} {t[3]:8.3f} "
+                        f"{t[3] / t[2]:6.2f} | {tf_fwd:8.0f} {tf_fb:8.0f} {100 * tf_fb / peak:5.0f} | {base_name}")
+                print(line, flush=True)
+                lines.append(line)
+                rows.append(dict(T=T, Hkv=Hkv, pattern=pattern, ours_fwd_ms=t[0], base_fwd_ms=t[1], ours_fb_ms=t[2],
+                                 base_fb_ms=t[3], baseline=base_name, tflops_fb=tf_fb, peak_tflops=peak))
+    print("\n" + header + "\n" + "\n".join(sorted(lines, key=lambda r: (int(r.split()[1]), int(r.split()[0])))))
+    return rows
+
+
+def bench_kernel_swa_spread(T: int = 8192, reps: int = 8) -> list[dict]:
+    """SWA forward + backward against flex_attention, alternated `reps` times in one process.
+
+    Single medians of this pair drift by up to 2x between measurements on a shared machine, and
+    both sides drift together; alternating them and taking the median of the medians compares
+    them under the same conditions."""
+    import kernels
+    from torch.nn.attention.flex_attention import flex_attention
+    flex = torch.compile(flex_attention, dynamic=False)
+    B, H, D, window = 4, 8, 64, 512
+    print(f"\nSWA f+b, bf16, B={B}, H={H}, D={D}, T={T}, window {window}: ms per measurement, alternated")
+    rows = []
+    for Hkv in (8, 2):
+        inputs, do, inputs_t, do_t = _attention_bench_inputs(B, T, H, Hkv, D)
+        mask = _flex_block_mask(lambda b, h, qi, kj: (kj <= qi) & (qi - kj <= window), B, H, T)
+        ours = lambda q_, k_, v_: kernels.attention(q_, k_, v_, window=window)
+        base = lambda q_, k_, v_: flex(q_, k_, v_, block_mask=mask, enable_gqa=Hkv < H)
+        times = {"ours": [], "flex": []}
+        for _ in range(reps):
+            times["ours"].append(_bench_ms(ours, True, inputs, do))
+            times["flex"].append(_bench_ms(base, True, inputs_t, do_t))
+        for name, ms in times.items():
+            print(f"Hkv={Hkv} {name}: " + " ".join(f"{x:.3f}" for x in ms) + f" | median {statistics.median(ms):.3f}")
+        ratio = statistics.median(times["flex"]) / statistics.median(times["ours"])
+        print(f"Hkv={Hkv} flex / ours (medians): {ratio:.2f}x")
+        rows.append(dict(T=T, Hkv=Hkv, ours_fb_ms=times["ours"], flex_fb_ms=times["flex"], flex_over_ours=ratio))
+    return rows
+
+
+def bench_kernel_decode() -> list[dict]:
+    """One decoding step: kernels.attention_decode vs the reference (einsum + softmax), bf16, B=4,
+    H=8 on Hkv=2, D=64."""
+    import kernels
+    print("\nattention_decode, bf16, B=4, H=8, Hkv=2, D=64, 90% valid slots; ms = median")
+    print(f"{'S':>7} | {'ours':>7} {'reference':>9}")
+    rows = []
+    for S in (1024, 8192, 65536):
+        q = torch.randn(4, 8, 64, device="cuda", dtype=torch.bfloat16)
+        kc, vc = (torch.randn(4, S, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        valid = torch.rand(4, S, 2, device="cuda") < 0.9
+        ms = [_do_bench(lambda f=f: f(q, kc, vc, valid), rep=50)
+              for f in (kernels.attention_decode, tiny_hybrid.attention_decode)]
+        print(f"{S:7d} | {ms[0]:7.4f} {ms[1]:9.4f}")
+        rows.append(dict(S=S, ours_ms=ms[0], reference_ms=ms[1]))
+    return rows
+
+
+def bench_kernel_gdn(Ts=(1024, 4096, 16384), dims=(64, 128), B=4, H=8, with_reference=True, with_fla=True) -> list[dict]:
+    """Median ms of forward and forward+backward, bf16, for kernels.gated_delta_rule, the PyTorch
+    reference and (when importable) flash-linear-attention's chunk_gated_delta_rule."""
+    import kernels
+    fla_fn = None
+    if with_fla:
+        try:
+            import fla.ops.common.chunk_o as fla_chunk_o
+            from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_fn
+            fla_chunk_o.TRITON_ABOVE_3_7_1 = True    # fla's Hopper guard (its issue #640): timing only
+        except ImportError:
+            fla_fn = None
+    impls = {"triton": lambda q, k, v, g, b: kernels.gated_delta_rule(q, k, v, g, b)}
+    if with_reference:
+        impls["torch ref"] = lambda q, k, v, g, b: tiny_hybrid.gated_delta_rule(q, k, v, g, b)
+    if fla_fn is not None:
+        impls["fla"] = lambda q, k, v, g, b: fla_fn(q, k, v, g, b, output_final_state=True)
+    rows = []
+    print(f"\nGated DeltaNet, bf16, B={B}, H={H}, chunk 64; ms = median")
+    print(f"{'impl':10s} {'K=V':>4s} {'T':>6s} {'fwd ms':>8s} {'fwd+bwd ms':>11s}")
+    for D in dims:
+        for T in Ts:
+            q, k, v, g, beta = kernels._gdn_random_inputs(B, T, H, D, D, torch.bfloat16, "cuda", decay=(-0.2, -0.005))
+            beta = beta.to(torch.bfloat16)
+            for name, fn in impls.items():
+                if name == "torch ref" and T > 4096:
+                    continue                                   # minutes and tens of GB: skip
+                ins = [x.clone().requires_grad_() for x in (q, k, v, g, beta)]
+                do = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16)
+
+                def fwd():
+                    with torch.no_grad():
+                        return fn(*ins)
+
+                def fwd_bwd():
+                    o, _ = fn(*ins)
+                    o.backward(do)
+                t_f = _do_bench(fwd, rep=100, warmup=25)
+                t_fb = _do_bench(fwd_bwd, rep=100, warmup=25, grad_to_none=ins)
+                rows.append(dict(impl=name, K=D, V=D, T=T, fwd_ms=t_f, fb_ms=t_fb))
+                print(f"{name:10s} {D:4d} {T:6d} {t_f:8.3f} {t_fb:11.3f}", flush=True)
+    return rows
+
+
+def _nsa_core(ops, q, k, v, gates, block: int, top_n: int, n_recent: int, window):
+    """NativeSparseAttention's work between the projections, with the ops of `ops` (kernels or
+    tiny_hybrid): compress, compressed attention, scores, top-n, selected attention, window, gated
+    sum. window None leaves the window branch out (what fla's parallel_nsa does without flash-attn)."""
+    k_cmp, v_cmp = tiny_hybrid.nsa_compress(k, block), tiny_hybrid.nsa_compress(v, block)
+    o_cmp, lse = ops.nsa_compressed_attention(q, k_cmp, v_cmp, block)
+    block_idx = tiny_hybrid.nsa_select_blocks(ops.nsa_block_scores(q, k_cmp, lse, block), block, top_n, n_recent)
+    o_slc = ops.nsa_selected_attention(q, k, v, block_idx, block)
+    if window is None:
+        g = gates.to(o_cmp.dtype)
+        return g[..., 0:1] * o_cmp + g[..., 1:2] * o_slc
+    return tiny_hybrid.nsa_combine(gates, o_cmp, o_slc, ops.attention(q, k, v, window=window))
+
+
+def bench_kernel_nsa(Ts=(2048, 8192, 16384), B=4, H=32, Hkv=2, D=64, block=64, top_n=16, window=512) -> list[dict]:
+    """The NSA mixer core (_nsa_core, no projections), bf16, the paper's shapes: ours with and
+    without the window branch, the PyTorch reference, and flash-linear-attention's parallel_nsa
+    (compressed + selected only: its window branch needs flash-attn). Median ms."""
+    import kernels
+    try:
+        from fla.ops.nsa import parallel_nsa as fla_nsa
+    except ImportError:
+        fla_nsa = None
+        print("\nfla not installed: its column is skipped")
+    print(f"\nNSA core, bf16, B={B}, H={H} on Hkv={Hkv}, D={D}, block {block}, {top_n} blocks, window {window}; "
+          f"ms = median (fla: no window branch; compare it with 'ours -swa')")
+    print(f"{'T':>6} | {'ours fwd':>8} {'-swa':>7} {'ref':>8} {'fla':>7} | {'ours f+b':>8} {'-swa':>7} {'ref':>8} "
+          f"{'fla':>7} | ours fwd: cmp scores select slc swa")
+    rows = []
+    for T in Ts:
+        q = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        k, v = (torch.randn(B, T, Hkv, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+        gates = torch.rand(B, T, H, 3, device="cuda", requires_grad=True)
+        do = torch.randn_like(q)
+        t = {}
+        for name, ops, w in (("ours", kernels, window), ("-swa", kernels, None), ("ref", tiny_hybrid, window)):
+            fn = lambda q_, k_, v_, g_, ops=ops, w=w: _nsa_core(ops, q_, k_, v_, g_, block, top_n, 2, w)
+            # The reference is dense: [B, H, T, T] float32 scores, several alive at once.
+            dense_gb = B * H * T * T * 4 / 1e9
+            if name == "ref" and 10 * dense_gb > torch.cuda.mem_get_info()[0] / 1e9:
+                t[name] = (float("nan"), float("nan"))
+                continue
+            try:
+                t[name] = tuple(_bench_ms(fn, bwd, (q, k, v, gates), do, rep=30) for bwd in (False, True))
+            except torch.cuda.OutOfMemoryError:
+                t[name] = (float("nan"), float("nan"))
+            torch.cuda.empty_cache()
+        t["fla"] = (float("nan"), float("nan"))
+        if fla_nsa is not None:
+            g_cmp, g_slc = (gates[..., i].detach().to(torch.bfloat16).requires_grad_() for i in range(2))
+            fn = lambda q_, k_, v_, a, b_: fla_nsa(q_, k_, v_, a, b_, block_counts=top_n, block_size=block)
+            t["fla"] = tuple(_bench_ms(fn, bwd, (q, k, v, g_cmp, g_slc), do, rep=30) for bwd in (False, True))
+        # Where our forward's time goes, piece by piece.
+        with torch.no_grad():
+            k_cmp, v_cmp = tiny_hybrid.nsa_compress(k, block), tiny_hybrid.nsa_compress(v, block)
+            o_cmp, lse = kernels.nsa_compressed_attention(q, k_cmp, v_cmp, block)
+            scores = kernels.nsa_block_scores(q, k_cmp, lse, block)
+            block_idx = tiny_hybrid.nsa_select_blocks(scores, block, top_n)
+            parts = [lambda: kernels.nsa_compressed_attention(q, k_cmp, v_cmp, block),
+                     lambda: kernels.nsa_block_scores(q, k_cmp, lse, block),
+                     lambda: tiny_hybrid.nsa_select_blocks(scores, block, top_n),
+                     lambda: kernels.nsa_selected_attention(q, k, v, block_idx, block),
+                     lambda: kernels.attention(q, k, v, window=window)]
+            split = [_do_bench(f, rep=30, warmup=5) for f in parts]
+        note = "" if t["ref"][0] == t["ref"][0] else f"  (ref skipped: dense [B,H,T,T] = {dense_gb:.0f} GB)"
+        print(f"{T:6d} | {t['ours'][0]:8.2f} {t['-swa'][0]:7.2f} {t['ref'][0]:8.2f} {t['fla'][0]:7.2f} | "
+              f"{t['ours'][1]:8.2f} {t['-swa'][1]:7.2f} {t['ref'][1]:8.2f} {t['fla'][1]:7.2f} | "
+              + " ".join(f"{x:.2f}" for x in split) + note, flush=True)
+        rows.append(dict(T=T, **{f"{name}_fwd_ms": x[0] for name, x in t.items()},
+                         **{f"{name}_fb_ms": x[1] for name, x in t.items()},
+                         fwd_split_ms=dict(zip(("cmp", "scores", "select", "slc", "swa"), split))))
+    return rows
+
+
+def bench_kernel_lte_rule(Ts=(2048, 8192, 65536), B=4, Hkv=2, window=512, sink=4, buffer=256) -> list[dict]:
+    """kernels.lte_visible_until vs the parallel PyTorch reference, median ms."""
+    import kernels
+    print(f"\nlte_visible_until, B={B}, Hkv={Hkv}, w={window}, s={sink}, b={buffer}; ms = median")
+    print(f"{'T':>6} | {'kernel':>8} {'reference':>9}")
+    rows = []
+    for T in Ts:
+        scores = torch.randn(B, T, Hkv, device="cuda") * 0.2
+        ms = [_do_bench(lambda f=f: f(scores, window, sink, buffer), rep=50, warmup=5)
+              for f in (kernels.lte_visible_until, tiny_hybrid.lte_visible_until)]
+        print(f"{T:6d} | {ms[0]:8.3f} {ms[1]:9.3f}", flush=True)
+        rows.append(dict(T=T, kernel_ms=ms[0], reference_ms=ms[1]))
+    return rows
+
+
+# The default: one headline shape per op (a few minutes on one GPU). --full: every length and
+# baseline of the README's tables (tens of minutes: flex_attention compiles for every shape).
+KERNEL_BENCHES = {
+    "attention": lambda deadline: bench_kernel_attention(Ts=(8192,), kv_heads=(2,), flex=False),
+    "attention_decode": lambda deadline: bench_kernel_decode(),
+    "gated_delta_rule": lambda deadline: bench_kernel_gdn(Ts=(16384,), dims=(128,), with_reference=False),
+    "nsa": lambda deadline: bench_kernel_nsa(Ts=(8192,)),
+    "lte_visible_until": lambda deadline: bench_kernel_lte_rule(Ts=(8192,)),
+}
+KERNEL_FULL_BENCHES = {
+    "attention": lambda deadline: bench_kernel_attention(deadline=deadline),
+    "swa_spread": lambda deadline: bench_kernel_swa_spread(),
+    "attention_decode": lambda deadline: bench_kernel_decode(),
+    "gated_delta_rule": lambda deadline: bench_kernel_gdn(),
+    "nsa": lambda deadline: bench_kernel_nsa(),
+    "lte_visible_until": lambda deadline: bench_kernel_lte_rule(),
+}
+
+
+def bench_kernels(full: bool = False, tune: bool = False, budget_s: float = float("inf")) -> tuple[bool, dict]:
+    """The kernel benchmarks (headline shapes, or every table with `full`), on the current CUDA GPU.
+    Returns (every section ran, {section: rows}); a section that fails prints its traceback and
+    the others still run."""
+    start = time.time()
+    results, ok = {}, True
+    sections = dict(KERNEL_FULL_BENCHES if full else KERNEL_BENCHES)
+    if tune:
+        sections = {"tune_attention": lambda deadline: tune_kernel_attention(), **sections}
+    for name, bench in sections.items():
+        try:  # one broken section should not hide the others' numbers
+            results[name] = bench(deadline=start + budget_s)
+        except Exception:
+            traceback.print_exc()
+            ok = False
+    return ok, results
+
+
+# ---------------------------------------------------------------------------------------------
 
 def device_name(device) -> str:
     if device.type == "cuda":
@@ -291,8 +676,8 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
 
 def _parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
-    parser.add_argument("what", nargs="?", choices=["decode", "train", "prefill", "lte-rule", "all"], default="all",
-                        help="which measurement to run")
+    parser.add_argument("what", nargs="?", choices=["decode", "train", "prefill", "lte-rule", "all", "kernels"],
+                        default="all", help="which measurement to run ('all': every one but kernels)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu or cuda")
     parser.add_argument("--presets", nargs="+", default=list(DECODE_PRESETS), choices=list(tiny_hybrid.PRESETS),
@@ -307,6 +692,12 @@ def _parse_args(argv):
     parser.add_argument("--use-triton", action="store_true",
                         help="decode and prefill through the Triton kernels (default: the PyTorch reference)")
     parser.add_argument("--out", default="out", help="folder for bench_<device>.json and the decode figure")
+    parser.add_argument("--full", action="store_true",
+                        help="kernels: every length and baseline of the README's tables (tens of minutes: "
+                             "flex_attention compiles for every shape)")
+    parser.add_argument("--tune", action="store_true", help="kernels: pick attention block sizes by measuring first")
+    parser.add_argument("--budget-s", type=float, default=float("inf"),
+                        help="kernels: stop timing flex_attention after this many seconds (the rest print as nan)")
     args = parser.parse_args(argv)
     for name in ("batch", "steps", "train_len"):
         if getattr(args, name) < 1:
@@ -317,6 +708,13 @@ def _parse_args(argv):
         parser.error(f"--device must be cpu or cuda, got {args.device!r}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: no CUDA GPU is visible to torch here; use --device cpu")
+    if not args.budget_s > 0:
+        parser.error(f"--budget-s must be > 0, got {args.budget_s}")
+    if args.what != "kernels" and (args.full or args.tune or args.budget_s != float("inf")):
+        parser.error("--full, --tune and --budget-s apply to 'kernels' only")
+    if args.what == "kernels" and (not torch.cuda.is_available() or not args.device.startswith("cuda")):
+        parser.error("kernels: the kernel benchmarks time Triton kernels on a CUDA GPU, and none is in use here "
+                     "(python kernels.py --check-only checks them in Triton's CPU interpreter)")
     return args
 
 
@@ -334,10 +732,15 @@ def main(argv=None):
         results["prefill"] = bench_prefill(args, device)
     if args.what in ("lte-rule", "all"):
         results["lte_rule"] = bench_lte_rule(args, device)
+    ok = True
+    if args.what == "kernels":
+        ok, results["kernels"] = bench_kernels(full=args.full, tune=args.tune, budget_s=args.budget_s)
     path = os.path.join(args.out, f"bench_{device.type}_{args.what}.json")
     with open(path, "w") as f:
         json.dump(results, f, indent=1)
     print(f"wrote {path}")
+    if not ok:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -2,9 +2,9 @@
 
     attention(q, k, v, window=None, keep=None, scale=None)         full causal / SWA / LTE, fwd + bwd
     attention_decode(q, k_cache, v_cache, valid=None, scale=None)  one decoding step (split-K)
-    lte_visible_until(scores, window, sink, buffer)                LTE's buffer rule in parallel (section 2b)
-    gated_delta_rule, gated_delta_rule_recurrent(_step)            Gated DeltaNet (section GDN)
-    nsa_compressed_attention, nsa_block_scores, nsa_selected_attention   NSA's branches (section NSA)
+    lte_visible_until(scores, window, sink, buffer)                LTE's buffer rule in parallel (section 1d)
+    gated_delta_rule, gated_delta_rule_recurrent(_step)            Gated DeltaNet (section 1a)
+    nsa_compressed_attention, nsa_block_scores, nsa_selected_attention   NSA's branches (section 1c)
 
 Each returns what its twin in tiny_hybrid.py returns, and raises the same errors on bad input.
 `python kernels.py` checks every kernel against the reference, then prints one headline benchmark
@@ -27,21 +27,26 @@ i - j > w and i <= visible_until[j]. The backward is organised the same way:
 Without a CUDA GPU the kernels run in Triton's interpreter (slow; fine for small tests).
 """
 
+
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import os
-import statistics
 import sys
 import time
-import traceback
 import warnings
 
 import torch
 
 import tiny_hybrid
 from tiny_hybrid import _check_tensor
+
+
+# =============================================================================================
+# 0. Shared: set-up, the precision rule, input checks, tile helpers
+# =============================================================================================
 
 # --- Set-up: Triton is Linux-only; without a GPU its interpreter runs the kernels on the CPU ----
 
@@ -65,8 +70,883 @@ if INTERPRET:
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+
 NEG_INF = tl.constexpr(float("-inf"))  # a global a kernel may read must be a constexpr
 LOG2E = 1.4426950408889634  # scores are kept in base 2 so that exp2 (one instruction) does the softmax
+
+
+def _compute_dtype(*xs: torch.Tensor) -> torch.dtype:
+    """The dtype the kernels read: the common one of the inputs if a kernel can use it, else float32."""
+    dtype = xs[0].dtype
+    for x in xs[1:]:
+        dtype = torch.promote_types(dtype, x.dtype)
+    return dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """float32 inputs get exact float32 products (as the reference); 16-bit ones the tensor cores."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+MAX_HEAD_DIM = 128  # the largest head-dim tile the kernels are built and checked for
+
+
+def _check_kernel_limits(reference: str, head_dims: dict, tensors: dict) -> None:
+    """What tiny_hybrid.<reference> accepts but the kernels do not: a head dim (name -> size) past
+    MAX_HEAD_DIM, or a tensor (name -> tensor or None) on another device than the one Triton runs
+    on here, or on several devices."""
+    for name, d in head_dims.items():
+        if d > MAX_HEAD_DIM:
+            raise ValueError(f"head dim {name} = {d} is too large for the Triton kernels (at most "
+                             f"{MAX_HEAD_DIM}); use tiny_hybrid.{reference}")
+    given = {name: x for name, x in tensors.items() if x is not None}
+    for name, x in given.items():
+        if x.device.type != ("cpu" if INTERPRET else "cuda"):
+            raise ValueError(f"{name} is on {x.device}, but Triton here runs "
+                             f"{'on the CPU (interpreter)' if INTERPRET else 'on CUDA'}")
+    if len({x.device for x in given.values()}) > 1:
+        raise ValueError("all inputs must be on one device, got "
+                         + ", ".join(f"{name} on {x.device}" for name, x in given.items()))
+
+
+def _default_scale(scale, D: int) -> float:
+    """The softmax / read-out scale: D^-1/2 unless the caller gives one (as in tiny_hybrid)."""
+    return D ** -0.5 if scale is None else float(scale)
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device) -> int:
+    """Streaming multiprocessors of a CUDA device (132 on an H100 or H200); 1 in the interpreter.
+    Grids that must fill the GPU size themselves by it."""
+    if INTERPRET:
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _block_d(D: int) -> int:
+    """Head-dim tile: a power of two (Triton's rule) and >= 16 (the tensor cores' smallest K)."""
+    return max(16, triton.next_power_of_2(D))
+
+
+# Triton's interpreter multiplies bfloat16 matrices as raw 16-bit integers; there the operands go
+# through float32 first (bf16 x bf16 products are exact in float32, so the result is the same).
+_BF16_DOT_VIA_FP32 = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def _dot(a, b, PRECISION: tl.constexpr):
+    """a @ b accumulated in float32 (PRECISION: "ieee" exact float32 products, or "tf32")."""
+    if _BF16_DOT_VIA_FP32 and a.dtype == tl.bfloat16:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _load_rows(ptr, rows, row_ok, row_stride, offs_d, D: tl.constexpr):
+    """Gather rows `rows` of a matrix whose rows are `row_stride` apart: [len(rows), BLOCK_D],
+    zeros for rows not ok and for the columns past D."""
+    ptrs = ptr + rows[:, None] * row_stride + offs_d[None, :]
+    return tl.load(ptrs, mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+
+
+@triton.jit
+def _store_rows(ptr, x, rows, row_ok, row_stride, offs_d, D: tl.constexpr):
+    """Scatter the rows of x [len(rows), BLOCK_D] to `rows` (the inverse of _load_rows)."""
+    ptrs = ptr + rows[:, None] * row_stride + offs_d[None, :]
+    tl.store(ptrs, x.to(ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
+
+
+# =============================================================================================
+# 1a. Gated DeltaNet (tiny_hybrid.gated_delta_rule, gated_delta_rule_recurrent)
+# =============================================================================================
+
+# float32 dots of the Gated DeltaNet kernels: exact ("ieee") in the interpreter, tensor cores
+# ("tf32", ~3e-4 relative) on the GPU. 16-bit dots run on tensor cores with float32 accumulation.
+_DOT_PRECISION = "ieee" if INTERPRET else "tf32"
+
+
+# --- small jit helpers ------------------------------------------------------------------------
+
+@triton.jit
+def _token_tile(b, h, t0, T, H, D, L: tl.constexpr, BLOCK_D: tl.constexpr, d0=0):
+    """Offsets and mask of the [L, BLOCK_D] tile (tokens t0.., dims d0..) of head h of sequence b
+    in a [B, T, H, D] tensor. Tokens past T are masked (they read as 0: the reference's padding)."""
+    t = t0 + tl.arange(0, L)
+    d = d0 + tl.arange(0, BLOCK_D)
+    offs = ((b.to(tl.int64) * T + t[:, None]) * H + h) * D + d[None, :]
+    return offs, (t[:, None] < T) & (d[None, :] < D)
+
+
+@triton.jit
+def _token_vec(b, h, t0, T, H, L: tl.constexpr):
+    """Offsets and mask of L consecutive tokens of head h of sequence b in a [B, T, H] tensor."""
+    t = t0 + tl.arange(0, L)
+    return (b.to(tl.int64) * T + t) * H + h, t < T
+
+
+@triton.jit
+def _chunk_tile(bh, t0, T_pad, D, L: tl.constexpr, BLOCK_D: tl.constexpr, d0=0):
+    """Offsets and mask of an [L, BLOCK_D] tile of a heads-first, padded work tensor [B*H, T_pad, D]."""
+    t = t0 + tl.arange(0, L)
+    d = d0 + tl.arange(0, BLOCK_D)
+    return (bh.to(tl.int64) * T_pad + t[:, None]) * D + d[None, :], d[None, :] < D
+
+
+@triton.jit
+def _state_tile(bh, n, N, K, V, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, v0):
+    """Offsets and mask of the [BLOCK_K, BLOCK_V] tile (value columns v0..) of state n of [B*H, N, K, V]."""
+    dk = tl.arange(0, BLOCK_K)
+    dv = v0 + tl.arange(0, BLOCK_V)
+    offs = ((bh.to(tl.int64) * N + n) * K + dk[:, None]) * V + dv[None, :]
+    return offs, (dk[:, None] < K) & (dv[None, :] < V)
+
+
+@triton.jit
+def _chunk_gamma(gamma_ptr, bh, t0, T_pad, L: tl.constexpr):
+    """gamma of the chunk starting at t0 (the decay from its start, float32 [L], from the work
+    tensor [B*H, T_pad]) and its last entry gamma_L, the decay over the whole chunk."""
+    gam = tl.load(gamma_ptr + bh.to(tl.int64) * T_pad + t0 + tl.arange(0, L))
+    return gam, tl.load(gamma_ptr + bh.to(tl.int64) * T_pad + t0 + L - 1)
+
+
+@triton.jit
+def _decay_matrix(gam, L: tl.constexpr, STRICT: tl.constexpr):
+    """Gamma_ij = exp(gamma_i - gamma_j) on j < i (STRICT) or j <= i, else 0; [L] -> [L, L].
+    Masked before exp, so the upper triangle (positive exponents) cannot overflow."""
+    i = tl.arange(0, L)[:, None]
+    j = tl.arange(0, L)[None, :]
+    keep = (j < i) if STRICT else (j <= i)
+    return tl.exp(tl.where(keep, gam[:, None] - gam[None, :], float("-inf")))
+
+
+@triton.jit
+def _unit_lower_inverse(A, L: tl.constexpr, LOG2_BLOCKS: tl.constexpr, PRECISION: tl.constexpr):
+    """(I + A)^-1 for a strictly lower-triangular [L, L] A (L = 16 * 2^LOG2_BLOCKS), in two stages,
+    so that only 15 steps are sequential (a plain forward substitution would take L - 1):
+    (a) the 16 x 16 diagonal blocks D of A, all blocks at once, by forward substitution: at step s
+        row s of every block becomes T_r = e_r - sum_{j<r} D_rj T_j, one matrix product;
+    (b) the rest: I + A = (I + D)(I + N) with N = (I + D)^-1 E and E = A - D strictly
+        block-lower, so N^(L/16) = 0 and (I + N)^-1 = (I - N)(I + N^2)... is a finite product.
+    (A's powers grow like binomials, so no series in A itself: (a) substitutes.)
+    """
+    rows = tl.arange(0, L)[:, None]
+    cols = tl.arange(0, L)[None, :]
+    same_block = (rows // 16) == (cols // 16)
+    A_diag = tl.where(same_block, A, 0.)
+    inv = (rows == cols).to(tl.float32)                      # rows not yet reached stay e_r
+    for s in range(1, 16):
+        inv -= _dot(tl.where(rows % 16 == s, A_diag, 0.), inv, PRECISION)
+    P = -_dot(inv, tl.where(same_block, 0., A), PRECISION)  # -N
+    for i in tl.static_range(LOG2_BLOCKS):                  # inv <- (I + (-N)^(2^i)) inv
+        if i > 0:
+            P = _dot(P, P, PRECISION)
+        inv += _dot(P, inv, PRECISION)
+    return inv
+
+
+# --- forward kernels ----------------------------------------------------------------------------
+
+@triton.jit
+def _gdn_ut_kernel(k_ptr, g_ptr, beta_ptr,                                  # inputs, [B, T, H, *]
+                   gamma_ptr, a_inv_ptr,                                    # outputs, [B*H, T_pad, *]
+                   T, H, K, T_pad,
+                   L: tl.constexpr, BLOCK_K: tl.constexpr, LOG2_BLOCKS: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    """Steps 3-4a for one chunk: gamma and the UT transform T = (I + A)^-1.
+
+    grid (N chunks, B*H). Writes gamma [L] and T [L, L]. Only [L, L] tiles stay live (K K^T is
+    summed over BLOCK_K-wide slices of K), so several programs share a multiprocessor: the triangular
+    solve is a chain of small products, and other programs hide its latency.
+    """
+    n, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    t0 = n * L
+
+    # step 3: decay from the chunk's start
+    offs, mask = _token_vec(b, h, t0, T, H, L)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.).to(tl.float32)
+    beta = tl.load(beta_ptr + offs, mask=mask, other=0.).to(tl.float32)
+    gam = tl.cumsum(g, 0)                                                        # [L]
+    tl.store(gamma_ptr + bh.to(tl.int64) * T_pad + t0 + tl.arange(0, L), gam)
+
+    # step 4a: A_ij = beta_i Gamma_ij (k_i . k_j), j < i, and T = (I + A)^-1
+    kk = tl.zeros([L, L], dtype=tl.float32)
+    for d0 in range(0, K, BLOCK_K):
+        k_offs, k_mask = _token_tile(b, h, t0, T, H, K, L, BLOCK_K, d0)
+        k = tl.load(k_ptr + k_offs, mask=k_mask, other=0.)                       # [L, BLOCK_K]
+        kk += _dot(k, tl.trans(k), PRECISION)                                    # [L, L]
+    A = _decay_matrix(gam, L, True) * kk * beta[:, None]                         # [L, L]
+    A_inv = _unit_lower_inverse(A, L, LOG2_BLOCKS, PRECISION)
+    offs, mask = _chunk_tile(bh, t0, T_pad, L, L, L)
+    tl.store(a_inv_ptr + offs, A_inv.to(a_inv_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gdn_wy_kernel(k_ptr, v_ptr, beta_ptr, gamma_ptr, a_inv_ptr,            # inputs
+                   w_ptr, u_prime_ptr,                                      # outputs, [B*H, T_pad, *]
+                   T, H, K, V, T_pad,
+                   L: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, PRECISION: tl.constexpr):
+    """Step 4b for one chunk: the WY factors W = T diag(beta e^gamma) K and U' = T diag(beta) V.
+
+    grid (N chunks, B*H). The forward runs it after _gdn_ut_kernel, the backward from the saved T.
+    """
+    n, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    t0 = n * L
+    dt = w_ptr.dtype.element_ty
+
+    offs, mask = _token_vec(b, h, t0, T, H, L)
+    beta = tl.load(beta_ptr + offs, mask=mask, other=0.).to(tl.float32)          # [L]
+    gam, _ = _chunk_gamma(gamma_ptr, bh, t0, T_pad, L)                           # [L]
+    offs, mask = _chunk_tile(bh, t0, T_pad, L, L, L)
+    A_inv = tl.load(a_inv_ptr + offs, mask=mask, other=0.)                       # [L, L] f32
+    # the diagonal scales go onto T's columns ([L, L]) rather than onto K and V ([L, D])
+    tw = (A_inv * (beta * tl.exp(gam))[None, :]).to(dt)
+    tu = (A_inv * beta[None, :]).to(dt)
+    # (loop variables get names of their own: a loop may not change a variable's shape)
+    for d0 in range(0, K, BLOCK_K):
+        t_offs, t_mask = _token_tile(b, h, t0, T, H, K, L, BLOCK_K, d0)
+        k = tl.load(k_ptr + t_offs, mask=t_mask, other=0.)                       # [L, BLOCK_K]
+        c_offs, c_mask = _chunk_tile(bh, t0, T_pad, K, L, BLOCK_K, d0)
+        tl.store(w_ptr + c_offs, _dot(tw, k, PRECISION).to(dt), mask=c_mask)
+    for d0 in range(0, V, BLOCK_V):
+        t_offs, t_mask = _token_tile(b, h, t0, T, H, V, L, BLOCK_V, d0)
+        v = tl.load(v_ptr + t_offs, mask=t_mask, other=0.)                       # [L, BLOCK_V]
+        c_offs, c_mask = _chunk_tile(bh, t0, T_pad, V, L, BLOCK_V, d0)
+        tl.store(u_prime_ptr + c_offs, _dot(tu, v, PRECISION).to(dt), mask=c_mask)
+
+
+@triton.jit
+def _gdn_state_fwd_kernel(k_ptr, w_ptr, u_prime_ptr, gamma_ptr, h0_ptr,  # inputs
+                          h_ptr, u_ptr, ht_ptr,                          # outputs
+                          T, H, K, V, T_pad, N,
+                          L: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+                          HAS_H0: tl.constexpr, PRECISION: tl.constexpr):
+    """Step 5, the recurrence: walk the N chunks carrying S [K, BLOCK_V] in float32 registers.
+
+    grid (V / BLOCK_V, B*H). Writes h [N, K, V] (the state entering each chunk), U [T_pad, V] and the
+    final state.
+    """
+    v_tile, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    v0 = v_tile * BLOCK_V
+    dt = w_ptr.dtype.element_ty
+
+    s_offs, s_mask = _state_tile(bh, 0, 1, K, V, BLOCK_K, BLOCK_V, v0)           # [B*H, K, V] tile
+    if HAS_H0:
+        S = tl.load(h0_ptr + s_offs, mask=s_mask, other=0.).to(tl.float32)       # [BLOCK_K, BLOCK_V]
+    else:
+        S = tl.zeros([BLOCK_K, BLOCK_V], dtype=tl.float32)
+
+    for n in range(N):
+        t0 = n * L
+        offs, mask = _state_tile(bh, n, N, K, V, BLOCK_K, BLOCK_V, v0)
+        tl.store(h_ptr + offs, S.to(h_ptr.dtype.element_ty), mask=mask)
+
+        offs, mask = _chunk_tile(bh, t0, T_pad, K, L, BLOCK_K)
+        w = tl.load(w_ptr + offs, mask=mask, other=0.)                           # [L, BLOCK_K]
+        offs, mask = _chunk_tile(bh, t0, T_pad, V, L, BLOCK_V, v0)
+        u = tl.load(u_prime_ptr + offs, mask=mask, other=0.).to(tl.float32) \
+            - _dot(w, S.to(dt), PRECISION)                                       # U = U' - W S
+        tl.store(u_ptr + offs, u.to(dt), mask=mask)
+
+        gam, gam_last = _chunk_gamma(gamma_ptr, bh, t0, T_pad, L)                # [L], scalar
+        offs, mask = _token_tile(b, h, t0, T, H, K, L, BLOCK_K)
+        k = tl.load(k_ptr + offs, mask=mask, other=0.)                           # [L, BLOCK_K]
+        # the decay to the chunk's end goes onto U ([L, BLOCK_V]) rather than K ([L, K]): fewer registers
+        u_to_end = (u * tl.exp(gam_last - gam)[:, None]).to(dt)
+        S = S * tl.exp(gam_last) + _dot(tl.trans(k), u_to_end, PRECISION)
+
+    tl.store(ht_ptr + s_offs, S, mask=s_mask)
+
+
+@triton.jit
+def _gdn_output_kernel(q_ptr, k_ptr, gamma_ptr, h_ptr, u_ptr, o_ptr, scale,
+                       T, H, K, V, T_pad, N,
+                       L: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+                       PRECISION: tl.constexpr):
+    """Step 5, the output: O = scale (diag(e^gamma) Q S + (Q K^T * Gamma) U), every chunk at once.
+
+    grid (N, V / BLOCK_V, B*H). Writes o [L, BLOCK_V] into [B, T, H, V] (tokens past T dropped: step 6).
+    """
+    n, v_tile, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, h = bh // H, bh % H
+    t0, v0 = n * L, v_tile * BLOCK_V
+    dt = u_ptr.dtype.element_ty
+
+    offs, mask = _token_tile(b, h, t0, T, H, K, L, BLOCK_K)
+    q = tl.load(q_ptr + offs, mask=mask, other=0.)                               # [L, BLOCK_K]
+    k = tl.load(k_ptr + offs, mask=mask, other=0.)                               # [L, BLOCK_K]
+    gam, _ = _chunk_gamma(gamma_ptr, bh, t0, T_pad, L)                           # [L]
+    offs, mask = _state_tile(bh, n, N, K, V, BLOCK_K, BLOCK_V, v0)
+    S = tl.load(h_ptr + offs, mask=mask, other=0.)                               # [BLOCK_K, BLOCK_V]
+    offs, mask = _chunk_tile(bh, t0, T_pad, V, L, BLOCK_V, v0)
+    u = tl.load(u_ptr + offs, mask=mask, other=0.)                               # [L, BLOCK_V]
+
+    o_state = _dot(q, S.to(q.dtype), PRECISION) * tl.exp(gam)[:, None]           # [L, BLOCK_V]
+    p = _dot(q, tl.trans(k), PRECISION) * _decay_matrix(gam, L, False)           # [L, L]
+    o = scale * (o_state + _dot(p.to(dt), u, PRECISION))
+
+    offs, mask = _token_tile(b, h, t0, T, H, V, L, BLOCK_V, v0)
+    tl.store(o_ptr + offs, o.to(o_ptr.dtype.element_ty), mask=mask)
+
+
+# --- backward kernels ---------------------------------------------------------------------------
+# With P = scale (Q K^T * Gamma) (j <= i), dS_next the gradient of the state leaving a chunk:
+#   dU      = P^T dO + diag(e^(gamma_L - gamma)) K dS_next                     (U feeds O and S_next)
+#   dS      = e^gamma_L dS_next + scale (diag(e^gamma) Q)^T dO - W^T dU        (S feeds O, U, S_next)
+#   dQ      = scale diag(e^gamma) dO S^T + (scale dO U^T * Gamma) K
+#   dK     += (scale dO U^T * Gamma)^T Q + diag(e^(gamma_L - gamma)) U dS_next^T
+#   dW      = -dU S^T,   dU' = dU
+# Through the UT transform (W = T Xw, U' = T Xu, T = (I + A)^-1, dT = -T^T (.) T^T):
+#   dXw = T^T dW,  dXu = T^T dU',  dA = -(dXw W^T + dXu U'^T) on j < i
+# and from A_ij = beta_i Gamma_ij k_i.k_j, Xw = diag(beta e^gamma) K, Xu = diag(beta) V the
+# gradients of k, v, beta and gamma; gamma's gradient becomes g's by a reverse cumsum.
+
+@triton.jit
+def _gdn_state_bwd_kernel(q_ptr, k_ptr, w_ptr, gamma_ptr, do_ptr, dht_ptr,  # inputs
+                          dh_ptr, du_ptr, dh0_ptr,                          # outputs
+                          scale, T, H, K, V, T_pad, N,
+                          L: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+                          PRECISION: tl.constexpr):
+    """The recurrence backwards: walk the chunks from the last, carrying dS [K, BLOCK_V] in float32.
+
+    grid (V / BLOCK_V, B*H). Writes dh [N, K, V] (gradient of the state LEAVING each chunk), dU [T_pad, V]
+    and dS of the initial state.
+    """
+    v_tile, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    v0 = v_tile * BLOCK_V
+    dt = w_ptr.dtype.element_ty
+
+    s_offs, s_mask = _state_tile(bh, 0, 1, K, V, BLOCK_K, BLOCK_V, v0)
+    dS = tl.load(dht_ptr + s_offs, mask=s_mask, other=0.).to(tl.float32)         # [BLOCK_K, BLOCK_V]
+
+    for i in range(N):
+        n = N - 1 - i
+        t0 = n * L
+        offs, mask = _state_tile(bh, n, N, K, V, BLOCK_K, BLOCK_V, v0)
+        tl.store(dh_ptr + offs, dS.to(dh_ptr.dtype.element_ty), mask=mask)
+
+        offs, mask = _token_tile(b, h, t0, T, H, K, L, BLOCK_K)
+        q = tl.load(q_ptr + offs, mask=mask, other=0.)                           # [L, BLOCK_K]
+        k = tl.load(k_ptr + offs, mask=mask, other=0.)                           # [L, BLOCK_K]
+        offs, mask = _chunk_tile(bh, t0, T_pad, K, L, BLOCK_K)
+        w = tl.load(w_ptr + offs, mask=mask, other=0.)                           # [L, BLOCK_K]
+        offs, mask = _token_tile(b, h, t0, T, H, V, L, BLOCK_V, v0)
+        do = tl.load(do_ptr + offs, mask=mask, other=0.)                         # [L, BLOCK_V]
+        gam, gam_last = _chunk_gamma(gamma_ptr, bh, t0, T_pad, L)                # [L], scalar
+
+        # P^T (j, i) = scale k_j . q_i Gamma_ij, i >= j. Row scales (decays) go on the [L, BLOCK_V]
+        # side of each product, not on the [L, K] one: fewer registers.
+        pt = scale * _dot(k, tl.trans(q), PRECISION) * tl.trans(_decay_matrix(gam, L, False))
+        du = _dot(pt.to(dt), do, PRECISION) \
+            + _dot(k, dS.to(dt), PRECISION) * tl.exp(gam_last - gam)[:, None]    # [L, BLOCK_V]
+        offs, mask = _chunk_tile(bh, t0, T_pad, V, L, BLOCK_V, v0)
+        tl.store(du_ptr + offs, du.to(dt), mask=mask)
+
+        do_decayed = (do.to(tl.float32) * (scale * tl.exp(gam))[:, None]).to(dt)    # [L, BLOCK_V]
+        dS = dS * tl.exp(gam_last) + _dot(tl.trans(q), do_decayed, PRECISION) \
+            - _dot(tl.trans(w), du.to(dt), PRECISION)
+
+    tl.store(dh0_ptr + s_offs, dS, mask=s_mask)
+
+
+@triton.jit
+def _gdn_bwd_output_kernel(q_ptr, k_ptr, gamma_ptr, h_ptr, u_ptr, du_ptr, dh_ptr, do_ptr,  # in
+                           dq_ptr, dk_ptr, dw_ptr, dgam_ptr,                                # out
+                           scale, T, H, K, V, T_pad, N,
+                           L: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+                           PRECISION: tl.constexpr):
+    """Gradients through O, U = U' - W S and the state update, one chunk, looping over V tiles.
+
+    grid (N, B*H). Writes dq (final, into [B, T, H, K]), and float32 partials [B*H, T_pad, *] of
+    dk, dW and dgamma that _gdn_bwd_wy_kernel completes.
+    """
+    n, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    t0 = n * L
+    dt = u_ptr.dtype.element_ty
+
+    dq_state = tl.zeros([L, BLOCK_K], dtype=tl.float32)  # dO S^T
+    dk_state = tl.zeros([L, BLOCK_K], dtype=tl.float32)  # U dS_next^T
+    dw = tl.zeros([L, BLOCK_K], dtype=tl.float32)    # -dU S^T
+    r = tl.zeros([L, L], dtype=tl.float32)           # dO U^T
+    s_dot_ds = tl.zeros([BLOCK_K], dtype=tl.float32)  # <S, dS_next>, row by row
+    for v_tile in range(tl.cdiv(V, BLOCK_V)):
+        v0 = v_tile * BLOCK_V
+        t_offs, t_mask = _token_tile(b, h, t0, T, H, V, L, BLOCK_V, v0)
+        do = tl.load(do_ptr + t_offs, mask=t_mask, other=0.)                     # [L, BLOCK_V]
+        c_offs, c_mask = _chunk_tile(bh, t0, T_pad, V, L, BLOCK_V, v0)
+        u = tl.load(u_ptr + c_offs, mask=c_mask, other=0.)                       # [L, BLOCK_V]
+        du = tl.load(du_ptr + c_offs, mask=c_mask, other=0.)                     # [L, BLOCK_V]
+        s_offs, s_mask = _state_tile(bh, n, N, K, V, BLOCK_K, BLOCK_V, v0)
+        S = tl.load(h_ptr + s_offs, mask=s_mask, other=0.)                       # [BLOCK_K, BLOCK_V]
+        dS = tl.load(dh_ptr + s_offs, mask=s_mask, other=0.)                     # [BLOCK_K, BLOCK_V]
+        dq_state += _dot(do, tl.trans(S), PRECISION)
+        dk_state += _dot(u, tl.trans(dS), PRECISION)
+        dw -= _dot(du, tl.trans(S), PRECISION)
+        r += _dot(do, tl.trans(u), PRECISION)
+        s_dot_ds += tl.sum(S.to(tl.float32) * dS.to(tl.float32), 1)
+    # (each result is stored as soon as it is final, and q, k load only now: short live ranges,
+    # so that K = 128 fits in registers)
+    offs, mask = _chunk_tile(bh, t0, T_pad, K, L, BLOCK_K)
+    tl.store(dw_ptr + offs, dw, mask=mask)
+
+    gam, gam_last = _chunk_gamma(gamma_ptr, bh, t0, T_pad, L)                    # [L], scalar
+    t_offs, t_mask = _token_tile(b, h, t0, T, H, K, L, BLOCK_K)
+    q = tl.load(q_ptr + t_offs, mask=t_mask, other=0.)                           # [L, BLOCK_K]
+    k = tl.load(k_ptr + t_offs, mask=t_mask, other=0.)                           # [L, BLOCK_K]
+    z = scale * r * _decay_matrix(gam, L, False)                                 # dL/d(Q K^T)
+
+    # dgamma: from e^gamma in the state read-out, Gamma in P, e^(gamma_L - gamma) in the update
+    # (terms that cancel exactly, the diagonal of P and the last token's own decay to the chunk
+    # end, are left out: in float32 their rounding would swamp small gradients under strong decay)
+    dq_state *= (scale * tl.exp(gam))[:, None]
+    dgam = tl.sum(q.to(tl.float32) * dq_state, 1)
+    dq = dq_state + _dot(z.to(dt), k, PRECISION)
+    tl.store(dq_ptr + t_offs, dq.to(dq_ptr.dtype.element_ty), mask=t_mask)
+
+    dk_state *= tl.exp(gam_last - gam)[:, None]
+    is_last = tl.arange(0, L) == L - 1
+    k_dk = tl.where(is_last, 0., tl.sum(k.to(tl.float32) * dk_state, 1))         # [L]
+    dgam += tl.where(is_last, tl.exp(gam_last) * tl.sum(s_dot_ds, 0) + tl.sum(k_dk, 0), -k_dk)
+    dk = dk_state + _dot(tl.trans(z.to(dt)), q, PRECISION)
+    tl.store(dk_ptr + offs, dk, mask=mask)
+
+    e = r * scale * _dot(q, tl.trans(k), PRECISION) * _decay_matrix(gam, L, True)  # dP * P, j < i
+    dgam += tl.sum(e, 1) - tl.sum(e, 0)
+    tl.store(dgam_ptr + bh.to(tl.int64) * T_pad + t0 + tl.arange(0, L), dgam)
+
+
+@triton.jit
+def _gdn_bwd_wy_kernel(k_ptr, v_ptr, beta_ptr, gamma_ptr, a_inv_ptr, w_ptr, u_prime_ptr,  # in
+                       du_ptr, dw_ptr, dk_part_ptr, dgam_ptr,                             # in
+                       dk_ptr, dv_ptr, dg_ptr, dbeta_ptr,                                 # out
+                       T, H, K, V, T_pad,
+                       L: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+                       PRECISION: tl.constexpr):
+    """Gradients through the UT transform (step 4) and the cumsum (step 3), one chunk.
+
+    grid (N, B*H). Completes dk and writes dk, dv, dg, dbeta into the inputs' layouts.
+    """
+    n, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    t0 = n * L
+    dt = w_ptr.dtype.element_ty
+    rows = tl.arange(0, L)[:, None]
+    cols = tl.arange(0, L)[None, :]
+
+    offs, mask = _token_vec(b, h, t0, T, H, L)
+    beta = tl.load(beta_ptr + offs, mask=mask, other=0.).to(tl.float32)          # [L]
+    gam, _ = _chunk_gamma(gamma_ptr, bh, t0, T_pad, L)                           # [L]
+    offs, mask = _chunk_tile(bh, t0, T_pad, L, L, L)
+    A_inv = tl.load(a_inv_ptr + offs, mask=mask, other=0.).to(dt)                # [L, L]
+    w_offs, w_mask = _chunk_tile(bh, t0, T_pad, K, L, BLOCK_K)
+    dw = tl.load(dw_ptr + w_offs, mask=w_mask, other=0.)                         # [L, BLOCK_K] f32
+    w = tl.load(w_ptr + w_offs, mask=w_mask, other=0.)                           # [L, BLOCK_K]
+
+    # W = T Xw with Xw = diag(beta e^gamma) K: dXw = T^T dW, then its share of dA and the
+    # direct gradients of k, beta, gamma
+    dxw = _dot(tl.trans(A_inv), dw.to(dt), PRECISION)                            # [L, BLOCK_K]
+    dA = -_dot(dxw.to(dt), tl.trans(w), PRECISION)                               # [L, L]
+    k_offs, k_mask = _token_tile(b, h, t0, T, H, K, L, BLOCK_K)
+    k = tl.load(k_ptr + k_offs, mask=k_mask, other=0.)                           # [L, BLOCK_K]
+    eg = tl.exp(gam)
+    k_dxw = tl.sum(dxw * k.to(tl.float32), 1)                                    # [L]
+    dbeta = eg * k_dxw
+    dgam_w = beta * eg * k_dxw
+    dk = dxw * (beta * eg)[:, None]                                              # [L, BLOCK_K] f32
+
+    # U' = T Xu with Xu = diag(beta) V, V tile by tile: dXu = T^T dU', dV = diag(beta) dXu
+    for v_tile in range(tl.cdiv(V, BLOCK_V)):
+        v0 = v_tile * BLOCK_V
+        c_offs, c_mask = _chunk_tile(bh, t0, T_pad, V, L, BLOCK_V, v0)
+        du = tl.load(du_ptr + c_offs, mask=c_mask, other=0.)                     # [L, BLOCK_V]
+        u_prime = tl.load(u_prime_ptr + c_offs, mask=c_mask, other=0.)          # [L, BLOCK_V]
+        t_offs, t_mask = _token_tile(b, h, t0, T, H, V, L, BLOCK_V, v0)
+        v = tl.load(v_ptr + t_offs, mask=t_mask, other=0.).to(tl.float32)       # [L, BLOCK_V]
+        dxu = _dot(tl.trans(A_inv), du, PRECISION)                               # [L, BLOCK_V]
+        tl.store(dv_ptr + t_offs, (dxu * beta[:, None]).to(dv_ptr.dtype.element_ty), mask=t_mask)
+        dbeta += tl.sum(dxu * v, 1)
+        dA -= _dot(dxu.to(dt), tl.trans(u_prime), PRECISION)
+    dA = tl.where(cols < rows, dA, 0.)                                           # A is strictly lower
+
+    # A = diag(beta) C with C = (K K^T) * Gamma (j < i)
+    decay = _decay_matrix(gam, L, True)
+    dA_c = dA * _dot(k, tl.trans(k), PRECISION) * decay                          # dA * C
+    dbeta += tl.sum(dA_c, 1)
+    e = dA_c * beta[:, None]                                                     # dA * A: dlog Gamma
+    dgam = dgam_w + tl.sum(e, 1) - tl.sum(e, 0)
+    dkk = (dA * decay * beta[:, None]).to(dt)                                    # dL/d(K K^T)
+    dk += _dot(dkk, k, PRECISION) + _dot(tl.trans(dkk), k, PRECISION)
+    dk += tl.load(dk_part_ptr + w_offs, mask=w_mask, other=0.)                   # from O, S_next
+    tl.store(dk_ptr + k_offs, dk.to(dk_ptr.dtype.element_ty), mask=k_mask)
+    dgam += tl.load(dgam_ptr + bh.to(tl.int64) * T_pad + t0 + tl.arange(0, L))
+
+    # gamma = cumsum(g)  =>  dg_i = sum_{m >= i} dgamma_m (a reverse cumsum)
+    dg = tl.cumsum(dgam, 0, reverse=True)
+
+    offs, mask = _token_vec(b, h, t0, T, H, L)
+    tl.store(dg_ptr + offs, dg.to(dg_ptr.dtype.element_ty), mask=mask)
+    tl.store(dbeta_ptr + offs, dbeta.to(dbeta_ptr.dtype.element_ty), mask=mask)
+
+
+# --- decoding kernel ----------------------------------------------------------------------------
+
+@triton.jit
+def _gdn_recurrent_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, h0_ptr, o_ptr, ht_ptr, scale,
+                          T, H, K, V,
+                          BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, HAS_H0: tl.constexpr):
+    """The recurrent definition, token by token, the state tile [K, BLOCK_V] kept in float32 registers.
+
+    grid (V / BLOCK_V, B*H). Each value-column tile of the state evolves on its own (the delta rule's
+    read-out k^T S only mixes rows), so tiles run in parallel. ht may alias h0 (in-place update):
+    each program reads its tile before it writes it.
+    """
+    v_tile, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    v0 = v_tile * BLOCK_V
+    dk = tl.arange(0, BLOCK_K)
+    dv = v0 + tl.arange(0, BLOCK_V)
+    s_offs, s_mask = _state_tile(bh, 0, 1, K, V, BLOCK_K, BLOCK_V, v0)
+    if HAS_H0:
+        S = tl.load(h0_ptr + s_offs, mask=s_mask, other=0.).to(tl.float32)      # [BLOCK_K, BLOCK_V]
+    else:
+        S = tl.zeros([BLOCK_K, BLOCK_V], dtype=tl.float32)
+
+    for t in range(T):
+        tok = (b.to(tl.int64) * T + t) * H + h                                   # [B, T, H] index
+        q = tl.load(q_ptr + tok * K + dk, mask=dk < K, other=0.).to(tl.float32)  # [BLOCK_K]
+        k = tl.load(k_ptr + tok * K + dk, mask=dk < K, other=0.).to(tl.float32)  # [BLOCK_K]
+        v = tl.load(v_ptr + tok * V + dv, mask=dv < V, other=0.).to(tl.float32)  # [BLOCK_V]
+        g = tl.load(g_ptr + tok).to(tl.float32)
+        beta = tl.load(beta_ptr + tok).to(tl.float32)
+        S = S * tl.exp(g)
+        u = beta * (v - tl.sum(k[:, None] * S, 0))                               # [BLOCK_V]
+        S = S + k[:, None] * u[None, :]                                          # rank-1 update
+        o = scale * tl.sum(q[:, None] * S, 0)                                    # [BLOCK_V]
+        tl.store(o_ptr + tok * V + dv, o.to(o_ptr.dtype.element_ty), mask=dv < V)
+
+    tl.store(ht_ptr + s_offs, S, mask=s_mask)
+
+
+# --- host side ----------------------------------------------------------------------------------
+
+_GDN_CHUNK_SIZES = (16, 32, 64)
+
+
+def _gdn_work_dtype(q, k, v) -> torch.dtype:
+    """16-bit dots and intermediates when q, k, v share a 16-bit dtype, else float32."""
+    if q.dtype == k.dtype == v.dtype and q.dtype in (torch.float16, torch.bfloat16):
+        return q.dtype
+    return torch.float32
+
+
+def _gdn_seq_block_v(BH: int, V: int, device) -> int:
+    """Value-tile width of the sequential kernels. They run one program per (B*H, V tile) and
+    are latency-bound, so narrow the tiles while the programs still fit on the multiprocessors
+    one each (measured on the H100, B*H = 32: BLOCK_V = 16 for V = 64, 32 for V = 128)."""
+    BLOCK_V = min(64, _block_d(V))
+    while BLOCK_V > 16 and 2 * BH * triton.cdiv(V, BLOCK_V) <= _multiprocessors(device):
+        BLOCK_V //= 2
+    return BLOCK_V
+
+
+def _gdn_num_stages(x: torch.Tensor) -> int:
+    """Software-pipelining depth of the loops: 3 for 16-bit tiles; float32 tiles are twice the
+    size and 3 stages overflow the H100's 227 KB of shared memory, so no pipelining there.
+    (Never 1 for 16-bit tiles: with Triton 3.6 on the H200, bf16 backward kernels built with one
+    stage returned wrong gradients or faulted, while the same code with 3 stages checks out.)"""
+    return 3 if x.element_size() == 2 else 1
+
+
+def _gdn_ut(k, g, beta, L):
+    """Launch steps 3-4a: returns gamma [B*H, T_pad] and T [B*H, T_pad, L], both float32 (T is rounded
+    only once, when it is scaled into W and U')."""
+    B, T, H, K = k.shape
+    N = triton.cdiv(T, L)
+    T_pad = N * L                                                 # T padded to whole chunks
+    gamma = torch.empty(B * H, T_pad, device=k.device, dtype=torch.float32)
+    a_inv = torch.empty(B * H, T_pad, L, device=k.device, dtype=torch.float32)
+    _gdn_ut_kernel[(N, B * H)](k, g, beta, gamma, a_inv, T, H, K, T_pad, L=L,
+                               BLOCK_K=min(64, _block_d(K)), LOG2_BLOCKS=(L // 16).bit_length() - 1,
+                               PRECISION=_DOT_PRECISION, num_warps=4)
+    return gamma, a_inv
+
+
+def _gdn_wy(k, v, beta, gamma, a_inv, L):
+    """Launch step 4b: returns W [B*H, T_pad, K] and U' [B*H, T_pad, V] in the work dtype."""
+    B, T, H, K = k.shape
+    V = v.shape[3]
+    T_pad = gamma.shape[1]
+    w = torch.empty(B * H, T_pad, K, device=k.device, dtype=k.dtype)
+    u_prime = torch.empty(B * H, T_pad, V, device=k.device, dtype=k.dtype)
+    _gdn_wy_kernel[(T_pad // L, B * H)](k, v, beta, gamma, a_inv, w, u_prime, T, H, K, V, T_pad, L=L,
+                                     BLOCK_K=min(64, _block_d(K)), BLOCK_V=min(64, _block_d(V)),
+                                     PRECISION=_DOT_PRECISION, num_warps=4)
+    return w, u_prime
+
+
+def _gdn_state_fwd(k, w, u_prime, gamma, h0, L):
+    """Launch the forward recurrence: returns h [B*H, N, K, V], U [B*H, T_pad, V], final state f32."""
+    B, T, H, K = k.shape
+    V = u_prime.shape[2]
+    T_pad = u_prime.shape[1]
+    N = T_pad // L
+    h = torch.empty(B * H, N, K, V, device=k.device, dtype=k.dtype)
+    u = torch.empty_like(u_prime)
+    ht = torch.empty(B, H, K, V, device=k.device, dtype=torch.float32)
+    BLOCK_K, BLOCK_V = _block_d(K), _gdn_seq_block_v(B * H, V, k.device)
+    _gdn_state_fwd_kernel[(triton.cdiv(V, BLOCK_V), B * H)](
+        k, w, u_prime, gamma, h0 if h0 is not None else ht, h, u, ht, T, H, K, V, T_pad, N,
+        L=L, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, HAS_H0=h0 is not None, PRECISION=_DOT_PRECISION, num_warps=4,
+        num_stages=_gdn_num_stages(k))
+    return h, u, ht
+
+
+def _gdn_output(q, k, gamma, h, u, scale, L, out_dtype):
+    """Launch the chunk-parallel output: o [B, T, H, V] in out_dtype."""
+    B, T, H, K = q.shape
+    V = u.shape[2]
+    T_pad = u.shape[1]
+    N = T_pad // L
+    o = torch.empty(B, T, H, V, device=q.device, dtype=out_dtype)
+    # one program per chunk and V tile; at K = V = 128 a whole-V tile with 4 warps was the
+    # fastest on the H200 (0.24 ms at T = 16K against 0.38 for 64-wide tiles with 8 warps)
+    BLOCK_K, BLOCK_V = _block_d(K), _block_d(V)
+    _gdn_output_kernel[(N, triton.cdiv(V, BLOCK_V), B * H)](
+        q, k, gamma, h, u, o, scale, T, H, K, V, T_pad, N,
+        L=L, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, PRECISION=_DOT_PRECISION, num_warps=4, num_stages=_gdn_num_stages(q))
+    return o
+
+
+def _gdn_validate(q, k, v, g, beta, initial_state, chunk_size) -> None:
+    """The reference's checks (same errors), then the kernel's own limits."""
+    tiny_hybrid._check_gdn(q, k, v, g, beta, initial_state)
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if chunk_size not in _GDN_CHUNK_SIZES:
+        raise ValueError(f"chunk_size must be one of {_GDN_CHUNK_SIZES} for the Triton kernel, "
+                         f"got {chunk_size}")
+    _check_kernel_limits("gated_delta_rule", dict(K=k.shape[3], V=v.shape[3]),
+                         dict(q=q, k=k, v=v, g=g, beta=beta, initial_state=initial_state))
+
+
+def _gdn_inputs(q, k, v, g, beta, initial_state, scale):
+    """Contiguous work tensors: q, k, v in the work dtype, g, beta, the state as they come."""
+    scale = _default_scale(scale, q.shape[3])
+    wd = _gdn_work_dtype(q, k, v)
+    q, k, v = (x.to(wd).contiguous() for x in (q, k, v))
+    h0 = None if initial_state is None else initial_state.contiguous()
+    return q, k, v, g.contiguous(), beta.contiguous(), h0, scale
+
+
+def _gdn_forward(q, k, v, g, beta, h0, scale, L, out_dtype):
+    """The chunked forward on work tensors: returns (o, final_state, gamma, T); the backward
+    keeps gamma and T so that it need not solve the triangular systems again."""
+    gamma, a_inv = _gdn_ut(k, g, beta, L)
+    w, u_prime = _gdn_wy(k, v, beta, gamma, a_inv, L)
+    h, u, ht = _gdn_state_fwd(k, w, u_prime, gamma, h0, L)
+    return _gdn_output(q, k, gamma, h, u, scale, L, out_dtype), ht, gamma, a_inv
+
+
+def _gdn_state_bwd(q, k, w, gamma, do, dht, scale, L):
+    """Launch the backward recurrence: returns dh [B*H, N, K, V], dU [B*H, T_pad, V], dS_0 f32."""
+    B, T, H, K = k.shape
+    V = do.shape[3]
+    T_pad = w.shape[1]
+    N = T_pad // L
+    dh = torch.empty(B * H, N, K, V, device=k.device, dtype=k.dtype)
+    du = torch.empty(B * H, T_pad, V, device=k.device, dtype=k.dtype)
+    dh0 = torch.empty(B, H, K, V, device=k.device, dtype=torch.float32)
+    BLOCK_K, BLOCK_V = _block_d(K), _gdn_seq_block_v(B * H, V, k.device)
+    _gdn_state_bwd_kernel[(triton.cdiv(V, BLOCK_V), B * H)](
+        q, k, w, gamma, do, dht, dh, du, dh0, scale, T, H, K, V, T_pad, N,
+        L=L, BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, PRECISION=_DOT_PRECISION, num_warps=4, num_stages=_gdn_num_stages(k))
+    return dh, du, dh0
+
+
+def _gdn_bwd_config(kernel: str, K: int, V: int, x: torch.Tensor) -> dict:
+    """Value tile, warps and pipelining of the chunk-parallel backward kernels ("output", "wy"):
+    the fastest of a sweep on the H200 at T = 16K, B*H = 32, bf16 (output: 0.31 / 0.77 ms at
+    K = 64 / 128 against 0.47 / 0.83 for the next best; wy: 0.38 / 0.61 against 0.64 / 1.0)."""
+    BLOCK_V, warps = (64, 8) if kernel == "output" and _block_d(K) > 64 else (32, 4)
+    return dict(BLOCK_V=min(BLOCK_V, _block_d(V)), num_warps=warps, num_stages=_gdn_num_stages(x))
+
+
+def _gdn_bwd_output(q, k, gamma, h, u, du, dh, do, scale, L, dq_dtype):
+    """Launch the gradients through O, U and S: returns dq (final) and f32 partials dk, dW, dgamma."""
+    B, T, H, K = k.shape
+    V = u.shape[2]
+    T_pad = u.shape[1]
+    N = T_pad // L
+    dq = torch.empty(B, T, H, K, device=k.device, dtype=dq_dtype)
+    dk_part = torch.empty(B * H, T_pad, K, device=k.device, dtype=torch.float32)
+    dw = torch.empty_like(dk_part)
+    dgam = torch.empty(B * H, T_pad, device=k.device, dtype=torch.float32)
+    _gdn_bwd_output_kernel[(N, B * H)](
+        q, k, gamma, h, u, du, dh, do, dq, dk_part, dw, dgam, scale, T, H, K, V, T_pad, N,
+        L=L, BLOCK_K=_block_d(K), PRECISION=_DOT_PRECISION, **_gdn_bwd_config("output", K, V, k))
+    return dq, dk_part, dw, dgam
+
+
+def _gdn_bwd_wy(k, v, beta, gamma, a_inv, w, u_prime, du, dw, dk_part, dgam, L, dtypes):
+    """Launch the gradients through the UT transform: returns dk, dv, dg, dbeta."""
+    B, T, H, K = k.shape
+    V = v.shape[3]
+    T_pad = w.shape[1]
+    N = T_pad // L
+    dk = torch.empty(B, T, H, K, device=k.device, dtype=dtypes[1])
+    dv = torch.empty(B, T, H, V, device=k.device, dtype=dtypes[2])
+    dg = torch.empty(B, T, H, device=k.device, dtype=dtypes[3])
+    dbeta = torch.empty(B, T, H, device=k.device, dtype=dtypes[4])
+    _gdn_bwd_wy_kernel[(N, B * H)](
+        k, v, beta, gamma, a_inv, w, u_prime, du, dw, dk_part, dgam, dk, dv, dg, dbeta,
+        T, H, K, V, T_pad, L=L, BLOCK_K=_block_d(K), PRECISION=_DOT_PRECISION,
+        **_gdn_bwd_config("wy", K, V, k))
+    return dk, dv, dg, dbeta
+
+
+def _gdn_backward(q, k, v, beta, h0, gamma, a_inv, scale, L, do, dht, dtypes):
+    """The chunked backward on work tensors. Recomputes W, U' (from the saved T) and the
+    chunk-start states h, U rather than storing them. Returns dq, dk, dv, dg, dbeta, dh0 in the
+    dtypes of `dtypes` (the original inputs)."""
+    B, T, H, K = k.shape
+    V = v.shape[3]
+    do = do.to(k.dtype).contiguous()
+    dht = torch.zeros(B, H, K, V, device=k.device) if dht is None else dht.float().contiguous()
+    w, u_prime = _gdn_wy(k, v, beta, gamma, a_inv, L)
+    h, u, _ = _gdn_state_fwd(k, w, u_prime, gamma, h0, L)
+    dh, du, dh0 = _gdn_state_bwd(q, k, w, gamma, do, dht, scale, L)
+    dq, dk_part, dw, dgam = _gdn_bwd_output(q, k, gamma, h, u, du, dh, do, scale, L, dtypes[0])
+    dk, dv, dg, dbeta = _gdn_bwd_wy(k, v, beta, gamma, a_inv, w, u_prime, du, dw, dk_part, dgam, L,
+                                    dtypes)
+    return dq, dk, dv, dg, dbeta, None if h0 is None else dh0.to(dtypes[5])
+
+
+class _GatedDeltaRule(torch.autograd.Function):
+    """Chunked Gated DeltaNet; saves the inputs and the chunks' gamma and T = (I + A)^-1 (float32,
+    [B*H, T, L]: the size of one more input), the backward recomputes the rest."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, beta, scale, initial_state, chunk_size):
+        dtypes = tuple(None if x is None else x.dtype for x in (q, k, v, g, beta, initial_state))
+        out_dtype = v.dtype
+        q, k, v, g, beta, h0, scale = _gdn_inputs(q, k, v, g, beta, initial_state, scale)
+        gamma = a_inv = None
+        if q.shape[1] == 0:          # no tokens: nothing to launch (the reference fails on T = 0)
+            B, _, H, K = k.shape
+            o = torch.empty(B, 0, H, v.shape[3], device=v.device, dtype=out_dtype)
+            ht = h0.float().clone() if h0 is not None else \
+                torch.zeros(B, H, K, v.shape[3], device=v.device)
+        else:
+            o, ht, gamma, a_inv = _gdn_forward(q, k, v, g, beta, h0, scale, chunk_size, out_dtype)
+        ctx.save_for_backward(q, k, v, g, beta, h0, gamma, a_inv)
+        ctx.scale, ctx.chunk_size, ctx.dtypes = scale, chunk_size, dtypes
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, v, g, beta, h0, gamma, a_inv = ctx.saved_tensors
+        if q.shape[1] == 0:
+            dh0 = None if h0 is None else dht.to(ctx.dtypes[5])
+            return (torch.zeros_like(q, dtype=ctx.dtypes[0]), torch.zeros_like(k, dtype=ctx.dtypes[1]),
+                    torch.zeros_like(v, dtype=ctx.dtypes[2]), torch.zeros_like(g), torch.zeros_like(beta),
+                    None, dh0, None)
+        dq, dk, dv, dg, dbeta, dh0 = _gdn_backward(q, k, v, beta, h0, gamma, a_inv, ctx.scale,
+                                                   ctx.chunk_size, do, dht, ctx.dtypes)
+        return dq, dk, dv, dg, dbeta, None, dh0, None
+
+
+def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, chunk_size=64):
+    """Gated DeltaNet, chunked form, in Triton: the twin of `tiny_hybrid.gated_delta_rule`.
+
+    q, k: [B, T, H, K] (L2-normalised), v: [B, T, H, V], g: [B, T, H] log decay (<= 0),
+    beta: [B, T, H] in (0, 1), initial_state: [B, H, K, V] or None, chunk_size L in (16, 32, 64);
+    K, V <= 128. float32 / float16 / bfloat16 inputs; the state and all accumulation are float32,
+    16-bit inputs use 16-bit tensor-core dots (float32 ones: tf32 on the GPU, exact in the
+    interpreter). Differentiable in q, k, v, g, beta, initial_state.
+    Returns (o [B, T, H, V] in v's dtype, final_state [B, H, K, V] float32).
+    """
+    _gdn_validate(q, k, v, g, beta, initial_state, chunk_size)
+    return _GatedDeltaRule.apply(q, k, v, g, beta, scale, initial_state, chunk_size)
+
+
+def _gdn_recurrent_launch(q, k, v, g, beta, h0, ht, o, scale):
+    """q, k [B, T, H, K], v, o [B, T, H, V], g, beta [B, T, H], contiguous; h0/ht [B, H, K, V] f32."""
+    B, T, H, K = k.shape
+    V = v.shape[3]
+    BLOCK_K = _block_d(K)
+    BLOCK_V = min(_block_d(V), 32)  # narrow tiles: more programs, and [K, BLOCK_V] stays in registers
+    _gdn_recurrent_kernel[(triton.cdiv(V, BLOCK_V), B * H)](
+        q, k, v, g, beta, h0 if h0 is not None else ht, o, ht, scale, T, H, K, V,
+        BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, HAS_H0=h0 is not None, num_warps=4 if BLOCK_K <= 64 else 8)
+
+
+def gated_delta_rule_recurrent(q, k, v, g, beta, scale=None, initial_state=None):
+    """Gated DeltaNet token by token in one fused Triton kernel: the twin of
+    `tiny_hybrid.gated_delta_rule_recurrent` (same arguments, checks and outputs).
+
+    FORWARD ONLY (no autograd): meant for decoding and prefill; train with `gated_delta_rule`.
+    Returns (o [B, T, H, V] in v's dtype, final_state [B, H, K, V] float32).
+    """
+    tiny_hybrid._check_gdn(q, k, v, g, beta, initial_state)
+    _check_kernel_limits("gated_delta_rule_recurrent", dict(K=k.shape[3], V=v.shape[3]),
+                         dict(q=q, k=k, v=v, g=g, beta=beta, initial_state=initial_state))
+    B, T, H, K = k.shape
+    V = v.shape[3]
+    scale = _default_scale(scale, K)
+    q, k, v, g, beta = (x.detach().contiguous() for x in (q, k, v, g, beta))
+    h0 = None if initial_state is None else initial_state.detach().float().contiguous()
+    o = torch.empty(B, T, H, V, device=v.device, dtype=v.dtype)
+    ht = torch.empty(B, H, K, V, device=v.device, dtype=torch.float32)
+    if T == 0:
+        ht.copy_(h0) if h0 is not None else ht.zero_()
+        return o, ht
+    _gdn_recurrent_launch(q, k, v, g, beta, h0, ht, o, scale)
+    return o, ht
+
+
+def gated_delta_rule_recurrent_step(q, k, v, g, beta, state, scale=None):
+    """One decoding step of Gated DeltaNet for every sequence; `state` is updated IN PLACE.
+
+    q, k: [B, H, K], v: [B, H, V], g, beta: [B, H], state: [B, H, K, V] float32 contiguous.
+        state <- exp(g) state;  state <- state + k (beta (v - state^T k))^T;  o = scale state^T q
+    Returns o [B, H, V] in v's dtype. Forward only.
+    """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, x, 3)
+    _check_tensor("g", g, 2)
+    _check_tensor("beta", beta, 2)
+    _check_tensor("state", state, 4)
+    B, H, K = k.shape
+    V = v.shape[2]
+    if q.shape != k.shape:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must have the same shape")
+    if v.shape[:2] != (B, H):
+        raise ValueError(f"v must be [B, H, V] = [{B}, {H}, V], got {tuple(v.shape)}")
+    for name, x in (("g", g), ("beta", beta)):
+        if x.shape != (B, H):
+            raise ValueError(f"{name} must be [B, H] = [{B}, {H}], got {tuple(x.shape)}")
+    if state.shape != (B, H, K, V):
+        raise ValueError(f"state must be [B, H, K, V] = [{B}, {H}, {K}, {V}], got {tuple(state.shape)}")
+    if state.dtype != torch.float32 or not state.is_contiguous():
+        raise ValueError(f"state must be a contiguous float32 tensor (it is updated in place), "
+                         f"got {state.dtype}, contiguous={state.is_contiguous()}")
+    _check_kernel_limits("gated_delta_rule_recurrent", dict(K=K, V=V),
+                         dict(q=q, k=k, v=v, g=g, beta=beta, state=state))
+    scale = _default_scale(scale, K)
+    # [B, H, D] is [B, 1, H, D] in memory: a sequence of one token
+    q, k, v, g, beta = (x.detach().contiguous().unsqueeze(1) for x in (q, k, v, g, beta))
+    o = torch.empty(B, 1, H, V, device=v.device, dtype=v.dtype)
+    _gdn_recurrent_launch(q, k, v, g, beta, state, state, o, scale)
+    return o[:, 0]
+
+
+# =============================================================================================
+# 1b. Attention: full causal, sliding window, LTE's band plus kept columns; one decoding step
+# =============================================================================================
 
 # Block sizes (BLOCK_M: queries, BLOCK_N: keys per tile). GPU values: the fastest of a few
 # candidates on an H100, bf16, D=64, LTE pattern at T=8K (`python kernels.py --tune` re-measures);
@@ -100,72 +980,13 @@ def _blocks(kernel: str, D: int) -> dict:
     return (GPU_BLOCKS if D <= 64 else GPU_BLOCKS_D128)[kernel]
 
 
-# =============================================================================================
-# Input checks: the same errors as tiny_hybrid.attention / attention_decode
-# =============================================================================================
-
 def _check_attention_args(q, k, v, window, keep) -> None:
     """The checks of tiny_hybrid.attention (the same function), plus what only the kernels need."""
     tiny_hybrid._check_attention(q, k, v, window, keep)
-    _check_kernel_limits(q, (q, k, v))
+    _check_kernel_limits("attention", dict(D=q.shape[3]), dict(q=q, k=k, v=v))
 
 
-def _check_kernel_limits(q, tensors) -> None:
-    """What the reference accepts but these kernels do not: a huge head dim, mixed devices."""
-    D = q.shape[-1]
-    if D > 128:
-        raise ValueError(f"kernels support head dims up to 128, got D={D} (use tiny_hybrid's reference)")
-    if any(x.device != q.device for x in tensors):
-        raise ValueError(f"all inputs must be on one device, got {[str(x.device) for x in tensors]}")
-    if INTERPRET != (q.device.type == "cpu"):
-        raise ValueError(f"Triton here runs {'on the CPU (interpreter)' if INTERPRET else 'on CUDA'}, "
-                         f"but the inputs are on {q.device}")
-
-
-def _compute_dtype(*xs: torch.Tensor) -> torch.dtype:
-    """The dtype the kernels read: the common one of the inputs if a kernel can use it, else float32."""
-    dtype = xs[0].dtype
-    for x in xs[1:]:
-        dtype = torch.promote_types(dtype, x.dtype)
-    return dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    """float32 inputs get exact float32 products (as the reference); 16-bit ones the tensor cores."""
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-# =============================================================================================
-# 1. Attention: building blocks shared by the kernels
-# =============================================================================================
-
-# Triton's interpreter multiplies bfloat16 matrices as raw 16-bit integers; there the operands go
-# through float32 first (bf16 x bf16 products are exact in float32, so the result is the same).
-_BF16_DOT_VIA_FP32 = tl.constexpr(INTERPRET)
-
-
-@triton.jit
-def _mm(a, b, PRECISION: tl.constexpr):
-    """a @ b accumulated in float32 (PRECISION: "ieee" exact float32 products, or "tf32")."""
-    if _BF16_DOT_VIA_FP32 and a.dtype == tl.bfloat16:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, input_precision=PRECISION)
-
-
-@triton.jit
-def _load_rows(base, rows, row_ok, row_stride, offs_d, D: tl.constexpr):
-    """Gather rows `rows` of a matrix whose rows are `row_stride` apart: [len(rows), BLOCK_D],
-    zeros for rows not ok and for the columns past D."""
-    ptrs = base + rows[:, None] * row_stride + offs_d[None, :]
-    return tl.load(ptrs, mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-
-
-@triton.jit
-def _store_rows(base, x, rows, row_ok, row_stride, offs_d, D: tl.constexpr):
-    """Scatter the rows of x [len(rows), BLOCK_D] to `rows` (the inverse of _load_rows)."""
-    ptrs = base + rows[:, None] * row_stride + offs_d[None, :]
-    tl.store(ptrs, x.to(base.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
-
+# --- Building blocks shared by the kernels -----------------------------------------------------
 
 @triton.jit
 def _split_range(start, full_lo, full_hi, end, BLOCK: tl.constexpr):
@@ -195,17 +1016,17 @@ def _kept_visible(i, j, until, window):
 
 
 @triton.jit
-def _kept_tile(cols, col_until, k_base, v_base, n0, n_kept, offs_i, offs_d, window, row_stride,
+def _kept_tile(cols_ptr, col_until_ptr, k_ptr, v_ptr, n0, n_kept, offs_i, offs_d, window, row_stride,
                D: tl.constexpr, BLOCK_N: tl.constexpr):
     """Entries n0 .. n0 + BLOCK_N of one head's kept list (cols, col_until: its key positions and
     visible-until; n_kept entries are valid): the keys' rows k, v [BLOCK_N, BLOCK_D] and which of
     the queries offs_i see them, visible [BLOCK_M, BLOCK_N]."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     in_list = offs_n < n_kept
-    offs_j = tl.load(cols + offs_n, mask=in_list, other=0)
-    until = tl.load(col_until + offs_n, mask=in_list, other=-1)
-    k = _load_rows(k_base, offs_j, in_list, row_stride, offs_d, D)
-    v = _load_rows(v_base, offs_j, in_list, row_stride, offs_d, D)
+    offs_j = tl.load(cols_ptr + offs_n, mask=in_list, other=0)
+    until = tl.load(col_until_ptr + offs_n, mask=in_list, other=-1)
+    k = _load_rows(k_ptr, offs_j, in_list, row_stride, offs_d, D)
+    v = _load_rows(v_ptr, offs_j, in_list, row_stride, offs_d, D)
     return k, v, _kept_visible(offs_i[:, None], offs_j[None, :], until[None, :], window)
 
 
@@ -219,7 +1040,7 @@ def _softmax_update(acc, m_i, l_i, s, v, PRECISION: tl.constexpr):
     p = tl.math.exp2(s - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PRECISION)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
     return acc, m_new, l_i
 
 
@@ -227,13 +1048,13 @@ def _softmax_update(acc, m_i, l_i, s, v, PRECISION: tl.constexpr):
 def _dq_update(dq, q, do, k, v, lse, delta, visible, qk_scale, MASK: tl.constexpr,
                PRECISION: tl.constexpr):
     """dq [BM, BLOCK_D] += dS k for one key tile; visible [BM, BN] is used only when MASK."""
-    s = _mm(q, tl.trans(k), PRECISION) * qk_scale  # [BM, BN], base 2
+    s = _dot(q, tl.trans(k), PRECISION) * qk_scale  # [BM, BN], base 2
     p = tl.math.exp2(s - lse[:, None])  # the softmax probabilities, from the forward's LSE
     if MASK:
         p = tl.where(visible, p, 0.0)
-    dp = _mm(do, tl.trans(v), PRECISION)  # [BM, BN]
+    dp = _dot(do, tl.trans(v), PRECISION)  # [BM, BN]
     ds = p * (dp - delta[:, None])
-    return dq + _mm(ds.to(k.dtype), k, PRECISION)
+    return dq + _dot(ds.to(k.dtype), k, PRECISION)
 
 
 @triton.jit
@@ -241,21 +1062,21 @@ def _dkdv_update(dk, dv, q, do, k, v, lse, delta, visible, qk_scale,
                  MASK: tl.constexpr, PRECISION: tl.constexpr):
     """dk, dv [BN, BLOCK_D] += the contribution of one query tile q, do [BM, BLOCK_D], computed
     transposed ([BN, BM]) so that both products are plain dots; visible [BN, BM] used when MASK."""
-    s_t = _mm(k, tl.trans(q), PRECISION) * qk_scale  # [BN, BM], base 2
+    s_t = _dot(k, tl.trans(q), PRECISION) * qk_scale  # [BN, BM], base 2
     p_t = tl.math.exp2(s_t - lse[None, :])
     if MASK:
         p_t = tl.where(visible, p_t, 0.0)
-    dv += _mm(p_t.to(do.dtype), do, PRECISION)
-    dp_t = _mm(v, tl.trans(do), PRECISION)  # [BN, BM]
+    dv += _dot(p_t.to(do.dtype), do, PRECISION)
+    dp_t = _dot(v, tl.trans(do), PRECISION)  # [BN, BM]
     ds_t = p_t * (dp_t - delta[None, :])
-    dk += _mm(ds_t.to(q.dtype), q, PRECISION)
+    dk += _dot(ds_t.to(q.dtype), q, PRECISION)
     return dk, dv
 
 
-# --- 1a. The kept-column list -----------------------------------------------------------------
+# --- The kept-column list --------------------------------------------------------------------
 
 @triton.jit
-def _compact_kept_kernel(UNTIL, COLS, COL_UNTIL, NBEFORE, T, Hkv, window, BLOCK: tl.constexpr):
+def _compact_kept_kernel(until_ptr, cols_ptr, col_until_ptr, nbefore_ptr, T, Hkv, window, BLOCK: tl.constexpr):
     """One program per (batch, KV head): list, in order, the keys seen beyond the band.
 
     UNTIL [B, T, Hkv] int32 (visible-until, clamped to [-1, T-1]). Writes COLS [B, Hkv, T] (key
@@ -266,16 +1087,16 @@ def _compact_kept_kernel(UNTIL, COLS, COL_UNTIL, NBEFORE, T, Hkv, window, BLOCK:
     h = pid % Hkv
     list_base = pid.to(tl.int64) * T
     count_base = pid.to(tl.int64) * (T + 1)
-    tl.store(NBEFORE + count_base, 0)
+    tl.store(nbefore_ptr + count_base, 0)
     total = tl.zeros([], dtype=tl.int32)  # listed keys so far
     for t0 in range(0, T, BLOCK):
         t = t0 + tl.arange(0, BLOCK)
-        until = tl.load(UNTIL + (b * T + t) * Hkv + h, mask=t < T, other=-1)
+        until = tl.load(until_ptr + (b * T + t) * Hkv + h, mask=t < T, other=-1)
         listed = until > t + window  # some query i in (t + window, until] sees key t
         inclusive = tl.cumsum(listed.to(tl.int32), 0) + total
-        tl.store(NBEFORE + count_base + t + 1, inclusive, mask=t < T)
-        tl.store(COLS + list_base + inclusive - 1, t, mask=listed)
-        tl.store(COL_UNTIL + list_base + inclusive - 1, until, mask=listed)
+        tl.store(nbefore_ptr + count_base + t + 1, inclusive, mask=t < T)
+        tl.store(cols_ptr + list_base + inclusive - 1, t, mask=listed)
+        tl.store(col_until_ptr + list_base + inclusive - 1, until, mask=listed)
         total += tl.sum(listed.to(tl.int32), 0)
 
 
@@ -298,18 +1119,33 @@ def _kept_list(keep: torch.Tensor, window: int, T: int):
     return cols, col_until, nbefore
 
 
-# --- 1b. Forward ------------------------------------------------------------------------------
+# --- Forward -------------------------------------------------------------------------------------
 
 @triton.jit
-def _fwd_band(acc, m_i, l_i, q, k_base, v_base, offs_i, offs_d, j_lo, j_hi, T, window, row_stride,
-              qk_scale, D: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr,
-              PRECISION: tl.constexpr):
-    """Attend the query tile to keys [j_lo, j_hi) of the band, BLOCK_N at a time."""
+def _query_block(T, H, Hkv, D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Program (query block, batch * query head) of the forward and dQ kernels: its first query i0
+    (the last blocks see the most keys, so they start first and the grid's tail is short), bh, its
+    KV head's list id bhk = b Hkv + hkv, and the element offsets of row 0 of its query head in
+    [B, T, H, D] (q_off) and of its KV head in [B, T, Hkv, D] (kv_off)."""
+    i0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hkv = h // (H // Hkv)
+    q_off = (b * T * H + h).to(tl.int64) * D          # row t of this head starts at q_off + t H D
+    kv_off = (b * T * Hkv + hkv).to(tl.int64) * D
+    return i0, bh, b * Hkv + hkv, q_off, kv_off
+
+
+@triton.jit
+def _fwd_keys(acc, m_i, l_i, q, k_ptr, v_ptr, offs_i, offs_d, j_lo, j_hi, T, window, row_stride, qk_scale,
+              D: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """Attend the query tile to band keys [j_lo, j_hi), BLOCK_N at a time (masked when MASK)."""
     for j0 in range(j_lo, j_hi, BLOCK_N):
         offs_j = j0 + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_base, offs_j, offs_j < T, row_stride, offs_d, D)
-        v = _load_rows(v_base, offs_j, offs_j < T, row_stride, offs_d, D)
-        s = _mm(q, tl.trans(k), PRECISION) * qk_scale
+        k = _load_rows(k_ptr, offs_j, offs_j < T, row_stride, offs_d, D)
+        v = _load_rows(v_ptr, offs_j, offs_j < T, row_stride, offs_d, D)
+        s = _dot(q, tl.trans(k), PRECISION) * qk_scale
         if MASK:
             s = tl.where(_band_visible(offs_i[:, None], offs_j[None, :], window), s, NEG_INF)
         acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, v, PRECISION)
@@ -317,137 +1153,129 @@ def _fwd_band(acc, m_i, l_i, q, k_base, v_base, offs_i, offs_d, j_lo, j_hi, T, w
 
 
 @triton.jit
-def _attn_fwd_kernel(Q, K, V, O, LSE, COLS, COL_UNTIL, NBEFORE, T, H, Hkv, window, qk_scale,
-                     D: tl.constexpr, HAS_KEEP: tl.constexpr, BLOCK_M: tl.constexpr,
+def _fwd_band(acc, m_i, l_i, q, k_ptr, v_ptr, offs_i, offs_d, i0, i_last, T, window, row_stride, qk_scale,
+              D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """Attend queries [i0, i_last] to their band, keys [i0 - w, i_last]: the key blocks within
+    [i_last - w, i0] are inside every row's band and below the diagonal, so they skip the mask."""
+    j_lo = tl.maximum(i0 - window, 0)
+    j_a, j_b = _split_range(j_lo, i_last - window, i0 + 1, i_last + 1, BLOCK_N)
+    acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, k_ptr, v_ptr, offs_i, offs_d, j_lo, j_a, T, window, row_stride,
+                              qk_scale, D, MASK=True, BLOCK_N=BLOCK_N, PRECISION=PRECISION)
+    acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, k_ptr, v_ptr, offs_i, offs_d, j_a, j_b, T, window, row_stride,
+                              qk_scale, D, MASK=False, BLOCK_N=BLOCK_N, PRECISION=PRECISION)
+    acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, k_ptr, v_ptr, offs_i, offs_d, j_b, i_last + 1, T, window,
+                              row_stride, qk_scale, D, MASK=True, BLOCK_N=BLOCK_N, PRECISION=PRECISION)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cols_ptr, col_until_ptr, nbefore_ptr, T, H, Hkv,
+                     window, qk_scale, D: tl.constexpr, HAS_KEEP: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    """One program per (query block, batch * query head). Q, O [B, T, H, D]; K, V [B, T, Hkv, D]
-    (all contiguous); writes O and LSE [B, H, T] (base-2 log-sum-exp of the scaled scores)."""
-    # The last query blocks see the most keys: start them first so the tail of the grid is short.
-    i0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    hkv = h // (H // Hkv)
+    """One program per (query block, batch * query head). q, o [B, T, H, D]; k, v [B, T, Hkv, D]
+    (all contiguous); writes o and lse [B, H, T] (base-2 log-sum-exp of the scaled scores)."""
+    i0, bh, bhk, q_off, kv_off = _query_block(T, H, Hkv, D, BLOCK_M)
     offs_i = i0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q_base = Q + (b * T * H + h).to(tl.int64) * D         # row t of this head starts at t * H * D
-    kv_off = (b * T * Hkv + hkv).to(tl.int64) * D
-    q = _load_rows(q_base, offs_i, offs_i < T, H * D, offs_d, D)
+    q = _load_rows(q_ptr + q_off, offs_i, offs_i < T, H * D, offs_d, D)
+    k_ptr += kv_off
+    v_ptr += kv_off
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], NEG_INF, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
 
-    # 1. The band: keys [i0 - w, i_last]. Blocks inside every row's band and below the
-    #    diagonal, i.e. within [i_last - w, i0], need no mask.
+    # 1. The band: keys [i0 - w, i_last].
     i_last = tl.minimum(i0 + BLOCK_M, T) - 1
-    j_lo = tl.maximum(i0 - window, 0)
-    j_a, j_b = _split_range(j_lo, i_last - window, i0 + 1, i_last + 1, BLOCK_N)
-    acc, m_i, l_i = _fwd_band(acc, m_i, l_i, q, K + kv_off, V + kv_off, offs_i, offs_d, j_lo, j_a, T,
-                              window, Hkv * D, qk_scale, D, True, BLOCK_N, PRECISION)
-    acc, m_i, l_i = _fwd_band(acc, m_i, l_i, q, K + kv_off, V + kv_off, offs_i, offs_d, j_a, j_b, T,
-                              window, Hkv * D, qk_scale, D, False, BLOCK_N, PRECISION)
-    acc, m_i, l_i = _fwd_band(acc, m_i, l_i, q, K + kv_off, V + kv_off, offs_i, offs_d, j_b, i_last + 1,
-                              T, window, Hkv * D, qk_scale, D, True, BLOCK_N, PRECISION)
+    acc, m_i, l_i = _fwd_band(acc, m_i, l_i, q, k_ptr, v_ptr, offs_i, offs_d, i0, i_last, T, window, Hkv * D,
+                              qk_scale, D, BLOCK_N, PRECISION)
 
     # 2. Kept columns beyond the band: the listed keys j < i_last - w (a prefix of the sorted list).
     if HAS_KEEP:
-        list_base = (b * Hkv + hkv).to(tl.int64) * T
-        n_kept = tl.load(NBEFORE + (b * Hkv + hkv).to(tl.int64) * (T + 1) + tl.maximum(i_last - window, 0))
+        list_base = bhk.to(tl.int64) * T
+        n_kept = tl.load(nbefore_ptr + bhk.to(tl.int64) * (T + 1) + tl.maximum(i_last - window, 0))
         for n0 in range(0, n_kept, BLOCK_N):
-            k, v, visible = _kept_tile(COLS + list_base, COL_UNTIL + list_base, K + kv_off, V + kv_off, n0,
-                                       n_kept, offs_i, offs_d, window, Hkv * D, D, BLOCK_N)
-            s = tl.where(visible, _mm(q, tl.trans(k), PRECISION) * qk_scale, NEG_INF)
+            k, v, visible = _kept_tile(cols_ptr + list_base, col_until_ptr + list_base, k_ptr, v_ptr, n0, n_kept,
+                                       offs_i, offs_d, window, Hkv * D, D, BLOCK_N)
+            s = tl.where(visible, _dot(q, tl.trans(k), PRECISION) * qk_scale, NEG_INF)
             acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, v, PRECISION)
 
     # Every real row sees at least its own key, so l_i > 0 there (padding rows are not stored).
     o = acc / l_i[:, None]
-    _store_rows(O + (b * T * H + h).to(tl.int64) * D, o, offs_i, offs_i < T, H * D, offs_d, D)
-    tl.store(LSE + bh.to(tl.int64) * T + offs_i, m_i + tl.math.log2(l_i), mask=offs_i < T)
+    _store_rows(o_ptr + q_off, o, offs_i, offs_i < T, H * D, offs_d, D)
+    tl.store(lse_ptr + bh.to(tl.int64) * T + offs_i, m_i + tl.math.log2(l_i), mask=offs_i < T)
 
 
-# --- 1c. Backward -----------------------------------------------------------------------------
-
-@triton.jit
-def _attn_bwd_delta_kernel(O, DO, DELTA, T, H, D: tl.constexpr, BLOCK_M: tl.constexpr,
-                           BLOCK_D: tl.constexpr):
-    """DELTA [B, H, T] = rowsum(O * dO) in float32 (the softmax backward's correction term)."""
-    offs_i = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    offs_d = tl.arange(0, BLOCK_D)
-    base = (b * T * H + h).to(tl.int64) * D
-    o = _load_rows(O + base, offs_i, offs_i < T, H * D, offs_d, D).to(tl.float32)
-    do = _load_rows(DO + base, offs_i, offs_i < T, H * D, offs_d, D).to(tl.float32)
-    tl.store(DELTA + bh.to(tl.int64) * T + offs_i, tl.sum(o * do, 1), mask=offs_i < T)
-
+# --- Backward ------------------------------------------------------------------------------------
 
 @triton.jit
-def _dq_band(dq, q, do, lse, delta, k_base, v_base, offs_i, offs_d, j_lo, j_hi, T, window,
-             row_stride, qk_scale, D: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr,
-             PRECISION: tl.constexpr):
-    """dQ of the query tile from keys [j_lo, j_hi) of the band, BLOCK_N at a time."""
+def _dq_keys(dq, q, do, lse, delta, k_ptr, v_ptr, offs_i, offs_d, j_lo, j_hi, T, window, row_stride, qk_scale,
+             D: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """dQ of the query tile from band keys [j_lo, j_hi), BLOCK_N at a time (masked when MASK)."""
     for j0 in range(j_lo, j_hi, BLOCK_N):
         offs_j = j0 + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_base, offs_j, offs_j < T, row_stride, offs_d, D)
-        v = _load_rows(v_base, offs_j, offs_j < T, row_stride, offs_d, D)
+        k = _load_rows(k_ptr, offs_j, offs_j < T, row_stride, offs_d, D)
+        v = _load_rows(v_ptr, offs_j, offs_j < T, row_stride, offs_d, D)
         visible = _band_visible(offs_i[:, None], offs_j[None, :], window)
         dq = _dq_update(dq, q, do, k, v, lse, delta, visible, qk_scale, MASK, PRECISION)
     return dq
 
 
 @triton.jit
-def _attn_bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, COLS, COL_UNTIL, NBEFORE, T, H, Hkv, window,
-                        qk_scale, scale, D: tl.constexpr, HAS_KEEP: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                        PRECISION: tl.constexpr):
-    """One program per (query block, batch * query head): DQ [B, T, H, D], the same key walk as
-    the forward (band, then the kept list). It first writes DELTA [B, H, T] = rowsum(O * dO) of
-    its rows, which the dK, dV kernels read after it: one launch fewer than a kernel of its own,
-    and an SWA forward + backward at 8K tokens costs as much host time as GPU time."""
-    i0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    hkv = h // (H // Hkv)
-    offs_i = i0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    q_off = (b * T * H + h).to(tl.int64) * D
-    kv_off = (b * T * Hkv + hkv).to(tl.int64) * D
-    q = _load_rows(Q + q_off, offs_i, offs_i < T, H * D, offs_d, D)
-    do = _load_rows(DO + q_off, offs_i, offs_i < T, H * D, offs_d, D)
-    lse = tl.load(LSE + bh.to(tl.int64) * T + offs_i, mask=offs_i < T, other=0.0)
-    o = _load_rows(O + q_off, offs_i, offs_i < T, H * D, offs_d, D)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # the softmax backward's correction term
-    tl.store(DELTA + bh.to(tl.int64) * T + offs_i, delta, mask=offs_i < T)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-
-    i_last = tl.minimum(i0 + BLOCK_M, T) - 1
+def _dq_band(dq, q, do, lse, delta, k_ptr, v_ptr, offs_i, offs_d, i0, i_last, T, window, row_stride, qk_scale,
+             D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """dQ of queries [i0, i_last] from their band: the forward's three runs of key blocks."""
     j_lo = tl.maximum(i0 - window, 0)
     j_a, j_b = _split_range(j_lo, i_last - window, i0 + 1, i_last + 1, BLOCK_N)
-    dq = _dq_band(dq, q, do, lse, delta, K + kv_off, V + kv_off, offs_i, offs_d, j_lo, j_a, T, window,
-                  Hkv * D, qk_scale, D, True, BLOCK_N, PRECISION)
-    dq = _dq_band(dq, q, do, lse, delta, K + kv_off, V + kv_off, offs_i, offs_d, j_a, j_b, T, window,
-                  Hkv * D, qk_scale, D, False, BLOCK_N, PRECISION)
-    dq = _dq_band(dq, q, do, lse, delta, K + kv_off, V + kv_off, offs_i, offs_d, j_b, i_last + 1, T,
-                  window, Hkv * D, qk_scale, D, True, BLOCK_N, PRECISION)
-
-    if HAS_KEEP:
-        list_base = (b * Hkv + hkv).to(tl.int64) * T
-        n_kept = tl.load(NBEFORE + (b * Hkv + hkv).to(tl.int64) * (T + 1) + tl.maximum(i_last - window, 0))
-        for n0 in range(0, n_kept, BLOCK_N):
-            k, v, visible = _kept_tile(COLS + list_base, COL_UNTIL + list_base, K + kv_off, V + kv_off, n0,
-                                       n_kept, offs_i, offs_d, window, Hkv * D, D, BLOCK_N)
-            dq = _dq_update(dq, q, do, k, v, lse, delta, visible, qk_scale, True, PRECISION)
-
-    # s = scale * q.k, so dL/dq = scale * sum_j ds_ij k_j.
-    _store_rows(DQ + q_off, dq * scale, offs_i, offs_i < T, H * D, offs_d, D)
+    dq = _dq_keys(dq, q, do, lse, delta, k_ptr, v_ptr, offs_i, offs_d, j_lo, j_a, T, window, row_stride,
+                  qk_scale, D, MASK=True, BLOCK_N=BLOCK_N, PRECISION=PRECISION)
+    dq = _dq_keys(dq, q, do, lse, delta, k_ptr, v_ptr, offs_i, offs_d, j_a, j_b, T, window, row_stride,
+                  qk_scale, D, MASK=False, BLOCK_N=BLOCK_N, PRECISION=PRECISION)
+    dq = _dq_keys(dq, q, do, lse, delta, k_ptr, v_ptr, offs_i, offs_d, j_b, i_last + 1, T, window, row_stride,
+                  qk_scale, D, MASK=True, BLOCK_N=BLOCK_N, PRECISION=PRECISION)
+    return dq
 
 
 @triton.jit
-def _dkdv_queries(dk, dv, k, v, Q, DO, LSE, DELTA, offs_j, until, offs_d, i_lo, i_hi, b, h, T, H,
-                  window, qk_scale, D: tl.constexpr, KEPT: tl.constexpr, MASK: tl.constexpr,
+def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, cols_ptr, col_until_ptr,
+                        nbefore_ptr, T, H, Hkv, window, qk_scale, scale, D: tl.constexpr,
+                        HAS_KEEP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """One program per (query block, batch * query head): dq [B, T, H, D], the same key walk as
+    the forward (band, then the kept list). It first writes delta [B, H, T] = rowsum(O * dO) of
+    its rows, which the dK, dV kernels read after it: one launch fewer than a kernel of its own,
+    and an SWA forward + backward at 8K tokens costs as much host time as GPU time."""
+    i0, bh, bhk, q_off, kv_off = _query_block(T, H, Hkv, D, BLOCK_M)
+    offs_i = i0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_rows(q_ptr + q_off, offs_i, offs_i < T, H * D, offs_d, D)
+    do = _load_rows(do_ptr + q_off, offs_i, offs_i < T, H * D, offs_d, D)
+    lse = tl.load(lse_ptr + bh.to(tl.int64) * T + offs_i, mask=offs_i < T, other=0.0)
+    o = _load_rows(o_ptr + q_off, offs_i, offs_i < T, H * D, offs_d, D)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # the softmax backward's correction term
+    tl.store(delta_ptr + bh.to(tl.int64) * T + offs_i, delta, mask=offs_i < T)
+    k_ptr += kv_off
+    v_ptr += kv_off
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    i_last = tl.minimum(i0 + BLOCK_M, T) - 1
+    dq = _dq_band(dq, q, do, lse, delta, k_ptr, v_ptr, offs_i, offs_d, i0, i_last, T, window, Hkv * D, qk_scale,
+                  D, BLOCK_N, PRECISION)
+    if HAS_KEEP:
+        list_base = bhk.to(tl.int64) * T
+        n_kept = tl.load(nbefore_ptr + bhk.to(tl.int64) * (T + 1) + tl.maximum(i_last - window, 0))
+        for n0 in range(0, n_kept, BLOCK_N):
+            k, v, visible = _kept_tile(cols_ptr + list_base, col_until_ptr + list_base, k_ptr, v_ptr, n0, n_kept,
+                                       offs_i, offs_d, window, Hkv * D, D, BLOCK_N)
+            dq = _dq_update(dq, q, do, k, v, lse, delta, visible, qk_scale, True, PRECISION)
+
+    # s = scale * q.k, so dL/dq = scale * sum_j ds_ij k_j.
+    _store_rows(dq_ptr + q_off, dq * scale, offs_i, offs_i < T, H * D, offs_d, D)
+
+
+@triton.jit
+def _dkdv_queries(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, offs_j, until, offs_d, i_lo, i_hi, b, h, T,
+                  H, window, qk_scale, D: tl.constexpr, KEPT: tl.constexpr, MASK: tl.constexpr,
                   BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
     """dK, dV of one key tile from queries [i_lo, i_hi) of query head h, BLOCK_M at a time.
     KEPT picks the visibility rule: the band (False) or kept beyond the band (True)."""
@@ -455,10 +1283,10 @@ def _dkdv_queries(dk, dv, k, v, Q, DO, LSE, DELTA, offs_j, until, offs_d, i_lo, 
     row_off = (b * H + h).to(tl.int64) * T
     for i0 in range(i_lo, i_hi, BLOCK_M):
         offs_i = i0 + tl.arange(0, BLOCK_M)
-        q = _load_rows(Q + q_off, offs_i, offs_i < T, H * D, offs_d, D)
-        do = _load_rows(DO + q_off, offs_i, offs_i < T, H * D, offs_d, D)
-        lse = tl.load(LSE + row_off + offs_i, mask=offs_i < T, other=0.0)
-        delta = tl.load(DELTA + row_off + offs_i, mask=offs_i < T, other=0.0)
+        q = _load_rows(q_ptr + q_off, offs_i, offs_i < T, H * D, offs_d, D)
+        do = _load_rows(do_ptr + q_off, offs_i, offs_i < T, H * D, offs_d, D)
+        lse = tl.load(lse_ptr + row_off + offs_i, mask=offs_i < T, other=0.0)
+        delta = tl.load(delta_ptr + row_off + offs_i, mask=offs_i < T, other=0.0)
         if KEPT:  # [BN, BM], keys along rows
             visible = _kept_visible(offs_i[None, :], offs_j[:, None], until[:, None], window)
         else:
@@ -468,29 +1296,44 @@ def _dkdv_queries(dk, dv, k, v, Q, DO, LSE, DELTA, offs_j, until, offs_d, i_lo, 
 
 
 @triton.jit
-def _attn_bwd_dkdv_kept_kernel(Q, K, V, DO, LSE, DELTA, DK_KEPT, DV_KEPT, COLS, COL_UNTIL, NBEFORE,
-                               T, H, Hkv, window, qk_scale, D: tl.constexpr, BLOCK_M: tl.constexpr,
-                               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                               PRECISION: tl.constexpr):
+def _dkdv_runs(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, offs_j, until, offs_d, i_lo, i_a, i_b, i_hi, b,
+               h, T, H, window, qk_scale, D: tl.constexpr, KEPT: tl.constexpr, BLOCK_M: tl.constexpr,
+               PRECISION: tl.constexpr):
+    """dK, dV of one key tile from queries [i_lo, i_hi) of query head h, cut by _split_range:
+    [i_lo, i_a) and [i_b, i_hi) masked, [i_a, i_b) seeing every key of the tile."""
+    dk, dv = _dkdv_queries(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, offs_j, until, offs_d, i_lo, i_a, b,
+                           h, T, H, window, qk_scale, D, KEPT=KEPT, MASK=True, BLOCK_M=BLOCK_M, PRECISION=PRECISION)
+    dk, dv = _dkdv_queries(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, offs_j, until, offs_d, i_a, i_b, b,
+                           h, T, H, window, qk_scale, D, KEPT=KEPT, MASK=False, BLOCK_M=BLOCK_M, PRECISION=PRECISION)
+    dk, dv = _dkdv_queries(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, offs_j, until, offs_d, i_b, i_hi, b,
+                           h, T, H, window, qk_scale, D, KEPT=KEPT, MASK=True, BLOCK_M=BLOCK_M, PRECISION=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_kept_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_kept_ptr, dv_kept_ptr,
+                               cols_ptr, col_until_ptr, nbefore_ptr, T, H, Hkv, window, qk_scale,
+                               D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                               BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """One program per (block of BLOCK_N entries of the kept list, batch * KV head): the part of
     dK, dV that comes from queries beyond the band, for the G query heads of the group. Writes
-    float32 partials DK_KEPT, DV_KEPT [B, Hkv, T, D] at the list slots (the band kernel adds them)."""
+    float32 partials dk_kept, dv_kept [B, Hkv, T, D] at the list slots (the band kernel adds them)."""
     n0 = tl.program_id(0) * BLOCK_N
     bhk = tl.program_id(1)
     b = bhk // Hkv
     hkv = bhk % Hkv
     G = H // Hkv
     list_base = bhk.to(tl.int64) * T
-    n_list = tl.load(NBEFORE + bhk.to(tl.int64) * (T + 1) + T)
+    n_list = tl.load(nbefore_ptr + bhk.to(tl.int64) * (T + 1) + T)
     if n0 < n_list:  # the list's length is known only here, on the device
         offs_n = n0 + tl.arange(0, BLOCK_N)
         in_list = offs_n < n_list
-        offs_j = tl.load(COLS + list_base + offs_n, mask=in_list, other=0)
-        until = tl.load(COL_UNTIL + list_base + offs_n, mask=in_list, other=-1)
+        offs_j = tl.load(cols_ptr + list_base + offs_n, mask=in_list, other=0)
+        until = tl.load(col_until_ptr + list_base + offs_n, mask=in_list, other=-1)
         offs_d = tl.arange(0, BLOCK_D)
         kv_off = (b * T * Hkv + hkv).to(tl.int64) * D
-        k = _load_rows(K + kv_off, offs_j, in_list, Hkv * D, offs_d, D)
-        v = _load_rows(V + kv_off, offs_j, in_list, Hkv * D, offs_d, D)
+        k = _load_rows(k_ptr + kv_off, offs_j, in_list, Hkv * D, offs_d, D)
+        v = _load_rows(v_ptr + kv_off, offs_j, in_list, Hkv * D, offs_d, D)
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
@@ -503,24 +1346,19 @@ def _attn_bwd_dkdv_kept_kernel(Q, K, V, DO, LSE, DELTA, DK_KEPT, DV_KEPT, COLS, 
         i_lo = j_first + window + 1
         i_a, i_b = _split_range(i_lo, j_end + window + 1, until_min + 1, until_max + 1, BLOCK_M)
         for g in range(G):
-            h = hkv * G + g
-            dk, dv = _dkdv_queries(dk, dv, k, v, Q, DO, LSE, DELTA, offs_j, until, offs_d, i_lo, i_a, b,
-                                   h, T, H, window, qk_scale, D, True, True, BLOCK_M, PRECISION)
-            dk, dv = _dkdv_queries(dk, dv, k, v, Q, DO, LSE, DELTA, offs_j, until, offs_d, i_a, i_b, b,
-                                   h, T, H, window, qk_scale, D, True, False, BLOCK_M, PRECISION)
-            dk, dv = _dkdv_queries(dk, dv, k, v, Q, DO, LSE, DELTA, offs_j, until, offs_d, i_b,
-                                   until_max + 1, b, h, T, H, window, qk_scale, D, True, True,
-                                   BLOCK_M, PRECISION)
-        _store_rows(DK_KEPT + list_base * D, dk, offs_n, in_list, D, offs_d, D)
-        _store_rows(DV_KEPT + list_base * D, dv, offs_n, in_list, D, offs_d, D)
+            dk, dv = _dkdv_runs(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, offs_j, until, offs_d, i_lo, i_a,
+                                i_b, until_max + 1, b, hkv * G + g, T, H, window, qk_scale, D, KEPT=True,
+                                BLOCK_M=BLOCK_M, PRECISION=PRECISION)
+        _store_rows(dk_kept_ptr + list_base * D, dk, offs_n, in_list, D, offs_d, D)
+        _store_rows(dv_kept_ptr + list_base * D, dv, offs_n, in_list, D, offs_d, D)
 
 
 @triton.jit
-def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DK_KEPT, DV_KEPT, NBEFORE, T, H, Hkv,
-                          window, qk_scale, scale, D: tl.constexpr, HAS_KEEP: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                          PRECISION: tl.constexpr):
-    """One program per (key block, batch * KV head): DK, DV [B, T, Hkv, D] from the band queries
+def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dk_kept_ptr,
+                          dv_kept_ptr, nbefore_ptr, T, H, Hkv, window, qk_scale, scale, D: tl.constexpr,
+                          HAS_KEEP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """One program per (key block, batch * KV head): dk, dv [B, T, Hkv, D] from the band queries
     of the G query heads of the group, plus (HAS_KEEP) the kept partials of listed keys."""
     j0 = tl.program_id(0) * BLOCK_N
     bhk = tl.program_id(1)
@@ -530,8 +1368,8 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DK_KEPT, DV_KEPT, NBE
     offs_j = j0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     kv_off = (b * T * Hkv + hkv).to(tl.int64) * D
-    k = _load_rows(K + kv_off, offs_j, offs_j < T, Hkv * D, offs_d, D)
-    v = _load_rows(V + kv_off, offs_j, offs_j < T, Hkv * D, offs_d, D)
+    k = _load_rows(k_ptr + kv_off, offs_j, offs_j < T, Hkv * D, offs_d, D)
+    v = _load_rows(v_ptr + kv_off, offs_j, offs_j < T, Hkv * D, offs_d, D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
@@ -540,28 +1378,24 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DK_KEPT, DV_KEPT, NBE
     i_hi = tl.minimum(j_last + window + 1, T)
     i_a, i_b = _split_range(j0, j_last, tl.minimum(j0 + window + 1, T), i_hi, BLOCK_M)
     for g in range(G):
-        h = hkv * G + g
-        dk, dv = _dkdv_queries(dk, dv, k, v, Q, DO, LSE, DELTA, offs_j, offs_j, offs_d, j0, i_a, b, h,
-                               T, H, window, qk_scale, D, False, True, BLOCK_M, PRECISION)
-        dk, dv = _dkdv_queries(dk, dv, k, v, Q, DO, LSE, DELTA, offs_j, offs_j, offs_d, i_a, i_b, b, h,
-                               T, H, window, qk_scale, D, False, False, BLOCK_M, PRECISION)
-        dk, dv = _dkdv_queries(dk, dv, k, v, Q, DO, LSE, DELTA, offs_j, offs_j, offs_d, i_b, i_hi, b, h,
-                               T, H, window, qk_scale, D, False, True, BLOCK_M, PRECISION)
+        dk, dv = _dkdv_runs(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, offs_j, offs_j, offs_d, j0, i_a, i_b,
+                            i_hi, b, hkv * G + g, T, H, window, qk_scale, D, KEPT=False, BLOCK_M=BLOCK_M,
+                            PRECISION=PRECISION)
 
     if HAS_KEEP:
-        # A listed key j sits at slot NBEFORE[j] of the list, and is listed when NBEFORE[j+1] > NBEFORE[j].
-        count_base = NBEFORE + bhk.to(tl.int64) * (T + 1)
+        # A listed key j sits at slot nbefore[j] of the list, and is listed when nbefore[j+1] > nbefore[j].
+        count_base = nbefore_ptr + bhk.to(tl.int64) * (T + 1)
         slot = tl.load(count_base + offs_j, mask=offs_j < T, other=0)
         listed = tl.load(count_base + offs_j + 1, mask=offs_j < T, other=0) > slot
         list_off = bhk.to(tl.int64) * T * D
-        dk += _load_rows(DK_KEPT + list_off, slot, listed, D, offs_d, D)
-        dv += _load_rows(DV_KEPT + list_off, slot, listed, D, offs_d, D)
+        dk += _load_rows(dk_kept_ptr + list_off, slot, listed, D, offs_d, D)
+        dv += _load_rows(dv_kept_ptr + list_off, slot, listed, D, offs_d, D)
 
-    _store_rows(DK + kv_off, dk * scale, offs_j, offs_j < T, Hkv * D, offs_d, D)
-    _store_rows(DV + kv_off, dv, offs_j, offs_j < T, Hkv * D, offs_d, D)
+    _store_rows(dk_ptr + kv_off, dk * scale, offs_j, offs_j < T, Hkv * D, offs_d, D)
+    _store_rows(dv_ptr + kv_off, dv, offs_j, offs_j < T, Hkv * D, offs_d, D)
 
 
-# --- 1d. The autograd op ----------------------------------------------------------------------
+# --- The autograd op -------------------------------------------------------------------------
 
 class _SparseCausalAttention(torch.autograd.Function):
     """q [B, T, H, D], k, v [B, T, Hkv, D] contiguous, one dtype; window an int in [0, T]
@@ -617,11 +1451,6 @@ class _SparseCausalAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None
 
 
-def _block_d(D: int) -> int:
-    """Head-dim tile: a power of two (Triton's rule) and >= 16 (the tensor cores' smallest K)."""
-    return max(16, triton.next_power_of_2(D))
-
-
 def attention(q, k, v, window=None, keep=None, scale=None):
     """Causal softmax attention (full, sliding window, LTE band-plus-columns) in Triton.
 
@@ -634,7 +1463,7 @@ def attention(q, k, v, window=None, keep=None, scale=None):
     """
     _check_attention_args(q, k, v, window, keep)
     B, T, H, D = q.shape
-    scale = D ** -0.5 if scale is None else float(scale)
+    scale = _default_scale(scale, D)
     dtype = _compute_dtype(q, k, v)
     if q.numel() == 0 or k.numel() == 0:
         return (q * 0 + (k.sum() + v.sum()) * 0).to(q.dtype)  # empty, still connected to the graph
@@ -648,13 +1477,11 @@ def attention(q, k, v, window=None, keep=None, scale=None):
     return o.to(q.dtype)
 
 
-# =============================================================================================
-# 2. Decoding step: one query per sequence against a cache of slots (split-K)
-# =============================================================================================
+# --- One decoding step: one query per sequence against a cache of slots (split-K) --------------
 
 @triton.jit
-def _decode_split_kernel(Q, K, V, VALID, M_PART, L_PART, ACC_PART, S, H, Hkv, keys_per_split,
-                         n_splits, qk_scale, D: tl.constexpr, HAS_VALID: tl.constexpr,
+def _decode_split_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, m_part_ptr, l_part_ptr, acc_part_ptr, S, H, Hkv,
+                         keys_per_split, n_splits, qk_scale, D: tl.constexpr, HAS_VALID: tl.constexpr,
                          BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                          PRECISION: tl.constexpr):
     """One program per (split of the slots, batch * KV head): the G query heads of the group
@@ -670,7 +1497,7 @@ def _decode_split_kernel(Q, K, V, VALID, M_PART, L_PART, ACC_PART, S, H, Hkv, ke
     offs_d = tl.arange(0, BLOCK_D)
     head_ok = offs_g < G
     q_off = (b * H + hkv * G).to(tl.int64) * D   # the G heads of the group are adjacent rows
-    q = _load_rows(Q + q_off, offs_g, head_ok, D, offs_d, D)                    # [BLOCK_G, BLOCK_D]
+    q = _load_rows(q_ptr + q_off, offs_g, head_ok, D, offs_d, D)                # [BLOCK_G, BLOCK_D]
     kv_off = (b * S * Hkv + hkv).to(tl.int64) * D
 
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
@@ -682,21 +1509,21 @@ def _decode_split_kernel(Q, K, V, VALID, M_PART, L_PART, ACC_PART, S, H, Hkv, ke
         offs_s = s0 + tl.arange(0, BLOCK_N)
         ok = offs_s < s_hi
         if HAS_VALID:
-            ok &= tl.load(VALID + (b * S + offs_s) * Hkv + hkv, mask=ok, other=0) != 0
-        k = _load_rows(K + kv_off, offs_s, ok, Hkv * D, offs_d, D)
-        v = _load_rows(V + kv_off, offs_s, ok, Hkv * D, offs_d, D)
-        s = _mm(q, tl.trans(k), PRECISION) * qk_scale  # [BLOCK_G, BLOCK_N]
+            ok &= tl.load(valid_ptr + (b * S + offs_s) * Hkv + hkv, mask=ok, other=0) != 0
+        k = _load_rows(k_ptr + kv_off, offs_s, ok, Hkv * D, offs_d, D)
+        v = _load_rows(v_ptr + kv_off, offs_s, ok, Hkv * D, offs_d, D)
+        s = _dot(q, tl.trans(k), PRECISION) * qk_scale  # [BLOCK_G, BLOCK_N]
         s = tl.where(ok[None, :], s, NEG_INF)
         acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, v, PRECISION)
 
     part = (b * H + hkv * G + offs_g).to(tl.int64) * n_splits + split          # [BLOCK_G]
-    tl.store(M_PART + part, m_i, mask=head_ok)
-    tl.store(L_PART + part, l_i, mask=head_ok)
-    _store_rows(ACC_PART, acc, part, head_ok, D, offs_d, D)
+    tl.store(m_part_ptr + part, m_i, mask=head_ok)
+    tl.store(l_part_ptr + part, l_i, mask=head_ok)
+    _store_rows(acc_part_ptr, acc, part, head_ok, D, offs_d, D)
 
 
 @triton.jit
-def _decode_combine_kernel(M_PART, L_PART, ACC_PART, O, n_splits, D: tl.constexpr,
+def _decode_combine_kernel(m_part_ptr, l_part_ptr, acc_part_ptr, o_ptr, n_splits, D: tl.constexpr,
                            BLOCK_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
     """One program per (batch * query head): merge the splits' partial softmaxes into O [B, H, D].
     A head whose slots are all invalid gets NaN, as the reference's softmax over nothing does."""
@@ -704,27 +1531,28 @@ def _decode_combine_kernel(M_PART, L_PART, ACC_PART, O, n_splits, D: tl.constexp
     offs_s = tl.arange(0, BLOCK_SPLITS)
     offs_d = tl.arange(0, BLOCK_D)
     ok = offs_s < n_splits
-    m = tl.load(M_PART + bh * n_splits + offs_s, mask=ok, other=NEG_INF)
-    l = tl.load(L_PART + bh * n_splits + offs_s, mask=ok, other=0.0)
-    acc = _load_rows(ACC_PART + bh * n_splits * D, offs_s, ok, D, offs_d, D)   # [BLOCK_SPLITS, BLOCK_D]
+    m = tl.load(m_part_ptr + bh * n_splits + offs_s, mask=ok, other=NEG_INF)
+    l = tl.load(l_part_ptr + bh * n_splits + offs_s, mask=ok, other=0.0)
+    acc = _load_rows(acc_part_ptr + bh * n_splits * D, offs_s, ok, D, offs_d, D)  # [BLOCK_SPLITS, BLOCK_D]
     m_max = tl.max(m, 0)
     weight = tl.math.exp2(m - m_max)                   # a split that saw nothing has m = -inf: weight 0
     o = tl.sum(acc * weight[:, None], 0) / tl.sum(l * weight, 0)
-    tl.store(O + bh * D + offs_d, o.to(O.dtype.element_ty), mask=offs_d < D)
+    tl.store(o_ptr + bh * D + offs_d, o.to(o_ptr.dtype.element_ty), mask=offs_d < D)
 
 
 def _check_decode_args(q, k_cache, v_cache, valid) -> None:
     """The checks of tiny_hybrid.attention_decode (the same function), plus the kernels' limits."""
     tiny_hybrid._check_decode(q, k_cache, v_cache, valid)
-    _check_kernel_limits(q, (q, k_cache, v_cache) + (() if valid is None else (valid,)))
+    _check_kernel_limits("attention_decode", dict(D=q.shape[2]),
+                         dict(q=q, k_cache=k_cache, v_cache=v_cache, valid=valid))
 
 
-def _decode_splits(S: int, B: int, Hkv: int, block_n: int) -> int:
-    """How many pieces to cut the slot axis into: enough programs to fill the GPU (~2 per SM on an
-    H100's 132), never a piece smaller than one key block."""
+def _decode_splits(S: int, B: int, Hkv: int, block_n: int, device) -> int:
+    """How many pieces to cut the slot axis into: enough programs to fill the GPU (about 2 per
+    multiprocessor: an untuned default), never a piece smaller than one key block."""
     if INTERPRET:
         return min(triton.cdiv(S, block_n), 4)
-    return max(1, min(triton.cdiv(S, block_n), triton.cdiv(264, B * Hkv)))
+    return max(1, min(triton.cdiv(S, block_n), triton.cdiv(2 * _multiprocessors(device), B * Hkv)))
 
 
 def attention_decode(q, k_cache, v_cache, valid=None, scale=None):
@@ -734,14 +1562,14 @@ def attention_decode(q, k_cache, v_cache, valid=None, scale=None):
     _check_decode_args(q, k_cache, v_cache, valid)
     B, H, D = q.shape
     S, Hkv = k_cache.shape[1], k_cache.shape[2]
-    scale = D ** -0.5 if scale is None else float(scale)
+    scale = _default_scale(scale, D)
     if q.numel() == 0:
         return q.clone()
     dtype = _compute_dtype(q, k_cache, v_cache)
     q_, k_, v_ = (x.to(dtype).contiguous() for x in (q, k_cache, v_cache))
     valid_ = valid.contiguous().view(torch.int8) if valid is not None else q_  # q_: unused pointer
     block_n = 16 if INTERPRET else 64
-    n_splits = _decode_splits(S, B, Hkv, block_n)
+    n_splits = _decode_splits(S, B, Hkv, block_n, q.device)
     keys_per_split = triton.cdiv(triton.cdiv(S, n_splits), block_n) * block_n
     n_splits = max(1, triton.cdiv(S, keys_per_split))
     m_part = torch.empty(B, H, n_splits, dtype=torch.float32, device=q.device)
@@ -760,1249 +1588,9 @@ def attention_decode(q, k_cache, v_cache, valid=None, scale=None):
 
 
 # =============================================================================================
-# 2b. LTE's buffer rule in parallel (tiny_hybrid.lte_visible_until)
-# =============================================================================================
-# The buffer always holds the top b offered tokens by (r, position), so an offered token j stays
-# from the moment it leaves the window until the b-th offered token that beats it leaves (never
-# if that one left before j). The reference finds that moment through a running order statistic;
-# here every key counts its beaters directly, a tile of keys against a tile of tokens at a time:
-# O(T^2) comparisons, but all of them independent, which a GPU does in well under a millisecond at 8K.
-
-# H200, B=4, T=8K, Hkv=2: 32 x 32 tiles with 4 warps 0.46 ms; 64 x 64 0.80; 128 x 128 2.6 (of 27 tried)
-LTE_RULE_GPU_BLOCKS = dict(BLOCK_J=32, BLOCK_I=32, num_warps=4)
-LTE_RULE_INTERPRETER_BLOCKS = dict(BLOCK_J=32, BLOCK_I=32)
-
-
-@triton.jit
-def _lte_until_kernel(R, UNTIL, T, Hkv, n_left, window, sink, buffer, KEEP_FOREVER: tl.constexpr,
-                      BLOCK_J: tl.constexpr, BLOCK_I: tl.constexpr):
-    """One program per (block of keys j, batch x KV head). R [B, T, Hkv] float32 scores; writes
-    UNTIL [B, T, Hkv] int64. Offered tokens are j in [sink, n_left) with r_j > 0; token i beats j
-    when r_i > r_j, or r_i == r_j and i is newer (the tie rule of tiny_hybrid.lte_buffer_push)."""
-    pid_j = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    base = (bh // Hkv) * T * Hkv + bh % Hkv                  # element (b, 0, h) of [B, T, Hkv]
-    j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
-    r_j = tl.load(R + base + j * Hkv, mask=j < T, other=0.0)
-    beaten = tl.zeros([BLOCK_J], dtype=tl.int32)             # offered tokens seen so far that beat j
-    bth = tl.full([BLOCK_J], -1, dtype=tl.int32)             # position of the b-th of them (-1: none yet)
-    for i0 in range(sink, n_left, BLOCK_I):
-        i = i0 + tl.arange(0, BLOCK_I)
-        r_i = tl.load(R + base + i * Hkv, mask=i < n_left, other=0.0)   # 0: not offered
-        beats = (r_i[None, :] > 0) & ((r_i[None, :] > r_j[:, None]) |
-                                      ((r_i[None, :] == r_j[:, None]) & (i[None, :] > j[:, None])))
-        n_beats = tl.sum(beats.to(tl.int32), axis=1)
-        crossing = (beaten < buffer) & (beaten + n_beats >= buffer)
-        if tl.max(crossing.to(tl.int32), axis=0) > 0:       # some key meets its b-th beater in this tile
-            count = beaten[:, None] + tl.cumsum(beats.to(tl.int32), axis=1)   # [BLOCK_J, BLOCK_I]
-            at = tl.min(tl.where(beats & (count == buffer), i[None, :], n_left), axis=1)
-            bth = tl.where(crossing, at, bth)
-        beaten += n_beats
-    offered = (j >= sink) & (j < n_left) & (r_j > 0) & (buffer > 0)
-    entered = offered & ((bth < 0) | (bth > j))
-    until = tl.where(bth < 0, KEEP_FOREVER, bth.to(tl.int64) + window)
-    until = tl.where(entered, until, -1)
-    until = tl.where(j < sink, KEEP_FOREVER, until)
-    tl.store(UNTIL + base + j * Hkv, until, mask=j < T)
-
-
-def lte_visible_until(scores, window: int, sink: int, buffer: int):
-    """LTE's capped visibility in Triton; same arguments, errors and results as
-    tiny_hybrid.lte_visible_until: scores [B, T, Hkv] -> (until int64 [B, T, Hkv],
-    buf_score [B, Hkv, b], buf_pos [B, Hkv, b]). No autograd (the rule has no gradient)."""
-    tiny_hybrid._check_lte_rule(scores, window, sink, buffer)
-    B, T, Hkv = scores.shape
-    r = scores.detach().float().contiguous()
-    until = torch.empty(B, T, Hkv, dtype=torch.int64, device=r.device)
-    n_left = max(sink, T - window - 1)                       # tokens [sink, n_left) leave within T queries
-    blocks = LTE_RULE_INTERPRETER_BLOCKS if INTERPRET else LTE_RULE_GPU_BLOCKS
-    grid = (triton.cdiv(T, blocks["BLOCK_J"]), B * Hkv)
-    _lte_until_kernel[grid](r, until, T, Hkv, n_left, window, sink, buffer,
-                            KEEP_FOREVER=tiny_hybrid.KEEP_FOREVER, **blocks)
-    buf_score, buf_pos = tiny_hybrid.lte_final_buffer(r, until.transpose(1, 2), window, sink, buffer)
-    return until, buf_score, buf_pos
-
-
-# =============================================================================================
-# 3. `python kernels.py`: check every kernel against the reference, then time them
+# 1c. Native Sparse Attention: the compressed and the selected branch (the window branch is `attention`)
 # =============================================================================================
 
-def _random_keep(kind, B: int, T: int, Hkv: int, device, p: float = 0.15):
-    """A keep argument of one kind: None; "all" / "random" (bool, about p kept); "until"
-    (integer visible-until: -1, small values inside the window, values past T, KEEP_FOREVER)."""
-    if kind is None:
-        return None
-    if kind == "all":
-        return torch.ones(B, T, Hkv, dtype=torch.bool, device=device)
-    if kind == "random":
-        return torch.rand(B, T, Hkv, device=device) < p
-    until = torch.randint(-1, T + 3, (B, T, Hkv), device=device)
-    forever = torch.rand(B, T, Hkv, device=device) < 0.1
-    return torch.where(forever, torch.iinfo(torch.int32).max, until)
-
-
-def _relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """max |x - ref| / max |ref| (NaN anywhere counts as an infinite error)."""
-    err = (x.double() - ref.double()).abs().max().item()
-    return err / max(ref.double().abs().max().item(), 1e-30) if err == err else float("inf")
-
-
-def _attention_case(B, T, H, Hkv, D, window, keep_kind, dtype, device):
-    """Relative errors of o, dq, dk, dv of kernels.attention against tiny_hybrid.attention."""
-    import tiny_hybrid
-    q = torch.randn(B, T, H, D, device=device, dtype=dtype, requires_grad=True)
-    k = torch.randn(B, T, Hkv, D, device=device, dtype=dtype, requires_grad=True)
-    v = torch.randn(B, T, Hkv, D, device=device, dtype=dtype, requires_grad=True)
-    keep = _random_keep(keep_kind, B, T, Hkv, device)
-    do = torch.randn(B, T, H, D, device=device, dtype=dtype)
-    o = attention(q, k, v, window, keep)
-    grads = torch.autograd.grad(o, (q, k, v), do)
-    # The reference sees the same (rounded) inputs, and computes in float32.
-    qf, kf, vf = (x.detach().float().requires_grad_() for x in (q, k, v))
-    o_ref = tiny_hybrid.attention(qf, kf, vf, window, keep)
-    grads_ref = torch.autograd.grad(o_ref, (qf, kf, vf), do.float())
-    return [_relative_error(a, b) for a, b in zip((o,) + grads, (o_ref,) + grads_ref)]
-
-
-def check_attention() -> bool:
-    """Kernel vs reference on random inputs; prints the relative max error of o, dq, dk, dv."""
-    device = "cpu" if INTERPRET else "cuda"
-    f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
-    if INTERPRET:  # (B, T, H, Hkv, D, window, keep, dtype)
-        cases = [(1, 100, 2, 1, 16, 16, "random", f32), (1, 64, 2, 2, 16, None, None, f32)]
-    else:
-        cases = [(2, 1000, 4, 2, 64, 128, "random", bf16), (2, 777, 8, 2, 64, 100, "until", bf16),
-                 (1, 1000, 4, 4, 64, None, None, bf16), (2, 600, 4, 1, 64, 64, None, f16),
-                 (1, 500, 4, 2, 32, 50, "random", f32), (1, 700, 2, 1, 128, 200, "random", f16)]
-    ok = True
-    print("attention vs tiny_hybrid.attention: relative max error of o, dq, dk, dv")
-    for B, T, H, Hkv, D, window, keep, dtype in cases:
-        errs = _attention_case(B, T, H, Hkv, D, window, keep, dtype, device)
-        limit = 1e-4 if dtype == f32 else 2e-2  # 16-bit: rounding of inputs, P and dS to 8/11 bits
-        ok &= max(errs) < limit
-        print(f"  B={B} T={T:5d} H={H} Hkv={Hkv} D={D:3d} window={str(window):4s} keep={str(keep):6s} "
-              f"{str(dtype)[6:]:8s} " + " ".join(f"{e:.1e}" for e in errs) + ("" if max(errs) < limit else "  FAIL"))
-    return ok
-
-
-def check_attention_decode() -> bool:
-    """Decode kernel vs reference, with invalid slots and a long cache (the split-K path)."""
-    import tiny_hybrid
-    device = "cpu" if INTERPRET else "cuda"
-    cases = [(2, 4, 2, 16, 100)] if INTERPRET else [(3, 8, 2, 64, 5000), (2, 32, 2, 128, 333), (4, 8, 8, 64, 70000)]
-    ok = True
-    print("attention_decode vs tiny_hybrid.attention_decode: relative max error")
-    for B, H, Hkv, D, S in cases:
-        for dtype in (torch.float32, torch.bfloat16):
-            q = torch.randn(B, H, D, device=device, dtype=dtype)
-            kc, vc = (torch.randn(B, S, Hkv, D, device=device, dtype=dtype) for _ in range(2))
-            valid = torch.rand(B, S, Hkv, device=device) < 0.7
-            err = _relative_error(attention_decode(q, kc, vc, valid), tiny_hybrid.attention_decode(q, kc, vc, valid))
-            limit = 1e-5 if dtype == torch.float32 else 1e-2
-            ok &= err < limit
-            print(f"  B={B} H={H} Hkv={Hkv} D={D} S={S:6d} {str(dtype)[6:]:8s} {err:.1e}" + ("" if err < limit else "  FAIL"))
-    return ok
-
-
-def _visible_pairs(T: int, window, keep) -> float:
-    """(query, key) pairs visible per query head, summed over the batch: the useful work."""
-    if window is None or window >= T - 1:
-        per_head = T * (T + 1) / 2
-    else:
-        per_head = (window + 1) * (T - window) + window * (window + 1) / 2
-    B, Hkv = (1, 1) if keep is None else (keep.shape[0], keep.shape[2])
-    total = per_head * B * Hkv
-    if keep is not None:  # a kept key j is also seen by the queries j + w + 1 .. T - 1
-        j = torch.arange(T, device=keep.device)[None, :, None]
-        total += ((T - 1 - window - j).clamp(min=0) * keep).sum().item()
-    return total / (B * Hkv)
-
-
-def _bench_ms(fn, backward: bool, inputs, do, rep: int = 60) -> float:
-    """Median ms of fn(*inputs) (forward, no autograd), or of its forward + backward."""
-    if not backward:
-        with torch.no_grad():
-            return triton.testing.do_bench(lambda: fn(*inputs), warmup=10, rep=rep, return_mode="median")
-    return triton.testing.do_bench(lambda: fn(*inputs).backward(do), warmup=10, rep=rep,
-                                   grad_to_none=list(inputs), return_mode="median")
-
-
-def _peak_tflops() -> float:
-    """Measured bf16 matmul rate (8192^3), the ceiling for the attention's products."""
-    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    ms = triton.testing.do_bench(lambda: a @ b, warmup=10, rep=100, return_mode="median")
-    return 2 * 8192 ** 3 / ms / 1e9
-
-
-def tune_attention(T: int = 8192, Hkv: int = 8) -> None:
-    """Try a few block configurations of each kernel on the LTE pattern; keep the fastest in
-    GPU_BLOCKS (print them so that they can be written into the table above)."""
-    B, H, D, window = 4, 8, 64, 512
-    q, k, v, do = (torch.randn(B, T, h, D, device="cuda", dtype=torch.bfloat16, requires_grad=x != "do")
-                   for h, x in ((H, "q"), (Hkv, "k"), (Hkv, "v"), (H, "do")))
-    keep = torch.rand(B, T, Hkv, device="cuda") < 0.125
-    candidates = {
-        "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 4)],
-        "dq": [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 5)],
-        "dkdv": [(64, 128, 8, 3), (32, 128, 4, 5), (64, 64, 4, 3), (64, 128, 4, 3)],
-    }
-    for kernel, options in candidates.items():
-        timings = []
-        for bm, bn, warps, stages in options:
-            GPU_BLOCKS[kernel] = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
-            ms = _bench_ms(lambda *x: attention(*x, window=window, keep=keep), kernel != "fwd", (q, k, v), do)
-            timings.append((ms, dict(GPU_BLOCKS[kernel])))
-            print(f"  tune {kernel:5s} BM={bm:3d} BN={bn:3d} warps={warps} stages={stages}: {ms:.3f} ms", flush=True)
-        GPU_BLOCKS[kernel] = min(timings, key=lambda t: t[0])[1]
-    print(f"  chosen: {GPU_BLOCKS}")
-
-
-def _bench_inputs(B: int, T: int, H: int, Hkv: int, D: int):
-    """bf16 q [B, T, H, D], k, v [B, T, Hkv, D] and do for ours, and the same as [B, h, T, D]
-    leaf tensors (and do) for flex_attention and SDPA."""
-    q = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    k, v = (torch.randn(B, T, Hkv, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
-    do = torch.randn_like(q)
-    qt, kt, vt = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))  # [B, h, T, D]
-    return (q, k, v), do, (qt, kt, vt), do.transpose(1, 2).contiguous()
-
-
-def _flex_block_mask(mask_fn, B: int, H: int, T: int):
-    """flex_attention's block mask for mask_fn(b, h, q_idx, kv_idx), built compiled."""
-    from torch.nn.attention.flex_attention import create_block_mask
-    with warnings.catch_warnings():  # _compile=True is deprecated, still the fast path in 2.11
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return create_block_mask(mask_fn, B, H, T, T, device="cuda", _compile=True)
-
-
-def bench_attention(Ts=(8192, 2048, 16384, 4096, 1024), kv_heads=(8, 2), deadline: float = float("inf"),
-                    flex: bool = True) -> None:
-    """Ours vs flex_attention (LTE, SWA) and SDPA flash (full causal), bf16, B=4, H=8, D=64, w=512.
-    flex=False skips flex_attention, which compiles for every shape (about a minute)."""
-    import torch.nn.functional as F
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.nn.attention.flex_attention import flex_attention
-    torch._dynamo.config.cache_size_limit = 256
-    torch._dynamo.config.accumulated_cache_size_limit = 4096
-    flex_fn = torch.compile(flex_attention, dynamic=False)
-    B, H, D, window = 4, 8, 64, 512
-    peak = _peak_tflops()
-    try:  # does the flash backend take GQA directly?
-        x = torch.randn(1, 4, 128, 64, device="cuda", dtype=torch.bfloat16)
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            F.scaled_dot_product_attention(x, x[:, :2], x[:, :2], is_causal=True, enable_gqa=True)
-        flash_gqa = True
-    except RuntimeError:
-        flash_gqa = False
-    print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
-          f"bf16 matmul 8192^3: {peak:.0f} TFLOP/s")
-    print("attention, bf16, B=4, H=8, D=64, window 512, lte = window + 12.5% random kept columns; ms = median")
-    header = (f"{'T':>6} {'Hkv':>3} {'pattern':7} | {'ours fwd':>8} {'base fwd':>8} | {'ours f+b':>8} {'base f+b':>8} "
-              f"{'x f+b':>6} | {'TF/s fwd':>8} {'TF/s f+b':>8} {'%peak':>5} | baseline")
-    print(header)
-    rows = []
-    for T in Ts:
-        for Hkv in kv_heads:
-            G = H // Hkv
-            (q, k, v), do, (qt, kt, vt), do_t = _bench_inputs(B, T, H, Hkv, D)
-            keep = torch.rand(B, T, Hkv, device="cuda") < 0.125
-            keep_bh = keep.transpose(1, 2).contiguous()                                       # [B, Hkv, T]
-
-            def lte_mask(b, h, qi, kj):
-                return (kj <= qi) & ((qi - kj <= window) | keep_bh[b, h // G, kj])
-
-            def swa_mask(b, h, qi, kj):
-                return (kj <= qi) & (qi - kj <= window)
-
-            def sdpa(q_, k_, v_):
-                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                    if G > 1 and not flash_gqa:  # flash without GQA support: repeated K/V, timed too
-                        k_, v_ = k_.repeat_interleave(G, 1), v_.repeat_interleave(G, 1)
-                    return F.scaled_dot_product_attention(q_, k_, v_, is_causal=True, enable_gqa=G > 1 and flash_gqa)
-
-            for pattern in ("lte", "swa", "causal"):
-                w = None if pattern == "causal" else window
-                kp = keep if pattern == "lte" else None
-                ours = lambda q_, k_, v_: attention(q_, k_, v_, window=w, keep=kp)
-                if pattern == "causal":
-                    base = sdpa
-                    base_name = "SDPA flash" + ("" if G == 1 else ", enable_gqa" if flash_gqa else ", K/V repeated")
-                else:
-                    base_name = f"flex {pattern}, enable_gqa" if G > 1 else f"flex {pattern}"
-                    bm = _flex_block_mask(lte_mask if pattern == "lte" else swa_mask, B, H, T) if flex else None
-                    base = lambda q_, k_, v_, bm=bm: flex_fn(q_, k_, v_, block_mask=bm, enable_gqa=G > 1)
-                t = [_bench_ms(ours, False, (q, k, v), do), float("nan"), _bench_ms(ours, True, (q, k, v), do), float("nan")]
-                if pattern == "causal" or flex and time.time() < deadline:  # flex compiles per shape: slow
-                    t[1] = _bench_ms(base, False, (qt, kt, vt), do_t)
-                    t[3] = _bench_ms(base, True, (qt, kt, vt), do_t)
-                else:
-                    base_name += " (skipped: --full times it)" if not flex else " (skipped: time budget)"
-                flops = 4 * D * _visible_pairs(T, w, kp) * B * H
-                tf_fwd, tf_fb = flops / t[0] / 1e9, 3.5 * flops / t[2] / 1e9
-                row = (f"{T:6d} {Hkv:3d} {pattern:7} | {t[0]:8.3f} {t[1]:8.3f} | {t[2]:8.3f} {t[3]:8.3f} "
-                       f"{t[3] / t[2]:6.2f} | {tf_fwd:8.0f} {tf_fb:8.0f} {100 * tf_fb / peak:5.0f} | {base_name}")
-                print(row, flush=True)
-                rows.append(row)
-    print("\n" + header + "\n" + "\n".join(sorted(rows, key=lambda r: (int(r.split()[1]), int(r.split()[0])))))
-
-
-def bench_swa_spread(T: int = 8192, reps: int = 8) -> None:
-    """SWA forward + backward against flex_attention, alternated `reps` times in one process.
-
-    Single medians of this pair drift by up to 2x between measurements on a shared machine, and
-    both sides drift together; alternating them and taking the median of the medians compares
-    them under the same conditions."""
-    from torch.nn.attention.flex_attention import flex_attention
-    flex = torch.compile(flex_attention, dynamic=False)
-    B, H, D, window = 4, 8, 64, 512
-    print(f"\nSWA f+b, bf16, B={B}, H={H}, D={D}, T={T}, window {window}: ms per measurement, alternated")
-    for Hkv in (8, 2):
-        inputs, do, inputs_t, do_t = _bench_inputs(B, T, H, Hkv, D)
-        mask = _flex_block_mask(lambda b, h, qi, kj: (kj <= qi) & (qi - kj <= window), B, H, T)
-        ours = lambda q_, k_, v_: attention(q_, k_, v_, window=window)
-        base = lambda q_, k_, v_: flex(q_, k_, v_, block_mask=mask, enable_gqa=Hkv < H)
-        times = {"ours": [], "flex": []}
-        for _ in range(reps):
-            times["ours"].append(_bench_ms(ours, True, inputs, do))
-            times["flex"].append(_bench_ms(base, True, inputs_t, do_t))
-        for name, ms in times.items():
-            print(f"Hkv={Hkv} {name}: " + " ".join(f"{x:.3f}" for x in ms) + f" | median {statistics.median(ms):.3f}")
-        print(f"Hkv={Hkv} flex / ours (medians): {statistics.median(times['flex']) / statistics.median(times['ours']):.2f}x")
-
-
-def bench_attention_decode() -> None:
-    """One decoding step: ours vs the reference (einsum + softmax), bf16, B=4, H=8 on Hkv=2, D=64."""
-    import tiny_hybrid
-    print("\nattention_decode, bf16, B=4, H=8, Hkv=2, D=64, 90% valid slots; ms = median")
-    print(f"{'S':>7} | {'ours':>7} {'reference':>9}")
-    for S in (1024, 8192, 65536):
-        q = torch.randn(4, 8, 64, device="cuda", dtype=torch.bfloat16)
-        kc, vc = (torch.randn(4, S, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-        valid = torch.rand(4, S, 2, device="cuda") < 0.9
-        ms = [triton.testing.do_bench(lambda f=f: f(q, kc, vc, valid), warmup=10, rep=50, return_mode="median")
-              for f in (attention_decode, tiny_hybrid.attention_decode)]
-        print(f"{S:7d} | {ms[0]:7.4f} {ms[1]:9.4f}")
-
-
-# float32 dots of the Gated DeltaNet kernels: exact ("ieee") in the interpreter, tensor cores
-# ("tf32", ~3e-4 relative) on the GPU. 16-bit dots run on tensor cores with float32 accumulation.
-_DOT_PRECISION = "ieee" if INTERPRET else "tf32"
-
-
-# =============================================================================================
-# Gated DeltaNet
-# =============================================================================================
-
-# --- small jit helpers ------------------------------------------------------------------------
-
-@triton.jit
-def _dot(a, b, PRECISION: tl.constexpr):
-    """a @ b with float32 accumulation. The interpreter multiplies bf16 operands wrongly, so there
-    ("ieee") they go to float32 first: the same products, as bf16 x bf16 is exact in float32."""
-    if PRECISION == "ieee":
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        return tl.dot(a, b, input_precision=PRECISION)
-
-
-@triton.jit
-def _token_tile(i_b, i_h, t0, T, H, D, L: tl.constexpr, BD: tl.constexpr, d0=0):
-    """Offsets and mask of the [L, BD] tile (tokens t0.., dims d0..) of head i_h of sequence i_b
-    in a [B, T, H, D] tensor. Tokens past T are masked (they read as 0: the reference's padding)."""
-    t = t0 + tl.arange(0, L)
-    d = d0 + tl.arange(0, BD)
-    offs = ((i_b.to(tl.int64) * T + t[:, None]) * H + i_h) * D + d[None, :]
-    return offs, (t[:, None] < T) & (d[None, :] < D)
-
-
-@triton.jit
-def _token_vec(i_b, i_h, t0, T, H, L: tl.constexpr):
-    """Offsets and mask of L consecutive tokens of head i_h of sequence i_b in a [B, T, H] tensor."""
-    t = t0 + tl.arange(0, L)
-    return (i_b.to(tl.int64) * T + t) * H + i_h, t < T
-
-
-@triton.jit
-def _chunk_tile(i_bh, t0, Tp, D, L: tl.constexpr, BD: tl.constexpr, d0=0):
-    """Offsets and mask of an [L, BD] tile of a heads-first, padded work tensor [B*H, Tp, D]."""
-    t = t0 + tl.arange(0, L)
-    d = d0 + tl.arange(0, BD)
-    return (i_bh.to(tl.int64) * Tp + t[:, None]) * D + d[None, :], d[None, :] < D
-
-
-@triton.jit
-def _state_tile(i_bh, n, N, K, V, BK: tl.constexpr, BV: tl.constexpr, v0):
-    """Offsets and mask of the [BK, BV] tile (value columns v0..) of state n of [B*H, N, K, V]."""
-    dk = tl.arange(0, BK)
-    dv = v0 + tl.arange(0, BV)
-    offs = ((i_bh.to(tl.int64) * N + n) * K + dk[:, None]) * V + dv[None, :]
-    return offs, (dk[:, None] < K) & (dv[None, :] < V)
-
-
-@triton.jit
-def _decay_matrix(gam, L: tl.constexpr, STRICT: tl.constexpr):
-    """Gamma_ij = exp(gamma_i - gamma_j) on j < i (STRICT) or j <= i, else 0; [L] -> [L, L].
-    Masked before exp, so the upper triangle (positive exponents) cannot overflow."""
-    i = tl.arange(0, L)[:, None]
-    j = tl.arange(0, L)[None, :]
-    keep = (j < i) if STRICT else (j <= i)
-    return tl.exp(tl.where(keep, gam[:, None] - gam[None, :], float("-inf")))
-
-
-@triton.jit
-def _unit_lower_inverse(A, L: tl.constexpr, LOG2_BLOCKS: tl.constexpr, PRECISION: tl.constexpr):
-    """(I + A)^-1 for a strictly lower-triangular [L, L] A (L = 16 * 2^LOG2_BLOCKS), in two stages,
-    so that only 15 steps are sequential (a plain forward substitution would take L - 1):
-    (a) the 16 x 16 diagonal blocks D of A, all blocks at once, by forward substitution: at step s
-        row s of every block becomes T_r = e_r - sum_{j<r} D_rj T_j, one matrix product;
-    (b) the rest: I + A = (I + D)(I + N) with N = (I + D)^-1 E and E = A - D strictly
-        block-lower, so N^(L/16) = 0 and (I + N)^-1 = (I - N)(I + N^2)... is a finite product.
-    (A's powers grow like binomials, so no series in A itself: (a) substitutes.)
-    """
-    rows = tl.arange(0, L)[:, None]
-    cols = tl.arange(0, L)[None, :]
-    same_block = (rows // 16) == (cols // 16)
-    D = tl.where(same_block, A, 0.)
-    Tm = (rows == cols).to(tl.float32)                       # rows not yet reached stay e_r
-    for s in range(1, 16):
-        Tm -= _dot(tl.where(rows % 16 == s, D, 0.), Tm, PRECISION)
-    P = -_dot(Tm, tl.where(same_block, 0., A), PRECISION)   # -N
-    for i in tl.static_range(LOG2_BLOCKS):                  # Tm <- (I + (-N)^(2^i)) Tm
-        if i > 0:
-            P = _dot(P, P, PRECISION)
-        Tm += _dot(P, Tm, PRECISION)
-    return Tm
-
-
-# --- forward kernels ----------------------------------------------------------------------------
-
-@triton.jit
-def _gdn_ut_kernel(k_ptr, g_ptr, beta_ptr,                                  # inputs, [B, T, H, *]
-                   gamma_ptr, tinv_ptr,                                     # outputs, [B*H, Tp, *]
-                   T, H, K, Tp,
-                   L: tl.constexpr, BK: tl.constexpr, LOG2_BLOCKS: tl.constexpr,
-                   PRECISION: tl.constexpr):
-    """Steps 3-4a for one chunk: gamma and the UT transform T = (I + A)^-1.
-
-    grid (N chunks, B*H). Writes gamma [L] and T [L, L]. Only [L, L] tiles stay live (K K^T is
-    summed over BK-wide slices of K), so several programs share a multiprocessor: the triangular
-    solve is a chain of small products, and other programs hide its latency.
-    """
-    i_n, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    t0 = i_n * L
-
-    # step 3: decay from the chunk's start
-    offs, mask = _token_vec(i_b, i_h, t0, T, H, L)
-    g = tl.load(g_ptr + offs, mask=mask, other=0.).to(tl.float32)
-    beta = tl.load(beta_ptr + offs, mask=mask, other=0.).to(tl.float32)
-    gam = tl.cumsum(g, 0)                                                        # [L]
-    tl.store(gamma_ptr + i_bh.to(tl.int64) * Tp + t0 + tl.arange(0, L), gam)
-
-    # step 4a: A_ij = beta_i Gamma_ij (k_i . k_j), j < i, and T = (I + A)^-1
-    kk = tl.zeros([L, L], dtype=tl.float32)
-    for d0 in range(0, K, BK):
-        k_offs, k_mask = _token_tile(i_b, i_h, t0, T, H, K, L, BK, d0)
-        k = tl.load(k_ptr + k_offs, mask=k_mask, other=0.)                       # [L, BK]
-        kk += _dot(k, tl.trans(k), PRECISION)                                    # [L, L]
-    A = _decay_matrix(gam, L, True) * kk * beta[:, None]                         # [L, L]
-    Tm = _unit_lower_inverse(A, L, LOG2_BLOCKS, PRECISION)
-    offs, mask = _chunk_tile(i_bh, t0, Tp, L, L, L)
-    tl.store(tinv_ptr + offs, Tm.to(tinv_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _gdn_wy_kernel(k_ptr, v_ptr, beta_ptr, gamma_ptr, tinv_ptr,             # inputs
-                   w_ptr, u_prime_ptr,                                      # outputs, [B*H, Tp, *]
-                   T, H, K, V, Tp,
-                   L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr):
-    """Step 4b for one chunk: the WY factors W = T diag(beta e^gamma) K and U' = T diag(beta) V.
-
-    grid (N chunks, B*H). The forward runs it after _gdn_ut_kernel, the backward from the saved T.
-    """
-    i_n, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    t0 = i_n * L
-    dt = w_ptr.dtype.element_ty
-
-    offs, mask = _token_vec(i_b, i_h, t0, T, H, L)
-    beta = tl.load(beta_ptr + offs, mask=mask, other=0.).to(tl.float32)          # [L]
-    gam = tl.load(gamma_ptr + i_bh.to(tl.int64) * Tp + t0 + tl.arange(0, L))     # [L]
-    offs, mask = _chunk_tile(i_bh, t0, Tp, L, L, L)
-    Tm = tl.load(tinv_ptr + offs, mask=mask, other=0.)                           # [L, L] f32
-    # the diagonal scales go onto T's columns ([L, L]) rather than onto K and V ([L, D])
-    tw = (Tm * (beta * tl.exp(gam))[None, :]).to(dt)
-    tu = (Tm * beta[None, :]).to(dt)
-    # (loop variables get names of their own: a loop may not change a variable's shape)
-    for d0 in range(0, K, BK):
-        t_offs, t_mask = _token_tile(i_b, i_h, t0, T, H, K, L, BK, d0)
-        k = tl.load(k_ptr + t_offs, mask=t_mask, other=0.)                       # [L, BK]
-        c_offs, c_mask = _chunk_tile(i_bh, t0, Tp, K, L, BK, d0)
-        tl.store(w_ptr + c_offs, _dot(tw, k, PRECISION).to(dt), mask=c_mask)
-    for d0 in range(0, V, BV):
-        t_offs, t_mask = _token_tile(i_b, i_h, t0, T, H, V, L, BV, d0)
-        v = tl.load(v_ptr + t_offs, mask=t_mask, other=0.)                       # [L, BV]
-        c_offs, c_mask = _chunk_tile(i_bh, t0, Tp, V, L, BV, d0)
-        tl.store(u_prime_ptr + c_offs, _dot(tu, v, PRECISION).to(dt), mask=c_mask)
-
-
-@triton.jit
-def _gdn_state_fwd_kernel(k_ptr, w_ptr, u_prime_ptr, gamma_ptr, h0_ptr,  # inputs
-                          h_ptr, u_ptr, ht_ptr,                          # outputs
-                          T, H, K, V, Tp, N,
-                          L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                          HAS_H0: tl.constexpr, PRECISION: tl.constexpr):
-    """Step 5, the recurrence: walk the N chunks carrying S [K, BV] in float32 registers.
-
-    grid (V / BV, B*H). Writes h [N, K, V] (the state entering each chunk), U [Tp, V] and the
-    final state.
-    """
-    i_v, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    v0 = i_v * BV
-    dt = w_ptr.dtype.element_ty
-
-    s_offs, s_mask = _state_tile(i_bh, 0, 1, K, V, BK, BV, v0)                   # [B*H, K, V] tile
-    if HAS_H0:
-        S = tl.load(h0_ptr + s_offs, mask=s_mask, other=0.).to(tl.float32)       # [BK, BV]
-    else:
-        S = tl.zeros([BK, BV], dtype=tl.float32)
-
-    for n in range(N):
-        t0 = n * L
-        offs, mask = _state_tile(i_bh, n, N, K, V, BK, BV, v0)
-        tl.store(h_ptr + offs, S.to(h_ptr.dtype.element_ty), mask=mask)
-
-        offs, mask = _chunk_tile(i_bh, t0, Tp, K, L, BK)
-        w = tl.load(w_ptr + offs, mask=mask, other=0.)                           # [L, BK]
-        offs, mask = _chunk_tile(i_bh, t0, Tp, V, L, BV, v0)
-        u = tl.load(u_prime_ptr + offs, mask=mask, other=0.).to(tl.float32) \
-            - _dot(w, S.to(dt), PRECISION)                                       # U = U' - W S
-        tl.store(u_ptr + offs, u.to(dt), mask=mask)
-
-        gam = tl.load(gamma_ptr + i_bh.to(tl.int64) * Tp + t0 + tl.arange(0, L))  # [L]
-        gam_last = tl.load(gamma_ptr + i_bh.to(tl.int64) * Tp + t0 + L - 1)
-        offs, mask = _token_tile(i_b, i_h, t0, T, H, K, L, BK)
-        k = tl.load(k_ptr + offs, mask=mask, other=0.)                           # [L, BK]
-        # the decay to the chunk's end goes onto U ([L, BV]) rather than K ([L, K]): fewer registers
-        u_to_end = (u * tl.exp(gam_last - gam)[:, None]).to(dt)
-        S = S * tl.exp(gam_last) + _dot(tl.trans(k), u_to_end, PRECISION)
-
-    tl.store(ht_ptr + s_offs, S, mask=s_mask)
-
-
-@triton.jit
-def _gdn_output_kernel(q_ptr, k_ptr, gamma_ptr, h_ptr, u_ptr, o_ptr, scale,
-                       T, H, K, V, Tp, N,
-                       L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                       PRECISION: tl.constexpr):
-    """Step 5, the output: O = scale (diag(e^gamma) Q S + (Q K^T * Gamma) U), every chunk at once.
-
-    grid (N, V / BV, B*H). Writes o [L, BV] into [B, T, H, V] (tokens past T dropped: step 6).
-    """
-    i_n, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_b, i_h = i_bh // H, i_bh % H
-    t0, v0 = i_n * L, i_v * BV
-    dt = u_ptr.dtype.element_ty
-
-    offs, mask = _token_tile(i_b, i_h, t0, T, H, K, L, BK)
-    q = tl.load(q_ptr + offs, mask=mask, other=0.)                               # [L, BK]
-    k = tl.load(k_ptr + offs, mask=mask, other=0.)                               # [L, BK]
-    gam = tl.load(gamma_ptr + i_bh.to(tl.int64) * Tp + t0 + tl.arange(0, L))     # [L]
-    offs, mask = _state_tile(i_bh, i_n, N, K, V, BK, BV, v0)
-    S = tl.load(h_ptr + offs, mask=mask, other=0.)                               # [BK, BV]
-    offs, mask = _chunk_tile(i_bh, t0, Tp, V, L, BV, v0)
-    u = tl.load(u_ptr + offs, mask=mask, other=0.)                               # [L, BV]
-
-    o_state = _dot(q, S.to(q.dtype), PRECISION) * tl.exp(gam)[:, None]           # [L, BV]
-    p = _dot(q, tl.trans(k), PRECISION) * _decay_matrix(gam, L, False)           # [L, L]
-    o = scale * (o_state + _dot(p.to(dt), u, PRECISION))
-
-    offs, mask = _token_tile(i_b, i_h, t0, T, H, V, L, BV, v0)
-    tl.store(o_ptr + offs, o.to(o_ptr.dtype.element_ty), mask=mask)
-
-
-# --- backward kernels ---------------------------------------------------------------------------
-# With P = scale (Q K^T * Gamma) (j <= i), dS_next the gradient of the state leaving a chunk:
-#   dU      = P^T dO + diag(e^(gamma_L - gamma)) K dS_next                     (U feeds O and S_next)
-#   dS      = e^gamma_L dS_next + scale (diag(e^gamma) Q)^T dO - W^T dU        (S feeds O, U, S_next)
-#   dQ      = scale diag(e^gamma) dO S^T + (scale dO U^T * Gamma) K
-#   dK     += (scale dO U^T * Gamma)^T Q + diag(e^(gamma_L - gamma)) U dS_next^T
-#   dW      = -dU S^T,   dU' = dU
-# Through the UT transform (W = T Xw, U' = T Xu, T = (I + A)^-1, dT = -T^T (.) T^T):
-#   dXw = T^T dW,  dXu = T^T dU',  dA = -(dXw W^T + dXu U'^T) on j < i
-# and from A_ij = beta_i Gamma_ij k_i.k_j, Xw = diag(beta e^gamma) K, Xu = diag(beta) V the
-# gradients of k, v, beta and gamma; gamma's gradient becomes g's by a reverse cumsum.
-
-@triton.jit
-def _gdn_state_bwd_kernel(q_ptr, k_ptr, w_ptr, gamma_ptr, do_ptr, dht_ptr,  # inputs
-                          dh_ptr, du_ptr, dh0_ptr,                          # outputs
-                          scale, T, H, K, V, Tp, N,
-                          L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                          PRECISION: tl.constexpr):
-    """The recurrence backwards: walk the chunks from the last, carrying dS [K, BV] in float32.
-
-    grid (V / BV, B*H). Writes dh [N, K, V] (gradient of the state LEAVING each chunk), dU [Tp, V]
-    and dS of the initial state.
-    """
-    i_v, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    v0 = i_v * BV
-    dt = w_ptr.dtype.element_ty
-
-    s_offs, s_mask = _state_tile(i_bh, 0, 1, K, V, BK, BV, v0)
-    dS = tl.load(dht_ptr + s_offs, mask=s_mask, other=0.).to(tl.float32)         # [BK, BV]
-
-    for i in range(N):
-        n = N - 1 - i
-        t0 = n * L
-        offs, mask = _state_tile(i_bh, n, N, K, V, BK, BV, v0)
-        tl.store(dh_ptr + offs, dS.to(dh_ptr.dtype.element_ty), mask=mask)
-
-        offs, mask = _token_tile(i_b, i_h, t0, T, H, K, L, BK)
-        q = tl.load(q_ptr + offs, mask=mask, other=0.)                           # [L, BK]
-        k = tl.load(k_ptr + offs, mask=mask, other=0.)                           # [L, BK]
-        offs, mask = _chunk_tile(i_bh, t0, Tp, K, L, BK)
-        w = tl.load(w_ptr + offs, mask=mask, other=0.)                           # [L, BK]
-        offs, mask = _token_tile(i_b, i_h, t0, T, H, V, L, BV, v0)
-        do = tl.load(do_ptr + offs, mask=mask, other=0.)                         # [L, BV]
-        gam = tl.load(gamma_ptr + i_bh.to(tl.int64) * Tp + t0 + tl.arange(0, L))
-        gam_last = tl.load(gamma_ptr + i_bh.to(tl.int64) * Tp + t0 + L - 1)
-
-        # P^T (j, i) = scale k_j . q_i Gamma_ij, i >= j. Row scales (decays) go on the [L, BV]
-        # side of each product, not on the [L, K] one: fewer registers.
-        pt = scale * _dot(k, tl.trans(q), PRECISION) * tl.trans(_decay_matrix(gam, L, False))
-        du = _dot(pt.to(dt), do, PRECISION) \
-            + _dot(k, dS.to(dt), PRECISION) * tl.exp(gam_last - gam)[:, None]    # [L, BV]
-        offs, mask = _chunk_tile(i_bh, t0, Tp, V, L, BV, v0)
-        tl.store(du_ptr + offs, du.to(dt), mask=mask)
-
-        do_decayed = (do.to(tl.float32) * (scale * tl.exp(gam))[:, None]).to(dt)    # [L, BV]
-        dS = dS * tl.exp(gam_last) + _dot(tl.trans(q), do_decayed, PRECISION) \
-            - _dot(tl.trans(w), du.to(dt), PRECISION)
-
-    tl.store(dh0_ptr + s_offs, dS, mask=s_mask)
-
-
-@triton.jit
-def _gdn_bwd_output_kernel(q_ptr, k_ptr, gamma_ptr, h_ptr, u_ptr, du_ptr, dh_ptr, do_ptr,  # in
-                           dq_ptr, dk_ptr, dw_ptr, dgam_ptr,                                # out
-                           scale, T, H, K, V, Tp, N,
-                           L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                           PRECISION: tl.constexpr):
-    """Gradients through O, U = U' - W S and the state update, one chunk, looping over V tiles.
-
-    grid (N, B*H). Writes dq (final, into [B, T, H, K]), and float32 partials [B*H, Tp, *] of
-    dk, dW and dgamma that _gdn_bwd_wy_kernel completes.
-    """
-    i_n, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    t0 = i_n * L
-    dt = u_ptr.dtype.element_ty
-
-    dq_state = tl.zeros([L, BK], dtype=tl.float32)   # dO S^T
-    dk_state = tl.zeros([L, BK], dtype=tl.float32)   # U dS_next^T
-    dw = tl.zeros([L, BK], dtype=tl.float32)         # -dU S^T
-    r = tl.zeros([L, L], dtype=tl.float32)           # dO U^T
-    s_dot_ds = tl.zeros([BK], dtype=tl.float32)      # <S, dS_next>, row by row
-    for i_v in range(tl.cdiv(V, BV)):
-        v0 = i_v * BV
-        t_offs, t_mask = _token_tile(i_b, i_h, t0, T, H, V, L, BV, v0)
-        do = tl.load(do_ptr + t_offs, mask=t_mask, other=0.)                     # [L, BV]
-        c_offs, c_mask = _chunk_tile(i_bh, t0, Tp, V, L, BV, v0)
-        u = tl.load(u_ptr + c_offs, mask=c_mask, other=0.)                       # [L, BV]
-        du = tl.load(du_ptr + c_offs, mask=c_mask, other=0.)                     # [L, BV]
-        s_offs, s_mask = _state_tile(i_bh, i_n, N, K, V, BK, BV, v0)
-        S = tl.load(h_ptr + s_offs, mask=s_mask, other=0.)                       # [BK, BV]
-        dS = tl.load(dh_ptr + s_offs, mask=s_mask, other=0.)                     # [BK, BV]
-        dq_state += _dot(do, tl.trans(S), PRECISION)
-        dk_state += _dot(u, tl.trans(dS), PRECISION)
-        dw -= _dot(du, tl.trans(S), PRECISION)
-        r += _dot(do, tl.trans(u), PRECISION)
-        s_dot_ds += tl.sum(S.to(tl.float32) * dS.to(tl.float32), 1)
-    # (each result is stored as soon as it is final, and q, k load only now: short live ranges,
-    # so that K = 128 fits in registers)
-    offs, mask = _chunk_tile(i_bh, t0, Tp, K, L, BK)
-    tl.store(dw_ptr + offs, dw, mask=mask)
-
-    gam = tl.load(gamma_ptr + i_bh.to(tl.int64) * Tp + t0 + tl.arange(0, L))     # [L]
-    gam_last = tl.load(gamma_ptr + i_bh.to(tl.int64) * Tp + t0 + L - 1)
-    t_offs, t_mask = _token_tile(i_b, i_h, t0, T, H, K, L, BK)
-    q = tl.load(q_ptr + t_offs, mask=t_mask, other=0.)                           # [L, BK]
-    k = tl.load(k_ptr + t_offs, mask=t_mask, other=0.)                           # [L, BK]
-    z = scale * r * _decay_matrix(gam, L, False)                                 # dL/d(Q K^T)
-
-    # dgamma: from e^gamma in the state read-out, Gamma in P, e^(gamma_L - gamma) in the update
-    # (terms that cancel exactly, the diagonal of P and the last token's own decay to the chunk
-    # end, are left out: in float32 their rounding would swamp small gradients under strong decay)
-    dq_state *= (scale * tl.exp(gam))[:, None]
-    dgam = tl.sum(q.to(tl.float32) * dq_state, 1)
-    dq = dq_state + _dot(z.to(dt), k, PRECISION)
-    tl.store(dq_ptr + t_offs, dq.to(dq_ptr.dtype.element_ty), mask=t_mask)
-
-    dk_state *= tl.exp(gam_last - gam)[:, None]
-    is_last = tl.arange(0, L) == L - 1
-    k_dk = tl.where(is_last, 0., tl.sum(k.to(tl.float32) * dk_state, 1))         # [L]
-    dgam += tl.where(is_last, tl.exp(gam_last) * tl.sum(s_dot_ds, 0) + tl.sum(k_dk, 0), -k_dk)
-    dk = dk_state + _dot(tl.trans(z.to(dt)), q, PRECISION)
-    tl.store(dk_ptr + offs, dk, mask=mask)
-
-    e = r * scale * _dot(q, tl.trans(k), PRECISION) * _decay_matrix(gam, L, True)  # dP * P, j < i
-    dgam += tl.sum(e, 1) - tl.sum(e, 0)
-    tl.store(dgam_ptr + i_bh.to(tl.int64) * Tp + t0 + tl.arange(0, L), dgam)
-
-
-@triton.jit
-def _gdn_bwd_wy_kernel(k_ptr, v_ptr, beta_ptr, gamma_ptr, tinv_ptr, w_ptr, u_prime_ptr,  # in
-                       du_ptr, dw_ptr, dk_part_ptr, dgam_ptr,                             # in
-                       dk_ptr, dv_ptr, dg_ptr, dbeta_ptr,                                 # out
-                       T, H, K, V, Tp,
-                       L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                       PRECISION: tl.constexpr):
-    """Gradients through the UT transform (step 4) and the cumsum (step 3), one chunk.
-
-    grid (N, B*H). Completes dk and writes dk, dv, dg, dbeta into the inputs' layouts.
-    """
-    i_n, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    t0 = i_n * L
-    dt = w_ptr.dtype.element_ty
-    rows = tl.arange(0, L)[:, None]
-    cols = tl.arange(0, L)[None, :]
-
-    offs, mask = _token_vec(i_b, i_h, t0, T, H, L)
-    beta = tl.load(beta_ptr + offs, mask=mask, other=0.).to(tl.float32)          # [L]
-    gam = tl.load(gamma_ptr + i_bh.to(tl.int64) * Tp + t0 + tl.arange(0, L))     # [L]
-    offs, mask = _chunk_tile(i_bh, t0, Tp, L, L, L)
-    Tm = tl.load(tinv_ptr + offs, mask=mask, other=0.).to(dt)                    # [L, L]
-    w_offs, w_mask = _chunk_tile(i_bh, t0, Tp, K, L, BK)
-    dw = tl.load(dw_ptr + w_offs, mask=w_mask, other=0.)                         # [L, BK] f32
-    w = tl.load(w_ptr + w_offs, mask=w_mask, other=0.)                           # [L, BK]
-
-    # W = T Xw with Xw = diag(beta e^gamma) K: dXw = T^T dW, then its share of dA and the
-    # direct gradients of k, beta, gamma
-    dxw = _dot(tl.trans(Tm), dw.to(dt), PRECISION)                               # [L, BK]
-    dA = -_dot(dxw.to(dt), tl.trans(w), PRECISION)                               # [L, L]
-    k_offs, k_mask = _token_tile(i_b, i_h, t0, T, H, K, L, BK)
-    k = tl.load(k_ptr + k_offs, mask=k_mask, other=0.)                           # [L, BK]
-    eg = tl.exp(gam)
-    k_dxw = tl.sum(dxw * k.to(tl.float32), 1)                                    # [L]
-    dbeta = eg * k_dxw
-    dgam_w = beta * eg * k_dxw
-    dk = dxw * (beta * eg)[:, None]                                              # [L, BK] f32
-
-    # U' = T Xu with Xu = diag(beta) V, V tile by tile: dXu = T^T dU', dV = diag(beta) dXu
-    for i_v in range(tl.cdiv(V, BV)):
-        v0 = i_v * BV
-        c_offs, c_mask = _chunk_tile(i_bh, t0, Tp, V, L, BV, v0)
-        du = tl.load(du_ptr + c_offs, mask=c_mask, other=0.)                     # [L, BV]
-        u_prime = tl.load(u_prime_ptr + c_offs, mask=c_mask, other=0.)          # [L, BV]
-        t_offs, t_mask = _token_tile(i_b, i_h, t0, T, H, V, L, BV, v0)
-        v = tl.load(v_ptr + t_offs, mask=t_mask, other=0.).to(tl.float32)       # [L, BV]
-        dxu = _dot(tl.trans(Tm), du, PRECISION)                                  # [L, BV]
-        tl.store(dv_ptr + t_offs, (dxu * beta[:, None]).to(dv_ptr.dtype.element_ty), mask=t_mask)
-        dbeta += tl.sum(dxu * v, 1)
-        dA -= _dot(dxu.to(dt), tl.trans(u_prime), PRECISION)
-    dA = tl.where(cols < rows, dA, 0.)                                           # A is strictly lower
-
-    # A = diag(beta) C with C = (K K^T) * Gamma (j < i)
-    decay = _decay_matrix(gam, L, True)
-    dA_c = dA * _dot(k, tl.trans(k), PRECISION) * decay                          # dA * C
-    dbeta += tl.sum(dA_c, 1)
-    e = dA_c * beta[:, None]                                                     # dA * A: dlog Gamma
-    dgam = dgam_w + tl.sum(e, 1) - tl.sum(e, 0)
-    dkk = (dA * decay * beta[:, None]).to(dt)                                    # dL/d(K K^T)
-    dk += _dot(dkk, k, PRECISION) + _dot(tl.trans(dkk), k, PRECISION)
-    dk += tl.load(dk_part_ptr + w_offs, mask=w_mask, other=0.)                   # from O, S_next
-    tl.store(dk_ptr + k_offs, dk.to(dk_ptr.dtype.element_ty), mask=k_mask)
-    dgam += tl.load(dgam_ptr + i_bh.to(tl.int64) * Tp + t0 + tl.arange(0, L))
-
-    # gamma = cumsum(g)  =>  dg_i = sum_{m >= i} dgamma_m (a reverse cumsum)
-    dg = tl.cumsum(dgam, 0, reverse=True)
-
-    offs, mask = _token_vec(i_b, i_h, t0, T, H, L)
-    tl.store(dg_ptr + offs, dg.to(dg_ptr.dtype.element_ty), mask=mask)
-    tl.store(dbeta_ptr + offs, dbeta.to(dbeta_ptr.dtype.element_ty), mask=mask)
-
-
-# --- decoding kernel ----------------------------------------------------------------------------
-
-@triton.jit
-def _gdn_recurrent_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, h0_ptr, o_ptr, ht_ptr, scale,
-                          T, H, K, V,
-                          BK: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr):
-    """The recurrent definition, token by token, the state tile [K, BV] kept in float32 registers.
-
-    grid (V / BV, B*H). Each value-column tile of the state evolves on its own (the delta rule's
-    read-out k^T S only mixes rows), so tiles run in parallel. ht may alias h0 (in-place update):
-    each program reads its tile before it writes it.
-    """
-    i_v, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    v0 = i_v * BV
-    dk = tl.arange(0, BK)
-    dv = v0 + tl.arange(0, BV)
-    s_offs, s_mask = _state_tile(i_bh, 0, 1, K, V, BK, BV, v0)
-    if HAS_H0:
-        S = tl.load(h0_ptr + s_offs, mask=s_mask, other=0.).to(tl.float32)      # [BK, BV]
-    else:
-        S = tl.zeros([BK, BV], dtype=tl.float32)
-
-    for t in range(T):
-        tok = (i_b.to(tl.int64) * T + t) * H + i_h                               # [B, T, H] index
-        q = tl.load(q_ptr + tok * K + dk, mask=dk < K, other=0.).to(tl.float32)  # [BK]
-        k = tl.load(k_ptr + tok * K + dk, mask=dk < K, other=0.).to(tl.float32)  # [BK]
-        v = tl.load(v_ptr + tok * V + dv, mask=dv < V, other=0.).to(tl.float32)  # [BV]
-        g = tl.load(g_ptr + tok).to(tl.float32)
-        beta = tl.load(beta_ptr + tok).to(tl.float32)
-        S = S * tl.exp(g)
-        u = beta * (v - tl.sum(k[:, None] * S, 0))                               # [BV]
-        S = S + k[:, None] * u[None, :]                                          # rank-1 update
-        o = scale * tl.sum(q[:, None] * S, 0)                                    # [BV]
-        tl.store(o_ptr + tok * V + dv, o.to(o_ptr.dtype.element_ty), mask=dv < V)
-
-    tl.store(ht_ptr + s_offs, S, mask=s_mask)
-
-
-# --- host side ----------------------------------------------------------------------------------
-
-_GDN_CHUNK_SIZES = (16, 32, 64)
-_GDN_MAX_DIM = 128
-
-
-def _gdn_block(d: int) -> int:
-    """Tile width for a head dim: a power of two >= 16 (tl.dot's smallest)."""
-    return max(16, triton.next_power_of_2(d))
-
-
-def _gdn_check_kernel_limits(K: int, V: int, **tensors) -> None:
-    """What the Triton kernels need beyond the reference's checks: head dims and device."""
-    for name, d in (("K", K), ("V", V)):
-        if d > _GDN_MAX_DIM:
-            raise ValueError(f"head dim {name} = {d} is too large for the Triton kernel (at most "
-                             f"{_GDN_MAX_DIM}); use tiny_hybrid.gated_delta_rule")
-    want = "cpu" if INTERPRET else "cuda"
-    for name, x in tensors.items():
-        if x is not None and x.device.type != want:
-            raise ValueError(f"{name} is on {x.device}, but the Triton kernels run on "
-                             f"{'the CPU (interpreter)' if INTERPRET else 'a CUDA device'} here")
-
-
-def _gdn_work_dtype(q, k, v) -> torch.dtype:
-    """16-bit dots and intermediates when q, k, v share a 16-bit dtype, else float32."""
-    if q.dtype == k.dtype == v.dtype and q.dtype in (torch.float16, torch.bfloat16):
-        return q.dtype
-    return torch.float32
-
-
-def _gdn_seq_block_v(BH: int, V: int, device) -> int:
-    """Value-tile width of the sequential kernels. They run one program per (B*H, V tile) and
-    are latency-bound, so narrow the tiles while the programs still fit on the multiprocessors
-    one each (measured on the H100, B*H = 32: BV = 16 for V = 64, 32 for V = 128)."""
-    n_sm = 1 if INTERPRET else torch.cuda.get_device_properties(device).multi_processor_count
-    BV = min(64, _gdn_block(V))
-    while BV > 16 and 2 * BH * triton.cdiv(V, BV) <= n_sm:
-        BV //= 2
-    return BV
-
-
-def _gdn_num_stages(x: torch.Tensor) -> int:
-    """Software-pipelining depth of the loops: 3 for 16-bit tiles; float32 tiles are twice the
-    size and 3 stages overflow the H100's 227 KB of shared memory, so no pipelining there.
-    (Never 1 for 16-bit tiles: with Triton 3.6 on the H200, bf16 backward kernels built with one
-    stage returned wrong gradients or faulted, while the same code with 3 stages checks out.)"""
-    return 3 if x.element_size() == 2 else 1
-
-
-def _gdn_ut(k, g, beta, L):
-    """Launch steps 3-4a: returns gamma [B*H, Tp] and T [B*H, Tp, L], both float32 (T is rounded
-    only once, when it is scaled into W and U')."""
-    B, T, H, K = k.shape
-    N = triton.cdiv(T, L)
-    Tp = N * L                                                    # T padded to whole chunks
-    gamma = torch.empty(B * H, Tp, device=k.device, dtype=torch.float32)
-    tinv = torch.empty(B * H, Tp, L, device=k.device, dtype=torch.float32)
-    _gdn_ut_kernel[(N, B * H)](k, g, beta, gamma, tinv, T, H, K, Tp, L=L,
-                               BK=min(64, _gdn_block(K)), LOG2_BLOCKS=(L // 16).bit_length() - 1,
-                               PRECISION=_DOT_PRECISION, num_warps=4)
-    return gamma, tinv
-
-
-def _gdn_wy(k, v, beta, gamma, tinv, L):
-    """Launch step 4b: returns W [B*H, Tp, K] and U' [B*H, Tp, V] in the work dtype."""
-    B, T, H, K = k.shape
-    V = v.shape[3]
-    Tp = gamma.shape[1]
-    w = torch.empty(B * H, Tp, K, device=k.device, dtype=k.dtype)
-    u_prime = torch.empty(B * H, Tp, V, device=k.device, dtype=k.dtype)
-    _gdn_wy_kernel[(Tp // L, B * H)](k, v, beta, gamma, tinv, w, u_prime, T, H, K, V, Tp, L=L,
-                                     BK=min(64, _gdn_block(K)), BV=min(64, _gdn_block(V)),
-                                     PRECISION=_DOT_PRECISION, num_warps=4)
-    return w, u_prime
-
-
-def _gdn_state_fwd(k, w, u_prime, gamma, h0, L):
-    """Launch the forward recurrence: returns h [B*H, N, K, V], U [B*H, Tp, V], final state f32."""
-    B, T, H, K = k.shape
-    V = u_prime.shape[2]
-    Tp = u_prime.shape[1]
-    N = Tp // L
-    h = torch.empty(B * H, N, K, V, device=k.device, dtype=k.dtype)
-    u = torch.empty_like(u_prime)
-    ht = torch.empty(B, H, K, V, device=k.device, dtype=torch.float32)
-    BK, BV = _gdn_block(K), _gdn_seq_block_v(B * H, V, k.device)
-    _gdn_state_fwd_kernel[(triton.cdiv(V, BV), B * H)](
-        k, w, u_prime, gamma, h0 if h0 is not None else ht, h, u, ht, T, H, K, V, Tp, N,
-        L=L, BK=BK, BV=BV, HAS_H0=h0 is not None, PRECISION=_DOT_PRECISION, num_warps=4,
-        num_stages=_gdn_num_stages(k))
-    return h, u, ht
-
-
-def _gdn_output(q, k, gamma, h, u, scale, L, out_dtype):
-    """Launch the chunk-parallel output: o [B, T, H, V] in out_dtype."""
-    B, T, H, K = q.shape
-    V = u.shape[2]
-    Tp = u.shape[1]
-    N = Tp // L
-    o = torch.empty(B, T, H, V, device=q.device, dtype=out_dtype)
-    # one program per chunk and V tile; at K = V = 128 a whole-V tile with 4 warps was the
-    # fastest on the H200 (0.24 ms at T = 16K against 0.38 for 64-wide tiles with 8 warps)
-    BK, BV = _gdn_block(K), _gdn_block(V)
-    _gdn_output_kernel[(N, triton.cdiv(V, BV), B * H)](
-        q, k, gamma, h, u, o, scale, T, H, K, V, Tp, N,
-        L=L, BK=BK, BV=BV, PRECISION=_DOT_PRECISION, num_warps=4, num_stages=_gdn_num_stages(q))
-    return o
-
-
-def _gdn_validate(q, k, v, g, beta, initial_state, chunk_size) -> None:
-    """The reference's checks (same errors), then the kernel's own limits."""
-    tiny_hybrid._check_gdn(q, k, v, g, beta, initial_state)
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    if chunk_size not in _GDN_CHUNK_SIZES:
-        raise ValueError(f"chunk_size must be one of {_GDN_CHUNK_SIZES} for the Triton kernel, "
-                         f"got {chunk_size}")
-    _gdn_check_kernel_limits(k.shape[3], v.shape[3], q=q, k=k, v=v, g=g, beta=beta,
-                             initial_state=initial_state)
-
-
-def _gdn_inputs(q, k, v, g, beta, initial_state, scale):
-    """Contiguous work tensors: q, k, v in the work dtype, g, beta, the state as they come."""
-    scale = q.shape[3] ** -0.5 if scale is None else float(scale)
-    wd = _gdn_work_dtype(q, k, v)
-    q, k, v = (x.to(wd).contiguous() for x in (q, k, v))
-    h0 = None if initial_state is None else initial_state.contiguous()
-    return q, k, v, g.contiguous(), beta.contiguous(), h0, scale
-
-
-def _gdn_forward(q, k, v, g, beta, h0, scale, L, out_dtype):
-    """The chunked forward on work tensors: returns (o, final_state, gamma, T); the backward
-    keeps gamma and T so that it need not solve the triangular systems again."""
-    gamma, tinv = _gdn_ut(k, g, beta, L)
-    w, u_prime = _gdn_wy(k, v, beta, gamma, tinv, L)
-    h, u, ht = _gdn_state_fwd(k, w, u_prime, gamma, h0, L)
-    return _gdn_output(q, k, gamma, h, u, scale, L, out_dtype), ht, gamma, tinv
-
-
-def _gdn_state_bwd(q, k, w, gamma, do, dht, scale, L):
-    """Launch the backward recurrence: returns dh [B*H, N, K, V], dU [B*H, Tp, V], dS_0 f32."""
-    B, T, H, K = k.shape
-    V = do.shape[3]
-    Tp = w.shape[1]
-    N = Tp // L
-    dh = torch.empty(B * H, N, K, V, device=k.device, dtype=k.dtype)
-    du = torch.empty(B * H, Tp, V, device=k.device, dtype=k.dtype)
-    dh0 = torch.empty(B, H, K, V, device=k.device, dtype=torch.float32)
-    BK, BV = _gdn_block(K), _gdn_seq_block_v(B * H, V, k.device)
-    _gdn_state_bwd_kernel[(triton.cdiv(V, BV), B * H)](
-        q, k, w, gamma, do, dht, dh, du, dh0, scale, T, H, K, V, Tp, N,
-        L=L, BK=BK, BV=BV, PRECISION=_DOT_PRECISION, num_warps=4, num_stages=_gdn_num_stages(k))
-    return dh, du, dh0
-
-
-def _gdn_bwd_config(kernel: str, K: int, V: int, x: torch.Tensor) -> dict:
-    """Value tile, warps and pipelining of the chunk-parallel backward kernels ("output", "wy"):
-    the fastest of a sweep on the H200 at T = 16K, B*H = 32, bf16 (output: 0.31 / 0.77 ms at
-    K = 64 / 128 against 0.47 / 0.83 for the next best; wy: 0.38 / 0.61 against 0.64 / 1.0)."""
-    BV, warps = (64, 8) if kernel == "output" and _gdn_block(K) > 64 else (32, 4)
-    return dict(BV=min(BV, _gdn_block(V)), num_warps=warps, num_stages=_gdn_num_stages(x))
-
-
-def _gdn_bwd_output(q, k, gamma, h, u, du, dh, do, scale, L, dq_dtype):
-    """Launch the gradients through O, U and S: returns dq (final) and f32 partials dk, dW, dgamma."""
-    B, T, H, K = k.shape
-    V = u.shape[2]
-    Tp = u.shape[1]
-    N = Tp // L
-    dq = torch.empty(B, T, H, K, device=k.device, dtype=dq_dtype)
-    dk_part = torch.empty(B * H, Tp, K, device=k.device, dtype=torch.float32)
-    dw = torch.empty_like(dk_part)
-    dgam = torch.empty(B * H, Tp, device=k.device, dtype=torch.float32)
-    _gdn_bwd_output_kernel[(N, B * H)](
-        q, k, gamma, h, u, du, dh, do, dq, dk_part, dw, dgam, scale, T, H, K, V, Tp, N,
-        L=L, BK=_gdn_block(K), PRECISION=_DOT_PRECISION, **_gdn_bwd_config("output", K, V, k))
-    return dq, dk_part, dw, dgam
-
-
-def _gdn_bwd_wy(k, v, beta, gamma, tinv, w, u_prime, du, dw, dk_part, dgam, L, dtypes):
-    """Launch the gradients through the UT transform: returns dk, dv, dg, dbeta."""
-    B, T, H, K = k.shape
-    V = v.shape[3]
-    Tp = w.shape[1]
-    N = Tp // L
-    dk = torch.empty(B, T, H, K, device=k.device, dtype=dtypes[1])
-    dv = torch.empty(B, T, H, V, device=k.device, dtype=dtypes[2])
-    dg = torch.empty(B, T, H, device=k.device, dtype=dtypes[3])
-    dbeta = torch.empty(B, T, H, device=k.device, dtype=dtypes[4])
-    _gdn_bwd_wy_kernel[(N, B * H)](
-        k, v, beta, gamma, tinv, w, u_prime, du, dw, dk_part, dgam, dk, dv, dg, dbeta,
-        T, H, K, V, Tp, L=L, BK=_gdn_block(K), PRECISION=_DOT_PRECISION,
-        **_gdn_bwd_config("wy", K, V, k))
-    return dk, dv, dg, dbeta
-
-
-def _gdn_backward(q, k, v, beta, h0, gamma, tinv, scale, L, do, dht, dtypes):
-    """The chunked backward on work tensors. Recomputes W, U' (from the saved T) and the
-    chunk-start states h, U rather than storing them. Returns dq, dk, dv, dg, dbeta, dh0 in the
-    dtypes of `dtypes` (the original inputs)."""
-    B, T, H, K = k.shape
-    V = v.shape[3]
-    do = do.to(k.dtype).contiguous()
-    dht = torch.zeros(B, H, K, V, device=k.device) if dht is None else dht.float().contiguous()
-    w, u_prime = _gdn_wy(k, v, beta, gamma, tinv, L)
-    h, u, _ = _gdn_state_fwd(k, w, u_prime, gamma, h0, L)
-    dh, du, dh0 = _gdn_state_bwd(q, k, w, gamma, do, dht, scale, L)
-    dq, dk_part, dw, dgam = _gdn_bwd_output(q, k, gamma, h, u, du, dh, do, scale, L, dtypes[0])
-    dk, dv, dg, dbeta = _gdn_bwd_wy(k, v, beta, gamma, tinv, w, u_prime, du, dw, dk_part, dgam, L,
-                                    dtypes)
-    return dq, dk, dv, dg, dbeta, None if h0 is None else dh0.to(dtypes[5])
-
-
-class _GatedDeltaRule(torch.autograd.Function):
-    """Chunked Gated DeltaNet; saves the inputs and the chunks' gamma and T = (I + A)^-1 (float32,
-    [B*H, T, L]: the size of one more input), the backward recomputes the rest."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, g, beta, scale, initial_state, chunk_size):
-        dtypes = tuple(None if x is None else x.dtype for x in (q, k, v, g, beta, initial_state))
-        out_dtype = v.dtype
-        q, k, v, g, beta, h0, scale = _gdn_inputs(q, k, v, g, beta, initial_state, scale)
-        gamma = tinv = None
-        if q.shape[1] == 0:          # no tokens: nothing to launch (the reference fails on T = 0)
-            B, _, H, K = k.shape
-            o = torch.empty(B, 0, H, v.shape[3], device=v.device, dtype=out_dtype)
-            ht = h0.float().clone() if h0 is not None else \
-                torch.zeros(B, H, K, v.shape[3], device=v.device)
-        else:
-            o, ht, gamma, tinv = _gdn_forward(q, k, v, g, beta, h0, scale, chunk_size, out_dtype)
-        ctx.save_for_backward(q, k, v, g, beta, h0, gamma, tinv)
-        ctx.scale, ctx.chunk_size, ctx.dtypes = scale, chunk_size, dtypes
-        return o, ht
-
-    @staticmethod
-    def backward(ctx, do, dht):
-        q, k, v, g, beta, h0, gamma, tinv = ctx.saved_tensors
-        if q.shape[1] == 0:
-            dh0 = None if h0 is None else dht.to(ctx.dtypes[5])
-            return (torch.zeros_like(q, dtype=ctx.dtypes[0]), torch.zeros_like(k, dtype=ctx.dtypes[1]),
-                    torch.zeros_like(v, dtype=ctx.dtypes[2]), torch.zeros_like(g), torch.zeros_like(beta),
-                    None, dh0, None)
-        dq, dk, dv, dg, dbeta, dh0 = _gdn_backward(q, k, v, beta, h0, gamma, tinv, ctx.scale,
-                                                   ctx.chunk_size, do, dht, ctx.dtypes)
-        return dq, dk, dv, dg, dbeta, None, dh0, None
-
-
-def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, chunk_size=64):
-    """Gated DeltaNet, chunked form, in Triton: the twin of `tiny_hybrid.gated_delta_rule`.
-
-    q, k: [B, T, H, K] (L2-normalised), v: [B, T, H, V], g: [B, T, H] log decay (<= 0),
-    beta: [B, T, H] in (0, 1), initial_state: [B, H, K, V] or None, chunk_size L in (16, 32, 64);
-    K, V <= 128. float32 / float16 / bfloat16 inputs; the state and all accumulation are float32,
-    16-bit inputs use 16-bit tensor-core dots (float32 ones: tf32 on the GPU, exact in the
-    interpreter). Differentiable in q, k, v, g, beta, initial_state.
-    Returns (o [B, T, H, V] in v's dtype, final_state [B, H, K, V] float32).
-    """
-    _gdn_validate(q, k, v, g, beta, initial_state, chunk_size)
-    return _GatedDeltaRule.apply(q, k, v, g, beta, scale, initial_state, chunk_size)
-
-
-def _gdn_recurrent_launch(q, k, v, g, beta, h0, ht, o, scale):
-    """q, k [B, T, H, K], v, o [B, T, H, V], g, beta [B, T, H], contiguous; h0/ht [B, H, K, V] f32."""
-    B, T, H, K = k.shape
-    V = v.shape[3]
-    BK = _gdn_block(K)
-    BV = min(_gdn_block(V), 32)     # narrow tiles: more programs, and [K, BV] stays in registers
-    _gdn_recurrent_kernel[(triton.cdiv(V, BV), B * H)](
-        q, k, v, g, beta, h0 if h0 is not None else ht, o, ht, scale, T, H, K, V,
-        BK=BK, BV=BV, HAS_H0=h0 is not None, num_warps=4 if BK <= 64 else 8)
-
-
-def gated_delta_rule_recurrent(q, k, v, g, beta, scale=None, initial_state=None):
-    """Gated DeltaNet token by token in one fused Triton kernel: the twin of
-    `tiny_hybrid.gated_delta_rule_recurrent` (same arguments, checks and outputs).
-
-    FORWARD ONLY (no autograd): meant for decoding and prefill; train with `gated_delta_rule`.
-    Returns (o [B, T, H, V] in v's dtype, final_state [B, H, K, V] float32).
-    """
-    tiny_hybrid._check_gdn(q, k, v, g, beta, initial_state)
-    _gdn_check_kernel_limits(k.shape[3], v.shape[3], q=q, k=k, v=v, g=g, beta=beta,
-                             initial_state=initial_state)
-    B, T, H, K = k.shape
-    V = v.shape[3]
-    scale = K ** -0.5 if scale is None else float(scale)
-    q, k, v, g, beta = (x.detach().contiguous() for x in (q, k, v, g, beta))
-    h0 = None if initial_state is None else initial_state.detach().float().contiguous()
-    o = torch.empty(B, T, H, V, device=v.device, dtype=v.dtype)
-    ht = torch.empty(B, H, K, V, device=v.device, dtype=torch.float32)
-    if T == 0:
-        ht.copy_(h0) if h0 is not None else ht.zero_()
-        return o, ht
-    _gdn_recurrent_launch(q, k, v, g, beta, h0, ht, o, scale)
-    return o, ht
-
-
-def gated_delta_rule_recurrent_step(q, k, v, g, beta, state, scale=None):
-    """One decoding step of Gated DeltaNet for every sequence; `state` is updated IN PLACE.
-
-    q, k: [B, H, K], v: [B, H, V], g, beta: [B, H], state: [B, H, K, V] float32 contiguous.
-        state <- exp(g) state;  state <- state + k (beta (v - state^T k))^T;  o = scale state^T q
-    Returns o [B, H, V] in v's dtype. Forward only.
-    """
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        _check_tensor(name, x, 3)
-    _check_tensor("g", g, 2)
-    _check_tensor("beta", beta, 2)
-    _check_tensor("state", state, 4)
-    B, H, K = k.shape
-    V = v.shape[2]
-    if q.shape != k.shape:
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must have the same shape")
-    if v.shape[:2] != (B, H):
-        raise ValueError(f"v must be [B, H, V] = [{B}, {H}, V], got {tuple(v.shape)}")
-    for name, x in (("g", g), ("beta", beta)):
-        if x.shape != (B, H):
-            raise ValueError(f"{name} must be [B, H] = [{B}, {H}], got {tuple(x.shape)}")
-    if state.shape != (B, H, K, V):
-        raise ValueError(f"state must be [B, H, K, V] = [{B}, {H}, {K}, {V}], got {tuple(state.shape)}")
-    if state.dtype != torch.float32 or not state.is_contiguous():
-        raise ValueError(f"state must be a contiguous float32 tensor (it is updated in place), "
-                         f"got {state.dtype}, contiguous={state.is_contiguous()}")
-    _gdn_check_kernel_limits(K, V, q=q, k=k, v=v, g=g, beta=beta, state=state)
-    scale = K ** -0.5 if scale is None else float(scale)
-    # [B, H, D] is [B, 1, H, D] in memory: a sequence of one token
-    q, k, v, g, beta = (x.detach().contiguous().unsqueeze(1) for x in (q, k, v, g, beta))
-    o = torch.empty(B, 1, H, V, device=v.device, dtype=v.dtype)
-    _gdn_recurrent_launch(q, k, v, g, beta, state, state, o, scale)
-    return o[:, 0]
-
-
-# --- check and benchmark (called by kernels.py's main()) -------------------------------------
-
-def _gdn_random_inputs(B, T, H, K, V, dtype, device, decay=(-0.1, -0.01), seed=0):
-    """Inputs like a GDN layer makes them: L2-normalised q, k; v ~ N(0, 1); log decays g uniform
-    in `decay` (float32, <= 0); beta = sigmoid(randn) (float32). Seeded, drawn on the CPU."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen).to(device)
-    q = torch.nn.functional.normalize(randn(B, T, H, K), dim=-1).to(dtype)
-    k = torch.nn.functional.normalize(randn(B, T, H, K), dim=-1).to(dtype)
-    v = randn(B, T, H, V).to(dtype)
-    lo, hi = decay
-    g = (lo + (hi - lo) * torch.rand(B, T, H, generator=gen)).to(device)       # float32 decay
-    beta = torch.sigmoid(randn(B, T, H))
-    return q, k, v, g, beta
-
-
-def _rel_err(a, b) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
-def check_gdn(device=None, shapes=None, verbose=True):
-    """Kernel vs `tiny_hybrid.gated_delta_rule` (output, final state, the gradients of q, k, v, g,
-    beta, initial_state) on random inputs, float32 and bf16. Prints and returns rows of
-    (case, {name: ||out - ref|| / ||ref||}). On the GPU float32 runs with tf32 dots (~2e-3)."""
-    device = device or ("cpu" if INTERPRET else "cuda")
-    shapes = shapes or ([(1, 100, 2, 16, 16, 32)] if INTERPRET else
-                        [(2, 1000, 4, 64, 64, 64), (2, 777, 4, 128, 128, 64), (1, 300, 2, 48, 96, 32)])
-    rows = []
-    for dtype in (torch.float32, torch.bfloat16):
-        for (B, T, H, K, V, L) in shapes:
-            q, k, v, g, beta = _gdn_random_inputs(B, T, H, K, V, dtype, device, decay=(-1., -0.01))
-            h0 = torch.randn(B, H, K, V, device=device)
-            ins = [x.clone().requires_grad_() for x in (q, k, v, g, beta, h0)]
-            refs = [x.detach().clone().requires_grad_() for x in (q, k, v, g, beta, h0)]
-            o, ht = gated_delta_rule(*ins[:5], initial_state=ins[5], chunk_size=L)
-            o_ref, ht_ref = tiny_hybrid.gated_delta_rule(*refs[:5], initial_state=refs[5], chunk_size=L)
-            do, dht = torch.randn_like(o_ref), torch.randn_like(ht_ref)
-            ((o.float() * do.float()).sum() + (ht * dht).sum()).backward()
-            ((o_ref.float() * do.float()).sum() + (ht_ref * dht).sum()).backward()
-            errs = {"o": _rel_err(o, o_ref), "state": _rel_err(ht, ht_ref)}
-            for name, x, r in zip(("dq", "dk", "dv", "dg", "dbeta", "dh0"), ins, refs):
-                errs[name] = _rel_err(x.grad, r.grad)
-            case = f"{str(dtype)[6:]:8s} B={B} T={T} H={H} K={K} V={V} L={L}"
-            rows.append((case, errs))
-            if verbose:
-                print(f"{case}  " + "  ".join(f"{n} {e:.1e}" for n, e in errs.items()))
-    return rows
-
-
-def bench_gdn(Ts=(1024, 4096, 16384), dims=(64, 128), B=4, H=8, with_reference=True, with_fla=True):
-    """Median ms (triton.testing.do_bench) of forward and forward+backward, bf16, for this kernel,
-    the PyTorch reference and (when importable) flash-linear-attention's chunk_gated_delta_rule."""
-    fla_fn = None
-    if with_fla:
-        try:
-            import fla.ops.common.chunk_o as fla_chunk_o
-            from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_fn
-            fla_chunk_o.TRITON_ABOVE_3_7_1 = True    # fla's Hopper guard (its issue #640): timing only
-        except ImportError:
-            fla_fn = None
-    impls = {"triton": lambda q, k, v, g, b: gated_delta_rule(q, k, v, g, b)}
-    if with_reference:
-        impls["torch ref"] = lambda q, k, v, g, b: tiny_hybrid.gated_delta_rule(q, k, v, g, b)
-    if fla_fn is not None:
-        impls["fla"] = lambda q, k, v, g, b: fla_fn(q, k, v, g, b, output_final_state=True)
-    rows = []
-    print(f"{'impl':10s} {'K=V':>4s} {'T':>6s} {'fwd ms':>8s} {'fwd+bwd ms':>11s}")
-    for D in dims:
-        for T in Ts:
-            q, k, v, g, beta = _gdn_random_inputs(B, T, H, D, D, torch.bfloat16, "cuda", decay=(-0.2, -0.005))
-            beta = beta.to(torch.bfloat16)
-            for name, fn in impls.items():
-                if name == "torch ref" and T > 4096:
-                    continue                                   # minutes and tens of GB: skip
-                ins = [x.clone().requires_grad_() for x in (q, k, v, g, beta)]
-                do = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16)
-
-                def fwd():
-                    with torch.no_grad():
-                        return fn(*ins)
-
-                def fwd_bwd():
-                    o, _ = fn(*ins)
-                    o.backward(do)
-                t_f = triton.testing.do_bench(fwd, warmup=25, rep=100, return_mode="median")
-                t_fb = triton.testing.do_bench(fwd_bwd, warmup=25, rep=100, grad_to_none=ins,
-                                               return_mode="median")
-                rows.append((name, D, T, t_f, t_fb))
-                print(f"{name:10s} {D:4d} {T:6d} {t_f:8.3f} {t_fb:11.3f}")
-    return rows
-
-
-def check_gdn_passes() -> bool:
-    """check_gdn with pass/fail: float32 (tf32 dots on the GPU) within 1e-2, bf16 within 3e-2."""
-    ok = True
-    for case, errs in check_gdn():
-        limit = 1e-2 if case.startswith("float32") else 3e-2
-        ok &= all(e < limit for e in errs.values())
-    return ok
-
-
-# =============================================================================================
-# Native Sparse Attention: the compressed and the selected branch (the window branch is `attention`)
-# =============================================================================================
 # Rows of a program are (token, query head) pairs: the G query heads of one KV group for
 # TQ = BLOCK_M // G consecutive tokens, so that one K/V tile serves G * TQ query rows (NSA's point:
 # the heads of a group share their blocks) and the M side of every dot is >= 16 even for G = 1.
@@ -2076,7 +1664,7 @@ def _check_nsa_compressed_args(q, k_cmp, v_cmp, block, offset) -> None:
     _check_block(block)
     if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
         raise ValueError(f"offset must be an int >= 0, got {offset!r}")
-    _check_kernel_limits(q, (q, k_cmp, v_cmp))
+    _check_kernel_limits("nsa_compressed_attention", dict(D=q.shape[3]), dict(q=q, k_cmp=k_cmp, v_cmp=v_cmp))
 
 
 def _check_nsa_selected_args(q, k, v, block_idx, block) -> None:
@@ -2087,7 +1675,8 @@ def _check_nsa_selected_args(q, k, v, block_idx, block) -> None:
         raise ValueError(f"block_idx must be integer [B, T, Hkv, n] = [{B}, {T}, {Hkv}, n], got "
                          f"{block_idx.dtype} {tuple(block_idx.shape)}")
     _check_block(block)
-    _check_kernel_limits(q, (q, k, v, block_idx))
+    _check_kernel_limits("nsa_selected_attention", dict(D=q.shape[3]),
+                         dict(q=q, k=k, v=v, block_idx=block_idx))
 
 
 # --- jit helpers ------------------------------------------------------------------------------
@@ -2109,84 +1698,112 @@ def _n_complete(tok, offset, block, Nc):
 
 
 @triton.jit
-def _tile_selection(BI, b, tok, ok, T, Hkv, hkv, n_sel, BLOCK_S: tl.constexpr):
+def _tile_selection(block_idx_ptr, b, tok, ok, T, Hkv, hkv, n_sel, BLOCK_S: tl.constexpr):
     """Each row's selected blocks, read from BI [B, T, Hkv, n] (int32): [BLOCK_M, BLOCK_S], -1 past
     n and on rows that are not ok."""
     offs_s = tl.arange(0, BLOCK_S)
     rows = ((b * T + tok).to(tl.int64) * Hkv + hkv) * n_sel                  # [BLOCK_M]
-    return tl.load(BI + rows[:, None] + offs_s[None, :], mask=ok[:, None] & (offs_s[None, :] < n_sel),
+    return tl.load(block_idx_ptr + rows[:, None] + offs_s[None, :], mask=ok[:, None] & (offs_s[None, :] < n_sel),
                    other=-1)
+
+
+@triton.jit
+def _group_offsets(b, hkv, T, H, G: tl.constexpr, D: tl.constexpr):
+    """Element offsets of the first query head of KV group (b, hkv): q_off in [B, T, H, D] (row
+    (t, g) of the group at q_off + (t H + g) D) and lse_off in [B, H, T] (at lse_off + g T + t)."""
+    q_off = (b.to(tl.int64) * T * H + hkv * G) * D
+    lse_off = (b.to(tl.int64) * H + hkv * G) * T
+    return q_off, lse_off
+
+
+@triton.jit
+def _group_tile(T, H, Hkv, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Program (token tile, batch * KV head) of the forward and dQ kernels: its batch b, KV head
+    hkv, rows (tok, g, ok: see _tile_rows) and _group_offsets."""
+    t0 = tl.program_id(0) * (BLOCK_M // G)
+    b = tl.program_id(1) // Hkv
+    hkv = tl.program_id(1) % Hkv
+    tok, g, ok = _tile_rows(t0, T, G, BLOCK_M)
+    q_off, lse_off = _group_offsets(b, hkv, T, H, G, D)
+    return b, hkv, tok, g, ok, q_off, lse_off
+
+
+@triton.jit
+def _cmp_tile(kc_ptr, vc_ptr, n0, Nc, n_seen, offs_d, row_stride, D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Compressed blocks n0 .. n0 + BLOCK_N: their rows kc, vc [BLOCK_N, BLOCK_D] and which rows of
+    the tile see them, visible [BLOCK_M, BLOCK_N] (a row sees its n_seen complete blocks)."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    kc = _load_rows(kc_ptr, offs_n, offs_n < Nc, row_stride, offs_d, D)
+    vc = _load_rows(vc_ptr, offs_n, offs_n < Nc, row_stride, offs_d, D)
+    return kc, vc, offs_n[None, :] < n_seen[:, None]
+
+
+@triton.jit
+def _slc_tile(k_ptr, v_ptr, j0, j_end, tok, chose, offs_d, row_stride, D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys j0 .. j0 + BLOCK_N of a selected block that ends at j_end: their rows k, v
+    [BLOCK_N, BLOCK_D] and which rows see them, visible [BLOCK_M, BLOCK_N]: those whose token chose
+    the block (chose [BLOCK_M]), causally (j <= tok)."""
+    offs_j = j0 + tl.arange(0, BLOCK_N)
+    k = _load_rows(k_ptr, offs_j, offs_j < j_end, row_stride, offs_d, D)
+    v = _load_rows(v_ptr, offs_j, offs_j < j_end, row_stride, offs_d, D)
+    return k, v, chose[:, None] & (offs_j[None, :] <= tok[:, None]) & (offs_j < j_end)[None, :]
 
 
 # --- compressed attention ---------------------------------------------------------------------
 
 @triton.jit
-def _nsa_cmp_fwd_kernel(Q, KC, VC, O, LSE, T, Nc, H, Hkv, block, offset, qk_scale,
+def _nsa_cmp_fwd_kernel(q_ptr, kc_ptr, vc_ptr, o_ptr, lse_ptr, T, Nc, H, Hkv, block, offset, qk_scale,
                         G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """One program per (token tile, batch * KV head). Q, O [B, T, H, D]; KC, VC [B, Nc, Hkv, D].
     Writes O (0 on rows with no complete block) and LSE [B, H, T] in base 2 (-inf on those rows)."""
-    t0 = tl.program_id(0) * (BLOCK_M // G)
-    b = tl.program_id(1) // Hkv
-    hkv = tl.program_id(1) % Hkv
-    tok, g, ok = _tile_rows(t0, T, G, BLOCK_M)
+    b, hkv, tok, g, ok, q_off, lse_off = _group_tile(T, H, Hkv, G, D, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q_off = (b.to(tl.int64) * T * H + hkv * G) * D            # row (t, g) at (t * H + g) * D from here
-    kc_off = (b.to(tl.int64) * Nc * Hkv + hkv) * D
-    q = _load_rows(Q + q_off, tok * H + g, ok, D, offs_d, D)                # [BLOCK_M, BLOCK_D]
+    kc_ptr += (b.to(tl.int64) * Nc * Hkv + hkv) * D
+    vc_ptr += (b.to(tl.int64) * Nc * Hkv + hkv) * D
+    q = _load_rows(q_ptr + q_off, tok * H + g, ok, D, offs_d, D)            # [BLOCK_M, BLOCK_D]
     n_seen = tl.where(ok, _n_complete(tok, offset, block, Nc), 0)           # [BLOCK_M]
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], NEG_INF, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     for n0 in range(0, tl.max(n_seen, 0), BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        kc = _load_rows(KC + kc_off, offs_n, offs_n < Nc, Hkv * D, offs_d, D)
-        vc = _load_rows(VC + kc_off, offs_n, offs_n < Nc, Hkv * D, offs_d, D)
-        s = _mm(q, tl.trans(kc), PRECISION) * qk_scale
-        s = tl.where(offs_n[None, :] < n_seen[:, None], s, NEG_INF)
+        kc, vc, visible = _cmp_tile(kc_ptr, vc_ptr, n0, Nc, n_seen, offs_d, Hkv * D, D, BLOCK_N)
+        s = tl.where(visible, _dot(q, tl.trans(kc), PRECISION) * qk_scale, NEG_INF)
         acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, vc, PRECISION)
 
     seen = l_i > 0
     o = acc / tl.where(seen, l_i, 1.0)[:, None]               # nothing to attend to: o = 0
-    _store_rows(O + q_off, o, tok * H + g, ok, D, offs_d, D)
-    lse_off = (b.to(tl.int64) * H + hkv * G) * T               # row (t, g) at g * T + t from here
+    _store_rows(o_ptr + q_off, o, tok * H + g, ok, D, offs_d, D)
     lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), NEG_INF)
-    tl.store(LSE + lse_off + g * T + tok, lse, mask=ok)
+    tl.store(lse_ptr + lse_off + g * T + tok, lse, mask=ok)
 
 
 @triton.jit
-def _nsa_cmp_bwd_dq_kernel(Q, KC, VC, DO, LSE, DELTA, DQ, T, Nc, H, Hkv, block, offset, qk_scale,
-                           scale, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                           BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+def _nsa_cmp_bwd_dq_kernel(q_ptr, kc_ptr, vc_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, T, Nc, H, Hkv, block,
+                           offset, qk_scale, scale, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """DQ [B, T, H, D]: the forward's walk, with P recomputed from LSE, DELTA [B, H, T]."""
-    t0 = tl.program_id(0) * (BLOCK_M // G)
-    b = tl.program_id(1) // Hkv
-    hkv = tl.program_id(1) % Hkv
-    tok, g, ok = _tile_rows(t0, T, G, BLOCK_M)
+    b, hkv, tok, g, ok, q_off, lse_off = _group_tile(T, H, Hkv, G, D, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q_off = (b.to(tl.int64) * T * H + hkv * G) * D
-    kc_off = (b.to(tl.int64) * Nc * Hkv + hkv) * D
-    lse_off = (b.to(tl.int64) * H + hkv * G) * T
-    q = _load_rows(Q + q_off, tok * H + g, ok, D, offs_d, D)
-    do = _load_rows(DO + q_off, tok * H + g, ok, D, offs_d, D)
-    lse = tl.load(LSE + lse_off + g * T + tok, mask=ok, other=0.0)
-    delta = tl.load(DELTA + lse_off + g * T + tok, mask=ok, other=0.0)
+    kc_ptr += (b.to(tl.int64) * Nc * Hkv + hkv) * D
+    vc_ptr += (b.to(tl.int64) * Nc * Hkv + hkv) * D
+    q = _load_rows(q_ptr + q_off, tok * H + g, ok, D, offs_d, D)
+    do = _load_rows(do_ptr + q_off, tok * H + g, ok, D, offs_d, D)
+    lse = tl.load(lse_ptr + lse_off + g * T + tok, mask=ok, other=0.0)
+    delta = tl.load(delta_ptr + lse_off + g * T + tok, mask=ok, other=0.0)
     n_seen = tl.where(ok, _n_complete(tok, offset, block, Nc), 0)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for n0 in range(0, tl.max(n_seen, 0), BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        kc = _load_rows(KC + kc_off, offs_n, offs_n < Nc, Hkv * D, offs_d, D)
-        vc = _load_rows(VC + kc_off, offs_n, offs_n < Nc, Hkv * D, offs_d, D)
-        visible = offs_n[None, :] < n_seen[:, None]
+        kc, vc, visible = _cmp_tile(kc_ptr, vc_ptr, n0, Nc, n_seen, offs_d, Hkv * D, D, BLOCK_N)
         dq = _dq_update(dq, q, do, kc, vc, lse, delta, visible, qk_scale, True, PRECISION)
-    _store_rows(DQ + q_off, dq * scale, tok * H + g, ok, D, offs_d, D)
+    _store_rows(dq_ptr + q_off, dq * scale, tok * H + g, ok, D, offs_d, D)
 
 
 @triton.jit
-def _nsa_cmp_bwd_dkdv_kernel(Q, KC, VC, DO, LSE, DELTA, DKC, DVC, T, Nc, H, Hkv, block, offset,
-                             tokens_per_chunk, qk_scale, scale, G: tl.constexpr, D: tl.constexpr,
+def _nsa_cmp_bwd_dkdv_kernel(q_ptr, kc_ptr, vc_ptr, do_ptr, lse_ptr, delta_ptr, dkc_ptr, dvc_ptr, T, Nc, H, Hkv,
+                             block, offset, tokens_per_chunk, qk_scale, scale, G: tl.constexpr, D: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                              PRECISION: tl.constexpr):
     """One program per (tile of compressed blocks, chunk of tokens, batch * KV head): the part of
@@ -2199,29 +1816,43 @@ def _nsa_cmp_bwd_dkdv_kernel(Q, KC, VC, DO, LSE, DELTA, DKC, DVC, T, Nc, H, Hkv,
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     kc_off = (b.to(tl.int64) * Nc * Hkv + hkv) * D
-    kc = _load_rows(KC + kc_off, offs_n, offs_n < Nc, Hkv * D, offs_d, D)
-    vc = _load_rows(VC + kc_off, offs_n, offs_n < Nc, Hkv * D, offs_d, D)
+    kc = _load_rows(kc_ptr + kc_off, offs_n, offs_n < Nc, Hkv * D, offs_d, D)
+    vc = _load_rows(vc_ptr + kc_off, offs_n, offs_n < Nc, Hkv * D, offs_d, D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    q_off = (b.to(tl.int64) * T * H + hkv * G) * D
-    lse_off = (b.to(tl.int64) * H + hkv * G) * T
+    q_off, lse_off = _group_offsets(b, hkv, T, H, G, D)
 
     # Block n0 is complete from position (n0 + 1) l - 1 on: earlier tokens see none of the tile.
     t_lo = tl.maximum(chunk * tokens_per_chunk, (n0 + 1) * block - 1 - offset)
     t_hi = tl.minimum((chunk + 1) * tokens_per_chunk, T)
     for t0 in range(t_lo, t_hi, BLOCK_M // G):
         tok, g, ok = _tile_rows(t0, t_hi, G, BLOCK_M)
-        q = _load_rows(Q + q_off, tok * H + g, ok, D, offs_d, D)
-        do = _load_rows(DO + q_off, tok * H + g, ok, D, offs_d, D)
-        lse = tl.load(LSE + lse_off + g * T + tok, mask=ok, other=0.0)
-        delta = tl.load(DELTA + lse_off + g * T + tok, mask=ok, other=0.0)
+        q = _load_rows(q_ptr + q_off, tok * H + g, ok, D, offs_d, D)
+        do = _load_rows(do_ptr + q_off, tok * H + g, ok, D, offs_d, D)
+        lse = tl.load(lse_ptr + lse_off + g * T + tok, mask=ok, other=0.0)
+        delta = tl.load(delta_ptr + lse_off + g * T + tok, mask=ok, other=0.0)
         n_seen = tl.where(ok, _n_complete(tok, offset, block, Nc), 0)
         visible = offs_n[:, None] < n_seen[None, :]                              # [BLOCK_N, BLOCK_M]
         dk, dv = _dkdv_update(dk, dv, q, do, kc, vc, lse, delta, visible, qk_scale, True, PRECISION)
 
     part_off = ((chunk * (tl.num_programs(2) // Hkv) + b).to(tl.int64) * Nc * Hkv + hkv) * D
-    _store_rows(DKC + part_off, dk * scale, offs_n, offs_n < Nc, Hkv * D, offs_d, D)
-    _store_rows(DVC + part_off, dv, offs_n, offs_n < Nc, Hkv * D, offs_d, D)
+    _store_rows(dkc_ptr + part_off, dk * scale, offs_n, offs_n < Nc, Hkv * D, offs_d, D)
+    _store_rows(dvc_ptr + part_off, dv, offs_n, offs_n < Nc, Hkv * D, offs_d, D)
+
+
+@triton.jit
+def _nsa_delta_kernel(o_ptr, do_ptr, delta_ptr, T, H, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_D: tl.constexpr):
+    """DELTA [B, H, T] = rowsum(O * dO) in float32 (the softmax backward's correction term)."""
+    offs_i = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_d = tl.arange(0, BLOCK_D)
+    base = (b * T * H + h).to(tl.int64) * D
+    o = _load_rows(o_ptr + base, offs_i, offs_i < T, H * D, offs_d, D).to(tl.float32)
+    do = _load_rows(do_ptr + base, offs_i, offs_i < T, H * D, offs_d, D).to(tl.float32)
+    tl.store(delta_ptr + bh.to(tl.int64) * T + offs_i, tl.sum(o * do, 1), mask=offs_i < T)
 
 
 def _nsa_delta(o, do, dlse=None):
@@ -2229,17 +1860,17 @@ def _nsa_delta(o, do, dlse=None):
     gradient of the log-sum-exp adds dLSE_i p_ij to dS_ij, i.e. it only shifts DELTA."""
     B, T, H, D = o.shape
     delta = torch.empty(B, H, T, dtype=torch.float32, device=o.device)
-    _attn_bwd_delta_kernel[(triton.cdiv(T, 64), B * H)](o, do, delta, T, H, D=D, BLOCK_M=64, BLOCK_D=_block_d(D))
+    _nsa_delta_kernel[(triton.cdiv(T, 64), B * H)](o, do, delta, T, H, D=D, BLOCK_M=64, BLOCK_D=_block_d(D))
     if dlse is not None:  # [B, H, T]; rows with lse = -inf see nothing, their gradient does not count
         delta -= torch.nan_to_num(dlse.float(), posinf=0.0, neginf=0.0)
     # A row that sees no key has o = NaN (selected branch): DELTA 0 keeps its p = 0 from making dS NaN.
     return torch.nan_to_num_(delta)
 
 
-def _nsa_token_chunks(T: int, programs: int, tokens_per_step: int) -> int:
-    """Tokens per chunk of the compressed dKc, dVc kernel: enough chunks to fill the GPU (~2
-    programs per SM of an H100), each a whole number of token steps."""
-    n_chunks = 2 if INTERPRET else max(1, triton.cdiv(264, programs))
+def _nsa_token_chunks(T: int, programs: int, tokens_per_step: int, device) -> int:
+    """Tokens per chunk of the compressed dKc, dVc kernel: enough chunks to fill the GPU (about 2
+    programs per multiprocessor: an untuned default), each a whole number of token steps."""
+    n_chunks = 2 if INTERPRET else max(1, triton.cdiv(2 * _multiprocessors(device), programs))
     per_chunk = triton.cdiv(triton.cdiv(T, n_chunks), tokens_per_step) * tokens_per_step
     return max(per_chunk, tokens_per_step)
 
@@ -2276,7 +1907,7 @@ class _NSACompressedAttention(torch.autograd.Function):
 
         cfg = _nsa_blocks("cmp_dkdv", G)
         key_tiles = triton.cdiv(Nc, cfg["BLOCK_N"])
-        per_chunk = _nsa_token_chunks(T, key_tiles * B * Hkv, cfg["BLOCK_M"] // G)
+        per_chunk = _nsa_token_chunks(T, key_tiles * B * Hkv, cfg["BLOCK_M"] // G, q.device)
         n_chunks = triton.cdiv(T, per_chunk)
         dkc = torch.empty(n_chunks, B, Nc, Hkv, D, dtype=torch.float32, device=q.device)
         dvc = torch.empty_like(dkc)
@@ -2301,7 +1932,7 @@ def nsa_compressed_attention(q, k_cmp, v_cmp, block: int, scale=None, offset: in
     q, k_cmp, v_cmp, through o and lse."""
     _check_nsa_compressed_args(q, k_cmp, v_cmp, block, offset)
     B, T, H, D = q.shape
-    scale = D ** -0.5 if scale is None else float(scale)
+    scale = _default_scale(scale, D)
     if q.numel() == 0 or k_cmp.shape[1] == 0:  # nothing to attend to; still connected to the graph
         o = (q * 0 + (k_cmp.sum() + v_cmp.sum()) * 0).to(q.dtype)
         return o, torch.full((B, T, H), float("-inf"), device=q.device)
@@ -2314,9 +1945,9 @@ def nsa_compressed_attention(q, k_cmp, v_cmp, block: int, scale=None, offset: in
 # --- block scores -----------------------------------------------------------------------------
 
 @triton.jit
-def _nsa_scores_kernel(Q, KC, LSE, S, T, Nc, H, Hkv, block, offset, qk_scale, G: tl.constexpr, D: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                       PRECISION: tl.constexpr):
+def _nsa_scores_kernel(q_ptr, kc_ptr, lse_ptr, score_ptr, T, Nc, H, Hkv, block, offset, qk_scale,
+                       G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """One program per (tile of BLOCK_M tokens, tile of BLOCK_N compressed blocks, batch * KV head):
     S [B, T, Hkv, Nc] float32 = sum over the G heads h of the group of exp2(s_h - LSE_h), 0 on blocks
     not complete yet. Q [B, T, H, D], KC [B, Nc, Hkv, D], LSE [B, T, H] (base 2)."""
@@ -2329,14 +1960,14 @@ def _nsa_scores_kernel(Q, KC, LSE, S, T, Nc, H, Hkv, block, offset, qk_scale, G:
     visible = offs_n[None, :] < n_seen[:, None]                                  # [BLOCK_M, BLOCK_N]
     score = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     if tl.program_id(1) * BLOCK_N < tl.max(n_seen, 0):  # else: no block of the tile is complete yet
-        kc = _load_rows(KC + (b.to(tl.int64) * Nc * Hkv + hkv) * D, offs_n, offs_n < Nc, Hkv * D, offs_d, D)
+        kc = _load_rows(kc_ptr + (b.to(tl.int64) * Nc * Hkv + hkv) * D, offs_n, offs_n < Nc, Hkv * D, offs_d, D)
         for g in range(G):  # the heads in a fixed order: the sum is reproducible
             h = hkv * G + g
-            q = _load_rows(Q + (b.to(tl.int64) * T * H + h) * D, offs_t, offs_t < T, H * D, offs_d, D)
-            lse = tl.load(LSE + (b.to(tl.int64) * T + offs_t) * H + h, mask=offs_t < T, other=0.0)
-            s = _mm(q, tl.trans(kc), PRECISION) * qk_scale
+            q = _load_rows(q_ptr + (b.to(tl.int64) * T * H + h) * D, offs_t, offs_t < T, H * D, offs_d, D)
+            lse = tl.load(lse_ptr + (b.to(tl.int64) * T + offs_t) * H + h, mask=offs_t < T, other=0.0)
+            s = _dot(q, tl.trans(kc), PRECISION) * qk_scale
             score += tl.where(visible, tl.math.exp2(s - lse[:, None]), 0.0)
-    ptrs = S + ((b.to(tl.int64) * T + offs_t) * Hkv + hkv)[:, None] * Nc + offs_n[None, :]
+    ptrs = score_ptr + ((b.to(tl.int64) * T + offs_t) * Hkv + hkv)[:, None] * Nc + offs_n[None, :]
     tl.store(ptrs, score, mask=(offs_t < T)[:, None] & (offs_n < Nc)[None, :])
 
 
@@ -2350,7 +1981,7 @@ def nsa_block_scores(q, k_cmp, lse, block: int, scale=None, offset: int = 0):
     Nc, Hkv = k_cmp.shape[1], k_cmp.shape[2]
     if lse.shape != (B, T, H):
         raise ValueError(f"lse must be [B, T, H] = [{B}, {T}, {H}], got {tuple(lse.shape)}")
-    scale = D ** -0.5 if scale is None else float(scale)
+    scale = _default_scale(scale, D)
     scores = torch.zeros(B, T, Hkv, Nc, dtype=torch.float32, device=q.device)
     if scores.numel() == 0:
         return scores
@@ -2368,93 +1999,76 @@ def nsa_block_scores(q, k_cmp, lse, block: int, scale=None, offset: int = 0):
 # --- selected attention -----------------------------------------------------------------------
 
 @triton.jit
-def _nsa_slc_fwd_kernel(Q, K, V, BI, UNION, N_UNION, T, H, Hkv, block, n_sel, union_len, O, LSE, qk_scale,
-                        G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, PRECISION: tl.constexpr):
+def _nsa_slc_fwd_kernel(q_ptr, k_ptr, v_ptr, block_idx_ptr, union_ptr, n_union_ptr, T, H, Hkv, block, n_sel,
+                        union_len, o_ptr, lse_ptr, qk_scale, G: tl.constexpr, D: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                        BLOCK_S: tl.constexpr, PRECISION: tl.constexpr):
     """One program per (token tile, batch * KV head). Q, O [B, T, H, D]; K, V [B, T, Hkv, D];
     BI [B, T, Hkv, n] int32 (-1: none); UNION [B, Hkv, n_tiles, union_len], N_UNION [B, Hkv, n_tiles]:
     the blocks the tile's tokens chose, each once (_nsa_tile_union). Row (t, g) sees key j of a
     visited block c when t chose c and j <= t. Writes O and LSE [B, H, T] (base 2)."""
-    tile = tl.program_id(0)
-    t0 = tile * (BLOCK_M // G)
-    bhk = tl.program_id(1)
-    b = bhk // Hkv
-    hkv = bhk % Hkv
-    tok, g, ok = _tile_rows(t0, T, G, BLOCK_M)
+    b, hkv, tok, g, ok, q_off, lse_off = _group_tile(T, H, Hkv, G, D, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q_off = (b.to(tl.int64) * T * H + hkv * G) * D
-    kv_off = (b.to(tl.int64) * T * Hkv + hkv) * D
-    q = _load_rows(Q + q_off, tok * H + g, ok, D, offs_d, D)
-    sel = _tile_selection(BI, b, tok, ok, T, Hkv, hkv, n_sel, BLOCK_S)           # [BLOCK_M, BLOCK_S]
-    union_id = bhk.to(tl.int64) * tl.num_programs(0) + tile
+    k_ptr += (b.to(tl.int64) * T * Hkv + hkv) * D
+    v_ptr += (b.to(tl.int64) * T * Hkv + hkv) * D
+    q = _load_rows(q_ptr + q_off, tok * H + g, ok, D, offs_d, D)
+    sel = _tile_selection(block_idx_ptr, b, tok, ok, T, Hkv, hkv, n_sel, BLOCK_S)  # [BLOCK_M, BLOCK_S]
+    union_id = tl.program_id(1).to(tl.int64) * tl.num_programs(0) + tl.program_id(0)
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], NEG_INF, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for e in range(0, tl.load(N_UNION + union_id)):
-        c = tl.load(UNION + union_id * union_len + e)
+    for e in range(0, tl.load(n_union_ptr + union_id)):
+        c = tl.load(union_ptr + union_id * union_len + e)
         chose = tl.sum((sel == c).to(tl.int32), 1) > 0                          # [BLOCK_M]
         j_end = tl.minimum(c * block + block, T)
         for j0 in range(c * block, j_end, BLOCK_N):  # one tile when l <= 64
-            offs_j = j0 + tl.arange(0, BLOCK_N)
-            k = _load_rows(K + kv_off, offs_j, offs_j < j_end, Hkv * D, offs_d, D)
-            v = _load_rows(V + kv_off, offs_j, offs_j < j_end, Hkv * D, offs_d, D)
-            s = _mm(q, tl.trans(k), PRECISION) * qk_scale
-            visible = chose[:, None] & (offs_j[None, :] <= tok[:, None]) & (offs_j < j_end)[None, :]
-            acc, m_i, l_i = _softmax_update(acc, m_i, l_i, tl.where(visible, s, NEG_INF), v, PRECISION)
+            k, v, visible = _slc_tile(k_ptr, v_ptr, j0, j_end, tok, chose, offs_d, Hkv * D, D, BLOCK_N)
+            s = tl.where(visible, _dot(q, tl.trans(k), PRECISION) * qk_scale, NEG_INF)
+            acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, v, PRECISION)
 
     # A row that sees no key gets NaN, as the reference's softmax over nothing does. NaN is made
     # here as -inf * 0: a NaN global breaks Triton's recompile check (NaN != NaN reads as "changed").
     seen = l_i > 0
     o = tl.where(seen[:, None], acc / tl.where(seen, l_i, 1.0)[:, None], NEG_INF * 0.0)
-    _store_rows(O + q_off, o, tok * H + g, ok, D, offs_d, D)
-    lse_off = (b.to(tl.int64) * H + hkv * G) * T
+    _store_rows(o_ptr + q_off, o, tok * H + g, ok, D, offs_d, D)
     lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), NEG_INF)
-    tl.store(LSE + lse_off + g * T + tok, lse, mask=ok)
+    tl.store(lse_ptr + lse_off + g * T + tok, lse, mask=ok)
 
 
 @triton.jit
-def _nsa_slc_bwd_dq_kernel(Q, K, V, BI, UNION, N_UNION, T, H, Hkv, block, n_sel, union_len, DO, LSE,
-                           DELTA, DQ, qk_scale, scale, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-                           PRECISION: tl.constexpr):
+def _nsa_slc_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, block_idx_ptr, union_ptr, n_union_ptr, T, H, Hkv, block, n_sel,
+                           union_len, do_ptr, lse_ptr, delta_ptr, dq_ptr, qk_scale, scale, G: tl.constexpr,
+                           D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                           BLOCK_S: tl.constexpr, PRECISION: tl.constexpr):
     """DQ [B, T, H, D]: the forward's walk over the tile's blocks, P recomputed from LSE."""
-    tile = tl.program_id(0)
-    t0 = tile * (BLOCK_M // G)
-    bhk = tl.program_id(1)
-    b = bhk // Hkv
-    hkv = bhk % Hkv
-    tok, g, ok = _tile_rows(t0, T, G, BLOCK_M)
+    b, hkv, tok, g, ok, q_off, lse_off = _group_tile(T, H, Hkv, G, D, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q_off = (b.to(tl.int64) * T * H + hkv * G) * D
-    kv_off = (b.to(tl.int64) * T * Hkv + hkv) * D
-    lse_off = (b.to(tl.int64) * H + hkv * G) * T
-    q = _load_rows(Q + q_off, tok * H + g, ok, D, offs_d, D)
-    do = _load_rows(DO + q_off, tok * H + g, ok, D, offs_d, D)
-    lse = tl.load(LSE + lse_off + g * T + tok, mask=ok, other=0.0)
-    delta = tl.load(DELTA + lse_off + g * T + tok, mask=ok, other=0.0)
-    sel = _tile_selection(BI, b, tok, ok, T, Hkv, hkv, n_sel, BLOCK_S)
-    union_id = bhk.to(tl.int64) * tl.num_programs(0) + tile
+    k_ptr += (b.to(tl.int64) * T * Hkv + hkv) * D
+    v_ptr += (b.to(tl.int64) * T * Hkv + hkv) * D
+    q = _load_rows(q_ptr + q_off, tok * H + g, ok, D, offs_d, D)
+    do = _load_rows(do_ptr + q_off, tok * H + g, ok, D, offs_d, D)
+    lse = tl.load(lse_ptr + lse_off + g * T + tok, mask=ok, other=0.0)
+    delta = tl.load(delta_ptr + lse_off + g * T + tok, mask=ok, other=0.0)
+    sel = _tile_selection(block_idx_ptr, b, tok, ok, T, Hkv, hkv, n_sel, BLOCK_S)
+    union_id = tl.program_id(1).to(tl.int64) * tl.num_programs(0) + tl.program_id(0)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for e in range(0, tl.load(N_UNION + union_id)):
-        c = tl.load(UNION + union_id * union_len + e)
+    for e in range(0, tl.load(n_union_ptr + union_id)):
+        c = tl.load(union_ptr + union_id * union_len + e)
         chose = tl.sum((sel == c).to(tl.int32), 1) > 0
         j_end = tl.minimum(c * block + block, T)
         for j0 in range(c * block, j_end, BLOCK_N):
-            offs_j = j0 + tl.arange(0, BLOCK_N)
-            k = _load_rows(K + kv_off, offs_j, offs_j < j_end, Hkv * D, offs_d, D)
-            v = _load_rows(V + kv_off, offs_j, offs_j < j_end, Hkv * D, offs_d, D)
-            visible = chose[:, None] & (offs_j[None, :] <= tok[:, None]) & (offs_j < j_end)[None, :]
+            k, v, visible = _slc_tile(k_ptr, v_ptr, j0, j_end, tok, chose, offs_d, Hkv * D, D, BLOCK_N)
             dq = _dq_update(dq, q, do, k, v, lse, delta, visible, qk_scale, True, PRECISION)
-    _store_rows(DQ + q_off, dq * scale, tok * H + g, ok, D, offs_d, D)
+    _store_rows(dq_ptr + q_off, dq * scale, tok * H + g, ok, D, offs_d, D)
 
 
 @triton.jit
-def _nsa_slc_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, TOKENS, STARTS, T, H, Hkv, block,
-                             n_blocks, tokens_per_piece, qk_scale, scale, G: tl.constexpr, D: tl.constexpr,
-                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                             PRECISION: tl.constexpr):
+def _nsa_slc_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, tokens_ptr,
+                             starts_ptr, T, H, Hkv, block, n_blocks, tokens_per_piece, qk_scale, scale,
+                             G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """One program per (batch * KV head, key block c, piece of its list): the part of DK, DV
     [B, T, Hkv, D] (float32, zeroed) of the block's keys that comes from the piece's queries, all G
     heads, BLOCK_M // G tokens at a time. List i = (b Hkv + hkv)(n_blocks + 1) + c holds the tokens
@@ -2467,36 +2081,35 @@ def _nsa_slc_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, TOKENS, STARTS, T,
     b = bhk // Hkv
     hkv = bhk % Hkv
     list_id = bhk.to(tl.int64) * (n_blocks + 1) + c
-    e_first = tl.load(STARTS + list_id)
-    e_last = tl.load(STARTS + list_id + 1)
+    e_first = tl.load(starts_ptr + list_id)
+    e_last = tl.load(starts_ptr + list_id + 1)
     e_lo = e_first + piece * tokens_per_piece
     e_hi = tl.minimum(e_lo + tokens_per_piece, e_last)
     if e_lo < e_hi:
         r = tl.arange(0, BLOCK_M)
         g = r % G
         offs_d = tl.arange(0, BLOCK_D)
-        q_off = (b.to(tl.int64) * T * H + hkv * G) * D
+        q_off, lse_off = _group_offsets(b, hkv, T, H, G, D)
         kv_off = (b.to(tl.int64) * T * Hkv + hkv) * D
-        lse_off = (b.to(tl.int64) * H + hkv * G) * T
         j_end = tl.minimum(c * block + block, T)
         for j0 in range(c * block, j_end, BLOCK_N):  # one pass when l <= 64
             offs_j = j0 + tl.arange(0, BLOCK_N)
-            k = _load_rows(K + kv_off, offs_j, offs_j < j_end, Hkv * D, offs_d, D)
-            v = _load_rows(V + kv_off, offs_j, offs_j < j_end, Hkv * D, offs_d, D)
+            k = _load_rows(k_ptr + kv_off, offs_j, offs_j < j_end, Hkv * D, offs_d, D)
+            v = _load_rows(v_ptr + kv_off, offs_j, offs_j < j_end, Hkv * D, offs_d, D)
             dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
             dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
             for e0 in range(e_lo, e_hi, BLOCK_M // G):
                 ok = (r < (BLOCK_M // G) * G) & (e0 + r // G < e_hi)
-                tok = tl.load(TOKENS + e0 + r // G, mask=ok, other=0)            # [BLOCK_M]
-                q = _load_rows(Q + q_off, tok * H + g, ok, D, offs_d, D)
-                do = _load_rows(DO + q_off, tok * H + g, ok, D, offs_d, D)
-                lse = tl.load(LSE + lse_off + g * T + tok, mask=ok, other=0.0)
-                delta = tl.load(DELTA + lse_off + g * T + tok, mask=ok, other=0.0)
+                tok = tl.load(tokens_ptr + e0 + r // G, mask=ok, other=0)        # [BLOCK_M]
+                q = _load_rows(q_ptr + q_off, tok * H + g, ok, D, offs_d, D)
+                do = _load_rows(do_ptr + q_off, tok * H + g, ok, D, offs_d, D)
+                lse = tl.load(lse_ptr + lse_off + g * T + tok, mask=ok, other=0.0)
+                delta = tl.load(delta_ptr + lse_off + g * T + tok, mask=ok, other=0.0)
                 visible = (offs_j[:, None] <= tok[None, :]) & ok[None, :]          # [BLOCK_N, BLOCK_M]
                 dk, dv = _dkdv_update(dk, dv, q, do, k, v, lse, delta, visible, qk_scale, True, PRECISION)
             rows_ok = (offs_j < j_end)[:, None] & (offs_d < D)[None, :]
-            dk_ptrs = DK + kv_off + offs_j[:, None] * (Hkv * D) + offs_d[None, :]
-            dv_ptrs = DV + kv_off + offs_j[:, None] * (Hkv * D) + offs_d[None, :]
+            dk_ptrs = dk_ptr + kv_off + offs_j[:, None] * (Hkv * D) + offs_d[None, :]
+            dv_ptrs = dv_ptr + kv_off + offs_j[:, None] * (Hkv * D) + offs_d[None, :]
             if e_last - e_first <= tokens_per_piece:
                 tl.store(dk_ptrs, dk * scale, mask=rows_ok)
                 tl.store(dv_ptrs, dv, mask=rows_ok)
@@ -2619,7 +2232,7 @@ def nsa_selected_attention(q, k, v, block_idx, block: int, scale=None):
     (i, its KV head) and j <= i. Returns o [B, T, H, D] in q's dtype; differentiable in q, k, v."""
     _check_nsa_selected_args(q, k, v, block_idx, block)
     B, T, H, D = q.shape
-    scale = D ** -0.5 if scale is None else float(scale)
+    scale = _default_scale(scale, D)
     if q.numel() == 0:
         return (q * 0 + (k.sum() + v.sum()) * 0).to(q.dtype)
     dtype = _compute_dtype(q, k, v)
@@ -2628,20 +2241,210 @@ def nsa_selected_attention(q, k, v, block_idx, block: int, scale=None):
     return _NSASelectedAttention.apply(q_, k_, v_, idx, block, scale).to(q.dtype)
 
 
-# --- check and benchmark (called by kernels.py's main()) -------------------------------------
+# =============================================================================================
+# 1d. LTE's buffer rule in parallel (tiny_hybrid.lte_visible_until)
+# =============================================================================================
 
-def _nsa_core(ops, q, k, v, gates, block: int, top_n: int, n_recent: int, window):
-    """NativeSparseAttention's work between the projections, with the ops of `ops` (this module or
-    tiny_hybrid): compress, compressed attention, scores, top-n, selected attention, window, gated
-    sum. window None leaves the window branch out (what fla's parallel_nsa does without flash-attn)."""
-    k_cmp, v_cmp = tiny_hybrid.nsa_compress(k, block), tiny_hybrid.nsa_compress(v, block)
-    o_cmp, lse = ops.nsa_compressed_attention(q, k_cmp, v_cmp, block)
-    block_idx = tiny_hybrid.nsa_select_blocks(ops.nsa_block_scores(q, k_cmp, lse, block), block, top_n, n_recent)
-    o_slc = ops.nsa_selected_attention(q, k, v, block_idx, block)
-    if window is None:
-        g = gates.to(o_cmp.dtype)
-        return g[..., 0:1] * o_cmp + g[..., 1:2] * o_slc
-    return tiny_hybrid.nsa_combine(gates, o_cmp, o_slc, ops.attention(q, k, v, window=window))
+# The buffer always holds the top b offered tokens by (r, position), so an offered token j stays
+# from the moment it leaves the window until the b-th offered token that beats it leaves (never
+# if that one left before j). The reference finds that moment through a running order statistic;
+# here every key counts its beaters directly, a tile of keys against a tile of tokens at a time:
+# O(T^2) comparisons, but all of them independent, which a GPU does in well under a millisecond at 8K.
+
+# H200, B=4, T=8K, Hkv=2: 32 x 32 tiles with 4 warps 0.46 ms; 64 x 64 0.80; 128 x 128 2.6 (of 27 tried)
+LTE_RULE_GPU_BLOCKS = dict(BLOCK_J=32, BLOCK_I=32, num_warps=4)
+LTE_RULE_INTERPRETER_BLOCKS = dict(BLOCK_J=32, BLOCK_I=32)
+
+
+@triton.jit
+def _lte_until_kernel(r_ptr, until_ptr, T, Hkv, n_left, window, sink, buffer, KEEP_FOREVER: tl.constexpr,
+                      BLOCK_J: tl.constexpr, BLOCK_I: tl.constexpr):
+    """One program per (block of keys j, batch x KV head). R [B, T, Hkv] float32 scores; writes
+    UNTIL [B, T, Hkv] int64. Offered tokens are j in [sink, n_left) with r_j > 0; token i beats j
+    when r_i > r_j, or r_i == r_j and i is newer (the tie rule of tiny_hybrid.lte_buffer_push)."""
+    pid_j = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    base = (bh // Hkv) * T * Hkv + bh % Hkv                  # element (b, 0, h) of [B, T, Hkv]
+    j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
+    r_j = tl.load(r_ptr + base + j * Hkv, mask=j < T, other=0.0)
+    beaten = tl.zeros([BLOCK_J], dtype=tl.int32)             # offered tokens seen so far that beat j
+    bth = tl.full([BLOCK_J], -1, dtype=tl.int32)             # position of the b-th of them (-1: none yet)
+    for i0 in range(sink, n_left, BLOCK_I):
+        i = i0 + tl.arange(0, BLOCK_I)
+        r_i = tl.load(r_ptr + base + i * Hkv, mask=i < n_left, other=0.0)  # 0: not offered
+        beats = (r_i[None, :] > 0) & ((r_i[None, :] > r_j[:, None]) |
+                                      ((r_i[None, :] == r_j[:, None]) & (i[None, :] > j[:, None])))
+        n_beats = tl.sum(beats.to(tl.int32), axis=1)
+        crossing = (beaten < buffer) & (beaten + n_beats >= buffer)
+        if tl.max(crossing.to(tl.int32), axis=0) > 0:       # some key meets its b-th beater in this tile
+            count = beaten[:, None] + tl.cumsum(beats.to(tl.int32), axis=1)   # [BLOCK_J, BLOCK_I]
+            at = tl.min(tl.where(beats & (count == buffer), i[None, :], n_left), axis=1)
+            bth = tl.where(crossing, at, bth)
+        beaten += n_beats
+    offered = (j >= sink) & (j < n_left) & (r_j > 0) & (buffer > 0)
+    entered = offered & ((bth < 0) | (bth > j))
+    until = tl.where(bth < 0, KEEP_FOREVER, bth.to(tl.int64) + window)
+    until = tl.where(entered, until, -1)
+    until = tl.where(j < sink, KEEP_FOREVER, until)
+    tl.store(until_ptr + base + j * Hkv, until, mask=j < T)
+
+
+def lte_visible_until(scores, window: int, sink: int, buffer: int):
+    """LTE's capped visibility in Triton; same arguments, errors and results as
+    tiny_hybrid.lte_visible_until: scores [B, T, Hkv] -> (until int64 [B, T, Hkv],
+    buf_score [B, Hkv, b], buf_pos [B, Hkv, b]). No autograd (the rule has no gradient)."""
+    tiny_hybrid._check_lte_rule(scores, window, sink, buffer)
+    _check_kernel_limits("lte_visible_until", {}, dict(scores=scores))
+    B, T, Hkv = scores.shape
+    r = scores.detach().float().contiguous()
+    until = torch.empty(B, T, Hkv, dtype=torch.int64, device=r.device)
+    n_left = max(sink, T - window - 1)                       # tokens [sink, n_left) leave within T queries
+    blocks = LTE_RULE_INTERPRETER_BLOCKS if INTERPRET else LTE_RULE_GPU_BLOCKS
+    grid = (triton.cdiv(T, blocks["BLOCK_J"]), B * Hkv)
+    _lte_until_kernel[grid](r, until, T, Hkv, n_left, window, sink, buffer,
+                            KEEP_FOREVER=tiny_hybrid.KEEP_FOREVER, **blocks)
+    buf_score, buf_pos = tiny_hybrid.lte_final_buffer(r, until.transpose(1, 2), window, sink, buffer)
+    return until, buf_score, buf_pos
+
+
+# =============================================================================================
+# 2. Checks: every kernel against its reference (`python kernels.py`)
+# =============================================================================================
+
+def _gdn_random_inputs(B, T, H, K, V, dtype, device, decay=(-0.1, -0.01), seed=0):
+    """Inputs like a GDN layer makes them: L2-normalised q, k; v ~ N(0, 1); log decays g uniform
+    in `decay` (float32, <= 0); beta = sigmoid(randn) (float32). Seeded, drawn on the CPU."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(device)
+    q = torch.nn.functional.normalize(randn(B, T, H, K), dim=-1).to(dtype)
+    k = torch.nn.functional.normalize(randn(B, T, H, K), dim=-1).to(dtype)
+    v = randn(B, T, H, V).to(dtype)
+    lo, hi = decay
+    g = (lo + (hi - lo) * torch.rand(B, T, H, generator=gen)).to(device)       # float32 decay
+    beta = torch.sigmoid(randn(B, T, H))
+    return q, k, v, g, beta
+
+
+def _rel_err(a, b) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def check_gdn(device=None, shapes=None, verbose=True):
+    """Kernel vs `tiny_hybrid.gated_delta_rule` (output, final state, the gradients of q, k, v, g,
+    beta, initial_state) on random inputs, float32 and bf16. Prints and returns rows of
+    (case, {name: ||out - ref|| / ||ref||}). On the GPU float32 runs with tf32 dots (~2e-3)."""
+    device = device or ("cpu" if INTERPRET else "cuda")
+    shapes = shapes or ([(1, 100, 2, 16, 16, 32)] if INTERPRET else
+                        [(2, 1000, 4, 64, 64, 64), (2, 777, 4, 128, 128, 64), (1, 300, 2, 48, 96, 32)])
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for (B, T, H, K, V, L) in shapes:
+            q, k, v, g, beta = _gdn_random_inputs(B, T, H, K, V, dtype, device, decay=(-1., -0.01))
+            h0 = torch.randn(B, H, K, V, device=device)
+            ins = [x.clone().requires_grad_() for x in (q, k, v, g, beta, h0)]
+            refs = [x.detach().clone().requires_grad_() for x in (q, k, v, g, beta, h0)]
+            o, ht = gated_delta_rule(*ins[:5], initial_state=ins[5], chunk_size=L)
+            o_ref, ht_ref = tiny_hybrid.gated_delta_rule(*refs[:5], initial_state=refs[5], chunk_size=L)
+            do, dht = torch.randn_like(o_ref), torch.randn_like(ht_ref)
+            ((o.float() * do.float()).sum() + (ht * dht).sum()).backward()
+            ((o_ref.float() * do.float()).sum() + (ht_ref * dht).sum()).backward()
+            errs = {"o": _rel_err(o, o_ref), "state": _rel_err(ht, ht_ref)}
+            for name, x, r in zip(("dq", "dk", "dv", "dg", "dbeta", "dh0"), ins, refs):
+                errs[name] = _rel_err(x.grad, r.grad)
+            case = f"{str(dtype)[6:]:8s} B={B} T={T} H={H} K={K} V={V} L={L}"
+            rows.append((case, errs))
+            if verbose:
+                print(f"{case}  " + "  ".join(f"{n} {e:.1e}" for n, e in errs.items()))
+    return rows
+
+
+def check_gdn_passes() -> bool:
+    """check_gdn with pass/fail: float32 (tf32 dots on the GPU) within 1e-2, bf16 within 3e-2."""
+    ok = True
+    for case, errs in check_gdn():
+        limit = 1e-2 if case.startswith("float32") else 3e-2
+        ok &= all(e < limit for e in errs.values())
+    return ok
+
+
+def _random_keep(kind, B: int, T: int, Hkv: int, device, p: float = 0.15):
+    """A keep argument of one kind: None; "all" / "random" (bool, about p kept); "until"
+    (integer visible-until: -1, small values inside the window, values past T, KEEP_FOREVER)."""
+    if kind is None:
+        return None
+    if kind == "all":
+        return torch.ones(B, T, Hkv, dtype=torch.bool, device=device)
+    if kind == "random":
+        return torch.rand(B, T, Hkv, device=device) < p
+    until = torch.randint(-1, T + 3, (B, T, Hkv), device=device)
+    forever = torch.rand(B, T, Hkv, device=device) < 0.1
+    return torch.where(forever, torch.iinfo(torch.int32).max, until)
+
+
+def _relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |x - ref| / max |ref| (NaN anywhere counts as an infinite error)."""
+    err = (x.double() - ref.double()).abs().max().item()
+    return err / max(ref.double().abs().max().item(), 1e-30) if err == err else float("inf")
+
+
+def _attention_case(B, T, H, Hkv, D, window, keep_kind, dtype, device):
+    """Relative errors of o, dq, dk, dv of kernels.attention against tiny_hybrid.attention."""
+    import tiny_hybrid
+    q = torch.randn(B, T, H, D, device=device, dtype=dtype, requires_grad=True)
+    k = torch.randn(B, T, Hkv, D, device=device, dtype=dtype, requires_grad=True)
+    v = torch.randn(B, T, Hkv, D, device=device, dtype=dtype, requires_grad=True)
+    keep = _random_keep(keep_kind, B, T, Hkv, device)
+    do = torch.randn(B, T, H, D, device=device, dtype=dtype)
+    o = attention(q, k, v, window, keep)
+    grads = torch.autograd.grad(o, (q, k, v), do)
+    # The reference sees the same (rounded) inputs, and computes in float32.
+    qf, kf, vf = (x.detach().float().requires_grad_() for x in (q, k, v))
+    o_ref = tiny_hybrid.attention(qf, kf, vf, window, keep)
+    grads_ref = torch.autograd.grad(o_ref, (qf, kf, vf), do.float())
+    return [_relative_error(a, b) for a, b in zip((o,) + grads, (o_ref,) + grads_ref)]
+
+
+def check_attention() -> bool:
+    """Kernel vs reference on random inputs; prints the relative max error of o, dq, dk, dv."""
+    device = "cpu" if INTERPRET else "cuda"
+    f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
+    if INTERPRET:  # (B, T, H, Hkv, D, window, keep, dtype)
+        cases = [(1, 100, 2, 1, 16, 16, "random", f32), (1, 64, 2, 2, 16, None, None, f32)]
+    else:
+        cases = [(2, 1000, 4, 2, 64, 128, "random", bf16), (2, 777, 8, 2, 64, 100, "until", bf16),
+                 (1, 1000, 4, 4, 64, None, None, bf16), (2, 600, 4, 1, 64, 64, None, f16),
+                 (1, 500, 4, 2, 32, 50, "random", f32), (1, 700, 2, 1, 128, 200, "random", f16)]
+    ok = True
+    print("attention vs tiny_hybrid.attention: relative max error of o, dq, dk, dv")
+    for B, T, H, Hkv, D, window, keep, dtype in cases:
+        errs = _attention_case(B, T, H, Hkv, D, window, keep, dtype, device)
+        limit = 1e-4 if dtype == f32 else 2e-2  # 16-bit: rounding of inputs, P and dS to 8/11 bits
+        ok &= max(errs) < limit
+        print(f"  B={B} T={T:5d} H={H} Hkv={Hkv} D={D:3d} window={str(window):4s} keep={str(keep):6s} "
+              f"{str(dtype)[6:]:8s} " + " ".join(f"{e:.1e}" for e in errs) + ("" if max(errs) < limit else "  FAIL"))
+    return ok
+
+
+def check_attention_decode() -> bool:
+    """Decode kernel vs reference, with invalid slots and a long cache (the split-K path)."""
+    import tiny_hybrid
+    device = "cpu" if INTERPRET else "cuda"
+    cases = [(2, 4, 2, 16, 100)] if INTERPRET else [(3, 8, 2, 64, 5000), (2, 32, 2, 128, 333), (4, 8, 8, 64, 70000)]
+    ok = True
+    print("attention_decode vs tiny_hybrid.attention_decode: relative max error")
+    for B, H, Hkv, D, S in cases:
+        for dtype in (torch.float32, torch.bfloat16):
+            q = torch.randn(B, H, D, device=device, dtype=dtype)
+            kc, vc = (torch.randn(B, S, Hkv, D, device=device, dtype=dtype) for _ in range(2))
+            valid = torch.rand(B, S, Hkv, device=device) < 0.7
+            err = _relative_error(attention_decode(q, kc, vc, valid), tiny_hybrid.attention_decode(q, kc, vc, valid))
+            limit = 1e-5 if dtype == torch.float32 else 1e-2
+            ok &= err < limit
+            print(f"  B={B} H={H} Hkv={Hkv} D={D} S={S:6d} {str(dtype)[6:]:8s} {err:.1e}" + ("" if err < limit else "  FAIL"))
+    return ok
 
 
 def _nsa_case(B, T, H, Hkv, D, block, top_n, dtype, device):
@@ -2697,61 +2500,6 @@ def check_nsa() -> bool:
     return ok
 
 
-def bench_nsa(Ts=(2048, 8192, 16384), B=4, H=32, Hkv=2, D=64, block=64, top_n=16, window=512) -> None:
-    """The NSA mixer core (_nsa_core, no projections), bf16, the paper's shapes: ours with and
-    without the window branch, the PyTorch reference, and flash-linear-attention's parallel_nsa
-    (compressed + selected only: its window branch needs flash-attn). Median ms."""
-    try:
-        from fla.ops.nsa import parallel_nsa as fla_nsa
-    except ImportError:
-        fla_nsa = None
-        print("\nfla not installed: its column is skipped")
-    ours = sys.modules[__name__]
-    print(f"\nNSA core, bf16, B={B}, H={H} on Hkv={Hkv}, D={D}, block {block}, {top_n} blocks, window {window}; "
-          f"ms = median (fla: no window branch; compare it with 'ours -swa')")
-    print(f"{'T':>6} | {'ours fwd':>8} {'-swa':>7} {'ref':>8} {'fla':>7} | {'ours f+b':>8} {'-swa':>7} {'ref':>8} "
-          f"{'fla':>7} | ours fwd: cmp scores select slc swa")
-    for T in Ts:
-        q = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        k, v = (torch.randn(B, T, Hkv, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
-        gates = torch.rand(B, T, H, 3, device="cuda", requires_grad=True)
-        do = torch.randn_like(q)
-        t = {}
-        for name, ops, w in (("ours", ours, window), ("-swa", ours, None), ("ref", tiny_hybrid, window)):
-            fn = lambda q_, k_, v_, g_, ops=ops, w=w: _nsa_core(ops, q_, k_, v_, g_, block, top_n, 2, w)
-            # The reference is dense: [B, H, T, T] float32 scores, several alive at once.
-            dense_gb = B * H * T * T * 4 / 1e9
-            if name == "ref" and 10 * dense_gb > torch.cuda.mem_get_info()[0] / 1e9:
-                t[name] = (float("nan"), float("nan"))
-                continue
-            try:
-                t[name] = tuple(_bench_ms(fn, bwd, (q, k, v, gates), do, rep=30) for bwd in (False, True))
-            except torch.cuda.OutOfMemoryError:
-                t[name] = (float("nan"), float("nan"))
-            torch.cuda.empty_cache()
-        t["fla"] = (float("nan"), float("nan"))
-        if fla_nsa is not None:
-            g_cmp, g_slc = (gates[..., i].detach().to(torch.bfloat16).requires_grad_() for i in range(2))
-            fn = lambda q_, k_, v_, a, b_: fla_nsa(q_, k_, v_, a, b_, block_counts=top_n, block_size=block)
-            t["fla"] = tuple(_bench_ms(fn, bwd, (q, k, v, g_cmp, g_slc), do, rep=30) for bwd in (False, True))
-        # Where our forward's time goes, piece by piece.
-        with torch.no_grad():
-            k_cmp, v_cmp = tiny_hybrid.nsa_compress(k, block), tiny_hybrid.nsa_compress(v, block)
-            o_cmp, lse = nsa_compressed_attention(q, k_cmp, v_cmp, block)
-            scores = nsa_block_scores(q, k_cmp, lse, block)
-            block_idx = tiny_hybrid.nsa_select_blocks(scores, block, top_n)
-            parts = [lambda: nsa_compressed_attention(q, k_cmp, v_cmp, block),
-                     lambda: nsa_block_scores(q, k_cmp, lse, block),
-                     lambda: tiny_hybrid.nsa_select_blocks(scores, block, top_n),
-                     lambda: nsa_selected_attention(q, k, v, block_idx, block),
-                     lambda: attention(q, k, v, window=window)]
-            split = [triton.testing.do_bench(f, warmup=5, rep=30, return_mode="median") for f in parts]
-        note = "" if t["ref"][0] == t["ref"][0] else f"  (ref skipped: dense [B,H,T,T] = {dense_gb:.0f} GB)"
-        print(f"{T:6d} | {t['ours'][0]:8.2f} {t['-swa'][0]:7.2f} {t['ref'][0]:8.2f} {t['fla'][0]:7.2f} | "
-              f"{t['ours'][1]:8.2f} {t['-swa'][1]:7.2f} {t['ref'][1]:8.2f} {t['fla'][1]:7.2f} | "
-              + " ".join(f"{x:.2f}" for x in split) + note, flush=True)
-
-
 def check_lte_rule() -> bool:
     """kernels.lte_visible_until equals the reference exactly (random and tied scores, long T)."""
     device = "cpu" if INTERPRET else "cuda"
@@ -2772,41 +2520,14 @@ def check_lte_rule() -> bool:
     return ok
 
 
-def bench_lte_rule(Ts=(2048, 8192, 65536), B=4, Hkv=2, window=512, sink=4, buffer=256) -> None:
-    """lte_visible_until: kernel vs the parallel PyTorch reference, median ms."""
-    print(f"\nlte_visible_until, B={B}, Hkv={Hkv}, w={window}, s={sink}, b={buffer}; ms = median")
-    print(f"{'T':>6} | {'kernel':>8} {'reference':>9}")
-    for T in Ts:
-        scores = torch.randn(B, T, Hkv, device="cuda") * 0.2
-        ms = [triton.testing.do_bench(lambda f=f: f(scores, window, sink, buffer), warmup=5, rep=50,
-                                      return_mode="median")
-              for f in (lte_visible_until, tiny_hybrid.lte_visible_until)]
-        print(f"{T:6d} | {ms[0]:8.3f} {ms[1]:9.3f}", flush=True)
-
-
-CHECKS = [check_attention, check_attention_decode, check_gdn_passes, check_nsa, check_lte_rule]  # each: True if all pass
-# The default benchmarks: one headline shape per op, a few minutes on one GPU with the checks.
-BENCHES = [
-    lambda deadline: bench_attention(Ts=(8192,), kv_heads=(2,), flex=False),
-    lambda deadline: bench_attention_decode(),
-    lambda deadline: bench_gdn(Ts=(16384,), dims=(128,), with_reference=False),
-    lambda deadline: bench_nsa(Ts=(8192,)),
-    lambda deadline: bench_lte_rule(Ts=(8192,)),
-]
-# --full: every length and baseline of the README's tables (flex_attention compiles per shape: long)
-FULL_BENCHES = [
-    lambda deadline: bench_attention(deadline=deadline),
-    lambda deadline: bench_swa_spread(),
-    lambda deadline: bench_attention_decode(),
-    lambda deadline: bench_gdn(),
-    lambda deadline: bench_nsa(),
-    lambda deadline: bench_lte_rule(),
-]
+# Each returns True when every case passes; in the order of the sections above.
+CHECKS = [check_gdn_passes, check_attention, check_attention_decode, check_nsa, check_lte_rule]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Check the Triton kernels against tiny_hybrid, then time them "
-                                     "(on one H200: checks and the default benchmarks in about 3 minutes).",
+                                     "with bench.py's kernel benchmarks (on one H200: checks and the default "
+                                     "benchmarks in about 3 minutes; python bench.py kernels times them alone).",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--check-only", action="store_true", help="run the checks, skip the benchmarks")
     parser.add_argument("--full", action="store_true",
@@ -2816,6 +2537,8 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=float("inf"),
                         help="stop timing flex_attention after this many seconds (the rest print as nan)")
     args = parser.parse_args()
+    if not args.budget_s > 0:
+        parser.error(f"--budget-s must be > 0, got {args.budget_s}")
     start = time.time()
     torch.manual_seed(0)
     ok = all([check() for check in CHECKS])
@@ -2825,19 +2548,10 @@ def main() -> None:
             print("no CUDA GPU: benchmarks skipped")
         print(f"wall time {time.time() - start:.0f} s")
         sys.exit(0 if ok else 1)
-    if args.tune:
-        try:
-            tune_attention()
-        except Exception:
-            traceback.print_exc()
-    for bench in FULL_BENCHES if args.full else BENCHES:
-        try:  # one broken section should not hide the others' numbers
-            bench(deadline=start + args.budget_s)
-        except Exception:
-            traceback.print_exc()
-            ok = False
+    import bench  # the benchmarks live there: python bench.py kernels runs them without the checks
+    benches_ok, _ = bench.bench_kernels(full=args.full, tune=args.tune, budget_s=args.budget_s)
     print(f"\nwall time {time.time() - start:.0f} s (checks and benchmarks)")
-    sys.exit(0 if ok else 1)
+    sys.exit(0 if ok and benches_ok else 1)
 
 
 if __name__ == "__main__":

@@ -227,10 +227,16 @@ def test_attention_decode_rejects_what_the_reference_rejects():
 
 
 def test_kernel_limits_are_named():
-    """What only the kernels refuse: head dims past 128."""
+    """What only the kernels refuse, named with the reference to use instead: head dims past 128,
+    and inputs on a device Triton does not run on here (a meta tensor has a shape but no data)."""
     q = torch.randn(1, 4, 1, 136, device=DEVICE)
-    with pytest.raises(ValueError, match="head dims up to 128"):
+    with pytest.raises(ValueError, match=r"head dim D = 136 is too large .*; use tiny_hybrid.attention$"):
         kernels.attention(q, q, q)
+    q = torch.randn(1, 4, 1, 16, device=DEVICE)
+    with pytest.raises(ValueError, match=r"^k is on meta, but Triton here runs on "):
+        kernels.attention(q, q.to("meta"), q)
+    with pytest.raises(ValueError, match=r"^scores is on meta, but Triton here runs on "):
+        kernels.lte_visible_until(torch.zeros(1, 5, 1, device="meta"), 2, 1, 2)
 
 
 # =============================================================================================
