@@ -951,7 +951,9 @@ def lte_visible_until(scores, window: int, sink: int, buffer: int):
     if buffer > 0:
         offered = lte_offered(scores, window, sink)                             # [B, Hkv, T]
         rank = _lte_ranks(scores.detach().float().transpose(1, 2), offered)    # [B, Hkv, T]
-        worst_kept = _running_kth_smallest(rank, buffer, fill=T)                # R_t: [B, Hkv, T]
+        # a chunk costs O(chunk (b + chunk)) work on a CPU, but only a few launches on a GPU
+        chunk = 64 if scores.device.type == "cpu" else 512
+        worst_kept = _running_kth_smallest(rank, buffer, fill=T, chunk=chunk)   # R_t: [B, Hkv, T]
         # first t with R_t < rank_j; R never grows, so -R is sorted
         leaves_at = torch.searchsorted(-worst_kept, -rank, right=True)          # [B, Hkv, T]
         last_query = torch.where(leaves_at < T, leaves_at + window, KEEP_FOREVER)
