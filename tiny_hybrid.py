@@ -364,8 +364,8 @@ def nsa_select_blocks(scores, block: int, top_n: int, n_recent: int = 2, n_block
     current = (q_pos // block)[:, None]                                         # [T, 1]
     started = blk[None, :] * block <= q_pos[:, None]                            # [T, Ns]
     forced = (blk[None, :] == 0) | ((current - blk[None, :] >= 0) & (current - blk[None, :] < n_recent))
-    # Differs from the paper's code: forced blocks rank at +inf, so they are always chosen; the
-    # official code scores them 1.0, which a block summed over G > 1 heads can outrank.
+    # Differs from the paper's code in form only: forced blocks rank at +inf here; there each head
+    # gives them probability 1.0 (G after the sum over the group), which no other block can beat.
     rank = rank.masked_fill(forced[:, None], float("inf")).masked_fill(~started[:, None], float("-inf"))
     order = rank.sort(dim=-1, descending=True, stable=True)
     idx = order.indices[..., :top_n]
@@ -1451,7 +1451,7 @@ def optimizer_groups(model: nn.Module, lr: float, weight_decay: float = 0.1,
         1  vectors (norms, biases, A_log, dt_bias): lr, no decay
         2  every LTE router's parameters: router_lr_scale * lr, no decay.
     A router learning as fast as the rest soon ranked the recall facts' values below the text and
-    evicted them (README, "What LTE needed here"). Each group carries its "lr_scale", so that a
+    evicted them (EXPERIMENTS.md, "5. What LTE needed"). Each group carries its "lr_scale", so that a
     schedule can set group["lr"] = lr_now * group["lr_scale"] (torch's LR schedulers keep the
     ratio by themselves)."""
     # Differs from the paper's code: one learning rate for every parameter there.
