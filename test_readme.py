@@ -227,42 +227,133 @@ def _section(text: str, heading: str) -> str:
     return text[start: end if end >= 0 else len(text)]
 
 
-def test_the_copy_list_for_lte_is_complete(tmp_path):
-    """A module built from only the names the README tells a user to copy (plus the file's imports)
-    runs LTE attention and gives what tiny_hybrid gives, in training, eval and decoding."""
-    source = (ROOT / "tiny_hybrid.py").read_text(encoding="utf-8")
-    tree = ast.parse(source)
-    top_level = {}
+# ---------------------------------------------------------------------------------------------
+# Copying a mixer: the README's lists are exactly what a copy needs, and the copy trains and decodes
+# ---------------------------------------------------------------------------------------------
+
+COPIED = {"Gated DeltaNet": "GatedDeltaNet", "NSA": "NativeSparseAttention", "LTE": "LTEAttention"}
+SOURCE = (ROOT / "tiny_hybrid.py").read_text(encoding="utf-8")
+
+
+def top_level_definitions(tree: ast.Module) -> dict[str, ast.stmt]:
+    """Functions, classes and assigned names at the top of a module, by name."""
+    found = {}
     for node in tree.body:
         if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-            top_level[node.name] = node
+            found[node.name] = node
         elif isinstance(node, (ast.Assign, ast.AnnAssign)):
             target = node.targets[0] if isinstance(node, ast.Assign) else node.target
             if isinstance(target, ast.Name):
-                top_level[target.id] = node
-    section = _section(README.read_text(encoding="utf-8"), "Copying one mixer into another project")
-    named = {n for n in re.findall(r"`(\w+)`", section) if n in top_level} - {"Config"}
-    assert {"LTEAttention", "LTERouter", "attention"} <= named, f"the README's copy list: {sorted(named)}"
+                found[target.id] = node
+    return found
 
-    imports = "\n".join(ast.get_source_segment(source, n) for n in tree.body
-                        if isinstance(n, (ast.Import, ast.ImportFrom)))
-    copied = "\n\n".join(ast.get_source_segment(source, node) for name, node in top_level.items() if name in named)
-    path = tmp_path / "copied_lte.py"
-    path.write_text(imports + "\n\n" + copied + "\n", encoding="utf-8")
-    spec = importlib.util.spec_from_file_location("copied_lte", path)
+
+def needed(roots, definitions) -> set[str]:
+    """The top-level names that `roots` use, directly or through each other (annotations aside:
+    under `from __future__ import annotations` they are never evaluated)."""
+    def used_by(name):
+        node = definitions[name]
+        annotations = {id(a) for n in ast.walk(node) for a in (getattr(n, "annotation", None), getattr(n, "returns", None))
+                       if a is not None}
+        skip = {id(n) for a in ast.walk(node) if id(a) in annotations for n in ast.walk(a)}
+        return {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and n.id in definitions and id(n) not in skip}
+    seen, todo = set(), list(roots)
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo.extend(used_by(name))
+    return seen
+
+
+def readme_copy_list(mixer: str) -> tuple[set[str], list[str]]:
+    """From the README's copying section: the names to copy for `mixer` (its bullet and the one
+    for every mixer), and the settings its table row says it reads."""
+    section = _section(README.read_text(encoding="utf-8"), "Copying one mixer into another project")
+    bullets = {m.group(1): m.group(2) for m in re.finditer(r"^- \*\*(.+?)\*\*:(.*?)(?=^\S|^- |\Z)", section, re.M | re.S)}
+    assert {"Every mixer", *COPIED} <= set(bullets), f"bullets found: {sorted(bullets)}"
+    names = set(re.findall(r"`(\w+)`", bullets["Every mixer"] + bullets[mixer]))
+    rows = {cells[0]: cells[-1] for cells in map(split_row, without_fences(section).splitlines()) if len(cells) == 2}
+    return names, re.findall(r"`(\w+)`", rows[mixer])
+
+
+class Settings:
+    """Exactly the given attributes, remembering which ones were read."""
+
+    def __init__(self, values: dict):
+        self.values, self.read = values, set()
+
+    def __getattr__(self, name):
+        if name not in self.values:
+            raise AttributeError(f"the README does not list the setting {name!r}")
+        self.read.add(name)
+        return self.values[name]
+
+
+@pytest.mark.parametrize("mixer", COPIED)
+def test_a_mixer_copied_by_the_readme_list_trains_and_decodes(mixer, tmp_path, monkeypatch):
+    """Cut exactly the names the README lists for one mixer out of tiny_hybrid.py (with the file's
+    imports, all from torch and the standard library) into a fresh module. The list must be what
+    the mixer needs, no name more or less; the copy, built from an object holding only the
+    settings the README lists, trains (forward, backward with LTE's penalty, an optimizer step with
+    optimizer_groups) exactly as tiny_hybrid does, and decodes: prefill + steps = parallel."""
+    tree = ast.parse(SOURCE)
+    definitions = top_level_definitions(tree)
+    names, settings = readme_copy_list(mixer)
+    assert names <= set(definitions), f"not defined in tiny_hybrid.py: {sorted(names - set(definitions))}"
+    roots = {"Config", COPIED[mixer]} | ({"optimizer_groups"} if mixer == "LTE" else set())
+    assert names == needed(roots, definitions), (
+        f"missing {sorted(needed(roots, definitions) - names)}, not needed {sorted(names - needed(roots, definitions))}")
+
+    imports = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    modules = {(n.module if isinstance(n, ast.ImportFrom) else a.name).split(".")[0] for n in imports for a in n.names}
+    assert modules <= {"__future__", "math", "numbers", "dataclasses", "torch"}, modules
+    lines = SOURCE.splitlines()
+    first_line = lambda n: min([n.lineno] + [d.lineno for d in getattr(n, "decorator_list", [])])   # @dataclass too
+    copied = ["\n".join(lines[first_line(n) - 1: n.end_lineno]) for n in tree.body
+              if n in imports or any(n is definitions[name] for name in names)]
+    path = tmp_path / "copied_mixer.py"
+    path.write_text("\n\n".join(copied) + "\n", encoding="utf-8")
+    spec = importlib.util.spec_from_file_location("copied_mixer", path)
     module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "copied_mixer", module)        # as an import would (dataclass needs it)
     spec.loader.exec_module(module)
 
-    config = th.Config(d_model=32, n_head=4, n_kv_head=2, head_dim=8, window=8, lte_buffer=4,
-                       lte_dropout=0.0, key_conv=2)
+    small = dict(d_model=32, n_head=4, n_kv_head=2, head_dim=8, gdn_heads=2, gdn_chunk_size=8, window=8,
+                 key_conv=2, lte_sink=2, lte_buffer=3, lte_dropout=0.0, lte_lambda_every=1, nsa_block=4, nsa_topn=3)
+    config = module.Config(**small)                                 # the copied Config, its defaults
+    only_listed = Settings({name: getattr(config, name) for name in settings})
     torch.manual_seed(0)
-    ours = th.LTEAttention(config)
-    theirs = module.LTEAttention(config)
+    ours = getattr(th, COPIED[mixer])(th.Config(**small))
+    theirs = getattr(module, COPIED[mixer])(only_listed)
     theirs.load_state_dict(ours.state_dict())
     x = torch.randn(2, 40, 32)
-    for training in (True, False):
-        ours.train(training), theirs.train(training)
-        torch.testing.assert_close(theirs(x), ours(x), rtol=0, atol=0)
-    state_ours, state_theirs = ours.init_state(2), theirs.init_state(2)
-    ours(x[:, :30], state_ours), theirs(x[:, :30], state_theirs)                   # prefill
-    torch.testing.assert_close(theirs(x[:, 30:], state_theirs), ours(x[:, 30:], state_ours), rtol=0, atol=0)
+
+    results = []
+    for m, groups in ((ours, th.optimizer_groups), (theirs, module.optimizer_groups if mixer == "LTE" else None)):
+        m.train()
+        y = m(x)
+        penalty = m.take_penalty() if mixer == "LTE" else 0.0
+        if mixer == "LTE":
+            assert penalty.requires_grad and penalty > 0
+        (y.square().mean() + penalty).backward()
+        grads = [p.grad.clone() for p in m.parameters()]
+        optimizer = torch.optim.AdamW((groups or th.optimizer_groups)(m, lr=1e-2, router_lr_scale=config.lte_router_lr_scale))
+        optimizer.step()
+        if mixer == "LTE":
+            m.update_lambda()                                       # the controller runs every step here
+            grads.append(m.l1_lambda.clone())
+        results.append((y.detach(), grads, [p.detach().clone() for p in m.parameters()]))
+    (y1, g1, p1), (y2, g2, p2) = results
+    torch.testing.assert_close(y2, y1, rtol=0, atol=0)
+    for a, b in zip(g1 + p1, g2 + p2):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+    theirs.eval()
+    with torch.no_grad():
+        full = theirs(x)
+        state = theirs.init_state(2)
+        decoded = torch.cat([theirs(x[:, :25], state)] + [theirs(x[:, t: t + 1], state) for t in range(25, 40)], 1)
+        torch.testing.assert_close(full, ours.eval()(x), rtol=0, atol=0)
+    torch.testing.assert_close(decoded, full, rtol=1e-5, atol=1e-5)
+    assert only_listed.read == set(settings), f"listed but never read: {sorted(set(settings) - only_listed.read)}"

@@ -7,6 +7,7 @@ far below 1e-5 for the sizes here, so atol = rtol = 1e-5 can only fail on a real
 (a wrong mask entry or a missed decay moves results by 1e-2 or more).
 """
 
+import copy
 import heapq
 import math
 import random
@@ -301,8 +302,9 @@ def test_router_score_depends_exactly_on_its_receptive_field():
         assert torch.equal(r2[..., 1], r[..., 1])       # heads never mix
 
 
-def test_straight_through_gradient_is_v_dot_grad_v():
-    m = lte_mixer(lte_dropout=0.0, lte_lambda_init=0.0, lte_lambda_every=0).train()
+@pytest.mark.parametrize("train_cap", [False, True])
+def test_straight_through_gradient_is_v_dot_grad_v(train_cap):
+    m = lte_mixer(lte_dropout=0.0, lte_lambda_init=0.0, lte_lambda_every=0, lte_train_cap=train_cap).train()
     x = torch.randn(2, 30, m.config.d_model)
     captured = {}
     orig = m.router.forward
@@ -451,30 +453,59 @@ def test_lte_visible_until_rejects_bad_input(bad, match):
         lte_visible_until(**args)
 
 
+def forward_keeping(m, kept, T=40):
+    """One training forward of LTE mixer m, with router scores that make head h of sequence b keep
+    kept[b][h] of the tokens that leave the window (r = 0.1 for those, -0.1 for every other)."""
+    r = torch.full((len(kept), T, len(kept[0])), -0.1)
+    for b, row in enumerate(kept):
+        for h, n in enumerate(row):
+            r[b, m.sink: m.sink + n, h] = 0.1
+    m.router.forward = lambda k, v: r
+    try:
+        m.train()(torch.randn(len(kept), T, m.config.d_model))
+    finally:
+        del m.router.forward
+    torch.testing.assert_close(m.last_kept, torch.tensor(kept).float().mean(0))
+
+
 def test_lambda_controller_moves_the_right_way():
     m = lte_mixer(lte_lambda_every=4, lte_lambda_init=1e-2, lte_buffer=10)
-    start = m.lam.clone()
-    for kept, direction in ((torch.tensor([20.0, 5.0]), (1.5, 0.5)), (torch.tensor([9.8, 10.0]), (1.0, 1.0))):
+    # per head: 20 > b up, 5 < 0.95 b down; then 9.8 and 10, inside [0.95 b, b]: unchanged
+    for kept, direction in (([[20, 5]], (1.5, 0.5)), ([[9, 10]] + [[10, 10]] * 4, (1.0, 1.0))):
         before = m.lam.clone()
         for step in range(4):
-            m.last_kept = kept
+            forward_keeping(m, kept)
             m.update_lambda()
             if step < 3:
                 assert torch.equal(m.lam, before)        # only every N steps
         torch.testing.assert_close(m.lam, before * torch.tensor(direction))
     m.lam.fill_(0.9)
     for _ in range(4):
-        m.last_kept = torch.tensor([100.0, 100.0])
+        forward_keeping(m, [[29, 29]])
         m.update_lambda()
     assert torch.equal(m.lam, torch.full((2,), 1.0))    # clamped at lte_lambda_max
-    assert start.shape == (2,)
+
+
+def test_lambda_controller_counts_every_micro_batch_of_a_step():
+    """Gradient accumulation: the controller sees the mean over all forwards of a step, not the last."""
+    m = lte_mixer(lte_lambda_every=1, lte_lambda_init=1e-2, lte_buffer=20)
+    for kept in ([[29, 0]], [[0, 29]], [[29, 0]]):      # means 19.3 (in [19, 20]: stay) and 9.7 (down)
+        forward_keeping(m, kept)
+    m.update_lambda()
+    torch.testing.assert_close(m.lam, torch.tensor([1e-2, 5e-3]))
+    forward_keeping(m, [[29, 29]])                      # a step that must not count ...
+    m.update_lambda(count_step=False)
+    torch.testing.assert_close(m.lam, torch.tensor([1e-2, 5e-3]))
+    forward_keeping(m, [[19, 20]])                      # ... nor leak into the next one
+    m.update_lambda()
+    torch.testing.assert_close(m.lam, torch.tensor([1e-2, 5e-3]))
 
 
 def test_lambda_controller_off_keeps_lambda_fixed():
     m = lte_mixer(lte_lambda_every=0, lte_lambda_init=1e-3, lte_buffer=10)
-    for kept in (torch.tensor([50.0, 50.0]), torch.tensor([0.0, 0.0])):
+    for kept in ([[29, 29]], [[0, 0]]):
         for _ in range(40):
-            m.last_kept = kept
+            forward_keeping(m, kept)
             m.update_lambda()
         assert torch.equal(m.lam, torch.full((2,), 1e-3))
     with pytest.raises(ValueError, match="lte_lambda_every"):
@@ -482,27 +513,72 @@ def test_lambda_controller_off_keeps_lambda_fixed():
 
 
 def test_lte_training_keeps_every_positive_token_and_counts_them():
-    m = lte_mixer(lte_dropout=0.0).train()
+    m = lte_mixer(lte_dropout=0.0, lte_train_cap=False).train()
     x = torch.randn(3, 40, m.config.d_model)
-    m(x)
+    out = m(x)
     with torch.no_grad():
-        _, k, v, k_raw = m._qkv(x)
+        q, k, v, k_raw = m._qkv(x)
         r = m.router(k_raw, v)
+        keep = (r > 0) | (torch.arange(40) < m.sink)[None, :, None]
+        torch.testing.assert_close(out, m.o_proj(attention(q, k, v, window=m.window, keep=keep).flatten(2)))
     leaving = r[:, m.sink: 40 - m.window - 1]           # the tokens that leave the window
     torch.testing.assert_close(m.last_kept, (leaving > 0).float().sum(1).mean(0))
     assert m.last_penalty.requires_grad and m.last_penalty > 0
+
+
+def test_lte_penalty_is_handed_over_once_and_holds_no_graph():
+    """The penalty of a training forward goes into one loss; the model keeps no autograd graph
+    (a model that holds one cannot even be deep-copied), and eval lets go of a pending one."""
+    torch.manual_seed(0)
+    model = TinyHybrid(small_config("gdn+lte", lte_lambda_init=0.5))
+    lte = model.blocks[1].mixer
+    idx = torch.randint(0, 61, (2, 30))
+    _, loss = model(idx, idx)                           # the penalty is in this loss ...
+    assert model.last_losses["lte_penalty"] > 0 and lte._penalty is None
+    assert model.lte_penalty() == 0                     # ... and nowhere else
+    copy.deepcopy(model)
+    model(idx)                                          # without targets: the caller adds it
+    penalty = model.lte_penalty()
+    assert penalty.requires_grad and penalty > 0 and model.lte_penalty() == 0
+    model(idx)
+    assert lte.last_penalty > 0
+    model.eval()
+    assert lte._penalty is None
+    copy.deepcopy(model)
+
+
+def test_lte_counters_are_buffers_and_old_checkpoints_load():
+    """The controller's counters move with the module (.to), its lambda and period counts are
+    saved, and a checkpoint that still calls lambda `lam` loads."""
+    torch.manual_seed(0)
+    model = TinyHybrid(small_config("gdn+lte"))
+    model(torch.randint(0, 61, (2, 30)))
+    lte = model.blocks[1].mixer
+    saved = {k for k in model.state_dict() if k.startswith("blocks.1.mixer.") and "proj" not in k
+             and "router" not in k}
+    assert saved == {"blocks.1.mixer." + n for n in ("l1_lambda", "kept_sum", "kept_steps")}
+    model.to(torch.float64)
+    assert lte.last_kept.dtype == lte.step_kept.dtype == lte.l1_lambda.dtype == torch.float64
+    old = model.state_dict()
+    old["blocks.1.mixer.lam"] = old.pop("blocks.1.mixer.l1_lambda").fill_(0.25)
+    fresh = TinyHybrid(small_config("gdn+lte")).to(torch.float64)
+    fresh.load_state_dict(old)
+    assert torch.equal(fresh.blocks[1].mixer.l1_lambda, torch.full((2,), 0.25, dtype=torch.float64))
+    assert fresh.lte_stats()[0]["lambda"] == [0.25, 0.25]
 
 
 # =============================================================================================
 # every preset: causality, training, dtypes
 # =============================================================================================
 
-@pytest.mark.parametrize("preset", sorted(PRESETS))
+@pytest.mark.parametrize("preset", sorted(PRESETS) + ["gdn+lte, the paper's training rule"])
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("key_conv", [0, 3])
 def test_causality(preset, mode, key_conv):
     torch.manual_seed(0)
-    model = TinyHybrid(small_config(preset, lte_dropout=0.0, key_conv=key_conv)).train(mode == "train")
+    paper_rule = preset.endswith("rule")                # training without the inference cap
+    config = small_config(preset.split(",")[0], lte_dropout=0.0, key_conv=key_conv, lte_train_cap=not paper_rule)
+    model = TinyHybrid(config).train(mode == "train")
     idx = torch.randint(0, 61, (2, 45))
     logits, _ = model(idx)
     for t in (0, 10, 30):
@@ -557,6 +633,75 @@ def test_lte_penalty_is_part_of_training_loss_only():
     _, loss = model(idx, idx)
     assert model.last_losses["lte_penalty"] == 0
     assert len(model.lte_stats()) == 1 and len(model.lte_stats()[0]["kept"]) == 2
+
+
+def test_defaults_are_the_recipe_that_trained():
+    """Config() carries the LTE and NSA settings of the README's working recipe, and
+    optimizer_groups puts every router parameter (and only those) at a tenth of the rate, undecayed."""
+    c = Config()
+    assert (c.lte_buffer, c.lte_train_cap, c.lte_lambda_every, c.lte_lambda_init) == (64, True, 0, 1e-3)
+    assert (c.lte_router_lr_scale, c.nsa_topn) == (0.1, 16)
+    model = TinyHybrid(small_config("gdn+lte"))
+    groups = model.optimizer_groups(lr=2e-3, weight_decay=0.1)
+    router = {id(p) for p in model.blocks[1].mixer.router.parameters()}
+    assert [id(p) for p in groups[2]["params"]] and {id(p) for p in groups[2]["params"]} == router
+    assert [(g["lr"], g["weight_decay"], g["lr_scale"]) for g in groups] == [
+        (2e-3, 0.1, 1.0), (2e-3, 0.0, 1.0), (pytest.approx(2e-4), 0.0, 0.1)]
+    assert all(p.ndim >= 2 for p in groups[0]["params"]) and all(p.ndim < 2 for p in groups[1]["params"])
+    everything = [id(p) for g in groups for p in g["params"]]
+    assert sorted(everything) == sorted(id(p) for p in model.parameters())   # each exactly once
+    optimizer = torch.optim.AdamW(groups)
+    assert optimizer.param_groups[2]["lr"] == pytest.approx(2e-4)
+    # any module holding the mixers works the same (a copied LTEAttention, say)
+    wrapped = torch.nn.Sequential(th.LTEAttention(small_config("gdn+lte")))
+    assert len(th.optimizer_groups(wrapped, 1e-3, router_lr_scale=0.5)[2]["params"]) == len(
+        list(wrapped[0].router.parameters()))
+
+
+def test_config_draws_no_random_numbers():
+    """Making a Config once built a throw-away router to learn its reach, which drew random
+    numbers and so changed the weights of the model built after it."""
+    torch.manual_seed(0)
+    want = torch.rand(3)
+    torch.manual_seed(0)
+    Config.preset("gdn+lte")
+    assert torch.equal(torch.rand(3), want)
+    for kernels, dilations in (((3, 3, 3), (2, 2, 2)), ((5,), (1,)), ((3, 1, 5), (1, 4, 3))):
+        assert th.lte_reach(kernels, dilations) == th.LTERouter(2, 8, kernels, dilations).reach
+    assert th.lte_reach((3, 3, 3), (2, 2, 2)) == 6
+
+
+def test_mixer_names_and_mixers_agree():
+    assert tuple(th.MIXERS) == th.MIXER_NAMES
+    assert {m for pattern in PRESETS.values() for m in pattern} == set(th.MIXER_NAMES)
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+@pytest.mark.parametrize("size,low,high", [("0.4B", 0.3e9, 0.45e9), ("1.4B", 1.1e9, 1.45e9)])
+def test_paper_configs(preset, size, low, high):
+    """Config.paper: the official configs' sizes and settings (built on the meta device: no memory)."""
+    config = Config.paper(preset, size)
+    with torch.device("meta"):
+        model = TinyHybrid(config)
+    assert low < sum(p.numel() for p in model.parameters()) < high
+    assert config.n_layer == 24 and config.layers == tuple(PRESETS[preset][i % len(PRESETS[preset])] for i in range(24))
+    assert config.gdn_heads == 8 and config.gdn_head_dim == config.gdn_value_dim == {"0.4B": 128, "1.4B": 256}[size]
+    if "lte" in config.layers:
+        assert (config.window, config.lte_sink, config.lte_buffer, config.lte_lambda_every) == (768, 4, 512, 32)
+        assert not config.lte_train_cap and config.lte_router_lr_scale == 1.0
+    if "nsa" in config.layers:
+        assert (config.n_head, config.n_kv_head, config.nsa_block, config.nsa_topn, config.nsa_window) == (
+            32, 2, 64, 16, 511)
+    if "swa" in config.layers:
+        assert config.window + 1 == 1024                 # the paper counts the keys of a window
+    assert Config.paper(preset, size, n_layer=2).n_layer == 2
+
+
+def test_paper_config_refuses_unknown_names():
+    with pytest.raises(ValueError, match="size"):
+        Config.paper("gdn+lte", "7B")
+    with pytest.raises(ValueError, match="unknown preset"):
+        Config.paper("mamba")
 
 
 def test_state_size_report():

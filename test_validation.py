@@ -43,8 +43,9 @@ BAD_CONFIG = [
     ("lte_dilations", (0, 2, 2)), ("lte_dilations", (2, 2)),           # (2, 2): one dilation short
     ("lte_dropout", 1.0), ("lte_dropout", -0.1), ("lte_dropout", NAN), ("lte_dropout", "0.1"),
     ("lte_train_cap", "yes"), ("lte_train_cap", 1),
+    ("lte_router_lr_scale", -0.1), ("lte_router_lr_scale", NAN), ("lte_router_lr_scale", "0.1"),
     ("lte_lambda_init", -5.0), ("lte_lambda_init", NAN), ("lte_lambda_init", INF),
-    ("lte_lambda_init", 2.0),                            # above lte_lambda_max while the controller runs
+    ("lte_lambda_init", 2.0, dict(lte_lambda_every=32)),   # above lte_lambda_max while the controller runs
     ("lte_lambda_every", -1), ("lte_lambda_every", 1.5),
     ("lte_lambda_up", 0.5), ("lte_lambda_up", INF), ("lte_lambda_down", 0.5), ("lte_lambda_down", False),
     ("lte_lambda_min", 0.0), ("lte_lambda_min", -1.0),
@@ -56,12 +57,14 @@ BAD_CONFIG = [
 
 def test_every_config_field_has_a_bad_value_below():
     """A new Config field without a check (and a case here) fails this test."""
-    assert {f.name for f in dataclasses.fields(Config)} == {name for name, _ in BAD_CONFIG}
+    assert {f.name for f in dataclasses.fields(Config)} == {case[0] for case in BAD_CONFIG}
 
 
-@pytest.mark.parametrize("name,value", BAD_CONFIG, ids=[f"{n}={v!r}" for n, v in BAD_CONFIG])
-def test_bad_config_value_is_named(name, value):
-    base = dict(n_layer=2, layers=("gdn", "lte"))
+@pytest.mark.parametrize("case", BAD_CONFIG, ids=[f"{c[0]}={c[1]!r}" for c in BAD_CONFIG])
+def test_bad_config_value_is_named(case):
+    """One bad value (with, as a third item, the other settings that make it bad) is named."""
+    name, value, *context = case
+    base = dict(n_layer=2, layers=("gdn", "lte"), **(context[0] if context else {}))
     base[name] = value
     with pytest.raises(ValueError) as err:
         Config(**base)
@@ -73,7 +76,7 @@ def test_bad_config_value_is_named(name, value):
     ("gdn+swa", dict(window=0, key_conv=1, gdn_conv_size=1)),
     ("gdn+lte", dict(lte_dropout=0.0, lte_lambda_init=0.0, lte_lambda_every=0, lte_lambda_up=1.0,
                      lte_lambda_down=1, lte_lambda_min=1.0, lte_lambda_max=1.0, lte_sink=0, lte_buffer=0,
-                     window=6, rope_base=500000)),
+                     window=6, rope_base=500000, lte_router_lr_scale=0.0)),
     ("gdn+lte", dict(lte_lambda_init=1.0, lte_kernel_sizes=[1], lte_dilations=[1], window=0)),
     ("gdn+nsa", dict(nsa_recent=0, nsa_topn=1, nsa_window=0, use_triton=False)),
 ])

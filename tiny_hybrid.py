@@ -2,7 +2,9 @@
 
 Implements, in plain PyTorch, the models of
     He & Garner, "Alleviating Forgetfulness of Linear Attention by Hybrid Sparse Attention and
-    Contextualized Learnable Token Eviction", arXiv 2510.20787 (2025).
+    Contextualized Learnable Token Eviction", arXiv 2510.20787 (2025),
+whose linear-attention layer is Gated DeltaNet:
+    Yang, Kautz & Hatamizadeh, "Gated Delta Networks: Improving Mamba2 with Delta Rule", ICLR 2025.
 
 A linear-attention layer (Gated DeltaNet) keeps a fixed K x V state per head and forgets old facts
 once that state is full. Interleaving it with a mixer that can look directly at past tokens gives
@@ -10,21 +12,64 @@ recall back; the paper's proposal, learnable token eviction (LTE), does so with 
 size: a sliding window plus a few tokens that a tiny CNN decided to keep.
 
 The file reads top to bottom:
-    1. ops      pure functions on [B, T, H, D] tensors: Gated DeltaNet (chunked and recurrent),
-                one causal softmax attention for full / sliding-window / LTE patterns, the NSA pieces
-    2. mixers   nn.Modules (B, T, C) -> (B, T, C): GatedDeltaNet, Attention, NativeSparseAttention,
-                LTEAttention (with its LTERouter)
-    3. model    Config, presets, TinyHybrid
+    1. ops      pure functions on [B, T, H, D] tensors: Gated DeltaNet (chunked and recurrent), one
+                causal softmax attention for full / sliding-window / LTE patterns, the NSA pieces
+    2. mixers   nn.Modules (B, T, C) -> (B, T, C): GatedDeltaNet, Attention, NativeSparseAttention
+    3. LTE      the paper's proposal in the paper's order: the score (LTERouter), the training rule
+                (mask, straight-through gradient, L1 penalty, lambda), then the inference cap and the
+                constant-size decoding state (LTEAttention)
+    4. model    Config (its defaults are the recipe that trained here; Config.paper gives the
+                paper's models), presets, TinyHybrid, optimizer_groups
+    5. checks   the input guards that every public entry point runs first
 
-Glossary of dimension names
+Dimensions
     B     batch size                     T     sequence length (time)
     C     model width (d_model)          H     query heads (GDN heads for GDN)
     Hkv   key/value heads (GQA: H % Hkv == 0; G = H // Hkv query heads share one KV head)
     D     attention head dim             K, V  key / value head dims of Gated DeltaNet
-    w     window: query i sees key j when 0 <= i - j <= w (w + 1 keys, itself included)
-    s     LTE sink tokens (always kept)  b     LTE retained-token buffer size
-    l     NSA block length               n     NSA selected blocks per query
     L     chunk length of the chunked Gated DeltaNet form
+
+The papers' symbols
+    S_t      GDN state of one head: K x V here (the GDN paper's S_t is its transpose, V x K)
+    alpha_t  GDN decay in (0, 1]; the code holds its log, g_t = log alpha_t <= 0
+    beta_t   GDN writing strength in (0, 1)
+    w        window: query i sees key j when 0 <= i - j <= w, that is w + 1 keys, itself included.
+             The paper counts the keys for SWA and NSA: its SWA window 1024 is w = 1023 here and
+             NSA's 512 is w = 511; its LTE window 768 already means w = 768 (769 keys).
+    s        LTE sink tokens, always kept           b    LTE buffer: retained tokens per KV head
+    r_j      LTE retention score of token j (per KV head), in (-1/2, 1/2): kept when r_j > 0
+    R        the router's receptive field, R = 2 reach + 1 = 13 positions (reach = 6 each side)
+    lambda   LTE's L1 penalty weight, one per (layer, KV head)
+    phi      NSA's block compression: mean pooling here, as in the official code
+    l, n     NSA block length, selected blocks per query
+Settings of the paper (0.4B and 1.4B models, 24 layers, attention-type mixers on the odd ones):
+s = 4, LTE w = 768, b = 512, R = 13 (three convolutions of kernel 3, dilation 2); SWA 1024 keys;
+NSA l = 64, n = 16, 512 keys; GDN K = V = 128 (0.4B) or 256 (1.4B). `Config.paper(name, size)`
+builds them; `Config()` is a laptop-sized model with the recipe that trained here.
+
+The method in equations; each tag marks the lines that compute it
+  Gated DeltaNet (Yang et al. 2025, the gated delta rule), per head:
+    [G1] alpha_t = exp(-exp(A) softplus(W_a x_t + dt_bias)),   beta_t = sigmoid(W_b x_t)
+    [G2] S_t = alpha_t S_{t-1} + k_t (beta_t (v_t - alpha_t S_{t-1}^T k_t))^T
+         (the paper's S_t = S_{t-1} alpha_t (I - beta_t k_t k_t^T) + beta_t v_t k_t^T, transposed)
+    [G3] o_t = S_t^T q_t / sqrt(K)
+  LTE (He & Garner 2025), per KV head:
+    [L1] r_j = sigmoid(CNN([k_j; v_j] for the tokens j - reach .. j + reach)) - 1/2, k before RoPE
+    [L2] training: query i sees key j iff j <= i and (i - j <= w, or j < s, or r_j > 0)
+    [L3] straight-through: forward v'_j = v_j, backward dL/dr_j = <v_j, dL/dv'_j>
+    [L4] loss = LM loss + an L1 penalty lambda_h relu(r_j) on the scores
+    [L5] every N steps: lambda_h *= 1.5 where head h kept more than b tokens per sequence, /= 2
+         where it kept fewer than 0.95 b, clamped
+    [L6] inference: a token leaving the window is dropped if r_j <= 0; otherwise it enters the
+         buffer of b slots, where it replaces the lowest-scored token if the buffer is full
+  NSA (as the paper uses it), per query i and KV group:
+    [N1] compressed keys and values: phi over blocks of l tokens, complete blocks only
+    [N2] block importance: the compressed attention probabilities summed over the group's heads;
+         the top n blocks (block 0 and the most recent ones forced) are attended token by token
+    [N3] o_i = g_cmp o_cmp + g_slc o_slc + g_swa o_swa, gates sigmoid(W_g x_i)
+
+Where the code differs from the paper or the authors' code, the line says so ("Differs from the
+paper: ..."); README.md tables every such difference.
 """
 
 from __future__ import annotations
@@ -41,105 +86,21 @@ import torch.nn.functional as F
 KEEP_FOREVER = torch.iinfo(torch.int32).max
 
 
-# ---------------------------------------------------------------------------------------------
-# Input checks: every public entry point names the argument, the value and what is allowed.
-# ---------------------------------------------------------------------------------------------
-
-def _check_tensor(name: str, x, ndim: int, floating: bool = True) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.ndim != ndim:
-        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(x.shape)}")
-    if floating and not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
-
-
-def _check_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """q [B, T, H, D], k/v [B, T, Hkv, D] with H % Hkv == 0."""
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        _check_tensor(name, x, 4)
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on B, T and D")
-    if k.shape[2] == 0 or q.shape[2] % k.shape[2] != 0:
-        raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of key/value heads ({k.shape[2]})")
-
-
-def _check_mixer_input(x, d_model: int) -> None:
-    """What every mixer takes: a floating tensor x [B, T, C] with B >= 1, T >= 1 and C = d_model."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor [B, T, C], got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
-    if x.ndim != 3 or x.shape[0] < 1 or x.shape[1] < 1 or x.shape[2] != d_model:
-        raise ValueError(f"x must be [B, T, C] with B >= 1, T >= 1 and C = d_model = {d_model}, "
-                         f"got shape {tuple(x.shape)}")
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_int(name: str, value, low: int, note: str = "") -> None:
-    """A size or count: an int (not a bool) >= low."""
-    if not _is_int(value) or value < low:
-        allowed = "a positive int" if low == 1 else f"an int >= {low}"
-        raise ValueError(f"{name} must be {allowed}{note}, got {value!r}")
-
-
-def _check_real(name: str, value, ok, allowed: str) -> None:
-    """A rate or scale: a finite real number (not a bool) for which ok(value) holds."""
-    real = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    if not real or not math.isfinite(value) or not ok(value):
-        raise ValueError(f"{name} must be a finite number {allowed}, got {value!r}")
-
-
-def _check_bool(name: str, value) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False, got {value!r}")
-
-
-def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """[B, T, Hkv, D] -> [B, T, Hkv * groups, D]: query head h reads KV head h // groups."""
-    return x if groups == 1 else x.repeat_interleave(groups, dim=2)
-
-
 # =============================================================================================
 # 1. OPS
 # =============================================================================================
 
 # --- 1a. Gated DeltaNet ----------------------------------------------------------------------
 
-def _check_gdn(q, k, v, g, beta, initial_state) -> None:
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        _check_tensor(name, x, 4)
-    _check_tensor("g", g, 3)
-    _check_tensor("beta", beta, 3)
-    B, T, H, K = k.shape
-    if q.shape != k.shape:
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must have the same shape")
-    if v.shape[:3] != (B, T, H):
-        raise ValueError(f"v must be [B, T, H, V] = [{B}, {T}, {H}, V], got {tuple(v.shape)}")
-    for name, x in (("g", g), ("beta", beta)):
-        if x.shape != (B, T, H):
-            raise ValueError(f"{name} must be [B, T, H] = [{B}, {T}, {H}], got {tuple(x.shape)}")
-    if initial_state is not None:
-        _check_tensor("initial_state", initial_state, 4)
-        if initial_state.shape != (B, H, K, v.shape[3]):
-            raise ValueError(f"initial_state must be [B, H, K, V] = [{B}, {H}, {K}, {v.shape[3]}], "
-                             f"got {tuple(initial_state.shape)}")
-
-
 def gated_delta_rule_recurrent(q, k, v, g, beta, scale=None, initial_state=None):
     """Gated DeltaNet, token by token (the definition; used for decoding and as the test oracle).
 
-    q, k: [B, T, H, K] (already L2-normalised), v: [B, T, H, V], g: [B, T, H] log decay (<= 0),
-    beta: [B, T, H] in (0, 1), initial_state: [B, H, K, V] or None (zeros).
+    q, k: [B, T, H, K] (already L2-normalised), v: [B, T, H, V], g: [B, T, H] log decay
+    (g_t = log alpha_t <= 0), beta: [B, T, H] in (0, 1), initial_state: [B, H, K, V] or None (zeros).
     For every head, with state S (K x V):
-        S_t = exp(g_t) S_{t-1}
+        S_t = exp(g_t) S_{t-1}                                                            [G2]
         S_t = S_t + k_t (beta_t (v_t - S_t^T k_t))^T        (delta rule: overwrite what k_t points at)
-        o_t = scale * S_t^T q_t,   scale = K ** -0.5 by default
+        o_t = scale * S_t^T q_t,   scale = K ** -0.5 by default                           [G3]
     Returns (o [B, T, H, V] in v's dtype, final_state [B, H, K, V] float32).
     """
     _check_gdn(q, k, v, g, beta, initial_state)
@@ -150,17 +111,17 @@ def gated_delta_rule_recurrent(q, k, v, g, beta, scale=None, initial_state=None)
     S = q.new_zeros(B, H, K, v.shape[3]) if initial_state is None else initial_state.float()
     outputs = []
     for t in range(T):
-        S = S * g[:, t].exp()[..., None, None]
+        S = S * g[:, t].exp()[..., None, None]                                   # [G2] decay
         k_t = k[:, t]                                                   # [B, H, K]
         u_t = beta[:, t, :, None] * (v[:, t] - torch.einsum("bhk,bhkv->bhv", k_t, S))
-        S = S + k_t[..., None] * u_t[..., None, :]                      # rank-1 update
-        outputs.append(torch.einsum("bhk,bhkv->bhv", q[:, t] * scale, S))
+        S = S + k_t[..., None] * u_t[..., None, :]                      # [G2] rank-1 update
+        outputs.append(torch.einsum("bhk,bhkv->bhv", q[:, t] * scale, S))        # [G3]
     o = torch.stack(outputs, dim=1) if T else v.new_zeros(B, 0, H, v.shape[3])
     return o.to(out_dtype), S
 
 
 def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, chunk_size=64):
-    """Gated DeltaNet, chunked (WY / UT-transform) form: same function as the recurrent form.
+    """Gated DeltaNet, chunked (WY / UT-transform) form: the same function as the recurrent form.
 
     Shapes and arguments as `gated_delta_rule_recurrent`, plus chunk_size L. Inside a chunk, with
     gamma_i = g_1 + ... + g_i (decay from the chunk's start) and S_0 the state entering the chunk,
@@ -169,13 +130,12 @@ def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, chunk_siz
     Solving it once per chunk (the UT transform) gives U = U' - W S_0 with
         W  = (I + A)^-1 diag(beta e^gamma) K,     U' = (I + A)^-1 diag(beta) V
     and then, with Gamma_ij = exp(gamma_i - gamma_j) for j <= i,
-        O   = scale (diag(e^gamma) Q S_0 + (Q K^T * Gamma) U)
-        S_L = e^{gamma_L} S_0 + (K * e^{gamma_L - gamma})^T U.
+        O   = scale (diag(e^gamma) Q S_0 + (Q K^T * Gamma) U)                                [G3]
+        S_L = e^{gamma_L} S_0 + (K * e^{gamma_L - gamma})^T U.                               [G2]
     Only step 5 runs sequentially over chunks; everything else is batched matrix algebra.
     """
     _check_gdn(q, k, v, g, beta, initial_state)
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    _check_int("chunk_size", chunk_size, low=1)
     B, T, H, K = k.shape
     if T == 0:                                             # nothing to do: the state passes through
         S = k.new_zeros(B, H, K, v.shape[3], dtype=torch.float32) if initial_state is None else initial_state.float()
@@ -221,10 +181,10 @@ def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, chunk_siz
     outputs = []
     for n in range(N):
         U = U_prime[:, :, n] - W[:, :, n] @ S                                     # [B, H, L, V]
-        o = (gamma[:, :, n, :, None].exp() * q[:, :, n]) @ S + QK[:, :, n] @ U
+        o = (gamma[:, :, n, :, None].exp() * q[:, :, n]) @ S + QK[:, :, n] @ U    # [G3]
         outputs.append(o)
         S = gamma[:, :, n, -1, None, None].exp() * S \
-            + (k[:, :, n] * decay_to_end[:, :, n, :, None]).transpose(-1, -2) @ U
+            + (k[:, :, n] * decay_to_end[:, :, n, :, None]).transpose(-1, -2) @ U  # [G2]
 
     # Step 6: back to [B, T, H, V], padding removed.
     o = torch.stack(outputs, dim=2)                                               # [B, H, N, L, V]
@@ -234,24 +194,9 @@ def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, chunk_siz
 
 # --- 1b. One causal softmax attention: full, sliding window, LTE band-plus-columns ------------
 
-def _check_attention(q, k, v, window, keep) -> None:
-    """Argument checks of `attention`, shared with its Triton twin so both reject alike."""
-    _check_gqa(q, k, v)
-    if window is not None and (not isinstance(window, int) or window < 0):
-        raise ValueError(f"window must be None or an int >= 0, got {window!r}")
-    if keep is not None and window is None:
-        raise ValueError("keep only makes sense with a window (full attention already sees every key)")
-    if keep is not None:
-        _check_keep(keep, q.shape[0], q.shape[1], k.shape[2])
-
-
-def _check_keep(keep, B: int, T: int, Hkv: int) -> None:
-    if not isinstance(keep, torch.Tensor):
-        raise TypeError(f"keep must be None or a tensor, got {type(keep).__name__}")
-    if keep.shape != (B, T, Hkv):
-        raise ValueError(f"keep must be [B, T, Hkv] = [{B}, {T}, {Hkv}], got {tuple(keep.shape)}")
-    if keep.dtype != torch.bool and (keep.is_floating_point() or keep.is_complex()):
-        raise TypeError(f"keep must be bool (kept forever) or integer (visible until), got {keep.dtype}")
+def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """[B, T, Hkv, D] -> [B, T, Hkv * groups, D]: query head h reads KV head h // groups."""
+    return x if groups == 1 else x.repeat_interleave(groups, dim=2)
 
 
 def _visible_until(keep, T: int, Hkv: int, B: int, device) -> torch.Tensor | None:
@@ -272,6 +217,7 @@ def attention_mask(T: int, window=None, keep=None, B: int = 1, Hkv: int = 1, dev
     Query i (absolute position offset + i) sees key j when j <= i and (window is None, or
     i - j <= window, or i <= visible_until[j]). `keep` is bool [B, T_k, Hkv] (True: kept forever)
     or integer [B, T_k, Hkv] (the last query position that sees key j beyond the window; -1: never).
+    With LTE's training keep (r_j > 0 or a sink) this is the paper's boolean rule [L2].
     """
     T_k = T if T_k is None else T_k
     i = torch.arange(offset, offset + T, device=device)[:, None]
@@ -293,8 +239,8 @@ def attention(q, k, v, window=None, keep=None, scale=None):
     q: [B, T, H, D], k, v: [B, T, Hkv, D] (GQA: query head h reads KV head h // (H / Hkv)).
     window: None (full causal) or w >= 0: query i sees key j when 0 <= i - j <= w.
     keep (only with a window): per key and KV head, which keys stay visible beyond the window,
-        bool [B, T, Hkv]      True: kept forever (LTE in training),
-        int  [B, T, Hkv]      the last query index that sees key j (LTE with its capped buffer:
+        bool [B, T, Hkv]      True: kept forever (LTE in training, the paper's rule [L2]),
+        int  [B, T, Hkv]      the last query index that sees key j (LTE with its capped buffer [L6]:
                               visible until a higher-scored token pushes it out); -1 or any value
                               below j + w + 1 means "the window only".
         o_i = sum_j softmax_j(scale q_i . k_j | j visible to i) v_j,  scale = D ** -0.5 by default.
@@ -311,49 +257,6 @@ def attention(q, k, v, window=None, keep=None, scale=None):
     scores = scores.masked_fill(~allowed, float("-inf"))
     o = scores.softmax(dim=-1) @ vf                                               # [B, H, T, D]
     return o.transpose(1, 2).to(q.dtype)
-
-
-def _check_decode(q, k_cache, v_cache, valid) -> None:
-    """Argument checks of `attention_decode`, shared with its Triton twin."""
-    _check_tensor("q", q, 3)
-    _check_tensor("k_cache", k_cache, 4)
-    _check_tensor("v_cache", v_cache, 4)
-    B, H, D = q.shape
-    S, Hkv = k_cache.shape[1], k_cache.shape[2]
-    if k_cache.shape != (B, S, Hkv, D) or v_cache.shape != k_cache.shape or Hkv == 0 or H % Hkv:
-        raise ValueError(f"k_cache and v_cache must be [B, S, Hkv, D] with H % Hkv == 0; got q "
-                         f"{tuple(q.shape)}, k_cache {tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}")
-    if valid is not None and (not isinstance(valid, torch.Tensor) or valid.shape != (B, S, Hkv)
-                              or valid.dtype != torch.bool):
-        got = f"{valid.dtype} {tuple(valid.shape)}" if isinstance(valid, torch.Tensor) else type(valid).__name__
-        raise ValueError(f"valid must be bool [B, S, Hkv] = [{B}, {S}, {Hkv}], got {got}")
-    _check_decode_sees_a_slot(valid, B, S, H)
-
-
-def _check_decode_sees_a_slot(valid, B: int, S: int, H: int) -> None:
-    """Every query must see at least one slot: softmax over no key at all is 0 / 0 = NaN.
-
-    Reading `valid` is data-dependent (on CUDA it waits for the device), so it is skipped while a
-    CUDA graph is being captured, where no such wait is allowed; the mixers' own decoding always
-    holds the current token, so they never trip it."""
-    if B * H == 0:                                     # no query at all: nothing to attend to
-        return
-    if valid is None:
-        if S == 0:
-            raise ValueError("k_cache has no slots (S = 0): the query would attend to nothing")
-        return
-    if _capturing_cuda_graph(valid):
-        return
-    sees = valid.any(dim=1)                                                     # [B, Hkv]
-    if not bool(sees.all()):
-        b, h = (int(i) for i in (~sees).nonzero()[0])
-        raise ValueError(f"valid has no True slot for batch row {b}, KV head {h}: its queries would "
-                         f"attend to nothing (softmax over no key is NaN); each needs at least one valid slot")
-
-
-def _capturing_cuda_graph(t: torch.Tensor) -> bool:
-    """True while a CUDA graph captures work on t's device (then no host may read device data)."""
-    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def attention_decode(q, k_cache, v_cache, valid=None, scale=None):
@@ -381,15 +284,17 @@ def attention_decode(q, k_cache, v_cache, valid=None, scale=None):
 # --- 1c. Native Sparse Attention pieces -------------------------------------------------------
 
 def nsa_compress(x, block: int):
-    """Mean-pool complete blocks of l tokens: [B, T, Hkv, D] -> [B, T // l, Hkv, D].
+    """phi [N1]: mean-pool complete blocks of l tokens: [B, T, Hkv, D] -> [B, T // l, Hkv, D].
 
     The trailing incomplete block is left out: no query may read a summary of tokens it has not
     seen, and a block is complete only once its last token exists."""
     _check_tensor("x", x, 4)
-    if not isinstance(block, int) or block < 1:
-        raise ValueError(f"block must be a positive int, got {block!r}")
+    _check_int("block", block, low=1)
     B, T, Hkv, D = x.shape
     n = T // block
+    # Differs from the original NSA (not from the paper's code): NSA compresses a block with a
+    # learned MLP over its tokens and their positions in the block, keys and values apart; the
+    # paper's code, like this one, mean-pools keys and values alike.
     return x[:, : n * block].reshape(B, n, block, Hkv, D).mean(dim=2)          # [B, n, Hkv, D]
 
 
@@ -400,7 +305,7 @@ def _complete_blocks_mask(q_pos: torch.Tensor, n_blocks: int, block: int) -> tor
 
 
 def nsa_compressed_attention(q, k_cmp, v_cmp, block: int, scale=None, offset: int = 0):
-    """Compressed branch: attention over mean-pooled blocks, complete blocks only.
+    """Compressed branch [N1]: attention over mean-pooled blocks, complete blocks only.
 
     q: [B, T, H, D] at positions offset .. offset + T - 1; k_cmp, v_cmp: [B, Nc, Hkv, D].
     Returns (o [B, T, H, D], lse [B, T, H] float32). A query with no complete block yet gets
@@ -422,8 +327,8 @@ def nsa_compressed_attention(q, k_cmp, v_cmp, block: int, scale=None, offset: in
 
 
 def nsa_block_scores(q, k_cmp, lse, block: int, scale=None, offset: int = 0):
-    """Importance of each compressed block for each query: the compressed attention probabilities
-    p_{i,n} = exp(scale q_i . kc_n - lse_i), summed over the query heads of a KV group.
+    """Importance of each compressed block for each query [N2]: the compressed attention
+    probabilities p_{i,n} = exp(scale q_i . kc_n - lse_i), summed over the query heads of a KV group.
 
     q: [B, T, H, D], k_cmp: [B, Nc, Hkv, D], lse: [B, T, H]. Returns [B, T, Hkv, Nc] float32
     (0 for blocks that are not complete yet). No gradient: selection is a hard choice."""
@@ -436,12 +341,12 @@ def nsa_block_scores(q, k_cmp, lse, block: int, scale=None, offset: int = 0):
         kf = _repeat_kv(k_cmp, H // Hkv).float()
         logits = torch.einsum("bthd,bnhd->bthn", q.float(), kf) * scale         # [B, T, H, Nc]
         p = (logits - lse.float()[..., None]).exp().masked_fill(~visible[:, None], 0.0)
-        return p.reshape(B, T, Hkv, H // Hkv, -1).sum(dim=3)                    # [B, T, Hkv, Nc]
+        return p.reshape(B, T, Hkv, H // Hkv, -1).sum(dim=3)                    # [B, T, Hkv, G, Nc] -> [B, T, Hkv, Nc]
 
 
 def nsa_select_blocks(scores, block: int, top_n: int, n_recent: int = 2, n_blocks: int | None = None,
                       offset: int = 0):
-    """Top-n block selection per query and KV head, with forced blocks.
+    """Top-n block selection per query and KV head, with forced blocks [N2].
 
     scores: [B, T, Hkv, Nc] from `nsa_block_scores`. Candidates for the query at position p are the
     blocks that have started (n l <= p). Forced, whatever their score: block 0 and the n_recent most
@@ -450,9 +355,7 @@ def nsa_select_blocks(scores, block: int, top_n: int, n_recent: int = 2, n_block
     n_blocks: blocks that can exist (default ceil((offset + T) / l)).
     Returns int64 [B, T, Hkv, top_n]: block indices, -1 where fewer than top_n candidates exist.
     """
-    if top_n < n_recent + 1:
-        raise ValueError(f"top_n ({top_n}) must be at least n_recent + 1 = {n_recent + 1}: "
-                         f"the first and the recent blocks are always selected")
+    _check_nsa_selection(top_n, n_recent)
     B, T, Hkv, Nc = scores.shape
     q_pos = torch.arange(offset, offset + T, device=scores.device)
     n_blocks = -(-(offset + T) // block) if n_blocks is None else n_blocks
@@ -461,6 +364,8 @@ def nsa_select_blocks(scores, block: int, top_n: int, n_recent: int = 2, n_block
     current = (q_pos // block)[:, None]                                         # [T, 1]
     started = blk[None, :] * block <= q_pos[:, None]                            # [T, Ns]
     forced = (blk[None, :] == 0) | ((current - blk[None, :] >= 0) & (current - blk[None, :] < n_recent))
+    # Differs from the paper's code in form only: forced blocks rank at +inf here; there each head
+    # gives them probability 1.0 (G after the sum over the group), which no other block can beat.
     rank = rank.masked_fill(forced[:, None], float("inf")).masked_fill(~started[:, None], float("-inf"))
     order = rank.sort(dim=-1, descending=True, stable=True)
     idx = order.indices[..., :top_n]
@@ -469,7 +374,7 @@ def nsa_select_blocks(scores, block: int, top_n: int, n_recent: int = 2, n_block
 
 
 def nsa_selected_attention(q, k, v, block_idx, block: int, scale=None):
-    """Selected branch: token-level causal attention over the selected blocks.
+    """Selected branch [N2]: token-level causal attention over the selected blocks.
 
     q: [B, T, H, D], k, v: [B, T, Hkv, D], block_idx: int [B, T, Hkv, n] (-1: no block). Query i
     sees key j when block j // l is selected for (i, its KV head) and j <= i (so the block holding
@@ -489,139 +394,11 @@ def nsa_selected_attention(q, k, v, block_idx, block: int, scale=None):
 
 
 def nsa_combine(gates, o_cmp, o_slc, o_swa):
-    """The gated sum of the three branches: o = g_cmp o_cmp + g_slc o_slc + g_swa o_swa.
+    """The gated sum of the three branches [N3]: o = g_cmp o_cmp + g_slc o_slc + g_swa o_swa.
 
     gates: [B, T, H, 3] in (0, 1) (sigmoid of a linear map of x); branch outputs [B, T, H, D]."""
     g = gates.to(o_cmp.dtype)
     return g[..., 0:1] * o_cmp + g[..., 1:2] * o_slc + g[..., 2:3] * o_swa
-
-
-# --- 1d. LTE: the streaming eviction rule ------------------------------------------------------
-
-def lte_buffer_push(buf_score, buf_pos, score, pos):
-    """Offer one token that leaves the window to the retained-token buffer (in place).
-
-    buf_score, buf_pos: [..., b] (empty slots: score -inf, pos -1); score: [...] float, pos: int.
-    The token enters when r > 0 and it fits or is at least as good as the lowest-scored buffered
-    token, which then leaves (an empty slot counts as lowest). Ties go to the newer token: among
-    equal scores the oldest leaves first, and a newcomer equal to the lowest enters. So the buffer
-    always holds the top b of the tokens offered so far, ranked by (r, position), which is what
-    lets `lte_visible_until` compute the same rule in parallel.
-    Returns (entered bool [...], evicted_pos int64 [...] (-1 where nothing real was evicted),
-    slot int64 [...]: the buffer slot the token went to where it entered).
-    Pure tensor ops, no host sync: the same code runs per decoded token.
-    """
-    low = buf_score.min(dim=-1, keepdim=True).values                           # [..., 1]
-    oldest_low = torch.where(buf_score == low, buf_pos, torch.iinfo(torch.int64).max)
-    slot = oldest_low.argmin(dim=-1, keepdim=True)                              # [..., 1]
-    entered = (score > 0) & (score >= low[..., 0])
-    evicted = torch.where(entered, buf_pos.gather(-1, slot)[..., 0], -1)
-    buf_score.scatter_(-1, slot, torch.where(entered, score, low[..., 0])[..., None])
-    buf_pos.scatter_(-1, slot, torch.where(entered, pos, buf_pos.gather(-1, slot)[..., 0])[..., None])
-    return entered, evicted, slot[..., 0]
-
-
-def _check_lte_rule(scores, window, sink, buffer) -> None:
-    """Argument checks of `lte_visible_until`, shared with its Triton twin so both reject alike."""
-    _check_tensor("scores", scores, 3)
-    if scores.shape[0] < 1 or scores.shape[1] < 1 or scores.shape[2] < 1:
-        raise ValueError(f"scores must be [B, T, Hkv] with every size >= 1, got {tuple(scores.shape)}")
-    for name, value in (("window", window), ("sink", sink), ("buffer", buffer)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-
-
-def lte_offered(scores, window: int, sink: int):
-    """bool [B, Hkv, T]: the tokens the streaming rule offers to the buffer within these T queries:
-    not a sink, r > 0, and leaving the window (token j leaves when query j + w + 1 arrives)."""
-    B, T, Hkv = scores.shape
-    pos = torch.arange(T, device=scores.device)
-    leaves = (pos >= sink) & (pos < T - window - 1)                             # [T]
-    return leaves & (scores.transpose(1, 2) > 0)                                # [B, Hkv, T]
-
-
-def _lte_ranks(r, offered):
-    """int64 [B, Hkv, T]: each offered token's rank by (r, position), 0 = best (the higher score;
-    on equal scores the newer token); T for tokens not offered (worse than any offered one)."""
-    T = r.shape[-1]
-    newest_first = torch.where(offered, r, float("-inf")).flip(-1)             # [B, Hkv, T], time reversed
-    order = newest_first.sort(dim=-1, descending=True, stable=True).indices     # stable: newer first on ties
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(T, device=r.device).expand_as(order))
-    return torch.where(offered, rank.flip(-1), T).contiguous()
-
-
-def _running_kth_smallest(x, k: int, fill: int, chunk: int = 256):
-    """out[..., t] = the k-th smallest of x[..., :t + 1] together with k copies of `fill`
-    (>= every x: it stands for "nothing yet", so out is `fill` while fewer than k have arrived).
-
-    One chunk of positions at a time: what came before the chunk only matters through its k
-    smallest values, so row t of a chunk looks at those k plus the chunk's values up to t.
-    Memory O(chunk (k + chunk)) per row of x, never T x T.
-    """
-    *lead, T = x.shape
-    k_smallest = x.new_full((*lead, k), fill)                                   # [..., k]
-    out = torch.empty_like(x)
-    for c0 in range(0, T, chunk):
-        xc = x[..., c0:c0 + chunk]                                              # [..., n]
-        n = xc.shape[-1]
-        not_yet = torch.ones(n, n, dtype=torch.bool, device=x.device).triu(1)   # [t, i]: i arrives after t
-        before = k_smallest[..., None, :].expand(*lead, n, k)                   # [..., n, k]
-        so_far = xc[..., None, :].expand(*lead, n, n).masked_fill(not_yet, fill)
-        out[..., c0:c0 + n] = torch.cat([before, so_far], dim=-1).kthvalue(k, dim=-1).values
-        k_smallest = torch.cat([k_smallest, xc], dim=-1).topk(k, dim=-1, largest=False).values
-    return out
-
-
-def lte_visible_until(scores, window: int, sink: int, buffer: int):
-    """The capped-inference visibility of every key, from the streaming rule (eval-mode LTE).
-
-    scores: [B, T, Hkv] retention scores r. Token j leaves the window when query j + w + 1 arrives;
-    then sinks (j < s) stay forever, r <= 0 is dropped, otherwise it is offered to the buffer of b
-    slots (`lte_buffer_push`). Returns int64 [B, T, Hkv]: the last query index that sees key j
-    beyond the window (KEEP_FOREVER while still retained, -1 if never retained). Feeding this to
-    `attention` gives each query exactly the keys that token-by-token decoding holds for it.
-    Also returns the final buffer (buf_score, buf_pos: [B, Hkv, b], by position, empty slots
-    -inf / -1), from which prefill builds the decoding state.
-
-    The rule in parallel, without replaying it token by token: scores are fixed before a token
-    leaves, one token leaves per query, and the buffer always holds the top b offered tokens by
-    (r, position) (`lte_buffer_push`). Rank the offered tokens once (rank 0 = best). After token t
-    has left, the buffer holds the ranks <= R_t, the b-th smallest rank offered up to t; R_t never
-    grows with t. So token j enters iff rank_j <= R_j, and it stays until the first t with
-    R_t < rank_j, when the b-th token that beats it leaves the window: its last query is t + w.
-    """
-    _check_lte_rule(scores, window, sink, buffer)
-    B, T, Hkv = scores.shape
-    device = scores.device
-    until = torch.full((B, Hkv, T), -1, dtype=torch.int64, device=device)     # [B, Hkv, T] until the end
-    until[..., :sink] = KEEP_FOREVER
-    if buffer > 0:
-        offered = lte_offered(scores, window, sink)                             # [B, Hkv, T]
-        rank = _lte_ranks(scores.detach().float().transpose(1, 2), offered)    # [B, Hkv, T]
-        # a chunk costs O(chunk (b + chunk)) work on a CPU, but only a few launches on a GPU
-        chunk = 64 if scores.device.type == "cpu" else 512
-        worst_kept = _running_kth_smallest(rank, buffer, fill=T, chunk=chunk)   # R_t: [B, Hkv, T]
-        # first t with R_t < rank_j; R never grows, so -R is sorted
-        leaves_at = torch.searchsorted(-worst_kept, -rank, right=True)          # [B, Hkv, T]
-        last_query = torch.where(leaves_at < T, leaves_at + window, KEEP_FOREVER)
-        until = torch.where(offered & (rank <= worst_kept), last_query, until)
-    buf_score, buf_pos = lte_final_buffer(scores, until, window, sink, buffer)
-    return until.transpose(1, 2).contiguous(), buf_score, buf_pos             # [B, T, Hkv]
-
-
-def lte_final_buffer(scores, until, window: int, sink: int, buffer: int):
-    """The buffer the streaming rule holds after the last query: the offered tokens still retained
-    (until == KEEP_FOREVER), by position. until: [B, Hkv, T]. Returns buf_score float32 and buf_pos
-    int64, both [B, Hkv, b], empty slots -inf / -1."""
-    B, T, Hkv = scores.shape
-    held = lte_offered(scores, window, sink) & (until == KEEP_FOREVER)          # [B, Hkv, T], <= b each
-    pos = torch.where(held, torch.arange(T, device=scores.device), T)
-    pos = F.pad(pos, (0, max(0, buffer - T)), value=T)                          # [B, Hkv, max(T, b)]
-    buf_pos = pos.topk(buffer, dim=-1, largest=False).values                    # [B, Hkv, b], ascending
-    empty = buf_pos == T
-    r = scores.detach().float().transpose(1, 2)                                 # [B, Hkv, T]
-    buf_score = r.gather(-1, buf_pos.clamp(max=T - 1)).masked_fill(empty, float("-inf"))
-    return buf_score, buf_pos.masked_fill(empty, -1)
 
 
 # =============================================================================================
@@ -654,17 +431,19 @@ def rotary(x, offset: int = 0, base: float = 10000.0):
 _warned_missing_kernels: set[str] = set()
 
 
-def _op(config, name: str):
-    """The op a mixer calls: its Triton twin in kernels.py when config.use_triton, else the reference.
+def _op(config, reference):
+    """The op a mixer calls: `reference` itself, or its Triton twin of the same name in kernels.py
+    when config.use_triton. Mixers write `_op(self.config, attention)(q, k, v, ...)`, naming the
+    reference function, so an editor's "go to definition" leads to the maths.
 
     kernels.py is imported only when asked for, so this file needs nothing but torch."""
-    reference = globals()[name]
     if not config.use_triton:
         return reference
     try:
         import kernels
     except ImportError as e:
         raise ImportError(f"Config.use_triton=True needs kernels.py and Triton (Linux only): {e}") from e
+    name = reference.__name__
     if not hasattr(kernels, name):
         if name not in _warned_missing_kernels:
             _warned_missing_kernels.add(name)
@@ -696,9 +475,11 @@ class GatedDeltaNet(nn.Module):
     """Gated DeltaNet (Yang et al., ICLR 2025): the linear-attention layer of the hybrids.
 
     x -> q, k, v (each: linear, short causal conv, SiLU); q, k L2-normalised per head;
-    beta = sigmoid(W_b x); g = -exp(A_log) softplus(W_a x + dt_bias)  (log decay, <= 0);
+    beta = sigmoid(W_b x); g = log alpha = -exp(A_log) softplus(W_a x + dt_bias) <= 0       [G1]
     o = gated_delta_rule(q, k, v, g, beta); o = RMSNorm(o) * SiLU(W_gate x) per head; out = W_o o.
     State per sequence: H x K x V numbers plus the conv tails, whatever the length.
+    Reads from the config: d_model, gdn_heads, gdn_head_dim, gdn_value_dim, gdn_conv_size,
+    gdn_chunk_size, use_triton.
     """
 
     def __init__(self, config):
@@ -717,8 +498,9 @@ class GatedDeltaNet(nn.Module):
         self.o_norm = RMSNorm(V)
         self.o_proj = nn.Linear(H * V, C, bias=False)
         # Decay rates spread over heads (as in Mamba-2 / GDN): A in [1, 16], dt in [1e-3, 1e-1].
+        # Differs from the paper's code: it draws A from U(0, 16) (A near 0: heads that barely decay).
         self.A_log = nn.Parameter(torch.empty(H).uniform_(1, 16).log())
-        dt = torch.exp(torch.empty(H).uniform_(math.log(1e-3), math.log(1e-1)))
+        dt = torch.exp(torch.empty(H).uniform_(math.log(1e-3), math.log(1e-1)))   # GDN's Delta t
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))          # softplus^-1(dt)
 
     def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> dict:
@@ -740,10 +522,10 @@ class GatedDeltaNet(nn.Module):
         q = F.normalize(convs["q_out"].float(), dim=-1).to(x.dtype)
         k = F.normalize(convs["k_out"].float(), dim=-1).to(x.dtype)
         v = convs["v_out"]
-        beta = torch.sigmoid(self.b_proj(x).float())                            # [B, T, H]
-        g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias)
+        beta = torch.sigmoid(self.b_proj(x).float())                            # [G1] [B, T, H]
+        g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias)   # [G1] log alpha
         if state is None:
-            o, _ = _op(self.config, "gated_delta_rule")(q, k, v, g, beta, chunk_size=self.config.gdn_chunk_size)
+            o, _ = _op(self.config, gated_delta_rule)(q, k, v, g, beta, chunk_size=self.config.gdn_chunk_size)
         else:
             o = self._decode(q, k, v, g, beta, state)
             state.update(q_conv=convs["q"], k_conv=convs["k"], v_conv=convs["v"], pos=state["pos"] + T)
@@ -753,10 +535,10 @@ class GatedDeltaNet(nn.Module):
     def _decode(self, q, k, v, g, beta, state):
         """Continue from state["S"]: the recurrent form for one token, the chunked form for a prompt."""
         if q.shape[1] == 1:
-            o, S = _op(self.config, "gated_delta_rule_recurrent")(q, k, v, g, beta, initial_state=state["S"])
+            o, S = _op(self.config, gated_delta_rule_recurrent)(q, k, v, g, beta, initial_state=state["S"])
         else:
-            o, S = _op(self.config, "gated_delta_rule")(q, k, v, g, beta, initial_state=state["S"],
-                                                        chunk_size=self.config.gdn_chunk_size)
+            o, S = _op(self.config, gated_delta_rule)(q, k, v, g, beta, initial_state=state["S"],
+                                                      chunk_size=self.config.gdn_chunk_size)
         state["S"] = S
         return o
 
@@ -776,7 +558,8 @@ class _AttentionBase(nn.Module):
     (the README's training section has the numbers). GDN's own short convs play the same role.
 
     Decoding (`forward(x, state)`): a prompt into an empty state runs the parallel form and then
-    fills the state; anything after that goes one token at a time through `_step`."""
+    fills the state; anything after that goes one token at a time through `_step`.
+    Reads from the config: d_model, n_head, n_kv_head, head_dim, key_conv, rope_base, use_triton."""
 
     def __init__(self, config):
         super().__init__()
@@ -787,6 +570,7 @@ class _AttentionBase(nn.Module):
         self.k_proj = nn.Linear(C, Hkv * D, bias=False)
         self.v_proj = nn.Linear(C, Hkv * D, bias=False)
         self.o_proj = nn.Linear(H * D, C, bias=False)
+        # Differs from the paper (an addition, off by default): the key shift described above.
         self.k_conv = ShortConv(Hkv * D, config.key_conv) if config.key_conv else None
 
     def _key_conv_state(self, batch_size: int, device=None, dtype=torch.float32) -> dict:
@@ -835,8 +619,8 @@ class Attention(_AttentionBase):
 
     def __init__(self, config, window: int | None = None):
         super().__init__(config)
-        if window is not None and (not isinstance(window, int) or window < 0):
-            raise ValueError(f"window must be None or an int >= 0, got {window!r}")
+        _check_window(window)
+        # Differs from the paper in counting only: its SWA window of 1024 keys is window = 1023 here.
         self.window = window
 
     def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> dict:
@@ -849,7 +633,7 @@ class Attention(_AttentionBase):
 
     def _parallel(self, x, state=None):
         q, k, v, _ = self._qkv(x, state=state)
-        o = _op(self.config, "attention")(q, k, v, window=self.window)
+        o = _op(self.config, attention)(q, k, v, window=self.window)
         if state is not None:
             self._store(state, k, v, start=0)
         return o
@@ -872,8 +656,8 @@ class Attention(_AttentionBase):
         q, k, v, _ = self._qkv(x, state["pos"], state)
         self._store(state, k, v, start=state["pos"])
         state["pos"] += 1
-        o = _op(self.config, "attention_decode")(q[:, 0], state["k"].to(q.dtype), state["v"].to(q.dtype),
-                                                 state["valid"])
+        o = _op(self.config, attention_decode)(q[:, 0], state["k"].to(q.dtype), state["v"].to(q.dtype),
+                                               state["valid"])
         return o[:, None]
 
     def state_size(self, T: int) -> int:
@@ -881,27 +665,122 @@ class Attention(_AttentionBase):
         return 2 * held * self.n_kv_head * self.head_dim + self._key_conv_size()
 
 
+class NativeSparseAttention(_AttentionBase):
+    """NSA as the paper uses it: three branches on the same roped q, k, v, mixed per query head by
+    sigmoid gates, o = g_cmp o_cmp + g_slc o_slc + g_swa o_swa                                [N3]
+      1. compressed: attention over mean-pooled blocks of l tokens (complete blocks only);     [N1]
+      2. selected: the compressed probabilities summed over a KV group rank the blocks; the top n
+         (block 0 and the most recent ones forced) are attended token by token, causally;      [N2]
+      3. sliding window: the last w + 1 tokens (w = nsa_window, or the shared `window` when None;
+         the paper's NSA window of 512 keys is w = 511 here).
+    Decoding state: the full KV cache plus the compressed blocks, appended as each block completes.
+    Reads from the config, besides _AttentionBase's: nsa_block, nsa_topn, nsa_recent, nsa_window,
+    window.
+    """
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.block, self.top_n, self.n_recent = config.nsa_block, config.nsa_topn, config.nsa_recent
+        # Differs from the paper in counting only: its NSA window of 512 keys is nsa_window = 511 here.
+        self.window = config.nsa_window if config.nsa_window is not None else config.window
+        # Differs from the paper's code: the gate projection has a bias (initialised to 0).
+        self.gate_proj = nn.Linear(config.d_model, 3 * config.n_head)
+
+    def _gates(self, x):
+        B, T, _ = x.shape
+        return torch.sigmoid(self.gate_proj(x).float()).view(B, T, self.n_head, 3)   # [B, T, H * 3] -> [B, T, H, 3]
+
+    def _parallel(self, x, state=None):
+        q, k, v, _ = self._qkv(x, state=state)
+        l, config = self.block, self.config
+        k_cmp, v_cmp = nsa_compress(k, l), nsa_compress(v, l)                          # [N1]
+        o_cmp, lse = _op(config, nsa_compressed_attention)(q, k_cmp, v_cmp, l)         # [N1]
+        scores = _op(config, nsa_block_scores)(q, k_cmp, lse, l)                       # [N2]
+        block_idx = nsa_select_blocks(scores, l, self.top_n, self.n_recent)            # [N2]
+        o_slc = _op(config, nsa_selected_attention)(q, k, v, block_idx, l)             # [N2]
+        o_swa = _op(config, attention)(q, k, v, window=self.window)
+        if state is not None:
+            state.update(k=k.detach(), v=v.detach(), k_cmp=k_cmp.detach(), v_cmp=v_cmp.detach())
+        return nsa_combine(self._gates(x), o_cmp, o_slc, o_swa)                        # [N3]
+
+    def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> dict:
+        empty = lambda: torch.zeros(batch_size, 0, self.n_kv_head, self.head_dim, device=device, dtype=dtype)
+        return {"pos": 0, "k": empty(), "v": empty(), "k_cmp": empty(), "v_cmp": empty(),
+                **self._key_conv_state(batch_size, device, dtype)}
+
+    def _step(self, x, state):
+        t, l = state["pos"], self.block
+        q, k, v, _ = self._qkv(x, t, state)
+        cache_dtype = state["k"].dtype
+        state["k"] = torch.cat([state["k"], k.to(cache_dtype)], dim=1)
+        state["v"] = torch.cat([state["v"], v.to(cache_dtype)], dim=1)
+        if (t + 1) % l == 0:                               # a block just completed: pool it, once
+            state["k_cmp"] = torch.cat([state["k_cmp"], state["k"][:, -l:].mean(dim=1, keepdim=True)], dim=1)
+            state["v_cmp"] = torch.cat([state["v_cmp"], state["v"][:, -l:].mean(dim=1, keepdim=True)], dim=1)
+        state["pos"] = t + 1
+        K, Vc, Kc, VC = (state[n].to(q.dtype) for n in ("k", "v", "k_cmp", "v_cmp"))
+        o_cmp, lse = _op(self.config, nsa_compressed_attention)(q, Kc, VC, l, offset=t)
+        scores = _op(self.config, nsa_block_scores)(q, Kc, lse, l, offset=t)
+        block_idx = nsa_select_blocks(scores, l, self.top_n, self.n_recent, offset=t)[:, 0]   # [B, Hkv, n]
+        o_slc = self._selected_step(q[:, 0], K, Vc, block_idx, t)
+        recent = slice(max(0, t - self.window), t + 1)
+        o_swa = _op(self.config, attention_decode)(q[:, 0], K[:, recent], Vc[:, recent])
+        return nsa_combine(self._gates(x), o_cmp, o_slc[:, None], o_swa[:, None])
+
+    def _selected_step(self, q, k, v, block_idx, t: int):
+        """One query at position t over its selected blocks: gather n l tokens, never the whole cache.
+        With use_triton this runs as kernels.attention_decode (split-K over the gathered slots)."""
+        B, P, Hkv, D = k.shape
+        l = self.block
+        tok = (block_idx[..., None] * l + torch.arange(l, device=q.device)).flatten(2)   # [B, Hkv, n * l]
+        valid = (block_idx[..., None] >= 0).expand(-1, -1, -1, l).flatten(2) & (tok <= t)
+        idx = tok.clamp(0, P - 1).transpose(1, 2)[..., None].expand(-1, -1, -1, D)      # [B, n * l, Hkv, D]
+        return _op(self.config, attention_decode)(q, k.gather(1, idx), v.gather(1, idx), valid.transpose(1, 2))
+
+    def state_size(self, T: int) -> int:
+        return 2 * (T + T // self.block) * self.n_kv_head * self.head_dim + self._key_conv_size()
+
+
+# =============================================================================================
+# 3. LTE: LEARNABLE TOKEN EVICTION, in the paper's order
+# =============================================================================================
+#
+# Sliding-window attention (window w) plus s sink tokens plus the older tokens that a small CNN
+# chose to keep, per KV head:
+#   3a. the score r_j of every token, from a CNN over its neighbourhood, past and future      [L1]
+#   3b. training: the paper's boolean rule, keep every token with r_j > 0 [L2]; a
+#       straight-through gradient for that hard choice [L3]; an L1 penalty on the scores [L4];
+#       the controller of the penalty's weight lambda [L5]
+#   3c. inference: at most b retained tokens per head, by a streaming rule [L6], and the same
+#       rule computed in parallel over a whole sequence (eval forward and prefill)
+#   3d. the mixer LTEAttention, with its decoding state of constant size
+
+# --- 3a. The score ----------------------------------------------------------------------------
+
+def lte_reach(kernel_sizes, dilations) -> int:
+    """How far a score reads on each side: the sum of d (k - 1) / 2 over the router's convolutions,
+    6 for the paper's three layers of kernel 3 and dilation 2. The receptive field spans
+    R = 2 reach + 1 = 13 positions, but with dilation 2 in every layer a score reads only the even
+    offsets -6, -4, ..., 6 (7 tokens). Decoding can score token j once token j + reach exists."""
+    return sum(d * (k - 1) // 2 for k, d in zip(kernel_sizes, dilations))
+
+
 class LTERouter(nn.Module):
-    """The retention scorer of LTE: one small CNN per KV head over (k before RoPE, v).
+    """The retention scorer [L1]: one small CNN per KV head over (k before RoPE, v).
 
     Grouped 1-D convolutions (groups = Hkv, so heads never mix), 'same' padding, channels halving
     each layer, SiLU and dropout, then a 1x1 projection to one number per token and head:
-        r_j = sigmoid(cnn([k_j; v_j] around j)) - 0.5       (kept when r_j > 0)
+        r_j = sigmoid(cnn([k; v] at j - reach .. j + reach)) - 0.5       (kept when r_j > 0)
     The projection's bias starts at +0.5 so that at first every token is kept (r ~ 0.12).
-    `reach` = tokens seen on each side = sum of dilation * (kernel - 1) / 2 (6 by default).
+    `reach` (see `lte_reach`): how far a score reads on each side, 6 by default.
     """
 
     def __init__(self, n_kv_head: int, head_dim: int, kernel_sizes=(3, 3, 3), dilations=(2, 2, 2),
                  dropout: float = 0.1, bias_init: float = 0.5):
         super().__init__()
-        if len(kernel_sizes) != len(dilations) or not kernel_sizes:
-            raise ValueError(f"lte_kernel_sizes {kernel_sizes} and lte_dilations {dilations} must be "
-                             f"non-empty and of the same length")
-        if any(k < 1 or k % 2 == 0 for k in kernel_sizes) or any(d < 1 for d in dilations):
-            raise ValueError(f"lte_kernel_sizes must be odd and >= 1 ('same' padding), dilations >= 1; "
-                             f"got {kernel_sizes}, {dilations}")
+        _check_router_convs(kernel_sizes, dilations)
         self.n_kv_head = n_kv_head
-        self.reach = sum(d * (k - 1) // 2 for k, d in zip(kernel_sizes, dilations))
+        self.reach = lte_reach(kernel_sizes, dilations)
         channels = 2 * head_dim
         self.convs = nn.ModuleList()
         for k, d in zip(kernel_sizes, dilations):
@@ -915,6 +794,10 @@ class LTERouter(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self):
+        # Differs from the paper's code: PyTorch's default init, weights and biases from
+        # U(+-1 / sqrt(fan_in)). The official code draws the conv and projection weights from
+        # kaiming_normal for ReLU (std sqrt(2 / fan_in), 2.4 times wider), so its first scores
+        # spread further around sigmoid(0.5) - 0.5. The recipe in the README was trained with this init.
         for conv in self.convs:
             conv.reset_parameters()
         self.proj.reset_parameters()
@@ -923,162 +806,398 @@ class LTERouter(nn.Module):
     def forward(self, k, v):
         """k (before RoPE), v: [B, T, Hkv, D] -> r [B, T, Hkv] float32 in (-0.5, 0.5)."""
         B, T, Hkv, D = k.shape
-        x = torch.cat([k, v], dim=-1).reshape(B, T, Hkv * 2 * D).transpose(1, 2)   # [B, Hkv * 2D, T], head-major
+        x = torch.cat([k, v], dim=-1)                                           # [B, T, Hkv, 2D]
+        x = x.reshape(B, T, Hkv * 2 * D).transpose(1, 2)                        # [B, Hkv * 2D, T], head-major
         for conv in self.convs:
+            # Differs from the paper's code: dropout after each SiLU (so also just before the
+            # projection) and none on the input [k; v]; the official code drops before each conv.
             x = self.dropout(F.silu(conv(x)))
         x = self.proj(x)                                                        # [B, Hkv, T]
-        return torch.sigmoid(x.float()).transpose(1, 2) - 0.5
+        return torch.sigmoid(x.float()).transpose(1, 2) - 0.5                   # [L1]
 
+
+# --- 3b. Training: the boolean rule, its gradient, the L1 penalty and its weight ---------------
+
+def lte_training_keep(r, sink: int):
+    """The paper's training rule [L2] as `attention`'s keep: bool [B, T, Hkv], True where token j
+    stays visible beyond the window for every later query, because r_j > 0 or it is a sink (j < s).
+    Every positive score counts, however many there are: the paper applies the cap b only at
+    inference (Config.lte_train_cap applies it in training too).
+    As a dense mask: attention_mask(T, window, keep) = [j <= i] & ([i - j <= w] | keep_j)."""
+    keep = r > 0
+    keep[:, :sink] = True
+    return keep
+
+
+def straight_through(v, r):
+    """[L3] The keep/drop choice has no gradient, so the score gets one through the values:
+        v'_j = v_j + v_j (r_j - stopgrad(r_j))   =>   forward v' = v exactly,  dL/dr_j = <v_j, dL/dv'_j>.
+    v: [B, T, Hkv, D], r: [B, T, Hkv]."""
+    return v + v * (r - r.detach()).to(v.dtype)[..., None]
+
+
+def lte_l1_penalty(r, l1_lambda):
+    """[L4] The L1 penalty that pushes the scores down: sum_h lambda_h mean_{batch, j} relu(r_j).
+    r: [B, T, Hkv], l1_lambda: [Hkv]. Returns a scalar with a gradient."""
+    # Differs from the paper's code, which averages lambda_h relu(r_j) over the batch, the positions
+    # (all but the last reach), the LTE layers and the heads: here the heads' terms add up, and so
+    # do the layers' (TinyHybrid.lte_penalty), so one lambda weighs n_lte_layers * Hkv times more.
+    return (l1_lambda * F.relu(r).mean(dim=(0, 1))).sum()
+
+
+def lte_kept_per_sequence(r, window: int, sink: int):
+    """What the lambda controller [L5] compares with b: per sequence and KV head, the tokens with
+    r_j > 0 among those that leave the window within the sequence (s <= j < T - w - 1), the ones
+    the buffer would have to hold. r: [B, T, Hkv] -> float [B, Hkv]."""
+    T = r.shape[1]
+    # Differs from the paper's code, which counts r_j > 0 over the whole sequence but its last
+    # reach tokens, sinks and tokens that never leave the window included.
+    leaving = r[:, sink: max(sink, T - window - 1)]
+    return (leaving > 0).float().sum(dim=1)
+
+
+# --- 3c. Inference: the cap of b retained tokens, streamed and in parallel --------------------
+
+def lte_buffer_push(buf_score, buf_pos, score, pos):
+    """[L6] Offer one token that leaves the window to the retained-token buffer (in place).
+
+    buf_score, buf_pos: [..., b] (empty slots: score -inf, pos -1); score: [...] float, pos: int.
+    The token enters when r > 0 and it fits or is at least as good as the lowest-scored buffered
+    token, which then leaves (an empty slot counts as lowest). Ties go to the newer token: among
+    equal scores the oldest leaves first, and a newcomer equal to the lowest enters. So the buffer
+    always holds the top b of the tokens offered so far, ranked by (r, position), which is what
+    lets `lte_visible_until` compute the same rule in parallel.
+    Returns (entered bool [...], evicted_pos int64 [...] (-1 where nothing real was evicted),
+    slot int64 [...]: the buffer slot the token went to where it entered).
+    Pure tensor ops, no host sync: the same code runs per decoded token.
+    """
+    low = buf_score.min(dim=-1, keepdim=True).values                           # [..., 1]
+    oldest_low = torch.where(buf_score == low, buf_pos, torch.iinfo(torch.int64).max)
+    slot = oldest_low.argmin(dim=-1, keepdim=True)                              # [..., 1]
+    # Differs from the paper on ties only: there a newcomer enters when its score is higher.
+    entered = (score > 0) & (score >= low[..., 0])
+    evicted = torch.where(entered, buf_pos.gather(-1, slot)[..., 0], -1)
+    buf_score.scatter_(-1, slot, torch.where(entered, score, low[..., 0])[..., None])
+    buf_pos.scatter_(-1, slot, torch.where(entered, pos, buf_pos.gather(-1, slot)[..., 0])[..., None])
+    return entered, evicted, slot[..., 0]
+
+
+def lte_offered(scores, window: int, sink: int):
+    """bool [B, Hkv, T]: the tokens the streaming rule offers to the buffer within these T queries:
+    not a sink, r > 0, and leaving the window (token j leaves when query j + w + 1 arrives)."""
+    B, T, Hkv = scores.shape
+    pos = torch.arange(T, device=scores.device)
+    leaves = (pos >= sink) & (pos < T - window - 1)                             # [T]
+    return leaves & (scores.transpose(1, 2) > 0)                                # [B, Hkv, T]
+
+
+def _lte_ranks(r, offered):
+    """int64 [B, Hkv, T]: each offered token's rank by (r, position), 0 = best (the higher score;
+    on equal scores the newer token); T for tokens not offered (worse than any offered one)."""
+    T = r.shape[-1]
+    newest_first = torch.where(offered, r, float("-inf")).flip(-1)             # [B, Hkv, T], time reversed
+    order = newest_first.sort(dim=-1, descending=True, stable=True).indices     # stable: newer first on ties
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(T, device=r.device).expand_as(order))
+    return torch.where(offered, rank.flip(-1), T).contiguous()
+
+
+def _running_kth_smallest(x, k: int, fill: int, chunk: int = 256):
+    """out[..., t] = the k-th smallest of x[..., :t + 1] together with k copies of `fill`
+    (>= every x: it stands for "nothing yet", so out is `fill` while fewer than k have arrived).
+
+    One chunk of positions at a time: what came before the chunk only matters through its k
+    smallest values, so row t of a chunk looks at those k plus the chunk's values up to t.
+    Memory O(chunk (k + chunk)) per row of x, never T x T.
+    """
+    *lead, T = x.shape
+    k_smallest = x.new_full((*lead, k), fill)                                   # [..., k]
+    out = torch.empty_like(x)
+    for c0 in range(0, T, chunk):
+        xc = x[..., c0:c0 + chunk]                                              # [..., n]
+        n = xc.shape[-1]
+        not_yet = torch.ones(n, n, dtype=torch.bool, device=x.device).triu(1)   # [t, i]: i arrives after t
+        before = k_smallest[..., None, :].expand(*lead, n, k)                   # [..., n, k]
+        so_far = xc[..., None, :].expand(*lead, n, n).masked_fill(not_yet, fill)
+        out[..., c0:c0 + n] = torch.cat([before, so_far], dim=-1).kthvalue(k, dim=-1).values
+        k_smallest = torch.cat([k_smallest, xc], dim=-1).topk(k, dim=-1, largest=False).values
+    return out
+
+
+def lte_visible_until(scores, window: int, sink: int, buffer: int):
+    """[L6] The capped-inference visibility of every key, from the streaming rule (eval-mode LTE).
+
+    scores: [B, T, Hkv] retention scores r. Token j leaves the window when query j + w + 1 arrives;
+    then sinks (j < s) stay forever, r <= 0 is dropped, otherwise it is offered to the buffer of b
+    slots (`lte_buffer_push`). Returns int64 [B, T, Hkv]: the last query index that sees key j
+    beyond the window (KEEP_FOREVER while still retained, -1 if never retained). Feeding this to
+    `attention` gives each query exactly the keys that token-by-token decoding holds for it.
+    Also returns the final buffer (buf_score, buf_pos: [B, Hkv, b], by position, empty slots
+    -inf / -1), from which prefill builds the decoding state.
+
+    The rule in parallel, without replaying it token by token: scores are fixed before a token
+    leaves, one token leaves per query, and the buffer always holds the top b offered tokens by
+    (r, position) (`lte_buffer_push`). Rank the offered tokens once (rank 0 = best). After token t
+    has left, the buffer holds the ranks <= R_t, the b-th smallest rank offered up to t; R_t never
+    grows with t. So token j enters iff rank_j <= R_j, and it stays until the first t with
+    R_t < rank_j, when the b-th token that beats it leaves the window: its last query is t + w.
+    """
+    _check_lte_rule(scores, window, sink, buffer)
+    # Differs from the paper's code, whose prefill keeps one static top b of the whole prompt for
+    # every query: here each query sees what the streaming rule holds at its own step.
+    B, T, Hkv = scores.shape
+    device = scores.device
+    until = torch.full((B, Hkv, T), -1, dtype=torch.int64, device=device)     # [B, Hkv, T] until the end
+    until[..., :sink] = KEEP_FOREVER
+    if buffer > 0:
+        offered = lte_offered(scores, window, sink)                             # [B, Hkv, T]
+        rank = _lte_ranks(scores.detach().float().transpose(1, 2), offered)    # [B, Hkv, T]
+        # a chunk costs O(chunk (b + chunk)) work on a CPU, but only a few launches on a GPU
+        chunk = 64 if scores.device.type == "cpu" else 512
+        worst_kept = _running_kth_smallest(rank, buffer, fill=T, chunk=chunk)   # R_t: [B, Hkv, T]
+        # first t with R_t < rank_j; R never grows, so -R is sorted
+        leaves_at = torch.searchsorted(-worst_kept, -rank, right=True)          # [B, Hkv, T]
+        last_query = torch.where(leaves_at < T, leaves_at + window, KEEP_FOREVER)
+        until = torch.where(offered & (rank <= worst_kept), last_query, until)
+    buf_score, buf_pos = lte_final_buffer(scores, until, window, sink, buffer)
+    return until.transpose(1, 2).contiguous(), buf_score, buf_pos             # [B, Hkv, T] -> [B, T, Hkv]
+
+
+def lte_final_buffer(scores, until, window: int, sink: int, buffer: int):
+    """The buffer the streaming rule holds after the last query: the offered tokens still retained
+    (until == KEEP_FOREVER), by position. until: [B, Hkv, T]. Returns buf_score float32 and buf_pos
+    int64, both [B, Hkv, b], empty slots -inf / -1."""
+    B, T, Hkv = scores.shape
+    held = lte_offered(scores, window, sink) & (until == KEEP_FOREVER)          # [B, Hkv, T], <= b each
+    pos = torch.where(held, torch.arange(T, device=scores.device), T)
+    pos = F.pad(pos, (0, max(0, buffer - T)), value=T)                          # [B, Hkv, max(T, b)]
+    buf_pos = pos.topk(buffer, dim=-1, largest=False).values                    # [B, Hkv, b], ascending
+    empty = buf_pos == T
+    r = scores.detach().float().transpose(1, 2)                                 # [B, Hkv, T]
+    buf_score = r.gather(-1, buf_pos.clamp(max=T - 1)).masked_fill(empty, float("-inf"))
+    return buf_score, buf_pos.masked_fill(empty, -1)
+
+
+# --- 3d. The mixer ------------------------------------------------------------------------------
 
 class LTEAttention(_AttentionBase):
     """Learnable token eviction: sliding-window attention plus sink tokens plus the tokens the
     router retains (the paper's "A-plus-column" pattern), with RoPE and GQA.
 
     Query i sees key j when j <= i and (i - j <= w, or j < s, or j is retained for i).
-    Training: every token with r_j > 0 stays visible (the paper's rule; `lte_train_cap` applies the
-    inference cap instead). The hard choice gets a straight-through gradient through the values,
-        v'_j = v_j + v_j (r_j - stopgrad(r_j))   =>   dL/dr_j = <v_j, dL/dv'_j>,
-    and an L1 penalty lambda_h * relu(r) (lambda per head, set by `update_lambda`) pushes scores down.
-    Eval and decoding: at most b retained tokens per head, by the streaming rule (`lte_buffer_push`).
-    Decoding state, fixed size: s sinks + a ring of w + 1 + a buffer of b tokens, their scores, and
-    the last 2 reach + 1 router inputs.
+      training  every token with r_j > 0 stays visible [L2] (with `lte_train_cap`, the inference
+                cap instead), through the straight-through gradient [L3]; the L1 penalty [L4]
+                waits in `take_penalty()`, and `update_lambda()` runs the controller [L5].
+      eval      at most b retained tokens per head, by the streaming rule [L6], so that the
+                parallel forward sees exactly what decoding holds.
+
+    Decoding state per sequence and KV head, of the same size for any T:
+
+        sinks: s slots     window ring: w + 1 slots              buffer: b slots
+        [ 0 .. s-1 ]       [ slot of token t = t % (w + 1) ]     [ retained tokens, any order ]
+         k, v               k, v, and r of each token whose       k, v, r (buf_score) and the
+                            right context is complete (the        position (buf_pos)
+                            newest `reach` wait for theirs)
+        router ring: 2 reach + 1 slots of [k before RoPE; v], what the router reads to score
+                     token t - reach
+
+    Token t arrives (`_step`): token t - w - 1 leaves the window first, to the sinks (j < s), to
+    the buffer (r > 0 and good enough) or nowhere (`_leave_window`), and token t takes its ring
+    slot. A score needs the `reach` tokens after its own, so token j is scored when token j + reach
+    arrives, `reach` steps late, and its score goes into j's ring slot; since reach <= w, every
+    token has its score long before it leaves the window.
+    Reads from the config, besides _AttentionBase's: window, lte_sink, lte_buffer, lte_kernel_sizes,
+    lte_dilations, lte_dropout, lte_train_cap, lte_lambda_init, lte_lambda_every, lte_lambda_up,
+    lte_lambda_down, lte_lambda_min, lte_lambda_max.
     """
 
     def __init__(self, config):
         super().__init__(config)
+        # Differs from the paper's code: the s sinks are held apart from the b buffer slots (s + b
+        # tokens beyond the window); there the sinks take s of the b slots.
         self.window, self.sink, self.buffer = config.window, config.lte_sink, config.lte_buffer
         self.router = LTERouter(config.n_kv_head, config.head_dim, config.lte_kernel_sizes,
                                 config.lte_dilations, config.lte_dropout)
-        if self.router.reach > self.window:
-            raise ValueError(f"window ({self.window}) must be >= the LTE router's reach "
-                             f"({self.router.reach} tokens each side): a token's score must be known "
-                             f"before it leaves the window, or the mask would depend on the future")
         Hkv = config.n_kv_head
-        self.register_buffer("lam", torch.full((Hkv,), config.lte_lambda_init))
+        # lambda per KV head [L4], and the controller's count since its last update [L5] (saved)
+        self.register_buffer("l1_lambda", torch.full((Hkv,), config.lte_lambda_init))
         self.register_buffer("kept_sum", torch.zeros(Hkv))
         self.register_buffer("kept_steps", torch.zeros((), dtype=torch.long))
-        self.last_kept = torch.zeros(Hkv)          # retained tokens per sequence, last training forward
-        self.last_penalty = torch.zeros(())
+        # kept tokens of the current optimizer step's training forwards (one per micro-batch), and
+        # per sequence in the last forward (for progress lines): moved with the module, not saved
+        self.register_buffer("step_kept", torch.zeros(Hkv), persistent=False)
+        self.register_buffer("last_kept", torch.zeros(Hkv), persistent=False)
+        self.step_sequences = 0
+        self._penalty = None                       # [L4] of the last training forward, until taken
 
-    # --- parallel form ---
+    # --- the parallel form: training, eval and prefill ---
     def _parallel(self, x, state=None):
         q, k, v, k_raw = self._qkv(x, state=state)
-        r = self.router(k_raw, v)                                               # [B, T, Hkv]
-        B, T, Hkv = r.shape
+        r = self.router(k_raw, v)                                               # [L1] [B, T, Hkv]
         if self.training and not self.config.lte_train_cap and state is None:
-            keep = r > 0
-            keep[:, : self.sink] = True
+            keep = lte_training_keep(r, self.sink)                              # [L2] bool
         else:
-            keep, buf_score, buf_pos = _op(self.config, "lte_visible_until")(r.detach(), self.window, self.sink,
-                                                                              self.buffer)
+            keep, buf_score, buf_pos = _op(self.config, lte_visible_until)(r.detach(), self.window, self.sink,
+                                                                            self.buffer)   # [L6] int
         if self.training:
-            # retained tokens that leave the window (the ones the buffer b must hold), per sequence
-            leaving = r[:, self.sink: max(self.sink, T - self.window - 1)]
-            self.last_kept = (leaving > 0).float().sum(dim=1).mean(dim=0).detach()   # [Hkv]
-            self.last_penalty = (self.lam * F.relu(r).mean(dim=(0, 1))).sum()
-            v = v + v * (r - r.detach()).to(v.dtype)[..., None]   # straight-through: exactly v forward
-        o = _op(self.config, "attention")(q, k, v, window=self.window, keep=keep)
+            self._record_training_forward(r)                                   # [L4], [L5]
+            v = straight_through(v, r)                                          # [L3]
+        o = _op(self.config, attention)(q, k, v, window=self.window, keep=keep)
         if state is not None:
             self._fill_state(state, k, v, k_raw, r, buf_score, buf_pos)
         return o
 
-    # --- lambda controller ---
+    # --- training: the penalty and lambda ---
+    def _record_training_forward(self, r):
+        """What the training step needs from this forward: its L1 penalty [L4], until taken, and
+        its kept tokens per sequence, for the controller [L5]."""
+        self._penalty = lte_l1_penalty(r, self.l1_lambda)
+        kept = lte_kept_per_sequence(r, self.window, self.sink)                 # [B, Hkv]
+        self.last_kept = kept.mean(dim=0)
+        self.step_kept = self.step_kept + kept.sum(dim=0)
+        self.step_sequences += kept.shape[0]
+
+    def take_penalty(self) -> torch.Tensor:
+        """[L4] The L1 penalty of the last training forward, to add to the loss. It is handed over
+        once, so that the module does not keep its autograd graph alive; 0 when there is none
+        (after an eval forward, or once taken)."""
+        penalty, self._penalty = self._penalty, None
+        return self.l1_lambda.new_zeros(()) if penalty is None else penalty
+
+    @property
+    def last_penalty(self) -> torch.Tensor:
+        """The penalty waiting in `take_penalty`, left in place (0 when there is none)."""
+        return self.l1_lambda.new_zeros(()) if self._penalty is None else self._penalty
+
+    @property
+    def lam(self) -> torch.Tensor:
+        """lambda, per KV head: the former name of `l1_lambda`."""
+        return self.l1_lambda
+
+    def train(self, mode: bool = True):
+        if not mode:
+            self._penalty = None                   # eval never adds it: let go of its graph
+        return super().train(mode)
+
     @torch.no_grad()
-    def update_lambda(self):
-        """Call once per training step. Every N = lte_lambda_every steps: lambda *= 1.5 for heads that
-        kept more than b tokens per sequence on average since the last update, /= 2 below 0.95 b;
-        clamped. N = 0 keeps lambda fixed."""
+    def update_lambda(self, count_step: bool = True):
+        """[L5] The lambda controller: call once per optimizer step, after the step's forwards.
+
+        The step's kept tokens per sequence, over all its training forwards (every micro-batch of
+        a gradient accumulation), join the period's count. Every N = lte_lambda_every counted
+        steps: lambda *= up for the heads that kept more than b tokens per sequence on average,
+        /= down for those below 0.95 b, clamped to [lambda_min, lambda_max]. count_step=False
+        drops the step's forwards instead (e.g. batches of another length). N = 0 keeps lambda
+        fixed, which the defaults do."""
         c = self.config
-        if c.lte_lambda_every == 0:  # the controller is off: a fixed penalty
+        step_kept, sequences = self.step_kept / max(self.step_sequences, 1), self.step_sequences
+        self.step_kept = torch.zeros_like(self.step_kept)
+        self.step_sequences = 0
+        if c.lte_lambda_every == 0 or not count_step or sequences == 0:
             return
-        self.kept_sum += self.last_kept.to(self.kept_sum.device)
+        self.kept_sum += step_kept
         self.kept_steps += 1
         if int(self.kept_steps) < c.lte_lambda_every:
             return
+        # Differs from the paper's code: a plain mean over the period (there: a moving average
+        # updated every step, alpha = 2 / (1 + N / 2)), and lambda starts at lte_lambda_init
+        # (there: at 0, and at lambda_min once a head keeps too many).
         kept = self.kept_sum / self.kept_steps
-        self.lam.mul_(torch.where(kept > self.buffer, c.lte_lambda_up, 1.0))
-        self.lam.div_(torch.where(kept < 0.95 * self.buffer, c.lte_lambda_down, 1.0))
-        self.lam.clamp_(c.lte_lambda_min, c.lte_lambda_max)
+        self.l1_lambda.mul_(torch.where(kept > self.buffer, c.lte_lambda_up, 1.0))
+        self.l1_lambda.div_(torch.where(kept < 0.95 * self.buffer, c.lte_lambda_down, 1.0))
+        self.l1_lambda.clamp_(c.lte_lambda_min, c.lte_lambda_max)
         self.kept_sum.zero_()
         self.kept_steps.zero_()
 
-    # --- decoding ---
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        old = prefix + "lam"                       # checkpoints from before lambda's rename
+        if old in state_dict:
+            state_dict[prefix + "l1_lambda"] = state_dict.pop(old)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    # --- decoding: the state of constant size ---
     def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> dict:
+        """An empty decoding state (the picture is in the class docstring)."""
         B, Hkv, D = batch_size, self.n_kv_head, self.head_dim
-        s, w1, b, h = self.sink, self.window + 1, self.buffer, 2 * self.router.reach + 1
+        s, b = self.sink, self.buffer
+        window_slots, router_slots = self.window + 1, 2 * self.router.reach + 1
         zeros = lambda n: torch.zeros(B, n, Hkv, D, device=device, dtype=dtype)
         off = lambda n: torch.zeros(B, n, Hkv, dtype=torch.bool, device=device)
         return {"pos": 0,
                 "sink_k": zeros(s), "sink_v": zeros(s), "sink_valid": off(s),
-                "k": zeros(w1), "v": zeros(w1), "valid": off(w1),
-                "score": torch.zeros(B, w1, Hkv, device=device),
+                "k": zeros(window_slots), "v": zeros(window_slots), "valid": off(window_slots),
+                "score": torch.zeros(B, window_slots, Hkv, device=device),
                 "buf_k": zeros(b), "buf_v": zeros(b),
                 "buf_score": torch.full((B, Hkv, b), float("-inf"), device=device),
                 "buf_pos": torch.full((B, Hkv, b), -1, dtype=torch.long, device=device),
-                "router_in": torch.zeros(B, h, Hkv, 2 * D, device=device, dtype=dtype),
+                "router_in": torch.zeros(B, router_slots, Hkv, 2 * D, device=device, dtype=dtype),
                 **self._key_conv_state(batch_size, device, dtype)}
 
     def _fill_state(self, state, k, v, k_raw, r, buf_score, buf_pos):
         """After a parallel prefill of T tokens: the state that stepping them one by one leaves."""
         B, T, Hkv, D = k.shape
-        w1, h = self.window + 1, 2 * self.router.reach + 1
-        dt = state["k"].dtype
-        n_sink = min(self.sink, max(0, T - w1))           # sinks that have left the window by now
-        state["sink_k"][:, :n_sink], state["sink_v"][:, :n_sink] = k[:, :n_sink].to(dt), v[:, :n_sink].to(dt)
+        window_slots, router_slots = self.window + 1, 2 * self.router.reach + 1
+        cache_dtype = state["k"].dtype
+        n_sink = min(self.sink, max(0, T - window_slots))         # sinks that have left the window by now
+        state["sink_k"][:, :n_sink] = k[:, :n_sink].to(cache_dtype)
+        state["sink_v"][:, :n_sink] = v[:, :n_sink].to(cache_dtype)
         state["sink_valid"][:, :n_sink] = True
-        recent = torch.arange(max(0, T - w1), T, device=k.device)
-        state["k"][:, recent % w1], state["v"][:, recent % w1] = k[:, recent].to(dt), v[:, recent].to(dt)
-        state["valid"][:, recent % w1] = True
+        recent = torch.arange(max(0, T - window_slots), T, device=k.device)
+        ring = recent % window_slots
+        state["k"][:, ring], state["v"][:, ring] = k[:, recent].to(cache_dtype), v[:, recent].to(cache_dtype)
+        state["valid"][:, ring] = True
         scored = recent[recent <= T - 1 - self.router.reach]   # later ones wait for their right context
-        state["score"][:, scored % w1] = r[:, scored].detach().float()
+        state["score"][:, scored % window_slots] = r[:, scored].detach().float()
         state["buf_score"], state["buf_pos"] = buf_score.clone(), buf_pos.clone()
-        pos = buf_pos.clamp(min=0).transpose(1, 2)                              # [B, b, Hkv]
-        state["buf_k"] = k.gather(1, pos[..., None].expand(-1, -1, -1, D)).to(dt)
-        state["buf_v"] = v.gather(1, pos[..., None].expand(-1, -1, -1, D)).to(dt)
-        tail = torch.arange(max(0, T - h), T, device=k.device)
-        state["router_in"][:, tail % h] = torch.cat([k_raw, v], dim=-1)[:, tail].to(dt)
+        pos = buf_pos.clamp(min=0).transpose(1, 2)                              # [B, Hkv, b] -> [B, b, Hkv]
+        state["buf_k"] = k.gather(1, pos[..., None].expand(-1, -1, -1, D)).to(cache_dtype)
+        state["buf_v"] = v.gather(1, pos[..., None].expand(-1, -1, -1, D)).to(cache_dtype)
+        tail = torch.arange(max(0, T - router_slots), T, device=k.device)
+        state["router_in"][:, tail % router_slots] = torch.cat([k_raw, v], dim=-1)[:, tail].to(cache_dtype)
 
     def _step(self, x, state):
         t = state["pos"]
         q, k, v, k_raw = self._qkv(x, t, state)
         self._leave_window(state, t)
-        w1, h, reach = self.window + 1, 2 * self.router.reach + 1, self.router.reach
-        dt = state["k"].dtype
-        state["k"][:, t % w1], state["v"][:, t % w1] = k[:, 0].to(dt), v[:, 0].to(dt)
-        state["valid"][:, t % w1] = True
-        state["router_in"][:, t % h] = torch.cat([k_raw, v], dim=-1)[:, 0].to(dt)
-        j = t - reach                                      # its right context has just arrived
+        reach = self.router.reach
+        window_slots, router_slots = self.window + 1, 2 * reach + 1
+        cache_dtype = state["k"].dtype
+        slot = t % window_slots                            # the slot of token t - w - 1, which just left
+        state["k"][:, slot], state["v"][:, slot] = k[:, 0].to(cache_dtype), v[:, 0].to(cache_dtype)
+        state["valid"][:, slot] = True
+        state["router_in"][:, t % router_slots] = torch.cat([k_raw, v], dim=-1)[:, 0].to(cache_dtype)
+        j = t - reach                                      # [L1] token j's right context has just arrived
         if j >= 0:
             first = max(0, j - reach)                      # a Python int: no host sync on the GPU
             positions = torch.arange(first, t + 1, device=x.device)
-            ctx = state["router_in"][:, positions % h]                          # [B, n, Hkv, 2D]
+            ctx = state["router_in"][:, positions % router_slots]               # [B, n, Hkv, 2D]
             r = self.router(*ctx.to(q.dtype).split(self.head_dim, dim=-1))     # [B, n, Hkv]
-            state["score"][:, j % w1] = r[:, j - first]
+            state["score"][:, j % window_slots] = r[:, j - first]
         state["pos"] = t + 1
         slots = [(state["sink_k"], state["sink_v"], state["sink_valid"]), (state["k"], state["v"], state["valid"]),
                  (state["buf_k"], state["buf_v"], (state["buf_pos"] >= 0).transpose(1, 2))]
         k_all, v_all, valid = (torch.cat(parts, dim=1) for parts in zip(*slots))   # [B, s + w + 1 + b, ...]
-        o = _op(self.config, "attention_decode")(q[:, 0], k_all.to(q.dtype), v_all.to(q.dtype), valid)
+        o = _op(self.config, attention_decode)(q[:, 0], k_all.to(q.dtype), v_all.to(q.dtype), valid)
         return o[:, None]
 
     def _leave_window(self, state, t: int):
-        """Token j = t - w - 1 leaves the window as token t arrives: to the sinks, the buffer, or gone."""
+        """Token j = t - w - 1 leaves the window as token t arrives: to the sinks, the buffer [L6],
+        or gone."""
         j = t - self.window - 1
         if j < 0:
             return
-        w1 = self.window + 1
+        ring_slot = j % (self.window + 1)
         if j < self.sink:
-            state["sink_k"][:, j], state["sink_v"][:, j] = state["k"][:, j % w1], state["v"][:, j % w1]
+            state["sink_k"][:, j], state["sink_v"][:, j] = state["k"][:, ring_slot], state["v"][:, ring_slot]
             state["sink_valid"][:, j] = True
             return
         if self.buffer == 0:
             return
         entered, _, slot = lte_buffer_push(state["buf_score"], state["buf_pos"],
-                                           state["score"][:, j % w1], j)       # [B, Hkv] each
+                                           state["score"][:, ring_slot], j)    # [B, Hkv] each
         for name in ("k", "v"):
             buf = state["buf_" + name]                                          # [B, b, Hkv, D]
             idx = slot[:, None, :, None].expand(-1, 1, -1, buf.shape[-1])       # [B, 1, Hkv, D]
-            new = torch.where(entered[:, None, :, None], state[name][:, j % w1][:, None], buf.gather(1, idx))
+            new = torch.where(entered[:, None, :, None], state[name][:, ring_slot][:, None], buf.gather(1, idx))
             buf.scatter_(1, idx, new)
 
     def state_size(self, T: int) -> int:
@@ -1091,81 +1210,12 @@ class LTEAttention(_AttentionBase):
         return self.n_kv_head * (held * 2 * self.head_dim + scored + router) + self._key_conv_size()
 
 
-class NativeSparseAttention(_AttentionBase):
-    """NSA as the paper uses it: three branches on the same roped q, k, v, mixed per query head by
-    sigmoid gates, o = g_cmp o_cmp + g_slc o_slc + g_swa o_swa:
-      1. compressed: attention over mean-pooled blocks of l tokens (complete blocks only);
-      2. selected: the compressed probabilities summed over a KV group rank the blocks; the top n
-         (block 0 and the most recent ones forced) are attended token by token, causally;
-      3. sliding window of w tokens.
-    Decoding state: the full KV cache plus the compressed blocks, appended as each block completes.
-    """
-
-    def __init__(self, config):
-        super().__init__(config)
-        self.block, self.top_n, self.n_recent = config.nsa_block, config.nsa_topn, config.nsa_recent
-        self.window = config.nsa_window if config.nsa_window is not None else config.window
-        self.gate_proj = nn.Linear(config.d_model, 3 * config.n_head)
-
-    def _gates(self, x):
-        B, T, _ = x.shape
-        return torch.sigmoid(self.gate_proj(x).float()).view(B, T, self.n_head, 3)   # [B, T, H * 3] -> [B, T, H, 3]
-
-    def _parallel(self, x, state=None):
-        q, k, v, _ = self._qkv(x, state=state)
-        l, op = self.block, lambda name: _op(self.config, name)
-        k_cmp, v_cmp = nsa_compress(k, l), nsa_compress(v, l)
-        o_cmp, lse = op("nsa_compressed_attention")(q, k_cmp, v_cmp, l)
-        scores = op("nsa_block_scores")(q, k_cmp, lse, l)
-        block_idx = nsa_select_blocks(scores, l, self.top_n, self.n_recent)
-        o_slc = op("nsa_selected_attention")(q, k, v, block_idx, l)
-        o_swa = op("attention")(q, k, v, window=self.window)
-        if state is not None:
-            state.update(k=k.detach(), v=v.detach(), k_cmp=k_cmp.detach(), v_cmp=v_cmp.detach())
-        return nsa_combine(self._gates(x), o_cmp, o_slc, o_swa)
-
-    def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> dict:
-        empty = lambda: torch.zeros(batch_size, 0, self.n_kv_head, self.head_dim, device=device, dtype=dtype)
-        return {"pos": 0, "k": empty(), "v": empty(), "k_cmp": empty(), "v_cmp": empty(),
-                **self._key_conv_state(batch_size, device, dtype)}
-
-    def _step(self, x, state):
-        t, l = state["pos"], self.block
-        q, k, v, _ = self._qkv(x, t, state)
-        dt = state["k"].dtype
-        state["k"] = torch.cat([state["k"], k.to(dt)], dim=1)
-        state["v"] = torch.cat([state["v"], v.to(dt)], dim=1)
-        if (t + 1) % l == 0:                               # a block just completed: pool it, once
-            state["k_cmp"] = torch.cat([state["k_cmp"], state["k"][:, -l:].mean(dim=1, keepdim=True)], dim=1)
-            state["v_cmp"] = torch.cat([state["v_cmp"], state["v"][:, -l:].mean(dim=1, keepdim=True)], dim=1)
-        state["pos"] = t + 1
-        K, Vc, Kc, VC = (state[n].to(q.dtype) for n in ("k", "v", "k_cmp", "v_cmp"))
-        o_cmp, lse = _op(self.config, "nsa_compressed_attention")(q, Kc, VC, l, offset=t)
-        scores = _op(self.config, "nsa_block_scores")(q, Kc, lse, l, offset=t)
-        block_idx = nsa_select_blocks(scores, l, self.top_n, self.n_recent, offset=t)[:, 0]   # [B, Hkv, n]
-        o_slc = self._selected_step(q[:, 0], K, Vc, block_idx, t)
-        recent = slice(max(0, t - self.window), t + 1)
-        o_swa = _op(self.config, "attention_decode")(q[:, 0], K[:, recent], Vc[:, recent])
-        return nsa_combine(self._gates(x), o_cmp, o_slc[:, None], o_swa[:, None])
-
-    def _selected_step(self, q, k, v, block_idx, t: int):
-        """One query at position t over its selected blocks: gather n l tokens, never the whole cache.
-        With use_triton this runs as kernels.attention_decode (split-K over the gathered slots)."""
-        B, P, Hkv, D = k.shape
-        l = self.block
-        tok = (block_idx[..., None] * l + torch.arange(l, device=q.device)).flatten(2)   # [B, Hkv, n * l]
-        valid = (block_idx[..., None] >= 0).expand(-1, -1, -1, l).flatten(2) & (tok <= t)
-        idx = tok.clamp(0, P - 1).transpose(1, 2)[..., None].expand(-1, -1, -1, D)      # [B, n * l, Hkv, D]
-        return _op(self.config, "attention_decode")(q, k.gather(1, idx), v.gather(1, idx), valid.transpose(1, 2))
-
-    def state_size(self, T: int) -> int:
-        return 2 * (T + T // self.block) * self.n_kv_head * self.head_dim + self._key_conv_size()
-
-
 # =============================================================================================
-# 3. MODEL
+# 4. MODEL
 # =============================================================================================
 
+# The names Config accepts in `layers`, and the mixer each one builds.
+MIXER_NAMES = ("gdn", "swa", "attn", "nsa", "lte")
 MIXERS = {
     "gdn": GatedDeltaNet,
     "swa": lambda config: Attention(config, window=config.window),
@@ -1184,11 +1234,33 @@ PRESETS = {
     "transformer": ("attn",),
 }
 
+# The paper's models, from the official configs: 24 layers, GDN with 8 heads (K = V), SwiGLU of
+# 2/3 * 4 d rounded up to a multiple of 256, a 32000-token vocabulary, attention head dim 64.
+PAPER_SIZES = {
+    "0.4B": dict(d_model=1024, gdn_head_dim=128, mlp_hidden=2816, n_head=16, n_kv_head=16),
+    "1.4B": dict(d_model=2048, gdn_head_dim=256, mlp_hidden=5632, n_head=32, n_kv_head=8),
+}
+# ... and what differs per mixer, at both sizes (windows as counted here: see the glossary).
+PAPER_MIXERS = {
+    "swa": dict(window=1023),
+    "lte": dict(window=768, lte_sink=4, lte_buffer=512, lte_kernel_sizes=(3, 3, 3), lte_dilations=(2, 2, 2),
+                lte_dropout=0.1, lte_train_cap=False, lte_router_lr_scale=1.0, lte_lambda_every=32,
+                lte_lambda_init=1e-9, lte_lambda_up=1.5, lte_lambda_down=2.0, lte_lambda_min=1e-9,
+                lte_lambda_max=1.0),
+    "nsa": dict(n_head=32, n_kv_head=2, nsa_block=64, nsa_topn=16, nsa_window=511),
+}
+
 
 @dataclass
 class Config:
-    """Sizes and per-mixer settings. The paper's settings (24 layers, w = 768, b = 512, s = 4,
-    l = 64, n = 16, 1.4B params) are scaled down to a model that trains on a laptop CPU.
+    """Sizes and per-mixer settings; `Config.preset(name)` picks the layer pattern.
+
+    The defaults make a model that trains on a laptop CPU, and their LTE and NSA settings are the
+    recipe that trained in the README's results (train_shakespeare.py): b = 64 retained tokens,
+    the inference cap applied in training too, lambda fixed at 1e-3 (the controller off), the
+    router at a tenth of the learning rate without weight decay (`optimizer_groups`), and NSA's
+    n = 16 selected blocks, the paper's n. `Config.paper(name, size)` gives the paper's models
+    and its training rule instead.
 
     Every field is checked when the Config is made: a wrong type, a value out of range, NaN or inf
     raises ValueError naming the field, the value and what is allowed."""
@@ -1200,7 +1272,7 @@ class Config:
     n_kv_head: int = 2                # key/value heads (GQA)
     head_dim: int = 32
     mlp_hidden: int = 0               # SwiGLU hidden size; 0 means 8/3 d_model rounded up to 32
-    layers: tuple = ()                # one mixer name per layer (see MIXERS); () means all "gdn"
+    layers: tuple = ()                # one mixer name per layer (see MIXER_NAMES); () means all "gdn"
     rope_base: float = 10000.0
     key_conv: int = 0                 # attention-type mixers: key shift kernel (0: none, as in the paper)
     # Gated DeltaNet
@@ -1209,24 +1281,26 @@ class Config:
     gdn_value_dim: int = 0            # V (what a read returns); 0 means K (fla's expand_v = V / K)
     gdn_conv_size: int = 4
     gdn_chunk_size: int = 64
-    # sliding window (SWA, LTE, and NSA's third branch unless nsa_window is set)
+    # sliding window w (SWA, LTE, and NSA's third branch unless nsa_window is set): w + 1 keys
     window: int = 64
-    # LTE
+    # LTE. Differs from the paper (the recipe that trained here, see above): the cap in training,
+    # the router's slower learning rate, lambda fixed; Config.paper has the paper's settings.
     lte_sink: int = 4
-    lte_buffer: int = 32
+    lte_buffer: int = 64              # b; the paper's is 512 at its window of 768
     lte_kernel_sizes: tuple = (3, 3, 3)
     lte_dilations: tuple = (2, 2, 2)
     lte_dropout: float = 0.1
-    lte_train_cap: bool = False       # True: training sees the inference cap b too
+    lte_train_cap: bool = True        # training sees the inference cap b, as decoding does (the paper: no cap)
+    lte_router_lr_scale: float = 0.1  # the router's learning rate / the model's (the paper: 1)
     lte_lambda_init: float = 1e-3
-    lte_lambda_every: int = 32        # controller period in steps (0: lambda stays at lte_lambda_init)
+    lte_lambda_every: int = 0         # controller period in steps; 0: lambda stays at lte_lambda_init
     lte_lambda_up: float = 1.5
     lte_lambda_down: float = 2.0
     lte_lambda_min: float = 1e-9
     lte_lambda_max: float = 1.0
     # NSA
-    nsa_block: int = 16
-    nsa_topn: int = 4
+    nsa_block: int = 16               # l
+    nsa_topn: int = 16                # n, as in the paper
     nsa_recent: int = 2
     nsa_window: int | None = None
     # kernels
@@ -1241,6 +1315,30 @@ class Config:
         self.mlp_hidden = self.mlp_hidden or 32 * math.ceil(8 * self.d_model / 3 / 32)
         self.lte_kernel_sizes, self.lte_dilations = tuple(self.lte_kernel_sizes), tuple(self.lte_dilations)
         self._check_relations()
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "Config":
+        """A named model: 'gdn', 'gdn+swa', 'gdn+attn', 'gdn+nsa', 'gdn+lte' or 'transformer'."""
+        _check_preset(name, overrides)
+        n_layer = overrides.get("n_layer", cls.n_layer)
+        pattern = PRESETS[name]
+        return cls(layers=tuple(pattern[i % len(pattern)] for i in range(n_layer)), **overrides)
+
+    @classmethod
+    def paper(cls, name: str, size: str = "0.4B", **overrides) -> "Config":
+        """One of the paper's models: preset `name` at size '0.4B' or '1.4B' with the official
+        configs' settings: 24 layers, their heads and windows, LTE's s = 4, b = 512 and its training
+        rule (no cap in training, the lambda controller from 1e-9, the router at the full learning
+        rate), NSA's l = 64, n = 16. For reading, and for large machines: the '0.4B' models have
+        0.34-0.37e9 parameters (`with torch.device("meta"): TinyHybrid(config)` builds one without
+        memory)."""
+        _check_preset(name, overrides)
+        if size not in PAPER_SIZES:
+            raise ValueError(f"size must be one of {sorted(PAPER_SIZES)}, got {size!r}")
+        settings = dict(vocab_size=32000, n_layer=24, head_dim=64, gdn_heads=8, **PAPER_SIZES[size])
+        for mixer in PRESETS[name]:
+            settings.update(PAPER_MIXERS.get(mixer, {}))
+        return cls.preset(name, **(settings | overrides))
 
     def _check_fields(self):
         """Every field on its own: type, range, finite. Runs before the 0-means-default sizes are
@@ -1259,6 +1357,8 @@ class Config:
         # base <= 1 has no slow frequencies (base -> 0 even overflows the angles to inf: NaN losses)
         _check_real("rope_base", self.rope_base, lambda x: x > 1, "> 1")
         _check_real("lte_dropout", self.lte_dropout, lambda x: 0 <= x < 1, "in [0, 1)")
+        _check_real("lte_router_lr_scale", self.lte_router_lr_scale, lambda x: x >= 0,
+                    ">= 0 (0 freezes the router)")
         _check_real("lte_lambda_init", self.lte_lambda_init, lambda x: x >= 0,
                     ">= 0 (a negative penalty would reward keeping)")
         _check_real("lte_lambda_min", self.lte_lambda_min, lambda x: x > 0,
@@ -1275,7 +1375,7 @@ class Config:
     def _check_tuples(self):
         """layers: mixer names; the router's kernel sizes (odd, for 'same' padding) and dilations."""
         if not isinstance(self.layers, (tuple, list)) or not all(isinstance(m, str) for m in self.layers):
-            raise ValueError(f"layers must be a tuple of mixer names (from {sorted(MIXERS)}) or () for all "
+            raise ValueError(f"layers must be a tuple of mixer names (from {sorted(MIXER_NAMES)}) or () for all "
                              f"'gdn', got {self.layers!r}")
         for name in ("lte_kernel_sizes", "lte_dilations"):
             value = getattr(self, name)
@@ -1304,27 +1404,16 @@ class Config:
             raise ValueError(f"head_dim must be even (RoPE rotates pairs), got {self.head_dim}")
         if len(self.layers) != self.n_layer:
             raise ValueError(f"layers has {len(self.layers)} entries but n_layer is {self.n_layer}")
-        unknown = [m for m in self.layers if m not in MIXERS]
+        unknown = [m for m in self.layers if m not in MIXER_NAMES]
         if unknown:
-            raise ValueError(f"unknown mixer name(s) {unknown} in layers; allowed: {sorted(MIXERS)}")
+            raise ValueError(f"unknown mixer name(s) {unknown} in layers; allowed: {sorted(MIXER_NAMES)}")
         if self.nsa_topn < self.nsa_recent + 1:
             raise ValueError(f"nsa_topn ({self.nsa_topn}) must be >= nsa_recent + 1 = {self.nsa_recent + 1}")
-        if "lte" in self.layers:
-            reach = LTERouter(1, 2, self.lte_kernel_sizes, self.lte_dilations).reach
-            if reach > self.window:
-                raise ValueError(f"window ({self.window}) must be >= the LTE router's reach ({reach}): "
-                                 f"a token's score must be known before it leaves the window")
-
-    @classmethod
-    def preset(cls, name: str, **overrides) -> "Config":
-        """A named model: 'gdn', 'gdn+swa', 'gdn+attn', 'gdn+nsa', 'gdn+lte' or 'transformer'."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; allowed: {sorted(PRESETS)}")
-        if "layers" in overrides:
-            raise ValueError("a preset sets layers itself; build Config(layers=...) directly instead")
-        n_layer = overrides.get("n_layer", cls.n_layer)
-        pattern = PRESETS[name]
-        return cls(layers=tuple(pattern[i % len(pattern)] for i in range(n_layer)), **overrides)
+        reach = lte_reach(self.lte_kernel_sizes, self.lte_dilations)
+        if "lte" in self.layers and reach > self.window:
+            raise ValueError(f"window ({self.window}) must be >= the LTE router's reach ({reach} tokens each side): "
+                             f"a token's score must be known before it leaves the window, or the mask would "
+                             f"depend on the future")
 
 
 class SwiGLU(nn.Module):
@@ -1355,6 +1444,29 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def optimizer_groups(model: nn.Module, lr: float, weight_decay: float = 0.1,
+                     router_lr_scale: float = 0.1) -> list[dict]:
+    """AdamW parameter groups of the recipe that trained here, for any module holding these mixers:
+        0  matrices and convolution kernels (ndim >= 2): lr, weight_decay
+        1  vectors (norms, biases, A_log, dt_bias): lr, no decay
+        2  every LTE router's parameters: router_lr_scale * lr, no decay.
+    A router learning as fast as the rest soon ranked the recall facts' values below the text and
+    evicted them (EXPERIMENTS.md, "5. What LTE needed"). Each group carries its "lr_scale", so that a
+    schedule can set group["lr"] = lr_now * group["lr_scale"] (torch's LR schedulers keep the
+    ratio by themselves)."""
+    # Differs from the paper's code: one learning rate for every parameter there.
+    router = {id(p) for m in model.modules() if isinstance(m, LTERouter) for p in m.parameters()}
+    params = list(model.parameters())
+    groups = [{"params": [p for p in params if p.ndim >= 2 and id(p) not in router], "weight_decay": weight_decay,
+               "lr_scale": 1.0},
+              {"params": [p for p in params if p.ndim < 2 and id(p) not in router], "weight_decay": 0.0,
+               "lr_scale": 1.0},
+              {"params": [p for p in params if id(p) in router], "weight_decay": 0.0, "lr_scale": router_lr_scale}]
+    for group in groups:
+        group["lr"] = lr * group["lr_scale"]
+    return groups
+
+
 class TinyHybrid(nn.Module):
     """The interleaved language model: token embedding, blocks, final norm, tied output head.
 
@@ -1362,6 +1474,8 @@ class TinyHybrid(nn.Module):
     In training the loss includes the LTE penalty; `last_losses` holds both parts separately.
     With `state` (from `init_state`), the call continues a sequence: a prompt into an empty state
     is prefilled in parallel, later calls step token by token; the state is updated in place.
+    Train with `optimizer_groups(lr)` and, when the lambda controller is on, `update_lte_lambdas()`
+    after every optimizer step.
     """
 
     def __init__(self, config: Config):
@@ -1373,62 +1487,33 @@ class TinyHybrid(nn.Module):
         self.blocks = nn.ModuleList(Block(config, m) for m in config.layers)
         self.norm = RMSNorm(config.d_model)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        # Differs from the paper's 1.4B models, which have a separate output matrix (its 0.4B ties).
         self.lm_head.weight = self.wte.weight                                   # tied
         self.last_losses: dict = {}
         self._init_weights()
 
     def _init_weights(self):
-        """GPT-2 style: N(0, 0.02), residual output projections scaled by 1 / sqrt(2 n_layer)."""
+        """GPT-2 style: Linear and Embedding weights from N(0, 0.02), residual output projections
+        scaled by 1 / sqrt(2 n_layer), Linear biases 0. Convolutions (ShortConv, the LTE router)
+        keep their own init."""
+        # Differs from the paper's code: std 0.006 there, and the residual output projections drawn
+        # like PyTorch's default, divided by sqrt(2 n_layer).
         for name, p in self.named_parameters():
-            if p.ndim == 2 and "router" not in name:
+            if p.ndim == 2:
                 std = 0.02 / math.sqrt(2 * self.config.n_layer) if name.endswith(("o_proj.weight", "w2.weight")) else 0.02
                 nn.init.normal_(p, std=std)
         for m in self.modules():
             if isinstance(m, nn.Linear) and m.bias is not None:
                 nn.init.zeros_(m.bias)
 
-    def _check_idx(self, idx, check_range: bool = True):
-        if not isinstance(idx, torch.Tensor):
-            raise TypeError(f"idx must be a torch.Tensor of token ids, got {type(idx).__name__}")
-        if idx.is_floating_point() or idx.dtype == torch.bool or idx.is_complex():
-            raise TypeError(f"idx must hold integer token ids, got dtype {idx.dtype}")
-        if idx.ndim != 2 or idx.shape[0] == 0 or idx.shape[1] == 0:
-            raise ValueError(f"idx must be [B, T] with B >= 1 and T >= 1, got shape {tuple(idx.shape)}")
-        if check_range:
-            lo, hi = int(idx.min()), int(idx.max())
-            if lo < 0 or hi >= self.config.vocab_size:
-                raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got values in [{lo}, {hi}]")
-
-    def _check_targets(self, targets, idx):
-        """targets: integer ids shaped like idx, each in [0, vocab) or -100 (no loss there), and at
-        least one that is not -100 (a mean over no target is 0 / 0 = NaN)."""
-        if not isinstance(targets, torch.Tensor):
-            raise TypeError(f"targets must be None or a torch.Tensor of token ids, got {type(targets).__name__}")
-        if targets.is_floating_point() or targets.dtype == torch.bool or targets.is_complex():
-            raise TypeError(f"targets must hold integer token ids (or -100), got dtype {targets.dtype}")
-        if targets.shape != idx.shape:
-            raise ValueError(f"targets must be shaped like idx {tuple(idx.shape)}, got {tuple(targets.shape)}")
-        ignored = targets == -100
-        out_of_range = ~ignored & ((targets < 0) | (targets >= self.config.vocab_size))
-        n_bad, n_real = torch.stack([out_of_range.sum(), (~ignored).sum()]).tolist()   # one host sync
-        if n_bad:
-            bad = int(targets[out_of_range][0])
-            raise ValueError(f"targets must be in [0, {self.config.vocab_size}) or -100 (ignored), got {n_bad} "
-                             f"value(s) outside, e.g. {bad}")
-        if n_real == 0:
-            raise ValueError("targets are all -100 (ignored): there is nothing to learn from, the loss would be NaN")
-
     def forward(self, idx, targets=None, state: list | None = None):
         # one decoded token on the GPU: skip the range check, it would wait for the device
-        self._check_idx(idx, check_range=not (state is not None and idx.shape[1] == 1 and idx.is_cuda))
+        one_token_on_gpu = state is not None and idx.shape[1] == 1 and idx.is_cuda
+        _check_idx(idx, self.config.vocab_size, check_range=not one_token_on_gpu)
         if targets is not None:
-            self._check_targets(targets, idx)
-        if state is not None and len(state) != len(self.blocks):
-            raise ValueError(f"state must come from init_state ({len(self.blocks)} layers), got {len(state)}")
+            _check_targets(targets, idx, self.config.vocab_size)
         if state is not None:
-            held = next((t.shape[0] for t in state[0].values() if isinstance(t, torch.Tensor)), idx.shape[0])
-            if held != idx.shape[0]:
-                raise ValueError(f"state was made for batch size {held}, idx has batch size {idx.shape[0]}")
+            _check_state(state, len(self.blocks), idx.shape[0])
         x = self.wte(idx)
         for i, block in enumerate(self.blocks):
             x = block(x, None if state is None else state[i])
@@ -1440,26 +1525,34 @@ class TinyHybrid(nn.Module):
         self.last_losses = {"lm": lm_loss.detach(), "lte_penalty": penalty.detach()}
         return logits, lm_loss + penalty
 
+    def optimizer_groups(self, lr: float, weight_decay: float = 0.1) -> list[dict]:
+        """AdamW parameter groups of the recipe, the routers at config.lte_router_lr_scale * lr:
+        `torch.optim.AdamW(model.optimizer_groups(1e-3), betas=(0.9, 0.95))` (see `optimizer_groups`)."""
+        return optimizer_groups(self, lr, weight_decay, self.config.lte_router_lr_scale)
+
     # --- LTE training hooks ---
     def _lte_layers(self):
         return [(i, b.mixer) for i, b in enumerate(self.blocks) if isinstance(b.mixer, LTEAttention)]
 
     def lte_penalty(self):
-        """Sum over LTE layers of lambda_h * mean relu(r), from the last training forward (0 in eval)."""
+        """The L1 penalty [L4] of the last training forward, summed over the LTE layers (0 in eval).
+        forward(idx, targets) adds it to the loss itself; after forward(idx), add it to yours. It is
+        handed over once (a second call gives 0), so no layer keeps the autograd graph alive."""
         total = torch.zeros((), device=self.wte.weight.device)
-        if self.training:
-            for _, m in self._lte_layers():
-                total = total + m.last_penalty
+        for _, m in self._lte_layers():
+            total = total + m.take_penalty()
         return total
 
-    def update_lte_lambdas(self):
-        """Run the lambda controller of every LTE layer; call once per optimizer step."""
+    def update_lte_lambdas(self, count_step: bool = True):
+        """Run the lambda controller [L5] of every LTE layer; call once per optimizer step.
+        count_step=False: this step's forwards do not count (see LTEAttention.update_lambda)."""
         for _, m in self._lte_layers():
-            m.update_lambda()
+            m.update_lambda(count_step)
 
     def lte_stats(self) -> list[dict]:
         """Per LTE layer: retained tokens per sequence (last training forward) and lambda, per KV head."""
-        return [{"layer": i, "kept": m.last_kept.tolist(), "lambda": m.lam.tolist()} for i, m in self._lte_layers()]
+        return [{"layer": i, "kept": m.last_kept.tolist(), "lambda": m.l1_lambda.tolist()}
+                for i, m in self._lte_layers()]
 
     # --- decoding ---
     def init_state(self, batch_size: int, device=None, dtype=None) -> list[dict]:
@@ -1484,11 +1577,8 @@ class TinyHybrid(nn.Module):
                  generator: torch.Generator | None = None):
         """Prefill idx [B, T] once, then decode max_new_tokens one at a time (no recomputation of
         the past). temperature 0 is greedy. Returns [B, T + max_new_tokens]."""
-        self._check_idx(idx)
-        _check_int("max_new_tokens", max_new_tokens, low=0)
-        _check_real("temperature", temperature, lambda x: x >= 0, ">= 0 (0: greedy)")
-        if top_k is not None and (not _is_int(top_k) or top_k < 1):
-            raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+        _check_idx(idx, self.config.vocab_size)
+        _check_sampling(max_new_tokens, temperature, top_k)
         was_training = self.training
         self.eval()
         try:
@@ -1513,3 +1603,234 @@ class TinyHybrid(nn.Module):
             kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
         return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
+
+
+# =============================================================================================
+# 5. INPUT CHECKS: every public entry point names the argument, the value and what is allowed,
+#    before any work. kernels.py calls the ops' checks too, so that both reject alike.
+# =============================================================================================
+
+def _check_tensor(name: str, x, ndim: int, floating: bool = True) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(x.shape)}")
+    if floating and not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_int(name: str, value, low: int, note: str = "") -> None:
+    """A size or count: an int (not a bool) >= low."""
+    if not _is_int(value) or value < low:
+        allowed = "a positive int" if low == 1 else f"an int >= {low}"
+        raise ValueError(f"{name} must be {allowed}{note}, got {value!r}")
+
+
+def _check_real(name: str, value, ok, allowed: str) -> None:
+    """A rate or scale: a finite real number (not a bool) for which ok(value) holds."""
+    real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not real or not math.isfinite(value) or not ok(value):
+        raise ValueError(f"{name} must be a finite number {allowed}, got {value!r}")
+
+
+def _check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
+def _check_gdn(q, k, v, g, beta, initial_state) -> None:
+    """Argument checks of the Gated DeltaNet ops."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, x, 4)
+    _check_tensor("g", g, 3)
+    _check_tensor("beta", beta, 3)
+    B, T, H, K = k.shape
+    if q.shape != k.shape:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must have the same shape")
+    if v.shape[:3] != (B, T, H):
+        raise ValueError(f"v must be [B, T, H, V] = [{B}, {T}, {H}, V], got {tuple(v.shape)}")
+    for name, x in (("g", g), ("beta", beta)):
+        if x.shape != (B, T, H):
+            raise ValueError(f"{name} must be [B, T, H] = [{B}, {T}, {H}], got {tuple(x.shape)}")
+    if initial_state is not None:
+        _check_tensor("initial_state", initial_state, 4)
+        if initial_state.shape != (B, H, K, v.shape[3]):
+            raise ValueError(f"initial_state must be [B, H, K, V] = [{B}, {H}, {K}, {v.shape[3]}], "
+                             f"got {tuple(initial_state.shape)}")
+
+
+def _check_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """q [B, T, H, D], k/v [B, T, Hkv, D] with H % Hkv == 0."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, x, 4)
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on B, T and D")
+    if k.shape[2] == 0 or q.shape[2] % k.shape[2] != 0:
+        raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of key/value heads ({k.shape[2]})")
+
+
+def _check_window(window) -> None:
+    if window is not None and (not _is_int(window) or window < 0):
+        raise ValueError(f"window must be None or an int >= 0, got {window!r}")
+
+
+def _check_attention(q, k, v, window, keep) -> None:
+    """Argument checks of `attention`, shared with its Triton twin so both reject alike."""
+    _check_gqa(q, k, v)
+    _check_window(window)
+    if keep is not None and window is None:
+        raise ValueError("keep only makes sense with a window (full attention already sees every key)")
+    if keep is not None:
+        _check_keep(keep, q.shape[0], q.shape[1], k.shape[2])
+
+
+def _check_keep(keep, B: int, T: int, Hkv: int) -> None:
+    if not isinstance(keep, torch.Tensor):
+        raise TypeError(f"keep must be None or a tensor, got {type(keep).__name__}")
+    if keep.shape != (B, T, Hkv):
+        raise ValueError(f"keep must be [B, T, Hkv] = [{B}, {T}, {Hkv}], got {tuple(keep.shape)}")
+    if keep.dtype != torch.bool and (keep.is_floating_point() or keep.is_complex()):
+        raise TypeError(f"keep must be bool (kept forever) or integer (visible until), got {keep.dtype}")
+
+
+def _check_decode(q, k_cache, v_cache, valid) -> None:
+    """Argument checks of `attention_decode`, shared with its Triton twin."""
+    _check_tensor("q", q, 3)
+    _check_tensor("k_cache", k_cache, 4)
+    _check_tensor("v_cache", v_cache, 4)
+    B, H, D = q.shape
+    S, Hkv = k_cache.shape[1], k_cache.shape[2]
+    if k_cache.shape != (B, S, Hkv, D) or v_cache.shape != k_cache.shape or Hkv == 0 or H % Hkv:
+        raise ValueError(f"k_cache and v_cache must be [B, S, Hkv, D] with H % Hkv == 0; got q "
+                         f"{tuple(q.shape)}, k_cache {tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}")
+    if valid is not None and (not isinstance(valid, torch.Tensor) or valid.shape != (B, S, Hkv)
+                              or valid.dtype != torch.bool):
+        got = f"{valid.dtype} {tuple(valid.shape)}" if isinstance(valid, torch.Tensor) else type(valid).__name__
+        raise ValueError(f"valid must be bool [B, S, Hkv] = [{B}, {S}, {Hkv}], got {got}")
+    _check_decode_sees_a_slot(valid, B, S, H)
+
+
+def _check_decode_sees_a_slot(valid, B: int, S: int, H: int) -> None:
+    """Every query must see at least one slot: softmax over no key at all is 0 / 0 = NaN.
+
+    Reading `valid` is data-dependent (on CUDA it waits for the device), so it is skipped while a
+    CUDA graph is being captured, where no such wait is allowed; the mixers' own decoding always
+    holds the current token, so they never trip it."""
+    if B * H == 0:                                     # no query at all: nothing to attend to
+        return
+    if valid is None:
+        if S == 0:
+            raise ValueError("k_cache has no slots (S = 0): the query would attend to nothing")
+        return
+    if _capturing_cuda_graph(valid):
+        return
+    sees = valid.any(dim=1)                                                     # [B, Hkv]
+    if not bool(sees.all()):
+        b, h = (int(i) for i in (~sees).nonzero()[0])
+        raise ValueError(f"valid has no True slot for batch row {b}, KV head {h}: its queries would "
+                         f"attend to nothing (softmax over no key is NaN); each needs at least one valid slot")
+
+
+def _capturing_cuda_graph(t: torch.Tensor) -> bool:
+    """True while a CUDA graph captures work on t's device (then no host may read device data)."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _check_nsa_selection(top_n, n_recent) -> None:
+    if top_n < n_recent + 1:
+        raise ValueError(f"top_n ({top_n}) must be at least n_recent + 1 = {n_recent + 1}: "
+                         f"the first and the recent blocks are always selected")
+
+
+def _check_router_convs(kernel_sizes, dilations) -> None:
+    """The router's convolutions: one dilation per kernel; odd kernels, so that 'same' padding
+    centres each score on its token."""
+    if len(kernel_sizes) != len(dilations) or not kernel_sizes:
+        raise ValueError(f"lte_kernel_sizes {kernel_sizes} and lte_dilations {dilations} must be "
+                         f"non-empty and of the same length")
+    if any(k < 1 or k % 2 == 0 for k in kernel_sizes) or any(d < 1 for d in dilations):
+        raise ValueError(f"lte_kernel_sizes must be odd and >= 1 ('same' padding), dilations >= 1; "
+                         f"got {kernel_sizes}, {dilations}")
+
+
+def _check_lte_rule(scores, window, sink, buffer) -> None:
+    """Argument checks of `lte_visible_until`, shared with its Triton twin so both reject alike."""
+    _check_tensor("scores", scores, 3)
+    if scores.shape[0] < 1 or scores.shape[1] < 1 or scores.shape[2] < 1:
+        raise ValueError(f"scores must be [B, T, Hkv] with every size >= 1, got {tuple(scores.shape)}")
+    for name, value in (("window", window), ("sink", sink), ("buffer", buffer)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+
+
+def _check_mixer_input(x, d_model: int) -> None:
+    """What every mixer takes: a floating tensor x [B, T, C] with B >= 1, T >= 1 and C = d_model."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor [B, T, C], got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+    if x.ndim != 3 or x.shape[0] < 1 or x.shape[1] < 1 or x.shape[2] != d_model:
+        raise ValueError(f"x must be [B, T, C] with B >= 1, T >= 1 and C = d_model = {d_model}, "
+                         f"got shape {tuple(x.shape)}")
+
+
+def _check_preset(name, overrides) -> None:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; allowed: {sorted(PRESETS)}")
+    if "layers" in overrides:
+        raise ValueError("a preset sets layers itself; build Config(layers=...) directly instead")
+
+
+def _check_idx(idx, vocab_size: int, check_range: bool = True) -> None:
+    if not isinstance(idx, torch.Tensor):
+        raise TypeError(f"idx must be a torch.Tensor of token ids, got {type(idx).__name__}")
+    if idx.is_floating_point() or idx.dtype == torch.bool or idx.is_complex():
+        raise TypeError(f"idx must hold integer token ids, got dtype {idx.dtype}")
+    if idx.ndim != 2 or idx.shape[0] == 0 or idx.shape[1] == 0:
+        raise ValueError(f"idx must be [B, T] with B >= 1 and T >= 1, got shape {tuple(idx.shape)}")
+    if check_range:
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"token ids must be in [0, {vocab_size}), got values in [{lo}, {hi}]")
+
+
+def _check_targets(targets, idx, vocab_size: int) -> None:
+    """targets: integer ids shaped like idx, each in [0, vocab) or -100 (no loss there), and at
+    least one that is not -100 (a mean over no target is 0 / 0 = NaN)."""
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"targets must be None or a torch.Tensor of token ids, got {type(targets).__name__}")
+    if targets.is_floating_point() or targets.dtype == torch.bool or targets.is_complex():
+        raise TypeError(f"targets must hold integer token ids (or -100), got dtype {targets.dtype}")
+    if targets.shape != idx.shape:
+        raise ValueError(f"targets must be shaped like idx {tuple(idx.shape)}, got {tuple(targets.shape)}")
+    ignored = targets == -100
+    out_of_range = ~ignored & ((targets < 0) | (targets >= vocab_size))
+    n_bad, n_real = torch.stack([out_of_range.sum(), (~ignored).sum()]).tolist()   # one host sync
+    if n_bad:
+        bad = int(targets[out_of_range][0])
+        raise ValueError(f"targets must be in [0, {vocab_size}) or -100 (ignored), got {n_bad} "
+                         f"value(s) outside, e.g. {bad}")
+    if n_real == 0:
+        raise ValueError("targets are all -100 (ignored): there is nothing to learn from, the loss would be NaN")
+
+
+def _check_state(state, n_layers: int, batch_size: int) -> None:
+    """A decoding state from TinyHybrid.init_state, for this model and batch size."""
+    if len(state) != n_layers:
+        raise ValueError(f"state must come from init_state ({n_layers} layers), got {len(state)}")
+    held = next((t.shape[0] for t in state[0].values() if isinstance(t, torch.Tensor)), batch_size)
+    if held != batch_size:
+        raise ValueError(f"state was made for batch size {held}, idx has batch size {batch_size}")
+
+
+def _check_sampling(max_new_tokens, temperature, top_k) -> None:
+    _check_int("max_new_tokens", max_new_tokens, low=0)
+    _check_real("temperature", temperature, lambda x: x >= 0, ">= 0 (0: greedy)")
+    if top_k is not None and (not _is_int(top_k) or top_k < 1):
+        raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")

@@ -641,7 +641,8 @@ def model_config(preset: str, args, vocab_size: int, **overrides):
                     window=args.window, lte_sink=4,
                     lte_buffer=args.lte_buffer, lte_lambda_init=args.lte_lambda_init,
                     lte_lambda_every=args.lte_lambda_every, nsa_block=args.window // 4, nsa_topn=args.nsa_topn,
-                    lte_train_cap=args.lte_train_cap, gdn_chunk_size=64, key_conv=args.key_conv,
+                    lte_train_cap=args.lte_train_cap, lte_router_lr_scale=args.lte_router_lr,
+                    gdn_chunk_size=64, key_conv=args.key_conv,
                     use_triton=args.use_triton)
     settings.update(overrides)
     return Config.preset(preset, **settings)
@@ -690,17 +691,6 @@ def recall_loss(logits: torch.Tensor, batch: dict, answer_weight: float) -> torc
     return (ce * weight).sum() / weight.sum().clamp(min=1)
 
 
-def param_groups(model, args) -> list[dict]:
-    """AdamW groups: weight decay on matrices only; the LTE routers apart, at a fraction of the
-    learning rate and without decay. A router as fast as the rest ranks the recall values below the
-    text within a few hundred steps of Shakespeare and never recovers (README, "What LTE needed here")."""
-    named = list(model.named_parameters())
-    is_router = lambda name: ".router." in name
-    return [{"params": [p for n, p in named if p.ndim >= 2 and not is_router(n)], "weight_decay": 0.1, "lr_scale": 1.0},
-            {"params": [p for n, p in named if p.ndim < 2 and not is_router(n)], "weight_decay": 0.0, "lr_scale": 1.0},
-            {"params": [p for n, p in named if is_router(n)], "weight_decay": 0.0, "lr_scale": args.lte_router_lr}]
-
-
 def save_atomic(obj, path: Path) -> None:
     """torch.save to a temporary file, then rename: a crash never leaves half a checkpoint."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -721,7 +711,8 @@ def train_model(preset: str, args, tokens: np.ndarray, vocab_size: int, device: 
 
     torch.manual_seed(args.seed)
     model = TinyHybrid(model_config(preset, args, vocab_size, **overrides)).to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, args), lr=args.lr, betas=(0.9, 0.95))
+    # weight decay on matrices only; the LTE routers at --lte-router-lr times the rate, undecayed
+    optimizer = torch.optim.AdamW(model.optimizer_groups(args.lr, weight_decay=0.1), betas=(0.9, 0.95))
     path = checkpoint_path(args.out, preset + tag)
     start, history, schedule_steps = 0, [], args.steps
     if args.resume and path.exists():
@@ -755,10 +746,9 @@ def train_model(preset: str, args, tokens: np.ndarray, vocab_size: int, device: 
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
-            if task_for_step(step, args, schedule_steps) == "haystack":
-                # The controller compares kept tokens per sequence with b, which means something only
-                # at the training length: short drills and passages would walk lambda to its floor.
-                model.update_lte_lambdas()
+            # The controller compares kept tokens per sequence with b, which means something only at
+            # the training length: short drills and passages would walk lambda to its floor.
+            model.update_lte_lambdas(count_step=task_for_step(step, args, schedule_steps) == "haystack")
             mask = batch["answer_mask"]
             hits = (logits.detach()[mask].argmax(-1) == batch["targets"][mask]).float()
             recent.append((loss.item(), hits.sum().item(), hits.numel()))
