@@ -1546,7 +1546,7 @@ def main(argv=None) -> None:
     sampler = "gdn+lte" if "gdn+lte" in models else args.models[0]
     sample = {"model": sampler, **sample_text(models[sampler], enc, val_tokens, args, device)}
     print(f"\n{sampler}, sampled token by token through its decoding state (temperature 0.8, top-k 40; the "
-          f"recall task's key and value tokens masked out)\n--- prompt (from the held-out text) ---\n"
+          f"recall task's key and value tokens and control bytes masked out)\n--- prompt (from the held-out text) ---\n"
           f"{sample['prompt']}\n--- continuation (written by {sampler}) ---\n{sample['continuation']}\n---")
     sweep = state_sweep(args, tokens, val_tokens, enc.n_vocab, device) if args.sweep_state else []
     wall = time.perf_counter() - wall_start
