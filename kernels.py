@@ -36,6 +36,7 @@ import importlib.util
 import os
 import sys
 import time
+import traceback
 import warnings
 
 import torch
@@ -2325,6 +2326,35 @@ def lte_visible_until(scores, window: int, sink: int, buffer: int):
 # =============================================================================================
 # 2. Checks: every kernel against its reference (`python kernels.py`)
 # =============================================================================================
+# Every check prints max_rel_error = max |x - ref| / max |ref| of each output and gradient, the
+# reference computing in float32 on the same (rounded) inputs, and passes when all stay below:
+#   float32  1e-4 (exact products, the precision rule: kernel and reference differ only in the
+#            order of their float32 sums); 1e-2 when the caller allowed tf32 (10-bit mantissas);
+#   16-bit   2e-2 for the softmax ops (inputs, P and dS rounded to 8 bits in bf16), 3e-2 for Gated
+#            DeltaNet (W, U', the chunk states and their gradients are stored in the input dtype
+#            too, and the delta rule's v - S^T k cancels, which amplifies those roundings);
+#   decoding 1e-5 / 1e-2: one forward, no gradients.
+
+def max_rel_error(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |x - ref| / max |ref| over the whole tensor (NaN anywhere counts as an infinite error)."""
+    err = (x.double() - ref.double()).abs().max().item()
+    return err / max(ref.double().abs().max().item(), 1e-30) if err == err else float("inf")
+
+
+def _limit(dtype: torch.dtype, low_precision: float, exact: float = 1e-4) -> float:
+    """The pass mark of a check (see above) for inputs of `dtype`."""
+    if dtype != torch.float32:
+        return low_precision
+    return 1e-2 if _tf32_allowed() else exact
+
+
+def _report(label: str, errs, limit: float, note: str = "") -> bool:
+    """Print one case's errors, FAIL past the limit; True when it passed."""
+    good = max(errs) < limit
+    print(f"  {label} " + " ".join(f"{e:.1e}" for e in errs) + note + ("" if good else f"  FAIL (limit {limit:.0e})"),
+          flush=True)
+    return good
+
 
 def _gdn_random_inputs(B, T, H, K, V, dtype, device, decay=(-0.1, -0.01), seed=0):
     """Inputs like a GDN layer makes them: L2-normalised q, k; v ~ N(0, 1); log decays g uniform
@@ -2342,21 +2372,16 @@ def _gdn_random_inputs(B, T, H, K, V, dtype, device, decay=(-0.1, -0.01), seed=0
     return q, k, v, g, beta
 
 
-def _rel_err(a, b) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
-def check_gdn(device=None, shapes=None, verbose=True):
-    """Kernel vs `tiny_hybrid.gated_delta_rule` (output, final state, the gradients of q, k, v, g,
-    beta, initial_state) on random inputs, float32 and bf16. Prints and returns rows of
-    (case, {name: ||out - ref|| / ||ref||}). float32 runs with exact products (the precision rule)."""
-    device = device or ("cpu" if INTERPRET else "cuda")
-    shapes = shapes or ([(1, 100, 2, 16, 16, 32)] if INTERPRET else
-                        [(2, 1000, 4, 64, 64, 64), (2, 777, 4, 128, 128, 64), (1, 300, 2, 48, 96, 32)])
-    rows = []
+def check_gdn() -> bool:
+    """gated_delta_rule vs tiny_hybrid.gated_delta_rule on random inputs, float32 and bf16: the
+    output, the final state and the gradients of q, k, v, g, beta and the initial state."""
+    device = "cpu" if INTERPRET else "cuda"
+    shapes = [(1, 100, 2, 16, 16, 32)] if INTERPRET else \
+        [(2, 1000, 4, 64, 64, 64), (2, 777, 4, 128, 128, 64), (1, 300, 2, 48, 96, 32)]   # (B, T, H, K, V, L)
+    print("gated_delta_rule vs tiny_hybrid.gated_delta_rule: max_rel_error of o, state, dq, dk, dv, dg, dbeta, dh0")
+    ok = True
     for dtype in (torch.float32, torch.bfloat16):
-        for (B, T, H, K, V, L) in shapes:
+        for B, T, H, K, V, L in shapes:
             q, k, v, g, beta = _gdn_random_inputs(B, T, H, K, V, dtype, device, decay=(-1., -0.01))
             h0 = torch.randn(B, H, K, V, device=device)
             ins = [x.clone().requires_grad_() for x in (q, k, v, g, beta, h0)]
@@ -2366,23 +2391,10 @@ def check_gdn(device=None, shapes=None, verbose=True):
             do, dht = torch.randn_like(o_ref), torch.randn_like(ht_ref)
             ((o.float() * do.float()).sum() + (ht * dht).sum()).backward()
             ((o_ref.float() * do.float()).sum() + (ht_ref * dht).sum()).backward()
-            errs = {"o": _rel_err(o, o_ref), "state": _rel_err(ht, ht_ref)}
-            for name, x, r in zip(("dq", "dk", "dv", "dg", "dbeta", "dh0"), ins, refs):
-                errs[name] = _rel_err(x.grad, r.grad)
-            case = f"{str(dtype)[6:]:8s} B={B} T={T} H={H} K={K} V={V} L={L}"
-            rows.append((case, errs))
-            if verbose:
-                print(f"{case}  " + "  ".join(f"{n} {e:.1e}" for n, e in errs.items()))
-    return rows
-
-
-def check_gdn_passes() -> bool:
-    """check_gdn with pass/fail: float32 within 1e-4 (exact products; 1e-2 with tf32 allowed),
-    bf16 within 3e-2."""
-    ok = True
-    for case, errs in check_gdn():
-        limit = (1e-2 if _tf32_allowed() else 1e-4) if case.startswith("float32") else 3e-2
-        ok &= all(e < limit for e in errs.values())
+            errs = [max_rel_error(o, o_ref), max_rel_error(ht, ht_ref)]
+            errs += [max_rel_error(x.grad, r.grad) for x, r in zip(ins, refs)]
+            ok &= _report(f"B={B} T={T:5d} H={H} K={K:3d} V={V:3d} L={L} {str(dtype)[6:]:8s}", errs,
+                          _limit(dtype, 3e-2))
     return ok
 
 
@@ -2400,15 +2412,8 @@ def _random_keep(kind, B: int, T: int, Hkv: int, device, p: float = 0.15):
     return torch.where(forever, torch.iinfo(torch.int32).max, until)
 
 
-def _relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """max |x - ref| / max |ref| (NaN anywhere counts as an infinite error)."""
-    err = (x.double() - ref.double()).abs().max().item()
-    return err / max(ref.double().abs().max().item(), 1e-30) if err == err else float("inf")
-
-
 def _attention_case(B, T, H, Hkv, D, window, keep_kind, dtype, device):
-    """Relative errors of o, dq, dk, dv of kernels.attention against tiny_hybrid.attention."""
-    import tiny_hybrid
+    """max_rel_error of o, dq, dk, dv of kernels.attention against tiny_hybrid.attention."""
     q = torch.randn(B, T, H, D, device=device, dtype=dtype, requires_grad=True)
     k = torch.randn(B, T, Hkv, D, device=device, dtype=dtype, requires_grad=True)
     v = torch.randn(B, T, Hkv, D, device=device, dtype=dtype, requires_grad=True)
@@ -2420,11 +2425,11 @@ def _attention_case(B, T, H, Hkv, D, window, keep_kind, dtype, device):
     qf, kf, vf = (x.detach().float().requires_grad_() for x in (q, k, v))
     o_ref = tiny_hybrid.attention(qf, kf, vf, window, keep)
     grads_ref = torch.autograd.grad(o_ref, (qf, kf, vf), do.float())
-    return [_relative_error(a, b) for a, b in zip((o,) + grads, (o_ref,) + grads_ref)]
+    return [max_rel_error(a, b) for a, b in zip((o,) + grads, (o_ref,) + grads_ref)]
 
 
 def check_attention() -> bool:
-    """Kernel vs reference on random inputs; prints the relative max error of o, dq, dk, dv."""
+    """attention vs tiny_hybrid.attention on random inputs: o, dq, dk, dv."""
     device = "cpu" if INTERPRET else "cuda"
     f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
     if INTERPRET:  # (B, T, H, Hkv, D, window, keep, dtype)
@@ -2434,67 +2439,76 @@ def check_attention() -> bool:
                  (1, 1000, 4, 4, 64, None, None, bf16), (2, 600, 4, 1, 64, 64, None, f16),
                  (1, 500, 4, 2, 32, 50, "random", f32), (1, 700, 2, 1, 128, 200, "random", f16)]
     ok = True
-    print("attention vs tiny_hybrid.attention: relative max error of o, dq, dk, dv")
+    print("attention vs tiny_hybrid.attention: max_rel_error of o, dq, dk, dv")
     for B, T, H, Hkv, D, window, keep, dtype in cases:
         errs = _attention_case(B, T, H, Hkv, D, window, keep, dtype, device)
-        limit = 1e-4 if dtype == f32 else 2e-2  # 16-bit: rounding of inputs, P and dS to 8/11 bits
-        ok &= max(errs) < limit
-        print(f"  B={B} T={T:5d} H={H} Hkv={Hkv} D={D:3d} window={str(window):4s} keep={str(keep):6s} "
-              f"{str(dtype)[6:]:8s} " + " ".join(f"{e:.1e}" for e in errs) + ("" if max(errs) < limit else "  FAIL"))
+        ok &= _report(f"B={B} T={T:5d} H={H} Hkv={Hkv} D={D:3d} window={str(window):4s} keep={str(keep):6s} "
+                      f"{str(dtype)[6:]:8s}", errs, _limit(dtype, 2e-2))
     return ok
 
 
 def check_attention_decode() -> bool:
-    """Decode kernel vs reference, with invalid slots and a long cache (the split-K path)."""
-    import tiny_hybrid
+    """attention_decode vs tiny_hybrid.attention_decode, with invalid slots and a long cache (the
+    split-K path)."""
     device = "cpu" if INTERPRET else "cuda"
     cases = [(2, 4, 2, 16, 100)] if INTERPRET else [(3, 8, 2, 64, 5000), (2, 32, 2, 128, 333), (4, 8, 8, 64, 70000)]
     ok = True
-    print("attention_decode vs tiny_hybrid.attention_decode: relative max error")
+    print("attention_decode vs tiny_hybrid.attention_decode: max_rel_error of o")
     for B, H, Hkv, D, S in cases:
         for dtype in (torch.float32, torch.bfloat16):
             q = torch.randn(B, H, D, device=device, dtype=dtype)
             kc, vc = (torch.randn(B, S, Hkv, D, device=device, dtype=dtype) for _ in range(2))
             valid = torch.rand(B, S, Hkv, device=device) < 0.7
-            err = _relative_error(attention_decode(q, kc, vc, valid), tiny_hybrid.attention_decode(q, kc, vc, valid))
-            limit = 1e-5 if dtype == torch.float32 else 1e-2
-            ok &= err < limit
-            print(f"  B={B} H={H} Hkv={Hkv} D={D} S={S:6d} {str(dtype)[6:]:8s} {err:.1e}" + ("" if err < limit else "  FAIL"))
+            err = max_rel_error(attention_decode(q, kc, vc, valid), tiny_hybrid.attention_decode(q, kc, vc, valid))
+            ok &= _report(f"B={B} H={H} Hkv={Hkv} D={D:3d} S={S:6d} {str(dtype)[6:]:8s}", [err],
+                          _limit(dtype, 1e-2, exact=1e-5))
     return ok
 
 
-def _nsa_case(B, T, H, Hkv, D, block, top_n, dtype, device):
-    """Relative errors against tiny_hybrid (on the same rounded inputs, in float32) of: compressed
-    o, lse, dq, dk_cmp, dv_cmp; block scores; selected o, dq, dk, dv; and the fraction of
-    (token, KV head) selections that differ between the kernel's scores and the reference's."""
+def _nsa_inputs(B, T, H, Hkv, D, block, top_n, dtype, device):
+    """Random q, k, v, do, dlse and their compressed blocks, and the blocks the reference selects."""
     q, k, v, do = (torch.randn(B, T, h, D, device=device, dtype=dtype) for h in (H, Hkv, Hkv, H))
     dlse = torch.randn(B, T, H, device=device)
     k_cmp, v_cmp = tiny_hybrid.nsa_compress(k, block), tiny_hybrid.nsa_compress(v, block)
-    errs = []
+    _, lse_ref = tiny_hybrid.nsa_compressed_attention(q.float(), k_cmp.float(), v_cmp.float(), block)
+    scores_ref = tiny_hybrid.nsa_block_scores(q.float(), k_cmp.float(), lse_ref, block)
+    block_idx = tiny_hybrid.nsa_select_blocks(scores_ref, block, top_n)
+    return q, k, v, do, dlse, k_cmp, v_cmp, lse_ref, scores_ref, block_idx
+
+
+def _nsa_selected_grads(ops, q, k, v, do, block_idx, block):
+    """o and dq, dk, dv of ops.nsa_selected_attention (this module's or tiny_hybrid's, which gets
+    float32 inputs)."""
+    cast = (lambda x: x.float()) if ops is tiny_hybrid else (lambda x: x)
+    leaves = [cast(x).detach().requires_grad_() for x in (q, k, v)]
+    o = ops.nsa_selected_attention(*leaves, block_idx, block)
+    return [o, *torch.autograd.grad(o, leaves, cast(do))]
+
+
+def _nsa_case(B, T, H, Hkv, D, block, top_n, dtype, device):
+    """max_rel_error against tiny_hybrid of: compressed o, lse, dq, dk_cmp, dv_cmp; block scores;
+    selected o, dq, dk, dv; and the fraction of (token, KV head) selections that differ between
+    the kernel's scores and the reference's."""
+    q, k, v, do, dlse, k_cmp, v_cmp, lse_ref, scores_ref, block_idx = _nsa_inputs(B, T, H, Hkv, D, block, top_n,
+                                                                                dtype, device)
     outs = []
     for ops, cast in ((sys.modules[__name__], lambda x: x), (tiny_hybrid, lambda x: x.float())):
         leaves = [cast(x).detach().requires_grad_() for x in (q, k_cmp, v_cmp)]
         o, lse = ops.nsa_compressed_attention(*leaves, block)
         loss = (o.float() * do.float()).sum() + (torch.where(lse.isfinite(), lse, 0.0) * dlse).sum()
         outs.append([o, lse, *torch.autograd.grad(loss, leaves)])
-    errs += [_relative_error(a.float().nan_to_num(neginf=0.0), b.nan_to_num(neginf=0.0)) for a, b in zip(*outs)]
-    lse_ref = outs[1][1]
+    errs = [max_rel_error(a.float().nan_to_num(neginf=0.0), b.nan_to_num(neginf=0.0)) for a, b in zip(*outs)]
     scores = nsa_block_scores(q, k_cmp, lse_ref, block)
-    scores_ref = tiny_hybrid.nsa_block_scores(q.float(), k_cmp.float(), lse_ref, block)
-    errs.append(_relative_error(scores, scores_ref))
-    block_idx = tiny_hybrid.nsa_select_blocks(scores_ref, block, top_n)
+    errs.append(max_rel_error(scores, scores_ref))
     differ = (tiny_hybrid.nsa_select_blocks(scores, block, top_n).sort(-1).values != block_idx.sort(-1).values)
-    outs = []
-    for ops, cast in ((sys.modules[__name__], lambda x: x), (tiny_hybrid, lambda x: x.float())):
-        leaves = [cast(x).detach().requires_grad_() for x in (q, k, v)]
-        o = ops.nsa_selected_attention(*leaves, block_idx, block)
-        outs.append([o, *torch.autograd.grad(o, leaves, cast(do))])
-    errs += [_relative_error(a, b) for a, b in zip(*outs)]
+    errs += [max_rel_error(a, b) for a, b in zip(_nsa_selected_grads(sys.modules[__name__], q, k, v, do, block_idx,
+                                                                     block),
+                                                 _nsa_selected_grads(tiny_hybrid, q, k, v, do, block_idx, block))]
     return errs, differ.any(-1).float().mean().item()
 
 
 def check_nsa() -> bool:
-    """NSA kernels vs reference; prints the relative max error of each output and gradient."""
+    """The NSA kernels vs tiny_hybrid: every output and gradient, and the blocks their scores pick."""
     device = "cpu" if INTERPRET else "cuda"
     f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
     if INTERPRET:  # (B, T, H, Hkv, D, block, top_n, dtype)
@@ -2503,25 +2517,65 @@ def check_nsa() -> bool:
         cases = [(2, 2000, 32, 2, 64, 64, 16, bf16), (1, 777, 8, 2, 128, 32, 8, f16),
                  (2, 500, 4, 4, 32, 16, 5, f32), (1, 600, 2, 1, 64, 16, 6, bf16)]
     names = "cmp: o lse dq dkc dvc | scores | slc: o dq dk dv"
-    print(f"NSA vs tiny_hybrid: relative max error of {names}; share of selections that differ")
+    print(f"NSA vs tiny_hybrid: max_rel_error of {names}; share of selections that differ")
     ok = True
     for B, T, H, Hkv, D, block, top_n, dtype in cases:
         errs, differ = _nsa_case(B, T, H, Hkv, D, block, top_n, dtype, device)
-        limit = 1e-4 if dtype == f32 else 2e-2  # as check_attention
         # 16-bit: the kernel's scores come from the same rounded inputs, but near-ties may flip.
-        good = max(errs) < limit and differ < (1e-6 if dtype == f32 else 1e-2)
-        ok &= good
-        print(f"  B={B} T={T:5d} H={H:2d} Hkv={Hkv} D={D:3d} l={block} n={top_n:2d} {str(dtype)[6:]:8s} "
-              + " ".join(f"{e:.1e}" for e in errs) + f" | differ {differ:.1e}" + ("" if good else "  FAIL"))
+        same_blocks = differ < (1e-6 if dtype == f32 else 1e-2)
+        ok &= _report(f"B={B} T={T:5d} H={H:2d} Hkv={Hkv} D={D:3d} l={block} n={top_n:2d} {str(dtype)[6:]:8s}",
+                      errs, _limit(dtype, 2e-2), f" | differ {differ:.1e}" + ("" if same_blocks else "  FAIL"))
+        ok &= same_blocks
+    return ok
+
+
+def check_nsa_selected_stages() -> bool:
+    """NSA's selected-branch forward and dQ kernels run with num_stages=1 (NSA_GPU_BLOCKS["slc"]),
+    the setting that gave wrong bf16 gradients and illegal memory accesses in Gated DeltaNet's
+    backward (Triton 3.6, H200; _gdn_num_stages). Here, at several shapes (G = 1 to 16, D = 64 and
+    128, blocks of 16 to 64, ragged T), bf16 forward + backward three times over: o, dq, dk, dv
+    against the float32 reference, and o, dq (the two kernels the setting launches; no atomics)
+    against the same launches with num_stages=3, which must agree (pipelining moves loads, not
+    arithmetic). A fault raises here: this check runs last. The interpreter ignores num_stages:
+    there it only runs the check's code, once, on a small case."""
+    tables = NSA_INTERPRETER_BLOCKS if INTERPRET else NSA_GPU_BLOCKS
+    stages_now = NSA_GPU_BLOCKS["slc"]["num_stages"]
+    device = "cpu" if INTERPRET else "cuda"
+    repeats = 1 if INTERPRET else 3
+    cases = [(1, 48, 4, 2, 16, 8, 3)] if INTERPRET else [      # (B, T, H, Hkv, D, block, top_n)
+        (2, 2000, 32, 2, 64, 64, 16), (1, 4100, 16, 1, 128, 64, 16), (2, 1500, 8, 2, 64, 32, 8),
+        (1, 1000, 4, 2, 128, 16, 6), (2, 777, 2, 2, 64, 16, 5), (1, 3000, 6, 2, 64, 64, 4)]
+    print(f"nsa_selected_attention, bf16, num_stages={stages_now} (the table's) vs the reference and vs "
+          f"num_stages=3: max_rel_error of o, dq, dk, dv | of o, dq; each run {repeats}x")
+    ok = True
+    for B, T, H, Hkv, D, block, top_n in cases:
+        q, k, v, do, _, _, _, _, _, block_idx = _nsa_inputs(B, T, H, Hkv, D, block, top_n, torch.bfloat16, device)
+        ref = _nsa_selected_grads(tiny_hybrid, q, k, v, do, block_idx, block)
+        table, runs = dict(tables["slc"]), {}
+        try:
+            for stages in (stages_now, 3):
+                tables["slc"] = dict(table, num_stages=stages)
+                runs[stages] = [_nsa_selected_grads(sys.modules[__name__], q, k, v, do, block_idx, block)
+                                for _ in range(repeats)]
+                if not INTERPRET:
+                    torch.cuda.synchronize()  # an illegal memory access surfaces here at the latest
+        finally:
+            tables["slc"] = table
+        vs_ref = [max(max_rel_error(x, r) for x in runs_of_one) for runs_of_one, r in zip(zip(*runs[stages_now]), ref)]
+        vs_3 = max(max_rel_error(x, y) for a, b in zip(runs[stages_now], runs[3])
+                   for x, y in zip(a[:2], b[:2]))
+        ok &= _report(f"B={B} T={T:5d} H={H:2d} Hkv={Hkv} D={D:3d} l={block} n={top_n:2d}", vs_ref, 2e-2)
+        ok &= _report(f"{'':40s} vs num_stages=3:", [vs_3], 1e-3)
     return ok
 
 
 def check_lte_rule() -> bool:
-    """kernels.lte_visible_until equals the reference exactly (random and tied scores, long T)."""
+    """lte_visible_until equals tiny_hybrid.lte_visible_until exactly (random and tied scores, long T)."""
     device = "cpu" if INTERPRET else "cuda"
     cases = [(2, 300, 2, 7, 4, 16)]
     if not INTERPRET:
         cases += [(4, 2048, 2, 512, 4, 256), (4, 8192, 2, 512, 4, 256), (1, 65536, 2, 512, 4, 256)]
+    print("lte_visible_until vs tiny_hybrid.lte_visible_until: equal?")
     ok = True
     for B, T, Hkv, w, s, b in cases:
         g = torch.Generator().manual_seed(T)
@@ -2531,13 +2585,14 @@ def check_lte_rule() -> bool:
             same = all(torch.equal(x, y) for x, y in zip(lte_visible_until(scores, w, s, b),
                                                          tiny_hybrid.lte_visible_until(scores, w, s, b)))
             ok &= same
-            print(f"lte_visible_until {name:6s} B={B} T={T} Hkv={Hkv} w={w} s={s} b={b}: "
-                  f"{'equal' if same else 'DIFFERENT'}", flush=True)
+            print(f"  {name:6s} B={B} T={T:5d} Hkv={Hkv} w={w} s={s} b={b}: {'equal' if same else 'DIFFERENT  FAIL'}",
+                  flush=True)
     return ok
 
 
-# Each returns True when every case passes; in the order of the sections above.
-CHECKS = [check_gdn_passes, check_attention, check_attention_decode, check_nsa, check_lte_rule]
+# Each returns True when every case passes; in the order of the sections above, then the
+# num_stages=1 check, last because a fault would end the process.
+CHECKS = [check_gdn, check_attention, check_attention_decode, check_nsa, check_lte_rule, check_nsa_selected_stages]
 
 
 def main() -> None:
@@ -2557,7 +2612,13 @@ def main() -> None:
         parser.error(f"--budget-s must be > 0, got {args.budget_s}")
     start = time.time()
     torch.manual_seed(0)
-    ok = all([check() for check in CHECKS])
+    ok = True
+    for check in CHECKS:
+        try:
+            ok &= check()
+        except Exception:  # one broken check should not hide the others' results
+            traceback.print_exc()
+            ok = False
     print("checks:", "all passed" if ok else "FAILED", flush=True)
     if args.check_only or INTERPRET:
         if INTERPRET and not args.check_only:
