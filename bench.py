@@ -299,7 +299,7 @@ def _visible_pairs(T: int, window, keep) -> float:
 
 def tune_kernel_attention(T: int = 8192, Hkv: int = 8) -> list[dict]:
     """Try a few block configurations of each attention kernel on the LTE pattern; keep the fastest
-    in kernels.GPU_BLOCKS for the rest of the run (and print them, to be written into that table)."""
+    in kernels.ATTENTION_GPU_BLOCKS for the rest of the run (and print them, to be written into that table)."""
     import kernels
     B, H, D, window = 4, 8, 64, 512
     q, k, v, do = (torch.randn(B, T, h, D, device="cuda", dtype=torch.bfloat16, requires_grad=x != "do")
@@ -310,7 +310,7 @@ def tune_kernel_attention(T: int = 8192, Hkv: int = 8) -> list[dict]:
         "dq": [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 5)],
         "dkdv": [(64, 128, 8, 3), (32, 128, 4, 5), (64, 64, 4, 3), (64, 128, 4, 3)],
     }
-    table = kernels.GPU_BLOCKS
+    table = kernels.ATTENTION_GPU_BLOCKS
     rows = []
     for kernel, options in candidates.items():
         timings = []

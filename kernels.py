@@ -672,8 +672,12 @@ def _gdn_num_stages(x: torch.Tensor) -> int:
 
 
 def _gdn_ut(k, g, beta, L, precision):
-    """Launch steps 3-4a: returns gamma [B*H, T_pad] and T [B*H, T_pad, L], both float32 (T is rounded
-    only once, when it is scaled into W and U')."""
+    """Launch steps 3-4a: returns gamma [B*H, T_pad] and A_inv [B*H, T_pad, L], both float32
+    (A_inv is rounded only once, when it is scaled into W and U'). Launch settings: BLOCK_K <= 64
+    keeps only [L, L] tiles and a [L, 64] slice of K live, so that several programs share a
+    multiprocessor and hide the solve's chain of small products (this kernel of its own took the
+    UT transform from 0.93 to 0.40 ms at K = 128, T = 16K on the H200); num_warps=4 is an untuned
+    default."""
     B, T, H, K = k.shape
     N = triton.cdiv(T, L)
     T_pad = N * L                                                 # T padded to whole chunks
@@ -686,7 +690,8 @@ def _gdn_ut(k, g, beta, L, precision):
 
 
 def _gdn_wy(k, v, beta, gamma, a_inv, L, precision):
-    """Launch step 4b: returns W [B*H, T_pad, K] and U' [B*H, T_pad, V] in the work dtype."""
+    """Launch step 4b: returns W [B*H, T_pad, K] and U' [B*H, T_pad, V] in the work dtype.
+    Launch settings (64-wide slices, 4 warps): untuned defaults."""
     B, T, H, K = k.shape
     V = v.shape[3]
     T_pad = gamma.shape[1]
@@ -699,7 +704,9 @@ def _gdn_wy(k, v, beta, gamma, a_inv, L, precision):
 
 
 def _gdn_state_fwd(k, w, u_prime, gamma, h0, L, precision):
-    """Launch the forward recurrence: returns h [B*H, N, K, V], U [B*H, T_pad, V], final state f32."""
+    """Launch the forward recurrence: returns h [B*H, N, K, V], U [B*H, T_pad, V], final state f32.
+    Launch settings: BLOCK_V from _gdn_seq_block_v (measured), num_stages from _gdn_num_stages,
+    num_warps=4 an untuned default."""
     B, T, H, K = k.shape
     V = u_prime.shape[2]
     T_pad = u_prime.shape[1]
@@ -762,7 +769,8 @@ def _gdn_forward(q, k, v, g, beta, h0, scale, L, out_dtype, precision):
 
 
 def _gdn_state_bwd(q, k, w, gamma, do, dht, scale, L, precision):
-    """Launch the backward recurrence: returns dh [B*H, N, K, V], dU [B*H, T_pad, V], dS_0 f32."""
+    """Launch the backward recurrence: returns dh [B*H, N, K, V], dU [B*H, T_pad, V], dS_0 f32.
+    Launch settings as _gdn_state_fwd."""
     B, T, H, K = k.shape
     V = do.shape[3]
     T_pad = w.shape[1]
@@ -890,7 +898,9 @@ def _gdn_recurrent_launch(q, k, v, g, beta, h0, ht, o, scale):
     B, T, H, K = k.shape
     V = v.shape[3]
     BLOCK_K = _block_d(K)
-    BLOCK_V = min(_block_d(V), 32)  # narrow tiles: more programs, and [K, BLOCK_V] stays in registers
+    # untuned defaults: narrow tiles (more programs, and [K, BLOCK_V] stays in registers), and 8
+    # warps for the [128, BLOCK_V] state
+    BLOCK_V = min(_block_d(V), 32)
     _gdn_recurrent_kernel[(triton.cdiv(V, BLOCK_V), B * H)](
         q, k, v, g, beta, h0 if h0 is not None else ht, o, ht, scale, T, H, K, V,
         BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, HAS_H0=h0 is not None, num_warps=4 if BLOCK_K <= 64 else 8)
@@ -960,36 +970,49 @@ def gated_delta_rule_recurrent_step(q, k, v, g, beta, state, scale=None):
 # 1b. Attention: full causal, sliding window, LTE's band plus kept columns; one decoding step
 # =============================================================================================
 
-# Block sizes (BLOCK_M: queries, BLOCK_N: keys per tile). GPU values: the fastest of a few
-# candidates on an H100, bf16, D=64, LTE pattern at T=8K (`python kernels.py --tune` re-measures);
-# e.g. dkdv with 128 keys and 4 warps spills registers and runs 2.5x slower.
-# The interpreter gets small blocks because its cost is per operation, not per element.
-GPU_BLOCKS = {
-    "fwd":  dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
-    # a band without kept columns (SWA): 64-query tiles, 0.147 ms against 0.177 at T=8K (H200)
-    "fwd_band": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
-    "dq":   dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=5),
-    "dkdv": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+# Launch settings (BLOCK_M: queries, BLOCK_N: keys per tile; BLOCK: positions per step of the
+# kept-list builder). GPU, D <= 64: "fwd", "dq" and "dkdv" are the fastest of a few candidates on
+# an H100 (bf16, the LTE pattern at T = 8K; `python bench.py kernels --tune` re-measures): e.g.
+# dkdv with 128 keys and 4 warps spills registers and runs 2.5x slower. "fwd_band" (a band without
+# kept columns, as SWA): 64-query tiles, 0.147 ms against 0.177 with 128 at T = 8K on the H200.
+# "kept_list": an untuned default.
+ATTENTION_GPU_BLOCKS = {
+    "fwd":       dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
+    "fwd_band":  dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+    "dq":        dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=5),
+    "dkdv":      dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+    "kept_list": dict(BLOCK=1024),
 }
-GPU_BLOCKS_D128 = {  # not tuned: fewer rows per program at D > 64, so the tiles fit in registers
-    "fwd":  dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-    "fwd_band": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-    "dq":   dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
-    "dkdv": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+# GPU, D > 64: untuned defaults, with fewer rows per program than at D = 64 so that the tiles fit
+# in registers.
+ATTENTION_GPU_BLOCKS_D128 = {
+    "fwd":       dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+    "fwd_band":  dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+    "dq":        dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+    "dkdv":      dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+    "kept_list": dict(BLOCK=1024),
 }
-INTERPRETER_BLOCKS = {
-    "fwd":  dict(BLOCK_M=32, BLOCK_N=32),
-    "fwd_band": dict(BLOCK_M=32, BLOCK_N=32),
-    "dq":   dict(BLOCK_M=32, BLOCK_N=32),
-    "dkdv": dict(BLOCK_M=32, BLOCK_N=32),
+# The interpreter pays per operation, not per element: small tiles keep the tests fast, and the
+# tests' lengths still cross tile boundaries.
+ATTENTION_INTERPRETER_BLOCKS = {
+    "fwd":       dict(BLOCK_M=32, BLOCK_N=32),
+    "fwd_band":  dict(BLOCK_M=32, BLOCK_N=32),
+    "dq":        dict(BLOCK_M=32, BLOCK_N=32),
+    "dkdv":      dict(BLOCK_M=32, BLOCK_N=32),
+    "kept_list": dict(BLOCK=64),
 }
+# One decoding step: untuned defaults (BLOCK_N slots per tile; _decode_splits cuts the slots into
+# enough pieces to fill the GPU).
+DECODE_GPU_BLOCKS = dict(BLOCK_N=64, num_warps=4, num_stages=3)
+DECODE_INTERPRETER_BLOCKS = dict(BLOCK_N=16)
 
 
-def _blocks(kernel: str, D: int) -> dict:
-    """Launch parameters of one kernel ("fwd", "fwd_band", "dq", "dkdv") for head dim D."""
+def _blocks(kernel: str, D: int = 64) -> dict:
+    """Launch settings of one attention kernel ("fwd", "fwd_band", "dq", "dkdv", "kept_list") for
+    head dim D (the kept-list builder has none), from the tables above."""
     if INTERPRET:
-        return INTERPRETER_BLOCKS[kernel]
-    return (GPU_BLOCKS if D <= 64 else GPU_BLOCKS_D128)[kernel]
+        return ATTENTION_INTERPRETER_BLOCKS[kernel]
+    return (ATTENTION_GPU_BLOCKS if D <= 64 else ATTENTION_GPU_BLOCKS_D128)[kernel]
 
 
 def _check_attention_args(q, k, v, window, keep) -> None:
@@ -1126,8 +1149,7 @@ def _kept_list(keep: torch.Tensor, window: int, T: int):
     cols = torch.empty(B, Hkv, T, dtype=torch.int32, device=until.device)
     col_until = torch.empty_like(cols)
     nbefore = torch.empty(B, Hkv, T + 1, dtype=torch.int32, device=until.device)
-    _compact_kept_kernel[(B * Hkv,)](until, cols, col_until, nbefore, T, Hkv, window,
-                                     BLOCK=64 if INTERPRET else 1024)
+    _compact_kept_kernel[(B * Hkv,)](until, cols, col_until, nbefore, T, Hkv, window, **_blocks("kept_list"))
     return cols, col_until, nbefore
 
 
@@ -1582,7 +1604,8 @@ def attention_decode(q, k_cache, v_cache, valid=None, scale=None):
     dtype = _compute_dtype(q, k_cache, v_cache)
     q_, k_, v_ = (x.to(dtype).contiguous() for x in (q, k_cache, v_cache))
     valid_ = valid.contiguous().view(torch.int8) if valid is not None else q_  # q_: unused pointer
-    block_n = 16 if INTERPRET else 64
+    cfg = dict(DECODE_INTERPRETER_BLOCKS if INTERPRET else DECODE_GPU_BLOCKS)
+    block_n = cfg["BLOCK_N"]
     n_splits = _decode_splits(S, B, Hkv, block_n, q.device)
     keys_per_split = triton.cdiv(triton.cdiv(S, n_splits), block_n) * block_n
     n_splits = max(1, triton.cdiv(S, keys_per_split))
@@ -1592,8 +1615,7 @@ def attention_decode(q, k_cache, v_cache, valid=None, scale=None):
     _decode_split_kernel[(n_splits, B * Hkv)](
         q_, k_, v_, valid_, m_part, l_part, acc_part, S, H, Hkv, keys_per_split, n_splits, scale * LOG2E,
         D=D, HAS_VALID=valid is not None, BLOCK_G=max(16, triton.next_power_of_2(H // Hkv)),
-        BLOCK_N=block_n, BLOCK_D=_block_d(D), PRECISION=_dot_precision(dtype),
-        **({} if INTERPRET else dict(num_warps=4, num_stages=3)))
+        BLOCK_D=_block_d(D), PRECISION=_dot_precision(dtype), **cfg)
     o = torch.empty(B, H, D, dtype=dtype, device=q.device)
     _decode_combine_kernel[(B * H,)](m_part, l_part, acc_part, o, n_splits, D=D,
                                      BLOCK_SPLITS=max(2, triton.next_power_of_2(n_splits)),
@@ -1633,9 +1655,11 @@ def attention_decode(q, k_cache, v_cache, valid=None, scale=None):
 
 LN2 = 0.6931471805599453
 
-# Checked and timed on an H200 (README) but not tuned: M = 16 rows is one token's 16 heads at the
-# paper's G = 16, the smallest tile the tensor cores take. `python kernels.py` prints a breakdown to
-# tune by (at 16K the selected-block kernel and the top-n sort take most of the forward).
+# Launch settings: untuned defaults, checked and timed on an H200 (README). "slc": M = 16 rows is
+# one token's 16 heads at the paper's G = 16, the smallest tile the tensor cores take; its
+# num_stages=1 is checked on the GPU by check_nsa_selected_stages. `python bench.py kernels` prints
+# a breakdown to tune by (at 16K the selected-block kernel and the top-n sort take most of the
+# forward).
 NSA_GPU_BLOCKS = {
     "cmp":      dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
     "cmp_dkdv": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
@@ -1645,6 +1669,7 @@ NSA_GPU_BLOCKS = {
 }
 # The interpreter pays per program and per call of a jit helper, hardly per element: big row tiles.
 NSA_INTERPRETER_BLOCKS = {name: dict(BLOCK_M=64, BLOCK_N=16) for name in NSA_GPU_BLOCKS}
+NSA_DELTA_BLOCK_M = 64  # rows per program of the correction-term kernel: an untuned default
 
 
 def _nsa_blocks(kernel: str, G: int, block: int | None = None) -> dict:
@@ -1874,7 +1899,8 @@ def _nsa_delta(o, do, dlse=None):
     gradient of the log-sum-exp adds dLSE_i p_ij to dS_ij, i.e. it only shifts DELTA."""
     B, T, H, D = o.shape
     delta = torch.empty(B, H, T, dtype=torch.float32, device=o.device)
-    _nsa_delta_kernel[(triton.cdiv(T, 64), B * H)](o, do, delta, T, H, D=D, BLOCK_M=64, BLOCK_D=_block_d(D))
+    _nsa_delta_kernel[(triton.cdiv(T, NSA_DELTA_BLOCK_M), B * H)](o, do, delta, T, H, D=D, BLOCK_M=NSA_DELTA_BLOCK_M,
+                                                                  BLOCK_D=_block_d(D))
     if dlse is not None:  # [B, H, T]; rows with lse = -inf see nothing, their gradient does not count
         delta -= torch.nan_to_num(dlse.float(), posinf=0.0, neginf=0.0)
     # A row that sees no key has o = NaN (selected branch): DELTA 0 keeps its p = 0 from making dS NaN.
@@ -2134,9 +2160,9 @@ def _nsa_slc_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk
 
 
 def _nsa_list_pieces(T: int, tokens_per_step: int) -> int:
-    """Tokens per piece of a block's list in the selected dK, dV kernel: at most 16 pieces (block
-    0's list has all T tokens), at least 256 tokens (fewer would cost more atomics than they save).
-    The interpreter gets short pieces so that the tests cross piece boundaries."""
+    """Tokens per piece of a block's list in the selected dK, dV kernel (untuned defaults): at most
+    16 pieces (block 0's list has all T tokens), at least 256 tokens (fewer would cost more atomics
+    than they save). The interpreter gets short pieces so that the tests cross piece boundaries."""
     per_piece = 32 if INTERPRET else max(256, triton.cdiv(T, 16))
     return triton.cdiv(per_piece, tokens_per_step) * tokens_per_step
 
@@ -2267,7 +2293,8 @@ def nsa_selected_attention(q, k, v, block_idx, block: int, scale=None):
 # here every key counts its beaters directly, a tile of keys against a tile of tokens at a time:
 # O(T^2) comparisons, but all of them independent, which a GPU does in well under a millisecond at 8K.
 
-# H200, B=4, T=8K, Hkv=2: 32 x 32 tiles with 4 warps 0.46 ms; 64 x 64 0.80; 128 x 128 2.6 (of 27 tried)
+# Launch settings, measured on the H200 at B = 4, T = 8K, Hkv = 2: 32 x 32 tiles with 4 warps
+# 0.46 ms; 64 x 64 0.80; 128 x 128 2.6 (the best of 27 tried).
 LTE_RULE_GPU_BLOCKS = dict(BLOCK_J=32, BLOCK_I=32, num_warps=4)
 LTE_RULE_INTERPRETER_BLOCKS = dict(BLOCK_J=32, BLOCK_I=32)
 

@@ -100,7 +100,8 @@ def _recorded_launches(monkeypatch) -> list[dict]:
 
     monkeypatch.setattr(InterpretedFunction, "run", recording_run)
     # the GPU's tiles, not the interpreter's small ones
-    monkeypatch.setattr(kernels, "INTERPRETER_BLOCKS", kernels.GPU_BLOCKS)
+    monkeypatch.setattr(kernels, "ATTENTION_INTERPRETER_BLOCKS", kernels.ATTENTION_GPU_BLOCKS)
+    monkeypatch.setattr(kernels, "DECODE_INTERPRETER_BLOCKS", kernels.DECODE_GPU_BLOCKS)
     monkeypatch.setattr(kernels, "NSA_INTERPRETER_BLOCKS", kernels.NSA_GPU_BLOCKS)
     monkeypatch.setattr(kernels, "LTE_RULE_INTERPRETER_BLOCKS", kernels.LTE_RULE_GPU_BLOCKS)
     for dtype in (torch.bfloat16, torch.float32):
