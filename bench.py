@@ -21,6 +21,7 @@ gdn+swa and gdn+lte (constant state), growing ones for gdn+nsa and gdn+attn.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -298,7 +299,7 @@ def _visible_pairs(T: int, window, keep) -> float:
 
 def tune_kernel_attention(T: int = 8192, Hkv: int = 8) -> list[dict]:
     """Try a few block configurations of each attention kernel on the LTE pattern; keep the fastest
-    in kernels.GPU_BLOCKS for the rest of the run (and print them, to be written into that table)."""
+    in kernels.ATTENTION_GPU_BLOCKS for the rest of the run (and print them, to be written into that table)."""
     import kernels
     B, H, D, window = 4, 8, 64, 512
     q, k, v, do = (torch.randn(B, T, h, D, device="cuda", dtype=torch.bfloat16, requires_grad=x != "do")
@@ -309,7 +310,7 @@ def tune_kernel_attention(T: int = 8192, Hkv: int = 8) -> list[dict]:
         "dq": [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 5)],
         "dkdv": [(64, 128, 8, 3), (32, 128, 4, 5), (64, 64, 4, 3), (64, 128, 4, 3)],
     }
-    table = kernels.GPU_BLOCKS
+    table = kernels.ATTENTION_GPU_BLOCKS
     rows = []
     for kernel, options in candidates.items():
         timings = []
@@ -598,6 +599,66 @@ def bench_kernel_lte_rule(Ts=(2048, 8192, 65536), B=4, Hkv=2, window=512, sink=4
     return rows
 
 
+@contextlib.contextmanager
+def _tf32(allowed: bool):
+    """PyTorch's switch for tf32 in float32 matrix products, which kernels.py's precision rule
+    follows, set for the duration of a block."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def bench_kernel_precision(B: int = 4) -> list[dict]:
+    """What the precision rule costs: forward + backward of attention (LTE, T = 8K, D = 64),
+    gated_delta_rule (T = 16K, K = V = 128) and the NSA core (T = 8K, 32 heads on 2), float32 with
+    exact products (the rule's default), float32 with tf32 allowed, and bf16; median ms. The
+    first float32 call of each op also compiles its kernels: that time is printed too (exact
+    float32 products compile to long FMA loops)."""
+    import kernels
+    print(f"\nprecision: forward + backward, B={B}; ms = median (first call, compile included, in brackets)")
+    print(f"{'op':18s} | {'float32 exact':>20s} {'float32 tf32':>20s} {'bf16':>20s}")
+    rows = []
+    for op in ("attention", "gated_delta_rule", "nsa"):
+        line, row = f"{op:18s} |", dict(op=op)
+        for name, dtype, tf32 in (("float32 exact", torch.float32, False), ("float32 tf32", torch.float32, True),
+                                  ("bf16", torch.bfloat16, False)):
+            with _tf32(tf32):
+                fn, inputs, do = _precision_case(kernels, op, B, dtype)
+                start = time.time()
+                fn(*inputs).backward(do)
+                torch.cuda.synchronize()
+                first = time.time() - start
+                ms = _bench_ms(fn, True, inputs, do, rep=30)
+            row[name] = dict(ms=ms, first_call_s=first)
+            line += f" {ms:9.3f} ({first:6.1f} s)"
+        print(line, flush=True)
+        rows.append(row)
+    return rows
+
+
+def _precision_case(kernels, op: str, B: int, dtype):
+    """(fn, inputs, do) of one op at bench_kernel_precision's shape: fn(*inputs) returns one tensor."""
+    def randn(*shape, grad=True):
+        return torch.randn(*shape, device="cuda", dtype=dtype, requires_grad=grad)
+    if op == "attention":
+        T, H, Hkv, D = 8192, 8, 2, 64
+        keep = torch.rand(B, T, Hkv, device="cuda") < 0.125
+        return (lambda q, k, v: kernels.attention(q, k, v, window=512, keep=keep),
+                (randn(B, T, H, D), randn(B, T, Hkv, D), randn(B, T, Hkv, D)), randn(B, T, H, D, grad=False))
+    if op == "gated_delta_rule":
+        T, H, D = 16384, 8, 128
+        q, k, v, g, beta = kernels._gdn_random_inputs(B, T, H, D, D, dtype, "cuda", decay=(-0.2, -0.005))
+        inputs = [x.requires_grad_() for x in (q, k, v, g, beta)]
+        return lambda *x: kernels.gated_delta_rule(*x)[0], inputs, randn(B, T, H, D, grad=False)
+    T, H, Hkv, D = 8192, 32, 2, 64
+    gates = torch.rand(B, T, H, 3, device="cuda", requires_grad=True)
+    return (lambda q, k, v, g: _nsa_core(kernels, q, k, v, g, 64, 16, 2, 512),
+            (randn(B, T, H, D), randn(B, T, Hkv, D), randn(B, T, Hkv, D), gates), randn(B, T, H, D, grad=False))
+
+
 # The default: one headline shape per op (a few minutes on one GPU). --full: every length and
 # baseline of the README's tables (tens of minutes: flex_attention compiles for every shape).
 KERNEL_BENCHES = {
@@ -606,6 +667,7 @@ KERNEL_BENCHES = {
     "gated_delta_rule": lambda deadline: bench_kernel_gdn(Ts=(16384,), dims=(128,), with_reference=False),
     "nsa": lambda deadline: bench_kernel_nsa(Ts=(8192,)),
     "lte_visible_until": lambda deadline: bench_kernel_lte_rule(Ts=(8192,)),
+    "precision": lambda deadline: bench_kernel_precision(),
 }
 KERNEL_FULL_BENCHES = {
     "attention": lambda deadline: bench_kernel_attention(deadline=deadline),
@@ -614,6 +676,7 @@ KERNEL_FULL_BENCHES = {
     "gated_delta_rule": lambda deadline: bench_kernel_gdn(),
     "nsa": lambda deadline: bench_kernel_nsa(),
     "lte_visible_until": lambda deadline: bench_kernel_lte_rule(),
+    "precision": lambda deadline: bench_kernel_precision(),
 }
 
 

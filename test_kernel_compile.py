@@ -92,16 +92,16 @@ def _recorded_launches(monkeypatch) -> list[dict]:
         bound = inspect.signature(self.fn).bind(*args, **{k: v for k, v in kwargs.items()
                                                           if k not in ("grid", "warmup")})
         bound.apply_defaults()
-        name = self.fn.__name__
         signature = _signature(self.fn, bound.arguments)
-        launch = dict(name=name, signature=signature, options=options,
-                      constexprs=_gpu_constexprs(name, bound.arguments, signature))
+        constexprs = {name: bound.arguments[name] for name, t in signature.items() if t == "constexpr"}
+        launch = dict(name=self.fn.__name__, signature=signature, options=options, constexprs=constexprs)
         launches.setdefault(json.dumps(launch, sort_keys=True), launch)
         return run(self, *args, **kwargs)
 
     monkeypatch.setattr(InterpretedFunction, "run", recording_run)
     # the GPU's tiles, not the interpreter's small ones
-    monkeypatch.setattr(kernels, "INTERPRETER_BLOCKS", kernels.GPU_BLOCKS)
+    monkeypatch.setattr(kernels, "ATTENTION_INTERPRETER_BLOCKS", kernels.ATTENTION_GPU_BLOCKS)
+    monkeypatch.setattr(kernels, "DECODE_INTERPRETER_BLOCKS", kernels.DECODE_GPU_BLOCKS)
     monkeypatch.setattr(kernels, "NSA_INTERPRETER_BLOCKS", kernels.NSA_GPU_BLOCKS)
     monkeypatch.setattr(kernels, "LTE_RULE_INTERPRETER_BLOCKS", kernels.LTE_RULE_GPU_BLOCKS)
     for dtype in (torch.bfloat16, torch.float32):
@@ -127,15 +127,6 @@ def _signature(fn, arguments) -> dict:
     # a None pointer (an unused optional input) is a constexpr, as Triton's JIT specialises it
     return {name: "constexpr" if name in constexprs or value is None else _argument_type(value)
             for name, value in arguments.items()}
-
-
-def _gpu_constexprs(kernel_name, arguments, signature) -> dict:
-    """The constexpr arguments as the GPU path passes them: the Gated DeltaNet kernels use
-    tf32 dots on the GPU where the interpreter uses exact ones."""
-    constexprs = {name: arguments[name] for name, t in signature.items() if t == "constexpr"}
-    if kernel_name.startswith("_gdn") and constexprs.get("PRECISION") == "ieee":
-        constexprs["PRECISION"] = "tf32"
-    return constexprs
 
 
 @pytest.fixture(scope="module")

@@ -735,3 +735,69 @@ def test_lte_visible_until_kernel_rejects_what_the_reference_rejects(bad):
         tiny_hybrid.lte_visible_until(**args)
     with pytest.raises(type(want.value), match=re.escape(str(want.value))):
         kernels.lte_visible_until(**args)
+
+
+# =============================================================================================
+# The precision rule: float32 in means exact float32 products, unless the caller allows tf32
+# =============================================================================================
+
+def _run_float32_ops():
+    """A small float32 forward and backward of every op that multiplies matrices."""
+    B, T, H, Hkv, D, block = 1, 40, 4, 2, 16, 8
+    q, k, v, do = _inputs(B, T, H, Hkv, D)
+    _forward_backward(kernels.attention, q, k, v, do, window=4, keep=_keep("random", B, T, Hkv))
+    kernels.attention_decode(q[:, -1], k, v)
+    gdn = make_inputs(B, T, 2, 16, 16, WEAK)
+    run_with_grads(kernels.gated_delta_rule, *gdn, torch.randn(B, T, 2, 16), torch.randn(B, 2, 16, 16), chunk_size=16)
+    k_cmp, v_cmp = tiny_hybrid.nsa_compress(k, block), tiny_hybrid.nsa_compress(v, block)
+    _, lse = kernels.nsa_compressed_attention(q, k_cmp, v_cmp, block)
+    _compressed_with_grads(kernels.nsa_compressed_attention, q, k_cmp, v_cmp, do, torch.randn(B, T, H), block, 0)
+    scores = kernels.nsa_block_scores(q, k_cmp, lse, block)
+    block_idx = tiny_hybrid.nsa_select_blocks(scores, block, 2, 1)
+    _forward_backward(kernels.nsa_selected_attention, q, k, v, do, block_idx=block_idx, block=block)
+
+
+def _launch_precisions(monkeypatch) -> dict:
+    """{kernel name: the PRECISION values it was launched with} over _run_float32_ops."""
+    import inspect
+    from triton.runtime.interpreter import InterpretedFunction
+    seen = {}
+    run = InterpretedFunction.run
+
+    def recording_run(self, *args, **kwargs):
+        if "PRECISION" in inspect.signature(self.fn).parameters:
+            launch = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup", "num_warps", "num_stages")}
+            precision = inspect.signature(self.fn).bind(*args, **launch).arguments["PRECISION"]
+            seen.setdefault(self.fn.__name__, set()).add(precision)
+        return run(self, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(InterpretedFunction, "run", recording_run)
+        _run_float32_ops()
+    return seen
+
+
+@pytest.mark.skipif(not kernels.INTERPRET, reason="records the launches through Triton's interpreter")
+def test_float32_means_exact_products_unless_the_caller_allows_tf32(monkeypatch):
+    """Every kernel that multiplies gets PRECISION "ieee" for float32 inputs, Gated DeltaNet's
+    included; with PyTorch's own tf32 switch on, every one gets "tf32"."""
+    with_products = {name for name, fn in vars(kernels).items()
+                     if name.endswith("_kernel") and "PRECISION" in getattr(fn, "arg_names", ())}
+    assert {"_gdn_ut_kernel", "_attn_fwd_kernel", "_decode_split_kernel", "_nsa_slc_fwd_kernel"} <= with_products
+    assert _launch_precisions(monkeypatch) == {name: {"ieee"} for name in with_products}
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    assert kernels._tf32_allowed()
+    assert _launch_precisions(monkeypatch) == {name: {"tf32"} for name in with_products}
+
+
+def test_tf32_switches_are_pytorchs():
+    """set_float32_matmul_precision("high") allows tf32 like allow_tf32 does; "highest" forbids it."""
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        assert kernels._tf32_allowed() and kernels._dot_precision(torch.float32) == "tf32"
+        torch.set_float32_matmul_precision("highest")
+        assert not kernels._tf32_allowed() and kernels._dot_precision(torch.float32) == "ieee"
+        assert kernels._dot_precision(torch.bfloat16) == "tf32"      # 16-bit: the tensor cores' own dtype
+    finally:
+        torch.set_float32_matmul_precision(before)
