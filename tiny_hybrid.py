@@ -992,13 +992,15 @@ class LTEAttention(_AttentionBase):
 
     Decoding state per sequence and KV head, of the same size for any T:
 
-        sinks: s slots     window ring: w + 1 slots              buffer: b slots
-        [ 0 .. s-1 ]       [ slot of token t = t % (w + 1) ]     [ retained tokens, any order ]
-         k, v               k, v, and r of each token whose       k, v, r (buf_score) and the
-                            right context is complete (the        position (buf_pos)
-                            newest `reach` wait for theirs)
-        router ring: 2 reach + 1 slots of [k before RoPE; v], what the router reads to score
-                     token t - reach
+      sinks (s slots)       window ring (w + 1 slots)             buffer (b slots)
+      +-----+-----+--       +-----+-----+-----+-- .. --+-----+    +-----+-----+-- .. --+-----+
+      |  0  |  1  | ..      |     |  t  |     |        |     |    |     |     |        |     |
+      +-----+-----+--       +-----+-----+-----+-- .. --+-----+    +-----+-----+-- .. --+-----+
+      k, v of the first     k, v; token t in slot t % (w + 1);    k, v of the retained tokens
+      s tokens              the score r_j of every token but      in any order, their scores
+                            the newest `reach` (not known yet)    (buf_score), positions (buf_pos)
+
+      router ring (2 reach + 1 slots): [k before RoPE; v] of the newest tokens, the router's input
 
     Token t arrives (`_step`): token t - w - 1 leaves the window first, to the sinks (j < s), to
     the buffer (r > 0 and good enough) or nowhere (`_leave_window`), and token t takes its ring
@@ -1256,7 +1258,7 @@ class Config:
     """Sizes and per-mixer settings; `Config.preset(name)` picks the layer pattern.
 
     The defaults make a model that trains on a laptop CPU, and their LTE and NSA settings are the
-    recipe that trained in the README's results (train_shakespeare.py): b = 64 retained tokens,
+    recipe the README's results were trained with (train_shakespeare.py): b = 64 retained tokens,
     the inference cap applied in training too, lambda fixed at 1e-3 (the controller off), the
     router at a tenth of the learning rate without weight decay (`optimizer_groups`), and NSA's
     n = 16 selected blocks, the paper's n. `Config.paper(name, size)` gives the paper's models
