@@ -1,32 +1,54 @@
 """Triton kernels for tiny-hybrid: the ops of tiny_hybrid.py, with the same signatures, made fast.
 
-    attention(q, k, v, window=None, keep=None, scale=None)         full causal / SWA / LTE, fwd + bwd
-    attention_decode(q, k_cache, v_cache, valid=None, scale=None)  one decoding step (split-K)
-    lte_visible_until(scores, window, sink, buffer)                LTE's buffer rule in parallel (section 1d)
-    gated_delta_rule, gated_delta_rule_recurrent(_step)            Gated DeltaNet (section 1a)
-    nsa_compressed_attention, nsa_block_scores, nsa_selected_attention   NSA's branches (section 1c)
+Read it like tiny_hybrid.py, whose order it follows; every section opens with the equations its
+kernels compute, forward and backward, and says how the work is cut into programs.
 
-Each returns what its twin in tiny_hybrid.py returns, and raises the same errors on bad input.
-`python kernels.py` checks every kernel against the reference, then prints one headline benchmark
-per op (`--check-only` stops after the checks, `--full` times every shape and baseline of the
-README's tables). Sections for more ops go into CHECKS, BENCHES and FULL_BENCHES.
+  0.  Shared            set-up, the precision rule, input checks, helpers every kernel uses
+  1a. Gated DeltaNet    gated_delta_rule (chunked, forward + backward), gated_delta_rule_recurrent,
+                        gated_delta_rule_recurrent_step (one token, the state updated in place)
+  1b. Attention         attention(q, k, v, window=None, keep=None, scale=None): full causal, sliding
+                        window and LTE's band plus kept columns, forward + backward;
+                        attention_decode(q, k_cache, v_cache, valid=None, scale=None): one step
+  1c. NSA               nsa_compressed_attention, nsa_block_scores, nsa_selected_attention
+  1d. LTE's rule        lte_visible_until(scores, window, sink, buffer)
+  2.  Checks            every kernel against its reference; `python kernels.py` runs them
 
-The cost of `attention` follows the keys a query can see, not T. Per query block the forward visits
-  1. the window band, block by block (blocks wholly inside every row's band skip the mask), and
-  2. the kept columns that lie before the band, read from a compact, sorted list of kept key
-     positions per (batch, KV head). The list is built on the GPU by a tiny kernel (no host sync):
-     its length is bounded by T, and a prefix count tells each query block how much of it to read.
-The two parts see disjoint keys: the band part keys with i - j <= w, the kept part keys with
-i - j > w and i <= visible_until[j]. The backward is organised the same way:
-  dQ        like the forward (band blocks, then the kept list),
-  dK, dV    one program per key block walks the queries of its band (all query heads of the KV
-            group in turn, so K/V are never repeated); one program per block of the kept list walks
-            the queries from the band's end up to the keys' visible-until and writes a compact
-            partial that the band kernel adds before its single store.
+Each op returns what its twin in tiny_hybrid.py returns and raises the same errors on bad input.
+`python kernels.py` runs the checks, then (on a GPU) bench.py's headline benchmark of every op;
+`--check-only` stops after the checks, `--full` times every shape and baseline of the README's
+tables. The benchmarks and the tuning live in bench.py (`python bench.py kernels`).
 
-Without a CUDA GPU the kernels run in Triton's interpreter (slow; fine for small tests).
+One dialect, close to Triton's tutorials:
+  - A kernel is `_<op>_<what>_kernel`, launched by the host function next to it. Small jit helpers
+    (`_dot`, `_load_rows`, `_kept_tile`, ...) are inlined by Triton: cutting a kernel into them
+    costs nothing at run time.
+  - Pointer arguments end in `_ptr` (q_ptr); the tile loaded from one drops the suffix (q).
+  - Sizes: B batch, T tokens, H query heads, Hkv key/value heads, G = H / Hkv heads per group,
+    D head dim; Gated DeltaNet's K, V (key and value head dims), N chunks of L tokens, T_pad = N L.
+  - Indices: b, h, hkv; bh = b H + h, bhk = b Hkv + hkv; i0 / j0 the first query / key of a tile,
+    offs_i / offs_j / offs_d the positions along a tile's axes, *_off the element offset of row 0
+    of one head.
+  - Tiles: BLOCK_M query rows, BLOCK_N keys, BLOCK_D / BLOCK_K / BLOCK_V head-dim columns (from
+    `_block_d`: powers of two >= 16, what tl.dot takes).
+  - Every product goes through `_dot(a, b, PRECISION)`; the rows of a [B, T, heads, D] tensor
+    through `_load_rows` / `_store_rows` (Gated DeltaNet's chunk kernels address whole tiles with
+    `_token_tile`, `_chunk_tile` and `_state_tile`).
+  - Launch settings sit in tables (`*_GPU_BLOCKS`, and `*_INTERPRETER_BLOCKS` for Triton's CPU
+    interpreter) or in small functions at the head of their section; each says where it was
+    measured, or that it is an untuned default.
+  - The checks measure max_rel_error = max |x - ref| / max |ref|.
+
+The precision rule: float32 in means float32 math. Every kernel multiplies float32 inputs exactly
+(tl.dot's input_precision="ieee", as the reference does) unless the caller allowed tf32 with
+PyTorch's own switch -- torch.backends.cuda.matmul.fp32_precision = "tf32" (torch >= 2.9), or the
+older torch.backends.cuda.matmul.allow_tf32 = True / torch.set_float32_matmul_precision("high") --
+which then holds for every op alike (products rounded to 10-bit mantissas, in return for the
+tensor cores). 16-bit inputs multiply on the tensor cores in their own dtype. Accumulation is
+float32 always. An op decides once, in its forward, and its backward multiplies the same way.
+
+Without a CUDA GPU the kernels run in Triton's interpreter: slow, exact whatever the precision,
+fine for the tests' small shapes.
 """
-
 
 from __future__ import annotations
 
@@ -49,7 +71,7 @@ from tiny_hybrid import _check_tensor
 # 0. Shared: set-up, the precision rule, input checks, tile helpers
 # =============================================================================================
 
-# --- Set-up: Triton is Linux-only; without a GPU its interpreter runs the kernels on the CPU ----
+# --- Set-up: Triton is Linux-only; without a GPU its interpreter runs the kernels on the CPU ---
 
 if importlib.util.find_spec("triton") is None:
     raise ImportError("kernels.py needs Triton, which ships for Linux only (pip install triton). "
@@ -71,10 +93,11 @@ if INTERPRET:
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-
 NEG_INF = tl.constexpr(float("-inf"))  # a global a kernel may read must be a constexpr
 LOG2E = 1.4426950408889634  # scores are kept in base 2 so that exp2 (one instruction) does the softmax
 
+
+# --- Dtypes and the precision rule -----------------------------------------------------------
 
 def _compute_dtype(*xs: torch.Tensor) -> torch.dtype:
     """The dtype the kernels read: the common one of the inputs if a kernel can use it, else float32."""
@@ -107,6 +130,8 @@ def _dot_precision(dtype: torch.dtype) -> str:
     Triton's interpreter multiplies exactly whatever PRECISION says."""
     return "ieee" if dtype == torch.float32 and not _tf32_allowed() else "tf32"
 
+
+# --- Input checks, defaults and sizes shared by every op -------------------------------------
 
 MAX_HEAD_DIM = 128  # the largest head-dim tile the kernels are built and checked for
 
@@ -148,6 +173,8 @@ def _block_d(D: int) -> int:
     return max(16, triton.next_power_of_2(D))
 
 
+# --- Jit helpers shared by every kernel ------------------------------------------------------
+
 # Triton's interpreter multiplies bfloat16 matrices as raw 16-bit integers; there the operands go
 # through float32 first (bf16 x bf16 products are exact in float32, so the result is the same).
 _BF16_DOT_VIA_FP32 = tl.constexpr(INTERPRET)
@@ -179,8 +206,27 @@ def _store_rows(ptr, x, rows, row_ok, row_stride, offs_d, D: tl.constexpr):
 # =============================================================================================
 # 1a. Gated DeltaNet (tiny_hybrid.gated_delta_rule, gated_delta_rule_recurrent)
 # =============================================================================================
+# Per head, with the state S [K, V], a log decay g_t <= 0 and beta_t in (0, 1):
+#     S_t = e^(g_t) S_(t-1) + k_t u_t^T,   u_t = beta_t (v_t - e^(g_t) S_(t-1)^T k_t),   o_t = scale S_t^T q_t
+# Chunked, as tiny_hybrid.gated_delta_rule's steps 3-6: in a chunk of L tokens, with the decay
+# from its start gamma_i = g_1 + ... + g_i, Gamma_ij = e^(gamma_i - gamma_j) for j <= i, and S the
+# state entering the chunk (rows of Q, K, V, U, W: the chunk's tokens):
+#     A     = diag(beta) ((K K^T) * Gamma), strictly lower     A_inv = (I + A)^-1  (the UT transform)
+#     W     = A_inv diag(beta e^gamma) K                       U'    = A_inv diag(beta) V
+#     U     = U' - W S                                         (the chunk's u_t, all at once)
+#     O     = scale (diag(e^gamma) Q S + (Q K^T * Gamma) U)
+#     S_L   = e^(gamma_L) S + (diag(e^(gamma_L - gamma)) K)^T U     (the state leaving the chunk)
+# One kernel per step, one program per (chunk, batch * head) unless said otherwise:
+#   _gdn_ut_kernel         gamma and A_inv (step 3, step 4's solve)
+#   _gdn_wy_kernel         W and U' (step 4)
+#   _gdn_state_fwd_kernel  U and the state entering every chunk: the one walk over the chunks, one
+#                          program per (value tile, batch * head)
+#   _gdn_output_kernel     O, every chunk at once
+# The backward's equations head its kernels (_gdn_state_bwd_kernel walks the chunks back, then
+# _gdn_bwd_output_kernel and _gdn_bwd_wy_kernel go through O, U and the UT transform chunk by
+# chunk). _gdn_recurrent_kernel is the definition itself, token by token: decoding and prefill.
 
-# --- small jit helpers ------------------------------------------------------------------------
+# --- Jit helpers -----------------------------------------------------------------------------
 
 @triton.jit
 def _token_tile(b, h, t0, T, H, D, L: tl.constexpr, BLOCK_D: tl.constexpr, d0=0):
@@ -238,11 +284,21 @@ def _decay_matrix(gam, L: tl.constexpr, STRICT: tl.constexpr):
 def _unit_lower_inverse(A, L: tl.constexpr, LOG2_BLOCKS: tl.constexpr, PRECISION: tl.constexpr):
     """(I + A)^-1 for a strictly lower-triangular [L, L] A (L = 16 * 2^LOG2_BLOCKS), in two stages,
     so that only 15 steps are sequential (a plain forward substitution would take L - 1):
-    (a) the 16 x 16 diagonal blocks D of A, all blocks at once, by forward substitution: at step s
-        row s of every block becomes T_r = e_r - sum_{j<r} D_rj T_j, one matrix product;
-    (b) the rest: I + A = (I + D)(I + N) with N = (I + D)^-1 E and E = A - D strictly
-        block-lower, so N^(L/16) = 0 and (I + N)^-1 = (I - N)(I + N^2)... is a finite product.
+    (a) the 16 x 16 diagonal blocks A_diag of A, all blocks at once, by forward substitution: at
+        step s, row s of every block becomes X_r = e_r - sum_{j<r} (A_diag)_rj X_j (rows j < r
+        are final by then), one matrix product whose left side is zero but for those rows;
+    (b) the rest: I + A = (I + A_diag)(I + N) with N = (I + A_diag)^-1 E and E = A - A_diag
+        strictly block-lower, so N^(L/16) = 0 and (I + N)^-1 = (I - N)(I + N^2)(I + N^4)... is a
+        finite product: (I + A)^-1 = (I + N)^-1 (I + A_diag)^-1, one factor per doubling.
     (A's powers grow like binomials, so no series in A itself: (a) substitutes.)
+
+    Worked example of (a), one 3 x 3 block with A_diag = [[0, 0, 0], [a, 0, 0], [b, c, 0]]:
+        s = 1:  X_1 = e_1 - a X_0           = [-a, 1, 0]
+        s = 2:  X_2 = e_2 - b X_0 - c X_1   = [ac - b, -c, 1]
+    and indeed (I + A_diag) [X_0; X_1; X_2] = I. Of (b), L = 32 (two blocks, LOG2_BLOCKS = 1):
+        I + A = [[I + D_1, 0], [E_21, I + D_2]]   N = [[0, 0], [(I + D_2)^-1 E_21, 0]],  N^2 = 0
+        (I + A)^-1 = (I - N) (I + A_diag)^-1
+                   = [[(I + D_1)^-1, 0], [-(I + D_2)^-1 E_21 (I + D_1)^-1, (I + D_2)^-1]]
     """
     rows = tl.arange(0, L)[:, None]
     cols = tl.arange(0, L)[None, :]
@@ -259,7 +315,7 @@ def _unit_lower_inverse(A, L: tl.constexpr, LOG2_BLOCKS: tl.constexpr, PRECISION
     return inv
 
 
-# --- forward kernels ----------------------------------------------------------------------------
+# --- Forward ---------------------------------------------------------------------------------
 
 @triton.jit
 def _gdn_ut_kernel(k_ptr, g_ptr, beta_ptr,                                  # inputs, [B, T, H, *]
@@ -267,9 +323,9 @@ def _gdn_ut_kernel(k_ptr, g_ptr, beta_ptr,                                  # in
                    T, H, K, T_pad,
                    L: tl.constexpr, BLOCK_K: tl.constexpr, LOG2_BLOCKS: tl.constexpr,
                    PRECISION: tl.constexpr):
-    """Steps 3-4a for one chunk: gamma and the UT transform T = (I + A)^-1.
+    """Steps 3-4a for one chunk: gamma and the UT transform A_inv = (I + A)^-1.
 
-    grid (N chunks, B*H). Writes gamma [L] and T [L, L]. Only [L, L] tiles stay live (K K^T is
+    grid (N chunks, B*H). Writes gamma [L] and A_inv [L, L]. Only [L, L] tiles stay live (K K^T is
     summed over BLOCK_K-wide slices of K), so several programs share a multiprocessor: the triangular
     solve is a chain of small products, and other programs hide its latency.
     """
@@ -284,7 +340,7 @@ def _gdn_ut_kernel(k_ptr, g_ptr, beta_ptr,                                  # in
     gam = tl.cumsum(g, 0)                                                        # [L]
     tl.store(gamma_ptr + bh.to(tl.int64) * T_pad + t0 + tl.arange(0, L), gam)
 
-    # step 4a: A_ij = beta_i Gamma_ij (k_i . k_j), j < i, and T = (I + A)^-1
+    # step 4a: A_ij = beta_i Gamma_ij (k_i . k_j), j < i, and A_inv = (I + A)^-1
     kk = tl.zeros([L, L], dtype=tl.float32)
     for d0 in range(0, K, BLOCK_K):
         k_offs, k_mask = _token_tile(b, h, t0, T, H, K, L, BLOCK_K, d0)
@@ -303,7 +359,7 @@ def _gdn_wy_kernel(k_ptr, v_ptr, beta_ptr, gamma_ptr, a_inv_ptr,            # in
                    L: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, PRECISION: tl.constexpr):
     """Step 4b for one chunk: the WY factors W = T diag(beta e^gamma) K and U' = T diag(beta) V.
 
-    grid (N chunks, B*H). The forward runs it after _gdn_ut_kernel, the backward from the saved T.
+    grid (N chunks, B*H). The forward runs it after _gdn_ut_kernel, the backward from the saved A_inv.
     """
     n, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
@@ -406,15 +462,16 @@ def _gdn_output_kernel(q_ptr, k_ptr, gamma_ptr, h_ptr, u_ptr, o_ptr, scale,
     tl.store(o_ptr + offs, o.to(o_ptr.dtype.element_ty), mask=mask)
 
 
-# --- backward kernels ---------------------------------------------------------------------------
+# --- Backward --------------------------------------------------------------------------------
 # With P = scale (Q K^T * Gamma) (j <= i), dS_next the gradient of the state leaving a chunk:
 #   dU      = P^T dO + diag(e^(gamma_L - gamma)) K dS_next                     (U feeds O and S_next)
 #   dS      = e^gamma_L dS_next + scale (diag(e^gamma) Q)^T dO - W^T dU        (S feeds O, U, S_next)
 #   dQ      = scale diag(e^gamma) dO S^T + (scale dO U^T * Gamma) K
 #   dK     += (scale dO U^T * Gamma)^T Q + diag(e^(gamma_L - gamma)) U dS_next^T
 #   dW      = -dU S^T,   dU' = dU
-# Through the UT transform (W = T Xw, U' = T Xu, T = (I + A)^-1, dT = -T^T (.) T^T):
-#   dXw = T^T dW,  dXu = T^T dU',  dA = -(dXw W^T + dXu U'^T) on j < i
+# Through the UT transform (W = A_inv Xw, U' = A_inv Xu, A_inv = (I + A)^-1, so that
+# d(A_inv) = -A_inv^T (.) A_inv^T):
+#   dXw = A_inv^T dW,  dXu = A_inv^T dU',  dA = -(dXw W^T + dXu U'^T) on j < i
 # and from A_ij = beta_i Gamma_ij k_i.k_j, Xw = diag(beta e^gamma) K, Xu = diag(beta) V the
 # gradients of k, v, beta and gamma; gamma's gradient becomes g's by a reverse cumsum.
 
@@ -516,7 +573,14 @@ def _gdn_bwd_output_kernel(q_ptr, k_ptr, gamma_ptr, h_ptr, u_ptr, du_ptr, dh_ptr
 
     # dgamma: from e^gamma in the state read-out, Gamma in P, e^(gamma_L - gamma) in the update
     # (terms that cancel exactly, the diagonal of P and the last token's own decay to the chunk
-    # end, are left out: in float32 their rounding would swamp small gradients under strong decay)
+    # end, are left out: in float32 their rounding would swamp small gradients under strong decay).
+    # Worked example, L = 2: S_L = e^(g_1) S + e^(g_1 - g_0) k_0 u_0^T + e^(g_1 - g_1) k_1 u_1^T;
+    # with c_i = <k_i u_i^T, dS_next> (k_dk below, decay included for i = 0),
+    #     dL/dgamma_1 gets  e^(g_1) <S, dS_next> + e^(g_1 - g_0) c_0 + (c_1 - c_1)
+    #     dL/dgamma_0 gets -e^(g_1 - g_0) c_0
+    # so the last row takes <S, dS_next> scaled and the sum of the others' k_dk, each other row
+    # its own -k_dk, and the last token's +c_1 - c_1 is never formed. Likewise P_ij (j < i) adds
+    # dP_ij P_ij to dgamma_i and takes it from dgamma_j, and P_ii = scale q_i.k_i has no gamma.
     dq_state *= (scale * tl.exp(gam))[:, None]
     dgam = tl.sum(q.to(tl.float32) * dq_state, 1)
     dq = dq_state + _dot(z.to(dt), k, PRECISION)
@@ -541,7 +605,8 @@ def _gdn_bwd_wy_kernel(k_ptr, v_ptr, beta_ptr, gamma_ptr, a_inv_ptr, w_ptr, u_pr
                        T, H, K, V, T_pad,
                        L: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
                        PRECISION: tl.constexpr):
-    """Gradients through the UT transform (step 4) and the cumsum (step 3), one chunk.
+    """Gradients through the UT transform (step 4) and the cumsum (step 3), one chunk (the
+    equations above the backward kernels).
 
     grid (N, B*H). Completes dk and writes dk, dv, dg, dbeta into the inputs' layouts.
     """
@@ -607,7 +672,7 @@ def _gdn_bwd_wy_kernel(k_ptr, v_ptr, beta_ptr, gamma_ptr, a_inv_ptr, w_ptr, u_pr
     tl.store(dbeta_ptr + offs, dbeta.to(dbeta_ptr.dtype.element_ty), mask=mask)
 
 
-# --- decoding kernel ----------------------------------------------------------------------------
+# --- Decoding --------------------------------------------------------------------------------
 
 @triton.jit
 def _gdn_recurrent_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, h0_ptr, o_ptr, ht_ptr, scale,
@@ -646,7 +711,7 @@ def _gdn_recurrent_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, h0_ptr, o_ptr, h
     tl.store(ht_ptr + s_offs, S, mask=s_mask)
 
 
-# --- host side ----------------------------------------------------------------------------------
+# --- Host side: launches, the autograd op, the public functions ------------------------------
 
 _GDN_CHUNK_SIZES = (16, 32, 64)
 
@@ -703,8 +768,8 @@ def _gdn_wy(k, v, beta, gamma, a_inv, L, precision):
     w = torch.empty(B * H, T_pad, K, device=k.device, dtype=k.dtype)
     u_prime = torch.empty(B * H, T_pad, V, device=k.device, dtype=k.dtype)
     _gdn_wy_kernel[(T_pad // L, B * H)](k, v, beta, gamma, a_inv, w, u_prime, T, H, K, V, T_pad, L=L,
-                                     BLOCK_K=min(64, _block_d(K)), BLOCK_V=min(64, _block_d(V)),
-                                     PRECISION=precision, num_warps=4)
+                                        BLOCK_K=min(64, _block_d(K)), BLOCK_V=min(64, _block_d(V)),
+                                        PRECISION=precision, num_warps=4)
     return w, u_prime
 
 
@@ -832,7 +897,7 @@ def _gdn_bwd_wy(k, v, beta, gamma, a_inv, w, u_prime, du, dw, dk_part, dgam, L, 
 
 
 def _gdn_backward(q, k, v, beta, h0, gamma, a_inv, scale, L, do, dht, dtypes, precision):
-    """The chunked backward on work tensors. Recomputes W, U' (from the saved T) and the
+    """The chunked backward on work tensors. Recomputes W, U' (from the saved A_inv) and the
     chunk-start states h, U rather than storing them. Returns dq, dk, dv, dg, dbeta, dh0 in the
     dtypes of `dtypes` (the original inputs)."""
     B, T, H, K = k.shape
@@ -849,7 +914,7 @@ def _gdn_backward(q, k, v, beta, h0, gamma, a_inv, scale, L, do, dht, dtypes, pr
 
 
 class _GatedDeltaRule(torch.autograd.Function):
-    """Chunked Gated DeltaNet; saves the inputs and the chunks' gamma and T = (I + A)^-1 (float32,
+    """Chunked Gated DeltaNet; saves the inputs and the chunks' gamma and A_inv = (I + A)^-1 (float32,
     [B*H, T, L]: the size of one more input), the backward recomputes the rest."""
 
     @staticmethod
@@ -974,6 +1039,34 @@ def gated_delta_rule_recurrent_step(q, k, v, g, beta, state, scale=None):
 # =============================================================================================
 # 1b. Attention: full causal, sliding window, LTE's band plus kept columns; one decoding step
 # =============================================================================================
+# One op for the three patterns, as tiny_hybrid.attention: query i sees key j when j <= i and
+# either i - j <= w (the band; full causal is w = T) or key j is kept for i (i <= until[j]: LTE's
+# columns). Per head, with S = scale Q K^T on the visible pairs (-inf elsewhere):
+#     P = softmax(S) row by row,   O = P V,   lse_i = log sum_j exp(S_ij)  (kept for the backward)
+# The kernels hold scores in base 2, s = (q . k) qk_scale with qk_scale = scale log2(e), so that
+# exp2, one instruction, does the softmax; the online softmax (_softmax_update) walks key tiles
+# with a running max and sum.
+#
+# The cost follows the keys a query can see, not T. Example, T = 10, w = 2, key 1 kept until
+# query 7, key 3 kept forever (x: the band, K: kept beyond the band, .: not seen):
+#            key j:  0 1 2 3 4 5 6 7 8 9
+#   query i = 0      x
+#   query i = 1      x x
+#   query i = 2      x x x
+#   query i = 3      . x x x
+#   query i = 4      . K x x x
+#   query i = 5      . K . x x x
+#   query i = 6      . K . K x x x
+#   query i = 7      . K . K . x x x
+#   query i = 8      . . . K . . x x x
+#   query i = 9      . . . K . . . x x x
+# A program owns a block of query rows [i0, i_last] and visits (1) its band, key tile by key tile
+# (the tiles wholly inside every row's band skip the mask), then (2) the kept keys before the
+# band, from a compact sorted list per (batch, KV head) that a small kernel builds on the device
+# (no host sync): here cols = [1, 3], col_until = [7, 9] and the prefix counts
+# nbefore = [0, 0, 1, 1, 2, 2, 2, 2, 2, 2, 2] (nbefore[x]: listed keys at positions < x), so the
+# block reads the first nbefore[i_last - w] entries. The two parts see disjoint keys: the band
+# i - j <= w, the kept part i - j > w and i <= until[j]. The backward is organised the same way.
 
 # Launch settings (BLOCK_M: queries, BLOCK_N: keys per tile; BLOCK: positions per step of the
 # kept-list builder). GPU, D <= 64: "fwd", "dq" and "dkdv" are the fastest of a few candidates on
@@ -1026,7 +1119,7 @@ def _check_attention_args(q, k, v, window, keep) -> None:
     _check_kernel_limits("attention", dict(D=q.shape[3]), dict(q=q, k=k, v=v))
 
 
-# --- Building blocks shared by the kernels -----------------------------------------------------
+# --- Building blocks shared by the kernels ---------------------------------------------------
 
 @triton.jit
 def _split_range(start, full_lo, full_hi, end, BLOCK: tl.constexpr):
@@ -1043,7 +1136,8 @@ def _split_range(start, full_lo, full_hi, end, BLOCK: tl.constexpr):
 @triton.jit
 def _band_visible(i, j, window):
     """Key j is in query i's band: 0 <= i - j <= window. i, j: positions broadcast to one 2-D
-    shape ([BM, 1] and [1, BN] for scores, [1, BM] and [BN, 1] for transposed ones)."""
+    shape ([BLOCK_M, 1] and [1, BLOCK_N] for scores, [1, BLOCK_M] and [BLOCK_N, 1] for transposed
+    ones)."""
     diff = i - j
     return (diff >= 0) & (diff <= window)
 
@@ -1072,8 +1166,9 @@ def _kept_tile(cols_ptr, col_until_ptr, k_ptr, v_ptr, n0, n_kept, offs_i, offs_d
 
 @triton.jit
 def _softmax_update(acc, m_i, l_i, s, v, PRECISION: tl.constexpr):
-    """One step of the online softmax. s [BM, BN]: masked scores in base 2 (-inf: not visible);
-    m_i, l_i [BM]: running max and sum; acc [BM, BLOCK_D] += softmax-weighted v [BN, BLOCK_D]."""
+    """One step of the online softmax. s [BLOCK_M, BLOCK_N]: masked scores in base 2 (-inf: not
+    visible); m_i, l_i [BLOCK_M]: running max and sum; acc [BLOCK_M, BLOCK_D] += the softmax-weighted
+    v [BLOCK_N, BLOCK_D]. The earlier terms are rescaled by alpha = 2^(m_old - m_new)."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # A row that has seen nothing yet has m_new = -inf: subtract 0 instead, so p = 0, not NaN.
     m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
@@ -1087,12 +1182,13 @@ def _softmax_update(acc, m_i, l_i, s, v, PRECISION: tl.constexpr):
 @triton.jit
 def _dq_update(dq, q, do, k, v, lse, delta, visible, qk_scale, MASK: tl.constexpr,
                PRECISION: tl.constexpr):
-    """dq [BM, BLOCK_D] += dS k for one key tile; visible [BM, BN] is used only when MASK."""
-    s = _dot(q, tl.trans(k), PRECISION) * qk_scale  # [BM, BN], base 2
-    p = tl.math.exp2(s - lse[:, None])  # the softmax probabilities, from the forward's LSE
+    """dq [BLOCK_M, BLOCK_D] += dS k for one key tile (dS = P o (dP - delta)); visible
+    [BLOCK_M, BLOCK_N] is used only when MASK. The caller multiplies by scale once, at the store."""
+    s = _dot(q, tl.trans(k), PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], base 2
+    p = tl.math.exp2(s - lse[:, None])  # the softmax probabilities, from the forward's lse
     if MASK:
         p = tl.where(visible, p, 0.0)
-    dp = _dot(do, tl.trans(v), PRECISION)  # [BM, BN]
+    dp = _dot(do, tl.trans(v), PRECISION)  # [BLOCK_M, BLOCK_N]
     ds = p * (dp - delta[:, None])
     return dq + _dot(ds.to(k.dtype), k, PRECISION)
 
@@ -1100,14 +1196,15 @@ def _dq_update(dq, q, do, k, v, lse, delta, visible, qk_scale, MASK: tl.constexp
 @triton.jit
 def _dkdv_update(dk, dv, q, do, k, v, lse, delta, visible, qk_scale,
                  MASK: tl.constexpr, PRECISION: tl.constexpr):
-    """dk, dv [BN, BLOCK_D] += the contribution of one query tile q, do [BM, BLOCK_D], computed
-    transposed ([BN, BM]) so that both products are plain dots; visible [BN, BM] used when MASK."""
-    s_t = _dot(k, tl.trans(q), PRECISION) * qk_scale  # [BN, BM], base 2
+    """dk, dv [BLOCK_N, BLOCK_D] += the contribution of one query tile q, do [BLOCK_M, BLOCK_D]
+    (dV += P^T dO, dK += dS^T Q), computed transposed ([BLOCK_N, BLOCK_M]) so that both products
+    are plain dots; visible [BLOCK_N, BLOCK_M] is used only when MASK."""
+    s_t = _dot(k, tl.trans(q), PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M], base 2
     p_t = tl.math.exp2(s_t - lse[None, :])
     if MASK:
         p_t = tl.where(visible, p_t, 0.0)
     dv += _dot(p_t.to(do.dtype), do, PRECISION)
-    dp_t = _dot(v, tl.trans(do), PRECISION)  # [BN, BM]
+    dp_t = _dot(v, tl.trans(do), PRECISION)  # [BLOCK_N, BLOCK_M]
     ds_t = p_t * (dp_t - delta[None, :])
     dk += _dot(ds_t.to(q.dtype), q, PRECISION)
     return dk, dv
@@ -1119,9 +1216,9 @@ def _dkdv_update(dk, dv, q, do, k, v, lse, delta, visible, qk_scale,
 def _compact_kept_kernel(until_ptr, cols_ptr, col_until_ptr, nbefore_ptr, T, Hkv, window, BLOCK: tl.constexpr):
     """One program per (batch, KV head): list, in order, the keys seen beyond the band.
 
-    UNTIL [B, T, Hkv] int32 (visible-until, clamped to [-1, T-1]). Writes COLS [B, Hkv, T] (key
-    positions, first `count` entries valid), COL_UNTIL [B, Hkv, T] (their visible-until) and
-    NBEFORE [B, Hkv, T+1] (NBEFORE[x] = listed keys at positions < x; NBEFORE[T] = count)."""
+    until [B, T, Hkv] int32 (visible-until, clamped to [-1, T-1]). Writes cols [B, Hkv, T] (key
+    positions, the first `count` entries valid), col_until [B, Hkv, T] (their visible-until) and
+    nbefore [B, Hkv, T+1] (nbefore[x] = listed keys at positions < x; nbefore[T] = count)."""
     pid = tl.program_id(0)
     b = pid // Hkv
     h = pid % Hkv
@@ -1158,7 +1255,7 @@ def _kept_list(keep: torch.Tensor, window: int, T: int):
     return cols, col_until, nbefore
 
 
-# --- Forward -------------------------------------------------------------------------------------
+# --- Forward ---------------------------------------------------------------------------------
 
 @triton.jit
 def _query_block(T, H, Hkv, D: tl.constexpr, BLOCK_M: tl.constexpr):
@@ -1245,7 +1342,36 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cols_ptr, col_until_pt
     tl.store(lse_ptr + bh.to(tl.int64) * T + offs_i, m_i + tl.math.log2(l_i), mask=offs_i < T)
 
 
-# --- Backward ------------------------------------------------------------------------------------
+# --- Backward --------------------------------------------------------------------------------
+# Per head, with dO given and P recomputed from lse (never stored):
+#     dV = P^T dO
+#     dP = dO V^T
+#     dS = P o (dP - delta),     delta_i = sum_j P_ij dP_ij = rowsum(dO o O)_i
+#     dQ = scale dS K,           dK = scale dS^T Q
+# Two scales: inside the tiles P = exp2(s - lse2) with s = (q . k) qk_scale and lse2 the base-2
+# lse, qk_scale = scale log2(e); the plain scale of dQ and dK (the chain rule of S = scale Q K^T)
+# is applied once, at their stores, not in every tile.
+# In the example above, column j holds key j's share of dK, dV:
+#   _attn_bwd_dq_kernel         row by row like the forward (band, then the kept prefix); it also
+#                               writes delta, which the other two read
+#   _attn_bwd_dkdv_kernel       one program per tile of keys (and KV head): the x's of its
+#                               columns, queries [j0, j_last + w] of each of the group's G heads
+#   _attn_bwd_dkdv_kept_kernel  one program per tile of the kept list: the K's of its keys,
+#                               queries (j_first + w, largest until]; it writes float32 partials
+#                               at the keys' list slots, which the band kernel adds before its
+#                               single store (key 3's slot is nbefore[3] = 1; key j is listed
+#                               when nbefore[j + 1] > nbefore[j])
+# Each walk cuts its range into masked, unmasked and masked runs (_split_range; whole tiles of
+# BLOCK_M rows from the start in the kernels, single rows here). The band kernel, key tile 4..6
+# with w = 4, and the kept kernel, the list tile {1, 3} of the example:
+#          keys  4 5 6                               keys  1 3
+#   query i = 4  x . .   [4, 6): masked       query i = 4  K x   [4, 6): masked (key 3 in band)
+#             5  x x .                                  5  K x
+#             6  x x x   [6, 9): no mask                6  K K   [6, 8): no mask
+#             7  x x x                                  7  K K
+#             8  x x x                                  8  . K   [8, 10): masked (key 1 gone)
+#             9  . x x   [9, 11): masked                9  . K
+#            10  . . x
 
 @triton.jit
 def _dq_keys(dq, q, do, lse, delta, k_ptr, v_ptr, offs_i, offs_d, j_lo, j_hi, T, window, row_stride, qk_scale,
@@ -1326,7 +1452,7 @@ def _dkdv_queries(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, offs_j, until
         do = _load_rows(do_ptr + q_off, offs_i, offs_i < T, H * D, offs_d, D)
         lse = tl.load(lse_ptr + row_off + offs_i, mask=offs_i < T, other=0.0)
         delta = tl.load(delta_ptr + row_off + offs_i, mask=offs_i < T, other=0.0)
-        if KEPT:  # [BN, BM], keys along rows
+        if KEPT:  # [BLOCK_N, BLOCK_M], keys along rows
             visible = _kept_visible(offs_i[None, :], offs_j[:, None], until[:, None], window)
         else:
             visible = _band_visible(offs_i[None, :], offs_j[:, None], window) & (offs_i[None, :] < T)
@@ -1440,7 +1566,7 @@ class _SparseCausalAttention(torch.autograd.Function):
     """q [B, T, H, D], k, v [B, T, Hkv, D] contiguous, one dtype; window an int in [0, T]
     (T: full causal); cols, col_until, nbefore: the kept list from _kept_list, or three Nones
     (the kernels then take None for those pointers: HAS_KEEP=False compiles their reads away).
-    Saves the base-2 log-sum-exp LSE [B, H, T] for the backward, which recomputes P from it."""
+    Saves the base-2 log-sum-exp lse [B, H, T] for the backward, which recomputes P from it."""
 
     @staticmethod
     def forward(ctx, q, k, v, window, scale, cols, col_until, nbefore):
@@ -1469,7 +1595,7 @@ class _SparseCausalAttention(torch.autograd.Function):
         do = do.to(q.dtype).contiguous()
         common = dict(D=D, BLOCK_D=_block_d(D), PRECISION=ctx.precision)
 
-        # dQ first: its kernel also writes DELTA, which the dK, dV kernels read.
+        # dQ first: its kernel also writes delta, which the dK, dV kernels read.
         cfg = dict(_blocks("dq", D))
         dq, delta = torch.empty_like(q), torch.empty_like(lse)                 # delta [B, H, T]
         _attn_bwd_dq_kernel[(triton.cdiv(T, cfg["BLOCK_M"]), B * H)](
@@ -1518,7 +1644,11 @@ def attention(q, k, v, window=None, keep=None, scale=None):
     return o.to(q.dtype)
 
 
-# --- One decoding step: one query per sequence against a cache of slots (split-K) --------------
+# --- One decoding step: one query per sequence against a cache of slots (split-K) ------------
+# The G query heads of a KV group attend together to S cached slots (valid ones only). The slots
+# are cut into splits, one program each (_decode_split_kernel), which keeps its running max m_s,
+# sum l_s = sum_j exp(s_j - m_s) and unnormalised output acc_s = sum_j exp(s_j - m_s) v_j; the
+# combine kernel merges them:  m = max_s m_s,   o = sum_s e^(m_s - m) acc_s / sum_s e^(m_s - m) l_s.
 
 @triton.jit
 def _decode_split_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, m_part_ptr, l_part_ptr, acc_part_ptr, S, H, Hkv,
@@ -1526,9 +1656,9 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, m_part_ptr, l_part_ptr,
                          BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                          PRECISION: tl.constexpr):
     """One program per (split of the slots, batch * KV head): the G query heads of the group
-    attend together to slots [split * keys_per_split, +keys_per_split). Q [B, H, D],
-    K, V [B, S, Hkv, D], VALID [B, S, Hkv] (int8). Writes the split's running max and sum
-    M_PART, L_PART [B, H, n_splits] and unnormalised output ACC_PART [B, H, n_splits, D]."""
+    attend together to slots [split * keys_per_split, +keys_per_split). q [B, H, D],
+    k, v [B, S, Hkv, D], valid [B, S, Hkv] (int8). Writes the split's running max and sum
+    m_part, l_part [B, H, n_splits] and unnormalised output acc_part [B, H, n_splits, D]."""
     split = tl.program_id(0)
     bhk = tl.program_id(1)
     b = bhk // Hkv
@@ -1631,7 +1761,16 @@ def attention_decode(q, k_cache, v_cache, valid=None, scale=None):
 # =============================================================================================
 # 1c. Native Sparse Attention: the compressed and the selected branch (the window branch is `attention`)
 # =============================================================================================
-
+# For the query of head h at position p (positions offset .., so that decoding can ask for one),
+# with l-token blocks mean-pooled into k_cmp, v_cmp (tiny_hybrid.nsa_compress):
+#   compressed   o = softmax_n(scale q . kc_n) vc over the complete blocks n < (p + 1) // l, and
+#                its lse (o = 0, lse = -inf before the first block completes). The backward is
+#                attention's (section 1b), plus the gradient that reaches lse: dlse_i adds
+#                dlse_i P_in to dS_in, which only shifts delta_i to delta_i - dlse_i (_nsa_delta).
+#   block scores score[p, hkv, n] = sum over the G heads h of the group of P_cmp[p, h, n]; the
+#                top-n blocks (tiny_hybrid.nsa_select_blocks, a sort: no gradient) are selected.
+#   selected     o = softmax_j(scale q . k_j) v over the keys j <= p of the blocks selected for
+#                (p, hkv); backward as attention's.
 # Rows of a program are (token, query head) pairs: the G query heads of one KV group for
 # TQ = BLOCK_M // G consecutive tokens, so that one K/V tile serves G * TQ query rows (NSA's point:
 # the heads of a group share their blocks) and the M side of every dot is >= 16 even for G = 1.
@@ -1645,10 +1784,11 @@ def attention_decode(q, k_cache, v_cache, valid=None, scale=None):
 #                heads: sum_g exp(s - lse) without the [B, T, H, Nc] float32 logits of the reference
 #                (2 GB at the benchmark's T = 16K). Top-n selection stays the reference
 #                `nsa_select_blocks` (torch.sort over [B, T, Hkv, Nc], no [B, T, H, *] tensor, and
-#                its exact tie rule comes for free); measure it with `bench_nsa`'s breakdown.
+#                its exact tie rule comes for free); bench.py's bench_kernel_nsa times it apart.
 #   selected     forward and dQ: one program per (token tile, batch * KV head) visits the union of
-#                its tokens' selected blocks (listed by torch ops on the device, _nsa_tile_union), each block once;
-#                a row sees a block's keys only if its own token selected it (and causally).
+#                its tokens' selected blocks (listed by torch ops on the device, _nsa_tile_union),
+#                each block once; a row sees a block's keys only if its own token selected it
+#                (and causally).
 #                dK, dV: the selection inverted into one list per (batch, KV head, block) of the
 #                tokens that chose it (a stable sort on the device, no host sync); one program per
 #                (block, piece of its list) walks it.
@@ -1688,7 +1828,7 @@ def _nsa_blocks(kernel: str, G: int, block: int | None = None) -> dict:
     return cfg
 
 
-# --- checks -----------------------------------------------------------------------------------
+# --- Input checks ----------------------------------------------------------------------------
 
 def _check_block(block) -> None:
     if not isinstance(block, int) or isinstance(block, bool) or block < 1:
@@ -1723,7 +1863,7 @@ def _check_nsa_selected_args(q, k, v, block_idx, block) -> None:
                          dict(q=q, k=k, v=v, block_idx=block_idx))
 
 
-# --- jit helpers ------------------------------------------------------------------------------
+# --- Jit helpers -----------------------------------------------------------------------------
 
 @triton.jit
 def _tile_rows(t0, t_end, G, BLOCK_M: tl.constexpr):
@@ -1743,8 +1883,8 @@ def _n_complete(tok, offset, block, Nc):
 
 @triton.jit
 def _tile_selection(block_idx_ptr, b, tok, ok, T, Hkv, hkv, n_sel, BLOCK_S: tl.constexpr):
-    """Each row's selected blocks, read from BI [B, T, Hkv, n] (int32): [BLOCK_M, BLOCK_S], -1 past
-    n and on rows that are not ok."""
+    """Each row's selected blocks, read from block_idx [B, T, Hkv, n] (int32): [BLOCK_M, BLOCK_S],
+    -1 past n and on rows that are not ok."""
     offs_s = tl.arange(0, BLOCK_S)
     rows = ((b * T + tok).to(tl.int64) * Hkv + hkv) * n_sel                  # [BLOCK_M]
     return tl.load(block_idx_ptr + rows[:, None] + offs_s[None, :], mask=ok[:, None] & (offs_s[None, :] < n_sel),
@@ -1793,14 +1933,14 @@ def _slc_tile(k_ptr, v_ptr, j0, j_end, tok, chose, offs_d, row_stride, D: tl.con
     return k, v, chose[:, None] & (offs_j[None, :] <= tok[:, None]) & (offs_j < j_end)[None, :]
 
 
-# --- compressed attention ---------------------------------------------------------------------
+# --- Compressed attention --------------------------------------------------------------------
 
 @triton.jit
 def _nsa_cmp_fwd_kernel(q_ptr, kc_ptr, vc_ptr, o_ptr, lse_ptr, T, Nc, H, Hkv, block, offset, qk_scale,
                         G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    """One program per (token tile, batch * KV head). Q, O [B, T, H, D]; KC, VC [B, Nc, Hkv, D].
-    Writes O (0 on rows with no complete block) and LSE [B, H, T] in base 2 (-inf on those rows)."""
+    """One program per (token tile, batch * KV head). q, o [B, T, H, D]; kc, vc [B, Nc, Hkv, D].
+    Writes o (0 on rows with no complete block) and lse [B, H, T] in base 2 (-inf on those rows)."""
     b, hkv, tok, g, ok, q_off, lse_off = _group_tile(T, H, Hkv, G, D, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     kc_ptr += (b.to(tl.int64) * Nc * Hkv + hkv) * D
@@ -1827,7 +1967,7 @@ def _nsa_cmp_fwd_kernel(q_ptr, kc_ptr, vc_ptr, o_ptr, lse_ptr, T, Nc, H, Hkv, bl
 def _nsa_cmp_bwd_dq_kernel(q_ptr, kc_ptr, vc_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, T, Nc, H, Hkv, block,
                            offset, qk_scale, scale, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    """DQ [B, T, H, D]: the forward's walk, with P recomputed from LSE, DELTA [B, H, T]."""
+    """dq [B, T, H, D]: the forward's walk, with P recomputed from lse and delta [B, H, T]."""
     b, hkv, tok, g, ok, q_off, lse_off = _group_tile(T, H, Hkv, G, D, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     kc_ptr += (b.to(tl.int64) * Nc * Hkv + hkv) * D
@@ -1852,7 +1992,7 @@ def _nsa_cmp_bwd_dkdv_kernel(q_ptr, kc_ptr, vc_ptr, do_ptr, lse_ptr, delta_ptr, 
                              PRECISION: tl.constexpr):
     """One program per (tile of compressed blocks, chunk of tokens, batch * KV head): the part of
     dKc, dVc that comes from the chunk's queries (all G heads). Writes float32 partials
-    DKC, DVC [n_chunks, B, Nc, Hkv, D]; the host sums over the chunks."""
+    dkc, dvc [n_chunks, B, Nc, Hkv, D]; the host sums over the chunks."""
     n0 = tl.program_id(0) * BLOCK_N
     chunk = tl.program_id(1)
     b = tl.program_id(2) // Hkv
@@ -1886,8 +2026,8 @@ def _nsa_cmp_bwd_dkdv_kernel(q_ptr, kc_ptr, vc_ptr, do_ptr, lse_ptr, delta_ptr, 
 
 @triton.jit
 def _nsa_delta_kernel(o_ptr, do_ptr, delta_ptr, T, H, D: tl.constexpr, BLOCK_M: tl.constexpr,
-                           BLOCK_D: tl.constexpr):
-    """DELTA [B, H, T] = rowsum(O * dO) in float32 (the softmax backward's correction term)."""
+                      BLOCK_D: tl.constexpr):
+    """delta [B, H, T] = rowsum(O * dO) in float32 (the softmax backward's correction term)."""
     offs_i = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     bh = tl.program_id(1)
     b = bh // H
@@ -1900,15 +2040,15 @@ def _nsa_delta_kernel(o_ptr, do_ptr, delta_ptr, T, H, D: tl.constexpr, BLOCK_M: 
 
 
 def _nsa_delta(o, do, dlse=None):
-    """DELTA [B, H, T] float32 = rowsum(O * dO) - dLSE: the softmax backward's correction term. A
-    gradient of the log-sum-exp adds dLSE_i p_ij to dS_ij, i.e. it only shifts DELTA."""
+    """delta [B, H, T] float32 = rowsum(O * dO) - dlse: the softmax backward's correction term. A
+    gradient of the log-sum-exp adds dlse_i p_ij to dS_ij, i.e. it only shifts delta."""
     B, T, H, D = o.shape
     delta = torch.empty(B, H, T, dtype=torch.float32, device=o.device)
     _nsa_delta_kernel[(triton.cdiv(T, NSA_DELTA_BLOCK_M), B * H)](o, do, delta, T, H, D=D, BLOCK_M=NSA_DELTA_BLOCK_M,
                                                                   BLOCK_D=_block_d(D))
     if dlse is not None:  # [B, H, T]; rows with lse = -inf see nothing, their gradient does not count
         delta -= torch.nan_to_num(dlse.float(), posinf=0.0, neginf=0.0)
-    # A row that sees no key has o = NaN (selected branch): DELTA 0 keeps its p = 0 from making dS NaN.
+    # A row that sees no key has o = NaN (selected branch): delta 0 keeps its p = 0 from making dS NaN.
     return torch.nan_to_num_(delta)
 
 
@@ -1922,7 +2062,7 @@ def _nsa_token_chunks(T: int, programs: int, tokens_per_step: int, device) -> in
 
 class _NSACompressedAttention(torch.autograd.Function):
     """q [B, T, H, D], k_cmp, v_cmp [B, Nc, Hkv, D] contiguous, one dtype, Nc >= 1. Returns
-    (o, lse [B, H, T] natural log); both differentiable. Saves the base-2 LSE for the backward."""
+    (o, lse [B, H, T] natural log); both differentiable. Saves the base-2 lse for the backward."""
 
     @staticmethod
     def forward(ctx, q, k_cmp, v_cmp, block, offset, scale):
@@ -1988,15 +2128,15 @@ def nsa_compressed_attention(q, k_cmp, v_cmp, block: int, scale=None, offset: in
     return o.to(q.dtype), lse.transpose(1, 2)                                   # [B, H, T] -> [B, T, H]
 
 
-# --- block scores -----------------------------------------------------------------------------
+# --- Block scores ----------------------------------------------------------------------------
 
 @triton.jit
 def _nsa_scores_kernel(q_ptr, kc_ptr, lse_ptr, score_ptr, T, Nc, H, Hkv, block, offset, qk_scale,
                        G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """One program per (tile of BLOCK_M tokens, tile of BLOCK_N compressed blocks, batch * KV head):
-    S [B, T, Hkv, Nc] float32 = sum over the G heads h of the group of exp2(s_h - LSE_h), 0 on blocks
-    not complete yet. Q [B, T, H, D], KC [B, Nc, Hkv, D], LSE [B, T, H] (base 2)."""
+    score [B, T, Hkv, Nc] float32 = sum over the G heads h of the group of exp2(s_h - lse_h), 0 on
+    blocks not complete yet. q [B, T, H, D], kc [B, Nc, Hkv, D], lse [B, T, H] (base 2)."""
     offs_t = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     b = tl.program_id(2) // Hkv
@@ -2042,17 +2182,17 @@ def nsa_block_scores(q, k_cmp, lse, block: int, scale=None, offset: int = 0):
     return scores
 
 
-# --- selected attention -----------------------------------------------------------------------
+# --- Selected attention ----------------------------------------------------------------------
 
 @triton.jit
 def _nsa_slc_fwd_kernel(q_ptr, k_ptr, v_ptr, block_idx_ptr, union_ptr, n_union_ptr, T, H, Hkv, block, n_sel,
                         union_len, o_ptr, lse_ptr, qk_scale, G: tl.constexpr, D: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                         BLOCK_S: tl.constexpr, PRECISION: tl.constexpr):
-    """One program per (token tile, batch * KV head). Q, O [B, T, H, D]; K, V [B, T, Hkv, D];
-    BI [B, T, Hkv, n] int32 (-1: none); UNION [B, Hkv, n_tiles, union_len], N_UNION [B, Hkv, n_tiles]:
-    the blocks the tile's tokens chose, each once (_nsa_tile_union). Row (t, g) sees key j of a
-    visited block c when t chose c and j <= t. Writes O and LSE [B, H, T] (base 2)."""
+    """One program per (token tile, batch * KV head). q, o [B, T, H, D]; k, v [B, T, Hkv, D];
+    block_idx [B, T, Hkv, n] int32 (-1: none); union [B, Hkv, n_tiles, union_len] and n_union
+    [B, Hkv, n_tiles]: the blocks the tile's tokens chose, each once (_nsa_tile_union). Row (t, g)
+    sees key j of a visited block c when t chose c and j <= t. Writes o and lse [B, H, T] (base 2)."""
     b, hkv, tok, g, ok, q_off, lse_off = _group_tile(T, H, Hkv, G, D, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     k_ptr += (b.to(tl.int64) * T * Hkv + hkv) * D
@@ -2087,7 +2227,7 @@ def _nsa_slc_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, block_idx_ptr, union_ptr, n_unio
                            union_len, do_ptr, lse_ptr, delta_ptr, dq_ptr, qk_scale, scale, G: tl.constexpr,
                            D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                            BLOCK_S: tl.constexpr, PRECISION: tl.constexpr):
-    """DQ [B, T, H, D]: the forward's walk over the tile's blocks, P recomputed from LSE."""
+    """dq [B, T, H, D]: the forward's walk over the tile's blocks, P recomputed from lse."""
     b, hkv, tok, g, ok, q_off, lse_off = _group_tile(T, H, Hkv, G, D, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     k_ptr += (b.to(tl.int64) * T * Hkv + hkv) * D
@@ -2115,10 +2255,10 @@ def _nsa_slc_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk
                              starts_ptr, T, H, Hkv, block, n_blocks, tokens_per_piece, qk_scale, scale,
                              G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    """One program per (batch * KV head, key block c, piece of its list): the part of DK, DV
+    """One program per (batch * KV head, key block c, piece of its list): the part of dk, dv
     [B, T, Hkv, D] (float32, zeroed) of the block's keys that comes from the piece's queries, all G
     heads, BLOCK_M // G tokens at a time. List i = (b Hkv + hkv)(n_blocks + 1) + c holds the tokens
-    that chose c, TOKENS[STARTS[i] : STARTS[i + 1]]. Block 0 is in every token's list: cutting
+    that chose c, tokens[starts[i] : starts[i + 1]]. Block 0 is in every token's list: cutting
     lists into pieces keeps its program from running alone at the end. A list of one piece is
     stored, the pieces of a longer one are added atomically (their float32 sum order may vary)."""
     bhk = tl.program_id(0)
@@ -2221,7 +2361,7 @@ def _nsa_block_lists(block_idx: torch.Tensor, n_blocks: int):
 
 class _NSASelectedAttention(torch.autograd.Function):
     """q [B, T, H, D], k, v [B, T, Hkv, D] contiguous, one dtype; block_idx from
-    _nsa_clean_selection. Saves the base-2 LSE [B, H, T] for the backward."""
+    _nsa_clean_selection. Saves the base-2 lse [B, H, T] for the backward."""
 
     @staticmethod
     def forward(ctx, q, k, v, block_idx, block, scale):
@@ -2291,6 +2431,12 @@ def nsa_selected_attention(q, k, v, block_idx, block: int, scale=None):
 # =============================================================================================
 # 1d. LTE's buffer rule in parallel (tiny_hybrid.lte_visible_until)
 # =============================================================================================
+# Token j (sink <= j, leaving the window as query j + w + 1 arrives, score r_j > 0) is offered to
+# the buffer of b slots; token i beats j when r_i > r_j, or r_i = r_j and i is newer. Then
+#     until[j] = KEEP_FOREVER   if j < sink, or fewer than b offered tokens ever beat j,
+#              = i_b + w        if j's b-th beater i_b comes after j (the query at which i_b
+#                               leaves the window and pushes j out),
+#              = -1             otherwise (b beaters left before j: j never enters).
 
 # The buffer always holds the top b offered tokens by (r, position), so an offered token j stays
 # from the moment it leaves the window until the b-th offered token that beats it leaves (never
@@ -2307,8 +2453,8 @@ LTE_RULE_INTERPRETER_BLOCKS = dict(BLOCK_J=32, BLOCK_I=32)
 @triton.jit
 def _lte_until_kernel(r_ptr, until_ptr, T, Hkv, n_left, window, sink, buffer, KEEP_FOREVER: tl.constexpr,
                       BLOCK_J: tl.constexpr, BLOCK_I: tl.constexpr):
-    """One program per (block of keys j, batch x KV head). R [B, T, Hkv] float32 scores; writes
-    UNTIL [B, T, Hkv] int64. Offered tokens are j in [sink, n_left) with r_j > 0; token i beats j
+    """One program per (block of keys j, batch x KV head). r [B, T, Hkv] float32 scores; writes
+    until [B, T, Hkv] int64. Offered tokens are j in [sink, n_left) with r_j > 0; token i beats j
     when r_i > r_j, or r_i == r_j and i is newer (the tie rule of tiny_hybrid.lte_buffer_push)."""
     pid_j = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -2521,8 +2667,8 @@ def _nsa_case(B, T, H, Hkv, D, block, top_n, dtype, device):
     """max_rel_error against tiny_hybrid of: compressed o, lse, dq, dk_cmp, dv_cmp; block scores;
     selected o, dq, dk, dv; and the fraction of (token, KV head) selections that differ between
     the kernel's scores and the reference's."""
-    q, k, v, do, dlse, k_cmp, v_cmp, lse_ref, scores_ref, block_idx = _nsa_inputs(B, T, H, Hkv, D, block, top_n,
-                                                                                dtype, device)
+    inputs = _nsa_inputs(B, T, H, Hkv, D, block, top_n, dtype, device)
+    q, k, v, do, dlse, k_cmp, v_cmp, lse_ref, scores_ref, block_idx = inputs
     outs = []
     for ops, cast in ((sys.modules[__name__], lambda x: x), (tiny_hybrid, lambda x: x.float())):
         leaves = [cast(x).detach().requires_grad_() for x in (q, k_cmp, v_cmp)]
@@ -2593,9 +2739,9 @@ def check_nsa_selected_stages() -> bool:
                     torch.cuda.synchronize()  # an illegal memory access surfaces here at the latest
         finally:
             tables["slc"] = table
-        vs_ref = [max(max_rel_error(x, r) for x in runs_of_one) for runs_of_one, r in zip(zip(*runs[stages_now]), ref)]
-        vs_3 = max(max_rel_error(x, y) for a, b in zip(runs[stages_now], runs[3])
-                   for x, y in zip(a[:2], b[:2]))
+        # per output, the worst of the runs; against num_stages=3, run by run, o and dq
+        vs_ref = [max(max_rel_error(x, r) for x in of_one) for of_one, r in zip(zip(*runs[stages_now]), ref)]
+        vs_3 = max(max_rel_error(x, y) for a, b in zip(runs[stages_now], runs[3]) for x, y in zip(a[:2], b[:2]))
         ok &= _report(f"B={B} T={T:5d} H={H:2d} Hkv={Hkv} D={D:3d} l={block} n={top_n:2d}", vs_ref, 2e-2)
         ok &= _report(f"{'':40s} vs num_stages=3:", [vs_3], 1e-3)
     return ok

@@ -801,3 +801,49 @@ def test_tf32_switches_are_pytorchs():
         assert kernels._dot_precision(torch.bfloat16) == "tf32"      # 16-bit: the tensor cores' own dtype
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+# =============================================================================================
+# The scripts, run the way a user runs them
+# =============================================================================================
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+HERE = Path(__file__).parent
+
+
+def _run_script(*args, timeout=300):
+    """python <args> in a subprocess, with the environment a user has (no TRITON_INTERPRET)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, *args], cwd=HERE, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.skipif(not kernels.INTERPRET, reason="on a GPU `python kernels.py` runs the full checks and timings")
+def test_python_kernels_py_checks_every_op_in_the_interpreter():
+    run = _run_script("kernels.py")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    for op in ("gated_delta_rule", "attention vs", "attention_decode", "NSA vs", "lte_visible_until",
+               "nsa_selected_attention"):
+        assert op in run.stdout, op
+    assert "FAIL" not in run.stdout and "checks: all passed" in run.stdout
+    assert "no CUDA GPU: benchmarks skipped" in run.stdout
+
+
+def test_scripts_refuse_bad_flags_in_one_line():
+    run = _run_script("kernels.py", "--budget-s", "0")
+    assert run.returncode == 2 and run.stderr.strip().splitlines()[-1].endswith("--budget-s must be > 0, got 0.0")
+    assert "Traceback" not in run.stderr
+    run = _run_script("bench.py", "decode", "--full")
+    assert run.returncode == 2 and "apply to 'kernels' only" in run.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_bench_py_kernels_needs_a_gpu():
+    """The kernel benchmarks time GPU kernels: without one, one clear line and exit code 2, before any work."""
+    run = _run_script("bench.py", "kernels", "--out", str(HERE / "out" / "never_written"))
+    assert run.returncode == 2, run.stderr
+    last = run.stderr.strip().splitlines()[-1]
+    assert "kernels: the kernel benchmarks time Triton kernels on a CUDA GPU" in last and "Traceback" not in run.stderr
+    assert not (HERE / "out" / "never_written").exists()
