@@ -824,8 +824,8 @@ def _run_script(*args, timeout=300):
 def test_python_kernels_py_checks_every_op_in_the_interpreter():
     run = _run_script("kernels.py")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    for op in ("gated_delta_rule", "attention vs", "attention_decode", "NSA vs", "lte_visible_until",
-               "nsa_selected_attention"):
+    # the num_stages=1 check of NSA's selected branch runs with --full only (settled on an H200)
+    for op in ("gated_delta_rule", "attention vs", "attention_decode", "NSA vs", "lte_visible_until"):
         assert op in run.stdout, op
     assert "FAIL" not in run.stdout and "checks: all passed" in run.stdout
     assert "no CUDA GPU: benchmarks skipped" in run.stdout
