@@ -53,7 +53,9 @@ def _run_every_op(dtype):
             kernels.attention(q, k, v, window=window, keep=kp).float().sum().backward()
         kernels.attention_decode(randn(B, H, D, grad=False), k.detach(), v.detach(), keep)
 
-    # Gated DeltaNet at head dim 128: the largest tiles (compiling costs seconds a launch, so one dim)
+    # Gated DeltaNet at head dim 128: the largest tiles (compiling costs seconds a launch, so one dim).
+    # In float32 its kernels are exact-dot code too (FMA loops, 3-45 s each to build), but unlike
+    # attention's they have tiles of their own (float32 [128, 128] states): built here as well.
     for dim in (128,):
         qg, kg = (torch.nn.functional.normalize(randn(B, T, H, dim, grad=False).float(), dim=-1).to(dtype)
                   .requires_grad_() for _ in range(2))
