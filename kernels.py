@@ -2778,8 +2778,8 @@ FULL_CHECKS = [check_nsa_selected_stages]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Check the Triton kernels against tiny_hybrid, then time them "
-                                     "with bench.py's kernel benchmarks (on one H200: checks and the default "
-                                     "benchmarks in about 3 minutes; python bench.py kernels times them alone).",
+                                     "with bench.py's headline kernel benchmarks (python bench.py kernels times them "
+                                     "alone).",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--check-only", action="store_true", help="run the checks, skip the benchmarks")
     parser.add_argument("--full", action="store_true",
