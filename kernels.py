@@ -2550,16 +2550,18 @@ def _gdn_random_inputs(B, T, H, K, V, dtype, device, decay=(-0.1, -0.01), seed=0
     return q, k, v, g, beta
 
 
-def check_gdn() -> bool:
+def check_gdn(full: bool = False) -> bool:
     """gated_delta_rule vs tiny_hybrid.gated_delta_rule on random inputs, float32 and bf16: the
-    output, the final state and the gradients of q, k, v, g, beta and the initial state."""
+    output, the final state and the gradients of q, k, v, g, beta and the initial state. float32
+    runs one shape (odd head dims, ragged T, L = 32) unless full: its exact dots compile slowly,
+    and the bf16 shapes run the same code."""
     device = "cpu" if INTERPRET else "cuda"
     shapes = [(1, 100, 2, 16, 16, 32)] if INTERPRET else \
-        [(2, 1000, 4, 64, 64, 64), (2, 777, 4, 128, 128, 64), (1, 300, 2, 48, 96, 32)]   # (B, T, H, K, V, L)
+        [(1, 300, 2, 48, 96, 32), (2, 1000, 4, 64, 64, 64), (2, 777, 4, 128, 128, 64)]   # (B, T, H, K, V, L)
     print("gated_delta_rule vs tiny_hybrid.gated_delta_rule: max_rel_error of o, state, dq, dk, dv, dg, dbeta, dh0")
     ok = True
     for dtype in (torch.float32, torch.bfloat16):
-        for B, T, H, K, V, L in shapes:
+        for B, T, H, K, V, L in (shapes if full or dtype != torch.float32 else shapes[:1]):
             q, k, v, g, beta = _gdn_random_inputs(B, T, H, K, V, dtype, device, decay=(-1., -0.01))
             h0 = torch.randn(B, H, K, V, device=device)
             ins = [x.clone().requires_grad_() for x in (q, k, v, g, beta, h0)]
@@ -2795,11 +2797,13 @@ def main() -> None:
     torch.manual_seed(0)
     ok = True
     for check in CHECKS + (FULL_CHECKS if args.full else []):
+        check_start = time.time()
         try:
-            ok &= check()
+            ok &= check(full=args.full) if check is check_gdn else check()
         except Exception:  # one broken check should not hide the others' results
             traceback.print_exc()
             ok = False
+        print(f"  ({check.__name__}: {time.time() - check_start:.0f} s, compiles included)", flush=True)
     print("checks:", "all passed" if ok else "FAILED", f"({time.time() - start:.0f} s)", flush=True)
     if args.check_only or INTERPRET:
         if INTERPRET and not args.check_only:

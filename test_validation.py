@@ -4,6 +4,10 @@ in which a query would see no key at all (softmax over nothing is NaN)."""
 
 import dataclasses
 import math
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -264,3 +268,56 @@ def test_empty_batch_and_bad_generate_arguments(model):
                          (dict(max_new_tokens=2, top_k=True), "top_k")):
         with pytest.raises(ValueError, match=name):
             model.generate(prompt, **kwargs)
+
+
+# =============================================================================================
+# On a GPU: value checks without host syncs
+# =============================================================================================
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@needs_cuda
+@pytest.mark.parametrize("preset", ["gdn+swa", "gdn+attn", "gdn+nsa", "gdn+lte"])
+@pytest.mark.parametrize("use_triton", [False, True])
+def test_a_training_step_on_the_gpu_never_waits_for_the_device(preset, use_triton):
+    """The value checks of idx and targets become device-side asserts on CUDA: a training forward and
+    backward queue their work without a single host sync (a sync would stall a launch-bound step)."""
+    torch.manual_seed(0)
+    model = TinyHybrid(small_config(preset, use_triton=use_triton, gdn_chunk_size=16)).cuda()   # 16: the kernel's least
+    idx = torch.randint(0, 61, (2, 24), device="cuda")
+    model(idx, idx)[1].backward()                          # warm-up: first-call set-up may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _, loss = model(idx, idx)
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss.detach()).item()
+
+
+@needs_cuda
+@pytest.mark.parametrize("bad,message", [
+    ("idx[0, 0] = 61", r"token ids must be in \[0, 61\)"),
+    ("targets[0, 1] = 70", r"targets must be in \[0, 61\) or -100"),
+    ("targets[:] = -100", "targets must not be all -100"),
+])
+def test_bad_values_on_the_gpu_stop_with_the_message(bad, message):
+    """A device-side assert ends the CUDA context, so the model runs in a fresh process."""
+    script = f"""
+import torch
+from test_validation import small_config
+from tiny_hybrid import TinyHybrid
+model = TinyHybrid(small_config("gdn+swa")).cuda()
+idx = torch.randint(0, 61, (2, 6), device="cuda")
+targets = idx.clone()
+{bad}
+model(idx, targets)
+torch.cuda.synchronize()
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                         cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert run.returncode != 0
+    assert re.search(message, run.stderr), run.stderr[-2000:]

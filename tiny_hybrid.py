@@ -1721,9 +1721,9 @@ def _check_decode(q, k_cache, v_cache, valid) -> None:
 def _check_decode_sees_a_slot(valid, B: int, S: int, H: int) -> None:
     """Every query must see at least one slot: softmax over no key at all is 0 / 0 = NaN.
 
-    Reading `valid` is data-dependent (on CUDA it waits for the device), so it is skipped while a
-    CUDA graph is being captured, where no such wait is allowed; the mixers' own decoding always
-    holds the current token, so they never trip it."""
+    Reading `valid` is data-dependent: on CUDA it becomes a device-side assert (no host wait), and
+    it is skipped while a CUDA graph is being captured; the mixers' own decoding always holds the
+    current token, so they never trip it."""
     if B * H == 0:                                     # no query at all: nothing to attend to
         return
     if valid is None:
@@ -1733,10 +1733,27 @@ def _check_decode_sees_a_slot(valid, B: int, S: int, H: int) -> None:
     if _capturing_cuda_graph(valid):
         return
     sees = valid.any(dim=1)                                                     # [B, Hkv]
+    if _assert_on_device(sees.all(), "valid has a batch row and KV head with no True slot: "
+                                     "softmax over no key is NaN"):
+        return
     if not bool(sees.all()):
         b, h = (int(i) for i in (~sees).nonzero()[0])
         raise ValueError(f"valid has no True slot for batch row {b}, KV head {h}: its queries would "
                          f"attend to nothing (softmax over no key is NaN); each needs at least one valid slot")
+
+
+def _assert_on_device(ok: torch.Tensor, message: str) -> bool:
+    """A check of tensor VALUES, without making the host wait for the device.
+
+    On the CPU this returns False and the caller raises its ValueError with the details. On a GPU,
+    reading a value back would stall the host until the device has finished all queued work, in
+    every training step; there the check is queued as a device-side assert instead (returns True):
+    a violation stops the process at a later CUDA call with `message`, as PyTorch's own embedding
+    does for an out-of-range id."""
+    if not ok.is_cuda:
+        return False
+    torch._assert_async(ok, message)
+    return True
 
 
 def _capturing_cuda_graph(t: torch.Tensor) -> bool:
@@ -1796,10 +1813,14 @@ def _check_idx(idx, vocab_size: int, check_range: bool = True) -> None:
         raise TypeError(f"idx must hold integer token ids, got dtype {idx.dtype}")
     if idx.ndim != 2 or idx.shape[0] == 0 or idx.shape[1] == 0:
         raise ValueError(f"idx must be [B, T] with B >= 1 and T >= 1, got shape {tuple(idx.shape)}")
-    if check_range:
-        lo, hi = int(idx.min()), int(idx.max())
-        if lo < 0 or hi >= vocab_size:
-            raise ValueError(f"token ids must be in [0, {vocab_size}), got values in [{lo}, {hi}]")
+    if not check_range:
+        return
+    in_range = (idx >= 0) & (idx < vocab_size)
+    if _assert_on_device(in_range.all(), f"token ids must be in [0, {vocab_size})"):
+        return
+    if not bool(in_range.all()):
+        raise ValueError(f"token ids must be in [0, {vocab_size}), got values in "
+                         f"[{int(idx.min())}, {int(idx.max())}]")
 
 
 def _check_targets(targets, idx, vocab_size: int) -> None:
@@ -1813,7 +1834,12 @@ def _check_targets(targets, idx, vocab_size: int) -> None:
         raise ValueError(f"targets must be shaped like idx {tuple(idx.shape)}, got {tuple(targets.shape)}")
     ignored = targets == -100
     out_of_range = ~ignored & ((targets < 0) | (targets >= vocab_size))
-    n_bad, n_real = torch.stack([out_of_range.sum(), (~ignored).sum()]).tolist()   # one host sync
+    in_range_msg = f"targets must be in [0, {vocab_size}) or -100 (ignored)"
+    some_msg = "targets must not be all -100 (ignored): the loss would be NaN"
+    if (_assert_on_device(~out_of_range.any(), in_range_msg) and
+            _assert_on_device((~ignored).any(), some_msg)):
+        return
+    n_bad, n_real = torch.stack([out_of_range.sum(), (~ignored).sum()]).tolist()
     if n_bad:
         bad = int(targets[out_of_range][0])
         raise ValueError(f"targets must be in [0, {vocab_size}) or -100 (ignored), got {n_bad} "
