@@ -458,9 +458,10 @@ def test_bad_step_inputs():
 # The model through the kernels
 # =============================================================================================
 
-def _model_pair(preset):
+def _model_pair(preset, **overrides):
     settings = dict(vocab_size=61, n_layer=2, d_model=32, n_head=4, n_kv_head=2, head_dim=16, window=8,
                     lte_sink=2, lte_buffer=3, lte_dropout=0.0, gdn_chunk_size=16, nsa_block=4, nsa_topn=3)
+    settings.update(overrides)
     torch.manual_seed(0)
     ref = tiny_hybrid.TinyHybrid(tiny_hybrid.Config.preset(preset, **settings))
     fast = tiny_hybrid.TinyHybrid(tiny_hybrid.Config.preset(preset, use_triton=True, **settings))
@@ -468,10 +469,14 @@ def _model_pair(preset):
     return ref, fast
 
 
-@pytest.mark.parametrize("preset", ["gdn+swa", "gdn+lte", "gdn+attn", "gdn+nsa"])
-def test_model_with_triton_equals_reference(preset):
+@pytest.mark.parametrize("preset,overrides", [
+    ("gdn+swa", {}), ("gdn+attn", {}), ("gdn+nsa", {}),
+    ("gdn+lte", {}),                                    # the cap in training: LTE's rule, visible-until keep
+    ("gdn+lte", dict(lte_train_cap=False)),             # the paper's training: every r > 0 kept (bool keep)
+])
+def test_model_with_triton_equals_reference(preset, overrides):
     """Logits and every parameter gradient; the attention and GDN kernels run in float32 (IEEE)."""
-    ref, fast = _model_pair(preset)
+    ref, fast = _model_pair(preset, **overrides)
     idx = torch.randint(0, 61, (2, 37))
     logits_ref, loss_ref = ref(idx, idx)
     logits, loss = fast(idx, idx)
