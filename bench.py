@@ -126,7 +126,6 @@ def time_decode(model, batch: int, context: int, steps: int, device) -> tuple[fl
     if device.type == "cuda":
         decoder = model.decoder(batch, max_len)              # captures its step (on an empty state)
         fill_synthetic(model, decoder.state, context)
-        decoder.length = context
         captured = _ms_per_token(lambda: decoder.step(token), steps, device)
         del decoder
         torch.cuda.empty_cache()

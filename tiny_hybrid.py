@@ -1830,10 +1830,14 @@ class Decoder:
         self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
         self.state = model.init_state(batch_size, max_len=max_len)
         self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)   # the static input
-        self.length = 0                                    # tokens in the state, counted on the host
         self.graph = self.logits = None                    # the captured step and its output buffer
         if self.cuda_graph:
             self._capture()
+
+    @property
+    def length(self) -> int:
+        """Tokens in the state, counted on the host (each layer's state keeps the count)."""
+        return self.state[0]["length"]
 
     @torch.no_grad()
     def _capture(self, warmup: int = 3):
@@ -1857,9 +1861,7 @@ class Decoder:
         (T <= max_len) in one parallel pass. Returns logits [B, T, vocab]."""
         _check_prompt(self, idx, 0)
         self.model.reset_state(self.state)
-        self.length = 0
         logits, _ = self.model(idx, state=self.state)
-        self.length = idx.shape[1]
         return logits
 
     @torch.no_grad()
@@ -1874,9 +1876,8 @@ class Decoder:
         else:
             self.graph.replay()
             logits = self.logits.clone()
-        self.length += 1
         for layer in self.state:                           # the host count, as forward keeps it
-            layer["length"] = self.length
+            layer["length"] += 1
         return logits
 
     @torch.no_grad()
