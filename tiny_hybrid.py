@@ -776,7 +776,8 @@ class NativeSparseAttention(_AttentionBase):
     Decoding state: the KV cache, max_len slots rounded up to whole blocks (without max_len it grows
     as needed, eager decoding only), and one compressed slot per block. A step writes token t into
     slot t and pools its block again into slot t // l; a query reads only complete blocks, so a
-    block counts once its last token has arrived. Reads from the config, besides _AttentionBase's: nsa_block, nsa_topn, nsa_recent, nsa_window,
+    block counts once its last token has arrived.
+    Reads from the config, besides _AttentionBase's: nsa_block, nsa_topn, nsa_recent, nsa_window,
     window.
     """
 
