@@ -11,6 +11,7 @@ Tolerances as in test_tiny_hybrid.py: float32 throughout, decoding and the paral
 by summation order only, so atol = rtol = 1e-5 fails only on a real mistake.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -91,13 +92,15 @@ def test_static_step_equals_the_parallel_forward(preset, gqa):
 
 @pytest.mark.parametrize("preset", ["gdn+swa", "gdn+lte", "gdn+nsa", "transformer"])
 def test_static_step_through_the_triton_kernels_equals_the_parallel_reference(preset):
-    """use_triton: attention_decode and GDN's recurrent step are the kernels (Triton's interpreter
-    here), with the device-side positions and validity masks of the static step."""
+    """use_triton: attention_decode and GDN's recurrent step are the kernels (in Triton's
+    interpreter without a GPU), with the device-side positions and validity masks of the static
+    step, run eagerly."""
     pytest.importorskip("triton")
-    reference = small_model(preset, **TRITON_SIZES)
-    fast = small_model(preset, use_triton=True, **TRITON_SIZES)
+    device = "cuda" if CUDA else "cpu"                  # where kernels.py runs its kernels
+    reference = small_model(preset, device, **TRITON_SIZES)
+    fast = small_model(preset, device, use_triton=True, **TRITON_SIZES)
     fast.load_state_dict(reference.state_dict())
-    idx = torch.randint(0, 61, (2, 21), generator=torch.Generator().manual_seed(2))
+    idx = torch.randint(0, 61, (2, 21), generator=torch.Generator().manual_seed(2)).to(device)
     with torch.no_grad():
         full, _ = reference(idx)
     torch.testing.assert_close(decode_logits(fast.decoder(2, 21, cuda_graph=False), idx, 5), full,
@@ -302,9 +305,8 @@ def test_bad_decoder_inputs():
         Decoder(torch.nn.Linear(2, 2), 1, 8)
     with pytest.raises(ValueError, match="training mode"):
         Decoder(small_model("gdn").train(), 1, 8)
-    if not CUDA:
-        with pytest.raises(ValueError, match="cuda_graph=True needs the model on a CUDA device, it is on cpu"):
-            model.decoder(1, 8, cuda_graph=True)
+    with pytest.raises(ValueError, match="cuda_graph=True needs the model on a CUDA device, it is on cpu"):
+        model.decoder(1, 8, cuda_graph=True)
     decoder = model.decoder(2, 8, cuda_graph=False)
     refused(model, lambda: decoder.prefill(torch.zeros(1, 3, dtype=torch.long)), ValueError,
             "idx has batch size 1, the decoder was made for batch_size = 2")
@@ -324,11 +326,11 @@ def test_bad_decoder_inputs():
 def test_bench_decode_runs_as_a_user_runs_it(tmp_path):
     """python bench.py decode on a small context: eager times, and "-" for captured on the CPU."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}   # what a user has
-    done = subprocess.run([sys.executable, str(ROOT / "bench.py"), "decode", "--presets", "gdn+lte", "gdn+attn",
-                           "--contexts", "600", "--steps", "1", "--throughput-batch", "2", "--out", str(tmp_path)],
+    done = subprocess.run([sys.executable, str(ROOT / "bench.py"), "decode", "--device", "cpu", "--presets", "gdn+lte",
+                           "gdn+attn", "--contexts", "600", "--steps", "1", "--throughput-batch", "2", "--out",
+                           str(tmp_path)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    import json
     results = json.loads((tmp_path / "bench_cpu_decode.json").read_text())
     rows, throughput = results["decode"], results["decode_throughput"]
     assert [r["preset"] for r in rows] == ["gdn+lte", "gdn+attn"] and all(r["eager_ms_per_token"] > 0 for r in rows)
@@ -357,12 +359,14 @@ def test_captured_equals_eager_and_the_parallel_forward(preset, use_triton, exac
         pytest.importorskip("triton")
     sizes = TRITON_SIZES if use_triton else {}
     model = small_model(preset, device="cuda", use_triton=use_triton, **sizes)
+    reference = small_model(preset, device="cuda", **sizes)
+    reference.load_state_dict(model.state_dict())
     idx = torch.randint(0, 61, (2, 41), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     captured = model.decoder(2, 41)
     assert captured.graph is not None                   # on CUDA a decoder captures by default
     eager = model.decoder(2, 41, cuda_graph=False)
     with torch.no_grad():
-        full, _ = small_model(preset, device="cuda", **sizes)(idx)   # the parallel reference
+        full, _ = reference(idx)                       # the parallel forward of the PyTorch ops
     for prompt in (1, 11):
         got, want = decode_logits(captured, idx, prompt), decode_logits(eager, idx, prompt)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -19,7 +19,8 @@ The file reads top to bottom:
                 (mask, straight-through gradient, L1 penalty, lambda), then the inference cap and the
                 constant-size decoding state (LTEAttention)
     4. model    Config (its defaults are the recipe that trained here; Config.paper gives the
-                paper's models), presets, TinyHybrid, optimizer_groups
+                paper's models), presets, TinyHybrid, optimizer_groups, and Decoder: decoding
+                with a static state and one captured CUDA graph per token
     5. checks   the input guards that every public entry point runs first
 
 Dimensions
