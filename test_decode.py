@@ -73,7 +73,7 @@ def decode_logits(decoder: Decoder, idx, prompt: int):
 
 GQA = {"G=2": dict(n_kv_head=2), "G=4": dict(n_kv_head=1), "MHA": dict(n_kv_head=4, key_conv=3)}
 T = 29                                                  # odd; window 8, reach 6, NSA block 4
-PROMPTS = [1, 3, 7, 9, 13, 28]                          # < reach, < window, = w + 1, > block, ...
+PROMPTS = [1, 3, 7, 9, 13, 28]                          # < reach (6), < w + 1 (9), = w + 1, past it; blocks of 4
 
 
 @pytest.mark.parametrize("gqa", list(GQA))
