@@ -1,6 +1,7 @@
 """End-to-end measurements of tiny-hybrid models.
 
-    python bench.py decode      per-token decode latency and state memory against context length
+    python bench.py decode      per-token decode latency, eager and captured (CUDA graph), and state
+                                memory against context length; tokens/s at a large batch
     python bench.py train       training-step time, PyTorch reference vs Triton kernels (and gdn+lte
                                 with its inference cap applied in training)
     python bench.py prefill     prefill time: a prompt of N tokens into a fresh decoding state
@@ -14,8 +15,12 @@
 Decode: a context of N tokens is represented by a state of the size N tokens leave behind, filled
 with random numbers (prefilling 64K tokens through the O(T^2) reference would not fit in memory,
 and a step's cost depends on the state's size, not its contents). Each step is then timed for
-real: the median of `--steps` decoded tokens after a warm-up. Expected: flat lines for gdn,
-gdn+swa and gdn+lte (constant state), growing ones for gdn+nsa and gdn+attn.
+real, two ways in the same run: eager (`model(token, state=state)`, Python and one launch per op)
+and captured (`Decoder.step`: one CUDA graph replay per token, CUDA only). A time is the median
+over 3 rounds of `--steps` back-to-back tokens (one sync per round), after a warm-up. Expected:
+flat lines for gdn, gdn+swa and gdn+lte (constant state), growing ones for gdn+nsa and gdn+attn
+(their caches are preallocated to the context plus the timed tokens, and a step reads all of it).
+Then the same at `--throughput-batch` sequences (64 by default on CUDA), in tokens per second.
 """
 
 from __future__ import annotations
@@ -50,37 +55,30 @@ def bench_config(preset: str, **overrides) -> Config:
 # decode
 # ---------------------------------------------------------------------------------------------
 
-def synthetic_state(model: TinyHybrid, batch: int, context: int, device) -> list[dict]:
-    """The decoding state that `context` tokens leave behind, with random contents."""
-    state = model.init_state(batch, device=device)
+def fill_synthetic(model: TinyHybrid, state: list[dict], context: int) -> None:
+    """Make `state` (from init_state with max_len > context) the state that `context` tokens leave
+    behind, in place, with random contents."""
     for block, layer in zip(model.blocks, state):
         mixer = block.mixer
-        name = type(mixer).__name__
-        for key, value in list(layer.items()):
-            if key == "pos":
+        for key, value in layer.items():
+            if not isinstance(value, torch.Tensor) or key == "pos":
                 continue
-            if value.dtype == torch.bool:
+            if key == "valid" and "max_len" in layer:       # full attention: the first `context` slots
+                value.zero_()
+                value[:, :context] = True
+            elif value.dtype == torch.bool:
                 value.fill_(True)
-            elif key == "buf_pos":                      # as many retained tokens as could have left
+            elif key == "buf_pos":                          # as many retained tokens as could have left
                 left = max(0, context - mixer.window - 1 - mixer.sink)
                 n = min(left, value.shape[-1])
                 value.fill_(-1)
-                value[..., :n] = torch.arange(mixer.sink, mixer.sink + n, device=device)
+                value[..., :n] = torch.arange(mixer.sink, mixer.sink + n, device=value.device)
             elif key == "buf_score":
                 value.uniform_(0.0, 0.5)
             elif value.is_floating_point():
                 value.normal_()
-        if name == "Attention" and mixer.window is None or name == "NativeSparseAttention":
-            shape = (batch, context, mixer.n_kv_head, mixer.head_dim)
-            layer["k"], layer["v"] = torch.randn(shape, device=device), torch.randn(shape, device=device)
-            layer["valid"] = torch.ones(shape[:3], dtype=torch.bool, device=device)
-            if name == "NativeSparseAttention":
-                del layer["valid"]
-                n_cmp = context // mixer.block
-                layer["k_cmp"] = torch.randn(batch, n_cmp, mixer.n_kv_head, mixer.head_dim, device=device)
-                layer["v_cmp"] = torch.randn(batch, n_cmp, mixer.n_kv_head, mixer.head_dim, device=device)
-        layer["pos"] = context
-    return state
+        layer["pos"].fill_(context)
+        layer["length"] = context
 
 
 def _label(n: int) -> str:
@@ -93,36 +91,101 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-@torch.no_grad()
-def time_decode(model, batch: int, context: int, steps: int, device) -> tuple[float, int]:
-    """Median milliseconds per decoded token, and state bytes per sequence, at a given context."""
-    state = synthetic_state(model, batch, context, device)
-    token = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
+def _ms_per_token(step, steps: int, device, rounds: int = 3, warmup: int = 3) -> float:
+    """Median over `rounds` of the mean time of `steps` back-to-back calls of step(), in ms."""
+    for _ in range(warmup):
+        step()
     times = []
-    for i in range(steps + 3):                          # 3 warm-up steps
+    for _ in range(rounds):
         _sync(device)
         start = time.perf_counter()
-        model(token, state=state)
+        for _ in range(steps):
+            step()
         _sync(device)
-        if i >= 3:
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times), TinyHybrid.state_nbytes(state)
+        times.append((time.perf_counter() - start) * 1e3 / steps)
+    return statistics.median(times)
+
+
+def _decode_max_len(context: int, steps: int) -> int:
+    """Room for the context and every token _ms_per_token decodes (3 warm-up + 3 rounds)."""
+    return context + 3 + 3 * steps
+
+
+@torch.no_grad()
+def time_decode(model, batch: int, context: int, steps: int, device) -> tuple[float, float | None, int]:
+    """ms per decoded token at a given context, eager and captured (None without CUDA), and the
+    state's bytes per sequence."""
+    max_len = _decode_max_len(context, steps)
+    token = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
+    state = model.init_state(batch, device=device, max_len=max_len)
+    fill_synthetic(model, state, context)
+    eager = _ms_per_token(lambda: model(token, state=state), steps, device)
+    nbytes = TinyHybrid.state_nbytes(state)
+    del state
+    captured = None
+    if device.type == "cuda":
+        decoder = model.decoder(batch, max_len)              # captures its step (on an empty state)
+        fill_synthetic(model, decoder.state, context)
+        captured = _ms_per_token(lambda: decoder.step(token), steps, device)
+        del decoder
+        torch.cuda.empty_cache()
+    return eager, captured, nbytes
+
+
+def _timed_or_nan(fn, device):
+    """fn(), or NaNs where the device runs out of memory (printed as "-")."""
+    try:
+        return fn()
+    except torch.OutOfMemoryError:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return float("nan"), float("nan"), 0
+
+
+def _ms(x) -> str:
+    return f"{'-':>9s}" if x is None or x != x else f"{x:9.3f}"
 
 
 def bench_decode(args, device) -> list[dict]:
     rows = []
-    print(f"\ndecode: batch {args.batch}, {device_name(device)}, ms per token (median of {args.steps}) "
-          f"and state MB per sequence")
-    print(f"{'preset':10s}" + "".join(f"{_label(n):>8s} ms {'MB':>8s}" for n in args.contexts))
+    print(f"\ndecode: batch {args.batch}, {device_name(device)}, use_triton={args.use_triton}, ms per token "
+          f"(median of 3 x {args.steps} tokens), eager and captured (one CUDA graph replay per token; "
+          f"CUDA only), and the state in MB per sequence")
+    print(f"{'preset':10s}" + "".join(f"{_label(n) + ' eager':>13s}{'captured':>10s}{'MB':>9s}" for n in args.contexts))
     for preset in args.presets:
-        config = bench_config(preset, use_triton=args.use_triton)
-        model = TinyHybrid(config).to(device).eval()
+        torch.manual_seed(0)
+        model = TinyHybrid(bench_config(preset, use_triton=args.use_triton)).to(device).eval()
         line = f"{preset:10s}"
         for context in args.contexts:
-            ms, nbytes = time_decode(model, args.batch, context, args.steps, device)
-            rows.append({"preset": preset, "context": context, "ms_per_token": ms, "state_bytes": nbytes,
-                         "device": device_name(device), "batch": args.batch, "use_triton": args.use_triton})
-            line += f"{ms:11.2f} {nbytes / 2**20:8.2f}"
+            eager, captured, nbytes = _timed_or_nan(
+                lambda: time_decode(model, args.batch, context, args.steps, device), device)
+            rows.append({"preset": preset, "context": context, "batch": args.batch,
+                         "eager_ms_per_token": eager, "captured_ms_per_token": captured, "state_bytes": nbytes,
+                         "device": device_name(device), "use_triton": args.use_triton})
+            line += f"{_ms(eager):>13s}{_ms(captured):>10s}{nbytes / 2**20:9.2f}"
+        print(line, flush=True)
+    return rows
+
+
+def bench_decode_throughput(args, device) -> list[dict]:
+    """Tokens per second at a large batch (--throughput-batch), eager and captured."""
+    batch = args.throughput_batch
+    rows = []
+    print(f"\ndecode throughput: batch {batch}, {device_name(device)}, use_triton={args.use_triton}, "
+          f"tokens per second (batch / time per step), eager and captured")
+    print(f"{'preset':10s}" + "".join(f"{_label(n) + ' eager':>13s}{'captured':>10s}" for n in args.contexts))
+    tok_s = lambda ms: batch / ms * 1e3 if ms is not None and ms == ms else None
+    for preset in args.presets:
+        torch.manual_seed(0)
+        model = TinyHybrid(bench_config(preset, use_triton=args.use_triton)).to(device).eval()
+        line = f"{preset:10s}"
+        for context in args.contexts:
+            eager, captured, _ = _timed_or_nan(lambda: time_decode(model, batch, context, args.steps, device), device)
+            rows.append({"preset": preset, "context": context, "batch": batch, "eager_tokens_per_s": tok_s(eager),
+                         "captured_tokens_per_s": tok_s(captured), "device": device_name(device),
+                         "use_triton": args.use_triton})
+            cells = [tok_s(eager), tok_s(captured)]
+            line += "".join(f"{'-' if c is None else f'{c:.0f}':>{w}s}" for c, w in zip(cells, (13, 10)))
         print(line, flush=True)
     return rows
 
@@ -719,7 +782,10 @@ def plot_decode(rows: list[dict], path: str) -> None:
     for preset in dict.fromkeys(r["preset"] for r in rows):
         mine = [r for r in rows if r["preset"] == preset]
         xs = [r["context"] for r in mine]
-        ax_t.plot(xs, [r["ms_per_token"] for r in mine], marker="o", label=preset)
+        line, = ax_t.plot(xs, [r["eager_ms_per_token"] for r in mine], marker="o", label=f"{preset} eager")
+        if any(r["captured_ms_per_token"] is not None for r in mine):
+            ax_t.plot(xs, [r["captured_ms_per_token"] for r in mine], marker="o", linestyle="--",
+                      color=line.get_color(), label=f"{preset} captured")
         ax_m.plot(xs, [r["state_bytes"] / 2**20 for r in mine], marker="o", label=preset)
     for ax, label in ((ax_t, "ms per decoded token"), (ax_m, "state MB per sequence")):
         ax.set_xscale("log", base=2)
@@ -727,7 +793,7 @@ def plot_decode(rows: list[dict], path: str) -> None:
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
-    ax_t.legend()
+    ax_t.legend(fontsize=7)
     fig.suptitle(f"decoding cost against context ({rows[0]['device']})")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -749,6 +815,9 @@ def _parse_args(argv):
     parser.add_argument("--contexts", nargs="+", type=int, default=[1024, 4096, 16384, 65536],
                         help="context lengths (tokens) for decode, prefill and lte-rule")
     parser.add_argument("--batch", type=int, default=1, help="sequences per batch")
+    parser.add_argument("--throughput-batch", type=int, default=None,
+                        help="decode: sequences per batch of the tokens/s table (default: 64 on CUDA, none on "
+                             "the CPU; 0: no table)")
     parser.add_argument("--steps", type=int, default=20, help="timed repetitions per cell (median)")
     parser.add_argument("--train-len", type=int, default=2048, help="sequence length of the training step")
     parser.add_argument("--modes", nargs="+", choices=["torch", "triton"], default=["torch", "triton"],
@@ -766,6 +835,10 @@ def _parse_args(argv):
     for name in ("batch", "steps", "train_len"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.throughput_batch is not None and args.throughput_batch < 0:
+        parser.error(f"--throughput-batch must be >= 0, got {args.throughput_batch}")
+    if args.throughput_batch is None:
+        args.throughput_batch = 64 if args.device.startswith("cuda") else 0
     if any(n < 1 for n in args.contexts):
         parser.error(f"--contexts must all be >= 1, got {args.contexts}")
     if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
@@ -790,6 +863,8 @@ def main(argv=None):
     if args.what in ("decode", "all"):
         results["decode"] = bench_decode(args, device)
         plot_decode(results["decode"], os.path.join(args.out, f"decode_{device.type}.png"))
+        if args.throughput_batch:
+            results["decode_throughput"] = bench_decode_throughput(args, device)
     if args.what in ("train", "all"):
         results["train"] = bench_train(args, device)
     if args.what in ("prefill", "all"):

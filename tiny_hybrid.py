@@ -19,7 +19,8 @@ The file reads top to bottom:
                 (mask, straight-through gradient, L1 penalty, lambda), then the inference cap and the
                 constant-size decoding state (LTEAttention)
     4. model    Config (its defaults are the recipe that trained here; Config.paper gives the
-                paper's models), presets, TinyHybrid, optimizer_groups
+                paper's models), presets, TinyHybrid, optimizer_groups, and Decoder: decoding
+                with a static state and one captured CUDA graph per token
     5. checks   the input guards that every public entry point runs first
 
 Dimensions
@@ -304,17 +305,18 @@ def _complete_blocks_mask(q_pos: torch.Tensor, n_blocks: int, block: int) -> tor
     return last_token[None, :] <= q_pos[:, None]
 
 
-def nsa_compressed_attention(q, k_cmp, v_cmp, block: int, scale=None, offset: int = 0):
+def nsa_compressed_attention(q, k_cmp, v_cmp, block: int, scale=None, offset=0):
     """Compressed branch [N1]: attention over mean-pooled blocks, complete blocks only.
 
-    q: [B, T, H, D] at positions offset .. offset + T - 1; k_cmp, v_cmp: [B, Nc, Hkv, D].
+    q: [B, T, H, D] at positions offset .. offset + T - 1 (offset: an int or a 0-d integer tensor);
+    k_cmp, v_cmp: [B, Nc, Hkv, D]; blocks that are not complete for a query are never read.
     Returns (o [B, T, H, D], lse [B, T, H] float32). A query with no complete block yet gets
     o = 0 and lse = -inf (there is nothing to attend to).
     """
     B, T, H, D = q.shape
     Hkv = k_cmp.shape[2]
     scale = D ** -0.5 if scale is None else scale
-    q_pos = torch.arange(offset, offset + T, device=q.device)
+    q_pos = offset + torch.arange(T, device=q.device)                           # offset: int or 0-d tensor
     visible = _complete_blocks_mask(q_pos, k_cmp.shape[1], block)               # [T, Nc]
     kf = _repeat_kv(k_cmp, H // Hkv).float()                                    # [B, Nc, H, D]
     vf = _repeat_kv(v_cmp, H // Hkv).float()
@@ -326,7 +328,7 @@ def nsa_compressed_attention(q, k_cmp, v_cmp, block: int, scale=None, offset: in
     return o.to(q.dtype), lse.transpose(1, 2)
 
 
-def nsa_block_scores(q, k_cmp, lse, block: int, scale=None, offset: int = 0):
+def nsa_block_scores(q, k_cmp, lse, block: int, scale=None, offset=0):
     """Importance of each compressed block for each query [N2]: the compressed attention
     probabilities p_{i,n} = exp(scale q_i . kc_n - lse_i), summed over the query heads of a KV group.
 
@@ -336,7 +338,7 @@ def nsa_block_scores(q, k_cmp, lse, block: int, scale=None, offset: int = 0):
     Hkv = k_cmp.shape[2]
     scale = D ** -0.5 if scale is None else scale
     with torch.no_grad():
-        q_pos = torch.arange(offset, offset + T, device=q.device)
+        q_pos = offset + torch.arange(T, device=q.device)                       # offset: int or 0-d tensor
         visible = _complete_blocks_mask(q_pos, k_cmp.shape[1], block)           # [T, Nc]
         kf = _repeat_kv(k_cmp, H // Hkv).float()
         logits = torch.einsum("bthd,bnhd->bthn", q.float(), kf) * scale         # [B, T, H, Nc]
@@ -345,19 +347,20 @@ def nsa_block_scores(q, k_cmp, lse, block: int, scale=None, offset: int = 0):
 
 
 def nsa_select_blocks(scores, block: int, top_n: int, n_recent: int = 2, n_blocks: int | None = None,
-                      offset: int = 0):
+                      offset=0):
     """Top-n block selection per query and KV head, with forced blocks [N2].
 
     scores: [B, T, Hkv, Nc] from `nsa_block_scores`. Candidates for the query at position p are the
     blocks that have started (n l <= p). Forced, whatever their score: block 0 and the n_recent most
     recent blocks (the one holding p and those just before it). Ranking: score descending, ties to
     the lower block index (a stable sort), so the choice is reproducible.
-    n_blocks: blocks that can exist (default ceil((offset + T) / l)).
+    n_blocks: blocks that can exist (default ceil((offset + T) / l); give it when offset is a
+    0-d device tensor, as a decoding step does, so that the shapes do not depend on its value).
     Returns int64 [B, T, Hkv, top_n]: block indices, -1 where fewer than top_n candidates exist.
     """
     _check_nsa_selection(top_n, n_recent)
     B, T, Hkv, Nc = scores.shape
-    q_pos = torch.arange(offset, offset + T, device=scores.device)
+    q_pos = offset + torch.arange(T, device=scores.device)
     n_blocks = -(-(offset + T) // block) if n_blocks is None else n_blocks
     rank = F.pad(scores.float(), (0, n_blocks - Nc))                            # [B, T, Hkv, Ns]
     blk = torch.arange(n_blocks, device=scores.device)
@@ -418,11 +421,13 @@ class RMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight).to(x.dtype)
 
 
-def rotary(x, offset: int = 0, base: float = 10000.0):
-    """RoPE on [B, T, H, D] at positions offset .. offset + T - 1 (rotate-half form, float32 math)."""
+def rotary(x, offset=0, base: float = 10000.0):
+    """RoPE on [B, T, H, D] at positions offset .. offset + T - 1 (rotate-half form, float32 math).
+    offset: an int, or a 0-d integer tensor on x's device (a decoding step reads its position there)."""
     B, T, H, D = x.shape
     inv_freq = base ** (-torch.arange(0, D, 2, device=x.device, dtype=torch.float32) / D)   # [D/2]
-    angle = torch.arange(offset, offset + T, device=x.device, dtype=torch.float32)[:, None] * inv_freq
+    positions = offset + torch.arange(T, device=x.device)                       # [T], exact in float32 below 2^24
+    angle = positions.float()[:, None] * inv_freq
     cos, sin = angle.cos()[:, None], angle.sin()[:, None]                       # [T, 1, D/2]
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
@@ -503,15 +508,38 @@ class GatedDeltaNet(nn.Module):
         dt = torch.exp(torch.empty(H).uniform_(math.log(1e-3), math.log(1e-1)))   # GDN's Delta t
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))          # softplus^-1(dt)
 
-    def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> dict:
-        """Empty decoding state: S [B, H, K, V] (float32) and the three conv tails."""
+    def init_state(self, batch_size: int, device=None, dtype=torch.float32, max_len=None) -> dict:
+        """Empty decoding state: S [B, H, K, V] (float32) and the three conv tails, of one size for
+        any length (max_len is accepted like every mixer's, and needs nothing here), plus the
+        counters every mixer's state holds: pos, the next token's position as a 0-d tensor on the
+        device (a captured step advances it there), and length, the same count on the host."""
         H, K, V = self.n_head, self.head_dim, self.value_dim
         tail = lambda C: torch.zeros(batch_size, self.config.gdn_conv_size - 1, C, device=device, dtype=dtype)
-        return {"pos": 0, "S": torch.zeros(batch_size, H, K, V, device=device),
-                "q_conv": tail(H * K), "k_conv": tail(H * K), "v_conv": tail(H * V)}
+        return {"S": torch.zeros(batch_size, H, K, V, device=device),
+                "q_conv": tail(H * K), "k_conv": tail(H * K), "v_conv": tail(H * V),
+                "pos": torch.zeros((), dtype=torch.long, device=device), "length": 0}
+
+    def reset_state(self, state: dict) -> None:
+        """Back to the empty state, in place: a captured step keeps reading these very tensors."""
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                value.zero_()
+        state["length"] = 0
 
     def forward(self, x, state: dict | None = None):
         _check_mixer_input(x, self.config.d_model)
+        out = self._mix(x, state)
+        if state is not None:
+            state["length"] += x.shape[1]                  # host bookkeeping, outside what a graph captures
+        return out
+
+    def step(self, x, state: dict):
+        """One token, x [B, 1, C], through the state, device work only (what a CUDA graph
+        captures): forward's maths, without the host-side length, which the caller counts."""
+        _check_mixer_input(x, self.config.d_model)
+        return self._mix(x, state)
+
+    def _mix(self, x, state):
         B, T, _ = x.shape
         H, V = self.n_head, self.value_dim
         convs = {}
@@ -528,7 +556,9 @@ class GatedDeltaNet(nn.Module):
             o, _ = _op(self.config, gated_delta_rule)(q, k, v, g, beta, chunk_size=self.config.gdn_chunk_size)
         else:
             o = self._decode(q, k, v, g, beta, state)
-            state.update(q_conv=convs["q"], k_conv=convs["k"], v_conv=convs["v"], pos=state["pos"] + T)
+            for name in ("q", "k", "v"):                   # in place, as every write to a state
+                state[f"{name}_conv"].copy_(convs[name])
+            state["pos"].add_(T)
         o = self.o_norm(o) * F.silu(self.g_proj(x).view(B, T, H, V))
         return self.o_proj(o.reshape(B, T, H * V))                              # [B, T, H, V] -> [B, T, C']
 
@@ -539,7 +569,7 @@ class GatedDeltaNet(nn.Module):
         else:
             o, S = _op(self.config, gated_delta_rule)(q, k, v, g, beta, initial_state=state["S"],
                                                       chunk_size=self.config.gdn_chunk_size)
-        state["S"] = S
+        state["S"].copy_(S)
         return o
 
     def state_size(self, T: int) -> int:
@@ -558,7 +588,9 @@ class _AttentionBase(nn.Module):
     (the README's training section has the numbers). GDN's own short convs play the same role.
 
     Decoding (`forward(x, state)`): a prompt into an empty state runs the parallel form and then
-    fills the state; anything after that goes one token at a time through `_step`.
+    fills the state; anything after that goes one token at a time through `_step`, which reads the
+    position from the device and writes the state in place, with shapes that never depend on the
+    position: the very step that `step` offers a CUDA graph to capture (see `Decoder`).
     Reads from the config: d_model, n_head, n_kv_head, head_dim, key_conv, rope_base, use_triton."""
 
     def __init__(self, config):
@@ -583,9 +615,24 @@ class _AttentionBase(nn.Module):
     def _key_conv_size(self) -> int:
         return 0 if self.k_conv is None else (self.config.key_conv - 1) * self.n_kv_head * self.head_dim
 
-    def _qkv(self, x, offset: int = 0, state: dict | None = None):
-        """x [B, T, C] -> q [B, T, H, D], k and v [B, T, Hkv, D], and k before RoPE.
-        With a decoding state, the key shift continues from (and updates) its conv tail."""
+    @staticmethod
+    def _counters(device=None) -> dict:
+        """pos: the next token's position as a 0-d tensor on the device, which a step reads and
+        advances there (so that a captured step can be replayed); length: the same count on the
+        host, which forward reads to choose between prefill and steps, and to check for room."""
+        return {"pos": torch.zeros((), dtype=torch.long, device=device), "length": 0}
+
+    def reset_state(self, state: dict) -> None:
+        """Back to the empty state, in place: a captured step keeps reading these very tensors."""
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                value.zero_()
+        state["length"] = 0
+
+    def _qkv(self, x, offset=0, state: dict | None = None):
+        """x [B, T, C] -> q [B, T, H, D], k and v [B, T, Hkv, D], and k before RoPE, at positions
+        offset .. offset + T - 1 (an int, or a 0-d tensor on the device while decoding). With a
+        decoding state, the key shift continues from (and updates, in place) its conv tail."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
         k = self.k_proj(x)
@@ -593,7 +640,7 @@ class _AttentionBase(nn.Module):
             shifted, tail = self.k_conv(k, None if state is None else state["k_conv"])
             k = k + shifted
             if state is not None:
-                state["k_conv"] = tail
+                state["k_conv"].copy_(tail)
         k = k.view(B, T, self.n_kv_head, self.head_dim)                         # [B, T, Hkv * D] -> [B, T, Hkv, D]
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)
         base = self.config.rope_base
@@ -604,18 +651,55 @@ class _AttentionBase(nn.Module):
         B, T, _ = x.shape
         if state is None:
             o = self._parallel(x)
-        elif state["pos"] == 0:
-            o = self._parallel(x, state)
-            state["pos"] = T
         else:
-            o = torch.cat([self._step(x[:, t: t + 1], state) for t in range(T)], dim=1)
+            self._check_room(state, T)
+            self._make_room(state, T)
+            if state["length"] == 0:                       # a prompt into an empty state: in parallel
+                o = self._parallel(x, state)
+                state["pos"].fill_(T)
+            else:
+                o = torch.cat([self._step(x[:, t: t + 1], state) for t in range(T)], dim=1)
+            state["length"] += T                           # host bookkeeping, outside what a graph captures
         return self.o_proj(o.reshape(B, T, -1))                                 # [B, T, H, D] -> [B, T, H * D]
+
+    def step(self, x, state: dict):
+        """One token, x [B, 1, C], through the state: `_step`, device work only, which is what a
+        CUDA graph captures. The caller counts the host-side length (forward does it for itself)."""
+        _check_mixer_input(x, self.config.d_model)
+        if x.shape[1] != 1:
+            raise ValueError(f"step takes one token: x must be [B, 1, C], got shape {tuple(x.shape)}")
+        return self.o_proj(self._step(x, state).flatten(2))                     # [B, 1, H, D] -> [B, 1, H * D]
+
+    @staticmethod
+    def _check_room(state: dict, T: int) -> None:
+        """A cache preallocated to max_len (full attention, NSA) refuses what would not fit."""
+        max_len = state.get("max_len")
+        if max_len is not None and state["length"] + T > max_len:
+            raise ValueError(f"the decoding state holds at most max_len = {max_len} tokens (set by init_state); "
+                             f"it holds {state['length']} and x brings {T} more")
+
+    def _make_room(self, state: dict, T: int) -> None:
+        """Grow a cache made without max_len so that T more tokens fit (the mixers that have one)."""
+
+    @staticmethod
+    def _grown(cache: torch.Tensor, slots: int) -> torch.Tensor:
+        """cache [B, S, ...] copied into a zeroed [B, slots, ...] (eager decoding without max_len)."""
+        bigger = cache.new_zeros(cache.shape[0], slots, *cache.shape[2:])
+        bigger[:, :cache.shape[1]] = cache
+        return bigger
+
+    @staticmethod
+    def _check_max_len(max_len) -> None:
+        if max_len is not None and (not _is_int(max_len) or max_len < 1):
+            raise ValueError(f"max_len must be None (a cache that grows) or an int >= 1, got {max_len!r}")
 
 
 class Attention(_AttentionBase):
     """Softmax attention with RoPE and GQA: full (window=None) or sliding window (the last w + 1 tokens).
 
-    Decoding state: a growing KV cache (full) or a ring buffer of w + 1 slots (SWA)."""
+    Decoding state: a ring buffer of w + 1 slots (SWA), or a cache of max_len slots (full; without
+    max_len it grows as needed, which only eager decoding can do). Token t goes to slot t % (w + 1)
+    or slot t, and `valid` marks the slots that hold a token."""
 
     def __init__(self, config, window: int | None = None):
         super().__init__(config)
@@ -623,41 +707,58 @@ class Attention(_AttentionBase):
         # Differs from the paper in counting only: its SWA window of 1024 keys is window = 1023 here.
         self.window = window
 
-    def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> dict:
-        slots = 0 if self.window is None else self.window + 1
+    def init_state(self, batch_size: int, device=None, dtype=torch.float32, max_len=None) -> dict:
+        """An empty state. max_len: the most tokens it will take; full attention preallocates that
+        many slots (None: it starts empty and grows). A window needs w + 1 slots whatever the length."""
+        self._check_max_len(max_len)
+        full = self.window is None
+        slots = (max_len or 0) if full else self.window + 1
         shape = (batch_size, slots, self.n_kv_head, self.head_dim)
-        return {"pos": 0, "k": torch.zeros(shape, device=device, dtype=dtype),
+        return {"k": torch.zeros(shape, device=device, dtype=dtype),
                 "v": torch.zeros(shape, device=device, dtype=dtype),
                 "valid": torch.zeros(shape[:3], dtype=torch.bool, device=device),
-                **self._key_conv_state(batch_size, device, dtype)}
+                **self._key_conv_state(batch_size, device, dtype), **self._counters(device),
+                **({"max_len": max_len} if full else {})}
+
+    def _make_room(self, state, T: int):
+        if self.window is not None or state["max_len"] is not None:
+            return
+        need, slots = state["length"] + T, state["k"].shape[1]
+        if need > slots:                                   # double, so that growing costs O(1) a token
+            for name in ("k", "v", "valid"):
+                state[name] = self._grown(state[name], max(need, 2 * slots))
 
     def _parallel(self, x, state=None):
         q, k, v, _ = self._qkv(x, state=state)
         o = _op(self.config, attention)(q, k, v, window=self.window)
         if state is not None:
-            self._store(state, k, v, start=0)
+            self._store(state, k, v)
         return o
 
-    def _store(self, state, k, v, start: int):
-        """Write keys/values of positions start .. start + T - 1 into the cache."""
+    def _store(self, state, k, v):
+        """After a parallel prefill: keys/values of positions 0 .. T - 1 into the cache."""
+        T = k.shape[1]
         if self.window is None:
-            state["k"] = torch.cat([state["k"], k.to(state["k"].dtype)], dim=1)
-            state["v"] = torch.cat([state["v"], v.to(state["v"].dtype)], dim=1)
-            state["valid"] = torch.ones(state["k"].shape[:3], dtype=torch.bool, device=k.device)
+            state["k"][:, :T], state["v"][:, :T] = k.to(state["k"].dtype), v.to(state["v"].dtype)
+            state["valid"][:, :T] = True
             return
-        T, slots = k.shape[1], self.window + 1
+        slots = self.window + 1
         keep_from = max(0, T - slots)                      # older tokens would be overwritten anyway
-        ring = torch.arange(start + keep_from, start + T, device=k.device) % slots
+        ring = torch.arange(keep_from, T, device=k.device) % slots
         state["k"][:, ring] = k[:, keep_from:].to(state["k"].dtype)
         state["v"][:, ring] = v[:, keep_from:].to(state["v"].dtype)
         state["valid"][:, ring] = True
 
     def _step(self, x, state):
-        q, k, v, _ = self._qkv(x, state["pos"], state)
-        self._store(state, k, v, start=state["pos"])
-        state["pos"] += 1
+        t = state["pos"]                                   # 0-d, on the device
+        q, k, v, _ = self._qkv(x, t, state)
+        slot = (t if self.window is None else t % (self.window + 1)).view(1)   # [1]
+        state["k"].index_copy_(1, slot, k.to(state["k"].dtype))
+        state["v"].index_copy_(1, slot, v.to(state["v"].dtype))
+        state["valid"].index_fill_(1, slot, True)
         o = _op(self.config, attention_decode)(q[:, 0], state["k"].to(q.dtype), state["v"].to(q.dtype),
                                                state["valid"])
+        t.add_(1)                                          # last: t is the state's own tensor
         return o[:, None]
 
     def state_size(self, T: int) -> int:
@@ -673,7 +774,10 @@ class NativeSparseAttention(_AttentionBase):
          (block 0 and the most recent ones forced) are attended token by token, causally;      [N2]
       3. sliding window: the last w + 1 tokens (w = nsa_window, or the shared `window` when None;
          the paper's NSA window of 512 keys is w = 511 here).
-    Decoding state: the full KV cache plus the compressed blocks, appended as each block completes.
+    Decoding state: the KV cache, max_len slots rounded up to whole blocks (without max_len it grows
+    as needed, eager decoding only), and one compressed slot per block. A step writes token t into
+    slot t and pools its block again into slot t // l; a query reads only complete blocks, so a
+    block counts once its last token has arrived.
     Reads from the config, besides _AttentionBase's: nsa_block, nsa_topn, nsa_recent, nsa_window,
     window.
     """
@@ -700,34 +804,61 @@ class NativeSparseAttention(_AttentionBase):
         o_slc = _op(config, nsa_selected_attention)(q, k, v, block_idx, l)             # [N2]
         o_swa = _op(config, attention)(q, k, v, window=self.window)
         if state is not None:
-            state.update(k=k.detach(), v=v.detach(), k_cmp=k_cmp.detach(), v_cmp=v_cmp.detach())
+            T, n = k.shape[1], k_cmp.shape[1]
+            for name, new, filled in (("k", k, T), ("v", v, T), ("k_cmp", k_cmp, n), ("v_cmp", v_cmp, n)):
+                state[name][:, :filled] = new.to(state[name].dtype)
         return nsa_combine(self._gates(x), o_cmp, o_slc, o_swa)                        # [N3]
 
-    def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> dict:
-        empty = lambda: torch.zeros(batch_size, 0, self.n_kv_head, self.head_dim, device=device, dtype=dtype)
-        return {"pos": 0, "k": empty(), "v": empty(), "k_cmp": empty(), "v_cmp": empty(),
-                **self._key_conv_state(batch_size, device, dtype)}
+    def init_state(self, batch_size: int, device=None, dtype=torch.float32, max_len=None) -> dict:
+        """An empty state: max_len slots rounded up to whole blocks (None: none yet, they grow)."""
+        self._check_max_len(max_len)
+        l = self.block
+        slots = -(-(max_len or 0) // l) * l
+        zeros = lambda n: torch.zeros(batch_size, n, self.n_kv_head, self.head_dim, device=device, dtype=dtype)
+        return {"k": zeros(slots), "v": zeros(slots), "k_cmp": zeros(slots // l), "v_cmp": zeros(slots // l),
+                **self._key_conv_state(batch_size, device, dtype), **self._counters(device), "max_len": max_len}
+
+    def _make_room(self, state, T: int):
+        if state["max_len"] is not None:
+            return
+        l, need, slots = self.block, state["length"] + T, state["k"].shape[1]
+        if need > slots:                                   # double, in whole blocks
+            slots = -(-max(need, 2 * slots) // l) * l
+            for name in ("k", "v"):
+                state[name] = self._grown(state[name], slots)
+            for name in ("k_cmp", "v_cmp"):
+                state[name] = self._grown(state[name], slots // l)
 
     def _step(self, x, state):
-        t, l = state["pos"], self.block
+        t, l = state["pos"], self.block                    # t: 0-d, on the device
         q, k, v, _ = self._qkv(x, t, state)
-        cache_dtype = state["k"].dtype
-        state["k"] = torch.cat([state["k"], k.to(cache_dtype)], dim=1)
-        state["v"] = torch.cat([state["v"], v.to(cache_dtype)], dim=1)
-        if (t + 1) % l == 0:                               # a block just completed: pool it, once
-            state["k_cmp"] = torch.cat([state["k_cmp"], state["k"][:, -l:].mean(dim=1, keepdim=True)], dim=1)
-            state["v_cmp"] = torch.cat([state["v_cmp"], state["v"][:, -l:].mean(dim=1, keepdim=True)], dim=1)
-        state["pos"] = t + 1
-        K, Vc, Kc, VC = (state[n].to(q.dtype) for n in ("k", "v", "k_cmp", "v_cmp"))
-        o_cmp, lse = _op(self.config, nsa_compressed_attention)(q, Kc, VC, l, offset=t)
-        scores = _op(self.config, nsa_block_scores)(q, Kc, lse, l, offset=t)
-        block_idx = nsa_select_blocks(scores, l, self.top_n, self.n_recent, offset=t)[:, 0]   # [B, Hkv, n]
-        o_slc = self._selected_step(q[:, 0], K, Vc, block_idx, t)
-        recent = slice(max(0, t - self.window), t + 1)
-        o_swa = _op(self.config, attention_decode)(q[:, 0], K[:, recent], Vc[:, recent])
-        return nsa_combine(self._gates(x), o_cmp, o_slc[:, None], o_swa[:, None])
+        self._append(state, k, v, t)
+        K, V, Kc, Vc = (state[n].to(q.dtype) for n in ("k", "v", "k_cmp", "v_cmp"))
+        # kernels.nsa_compressed_attention and nsa_block_scores take the offset as a host int, so the
+        # step runs the reference for these two, one query over max_len / l blocks (cheap).
+        o_cmp, lse = nsa_compressed_attention(q, Kc, Vc, l, offset=t)                   # [N1]
+        scores = nsa_block_scores(q, Kc, lse, l, offset=t)                              # [N2]
+        block_idx = nsa_select_blocks(scores, l, self.top_n, self.n_recent, n_blocks=Kc.shape[1],
+                                      offset=t)[:, 0]                                   # [B, Hkv, n]
+        o_slc = self._selected_step(q[:, 0], K, V, block_idx, t)
+        o_swa = self._window_step(q[:, 0], K, V, t)
+        t.add_(1)                                          # last: t is the state's own tensor
+        return nsa_combine(self._gates(x), o_cmp, o_slc[:, None], o_swa[:, None])       # [N3]
 
-    def _selected_step(self, q, k, v, block_idx, t: int):
+    def _append(self, state, k, v, t):
+        """Token t into slot t, and the mean of its block (t // l) into that block's compressed slot,
+        every step: the block's slot is only read once the block is complete, and by then it holds
+        the mean of its l tokens [N1]."""
+        l = self.block
+        block = t // l
+        tokens = block * l + torch.arange(l, device=k.device)                   # [l] the block's slots
+        for name, new in (("k", k), ("v", v)):
+            cache = state[name]
+            cache.index_copy_(1, t.view(1), new.to(cache.dtype))
+            pooled = cache.index_select(1, tokens).mean(dim=1, keepdim=True)    # [B, 1, Hkv, D]
+            state[name + "_cmp"].index_copy_(1, block.view(1), pooled)
+
+    def _selected_step(self, q, k, v, block_idx, t):
         """One query at position t over its selected blocks: gather n l tokens, never the whole cache.
         With use_triton this runs as kernels.attention_decode (split-K over the gathered slots)."""
         B, P, Hkv, D = k.shape
@@ -736,6 +867,15 @@ class NativeSparseAttention(_AttentionBase):
         valid = (block_idx[..., None] >= 0).expand(-1, -1, -1, l).flatten(2) & (tok <= t)
         idx = tok.clamp(0, P - 1).transpose(1, 2)[..., None].expand(-1, -1, -1, D)      # [B, n * l, Hkv, D]
         return _op(self.config, attention_decode)(q, k.gather(1, idx), v.gather(1, idx), valid.transpose(1, 2))
+
+    def _window_step(self, q, k, v, t):
+        """The window branch for one query at position t: the w + 1 slots t - w .. t, those before
+        position 0 masked, gathered from the cache."""
+        B, _, Hkv, _ = k.shape
+        positions = t - self.window + torch.arange(self.window + 1, device=q.device)   # [w + 1]
+        valid = (positions >= 0)[None, :, None].expand(B, -1, Hkv)                    # [B, w + 1, Hkv]
+        recent = positions.clamp(min=0)
+        return _op(self.config, attention_decode)(q, k.index_select(1, recent), v.index_select(1, recent), valid)
 
     def state_size(self, T: int) -> int:
         return 2 * (T + T // self.block) * self.n_kv_head * self.head_dim + self._key_conv_size()
@@ -861,7 +1001,8 @@ def lte_kept_per_sequence(r, window: int, sink: int):
 def lte_buffer_push(buf_score, buf_pos, score, pos):
     """[L6] Offer one token that leaves the window to the retained-token buffer (in place).
 
-    buf_score, buf_pos: [..., b] (empty slots: score -inf, pos -1); score: [...] float, pos: int.
+    buf_score, buf_pos: [..., b] (empty slots: score -inf, pos -1); score: [...] float, pos: an int
+    or a 0-d integer tensor (a decoding step's position lives on the device).
     The token enters when r > 0 and it fits or is at least as good as the lowest-scored buffered
     token, which then leaves (an empty slot counts as lowest). Ties go to the newer token: among
     equal scores the oldest leaves first, and a newcomer equal to the lowest enters. So the buffer
@@ -1006,7 +1147,9 @@ class LTEAttention(_AttentionBase):
     the buffer (r > 0 and good enough) or nowhere (`_leave_window`), and token t takes its ring
     slot. A score needs the `reach` tokens after its own, so token j is scored when token j + reach
     arrives, `reach` steps late, and its score goes into j's ring slot; since reach <= w, every
-    token has its score long before it leaves the window.
+    token has its score long before it leaves the window. The step does the same work at every
+    position (the position is a tensor on the device; what does not apply yet is masked), so that
+    a CUDA graph can capture it once.
     Reads from the config, besides _AttentionBase's: window, lte_sink, lte_buffer, lte_kernel_sizes,
     lte_dilations, lte_dropout, lte_train_cap, lte_lambda_init, lte_lambda_every, lte_lambda_up,
     lte_lambda_down, lte_lambda_min, lte_lambda_max.
@@ -1117,22 +1260,30 @@ class LTEAttention(_AttentionBase):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # --- decoding: the state of constant size ---
-    def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> dict:
-        """An empty decoding state (the picture is in the class docstring)."""
+    def init_state(self, batch_size: int, device=None, dtype=torch.float32, max_len=None) -> dict:
+        """An empty decoding state (the picture is in the class docstring), of one size for any
+        length (max_len is accepted like every mixer's, and needs nothing here)."""
         B, Hkv, D = batch_size, self.n_kv_head, self.head_dim
         s, b = self.sink, self.buffer
         window_slots, router_slots = self.window + 1, 2 * self.router.reach + 1
         zeros = lambda n: torch.zeros(B, n, Hkv, D, device=device, dtype=dtype)
         off = lambda n: torch.zeros(B, n, Hkv, dtype=torch.bool, device=device)
-        return {"pos": 0,
-                "sink_k": zeros(s), "sink_v": zeros(s), "sink_valid": off(s),
-                "k": zeros(window_slots), "v": zeros(window_slots), "valid": off(window_slots),
-                "score": torch.zeros(B, window_slots, Hkv, device=device),
-                "buf_k": zeros(b), "buf_v": zeros(b),
-                "buf_score": torch.full((B, Hkv, b), float("-inf"), device=device),
-                "buf_pos": torch.full((B, Hkv, b), -1, dtype=torch.long, device=device),
-                "router_in": torch.zeros(B, router_slots, Hkv, 2 * D, device=device, dtype=dtype),
-                **self._key_conv_state(batch_size, device, dtype)}
+        state = {"sink_k": zeros(s), "sink_v": zeros(s), "sink_valid": off(s),
+                 "k": zeros(window_slots), "v": zeros(window_slots), "valid": off(window_slots),
+                 "score": torch.zeros(B, window_slots, Hkv, device=device),
+                 "buf_k": zeros(b), "buf_v": zeros(b),
+                 "buf_score": torch.zeros(B, Hkv, b, device=device),
+                 "buf_pos": torch.zeros(B, Hkv, b, dtype=torch.long, device=device),
+                 "router_in": torch.zeros(B, router_slots, Hkv, 2 * D, device=device, dtype=dtype),
+                 **self._key_conv_state(batch_size, device, dtype), **self._counters(device)}
+        self.reset_state(state)
+        return state
+
+    def reset_state(self, state: dict) -> None:
+        """Back to the empty state, in place; empty buffer slots hold score -inf and position -1."""
+        super().reset_state(state)
+        state["buf_score"].fill_(float("-inf"))
+        state["buf_pos"].fill_(-1)
 
     def _fill_state(self, state, k, v, k_raw, r, buf_score, buf_pos):
         """After a parallel prefill of T tokens: the state that stepping them one by one leaves."""
@@ -1149,57 +1300,76 @@ class LTEAttention(_AttentionBase):
         state["valid"][:, ring] = True
         scored = recent[recent <= T - 1 - self.router.reach]   # later ones wait for their right context
         state["score"][:, scored % window_slots] = r[:, scored].detach().float()
-        state["buf_score"], state["buf_pos"] = buf_score.clone(), buf_pos.clone()
+        state["buf_score"].copy_(buf_score)
+        state["buf_pos"].copy_(buf_pos)
         pos = buf_pos.clamp(min=0).transpose(1, 2)                              # [B, Hkv, b] -> [B, b, Hkv]
-        state["buf_k"] = k.gather(1, pos[..., None].expand(-1, -1, -1, D)).to(cache_dtype)
-        state["buf_v"] = v.gather(1, pos[..., None].expand(-1, -1, -1, D)).to(cache_dtype)
+        state["buf_k"].copy_(k.gather(1, pos[..., None].expand(-1, -1, -1, D)))
+        state["buf_v"].copy_(v.gather(1, pos[..., None].expand(-1, -1, -1, D)))
         tail = torch.arange(max(0, T - router_slots), T, device=k.device)
         state["router_in"][:, tail % router_slots] = torch.cat([k_raw, v], dim=-1)[:, tail].to(cache_dtype)
 
     def _step(self, x, state):
-        t = state["pos"]
+        t = state["pos"]                                   # 0-d, on the device
         q, k, v, k_raw = self._qkv(x, t, state)
         self._leave_window(state, t)
-        reach = self.router.reach
-        window_slots, router_slots = self.window + 1, 2 * reach + 1
         cache_dtype = state["k"].dtype
-        slot = t % window_slots                            # the slot of token t - w - 1, which just left
-        state["k"][:, slot], state["v"][:, slot] = k[:, 0].to(cache_dtype), v[:, 0].to(cache_dtype)
-        state["valid"][:, slot] = True
-        state["router_in"][:, t % router_slots] = torch.cat([k_raw, v], dim=-1)[:, 0].to(cache_dtype)
-        j = t - reach                                      # [L1] token j's right context has just arrived
-        if j >= 0:
-            first = max(0, j - reach)                      # a Python int: no host sync on the GPU
-            positions = torch.arange(first, t + 1, device=x.device)
-            ctx = state["router_in"][:, positions % router_slots]               # [B, n, Hkv, 2D]
-            r = self.router(*ctx.to(q.dtype).split(self.head_dim, dim=-1))     # [B, n, Hkv]
-            state["score"][:, j % window_slots] = r[:, j - first]
-        state["pos"] = t + 1
+        slot = (t % (self.window + 1)).view(1)             # the slot of token t - w - 1, which just left
+        state["k"].index_copy_(1, slot, k.to(cache_dtype))
+        state["v"].index_copy_(1, slot, v.to(cache_dtype))
+        state["valid"].index_fill_(1, slot, True)
+        router_slot = (t % (2 * self.router.reach + 1)).view(1)
+        state["router_in"].index_copy_(1, router_slot, torch.cat([k_raw, v], dim=-1).to(cache_dtype))
+        self._score_ready_token(state, t, q.dtype)
         slots = [(state["sink_k"], state["sink_v"], state["sink_valid"]), (state["k"], state["v"], state["valid"]),
                  (state["buf_k"], state["buf_v"], (state["buf_pos"] >= 0).transpose(1, 2))]
         k_all, v_all, valid = (torch.cat(parts, dim=1) for parts in zip(*slots))   # [B, s + w + 1 + b, ...]
         o = _op(self.config, attention_decode)(q[:, 0], k_all.to(q.dtype), v_all.to(q.dtype), valid)
+        t.add_(1)                                          # last: t is the state's own tensor
         return o[:, None]
 
-    def _leave_window(self, state, t: int):
+    def _score_ready_token(self, state, t, dtype):
+        """[L1] Token j = t - reach has its right context now: score it into its ring slot.
+
+        The router reads the 2 reach + 1 inputs j - reach .. j + reach, always that many, from the
+        router ring. Near the start (j < reach) the read starts at position 0 instead, and token j
+        sits at index j of it: the router then pads at the sequence's start, as over the whole
+        sequence (masking positions < 0 to zero would not do: the router's inner layers would see
+        conv(0) + bias there, not the zero padding). Inputs past t are never read for token j.
+        While j < 0 nothing is written."""
+        reach = self.router.reach
+        n = 2 * reach + 1
+        j = t - reach
+        first = (j - reach).clamp(min=0)
+        ctx = state["router_in"].index_select(1, (first + torch.arange(n, device=t.device)) % n)  # [B, n, Hkv, 2D]
+        r = self.router(*ctx.to(dtype).split(self.head_dim, dim=-1))           # [B, n, Hkv]
+        r_j = r.index_select(1, (j - first).clamp(min=0).view(1))              # [B, 1, Hkv]
+        slot = (j % (self.window + 1)).view(1)
+        old = state["score"].index_select(1, slot)
+        state["score"].index_copy_(1, slot, torch.where(j >= 0, r_j.float(), old))
+
+    def _leave_window(self, state, t):
         """Token j = t - w - 1 leaves the window as token t arrives: to the sinks, the buffer [L6],
-        or gone."""
+        or gone. Every step runs it; before any token has left (j < 0) it changes nothing."""
         j = t - self.window - 1
-        if j < 0:
-            return
-        ring_slot = j % (self.window + 1)
-        if j < self.sink:
-            state["sink_k"][:, j], state["sink_v"][:, j] = state["k"][:, ring_slot], state["v"][:, ring_slot]
-            state["sink_valid"][:, j] = True
-            return
+        ring_slot = (t % (self.window + 1)).view(1)        # j's ring slot, which token t takes next
+        leaving = {name: state[name].index_select(1, ring_slot) for name in ("k", "v")}   # [B, 1, Hkv, D]
+        if self.sink:
+            to_sink = (j >= 0) & (j < self.sink)
+            sink_slot = j.clamp(0, self.sink - 1).view(1)
+            for name in ("k", "v"):
+                sinks = state["sink_" + name]
+                sinks.index_copy_(1, sink_slot, torch.where(to_sink, leaving[name], sinks.index_select(1, sink_slot)))
+            state["sink_valid"].index_copy_(1, sink_slot, state["sink_valid"].index_select(1, sink_slot) | to_sink)
         if self.buffer == 0:
             return
-        entered, _, slot = lte_buffer_push(state["buf_score"], state["buf_pos"],
-                                           state["score"][:, ring_slot], j)    # [B, Hkv] each
+        # a token that is not leaving to the buffer is offered with r = 0, which never enters [L6]
+        offered = j >= self.sink
+        score = torch.where(offered, state["score"].index_select(1, ring_slot)[:, 0], 0.0)   # [B, Hkv]
+        entered, _, slot = lte_buffer_push(state["buf_score"], state["buf_pos"], score, j)   # [B, Hkv] each
         for name in ("k", "v"):
             buf = state["buf_" + name]                                          # [B, b, Hkv, D]
             idx = slot[:, None, :, None].expand(-1, 1, -1, buf.shape[-1])       # [B, 1, Hkv, D]
-            new = torch.where(entered[:, None, :, None], state[name][:, ring_slot][:, None], buf.gather(1, idx))
+            new = torch.where(entered[:, None, :, None], leaving[name], buf.gather(1, idx))
             buf.scatter_(1, idx, new)
 
     def state_size(self, T: int) -> int:
@@ -1445,6 +1615,11 @@ class Block(nn.Module):
         x = x + self.mixer(self.norm1(x), state)
         return x + self.mlp(self.norm2(x))
 
+    def step(self, x, state):
+        """One decoded token, x [B, 1, C], through the mixer's `step`: device work only."""
+        x = x + self.mixer.step(self.norm1(x), state)
+        return x + self.mlp(self.norm2(x))
+
 
 def optimizer_groups(model: nn.Module, lr: float, weight_decay: float = 0.1,
                      router_lr_scale: float = 0.1) -> list[dict]:
@@ -1516,6 +1691,8 @@ class TinyHybrid(nn.Module):
             _check_targets(targets, idx, self.config.vocab_size)
         if state is not None:
             _check_state(state, len(self.blocks), idx.shape[0])
+            for layer in state:                            # before any layer writes to its state
+                _AttentionBase._check_room(layer, idx.shape[1])
         x = self.wte(idx)
         for i, block in enumerate(self.blocks):
             x = block(x, None if state is None else state[i])
@@ -1557,54 +1734,220 @@ class TinyHybrid(nn.Module):
                 for i, m in self._lte_layers()]
 
     # --- decoding ---
-    def init_state(self, batch_size: int, device=None, dtype=None) -> list[dict]:
-        """An empty decoding state: one dict of tensors per layer."""
+    def init_state(self, batch_size: int, device=None, dtype=None, max_len=None) -> list[dict]:
+        """An empty decoding state: one dict of tensors per layer (plus its host-side `length`).
+        max_len: the most tokens it will take; full attention and NSA preallocate their caches to
+        it (None: the caches grow as needed, which eager decoding can do but a captured step
+        cannot). The other mixers' states have one size for any length."""
+        _AttentionBase._check_max_len(max_len)
         device = device or self.wte.weight.device
         dtype = dtype or self.wte.weight.dtype
-        return [b.mixer.init_state(batch_size, device, dtype) for b in self.blocks]
+        return [b.mixer.init_state(batch_size, device, dtype, max_len=max_len) for b in self.blocks]
+
+    def reset_state(self, state: list[dict]) -> None:
+        """Empty a decoding state in place, for the next sequence (its tensors stay where they are)."""
+        for block, layer in zip(self.blocks, state):
+            block.mixer.reset_state(layer)
 
     @staticmethod
     def state_nbytes(state: list[dict]) -> int:
         """Bytes held per sequence by a decoding state."""
         tensors = [t for layer in state for t in layer.values() if isinstance(t, torch.Tensor)]
-        batch = tensors[0].shape[0] if tensors else 1
+        batch = next((t.shape[0] for t in tensors if t.ndim > 0), 1)
         return sum(t.numel() * t.element_size() for t in tensors) // max(batch, 1)
 
     def state_size(self, T: int) -> dict:
         """Numbers each mixer holds per sequence to decode token T + 1, by layer ("0:gdn", ...)."""
         return {f"{i}:{name}": b.mixer.state_size(T) for i, (b, name) in enumerate(zip(self.blocks, self.config.layers))}
 
+    def decoder(self, batch_size: int, max_len: int, cuda_graph: bool | None = None) -> "Decoder":
+        """A `Decoder` for up to batch_size sequences of up to max_len tokens (prompt included);
+        on CUDA it captures its decoding step in a CUDA graph (cuda_graph=False: eager)."""
+        return Decoder(self, batch_size, max_len, cuda_graph)
+
+    def _decode_step(self, token, state: list[dict]):
+        """One token per sequence, token [B, 1], through every layer's `step`: device work only, no
+        host sync, the same shapes at every position. What a Decoder captures. Returns [B, vocab]."""
+        x = self.wte(token)                                                     # [B, 1, C]
+        for block, layer in zip(self.blocks, state):
+            x = block.step(x, layer)
+        return self.lm_head(self.norm(x))[:, 0]
+
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, cuda_graph: bool | None = None):
         """Prefill idx [B, T] once, then decode max_new_tokens one at a time (no recomputation of
-        the past). temperature 0 is greedy. Returns [B, T + max_new_tokens]."""
+        the past), through a `Decoder` of max_len T + max_new_tokens: on a CUDA device each token
+        replays a captured step (cuda_graph=False: the same step, eager, as on the CPU).
+        temperature 0 is greedy. Returns [B, T + max_new_tokens]."""
         _check_idx(idx, self.config.vocab_size)
         _check_sampling(max_new_tokens, temperature, top_k)
         was_training = self.training
         self.eval()
         try:
-            state = self.init_state(idx.shape[0])
-            logits, _ = self(idx, state=state)
-            out = [idx]
-            for step in range(max_new_tokens):
-                nxt = self._sample(logits[:, -1].float(), temperature, top_k, generator)   # [B, 1]
-                out.append(nxt)
-                if step + 1 < max_new_tokens:
-                    logits, _ = self(nxt, state=state)
+            decoder = Decoder(self, idx.shape[0], idx.shape[1] + max_new_tokens, cuda_graph)
+            return decoder.generate(idx, max_new_tokens, temperature, top_k, generator)
         finally:
             self.train(was_training)
-        return torch.cat(out, dim=1)
 
     @staticmethod
     def _sample(logits, temperature, top_k, generator):
+        """The next token [B, 1] from logits [B, vocab], on their device and without a host sync.
+        Sampling is torch.multinomial's own method for one sample, argmax(p / q) with q ~ Exp(1),
+        so the same generator draws the same token; multinomial itself first checks p on the host."""
         if temperature == 0:
             return logits.argmax(dim=-1, keepdim=True)
         logits = logits / temperature
         if top_k is not None:
             kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
-        return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
+        probs = logits.softmax(dim=-1)
+        return (probs / torch.empty_like(probs).exponential_(1, generator=generator)).argmax(dim=-1, keepdim=True)
+
+
+class Decoder:
+    """Decoding at the speed of the hardware: a static state and one captured step per model.
+
+        model.eval()
+        decoder = model.decoder(batch_size=1, max_len=4096)
+        logits = decoder.prefill(prompt)                   # [B, T, vocab], one parallel pass
+        token = logits[:, -1:].argmax(dim=-1)              # [B, 1], stays on the device
+        logits = decoder.step(token)                       # [B, vocab], one replay of the graph
+        out = decoder.generate(prompt, max_new_tokens=99)  # or all of it, sampled: [B, T + 99]
+
+    A decoded token of a small model is microseconds of GPU work but milliseconds of Python and
+    kernel launches. So, the pattern of gpt-fast: the state is allocated once (`init_state` with
+    max_len: full attention's and NSA's caches preallocated, positions as tensors on the device);
+    one decoding step (`TinyHybrid._decode_step`, every layer's `step`: it writes the state in
+    place and its shapes never depend on the position) is captured into a CUDA graph after a
+    warm-up; each token is copied into a static input and the graph replayed, with no host sync.
+    Without CUDA, or with cuda_graph=False, the very same step runs eagerly.
+    max_len bounds the prompt plus the decoded tokens: past it, a ValueError before any work.
+    """
+
+    def __init__(self, model: TinyHybrid, batch_size: int, max_len: int, cuda_graph: bool | None = None):
+        _check_decoder(model, batch_size, max_len, cuda_graph)
+        self.model, self.batch_size, self.max_len = model, batch_size, max_len
+        self.device = model.wte.weight.device
+        self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
+        self.state = model.init_state(batch_size, max_len=max_len)
+        self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)   # the static input
+        self.graph = self.logits = None                    # the captured step and its output buffer
+        if self.cuda_graph:
+            self._capture()
+
+    @property
+    def length(self) -> int:
+        """Tokens in the state, counted on the host (each layer's state keeps the count)."""
+        return self.state[0]["length"]
+
+    @torch.no_grad()
+    def _capture(self, warmup: int = 3):
+        """Warm up on a side stream (kernels compile, cuBLAS and the allocator settle), as PyTorch's
+        CUDA-graph notes advise, then record one step. The warm-up steps write into the state, so it
+        is emptied again; the graph keeps reading and writing these same tensors."""
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                self.model._decode_step(self.token, self.state)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        self.model.reset_state(self.state)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self.model._decode_step(self.token, self.state)
+
+    @torch.no_grad()
+    def prefill(self, idx):
+        """Start a new sequence per row: empty the state, then prefill idx [batch_size, T]
+        (T <= max_len) in one parallel pass. Returns logits [B, T, vocab]."""
+        _check_prompt(self, idx, 0)
+        self.model.reset_state(self.state)
+        logits, _ = self.model(idx, state=self.state)
+        return logits
+
+    @torch.no_grad()
+    def step(self, token):
+        """Decode one token per sequence: token [batch_size, 1] integer ids on the model's device
+        (keep sampled ids there: copying them in needs no host sync). Returns logits [B, vocab], a
+        copy: the next replay overwrites the graph's own output."""
+        _check_step_token(self, token)
+        self.token.copy_(token)
+        if self.graph is None:
+            logits = self.model._decode_step(self.token, self.state)
+        else:
+            self.graph.replay()
+            logits = self.logits.clone()
+        for layer in self.state:                           # the host count, as forward keeps it
+            layer["length"] += 1
+        return logits
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 generator: torch.Generator | None = None):
+        """prefill(idx), then max_new_tokens sampled tokens (temperature 0: greedy), each fed back
+        with step; T + max_new_tokens must fit in max_len. Returns [B, T + max_new_tokens]."""
+        _check_sampling(max_new_tokens, temperature, top_k)
+        _check_prompt(self, idx, max_new_tokens)
+        logits = self.prefill(idx)[:, -1].float()
+        out = [idx]
+        for i in range(max_new_tokens):
+            token = TinyHybrid._sample(logits, temperature, top_k, generator)   # [B, 1]
+            out.append(token)
+            if i + 1 < max_new_tokens:
+                logits = self.step(token).float()
+        return torch.cat(out, dim=1)
+
+
+# --- the Decoder's input checks (names, values and what is allowed, before any work) ---
+
+def _check_decoder(model, batch_size, max_len, cuda_graph) -> None:
+    if not isinstance(model, TinyHybrid):
+        raise TypeError(f"model must be a tiny_hybrid.TinyHybrid, got {type(model).__name__}")
+    _check_int("batch_size", batch_size, low=1)
+    _check_int("max_len", max_len, low=1)
+    if cuda_graph is not None and not isinstance(cuda_graph, bool):
+        raise ValueError(f"cuda_graph must be None (on CUDA devices), True or False, got {cuda_graph!r}")
+    device = model.wte.weight.device
+    if cuda_graph and device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs the model on a CUDA device, it is on {device}")
+    if model.training:
+        raise ValueError("the model is in training mode: call model.eval() before decoding "
+                         "(a captured step would keep the training behaviour, dropout included)")
+
+
+def _check_prompt(decoder: Decoder, idx, max_new_tokens: int) -> None:
+    """A prompt [batch_size, T] on the model's device, with room for it and max_new_tokens more."""
+    _check_idx(idx, decoder.model.config.vocab_size)
+    B, T = idx.shape
+    if B != decoder.batch_size:
+        raise ValueError(f"idx has batch size {B}, the decoder was made for batch_size = {decoder.batch_size}")
+    if idx.device != decoder.device:
+        raise ValueError(f"idx is on {idx.device}, the model on {decoder.device}")
+    if T + max_new_tokens > decoder.max_len:
+        raise ValueError(f"the prompt ({T} tokens) plus max_new_tokens ({max_new_tokens}) must fit in the "
+                         f"decoder's max_len = {decoder.max_len}")
+    if decoder.model.training:
+        raise ValueError("the model is in training mode: call model.eval() before decoding")
+
+
+def _check_step_token(decoder: Decoder, token) -> None:
+    """One token id per sequence, [batch_size, 1], on the model's device, after a prefill, with
+    room for it. Its range is checked on the CPU only: on a GPU that would wait for the device."""
+    if not isinstance(token, torch.Tensor):
+        raise TypeError(f"token must be a torch.Tensor of token ids, got {type(token).__name__}")
+    if token.is_floating_point() or token.dtype == torch.bool or token.is_complex():
+        raise TypeError(f"token must hold integer token ids, got dtype {token.dtype}")
+    if token.shape != (decoder.batch_size, 1):
+        raise ValueError(f"token must be [batch_size, 1] = [{decoder.batch_size}, 1], got shape {tuple(token.shape)}")
+    if token.device != decoder.device:
+        raise ValueError(f"token is on {token.device}, the model on {decoder.device}")
+    if decoder.length == 0:
+        raise ValueError("step needs a sequence to continue: call prefill(idx) first")
+    if decoder.length + 1 > decoder.max_len:
+        raise ValueError(f"the decoder holds max_len = {decoder.max_len} tokens and is full")
+    if not token.is_cuda:
+        _check_idx(token, decoder.model.config.vocab_size)
 
 
 # =============================================================================================
