@@ -121,7 +121,7 @@ def time_decode(model, batch: int, context: int, steps: int, device) -> tuple[fl
     fill_synthetic(model, state, context)
     eager = _ms_per_token(lambda: model(token, state=state), steps, device)
     nbytes = TinyHybrid.state_nbytes(state)
-    del state
+    state = None                                         # free the eager cache before capturing
     captured = None
     if device.type == "cuda":
         decoder = model.decoder(batch, max_len)              # captures its step (on an empty state)
