@@ -112,7 +112,8 @@ def _decode_max_len(context: int, steps: int) -> int:
 
 
 @torch.no_grad()
-def time_decode(model, batch: int, context: int, steps: int, device) -> tuple[float, float | None, int]:
+def time_decode(model, batch: int, context: int, steps: int, device,
+                compile: bool = False) -> tuple[float, float | None, int]:
     """ms per decoded token at a given context, eager and captured (None without CUDA), and the
     state's bytes per sequence."""
     max_len = _decode_max_len(context, steps)
@@ -124,7 +125,7 @@ def time_decode(model, batch: int, context: int, steps: int, device) -> tuple[fl
     state = None                                         # free the eager cache before capturing
     captured = None
     if device.type == "cuda":
-        decoder = model.decoder(batch, max_len)              # captures its step (on an empty state)
+        decoder = model.decoder(batch, max_len, compile=compile)   # captures its step (on an empty state)
         fill_synthetic(model, decoder.state, context)
         captured = _ms_per_token(lambda: decoder.step(token), steps, device)
         del decoder
@@ -148,8 +149,9 @@ def _ms(x) -> str:
 
 def bench_decode(args, device) -> list[dict]:
     rows = []
+    captured = "compiled and captured" if args.compile else "captured"
     print(f"\ndecode: batch {args.batch}, {device_name(device)}, use_triton={args.use_triton}, ms per token "
-          f"(median of 3 x {args.steps} tokens), eager and captured (one CUDA graph replay per token; "
+          f"(median of 3 x {args.steps} tokens), eager and {captured} (one CUDA graph replay per token; "
           f"CUDA only), and the state in MB per sequence")
     print(f"{'preset':10s}" + "".join(f"{_label(n) + ' eager':>13s}{'captured':>10s}{'MB':>9s}" for n in args.contexts))
     for preset in args.presets:
@@ -158,8 +160,8 @@ def bench_decode(args, device) -> list[dict]:
         line = f"{preset:10s}"
         for context in args.contexts:
             eager, captured, nbytes = _timed_or_nan(
-                lambda: time_decode(model, args.batch, context, args.steps, device), device)
-            rows.append({"preset": preset, "context": context, "batch": args.batch,
+                lambda: time_decode(model, args.batch, context, args.steps, device, args.compile), device)
+            rows.append({"preset": preset, "context": context, "batch": args.batch, "compile": args.compile,
                          "eager_ms_per_token": eager, "captured_ms_per_token": captured, "state_bytes": nbytes,
                          "device": device_name(device), "use_triton": args.use_triton})
             line += f"{_ms(eager):>13s}{_ms(captured):>10s}{nbytes / 2**20:9.2f}"
@@ -180,8 +182,10 @@ def bench_decode_throughput(args, device) -> list[dict]:
         model = TinyHybrid(bench_config(preset, use_triton=args.use_triton)).to(device).eval()
         line = f"{preset:10s}"
         for context in args.contexts:
-            eager, captured, _ = _timed_or_nan(lambda: time_decode(model, batch, context, args.steps, device), device)
-            rows.append({"preset": preset, "context": context, "batch": batch, "eager_tokens_per_s": tok_s(eager),
+            eager, captured, _ = _timed_or_nan(
+                lambda: time_decode(model, batch, context, args.steps, device, args.compile), device)
+            rows.append({"preset": preset, "context": context, "batch": batch, "compile": args.compile,
+                         "eager_tokens_per_s": tok_s(eager),
                          "captured_tokens_per_s": tok_s(captured), "device": device_name(device),
                          "use_triton": args.use_triton})
             cells = [tok_s(eager), tok_s(captured)]
@@ -824,6 +828,9 @@ def _parse_args(argv):
                         help="training step on a GPU: reference ops, Triton kernels, or both")
     parser.add_argument("--use-triton", action="store_true",
                         help="decode and prefill through the Triton kernels (default: the PyTorch reference)")
+    parser.add_argument("--compile", action="store_true",
+                        help="decode: fuse the captured step with torch.compile first (tens of seconds per "
+                             "preset and context; CUDA only)")
     parser.add_argument("--out", default="out", help="folder for bench_<device>.json and the decode figure")
     parser.add_argument("--full", action="store_true",
                         help="kernels: every length and baseline of the README's tables (tens of minutes: "
@@ -839,6 +846,8 @@ def _parse_args(argv):
         parser.error(f"--throughput-batch must be >= 0, got {args.throughput_batch}")
     if args.throughput_batch is None:
         args.throughput_batch = 64 if args.device.startswith("cuda") else 0
+    if args.compile and (args.what not in ("decode", "all") or not args.device.startswith("cuda")):
+        parser.error("--compile applies to decode on a CUDA GPU only (it fuses the captured step)")
     if any(n < 1 for n in args.contexts):
         parser.error(f"--contexts must all be >= 1, got {args.contexts}")
     if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):

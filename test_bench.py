@@ -51,6 +51,8 @@ def test_lte_rule_and_prefill_subcommands_run(tmp_path):
     (["train", "--train-len", "-3"], "--train-len must be >= 1"),
     (["decode", "--device", "tpu"], "--device must be cpu or cuda"),
     (["decode", "--presets", "gdn+xyz"], "invalid choice"),
+    (["decode", "--compile", "--device", "cpu"], "--compile applies to decode on a CUDA GPU only"),
+    (["train", "--compile"], "--compile applies to decode on a CUDA GPU only"),
 ])
 def test_bad_input_is_refused_before_any_work(tmp_path, args, message):
     done = run_bench(*args, "--out", str(tmp_path / "out"), cwd=tmp_path)

@@ -293,6 +293,7 @@ def test_a_preallocated_cache_refuses_overflow_before_any_layer_changes():
     (dict(batch_size=1, max_len=True), ValueError, "max_len must be a positive int, got True"),
     (dict(batch_size=1, max_len=None), ValueError, "max_len must be a positive int, got None"),
     (dict(batch_size=1, max_len=8, cuda_graph="yes"), ValueError, "cuda_graph must be None"),
+    (dict(batch_size=1, max_len=8, compile=1), ValueError, "compile must be True or False, got 1"),
 ])
 def test_bad_decoder_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -301,6 +302,8 @@ def test_bad_decoder_arguments(kwargs, error, match):
 
 def test_bad_decoder_inputs():
     model = small_model("gdn+swa")
+    with pytest.raises(ValueError, match="compile=True fuses the PyTorch ops"):
+        small_model("gdn", use_triton=True, gdn_chunk_size=16).decoder(1, 8, compile=True)
     with pytest.raises(TypeError, match="model must be a tiny_hybrid.TinyHybrid"):
         Decoder(torch.nn.Linear(2, 2), 1, 8)
     with pytest.raises(ValueError, match="training mode"):
@@ -418,3 +421,17 @@ def test_prompts_up_to_max_len_on_cuda(preset, exact_cuda):
     refused(model, lambda: decoder.generate(idx, 1), ValueError, "max_len = 24")
     refused(model, lambda: decoder.step(torch.zeros(1, 1, dtype=torch.long)), ValueError,
             "token is on cpu, the model on cuda")
+
+
+@needs_cuda
+@pytest.mark.parametrize("preset", ["gdn", "gdn+swa", "gdn+lte", "gdn+nsa"])
+def test_compiled_and_captured_equals_eager(preset, exact_cuda):
+    """torch.compile fuses the step before capture: the same logits up to float32 reordering
+    (fused reductions sum in another order), the same greedy tokens."""
+    model = small_model(preset, device="cuda")
+    idx = torch.randint(0, 61, (2, 41), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    compiled = model.decoder(2, 41, compile=True)
+    eager = model.decoder(2, 41, cuda_graph=False)
+    torch.testing.assert_close(decode_logits(compiled, idx, 11), decode_logits(eager, idx, 11), atol=1e-4, rtol=1e-4)
+    prompt = idx[:, :11]
+    assert torch.equal(compiled.generate(prompt, 30, temperature=0), eager.generate(prompt, 30, temperature=0))

@@ -1760,10 +1760,12 @@ class TinyHybrid(nn.Module):
         """Numbers each mixer holds per sequence to decode token T + 1, by layer ("0:gdn", ...)."""
         return {f"{i}:{name}": b.mixer.state_size(T) for i, (b, name) in enumerate(zip(self.blocks, self.config.layers))}
 
-    def decoder(self, batch_size: int, max_len: int, cuda_graph: bool | None = None) -> "Decoder":
+    def decoder(self, batch_size: int, max_len: int, cuda_graph: bool | None = None,
+                compile: bool = False) -> "Decoder":
         """A `Decoder` for up to batch_size sequences of up to max_len tokens (prompt included);
-        on CUDA it captures its decoding step in a CUDA graph (cuda_graph=False: eager)."""
-        return Decoder(self, batch_size, max_len, cuda_graph)
+        on CUDA it captures its decoding step in a CUDA graph (cuda_graph=False: eager);
+        compile=True fuses the step with torch.compile first."""
+        return Decoder(self, batch_size, max_len, cuda_graph, compile)
 
     def _decode_step(self, token, state: list[dict]):
         """One token per sequence, token [B, 1], through every layer's `step`: device work only, no
@@ -1822,12 +1824,23 @@ class Decoder:
     place and its shapes never depend on the position) is captured into a CUDA graph after a
     warm-up; each token is copied into a static input and the graph replayed, with no host sync.
     Without CUDA, or with cuda_graph=False, the very same step runs eagerly.
+    A graph still launches every small kernel of the step (hundreds); compile=True first fuses
+    the step with torch.compile (tens of seconds, once per Decoder): on an H200 the bench model's
+    captured step went from 0.49 / 0.47 / 0.90 ms to 0.30 / 0.27 / 0.48 ms per token for gdn /
+    gdn+swa / gdn+lte (float32, batch 1, the PyTorch ops; EXPERIMENTS.md section 7).
     max_len bounds the prompt plus the decoded tokens: past it, a ValueError before any work.
     """
 
-    def __init__(self, model: TinyHybrid, batch_size: int, max_len: int, cuda_graph: bool | None = None):
+    def __init__(self, model: TinyHybrid, batch_size: int, max_len: int, cuda_graph: bool | None = None,
+                 compile: bool = False):
         _check_decoder(model, batch_size, max_len, cuda_graph)
+        _check_bool("compile", compile)
+        if compile and model.config.use_triton:
+            raise ValueError("compile=True fuses the PyTorch ops of the step; with use_triton the step runs "
+                             "Triton kernels, which torch.compile was not tested with here: use one or the other")
         self.model, self.batch_size, self.max_len = model, batch_size, max_len
+        # the step that runs (captured or eager): the model's own, or torch.compile's fusion of it
+        self._step_fn = torch.compile(model._decode_step, dynamic=False) if compile else model._decode_step
         self.device = model.wte.weight.device
         self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
         self.state = model.init_state(batch_size, max_len=max_len)
@@ -1850,12 +1863,12 @@ class Decoder:
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(warmup):
-                self.model._decode_step(self.token, self.state)
+                self._step_fn(self.token, self.state)
         torch.cuda.current_stream(self.device).wait_stream(side)
         self.model.reset_state(self.state)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = self.model._decode_step(self.token, self.state)
+            self.logits = self._step_fn(self.token, self.state)
 
     @torch.no_grad()
     def prefill(self, idx):
@@ -1874,7 +1887,7 @@ class Decoder:
         _check_step_token(self, token)
         self.token.copy_(token)
         if self.graph is None:
-            logits = self.model._decode_step(self.token, self.state)
+            logits = self._step_fn(self.token, self.state)
         else:
             self.graph.replay()
             logits = self.logits.clone()
