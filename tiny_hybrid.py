@@ -17,7 +17,8 @@ The file reads top to bottom:
     2. mixers   nn.Modules (B, T, C) -> (B, T, C): GatedDeltaNet, Attention, NativeSparseAttention
     3. LTE      the paper's proposal in the paper's order: the score (LTERouter), the training rule
                 (mask, straight-through gradient, L1 penalty, lambda), then the inference cap and the
-                constant-size decoding state (LTEAttention)
+                constant-size decoding state (LTEAttention); then the heuristic baselines at
+                LTE's memory, StreamingLLM, TOVA and H2O (EvictingAttention, with_eviction)
     4. model    Config (its defaults are the recipe that trained here; Config.paper gives the
                 paper's models), presets, TinyHybrid, optimizer_groups, and Decoder: decoding
                 with a static state and one captured CUDA graph per token
@@ -1382,6 +1383,222 @@ class LTEAttention(_AttentionBase):
         return self.n_kv_head * (held * 2 * self.head_dim + scored + router) + self._key_conv_size()
 
 
+# --- 3e. Heuristic eviction at equal memory: the baselines LTE is measured against ---------------
+#
+# LTE learns which tokens to keep. The obvious alternative keeps tokens by a rule on the attention
+# itself, applied at inference to a model trained with full attention. `EvictingAttention` decodes
+# an `Attention` layer (the same weights: load its state_dict) inside exactly LTE's memory:
+#
+#     s sinks (always kept)  +  a window ring of w + 1 slots  +  b more slots (the buffer)
+#
+# and a policy decides, as each token leaves the window, whether it takes a buffer slot and whom it
+# pushes out (the same moment as LTE's rule [L6]; the sinks and the window are protected alike):
+#   "streaming"  StreamingLLM (Xiao et al. 2023, "Efficient Streaming Language Models with Attention
+#                Sinks"): sinks + window only, a leaving token is dropped; the buffer must be 0
+#                (at equal memory give its slots to the window instead: window = w + b).
+#   "tova"       TOVA (Oren et al. 2024, "Transformers are Multi-State RNNs"): when the cache is full,
+#                drop the token with the lowest attention weight of the current query, averaged over
+#                the query heads of a KV group. Here the candidates are the buffer and the leaving
+#                token, by the weights of the latest query (the last that saw them all).
+#   "h2o"        H2O (Zhang et al. 2023, "Heavy-Hitter Oracle"): keep the tokens with the highest
+#                accumulated attention, plus the recent window. A token's score is the attention it
+#                received (averaged over the group's heads) summed over every query since it entered
+#                the cache, window included, so it reaches the buffer with its history.
+# Both scored policies share one state layout: a score per window and buffer slot, which TOVA
+# overwrites with the latest weights and H2O adds them to; the leaving token takes a buffer slot
+# when one is free or its score is at least the lowest buffered score, whose token then leaves
+# (ties: the oldest leaves, as in `lte_buffer_push`). Memory: the same k, v slots as LTE, b + w + 1
+# scores and b positions, for any T.
+
+EVICTION_POLICIES = ("streaming", "tova", "h2o")
+
+
+def attention_decode_weights(q, k_cache, v_cache, valid=None, scale=None):
+    """`attention_decode` that also returns its attention weights: (o [B, H, D], p [B, H, S]),
+    p = softmax_s(scale q . k_s | valid_s), zero on invalid slots. The same maths, kept apart so
+    that the reference decoding step stays as it is."""
+    _check_decode(q, k_cache, v_cache, valid)
+    B, H, D = q.shape
+    G = H // k_cache.shape[2]
+    scale = D ** -0.5 if scale is None else scale
+    kf, vf = _repeat_kv(k_cache, G).float(), _repeat_kv(v_cache, G).float()    # [B, S, H, D]
+    scores = torch.einsum("bhd,bshd->bhs", q.float(), kf) * scale              # [B, H, S]
+    if valid is not None:
+        scores = scores.masked_fill(~_repeat_kv(valid[..., None], G)[..., 0].transpose(1, 2), float("-inf"))
+    p = scores.softmax(dim=-1)                                                  # [B, H, S]
+    return torch.einsum("bhs,bshd->bhd", p, vf).to(q.dtype), p
+
+
+def group_mean(p, n_kv_head: int):
+    """[B, H, S] -> [B, S, Hkv]: the weights averaged over the query heads that share a KV head."""
+    B, H, S = p.shape
+    return p.view(B, n_kv_head, H // n_kv_head, S).mean(dim=2).transpose(1, 2)   # [B, Hkv, G, S] -> [B, S, Hkv]
+
+
+def tova_score(old, p):
+    """TOVA: a held token's score is the attention weight of the latest query."""
+    return p
+
+
+def h2o_score(old, p):
+    """H2O: a held token's score is the attention it has received, summed over the queries."""
+    return old + p
+
+
+def evict_lowest_push(buf_score, buf_pos, score, pos, offered):
+    """Offer one token that leaves the window to the buffer (in place), for TOVA and H2O.
+
+    buf_score, buf_pos: [..., b] (empty slots: score -inf, pos -1); score: [...]; pos: an int or a
+    0-d tensor; offered: bool [...] or a 0-d bool tensor (False: nothing leaves to the buffer now).
+    The token enters when it is offered and its score is at least the lowest buffered one (an
+    empty slot counts as lowest); that token leaves, the oldest among equals.
+    Returns (entered bool [...], slot int64 [...]: where it went).
+    """
+    low = buf_score.min(dim=-1, keepdim=True).values                           # [..., 1]
+    oldest_low = torch.where(buf_score == low, buf_pos, torch.iinfo(torch.int64).max)
+    slot = oldest_low.argmin(dim=-1, keepdim=True)                              # [..., 1]
+    entered = offered & (score >= low[..., 0])
+    buf_score.scatter_(-1, slot, torch.where(entered, score, low[..., 0])[..., None])
+    buf_pos.scatter_(-1, slot, torch.where(entered, pos, buf_pos.gather(-1, slot)[..., 0])[..., None])
+    return entered, slot[..., 0]
+
+
+class EvictingAttention(_AttentionBase):
+    """Full attention decoded inside a constant budget by a heuristic policy (see above).
+
+    Built like `Attention` (same parameters, so `load_state_dict(attention.state_dict())` gives a
+    trained layer its eviction), plus the policy and the budget: sink s, window w (w + 1 keys, as
+    everywhere), buffer b. There is no parallel form: the policies decide token by token, so
+    forward without a state decodes from an empty state, one token at a time (eager; a reference
+    for evaluation, not a fast path). `with_eviction(model, ...)` swaps it into a trained model.
+
+    Decoding state per sequence and KV head: sink_k / sink_v [s], the window ring k / v / valid /
+    score [w + 1] (token t in slot t % (w + 1)), buf_k / buf_v [b] with buf_score and buf_pos.
+    """
+
+    def __init__(self, config, policy: str, sink: int, window: int, buffer: int):
+        super().__init__(config)
+        _check_eviction(policy, sink, window, buffer)
+        self.policy, self.sink, self.window, self.buffer = policy, sink, window, buffer
+        self.update_score = {"streaming": None, "tova": tova_score, "h2o": h2o_score}[policy]
+
+    def init_state(self, batch_size: int, device=None, dtype=torch.float32, max_len=None) -> dict:
+        """An empty state, of one size for any length (max_len is accepted and needs nothing)."""
+        self._check_max_len(max_len)
+        B, Hkv, D, s, b = batch_size, self.n_kv_head, self.head_dim, self.sink, self.buffer
+        zeros = lambda n: torch.zeros(B, n, Hkv, D, device=device, dtype=dtype)
+        off = lambda n: torch.zeros(B, n, Hkv, dtype=torch.bool, device=device)
+        state = {"sink_k": zeros(s), "sink_v": zeros(s), "sink_valid": off(s),
+                 "k": zeros(self.window + 1), "v": zeros(self.window + 1), "valid": off(self.window + 1),
+                 "score": torch.zeros(B, self.window + 1, Hkv, device=device),
+                 "buf_k": zeros(b), "buf_v": zeros(b),
+                 "buf_score": torch.zeros(B, Hkv, b, device=device),
+                 "buf_pos": torch.zeros(B, Hkv, b, dtype=torch.long, device=device),
+                 **self._key_conv_state(batch_size, device, dtype), **self._counters(device)}
+        self.reset_state(state)
+        return state
+
+    def reset_state(self, state: dict) -> None:
+        """Back to the empty state, in place; empty buffer slots hold score -inf and position -1."""
+        super().reset_state(state)
+        state["buf_score"].fill_(float("-inf"))
+        state["buf_pos"].fill_(-1)
+
+    def _parallel(self, x, state=None):
+        """No parallel form: decode x [B, T, C] token by token, from `state` if given (it must be
+        empty: forward routes later calls to `_step` itself) or from a fresh one."""
+        if state is None:
+            state = self.init_state(x.shape[0], x.device, x.dtype)
+        return torch.cat([self._step(x[:, t: t + 1], state) for t in range(x.shape[1])], dim=1)
+
+    def _step(self, x, state):
+        t = state["pos"]                                   # 0-d, on the device
+        q, k, v, _ = self._qkv(x, t, state)
+        self._leave_window(state, t)
+        slot = (t % (self.window + 1)).view(1)             # the slot of token t - w - 1, which just left
+        state["k"].index_copy_(1, slot, k.to(state["k"].dtype))
+        state["v"].index_copy_(1, slot, v.to(state["v"].dtype))
+        state["valid"].index_fill_(1, slot, True)
+        state["score"].index_fill_(1, slot, 0.0)           # a newcomer has received no attention yet
+        slots = [(state["sink_k"], state["sink_v"], state["sink_valid"]), (state["k"], state["v"], state["valid"]),
+                 (state["buf_k"], state["buf_v"], (state["buf_pos"] >= 0).transpose(1, 2))]
+        k_all, v_all, valid = (torch.cat(parts, dim=1) for parts in zip(*slots))   # [B, s + w + 1 + b, ...]
+        o, p = attention_decode_weights(q[:, 0], k_all.to(q.dtype), v_all.to(q.dtype), valid)
+        if self.update_score is not None:
+            self._score_held(state, group_mean(p, self.n_kv_head))
+        t.add_(1)                                          # last: t is the state's own tensor
+        return o[:, None]
+
+    def _score_held(self, state, p):
+        """The policy's score of every window and buffer token after this query; p: [B, S, Hkv]
+        over sinks, window ring and buffer, in that order."""
+        s, w1 = self.sink, self.window + 1
+        p_window, p_buf = p[:, s:s + w1], p[:, s + w1:].transpose(1, 2)         # [B, w+1, Hkv], [B, Hkv, b]
+        state["score"].copy_(self.update_score(state["score"], p_window))
+        held = state["buf_pos"] >= 0
+        state["buf_score"].copy_(torch.where(held, self.update_score(state["buf_score"], p_buf), float("-inf")))
+
+    def _leave_window(self, state, t):
+        """Token j = t - w - 1 leaves the window as token t arrives: to the sinks (j < s), to the
+        buffer (the policy's rule), or gone. Before any token has left (j < 0) nothing changes."""
+        j = t - self.window - 1
+        ring_slot = (t % (self.window + 1)).view(1)        # j's ring slot, which token t takes next
+        leaving = {name: state[name].index_select(1, ring_slot) for name in ("k", "v")}   # [B, 1, Hkv, D]
+        if self.sink:
+            to_sink = (j >= 0) & (j < self.sink)
+            sink_slot = j.clamp(0, self.sink - 1).view(1)
+            for name in ("k", "v"):
+                sinks = state["sink_" + name]
+                sinks.index_copy_(1, sink_slot, torch.where(to_sink, leaving[name], sinks.index_select(1, sink_slot)))
+            state["sink_valid"].index_copy_(1, sink_slot, state["sink_valid"].index_select(1, sink_slot) | to_sink)
+        if self.buffer == 0:                               # StreamingLLM, or a policy given no buffer
+            return
+        score = state["score"].index_select(1, ring_slot)[:, 0]                 # [B, Hkv]
+        entered, slot = evict_lowest_push(state["buf_score"], state["buf_pos"], score, j, j >= self.sink)
+        for name in ("k", "v"):
+            buf = state["buf_" + name]                                          # [B, b, Hkv, D]
+            idx = slot[:, None, :, None].expand(-1, 1, -1, buf.shape[-1])       # [B, 1, Hkv, D]
+            buf.scatter_(1, idx, torch.where(entered[:, None, :, None], leaving[name], buf.gather(1, idx)))
+
+    def held_positions(self, state) -> torch.Tensor:
+        """bool [B, Hkv, T] with T = the tokens decoded so far: which positions the state holds
+        (sinks, window, buffer), for plots and tests."""
+        T = state["length"]
+        B, Hkv = state["buf_pos"].shape[:2]
+        held = torch.zeros(B, Hkv, T, dtype=torch.bool, device=state["buf_pos"].device)
+        held[..., :min(self.sink, T)] = True
+        held[..., max(0, T - self.window - 1):] = True
+        buffered = state["buf_pos"][state["buf_pos"] >= 0]
+        b_idx, h_idx, _ = (state["buf_pos"] >= 0).nonzero(as_tuple=True)
+        held[b_idx, h_idx, buffered] = True
+        return held
+
+    def state_size(self, T: int) -> int:
+        """Numbers held per sequence after T tokens: keys and values of the tokens held (at most
+        s + w + 1 + b, as LTE), and a score per window / buffer token for TOVA and H2O."""
+        held = min(T, self.sink + self.window + 1 + self.buffer)
+        scored = 0 if self.update_score is None else min(T, self.window + 1 + self.buffer)
+        return self.n_kv_head * (held * 2 * self.head_dim + scored) + self._key_conv_size()
+
+
+def with_eviction(model, policy: str, sink: int, window: int, buffer: int):
+    """A copy of a trained model whose full-attention layers decode under an eviction `policy` with
+    LTE's budget (sink s, window w, buffer b); the same weights, the other layers untouched.
+    In eval mode its forward decodes those layers token by token (the rest stays parallel)."""
+    _check_eviction(policy, sink, window, buffer)
+    if not any(isinstance(b.mixer, Attention) and b.mixer.window is None for b in model.blocks):
+        raise ValueError(f"with_eviction needs a model with full-attention layers, got layers {model.config.layers}")
+    weight = model.wte.weight
+    evicting = TinyHybrid(model.config).to(weight.device, weight.dtype)
+    evicting.load_state_dict(model.state_dict())
+    for block in evicting.blocks:
+        if isinstance(block.mixer, Attention) and block.mixer.window is None:
+            layer = EvictingAttention(model.config, policy, sink, window, buffer).to(model.wte.weight.device)
+            layer.load_state_dict(block.mixer.state_dict())
+            block.mixer = layer
+    return evicting.train(model.training)
+
+
 # =============================================================================================
 # 4. MODEL
 # =============================================================================================
@@ -2142,6 +2359,18 @@ def _check_lte_rule(scores, window, sink, buffer) -> None:
     for name, value in (("window", window), ("sink", sink), ("buffer", buffer)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+
+
+def _check_eviction(policy, sink, window, buffer) -> None:
+    """Arguments of `EvictingAttention` and `with_eviction`."""
+    if policy not in EVICTION_POLICIES:
+        raise ValueError(f"policy must be one of {EVICTION_POLICIES}, got {policy!r}")
+    for name, value in (("sink", sink), ("window", window), ("buffer", buffer)):
+        if not _is_int(value) or value < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    if policy == "streaming" and buffer != 0:
+        raise ValueError(f"policy 'streaming' keeps no buffer: buffer must be 0, got {buffer!r} "
+                         f"(at equal memory, give its slots to the window: window = w + b)")
 
 
 def _check_mixer_input(x, d_model: int) -> None:

@@ -1,0 +1,226 @@
+"""Heuristic eviction at LTE's memory: StreamingLLM, TOVA and H2O as policies of one decoding cache.
+
+Each policy is checked against a plain Python simulation of its rule (lists and dicts, the
+attention recomputed per query from the layer's own q, k, v): the same positions held after every
+step and the same outputs. Also: the state has one size for any length; with a buffer large enough
+that nothing is evicted every policy is full attention; StreamingLLM without a buffer is sliding-
+window attention with sinks; bad arguments are refused before any work.
+
+Tolerances as in test_decode.py: float32, the two sides differ by summation order only.
+"""
+
+import pytest
+import torch
+
+import tiny_hybrid as th
+from tiny_hybrid import Config, EvictingAttention, TinyHybrid, with_eviction
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+SMALL = dict(d_model=32, n_head=4, n_kv_head=2, head_dim=8, vocab_size=64, n_layer=2)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _layer(policy, sink, window, buffer, seed=0):
+    torch.manual_seed(seed)
+    layer = EvictingAttention(Config(**SMALL), policy, sink, window, buffer)
+    for p in layer.parameters():               # larger weights: sharper attention, real choices to make
+        p.data.normal_(0, 0.5)
+    return layer.eval()
+
+
+# --- the buffer rule on its own --------------------------------------------------------------
+
+def test_push_rule_matches_a_python_simulation_with_ties():
+    """evict_lowest_push on random integer scores (many ties): the buffer holds what a list-based
+    rule holds after every offer: enter if a slot is free or score >= the lowest; the oldest lowest leaves."""
+    g = torch.Generator().manual_seed(1)
+    b, n, rows = 4, 60, 3
+    scores = torch.randint(0, 5, (rows, n), generator=g).float()
+    offered = torch.rand(rows, n, generator=g) < 0.8
+    buf_score = torch.full((rows, b), float("-inf"))
+    buf_pos = torch.full((rows, b), -1, dtype=torch.long)
+    sim = [dict() for _ in range(rows)]                                       # pos -> score
+    for j in range(n):
+        th.evict_lowest_push(buf_score, buf_pos, scores[:, j], j, offered[:, j])
+        for r in range(rows):
+            if not offered[r, j]:
+                continue
+            held = sim[r]
+            if len(held) < b:
+                held[j] = scores[r, j].item()
+                continue
+            lowest = min(held, key=lambda p: (held[p], p))                    # oldest among the lowest
+            if scores[r, j].item() >= held[lowest]:
+                del held[lowest]
+                held[j] = scores[r, j].item()
+        for r in range(rows):
+            assert sorted(p for p in buf_pos[r].tolist() if p >= 0) == sorted(sim[r])
+
+
+# --- the whole layer against a plain simulation ----------------------------------------------
+
+def _simulate(q, k, v, policy, sink, window, buffer):
+    """The policy in plain Python for one sequence: q [T, H, D], k, v [T, Hkv, D]. Returns the
+    outputs [T, H, D] and, per step, the set of positions held per KV head."""
+    T, H, D = q.shape
+    Hkv = k.shape[1]
+    G = H // Hkv
+    out = torch.zeros(T, H, D)
+    held_per_step = []
+    buffers = [dict() for _ in range(Hkv)]                                    # pos -> score, per KV head
+    scores = [dict() for _ in range(Hkv)]                                     # window tokens' scores
+    for t in range(T):
+        held_now = []
+        for h in range(Hkv):
+            j = t - window - 1
+            if j >= sink and policy != "streaming" and buffer > 0:         # j leaves the window
+                buf, s_j = buffers[h], scores[h].pop(j)
+                if len(buf) < buffer:
+                    buf[j] = s_j
+                else:
+                    lowest = min(buf, key=lambda p: (buf[p], p))
+                    if s_j >= buf[lowest]:
+                        del buf[lowest]
+                        buf[j] = s_j
+            window_pos = list(range(max(0, t - window), t + 1))
+            visible = sorted(set(range(min(sink, t + 1))) | set(window_pos) | set(buffers[h]))
+            held_now.append(set(visible))
+            logits = torch.stack([q[t, h * G + g] @ k[visible, h].T for g in range(G)]) * D ** -0.5   # [G, n]
+            p = logits.softmax(dim=-1)
+            out[t, h * G:(h + 1) * G] = p @ v[visible, h]
+            p_mean = p.mean(dim=0)
+            for n, pos in enumerate(visible):
+                in_window = pos >= t - window
+                table = scores[h] if in_window else buffers[h] if pos in buffers[h] else None
+                if table is None:                                             # a sink outside the window
+                    continue
+                new = p_mean[n].item()
+                table[pos] = new if policy == "tova" else table.get(pos, 0.0) + new
+        held_per_step.append(held_now)
+    return out, held_per_step
+
+
+@pytest.mark.parametrize("policy,buffer", [("streaming", 0), ("tova", 4), ("h2o", 4), ("tova", 1), ("h2o", 0)])
+def test_policy_matches_a_plain_simulation_of_its_rule(policy, buffer):
+    sink, window, T, B = 2, 5, 40, 2
+    layer = _layer(policy, sink, window, buffer)
+    x = torch.randn(B, T, SMALL["d_model"], generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        q, k, v, _ = layer._qkv(x)                                            # RoPE at positions 0 .. T - 1
+        state = layer.init_state(B)
+        outs, held = [], []
+        for t in range(T):
+            outs.append(layer(x[:, t:t + 1], state))
+            held.append(layer.held_positions(state))                          # [B, Hkv, t + 1]
+        got = torch.cat(outs, dim=1)
+        for b in range(B):
+            want, want_held = _simulate(q[b], k[b], v[b], policy, sink, window, buffer)
+            torch.testing.assert_close(got[b], layer.o_proj(want.flatten(1)), **TOL)
+            for t in range(T):
+                for h in range(layer.n_kv_head):
+                    assert set(held[t][b, h].nonzero()[:, 0].tolist()) == want_held[t][h], (b, t, h)
+    if buffer:                                      # the test exercised eviction: the buffer is full
+        assert (state["buf_pos"] >= 0).all()
+
+
+def test_the_scored_policies_keep_different_tokens():
+    """TOVA and H2O are not the same rule in disguise: on the same input their buffers differ."""
+    x = torch.randn(1, 60, SMALL["d_model"], generator=torch.Generator().manual_seed(3))
+    kept = {}
+    for policy in ("tova", "h2o"):
+        layer = _layer(policy, 2, 5, 4)
+        state = layer.init_state(1)
+        with torch.no_grad():
+            layer(x, state)
+        kept[policy] = state["buf_pos"].sort(dim=-1).values
+    assert not torch.equal(kept["tova"], kept["h2o"])
+
+
+# --- memory, equivalences, errors ------------------------------------------------------------
+
+@pytest.mark.parametrize("policy,buffer", [("streaming", 0), ("tova", 3), ("h2o", 3)])
+def test_memory_is_constant(policy, buffer):
+    layer = _layer(policy, 2, 4, buffer)
+    state = layer.init_state(1)
+    shapes0 = {n: tuple(t.shape) for n, t in state.items() if isinstance(t, torch.Tensor)}
+    x = torch.randn(1, 100, SMALL["d_model"])
+    with torch.no_grad():
+        layer(x[:, :10], state)
+        shapes10 = {n: tuple(t.shape) for n, t in state.items() if isinstance(t, torch.Tensor)}
+        layer(x[:, 10:], state)
+    shapes100 = {n: tuple(t.shape) for n, t in state.items() if isinstance(t, torch.Tensor)}
+    assert shapes0 == shapes10 == shapes100
+    budget = 2 + 4 + 1 + buffer
+    assert layer.state_size(budget) == layer.state_size(100) == layer.state_size(10 ** 6)
+    assert layer.state_size(budget - 1) < layer.state_size(budget)
+
+
+@pytest.mark.parametrize("policy", ["streaming", "tova", "h2o"])
+def test_nothing_evicted_is_full_attention(policy):
+    """sink + window + 1 + buffer >= T: every policy is gdn+attn's own decoding, prompt and steps."""
+    torch.manual_seed(4)
+    model = TinyHybrid(Config.preset("gdn+attn", **SMALL)).eval()
+    idx = torch.randint(0, SMALL["vocab_size"], (2, 30))
+    sink, window, buffer = (2, 27, 0) if policy == "streaming" else (2, 5, 22)
+    evicting = with_eviction(model, policy, sink, window, buffer)
+    assert [type(b.mixer).__name__ for b in evicting.blocks] == ["GatedDeltaNet", "EvictingAttention"]
+    with torch.no_grad():
+        want, _ = model(idx)
+        got, _ = evicting(idx)
+        torch.testing.assert_close(got, want, **TOL)
+        state, want_state = evicting.init_state(2), model.init_state(2)
+        got = torch.cat([evicting(idx[:, :12], state=state)[0], evicting(idx[:, 12:], state=state)[0]], dim=1)
+        want = torch.cat([model(idx[:, :12], state=want_state)[0], model(idx[:, 12:], state=want_state)[0]], dim=1)
+    torch.testing.assert_close(got, want, **TOL)
+    assert model.blocks[1].mixer.q_proj.weight is not evicting.blocks[1].mixer.q_proj.weight   # a copy
+    torch.testing.assert_close(model.blocks[1].mixer.q_proj.weight, evicting.blocks[1].mixer.q_proj.weight)
+
+
+def test_streaming_without_buffer_is_sliding_window_with_sinks():
+    sink, window, T = 3, 6, 40
+    layer = _layer("streaming", sink, window, 0)
+    x = torch.randn(2, T, SMALL["d_model"], generator=torch.Generator().manual_seed(5))
+    sinks = torch.zeros(2, T, layer.n_kv_head, dtype=torch.bool)
+    sinks[:, :sink] = True
+    with torch.no_grad():
+        q, k, v, _ = layer._qkv(x)
+        want = layer.o_proj(th.attention(q, k, v, window=window, keep=sinks).flatten(2))
+        got = layer(x)
+    torch.testing.assert_close(got, want, **TOL)
+
+
+def test_attention_weights_step_is_attention_decode():
+    g = torch.Generator().manual_seed(6)
+    q, k, v = torch.randn(2, 4, 8, generator=g), torch.randn(2, 9, 2, 8, generator=g), torch.randn(2, 9, 2, 8, generator=g)
+    valid = torch.rand(2, 9, 2, generator=g) < 0.6
+    valid[:, 0] = True
+    o, p = th.attention_decode_weights(q, k, v, valid)
+    torch.testing.assert_close(o, th.attention_decode(q, k, v, valid), **TOL)
+    torch.testing.assert_close(p.sum(-1), torch.ones(2, 4), **TOL)
+    hidden = ~valid.repeat_interleave(2, dim=2).transpose(1, 2)                # [B, H, S]
+    assert (p[hidden] == 0).all()
+
+
+@pytest.mark.parametrize("args,word", [
+    (("lru", 2, 4, 4), "policy"), (("tova", -1, 4, 4), "sink"), (("h2o", 2, 1.5, 4), "window"),
+    (("tova", 2, 4, True), "buffer"), (("streaming", 2, 4, 4), "buffer must be 0"),
+])
+def test_bad_arguments_are_refused(args, word):
+    with pytest.raises(ValueError, match=word):
+        EvictingAttention(Config(**SMALL), *args)
+    model = TinyHybrid(Config.preset("gdn+attn", **SMALL))
+    with pytest.raises(ValueError, match=word):
+        with_eviction(model, *args)
+
+
+def test_with_eviction_needs_full_attention_layers():
+    model = TinyHybrid(Config.preset("gdn+swa", **SMALL))
+    with pytest.raises(ValueError, match="full-attention layers"):
+        with_eviction(model, "tova", 2, 4, 4)
