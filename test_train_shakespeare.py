@@ -425,11 +425,12 @@ def tiny_args(out, *extra):
 @pytest.mark.parametrize("preset", ts.MODELS + ("transformer",))
 def test_twenty_step_training_smoke(preset, tmp_path):
     args = tiny_args(tmp_path)
-    model, history = ts.train_model(preset, args, TEXT_TOKENS, ts.VOCAB_SIZE, torch.device("cpu"))
+    model, record = ts.train_model(preset, args, TEXT_TOKENS, ts.VOCAB_SIZE, torch.device("cpu"))
+    history = record["history"]
     assert [h["step"] for h in history] == [10, 20]
     assert history[-1]["loss"] < history[0]["loss"] + 1.0 and np.isfinite(history[-1]["loss"])
-    ckpt = torch.load(ts.checkpoint_path(tmp_path, preset), weights_only=True)
-    assert ckpt["step"] == 20 and ckpt["preset"] == preset
+    ckpt = torch.load(ts.checkpoint_path(tmp_path, preset, 0), weights_only=True)
+    assert ckpt["step"] == 20 and ckpt["preset"] == preset and ckpt["settings"]["seed"] == 0
 
 
 def test_lte_lambda_controller_runs_on_haystack_steps_only(tmp_path, monkeypatch):
@@ -486,7 +487,7 @@ def test_text_loss_falls_on_predictable_text(tmp_path):
     drill warm-up, so text batches start at step 0)."""
     args = tiny_args(tmp_path, "--steps", "60", "--log-every", "20", "--lr", "1e-2", "--drill-frac", "0")
     cycle = np.arange(10_000, dtype=np.int64) % 16
-    _, history = ts.train_model("gdn+swa", args, cycle, ts.VOCAB_SIZE, torch.device("cpu"))
+    history = ts.train_model("gdn+swa", args, cycle, ts.VOCAB_SIZE, torch.device("cpu"))[1]["history"]
     assert history[-1]["loss"] < 0.5 * history[0]["loss"], history
 
 
@@ -504,7 +505,7 @@ def test_interrupt_then_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as stopped:
         ts.train_model("gdn+lte", tiny_args(tmp_path / "b", "--steps", "12"), TEXT_TOKENS, ts.VOCAB_SIZE, device)
     assert stopped.value.code == 130
-    assert torch.load(ts.checkpoint_path(tmp_path / "b", "gdn+lte"), weights_only=True)["step"] == 6
+    assert torch.load(ts.checkpoint_path(tmp_path / "b", "gdn+lte", 0), weights_only=True)["step"] == 6
     monkeypatch.setattr(ts, "training_batch", real_batch)
     resumed, _ = ts.train_model("gdn+lte", tiny_args(tmp_path / "b", "--steps", "12", "--resume"), TEXT_TOKENS,
                                 ts.VOCAB_SIZE, device)
@@ -554,13 +555,24 @@ def test_evaluation_reports_every_length_and_state_size(tmp_path):
     assert gdn_bytes[0] == gdn_bytes[1] and attn_bytes[1] > attn_bytes[0]
 
 
-def test_state_sweep_trains_pure_gdn_at_each_state_size(tmp_path):
-    args = tiny_args(tmp_path, "--steps", "4", "--log-every", "2")
+def test_state_sweep_trains_pure_gdn_at_each_state_size_per_seed(tmp_path):
+    args = tiny_args(tmp_path, "--steps", "4", "--log-every", "2", "--eval-every", "2", "--models", "gdn",
+                     "--sweep-state", "--seeds", "0,1")
     args.state_sizes = ((1, 8), (2, 16))
-    rows = ts.state_sweep(args, TEXT_TOKENS, TEXT_TOKENS, ts.VOCAB_SIZE, torch.device("cpu"))
+    runs = [run for run in ts.planned_runs(args) if run.tag]
+    assert [str(run) for run in runs] == ["gdn_state1x8 seed 0", "gdn_state2x16 seed 0", "gdn_state1x8 seed 1",
+                                          "gdn_state2x16 seed 1"]
+    results = {run.key: ts.run_one(run, args, TEXT_TOKENS, TEXT_TOKENS, ts.VOCAB_SIZE, torch.device("cpu"))
+               for run in runs}
+    rows = ts.sweep_rows(results, args)
     assert [(r["gdn_heads"], r["gdn_head_dim"], r["state_numbers_per_layer"]) for r in rows] == [(1, 8, 64), (2, 16, 512)]
-    assert all(0.0 <= r["hardest_recall"] <= 1.0 for r in rows)
-    assert ts.checkpoint_path(tmp_path, "gdn_state2x16").exists()
+    for row in rows:
+        per_seed = [row["runs"][seed]["hardest_recall"] for seed in ("0", "1")]
+        assert row["hardest_recall"] == {"mean": pytest.approx(np.mean(per_seed)), "min": min(per_seed),
+                                         "max": max(per_seed), "n": 2}
+    small, large = (results[(f"gdn_state{size}", 1)]["eval"]["48"]["state_bytes"] for size in ("1x8", "2x16"))
+    assert large > small                                           # the sweep's model really is larger
+    assert ts.checkpoint_path(tmp_path, "gdn_state2x16", 1).exists()
 
 
 def test_failed_recalls_use_the_longest_distance_that_the_facts_can_fill(tmp_path, enc):
@@ -594,7 +606,7 @@ def test_use_triton_trains_like_the_reference(tmp_path, monkeypatch):
         args = tiny_args(tmp_path / str(len(flags)), "--steps", "3", "--log-every", "1", "--seq-len", "32",
                          "--dense-len", "16", "--max-facts", "2", "--dense-facts", "2", "--drill-facts", "2",
                          "--models", "gdn+lte", *flags)
-        _, runs[flags] = ts.train_model("gdn+lte", args, TEXT_TOKENS, ts.VOCAB_SIZE, device)
+        runs[flags] = ts.train_model("gdn+lte", args, TEXT_TOKENS, ts.VOCAB_SIZE, device)[1]["history"]
     reference, triton_run = runs[()], runs[("--use-triton",)]
     assert calls["attention"] >= 3 and calls["gated_delta_rule"] >= 3, calls   # the kernels did run
     assert len(reference) == len(triton_run) == 3

@@ -857,11 +857,12 @@ def format_progress(row: dict) -> str:
 # sequences of 24 facts, 1536 queries, so that one reading is within about 1.3 points of the truth
 # (binomial, at 50 %); it costs about one training step, every --eval-every steps.
 PROBE_BATCHES = 4
+PROBE_READINGS = 24  # readings per run unless --eval-every says otherwise: 6 of them in the last quarter
 # A run has converged when the best probe reading of the last quarter of its steps lies within
 # PLATEAU of the best reading before it: it neither rose nor fell by that much in the last quarter.
 PLATEAU = 0.02
-CONVERGENCE_RULE = (f"converged: the best held-out probe recall of the last quarter of the steps is within "
-                    f"{100 * PLATEAU:.0f} points of the best before it (the run neither rose nor fell by "
+CONVERGENCE_RULE = (f"a run has converged when the best held-out probe recall of the last quarter of its steps "
+                    f"is within {100 * PLATEAU:.0f} points of the best before it (it neither rose nor fell by "
                     f"{100 * PLATEAU:.0f} points or more in its last quarter)")
 
 
@@ -1022,10 +1023,13 @@ def summarize(runs: dict[str, dict], args) -> dict:
             "not_learned": [int(s) for s, run in runs.items() if not run["learned"]]}
 
 
-def by_model(results: dict[tuple[str, int], dict], earlier: dict, args) -> dict:
+def by_model(results: dict[tuple[str, int], dict], earlier: dict, args, failures=()) -> dict:
     """{preset: {"runs": {str(seed): run result}, "summary": ...}} of this run's results merged with
-    the earlier ones in results.json (runs not retrained now keep their results), seeds in order."""
-    runs = {preset: dict(model["runs"]) for preset, model in earlier.get("models", {}).items()}
+    the earlier ones in results.json (runs not retrained now keep their results; a run that failed now
+    loses its earlier ones, which no longer match its checkpoint), seeds in order."""
+    failed = {(f["model"], str(f["seed"])) for f in failures}
+    runs = {preset: {seed: run for seed, run in model["runs"].items() if (preset, seed) not in failed}
+            for preset, model in earlier.get("models", {}).items()}
     for (name, seed), result in results.items():
         if name in ALL_PRESETS:
             runs.setdefault(name, {})[str(seed)] = result
@@ -1112,11 +1116,13 @@ def print_seed_table(models: dict, seeds: list[int], args, failures=()) -> None:
     first = next(iter(models.values()))["runs"]
     setting = hardest_setting(args, next(iter(first.values()))["eval"])
     failed = {(f["model"], f["seed"]) for f in failures}
+    seeds = sorted(set(seeds) | {seed for _, seed in failed})
+    presets = list(models) + [name for name, _ in failed if name in ALL_PRESETS and name not in models]
     rows = []
-    for preset, model in models.items():
+    for preset in dict.fromkeys(presets):
         cells = []
         for seed in seeds:
-            run = model["runs"].get(str(seed))
+            run = models.get(preset, {"runs": {}})["runs"].get(str(seed))
             cells.append("x" if (preset, seed) in failed else "" if run is None else
                          f"{100 * hardest(run['eval'], args):.1f} {run_marks(run)}".rstrip())
         rows.append([preset, *cells])
@@ -1126,8 +1132,8 @@ def print_seed_table(models: dict, seeds: list[int], args, failures=()) -> None:
     print(f"* not converged; ? not judged; ! did not learn the task (under {LEARNED_AT:.0%} at the easiest setting: "
           f"{fewest} fact{'s' * (fewest > 1)}, the shortest distances); x failed (the error is above and in "
           f"results.json)")
-    print(f"{CONVERGENCE_RULE}; held-out probe: {PROBE_BATCHES * args.eval_batch} sequences at the hardest setting, "
-          f"every {args.eval_every} steps")
+    print(f"The rule: {CONVERGENCE_RULE}. The held-out probe: {PROBE_BATCHES * args.eval_batch} sequences at "
+          f"the hardest setting, every {args.eval_every} steps.")
     for label, run in every_run(models).items():
         if run_marks(run):
             learned = "" if run["learned"] else (f"; did not learn the task ({easiest(run['eval'], args):.1%} at "
@@ -1384,10 +1390,11 @@ def failure(run: Run, error: str, trace: str) -> dict:
     return {"model": run.name, "seed": run.seed, "error": error, "traceback": trace}
 
 
-def error_line(e: BaseException) -> str:
-    """The exception as one line: its type and the first line of its message."""
-    first = (str(e).strip().splitlines() or [""])[0]
-    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+def error_line(e: BaseException, limit: int = 300) -> str:
+    """The exception as one line: its type and its message, lines joined, cut at `limit` characters."""
+    message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    message = message if len(message) <= limit else message[:limit - 3] + "..."
+    return f"{type(e).__name__}: {message}" if message else type(e).__name__
 
 
 def cpu_cores() -> int:
@@ -1753,10 +1760,11 @@ def build_parser() -> ArgumentParser:
     report = parser.add_argument_group("evaluation and logging")
     report.add_argument("--eval-batch", type=int, default=16, help="held-out sequences per evaluation cell")
     report.add_argument("--log-every", type=int, default=50, help="steps between progress lines")
-    report.add_argument("--eval-every", type=int, default=100,
+    report.add_argument("--eval-every", type=int,
                         help=f"steps between readings of the held-out probe ({PROBE_BATCHES}x --eval-batch sequences "
                              f"at the hardest setting, about one training step's time); the report judges each "
-                             f"run by it, {CONVERGENCE_RULE}".replace("%", "%%"))
+                             f"run by it: {CONVERGENCE_RULE} (default: --steps / {PROBE_READINGS}, so "
+                             f"{DEFAULT_STEPS // PROBE_READINGS} for {DEFAULT_STEPS} steps)")
     report.add_argument("--checkpoint-every", type=int, default=250,
                         help="steps between checkpoints (0: only at the end; Ctrl-C always saves)")
     return parser
@@ -1774,6 +1782,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     except ValueError as e:
         parser.error(str(e))
     args.seed = args.seeds[0]  # the seed of the sample and of the examples in the report
+    if args.eval_every is None:
+        args.eval_every = max(1, args.steps // PROBE_READINGS)
     args.eval_facts = sorted({2, args.max_facts // 2, args.max_facts})
     args.state_sizes = ((1, 8), (2, 8), (2, 16), (2, 24), (2, 32))  # --sweep-state: (GDN heads, key dim)
     try:
@@ -1817,7 +1827,7 @@ def check_flags(args) -> None:
     _check_model_configs(args)
     if args.eval_every > args.steps:
         raise ValueError(f"--eval-every {args.eval_every}: more than --steps {args.steps}; the held-out probe needs "
-                         f"readings during training: give at most --steps (the rule needs 4 or more readings)")
+                         f"readings during training: give at most --steps, or leave it out (--steps / {PROBE_READINGS})")
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite exclude each other: continue the saved run, or replace it")
     if args.make_tokenizer and args.data is not None:
@@ -1827,7 +1837,7 @@ def check_flags(args) -> None:
 def _check_numbers(args) -> None:
     for name, (lo, hi) in INT_RANGES.items():
         value = getattr(args, name)
-        if value is None:  # --seed and --jobs: not given
+        if value is None:  # --jobs: not given
             continue
         if value < lo or (hi is not None and value > hi):
             allowed = f">= {lo}" if hi is None else f"from {lo} to {hi}"
@@ -2188,7 +2198,7 @@ def main(argv=None) -> None:
     wall_start = time.perf_counter()
     device, earlier, enc, tokens, val_tokens = prepare_run(args)
     results, failures = run_all(planned_runs(args), args, tokens, val_tokens, enc.n_vocab, device)
-    models = by_model(results, earlier, args)
+    models = by_model(results, earlier, args, failures)
     kept = [f"{preset} seed {seed}" for preset, model in models.items() for seed in model["runs"]
             if (preset, int(seed)) not in results]
     if kept:
