@@ -383,6 +383,25 @@ def test_resume_refuses_other_settings_and_fewer_steps(tmp_path, text_file, caps
     assert snapshot(out) == before
 
 
+def test_an_earlier_versions_one_seed_run_is_refused_by_resume_and_removed_by_overwrite(tmp_path, capsys):
+    """Before --seeds, checkpoints were named gdn.pt and results.json had no seeds: --resume says so
+    in one line instead of mixing layouts; --overwrite counts those files as this script's."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "gdn_lte.pt").write_bytes(b"an old checkpoint")
+    (out / "notes.txt").write_text("mine")
+    err = refused(capsys, ["--resume", "--out", out])
+    assert "earlier version of this script" in err and "gdn_lte.pt" in err and "--overwrite" in err
+    (out / "gdn_lte.pt").unlink()
+    (out / "results.json").write_text(json.dumps({"settings": {}, "models": {}}))
+    err = refused(capsys, ["--resume", "--out", out])
+    assert "earlier version of this script" in err and "results.json" in err
+    (out / "gdn_state2x8.pt").write_bytes(b"old")
+    assert [p.name for p in ts.output_files(out)] == ["gdn_state2x8.pt", "results.json"]
+    ts.remove_outputs(out)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
 def test_a_file_as_out_is_refused(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     assert "is a file, not a folder" in refused(capsys, ["--out", tmp_path / "file"])

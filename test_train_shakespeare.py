@@ -612,3 +612,94 @@ def test_use_triton_trains_like_the_reference(tmp_path, monkeypatch):
     assert len(reference) == len(triton_run) == 3
     for a, b in zip(reference, triton_run):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), (a, b)
+
+
+# ----------------------------------------------------------------------------------------------
+# seeds: the convergence rule, the summary over seeds, the report's marks, the parallel plan
+# ----------------------------------------------------------------------------------------------
+
+
+def curve(*recalls, every=100):
+    return [{"step": every * (i + 1), "recall": r} for i, r in enumerate(recalls)]
+
+
+def test_convergence_rule_on_rising_flat_falling_and_short_curves():
+    # 8 readings of an 800-step run: steps 100..600 before the last quarter, 700 and 800 in it
+    rising = ts.convergence(curve(0.1, 0.2, 0.3, 0.35, 0.40, 0.40, 0.44, 0.45), 800)
+    assert rising["converged"] is False and rising["verdict"].startswith("still rising: +5.0 points")
+    assert rising["last_quarter_gain"] == pytest.approx(0.05)
+    flat = ts.convergence(curve(0.1, 0.5, 0.9, 0.93, 0.95, 0.94, 0.96, 0.95), 800)
+    assert flat["converged"] is True and flat["last_quarter_gain"] == pytest.approx(0.01)
+    fell = ts.convergence(curve(0.1, 0.9, 0.95, 0.9, 0.8, 0.8, 0.7, 0.72), 800)
+    assert fell["converged"] is False and fell["verdict"].startswith("fell: ") and "23.0 points" in fell["verdict"]
+    at_chance = ts.convergence(curve(*[0.03] * 8), 800)            # flat at chance: converged, but not learned
+    assert at_chance["converged"] is True
+    short = ts.convergence(curve(0.1, 0.2, 0.3, 0.4), 400)          # one reading in the last quarter
+    assert short["converged"] is None and "lower --eval-every" in short["verdict"]
+    # exactly the threshold counts as a change: within 2 points means less than 2
+    assert ts.convergence(curve(0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.52, 0.5), 800)["converged"] is False
+
+
+def fake_run(hardest, easiest, converged=True, loss=5.0):
+    """A run result as results.json keeps it, at T = 48 with 2 and 4 facts (bins of window 8)."""
+    cells = {"2": {"1-4": easiest, "5-8": 0.5}, "4": {"1-4": 0.7, "5-8": 0.6, "9-16": hardest}}
+    return {"eval": {"48": {"lm_loss": loss, "state_bytes": 1024, "recall": cells}},
+            "convergence": {"converged": converged, "verdict": "still rising: +3.0 points" if converged is False
+                            else "converged", "last_quarter_gain": 0.0},
+            "learned": easiest >= ts.LEARNED_AT, "steps": 20, "history": [], "probe": []}
+
+
+def test_summary_is_mean_min_max_over_seeds_and_names_the_marked_seeds(tmp_path):
+    args = tiny_args(tmp_path)
+    runs = {"0": fake_run(0.9, 1.0, loss=5.0), "1": fake_run(0.3, 0.5, converged=False, loss=5.5),
+            "2": fake_run(0.6, 0.95, converged=None, loss=5.3)}
+    summary = ts.summarize(runs, args)
+    assert summary["seeds"] == [0, 1, 2]
+    assert summary["eval"]["48"]["recall"]["4"]["9-16"] == {"mean": pytest.approx(0.6), "min": 0.3, "max": 0.9, "n": 3}
+    assert summary["eval"]["48"]["lm_loss"] == {"mean": pytest.approx(5.266666, rel=1e-5), "min": 5.0, "max": 5.5,
+                                                "n": 3}
+    assert summary["eval"]["48"]["state_bytes"] == 1024
+    assert summary["hardest"]["mean"] == pytest.approx(0.6) and summary["easiest"]["min"] == 0.5
+    assert (summary["not_converged"], summary["not_judged"], summary["not_learned"]) == ([1], [2], [1])
+    assert ts.pct(summary["hardest"]) == "60.0 (30-90)" and ts.pct(ts.spread([0.953])) == "95.3"
+
+
+def test_report_marks_each_seed_and_a_failed_run(tmp_path, capsys):
+    args = tiny_args(tmp_path, "--seeds", "0,1")
+    runs = {"0": fake_run(0.9, 1.0), "1": fake_run(0.3, 0.5, converged=False)}
+    models = {"gdn+lte": {"runs": runs, "summary": ts.summarize(runs, args)}}
+    ts.print_seed_table(models, [0, 1], args, [{"model": "gdn", "seed": 1, "error": "E", "traceback": ""}])
+    out = capsys.readouterr().out
+    assert "per seed, hardest setting (T = 48, 4 facts, 9-16 tokens back)" in out
+    assert re.search(r"^gdn\+lte\s+90\.0\s+30\.0 \*!$", out, re.M)          # seed 1: not converged, not learned
+    assert re.search(r"^gdn\s+x$", out, re.M)                                # gdn failed in its only seed
+    assert "  gdn+lte seed 1: still rising: +3.0 points; did not learn the task (50.0% at the easiest" in out
+    assert "gdn+lte seed 0:" not in out                                       # an unmarked run needs no footnote
+
+
+def test_jobs_default_to_one_on_a_cpu_and_spread_over_gpus(tmp_path, monkeypatch):
+    args = tiny_args(tmp_path)
+    monkeypatch.setattr(ts, "cpu_cores", lambda: 16)
+    assert ts.plan_jobs(args, torch.device("cpu"), 10) == (1, ["cpu"], 16)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert ts.plan_jobs(args, torch.device("cuda"), 15) == (8, ["cuda:0", "cuda:1"], 2)   # one per 2 cores
+    assert ts.plan_jobs(args, torch.device("cuda"), 3) == (3, ["cuda:0", "cuda:1"], 5)    # never more than runs
+    assert ts.plan_jobs(args, torch.device("cuda:1"), 15)[:2] == (4, ["cuda:1"])         # 4 per GPU
+    args.jobs = 3
+    assert ts.plan_jobs(args, torch.device("cpu"), 10) == (3, ["cpu"], 5)
+    assert ts.least_busy(["cuda:0", "cuda:1"], []) == "cuda:0"
+    assert ts.least_busy(["cuda:0", "cuda:1"], ["cuda:0"]) == "cuda:1"
+    assert ts.least_busy(["cuda:0", "cuda:1"], ["cuda:1", "cuda:0", "cuda:1"]) == "cuda:0"
+
+
+def test_probe_is_the_hardest_setting_fixed_for_every_seed(tmp_path):
+    args = tiny_args(tmp_path)
+    probe = ts.probe_batch(TEXT_TOKENS, args)
+    again = ts.probe_batch(TEXT_TOKENS, tiny_args(tmp_path, "--seed", "5"))
+    assert torch.equal(probe["idx"], again["idx"])
+    assert probe["idx"].shape == (ts.PROBE_BATCHES * args.eval_batch, args.seq_len)
+    assert (probe["answer_n_facts"] == args.max_facts).all()
+    # the distance bin of the report's hardest cell: the longest one that max_facts facts can fill
+    bins = ts.distance_bins(args.window, args.seq_len - ts.BLOCK_LEN)
+    lo, hi = [b for b in bins if ts.eval_batch(TEXT_TOKENS, args, args.seq_len, args.max_facts, b) is not None][-1]
+    assert lo <= probe["answer_distance"].min() and probe["answer_distance"].max() <= hi

@@ -1418,6 +1418,13 @@ def plan_jobs(args, device: torch.device, n_runs: int) -> tuple[int, list[str], 
     return jobs, gpus, max(1, cores // jobs)
 
 
+def least_busy(devices: list[str], running_on: list[str]) -> str:
+    """The device with the fewest running runs, the first of them on a tie: round robin while all
+    runs last as long, and no GPU left idle when some finish early."""
+    busy = collections.Counter(running_on)
+    return min(devices, key=lambda device: busy[device])
+
+
 def run_all(runs: list[Run], args, tokens, val_tokens, vocab_size, device) -> tuple[dict, list[dict]]:
     """Every run, here or in parallel processes (plan_jobs). Returns ({run.key: results}, failures);
     a Ctrl-C ends it with Interrupted after every running run has saved."""
@@ -1494,8 +1501,7 @@ class Pool:
         return self.results, self.failures
 
     def start(self, run: Run) -> None:
-        busy = collections.Counter(child.device for child in self.running.values())
-        device = min(self.devices, key=lambda d: busy[d])  # the least busy, the first on a tie
+        device = least_busy(self.devices, [child.device for child in self.running.values()])
         receiver, sender = self.context.Pipe(duplex=False)
         process = self.context.Process(target=child_main, name=str(run), daemon=True,
                                        args=(run, self.args, *self.data, device, self.threads, sender, self.stop))
