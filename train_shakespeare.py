@@ -11,14 +11,19 @@ Sections, top to bottom:
                   to measure how recall degrades with distance and with the number of facts;
   4. training   - every preset on the same batches in the same order, with a curriculum (text-free
                   recall drills first, then drills, dense passages and haystacks), progress
-                  lines, atomic checkpoints, exact Ctrl-C / --resume;
+                  lines, a held-out probe and the convergence rule, atomic checkpoints, exact
+                  Ctrl-C / --resume;
   5. report     - held-out recall by distance, number of facts and length (1x, 2x, 4x), state
-                  size, a sample, out/results.json, out/forgetting_gap.png, out/training_curves.png;
-  6. command line - flags, every check made before any work, --resume and --overwrite.
+                  size, mean (min-max) over seeds, each seed's verdict, a sample, out/results.json,
+                  out/forgetting_gap.png, out/training_curves.png;
+  6. runs       - every model once per seed, one after the other or in parallel processes
+                  (on CUDA, or --jobs), with one progress view;
+  7. command line - flags, every check made before any work, --resume and --overwrite.
 
     python train_shakespeare.py                   # train and compare the presets
     python train_shakespeare.py --quick           # a smoke run, about 40 s on 2 CPU cores (learns nothing)
     python train_shakespeare.py --resume          # continue the run in out/ (after Ctrl-C, or more --steps)
+    python train_shakespeare.py --seeds 0,1,2     # every preset once per seed: mean (min-max) over seeds
     python train_shakespeare.py --overwrite       # start again in out/, deleting its earlier results
     python train_shakespeare.py --make-tokenizer  # regenerate the committed tokenizer file
 
@@ -2174,10 +2179,11 @@ def show_examples(models: dict, enc, val_tokens, args, device) -> tuple[list[str
     return failed, sample
 
 
-def more_seeds_hint(seeds: list[int], results: dict) -> str:
-    """After a one-seed run: how to add seeds to it, and about how long each takes here."""
+def more_seeds_hint(seeds: list[int], results: dict, wall: float) -> str:
+    """After a one-seed run: how to add seeds to it, and about how long each takes here (this run's
+    time, or its runs' training time when they were read back from an earlier run)."""
     s = seeds[0]
-    minutes = sum(run["train_seconds"] for run in results.values()) / 60
+    minutes = max(wall, sum(run["train_seconds"] for run in results.values())) / 60
     return (f"\nOne seed ({s}): how far these numbers move between seeds is unknown. To add seeds {s + 1} and "
             f"{s + 2} to this run, repeat the command with --resume --seeds {s},{s + 1},{s + 2} (in place of any "
             f"--seed): seed {s} is read back, and each new seed trains every model again (here about "
@@ -2232,7 +2238,7 @@ def main(argv=None) -> None:
     write_json_atomic(summary, args.out / "results.json")
     print(f"\nwrote {args.out / 'results.json'}; wall time {wall:.0f}s")
     if len(seeds) == 1 and results:
-        print(more_seeds_hint(seeds, results))
+        print(more_seeds_hint(seeds, results, wall))
     if failures:
         report_failures(failures)
         raise SystemExit(1)
