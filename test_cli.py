@@ -305,6 +305,8 @@ def refused(capsys, argv) -> str:
     (["--seeds", "0,1,0"], ["--seeds 0,1,0", "seed 0 is named twice"]),
     (["--seed", "1", "--seeds", "0,1"], ["--seed 1 and --seeds 0,1", "not both"]),
     (["--jobs", "0"], ["--jobs 0", ">= 1"]),
+    (["--until-plateau", "1000"], ["--until-plateau 1000", "less than --steps 2400"]),
+    (["--until-plateau", "-1"], ["--until-plateau -1", ">= 0"]),
     (["--jobs", "-2"], ["--jobs -2"]),
     (["--eval-every", "0"], ["--eval-every 0", ">= 1"]),
     (["--eval-every", "2401"], ["--eval-every 2401", "more than --steps 2400"]),

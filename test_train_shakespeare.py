@@ -703,3 +703,64 @@ def test_probe_is_the_hardest_setting_fixed_for_every_seed(tmp_path):
     bins = ts.distance_bins(args.window, args.seq_len - ts.BLOCK_LEN)
     lo, hi = [b for b in bins if ts.eval_batch(TEXT_TOKENS, args, args.seq_len, args.max_facts, b) is not None][-1]
     assert lo <= probe["answer_distance"].min() and probe["answer_distance"].max() <= hi
+
+
+def test_until_plateau_extends_an_unconverged_run_up_to_its_cap(tmp_path, monkeypatch):
+    """--until-plateau: a run judged not converged at --steps goes on by --steps / 2 at its final
+    learning rate, judged again each time; it stops when the rule is met or at the cap."""
+    real = ts.convergence
+    converges_at = {"value": 12}
+
+    def rule(probe, steps):  # the rule as a stub: not converged before `converges_at` steps
+        if steps < converges_at["value"]:
+            return {"converged": False, "verdict": "still rising: +9.9 points in the last quarter",
+                    "last_quarter_gain": 0.099}
+        return {**real(probe, steps), "converged": True}
+    monkeypatch.setattr(ts, "convergence", rule)
+    args = tiny_args(tmp_path / "a", "--steps", "8", "--eval-every", "1", "--until-plateau", "16")
+    assert ts.plateau_targets(args) == [8, 12, 16]
+    result = ts.run_one(ts.Run("gdn", 0), args, TEXT_TOKENS, TEXT_TOKENS, ts.VOCAB_SIZE, torch.device("cpu"))
+    assert (result["steps"], result["schedule_steps"]) == (12, 8) and "extended from 8 to 12" in result["extended"]
+    assert [p["step"] for p in result["probe"]] == list(range(1, 13))          # one curve across the extension
+    ckpt = torch.load(ts.checkpoint_path(tmp_path / "a", "gdn", 0), weights_only=True)
+    assert ckpt["step"] == 12 and ckpt["schedule_steps"] == 8                  # the schedule is never restarted
+
+    converges_at["value"] = 10 ** 9                                           # never: the cap stops it
+    args = tiny_args(tmp_path / "b", "--steps", "8", "--eval-every", "1", "--until-plateau", "14")
+    assert ts.plateau_targets(args) == [8, 12, 14]
+    result = ts.run_one(ts.Run("gdn", 0), args, TEXT_TOKENS, TEXT_TOKENS, ts.VOCAB_SIZE, torch.device("cpu"))
+    assert result["steps"] == 14 and result["convergence"]["converged"] is False
+    # --resume reads it back rather than extending it again, and without --until-plateau refuses it
+    again = ts.run_one(ts.Run("gdn", 0), tiny_args(tmp_path / "b", "--steps", "8", "--eval-every", "1",
+                                                   "--until-plateau", "14", "--resume"),
+                       TEXT_TOKENS, TEXT_TOKENS, ts.VOCAB_SIZE, torch.device("cpu"))
+    assert again == result
+    with pytest.raises(ValueError, match=r"--steps 8: gdn_seed0.pt is at step 14 of a 8-step schedule.*"
+                                         r"--until-plateau >= 14"):
+        ts.check_checkpoint(ckpt | {"step": 14}, tiny_args(tmp_path / "b", "--steps", "8"),
+                            ts.checkpoint_path(tmp_path / "b", "gdn", 0), 0)
+
+
+def test_until_plateau_stopped_inside_an_extension_resumes_to_the_same_model(tmp_path, monkeypatch):
+    monkeypatch.setattr(ts, "convergence", lambda probe, steps: {
+        "converged": steps >= 12, "verdict": "stub", "last_quarter_gain": 0.0})
+    flags = ("--steps", "8", "--eval-every", "1", "--until-plateau", "16")
+    run, device = ts.Run("gdn+lte", 0), torch.device("cpu")
+    straight = ts.run_one(run, tiny_args(tmp_path / "a", *flags), TEXT_TOKENS, TEXT_TOKENS, ts.VOCAB_SIZE, device)
+    real_batch = ts.training_batch
+
+    def ctrl_c_at_step_9(tokens, step, args, *schedule):
+        if step == 9:                                        # inside the extension from 8 to 12 steps
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_batch(tokens, step, args, *schedule)
+    monkeypatch.setattr(ts, "training_batch", ctrl_c_at_step_9)
+    with pytest.raises(SystemExit):
+        ts.run_one(run, tiny_args(tmp_path / "b", *flags), TEXT_TOKENS, TEXT_TOKENS, ts.VOCAB_SIZE, device)
+    monkeypatch.setattr(ts, "training_batch", real_batch)
+    assert torch.load(ts.checkpoint_path(tmp_path / "b", "gdn+lte", 0), weights_only=True)["step"] == 10
+    resumed = ts.run_one(run, tiny_args(tmp_path / "b", *flags, "--resume"), TEXT_TOKENS, TEXT_TOKENS,
+                         ts.VOCAB_SIZE, device)
+    assert resumed["steps"] == straight["steps"] == 12 and resumed["probe"] == straight["probe"]
+    a, b = (torch.load(ts.checkpoint_path(tmp_path / d, "gdn+lte", 0), weights_only=True)["model"] for d in "ab")
+    for name in a:
+        assert torch.equal(a[name], b[name]), name

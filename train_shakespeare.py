@@ -1076,6 +1076,12 @@ def run_marks(run: dict) -> str:
     return ("*" if converged is False else "?" if converged is None else "") + ("" if run["learned"] else "!")
 
 
+def model_marks(model: dict) -> str:
+    """The marks of any of a model's seeds, e.g. "*!": the per-seed table says which seed has which."""
+    marks = "".join(run_marks(run) for run in model["runs"].values())
+    return "".join(mark for mark in "*?!" if mark in marks)
+
+
 def print_report(models: dict, args, failures: list[dict] = ()) -> None:
     """The forgetting gap as tables, mean (min-max) over seeds: recall by distance (most facts) per
     length and by number of facts; then each seed at the hardest setting with its convergence verdict,
@@ -1087,7 +1093,7 @@ def print_report(models: dict, args, failures: list[dict] = ()) -> None:
           f"b = {args.lte_buffer}; seed{'s' if several else ''} {', '.join(map(str, seeds))}"
           + ("; each cell: mean (min-max) over the model's seeds" if several else ""))
     n = str(max(args.eval_facts))
-    marked = lambda preset: preset + (" *" if any(run_marks(run) for run in models[preset]["runs"].values()) else "")
+    marked = lambda preset: f"{preset} {model_marks(models[preset])}".rstrip()
     for length in (args.seq_len, 2 * args.seq_len, 4 * args.seq_len):
         bins = list(next(iter(models.values()))["summary"]["eval"][str(length)]["recall"][n])
         rows = [[marked(preset), str(model["summary"]["eval"][str(length)]["lm_loss"]["n"]),
@@ -1368,21 +1374,50 @@ def planned_runs(args) -> list[Run]:
 
 
 def run_one(run: Run, args, tokens, val_tokens, vocab_size, device, log=None, stop=None) -> dict:
-    """Train one run (or continue it), evaluate it, and keep its results in its checkpoint too, so
-    that --resume reads a finished run back instead of evaluating it again. Returns its results."""
+    """Train one run (or continue it) to --steps, then, with --until-plateau, in extensions until the
+    rule says it has converged; evaluate it, and keep its results in its checkpoint too, so that
+    --resume reads a finished run back instead of evaluating it again. Returns its results."""
     args = argparse.Namespace(**{**vars(args), "seed": run.seed})
     path = checkpoint_path(args.out, run.name, run.seed)
-    if args.resume and path.exists():
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        if ckpt["step"] == args.steps and "result" in ckpt:
-            print(f"{run}: finished earlier; its results are read back from {path}", flush=True)
-            return ckpt["result"]
-    model, record = train_model(run.preset, args, tokens, vocab_size, device, tag=run.tag,
-                                probe=probe_batch(val_tokens, args), log=log, stop=stop, **dict(run.overrides))
+    ckpt = torch.load(path, map_location="cpu", weights_only=True) if args.resume and path.exists() else {}
+    step, probe = ckpt.get("step", 0), ckpt.get("probe", [])
+    target = next(t for t in plateau_targets(args) if t >= step)  # where a run stopped part-way goes first
+    if "result" in ckpt and step == target and next_target(probe, step, args) is None:
+        print(f"{run}: finished earlier; its results are read back from {path}", flush=True)
+        return ckpt["result"]
+    batch = probe_batch(val_tokens, args)
+    while True:
+        if target > step and step >= args.steps:  # past --steps: an extension of --until-plateau
+            print(f"{run}: {convergence(probe, step)['verdict']} at step {step}; extended to {target} steps at "
+                  f"the final learning rate (--until-plateau {args.until_plateau})", flush=True)
+        args = argparse.Namespace(**{**vars(args), "steps": target, "resume": args.resume or step > 0})
+        model, record = train_model(run.preset, args, tokens, vocab_size, device, tag=run.tag, probe=batch,
+                                    log=log, stop=stop, **dict(run.overrides))
+        step, probe = target, record["probe"]
+        target = next_target(probe, step, args)
+        if target is None:
+            break
     result = run_result(record, evaluate(model, val_tokens, args, device), args)
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    save_atomic({**ckpt, "result": result}, path)
+    save_atomic({**torch.load(path, map_location="cpu", weights_only=True), "result": result}, path)
     return result
+
+
+def plateau_targets(args) -> list[int]:
+    """The step counts a run is judged at: --steps, then with --until-plateau every --steps / 2 more
+    up to its cap."""
+    targets, extension = [args.steps], max(1, args.steps // 2)
+    while targets[-1] < args.until_plateau:
+        targets.append(min(args.until_plateau, targets[-1] + extension))
+    return targets
+
+
+def next_target(probe: list[dict], step: int, args) -> int | None:
+    """The step count to train on to after `step`, or None: the run is done (it converged, or it
+    reached --steps without --until-plateau, or the cap with it)."""
+    later = [t for t in plateau_targets(args) if t > step]
+    if not later or convergence(probe, step)["converged"] is not False:
+        return None
+    return later[0]
 
 
 def finished_line(run: Run, result: dict, args) -> str:
@@ -1645,7 +1680,8 @@ RESULT_FILES = ("results.json", "forgetting_gap.png", "training_curves.png")
 # The flags that fix what a run trains and how it is evaluated: --resume continues saved models (and
 # keeps their results) only when these equal the saved values; --steps may grow (see --resume).
 # Not among them: the seeds (each run's checkpoint holds its own), where and how fast it runs
-# (--device, --use-triton: the same maths, --jobs), log and probe periods.
+# (--device, --use-triton: the same maths, --jobs), log and probe periods, and --until-plateau
+# (which only decides whether a run goes on, like a larger --steps).
 RUN_SETTINGS = ("data", "seq_len", "d_model", "n_layer", "gdn_heads", "gdn_head_dim", "gdn_value_dim",
                 "window", "key_conv", "lte_buffer", "lte_lambda_init", "lte_lambda_every", "lte_router_lr",
                 "lte_train_cap", "nsa_topn", "batch_size", "lr", "answer_weight", "max_facts", "dense_len",
@@ -1658,7 +1694,8 @@ INT_RANGES = {"steps": (1, None), "seed": (0, None), "seq_len": (1, None), "d_mo
               "window": (4, None), "key_conv": (0, None), "lte_buffer": (0, None), "lte_lambda_every": (0, None),
               "nsa_topn": (1, None), "batch_size": (1, None), "max_facts": (2, N_KEYS), "dense_len": (1, None),
               "dense_facts": (1, N_KEYS), "drill_facts": (1, N_KEYS), "eval_batch": (1, None),
-              "log_every": (1, None), "eval_every": (1, None), "checkpoint_every": (0, None), "jobs": (1, None)}
+              "log_every": (1, None), "eval_every": (1, None), "checkpoint_every": (0, None), "jobs": (1, None),
+              "until_plateau": (0, None)}
 FLOAT_RANGES = {"lr": (0.0, None, False), "lte_router_lr": (0.0, None, True), "answer_weight": (0.0, None, True),
                 "lte_lambda_init": (0.0, 1.0, True), "drill_frac": (0.0, 1.0, True)}
 
@@ -1704,6 +1741,11 @@ def build_parser() -> ArgumentParser:
                      help=f"comma-separated presets to train and compare, from {', '.join(ALL_PRESETS)}")
     run.add_argument("--steps", type=int, default=DEFAULT_STEPS,
                      help="training steps per model; the learning-rate schedule and the curriculum scale with it")
+    run.add_argument("--until-plateau", type=int, default=0, metavar="MAX_STEPS",
+                     help="after --steps, a run that has not converged by the rule (see --eval-every) trains on in "
+                          "extensions of --steps / 2 at its final learning rate (its schedule is never restarted), "
+                          "judged after each, up to MAX_STEPS in all; runs may then differ in length, which the "
+                          "report shows (0: off)")
     run.add_argument("--quick", action="store_true",
                      help=f"a smoke run, {QUICK_TIME}: --steps {QUICK['steps']} --eval-batch {QUICK['eval_batch']} "
                           f"--log-every {QUICK['log_every']} --checkpoint-every {QUICK['checkpoint_every']} unless "
@@ -1839,6 +1881,9 @@ def check_flags(args) -> None:
     if args.eval_every > args.steps:
         raise ValueError(f"--eval-every {args.eval_every}: more than --steps {args.steps}; the held-out probe needs "
                          f"readings during training: give at most --steps, or leave it out (--steps / {PROBE_READINGS})")
+    if 0 < args.until_plateau < args.steps:
+        raise ValueError(f"--until-plateau {args.until_plateau}: less than --steps {args.steps}; give the most steps a "
+                         f"run may reach, at least --steps (or 0: off)")
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite exclude each other: continue the saved run, or replace it")
     if args.make_tokenizer and args.data is not None:
@@ -2013,13 +2058,14 @@ def check_same_settings(saved: dict | None, args, where: str, seed: int | None =
 
 
 def check_checkpoint(ckpt: dict, args, path: Path, seed: int) -> None:
-    """ValueError unless --resume can continue this checkpoint (of `seed`) with the current flags."""
+    """ValueError unless --resume can continue this checkpoint (of `seed`) with the current flags:
+    its schedule may not shrink, and its step must lie within --steps (or --until-plateau)."""
     check_same_settings(ckpt.get("settings"), args, path.name, seed)
-    need = max(ckpt["schedule_steps"], ckpt["step"])
-    if args.steps < need:
-        raise ValueError(f"--steps {args.steps}: {path.name} is at step {ckpt['step']} of a "
-                         f"{ckpt['schedule_steps']}-step schedule; --resume needs --steps >= {need} "
-                         f"(more steps extend the run)")
+    step, schedule = ckpt["step"], ckpt["schedule_steps"]
+    if args.steps < schedule or max(args.steps, args.until_plateau) < step:
+        plateau = f", or --steps >= {schedule} with --until-plateau >= {step}" if step > schedule else ""
+        raise ValueError(f"--steps {args.steps}: {path.name} is at step {step} of a {schedule}-step schedule; "
+                         f"--resume needs --steps >= {max(step, schedule)} (more steps extend the run){plateau}")
 
 
 def _read_checkpoint(path: Path) -> dict:
