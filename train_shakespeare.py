@@ -1038,9 +1038,9 @@ def by_model(results: dict[tuple[str, int], dict], earlier: dict, args, failures
     for (name, seed), result in results.items():
         if name in ALL_PRESETS:
             runs.setdefault(name, {})[str(seed)] = result
-    return {preset: {"runs": dict(sorted(by_seed.items(), key=lambda kv: int(kv[0]))),
-                     "summary": summarize(dict(sorted(by_seed.items(), key=lambda kv: int(kv[0]))), args)}
-            for preset, by_seed in runs.items() if by_seed}
+    ordered = {preset: dict(sorted(by_seed.items(), key=lambda item: int(item[0])))
+               for preset, by_seed in runs.items() if by_seed}
+    return {preset: {"runs": by_seed, "summary": summarize(by_seed, args)} for preset, by_seed in ordered.items()}
 
 
 def chance_note(runs: dict[str, dict], args) -> str:
@@ -1095,18 +1095,15 @@ def print_report(models: dict, args, failures: list[dict] = ()) -> None:
     n = str(max(args.eval_facts))
     marked = lambda preset: f"{preset} {model_marks(models[preset])}".rstrip()
     for length in (args.seq_len, 2 * args.seq_len, 4 * args.seq_len):
-        bins = list(next(iter(models.values()))["summary"]["eval"][str(length)]["recall"][n])
-        rows = [[marked(preset), str(model["summary"]["eval"][str(length)]["lm_loss"]["n"]),
-                 f"{model['summary']['eval'][str(length)]['lm_loss']['mean']:.3f}",
-                 f"{model['summary']['eval'][str(length)]['state_bytes'] / 1024:.1f}"]
-                + [pct(model["summary"]["eval"][str(length)]["recall"][n][b])
-                   if b in model["summary"]["eval"][str(length)]["recall"][n] else "-" for b in bins]
-                for preset, model in models.items()]
+        at = {preset: model["summary"]["eval"][str(length)] for preset, model in models.items()}
+        bins = list(next(iter(at.values()))["recall"][n])
+        rows = [[marked(preset), str(s["lm_loss"]["n"]), f"{s['lm_loss']['mean']:.3f}", f"{s['state_bytes'] / 1024:.1f}",
+                 *(pct(s["recall"][n][b]) if b in s["recall"][n] else "-" for b in bins)] for preset, s in at.items()]
         print(f"\nT = {length} ({length // args.seq_len}x training length), {n} facts, by fact-to-query distance:")
         print_table(["model", "seeds", "val loss", "state KB", *bins], rows)
     print(f"\nT = {args.seq_len}, by number of facts (all distances pooled):")
-    rows = [[marked(preset)] + [pct(spread([np.mean(list(run["eval"][str(args.seq_len)]["recall"][str(k)].values()))
-                                             for run in model["runs"].values()])) for k in args.eval_facts]
+    pooled = lambda run, k: float(np.mean(list(run["eval"][str(args.seq_len)]["recall"][str(k)].values())))
+    rows = [[marked(preset), *(pct(spread([pooled(run, k) for run in model["runs"].values()])) for k in args.eval_facts)]
             for preset, model in models.items()]
     print_table(["model", *(f"{k} facts" for k in args.eval_facts)], rows)
     print_seed_table(models, seeds, args, failures)
@@ -1531,7 +1528,7 @@ class Pool:
                     last_status = time.perf_counter()
         finally:
             signal.signal(signal.SIGINT, previous)
-            for child in self.running.values():  # only after an error in this process itself
+            for child in self.running.values():  # left running only if this process itself failed
                 child.process.kill()
         if self.stop.is_set():
             saved = ", ".join(f"{run} at step {step}" for run, step in self.stopped) or "none"
@@ -1545,8 +1542,8 @@ class Pool:
         receiver, sender = self.context.Pipe(duplex=False)
         process = self.context.Process(target=child_main, name=str(run), daemon=True,
                                        args=(run, self.args, *self.data, device, self.threads, sender, self.stop))
-        # The child inherits an ignored SIGINT, so a Ctrl-C in the terminal reaches this process only,
-        # which then asks the children to save (through self.stop) instead of killing them.
+        # The child inherits an ignored SIGINT: a Ctrl-C in the terminal reaches every process of the
+        # job, and only this one acts on it, asking the children to save (through self.stop).
         handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
             process.start()
