@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -65,10 +66,12 @@ def test_run_then_refuse_then_resume_then_overwrite(tmp_path, text_file):
     first = run_cli(*TINY, "--models", "gdn,gdn+lte", "--data", text_file, "--out", out)
     assert first.returncode == 0, first.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
-    assert list(results["models"]) == ["gdn", "gdn+lte"]
-    assert {"gdn.pt", "gdn_lte.pt", "forgetting_gap.png", "training_curves.png"} <= set(snapshot(out))
+    assert list(results["models"]) == ["gdn", "gdn+lte"] and results["seeds"] == [0]
+    assert {"gdn_seed0.pt", "gdn_lte_seed0.pt", "forgetting_gap.png", "training_curves.png"} <= set(snapshot(out))
     # the progress line names LTE's layer, not an "L1" that reads as the penalty
     assert "| layer1 r>0/head" in first.stdout and "| L1 " not in first.stdout
+    # one seed: the run says how to add more
+    assert "--resume --seeds 0,1,2" in first.stdout
     # after 4 steps recall is at chance, and the report says that this is expected
     assert "is expected after 4 steps" in first.stdout
     # prompt and continuation apart, the continuation written by the model
@@ -86,23 +89,143 @@ def test_run_then_refuse_then_resume_then_overwrite(tmp_path, text_file):
     # --resume: gdn is extended from 4 to 6 steps, gdn+swa is new, gdn+lte keeps its results
     resumed = run_cli(*TINY, "--models", "gdn,gdn+swa", "--steps", "6", "--data", text_file, "--out", out, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "gdn: resumed at step 4" in resumed.stdout and "gdn+swa: no checkpoint" in resumed.stdout
-    assert "not retrained now: gdn+lte" in resumed.stdout
+    assert "gdn seed 0: resumed at step 4" in resumed.stdout and "gdn+swa seed 0: no checkpoint" in resumed.stdout
+    assert "not retrained now: gdn+lte seed 0" in resumed.stdout
     results = json.loads((out / "results.json").read_text())
     assert list(results["models"]) == ["gdn", "gdn+lte", "gdn+swa"]
-    gdn, lte, swa = (results["models"][p] for p in ("gdn", "gdn+lte", "gdn+swa"))
+    gdn, lte, swa = (results["models"][p]["runs"]["0"] for p in ("gdn", "gdn+lte", "gdn+swa"))
     assert (gdn["steps"], gdn["schedule_steps"]) == (6, 4) and "not the same as a fresh 6-step run" in gdn["extended"]
     assert (lte["steps"], lte["schedule_steps"]) == (4, 4) and "extended" not in lte
     assert (swa["steps"], swa["schedule_steps"]) == (6, 6) and "extended" not in swa
     assert [h["step"] for h in gdn["history"]] == [2, 4, 6]
-    assert torch.load(out / "gdn.pt", weights_only=True)["step"] == 6
+    assert torch.load(out / "gdn_seed0.pt", weights_only=True)["step"] == 6
 
     # --overwrite starts afresh: this script's files go, a user's own file stays
     (out / "notes.txt").write_text("mine")
     fresh = run_cli(*TINY, "--models", "gdn", "--data", text_file, "--out", out, "--overwrite")
     assert fresh.returncode == 0, fresh.stderr[-3000:]
     assert list(json.loads((out / "results.json").read_text())["models"]) == ["gdn"]
-    assert sorted(snapshot(out)) == ["forgetting_gap.png", "gdn.pt", "notes.txt", "results.json", "training_curves.png"]
+    assert sorted(snapshot(out)) == ["forgetting_gap.png", "gdn_seed0.pt", "notes.txt", "results.json",
+                                     "training_curves.png"]
+
+
+def assert_summary_matches_the_seeds(model: dict) -> None:
+    """Every summary cell of a model in results.json is the mean, min and max of its seeds' numbers."""
+    runs, summary = model["runs"], model["summary"]
+    assert summary["seeds"] == [int(seed) for seed in runs]
+    checked = 0
+    for length, cells in summary["eval"].items():
+        per_seed = [run["eval"][length]["lm_loss"] for run in runs.values()]
+        assert cells["lm_loss"] == {"mean": pytest.approx(np.mean(per_seed)), "min": min(per_seed),
+                                    "max": max(per_seed), "n": len(runs)}
+        for n, by_bin in cells["recall"].items():
+            for cell, stats in by_bin.items():
+                per_seed = [run["eval"][length]["recall"][n][cell] for run in runs.values()]
+                assert stats == {"mean": pytest.approx(np.mean(per_seed)), "min": min(per_seed),
+                                 "max": max(per_seed), "n": len(runs)}
+                checked += 1
+    assert checked > 10
+    assert len({run["eval"]["20"]["lm_loss"] for run in runs.values()}) == len(runs)  # the seeds differ
+
+
+def test_seeds_give_every_run_and_a_summary_then_resume_adds_a_seed(tmp_path, text_file):
+    out = tmp_path / "out"
+    flags = [*TINY, "--eval-every", "1", "--models", "gdn", "--data", text_file, "--out", out]
+    first = run_cli(*flags, "--seeds", "0,1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["seeds"] == [0, 1] and list(results["models"]) == ["gdn"]
+    model = results["models"]["gdn"]
+    assert list(model["runs"]) == ["0", "1"]
+    for run in model["runs"].values():
+        assert [p["step"] for p in run["probe"]] == [1, 2, 3, 4]               # the held-out curve, every step
+        assert set(run["convergence"]) == {"converged", "verdict", "last_quarter_gain"}
+        assert run["learned"] is False                                         # 4 steps learn nothing...
+    assert model["summary"]["not_learned"] == [0, 1]                           # ...and no seed is dropped for it
+    assert_summary_matches_the_seeds(model)
+    assert {"gdn_seed0.pt", "gdn_seed1.pt", "forgetting_gap.png", "training_curves.png"} <= set(snapshot(out))
+    # the report: mean (min-max) per model and setting, then each seed marked at the hardest setting
+    assert "mean (min-max) over the model's seeds" in first.stdout
+    loss = model["summary"]["eval"]["20"]["lm_loss"]["mean"]
+    assert re.search(rf"^gdn \*\s+2\s+{loss:.3f}\s", first.stdout, re.M)
+    seed_table = first.stdout[first.stdout.index("per seed, hardest setting"):]
+    assert re.search(r"^gdn\s+\S+ \?!\s+\S+ \?!$", seed_table, re.M)      # not judged, not learned
+    assert "--resume --seeds" not in first.stdout                              # the hint is for one seed only
+
+    # --resume naming one more seed: seeds 0 and 1 are read back untouched, seed 2 trains
+    resumed = run_cli(*flags, "--seeds", "0,1,2", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "holds seeds 0, 1; this run adds seed 2" in resumed.stdout
+    assert "gdn seed 1: finished earlier" in resumed.stdout and "gdn seed 2: no checkpoint" in resumed.stdout
+    again = json.loads((out / "results.json").read_text())
+    assert again["seeds"] == [0, 1, 2] and list(again["models"]["gdn"]["runs"]) == ["0", "1", "2"]
+    assert again["models"]["gdn"]["runs"]["1"] == model["runs"]["1"]
+    assert_summary_matches_the_seeds(again["models"]["gdn"])
+
+
+def test_parallel_runs_train_as_in_process_and_a_failed_run_is_reported(tmp_path, text_file):
+    """--jobs 2 on a CPU: each run in its own process, trained as in this process; then a run whose
+    checkpoint cannot be loaded fails with its error while the other finishes, and the exit status
+    says so."""
+    out = tmp_path / "out"
+    flags = [*TINY, "--eval-every", "2", "--models", "gdn", "--seeds", "0,1", "--data", text_file, "--out", out,
+             "--jobs", "2"]
+    parallel = run_cli(*flags)
+    assert parallel.returncode == 0, parallel.stderr[-3000:]
+    assert "2 runs, 2 at a time as separate processes on cpu" in parallel.stdout
+    assert "started gdn seed 0 on cpu" in parallel.stdout and "finished gdn seed 1:" in parallel.stdout
+    assert " step " not in parallel.stdout                 # no progress lines of the children interleaved
+    runs = json.loads((out / "results.json").read_text())["models"]["gdn"]["runs"]
+    tokens = ts.tokenize(ts.load_tokenizer(), ts.load_corpus(text_file)[0])
+    for seed in (0, 1):
+        args = ts.parse_args([*map(str, TINY), "--seed", str(seed), "--out", str(tmp_path / "here")])
+        here = ts.train_model("gdn", args, tokens, ts.VOCAB_SIZE, torch.device("cpu"))[1]
+        assert [h["loss"] for h in runs[str(seed)]["history"]] == pytest.approx([h["loss"] for h in here["history"]],
+                                                                               rel=1e-4)
+
+    # a foreign checkpoint for seed 1 (its weights lack the embedding): that run fails, seed 0 goes on
+    ckpt = torch.load(out / "gdn_seed1.pt", weights_only=True)
+    del ckpt["model"]["wte.weight"]
+    torch.save(ckpt, out / "gdn_seed1.pt")
+    broken = run_cli(*flags, "--resume", "--steps", "6")
+    assert broken.returncode == 1, broken.stderr[-3000:]
+    assert re.search(r"^FAILED gdn seed 1 on cpu: RuntimeError: .*wte\.weight", broken.stdout, re.M)
+    assert "finished gdn seed 0:" in broken.stdout
+    assert "1 run failed: gdn seed 1 (RuntimeError" in broken.stderr and "Traceback" in broken.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["models"]["gdn"]["runs"]) == ["0"]                  # seed 1's old results are gone too
+    assert results["models"]["gdn"]["runs"]["0"]["steps"] == 6
+    assert [(f["model"], f["seed"]) for f in results["failed_runs"]] == [("gdn", 1)]
+    seed_table = broken.stdout[broken.stdout.index("per seed, hardest setting"):]
+    assert re.search(r"^gdn\s+\S+ \S*\s+x$", seed_table, re.M)
+
+
+def test_ctrl_c_stops_parallel_runs_after_a_saved_step_and_resume_finishes_them(tmp_path, text_file):
+    out = tmp_path / "out"
+    flags = [*TINY, "--steps", "600", "--checkpoint-every", "5", "--models", "gdn,gdn+swa", "--data", text_file,
+             "--out", out, "--jobs", "2"]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), *map(str, flags)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while not all((out / f"{name}_seed0.pt").exists() for name in ("gdn", "gdn_swa")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)          # the parent only: it asks its children to save and stop
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (stdout[-2000:], stderr[-2000:])
+    assert "Ctrl-C: every running run saves after its current step" in stdout
+    assert re.search(r"interrupted: runs saved: gdn seed 0 at step \d+, gdn\+swa seed 0 at step \d+|"
+                     r"interrupted: runs saved: gdn\+swa seed 0 at step \d+, gdn seed 0 at step \d+", stdout), stdout
+    steps = {name: torch.load(out / f"{name}_seed0.pt", weights_only=True)["step"] for name in ("gdn", "gdn_swa")}
+    assert all(0 < step < 600 for step in steps.values()), steps
+    assert not (out / "results.json").exists()
+    resumed = run_cli(*flags, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for name, step in steps.items():
+        assert f"{name.replace('_', '+')} seed 0: resumed at step {step}" in resumed.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert [results["models"][p]["runs"]["0"]["history"][-1]["step"] for p in ("gdn", "gdn+swa")] == [600, 600]
 
 
 def test_use_triton_without_a_gpu_says_what_it_does_and_trains(tmp_path, text_file):
@@ -116,7 +239,7 @@ def test_use_triton_without_a_gpu_says_what_it_does_and_trains(tmp_path, text_fi
     assert proc.returncode == 0, proc.stderr[-3000:]
     plan = proc.stdout.index("Triton's CPU interpreter")
     assert "This run: about" in proc.stdout and "Drop --use-triton" in proc.stdout
-    assert plan < proc.stdout.index("gdn+swa   step")                       # said before training
+    assert plan < proc.stdout.index("gdn+swa   seed 0  step")               # said before training
     assert json.loads((tmp_path / "out" / "results.json").read_text())["args"]["use_triton"] is True
 
 
@@ -174,6 +297,19 @@ def refused(capsys, argv) -> str:
     (["--log-every", "0"], ["--log-every 0"]),
     (["--checkpoint-every", "-1"], ["--checkpoint-every -1"]),
     (["--seed", "-1"], ["--seed -1"]),
+    (["--seeds", ""], ["--seeds ''", "is empty"]),
+    (["--seeds", "0,,1"], ["--seeds '0,,1'", "'' is not an integer >= 0"]),
+    (["--seeds", "0,x"], ["--seeds '0,x'", "'x' is not an integer >= 0", "e.g. 0,1,2"]),
+    (["--seeds", "-1"], ["--seeds '-1'", "'-1' is not an integer >= 0"]),
+    (["--seeds", "1.5"], ["'1.5' is not an integer"]),
+    (["--seeds", "0,1,0"], ["--seeds 0,1,0", "seed 0 is named twice"]),
+    (["--seed", "1", "--seeds", "0,1"], ["--seed 1 and --seeds 0,1", "not both"]),
+    (["--jobs", "0"], ["--jobs 0", ">= 1"]),
+    (["--until-plateau", "1000"], ["--until-plateau 1000", "less than --steps 2400"]),
+    (["--until-plateau", "-1"], ["--until-plateau -1", ">= 0"]),
+    (["--jobs", "-2"], ["--jobs -2"]),
+    (["--eval-every", "0"], ["--eval-every 0", ">= 1"]),
+    (["--eval-every", "2401"], ["--eval-every 2401", "more than --steps 2400"]),
     (["--steps", "abc"], ["--steps", "abc"]),
     (["--models", "gdn,mamba"], ["mamba"]),
     (["--models", "gdn,gdn"], ["twice"]),
@@ -229,10 +365,15 @@ def test_resume_refuses_other_settings_and_fewer_steps(tmp_path, text_file, caps
     capsys.readouterr()
     before = snapshot(out)
     err = refused(capsys, [*TINY, "--models", "gdn", "--data", text_file, "--out", out, "--resume", "--d-model", "32"])
-    assert "--d-model 32 (saved: 16)" in err and "gdn.pt" in err
+    assert "--d-model 32 (saved: 16)" in err and "gdn_seed0.pt" in err
     err = refused(capsys, [*TINY, "--models", "gdn", "--data", text_file, "--out", out, "--resume", "--lr", "0.01",
-                           "--seed", "3"])
-    assert "--seed 3 (saved: 0)" in err and "--lr 0.01 (saved: 0.001)" in err
+                           "--answer-weight", "2"])
+    assert "--answer-weight 2.0 (saved: 1.0)" in err and "--lr 0.01 (saved: 0.001)" in err
+    # a checkpoint renamed to another seed's name holds that other seed: refused, not trained as the wrong seed
+    (out / "gdn_seed0.pt").rename(out / "gdn_seed3.pt")
+    err = refused(capsys, [*TINY, "--models", "gdn", "--data", text_file, "--out", out, "--resume", "--seeds", "3"])
+    assert "gdn_seed3.pt" in err and "--seed 3 (saved: 0)" in err
+    (out / "gdn_seed3.pt").rename(out / "gdn_seed0.pt")
     err = refused(capsys, [*TINY, "--models", "gdn", "--data", text_file, "--out", out, "--resume", "--steps", "3"])
     assert "--steps 3" in err and "step 4 of a 4-step schedule" in err
     # results.json is compared too: a model without a checkpoint would be evaluated differently
@@ -242,6 +383,25 @@ def test_resume_refuses_other_settings_and_fewer_steps(tmp_path, text_file, caps
     err = refused(capsys, [*TINY, "--data", text_file, "--out", tmp_path / "empty", "--resume"])
     assert "nothing to resume" in err
     assert snapshot(out) == before
+
+
+def test_an_earlier_versions_one_seed_run_is_refused_by_resume_and_removed_by_overwrite(tmp_path, capsys):
+    """Before --seeds, checkpoints were named gdn.pt and results.json had no seeds: --resume says so
+    in one line instead of mixing layouts; --overwrite counts those files as this script's."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "gdn_lte.pt").write_bytes(b"an old checkpoint")
+    (out / "notes.txt").write_text("mine")
+    err = refused(capsys, ["--resume", "--out", out])
+    assert "earlier version of this script" in err and "gdn_lte.pt" in err and "--overwrite" in err
+    (out / "gdn_lte.pt").unlink()
+    (out / "results.json").write_text(json.dumps({"settings": {}, "models": {}}))
+    err = refused(capsys, ["--resume", "--out", out])
+    assert "earlier version of this script" in err and "results.json" in err
+    (out / "gdn_state2x8.pt").write_bytes(b"old")
+    assert [p.name for p in ts.output_files(out)] == ["gdn_state2x8.pt", "results.json"]
+    ts.remove_outputs(out)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 
 
 def test_a_file_as_out_is_refused(tmp_path, capsys):
@@ -288,7 +448,7 @@ def test_extension_gives_the_same_model_whenever_the_run_was_stopped(tmp_path, m
     with pytest.raises(SystemExit):
         train(tmp_path / "b", 8)
     monkeypatch.setattr(ts, "training_batch", real_batch)
-    assert torch.load(ts.checkpoint_path(tmp_path / "b", "gdn"), weights_only=True)["step"] == 5
+    assert torch.load(ts.checkpoint_path(tmp_path / "b", "gdn", 0), weights_only=True)["step"] == 5
     stopped_then_extended = train(tmp_path / "b", 12, "--resume")
 
     for (name, a), b in zip(extended.state_dict().items(), stopped_then_extended.state_dict().values()):

@@ -425,11 +425,12 @@ def tiny_args(out, *extra):
 @pytest.mark.parametrize("preset", ts.MODELS + ("transformer",))
 def test_twenty_step_training_smoke(preset, tmp_path):
     args = tiny_args(tmp_path)
-    model, history = ts.train_model(preset, args, TEXT_TOKENS, ts.VOCAB_SIZE, torch.device("cpu"))
+    model, record = ts.train_model(preset, args, TEXT_TOKENS, ts.VOCAB_SIZE, torch.device("cpu"))
+    history = record["history"]
     assert [h["step"] for h in history] == [10, 20]
     assert history[-1]["loss"] < history[0]["loss"] + 1.0 and np.isfinite(history[-1]["loss"])
-    ckpt = torch.load(ts.checkpoint_path(tmp_path, preset), weights_only=True)
-    assert ckpt["step"] == 20 and ckpt["preset"] == preset
+    ckpt = torch.load(ts.checkpoint_path(tmp_path, preset, 0), weights_only=True)
+    assert ckpt["step"] == 20 and ckpt["preset"] == preset and ckpt["settings"]["seed"] == 0
 
 
 def test_lte_lambda_controller_runs_on_haystack_steps_only(tmp_path, monkeypatch):
@@ -486,7 +487,7 @@ def test_text_loss_falls_on_predictable_text(tmp_path):
     drill warm-up, so text batches start at step 0)."""
     args = tiny_args(tmp_path, "--steps", "60", "--log-every", "20", "--lr", "1e-2", "--drill-frac", "0")
     cycle = np.arange(10_000, dtype=np.int64) % 16
-    _, history = ts.train_model("gdn+swa", args, cycle, ts.VOCAB_SIZE, torch.device("cpu"))
+    history = ts.train_model("gdn+swa", args, cycle, ts.VOCAB_SIZE, torch.device("cpu"))[1]["history"]
     assert history[-1]["loss"] < 0.5 * history[0]["loss"], history
 
 
@@ -504,7 +505,7 @@ def test_interrupt_then_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as stopped:
         ts.train_model("gdn+lte", tiny_args(tmp_path / "b", "--steps", "12"), TEXT_TOKENS, ts.VOCAB_SIZE, device)
     assert stopped.value.code == 130
-    assert torch.load(ts.checkpoint_path(tmp_path / "b", "gdn+lte"), weights_only=True)["step"] == 6
+    assert torch.load(ts.checkpoint_path(tmp_path / "b", "gdn+lte", 0), weights_only=True)["step"] == 6
     monkeypatch.setattr(ts, "training_batch", real_batch)
     resumed, _ = ts.train_model("gdn+lte", tiny_args(tmp_path / "b", "--steps", "12", "--resume"), TEXT_TOKENS,
                                 ts.VOCAB_SIZE, device)
@@ -554,13 +555,24 @@ def test_evaluation_reports_every_length_and_state_size(tmp_path):
     assert gdn_bytes[0] == gdn_bytes[1] and attn_bytes[1] > attn_bytes[0]
 
 
-def test_state_sweep_trains_pure_gdn_at_each_state_size(tmp_path):
-    args = tiny_args(tmp_path, "--steps", "4", "--log-every", "2")
+def test_state_sweep_trains_pure_gdn_at_each_state_size_per_seed(tmp_path):
+    args = tiny_args(tmp_path, "--steps", "4", "--log-every", "2", "--eval-every", "2", "--models", "gdn",
+                     "--sweep-state", "--seeds", "0,1")
     args.state_sizes = ((1, 8), (2, 16))
-    rows = ts.state_sweep(args, TEXT_TOKENS, TEXT_TOKENS, ts.VOCAB_SIZE, torch.device("cpu"))
+    runs = [run for run in ts.planned_runs(args) if run.tag]
+    assert [str(run) for run in runs] == ["gdn_state1x8 seed 0", "gdn_state2x16 seed 0", "gdn_state1x8 seed 1",
+                                          "gdn_state2x16 seed 1"]
+    results = {run.key: ts.run_one(run, args, TEXT_TOKENS, TEXT_TOKENS, ts.VOCAB_SIZE, torch.device("cpu"))
+               for run in runs}
+    rows = ts.sweep_rows(results, args)
     assert [(r["gdn_heads"], r["gdn_head_dim"], r["state_numbers_per_layer"]) for r in rows] == [(1, 8, 64), (2, 16, 512)]
-    assert all(0.0 <= r["hardest_recall"] <= 1.0 for r in rows)
-    assert ts.checkpoint_path(tmp_path, "gdn_state2x16").exists()
+    for row in rows:
+        per_seed = [row["runs"][seed]["hardest_recall"] for seed in ("0", "1")]
+        assert row["hardest_recall"] == {"mean": pytest.approx(np.mean(per_seed)), "min": min(per_seed),
+                                         "max": max(per_seed), "n": 2}
+    small, large = (results[(f"gdn_state{size}", 1)]["eval"]["48"]["state_bytes"] for size in ("1x8", "2x16"))
+    assert large > small                                           # the sweep's model really is larger
+    assert ts.checkpoint_path(tmp_path, "gdn_state2x16", 1).exists()
 
 
 def test_failed_recalls_use_the_longest_distance_that_the_facts_can_fill(tmp_path, enc):
@@ -594,9 +606,161 @@ def test_use_triton_trains_like_the_reference(tmp_path, monkeypatch):
         args = tiny_args(tmp_path / str(len(flags)), "--steps", "3", "--log-every", "1", "--seq-len", "32",
                          "--dense-len", "16", "--max-facts", "2", "--dense-facts", "2", "--drill-facts", "2",
                          "--models", "gdn+lte", *flags)
-        _, runs[flags] = ts.train_model("gdn+lte", args, TEXT_TOKENS, ts.VOCAB_SIZE, device)
+        runs[flags] = ts.train_model("gdn+lte", args, TEXT_TOKENS, ts.VOCAB_SIZE, device)[1]["history"]
     reference, triton_run = runs[()], runs[("--use-triton",)]
     assert calls["attention"] >= 3 and calls["gated_delta_rule"] >= 3, calls   # the kernels did run
     assert len(reference) == len(triton_run) == 3
     for a, b in zip(reference, triton_run):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), (a, b)
+
+
+# ----------------------------------------------------------------------------------------------
+# seeds: the convergence rule, the summary over seeds, the report's marks, the parallel plan
+# ----------------------------------------------------------------------------------------------
+
+
+def curve(*recalls, every=100):
+    return [{"step": every * (i + 1), "recall": r} for i, r in enumerate(recalls)]
+
+
+def test_convergence_rule_on_rising_flat_falling_and_short_curves():
+    # 8 readings of an 800-step run: steps 100..600 before the last quarter, 700 and 800 in it
+    rising = ts.convergence(curve(0.1, 0.2, 0.3, 0.35, 0.40, 0.40, 0.44, 0.45), 800)
+    assert rising["converged"] is False and rising["verdict"].startswith("still rising: +5.0 points")
+    assert rising["last_quarter_gain"] == pytest.approx(0.05)
+    flat = ts.convergence(curve(0.1, 0.5, 0.9, 0.93, 0.95, 0.94, 0.96, 0.95), 800)
+    assert flat["converged"] is True and flat["last_quarter_gain"] == pytest.approx(0.01)
+    fell = ts.convergence(curve(0.1, 0.9, 0.95, 0.9, 0.8, 0.8, 0.7, 0.72), 800)
+    assert fell["converged"] is False and fell["verdict"].startswith("fell: ") and "23.0 points" in fell["verdict"]
+    at_chance = ts.convergence(curve(*[0.03] * 8), 800)            # flat at chance: converged, but not learned
+    assert at_chance["converged"] is True
+    short = ts.convergence(curve(0.1, 0.2, 0.3, 0.4), 400)          # one reading in the last quarter
+    assert short["converged"] is None and "lower --eval-every" in short["verdict"]
+    # exactly the threshold counts as a change: within 2 points means less than 2
+    assert ts.convergence(curve(0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.52, 0.5), 800)["converged"] is False
+
+
+def fake_run(hardest, easiest, converged=True, loss=5.0):
+    """A run result as results.json keeps it, at T = 48 with 2 and 4 facts (bins of window 8)."""
+    cells = {"2": {"1-4": easiest, "5-8": 0.5}, "4": {"1-4": 0.7, "5-8": 0.6, "9-16": hardest}}
+    return {"eval": {"48": {"lm_loss": loss, "state_bytes": 1024, "recall": cells}},
+            "convergence": {"converged": converged, "verdict": "still rising: +3.0 points" if converged is False
+                            else "converged", "last_quarter_gain": 0.0},
+            "learned": easiest >= ts.LEARNED_AT, "steps": 20, "history": [], "probe": []}
+
+
+def test_summary_is_mean_min_max_over_seeds_and_names_the_marked_seeds(tmp_path):
+    args = tiny_args(tmp_path)
+    runs = {"0": fake_run(0.9, 1.0, loss=5.0), "1": fake_run(0.3, 0.5, converged=False, loss=5.5),
+            "2": fake_run(0.6, 0.95, converged=None, loss=5.3)}
+    summary = ts.summarize(runs, args)
+    assert summary["seeds"] == [0, 1, 2]
+    assert summary["eval"]["48"]["recall"]["4"]["9-16"] == {"mean": pytest.approx(0.6), "min": 0.3, "max": 0.9, "n": 3}
+    assert summary["eval"]["48"]["lm_loss"] == {"mean": pytest.approx(5.266666, rel=1e-5), "min": 5.0, "max": 5.5,
+                                                "n": 3}
+    assert summary["eval"]["48"]["state_bytes"] == 1024
+    assert summary["hardest"]["mean"] == pytest.approx(0.6) and summary["easiest"]["min"] == 0.5
+    assert (summary["not_converged"], summary["not_judged"], summary["not_learned"]) == ([1], [2], [1])
+    assert ts.pct(summary["hardest"]) == "60.0 (30-90)" and ts.pct(ts.spread([0.953])) == "95.3"
+
+
+def test_report_marks_each_seed_and_a_failed_run(tmp_path, capsys):
+    args = tiny_args(tmp_path, "--seeds", "0,1")
+    runs = {"0": fake_run(0.9, 1.0), "1": fake_run(0.3, 0.5, converged=False)}
+    models = {"gdn+lte": {"runs": runs, "summary": ts.summarize(runs, args)}}
+    ts.print_seed_table(models, [0, 1], args, [{"model": "gdn", "seed": 1, "error": "E", "traceback": ""}])
+    out = capsys.readouterr().out
+    assert "per seed, hardest setting (T = 48, 4 facts, 9-16 tokens back)" in out
+    assert re.search(r"^gdn\+lte\s+90\.0\s+30\.0 \*!$", out, re.M)          # seed 1: not converged, not learned
+    assert re.search(r"^gdn\s+x$", out, re.M)                                # gdn failed in its only seed
+    assert "  gdn+lte seed 1: still rising: +3.0 points; did not learn the task (50.0% at the easiest" in out
+    assert "gdn+lte seed 0:" not in out                                       # an unmarked run needs no footnote
+
+
+def test_jobs_default_to_one_on_a_cpu_and_spread_over_gpus(tmp_path, monkeypatch):
+    args = tiny_args(tmp_path)
+    monkeypatch.setattr(ts, "cpu_cores", lambda: 16)
+    assert ts.plan_jobs(args, torch.device("cpu"), 10) == (1, ["cpu"], 16)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert ts.plan_jobs(args, torch.device("cuda"), 15) == (8, ["cuda:0", "cuda:1"], 2)   # one per 2 cores
+    assert ts.plan_jobs(args, torch.device("cuda"), 3) == (3, ["cuda:0", "cuda:1"], 5)    # never more than runs
+    assert ts.plan_jobs(args, torch.device("cuda:1"), 15)[:2] == (4, ["cuda:1"])         # 4 per GPU
+    args.jobs = 3
+    assert ts.plan_jobs(args, torch.device("cpu"), 10) == (3, ["cpu"], 5)
+    assert ts.least_busy(["cuda:0", "cuda:1"], []) == "cuda:0"
+    assert ts.least_busy(["cuda:0", "cuda:1"], ["cuda:0"]) == "cuda:1"
+    assert ts.least_busy(["cuda:0", "cuda:1"], ["cuda:1", "cuda:0", "cuda:1"]) == "cuda:0"
+
+
+def test_probe_is_the_hardest_setting_fixed_for_every_seed(tmp_path):
+    args = tiny_args(tmp_path)
+    probe = ts.probe_batch(TEXT_TOKENS, args)
+    again = ts.probe_batch(TEXT_TOKENS, tiny_args(tmp_path, "--seed", "5"))
+    assert torch.equal(probe["idx"], again["idx"])
+    assert probe["idx"].shape == (ts.PROBE_BATCHES * args.eval_batch, args.seq_len)
+    assert (probe["answer_n_facts"] == args.max_facts).all()
+    # the distance bin of the report's hardest cell: the longest one that max_facts facts can fill
+    bins = ts.distance_bins(args.window, args.seq_len - ts.BLOCK_LEN)
+    lo, hi = [b for b in bins if ts.eval_batch(TEXT_TOKENS, args, args.seq_len, args.max_facts, b) is not None][-1]
+    assert lo <= probe["answer_distance"].min() and probe["answer_distance"].max() <= hi
+
+
+def test_until_plateau_extends_an_unconverged_run_up_to_its_cap(tmp_path, monkeypatch):
+    """--until-plateau: a run judged not converged at --steps goes on by --steps / 2 at its final
+    learning rate, judged again each time; it stops when the rule is met or at the cap."""
+    real = ts.convergence
+    converges_at = {"value": 12}
+
+    def rule(probe, steps):  # the rule as a stub: not converged before `converges_at` steps
+        if steps < converges_at["value"]:
+            return {"converged": False, "verdict": "still rising: +9.9 points in the last quarter",
+                    "last_quarter_gain": 0.099}
+        return {**real(probe, steps), "converged": True}
+    monkeypatch.setattr(ts, "convergence", rule)
+    args = tiny_args(tmp_path / "a", "--steps", "8", "--eval-every", "1", "--until-plateau", "16")
+    assert ts.plateau_targets(args) == [8, 12, 16]
+    result = ts.run_one(ts.Run("gdn", 0), args, TEXT_TOKENS, TEXT_TOKENS, ts.VOCAB_SIZE, torch.device("cpu"))
+    assert (result["steps"], result["schedule_steps"]) == (12, 8) and "extended from 8 to 12" in result["extended"]
+    assert [p["step"] for p in result["probe"]] == list(range(1, 13))          # one curve across the extension
+    ckpt = torch.load(ts.checkpoint_path(tmp_path / "a", "gdn", 0), weights_only=True)
+    assert ckpt["step"] == 12 and ckpt["schedule_steps"] == 8                  # the schedule is never restarted
+
+    converges_at["value"] = 10 ** 9                                           # never: the cap stops it
+    args = tiny_args(tmp_path / "b", "--steps", "8", "--eval-every", "1", "--until-plateau", "14")
+    assert ts.plateau_targets(args) == [8, 12, 14]
+    result = ts.run_one(ts.Run("gdn", 0), args, TEXT_TOKENS, TEXT_TOKENS, ts.VOCAB_SIZE, torch.device("cpu"))
+    assert result["steps"] == 14 and result["convergence"]["converged"] is False
+    # --resume reads it back rather than extending it again, and without --until-plateau refuses it
+    again = ts.run_one(ts.Run("gdn", 0), tiny_args(tmp_path / "b", "--steps", "8", "--eval-every", "1",
+                                                   "--until-plateau", "14", "--resume"),
+                       TEXT_TOKENS, TEXT_TOKENS, ts.VOCAB_SIZE, torch.device("cpu"))
+    assert again == result
+    with pytest.raises(ValueError, match=r"--steps 8: gdn_seed0.pt is at step 14 of a 8-step schedule.*"
+                                         r"--until-plateau >= 14"):
+        ts.check_checkpoint(ckpt | {"step": 14}, tiny_args(tmp_path / "b", "--steps", "8"),
+                            ts.checkpoint_path(tmp_path / "b", "gdn", 0), 0)
+
+
+def test_until_plateau_stopped_inside_an_extension_resumes_to_the_same_model(tmp_path, monkeypatch):
+    monkeypatch.setattr(ts, "convergence", lambda probe, steps: {
+        "converged": steps >= 12, "verdict": "stub", "last_quarter_gain": 0.0})
+    flags = ("--steps", "8", "--eval-every", "1", "--until-plateau", "16")
+    run, device = ts.Run("gdn+lte", 0), torch.device("cpu")
+    straight = ts.run_one(run, tiny_args(tmp_path / "a", *flags), TEXT_TOKENS, TEXT_TOKENS, ts.VOCAB_SIZE, device)
+    real_batch = ts.training_batch
+
+    def ctrl_c_at_step_9(tokens, step, args, *schedule):
+        if step == 9:                                        # inside the extension from 8 to 12 steps
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_batch(tokens, step, args, *schedule)
+    monkeypatch.setattr(ts, "training_batch", ctrl_c_at_step_9)
+    with pytest.raises(SystemExit):
+        ts.run_one(run, tiny_args(tmp_path / "b", *flags), TEXT_TOKENS, TEXT_TOKENS, ts.VOCAB_SIZE, device)
+    monkeypatch.setattr(ts, "training_batch", real_batch)
+    assert torch.load(ts.checkpoint_path(tmp_path / "b", "gdn+lte", 0), weights_only=True)["step"] == 10
+    resumed = ts.run_one(run, tiny_args(tmp_path / "b", *flags, "--resume"), TEXT_TOKENS, TEXT_TOKENS,
+                         ts.VOCAB_SIZE, device)
+    assert resumed["steps"] == straight["steps"] == 12 and resumed["probe"] == straight["probe"]
+    a, b = (torch.load(ts.checkpoint_path(tmp_path / d, "gdn+lte", 0), weights_only=True)["model"] for d in "ab")
+    for name in a:
+        assert torch.equal(a[name], b[name]), name

@@ -11,14 +11,19 @@ Sections, top to bottom:
                   to measure how recall degrades with distance and with the number of facts;
   4. training   - every preset on the same batches in the same order, with a curriculum (text-free
                   recall drills first, then drills, dense passages and haystacks), progress
-                  lines, atomic checkpoints, exact Ctrl-C / --resume;
+                  lines, a held-out probe and the convergence rule, atomic checkpoints, exact
+                  Ctrl-C / --resume;
   5. report     - held-out recall by distance, number of facts and length (1x, 2x, 4x), state
-                  size, a sample, out/results.json, out/forgetting_gap.png, out/training_curves.png;
-  6. command line - flags, every check made before any work, --resume and --overwrite.
+                  size, mean (min-max) over seeds, each seed's verdict, a sample, out/results.json,
+                  out/forgetting_gap.png, out/training_curves.png;
+  6. runs       - every model once per seed, one after the other or in parallel processes
+                  (on CUDA, or --jobs), with one progress view;
+  7. command line - flags, every check made before any work, --resume and --overwrite.
 
     python train_shakespeare.py                   # train and compare the presets
     python train_shakespeare.py --quick           # a smoke run, about 40 s on 2 CPU cores (learns nothing)
     python train_shakespeare.py --resume          # continue the run in out/ (after Ctrl-C, or more --steps)
+    python train_shakespeare.py --seeds 0,1,2     # every preset once per seed: mean (min-max) over seeds
     python train_shakespeare.py --overwrite       # start again in out/, deleting its earlier results
     python train_shakespeare.py --make-tokenizer  # regenerate the committed tokenizer file
 
@@ -30,7 +35,11 @@ than the PyTorch reference ops (the same maths); the run says how long it will t
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import io
 import json
+import multiprocessing
+import multiprocessing.connection
 import os
 import platform
 import base64
@@ -43,6 +52,7 @@ import re
 import signal
 import sys
 import time
+import traceback
 import warnings
 from pathlib import Path
 
@@ -699,43 +709,66 @@ def save_atomic(obj, path: Path) -> None:
     tmp.replace(path)
 
 
-def checkpoint_path(out: Path, preset: str) -> Path:
-    return out / f"{preset.replace('+', '_')}.pt"
+def checkpoint_path(out: Path, name: str, seed: int) -> Path:
+    """One checkpoint per model and seed: out/gdn_lte_seed0.pt for gdn+lte with seed 0."""
+    return out / f"{name.replace('+', '_')}_seed{seed}.pt"
+
+
+class Interrupted(SystemExit):
+    """Training stopped on request after a saved step; exit status 130, as after Ctrl-C."""
+
+    def __init__(self, step: int):
+        super().__init__(130)
+        self.step = step
 
 
 def train_model(preset: str, args, tokens: np.ndarray, vocab_size: int, device: torch.device, tag: str = "",
-                **overrides):
-    """Train one preset (or continue it with --resume). Returns (model, history).
-    overrides: Config fields that differ from `model_config`; tag: appended to the checkpoint name."""
+                probe: dict | None = None, log=None, stop=None, **overrides):
+    """Train one preset with seed args.seed (or continue it with --resume). Returns (model, record):
+    record = {"history": progress rows, "probe": [{"step", "recall"}] held-out recall every --eval-every
+    steps, "schedule_steps", "train_seconds"} (both lists and the time run on across --resume).
+
+    probe: a fixed held-out batch (`probe_batch`), or None for no probe curve. log: called with each
+    progress row (default: print it as one line). stop: an object whose `requested` asks training to
+    save and stop after the current step (default: Ctrl-C, see StopOnInterrupt); stopping raises
+    Interrupted. overrides: Config fields that differ from `model_config`; tag: appended to the name."""
     from tiny_hybrid import TinyHybrid
 
     torch.manual_seed(args.seed)
     model = TinyHybrid(model_config(preset, args, vocab_size, **overrides)).to(device)
     # weight decay on matrices only; the LTE routers at --lte-router-lr times the rate, undecayed
     optimizer = torch.optim.AdamW(model.optimizer_groups(args.lr, weight_decay=0.1), betas=(0.9, 0.95))
-    path = checkpoint_path(args.out, preset + tag)
-    start, history, schedule_steps = 0, [], args.steps
+    name = f"{preset + tag} seed {args.seed}"
+    path = checkpoint_path(args.out, preset + tag, args.seed)
+    start, history, probe_curve, schedule_steps, seconds_before = 0, [], [], args.steps, 0.0
     if args.resume and path.exists():
         ckpt = torch.load(path, map_location=device, weights_only=True)
-        check_checkpoint(ckpt, args, path)
+        check_checkpoint(ckpt, args, path, args.seed)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng"])
         start, history, schedule_steps = ckpt["step"], ckpt["history"], ckpt["schedule_steps"]
+        probe_curve, seconds_before = ckpt.get("probe", []), ckpt.get("train_seconds", 0.0)
         extended = (f"; its {schedule_steps}-step schedule is extended to {args.steps} steps at the final "
                     f"learning rate" if args.steps > schedule_steps else "")
-        print(f"{preset + tag}: resumed at step {start} from {path}{extended}")
+        print(f"{name}: resumed at step {start} from {path}{extended}", flush=True)
     elif args.resume:
-        print(f"{preset + tag}: no checkpoint in {args.out}, training from step 0")
+        print(f"{name}: no checkpoint in {args.out}, training from step 0", flush=True)
+    if probe is not None:
+        probe = {k: v.to(device) for k, v in probe.items()}
+    log = log or (lambda row: print(format_progress(row), flush=True))
+
+    t0 = time.perf_counter()
 
     def save(step):
         save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
-                     "step": step, "history": history, "preset": preset, "schedule_steps": schedule_steps,
-                     "settings": run_settings(args)}, path)
+                     "step": step, "history": history, "probe": probe_curve, "preset": preset,
+                     "schedule_steps": schedule_steps, "train_seconds": seconds_before + time.perf_counter() - t0,
+                     "settings": {**run_settings(args), "seed": args.seed}}, path)
 
     model.train()
-    t0, tokens_seen, recent = time.perf_counter(), 0, collections.deque(maxlen=max(1, args.log_every))
-    with StopOnInterrupt() as stop:
+    tokens_seen, recent = 0, collections.deque(maxlen=max(1, args.log_every))
+    with (stop or StopOnInterrupt()) as stop:
         for step in range(start, args.steps):
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, args, schedule_steps) * group["lr_scale"]
@@ -753,16 +786,26 @@ def train_model(preset: str, args, tokens: np.ndarray, vocab_size: int, device: 
             hits = (logits.detach()[mask].argmax(-1) == batch["targets"][mask]).float()
             recent.append((loss.item(), hits.sum().item(), hits.numel()))
             tokens_seen += batch["idx"].numel()
-            if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
-                history.append(progress_row(preset, model, step, start, args, recent, tokens_seen, t0))
+            last = step + 1 == args.steps
+            if probe is not None and ((step + 1) % args.eval_every == 0 or last):
+                probe_curve.append({"step": step + 1, "recall": probe_recall(model, probe)})
+            if (step + 1) % args.log_every == 0 or last:
+                row = progress_row(model, step, start, args, recent, tokens_seen, t0)
+                history.append(row)
+                log({**row, "model": preset + tag, "seed": args.seed, "steps": args.steps,
+                     "probe": probe_curve[-1]["recall"] if probe_curve else None,
+                     "eta": (args.steps - step - 1) * (time.perf_counter() - t0) / (step + 1 - start),
+                     "lte": lte_note(model)})
             if stop.requested:
                 save(step + 1)
-                print(f"\ninterrupted: {preset} saved after step {step + 1} in {path}; continue with --resume")
-                raise SystemExit(130)
+                print(f"\ninterrupted: {name} saved after step {step + 1} in {path}; continue with --resume",
+                      flush=True)
+                raise Interrupted(step + 1)
             if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0:
                 save(step + 1)
     save(args.steps)
-    return model, history
+    return model, {"history": history, "probe": probe_curve, "schedule_steps": schedule_steps,
+                   "train_seconds": seconds_before + time.perf_counter() - t0}
 
 
 class StopOnInterrupt:
@@ -786,33 +829,105 @@ class StopOnInterrupt:
         return False
 
 
-def progress_row(preset, model, step, start, args, recent, tokens_seen, t0) -> dict:
-    """Print one progress line and return it as a dict for the training curves."""
+def progress_row(model, step, start, args, recent, tokens_seen, t0) -> dict:
+    """The training curve's point after `step`: mean loss and recall on the recent training batches."""
     elapsed = time.perf_counter() - t0
-    loss = float(np.mean([r[0] for r in recent]))
-    recall = sum(r[1] for r in recent) / max(1, sum(r[2] for r in recent))
-    done = step + 1
-    rate = tokens_seen / max(elapsed, 1e-9)
-    eta = (args.steps - done) * elapsed / max(1, done - start)
-    line = (f"{preset:9s} step {done:5d}/{args.steps} loss {loss:6.3f} recall {recall:6.1%} "
-            f"{rate:7.0f} tok/s ETA {eta:4.0f}s")
+    return {"step": step + 1, "loss": float(np.mean([r[0] for r in recent])),
+            "recall": sum(r[1] for r in recent) / max(1, sum(r[2] for r in recent)),
+            "tokens_per_s": tokens_seen / max(elapsed, 1e-9)}
+
+
+def lte_note(model) -> str:
+    """Per LTE layer and head: tokens per sequence leaving the window with r > 0 (kept unless the
+    cap b evicts them) and the penalty weight lambda; "" for a model without LTE."""
+    notes = []
     for stats in model.lte_stats():
         kept = " ".join(f"{k:.0f}" for k in stats["kept"])
         lam = " ".join(f"{x:.1e}" for x in stats["lambda"])
-        # tokens per sequence leaving the window with r > 0: kept, unless the cap b evicts them
-        line += f" | layer{stats['layer']} r>0/head {kept} lambda {lam}"
-    print(line, flush=True)
-    return {"step": done, "loss": loss, "recall": recall, "tokens_per_s": rate}
+        notes.append(f" | layer{stats['layer']} r>0/head {kept} lambda {lam}")
+    return "".join(notes)
+
+
+def format_progress(row: dict) -> str:
+    """One progress line: run, step, training loss and recall, held-out probe recall, speed, ETA."""
+    probe = "   -  " if row["probe"] is None else f"{row['probe']:6.1%}"
+    return (f"{row['model']:9s} seed {row['seed']:<2d} step {row['step']:5d}/{row['steps']} loss {row['loss']:6.3f} "
+            f"recall {row['recall']:6.1%} held-out {probe} {row['tokens_per_s']:7.0f} tok/s "
+            f"ETA {row['eta']:4.0f}s{row['lte']}")
+
+
+# ---- the held-out probe: is a run still learning? ---------------------------------------------
+
+# The probe holds PROBE_BATCHES x --eval-batch sequences at the hardest setting: by default 64
+# sequences of 24 facts, 1536 queries, so that one reading is within about 1.3 points of the truth
+# (binomial, at 50 %); it costs about one training step, every --eval-every steps.
+PROBE_BATCHES = 4
+PROBE_READINGS = 24  # readings per run unless --eval-every says otherwise: 6 of them in the last quarter
+# A run has converged when the best probe reading of the last quarter of its steps lies within
+# PLATEAU of the best reading before it: it neither rose nor fell by that much in the last quarter.
+PLATEAU = 0.02
+CONVERGENCE_RULE = (f"a run has converged when the best held-out probe recall of the last quarter of its steps "
+                    f"is within {100 * PLATEAU:.0f} points of the best before it (it neither rose nor fell by "
+                    f"{100 * PLATEAU:.0f} points or more in its last quarter)")
+
+
+def probe_batch(val_tokens: np.ndarray, args) -> dict | None:
+    """The fixed held-out probe: PROBE_BATCHES * --eval-batch sequences at the training length with the
+    most facts, in the longest distance bin that they can fill (the report's hardest setting). The
+    same batch for every model, seed and step; None if no bin can hold the facts."""
+    n = max(args.eval_facts)
+    for lo, hi in reversed(distance_bins(args.window, args.seq_len - BLOCK_LEN)):
+        rng = np.random.default_rng((EVAL_SEED, args.seq_len, n, lo, PROBE_BATCHES))
+        try:
+            return make_batch(val_tokens, PROBE_BATCHES * args.eval_batch, args.seq_len, n, (lo, hi), rng)
+        except ValueError:
+            continue  # n facts cannot all lie this far back: try the next shorter bin
+    return None
+
+
+@torch.no_grad()
+def probe_recall(model, batch: dict) -> float:
+    """Recall on the probe batch, in eval mode (no dropout, LTE's cap as in decoding)."""
+    model.eval()
+    logits, _ = model(batch["idx"])
+    mask = batch["answer_mask"]
+    model.train()
+    return (logits[mask].argmax(-1) == batch["targets"][mask]).float().mean().item()
+
+
+def convergence(probe: list[dict], steps: int) -> dict:
+    """The convergence rule (CONVERGENCE_RULE) on a probe curve of a run of `steps` steps.
+    Returns {"converged": True / False / None (too few readings to judge), "verdict": a phrase,
+    "last_quarter_gain": best of the last quarter minus best before it (None when not judged)}."""
+    before = [row["recall"] for row in probe if row["step"] <= 0.75 * steps]
+    last = [row["recall"] for row in probe if row["step"] > 0.75 * steps]
+    if len(before) < 2 or len(last) < 2:
+        return {"converged": None, "last_quarter_gain": None,
+                "verdict": f"not judged: too few probe readings ({len(before)} before the last quarter, {len(last)} "
+                           f"in it; the rule needs 2 of each: lower --eval-every)"}
+    gain = max(last) - max(before)
+    if gain >= PLATEAU:
+        verdict = f"still rising: +{100 * gain:.1f} points in the last quarter"
+    elif gain <= -PLATEAU:
+        verdict = f"fell: the last quarter's best is {-100 * gain:.1f} points below the best before it"
+    else:
+        verdict = f"converged ({100 * gain:+.1f} points in the last quarter)"
+    return {"converged": abs(gain) < PLATEAU, "verdict": verdict, "last_quarter_gain": gain}
 
 
 # ----------------------------------------------------------------------------------------------
 # 5. Evaluation and report
 # ----------------------------------------------------------------------------------------------
 
+# Every model and every seed is scored on the same held-out batches, drawn from this seed, so that
+# the spread over seeds is the spread of training alone (seed 0's runs keep their earlier numbers).
+EVAL_SEED = 1
+
+
 def eval_batch(val_tokens, args, length: int, n_facts: int, distances: tuple[int, int]):
-    """A fixed held-out batch for one evaluation cell (the same for every model), or None if the
-    facts cannot fit at those distances."""
-    rng = np.random.default_rng((args.seed + 1, length, n_facts, distances[0]))
+    """A fixed held-out batch for one evaluation cell (the same for every model and seed), or None if
+    the facts cannot fit at those distances."""
+    rng = np.random.default_rng((EVAL_SEED, length, n_facts, distances[0]))
     try:
         return make_batch(val_tokens, args.eval_batch, length, n_facts, distances, rng)
     except ValueError:
@@ -859,9 +974,18 @@ def easiest(results: dict, args) -> float:
     return list(cells.values())[0] if cells else float("nan")
 
 
+def hardest_setting(args, eval_results: dict) -> str:
+    cells = eval_results[str(args.seq_len)]["recall"][str(max(args.eval_facts))]
+    far = f", {list(cells)[-1]} tokens back" if cells else ""
+    return f"T = {args.seq_len}, {max(args.eval_facts)} facts{far}"
+
+
 # Recall appears suddenly, several hundred steps into the default 2400-step recipe: a run shorter
 # than this is not expected to learn it.
 SHORT_RUN = 1000
+# A run has learned the task when it recalls at least this at the easiest setting (2 facts, the
+# shortest distances), where every model that recalls at all is near 100 %.
+LEARNED_AT = 0.9
 
 
 def pooled_recall(eval_results: dict, args) -> float:
@@ -870,14 +994,63 @@ def pooled_recall(eval_results: dict, args) -> float:
     return float(np.mean(cells)) if cells else float("nan")
 
 
-def chance_note(all_results: dict, args) -> str:
-    """A sentence for the models whose recall sits at (or near) chance, saying whether that is
-    expected; "" when every model recalls."""
+def run_result(record: dict, eval_results: dict, args) -> dict:
+    """What results.json keeps of one run: its curves, its schedule, the convergence verdict, whether
+    it learned the task, and the evaluation."""
+    return {"history": record["history"], "probe": record["probe"],
+            "convergence": convergence(record["probe"], args.steps),
+            "learned": bool(easiest(eval_results, args) >= LEARNED_AT),
+            "train_seconds": record["train_seconds"], **schedule_record(args, record["schedule_steps"]),
+            "eval": eval_results}
+
+
+def spread(values: list[float]) -> dict:
+    """{"mean", "min", "max", "n"} of one number over seeds."""
+    return {"mean": float(np.mean(values)), "min": float(np.min(values)), "max": float(np.max(values)),
+            "n": len(values)}
+
+
+def summarize(runs: dict[str, dict], args) -> dict:
+    """The summary of one model over its seeds ({str(seed): run result}): every evaluation cell as
+    {"mean", "min", "max", "n"}, the same nesting as a run's "eval", plus the headline settings and
+    the seeds that did not converge or learn."""
+    evals = [run["eval"] for run in runs.values()]
+    summary_eval = {}
+    for length, first in evals[0].items():
+        recall = {n: {cell: spread([e[length]["recall"][n][cell] for e in evals]) for cell in cells}
+                  for n, cells in first["recall"].items()}
+        summary_eval[length] = {"lm_loss": spread([e[length]["lm_loss"] for e in evals]),
+                                "state_bytes": first["state_bytes"], "recall": recall}
+    return {"seeds": [int(seed) for seed in runs], "eval": summary_eval,
+            "hardest": spread([hardest(e, args) for e in evals]), "easiest": spread([easiest(e, args) for e in evals]),
+            "not_converged": [int(s) for s, run in runs.items() if run["convergence"]["converged"] is False],
+            "not_judged": [int(s) for s, run in runs.items() if run["convergence"]["converged"] is None],
+            "not_learned": [int(s) for s, run in runs.items() if not run["learned"]]}
+
+
+def by_model(results: dict[tuple[str, int], dict], earlier: dict, args, failures=()) -> dict:
+    """{preset: {"runs": {str(seed): run result}, "summary": ...}} of this run's results merged with
+    the earlier ones in results.json (runs not retrained now keep their results; a run that failed now
+    loses its earlier ones, which no longer match its checkpoint), seeds in order."""
+    failed = {(f["model"], str(f["seed"])) for f in failures}
+    runs = {preset: {seed: run for seed, run in model["runs"].items() if (preset, seed) not in failed}
+            for preset, model in earlier.get("models", {}).items()}
+    for (name, seed), result in results.items():
+        if name in ALL_PRESETS:
+            runs.setdefault(name, {})[str(seed)] = result
+    ordered = {preset: dict(sorted(by_seed.items(), key=lambda item: int(item[0])))
+               for preset, by_seed in runs.items() if by_seed}
+    return {preset: {"runs": by_seed, "summary": summarize(by_seed, args)} for preset, by_seed in ordered.items()}
+
+
+def chance_note(runs: dict[str, dict], args) -> str:
+    """A sentence for the runs ({label: run result}) whose recall sits at (or near) chance, saying
+    whether that is expected; "" when every run recalls."""
     chance = 1 / N_VALUES
-    flat = [preset for preset, res in all_results.items() if pooled_recall(res["eval"], args) < 2 * chance]
+    flat = [label for label, res in runs.items() if pooled_recall(res["eval"], args) < 2 * chance]
     if not flat:
         return ""
-    steps = max(all_results[preset].get("steps", args.steps) for preset in flat)
+    steps = max(runs[label].get("steps", args.steps) for label in flat)
     if steps < SHORT_RUN:
         return (f"Recall at chance ({chance:.1%}) is expected after {steps} steps: a model learns recall "
                 f"suddenly, several hundred steps into the default {DEFAULT_STEPS}-step run.")
@@ -885,54 +1058,128 @@ def chance_note(all_results: dict, args) -> str:
             f"learns recall suddenly, and not with every seed).")
 
 
-def print_report(all_results: dict, args) -> None:
-    """The forgetting gap as tables: recall by distance (most facts) and by facts, per length; then
-    how each model's steps were scheduled when they differ, and why recall is at chance if it is."""
+def every_run(models: dict) -> dict[str, dict]:
+    """{"gdn seed 0": run result, ...} over every model and seed."""
+    return {f"{preset} seed {seed}": run for preset, model in models.items() for seed, run in model["runs"].items()}
+
+
+def pct(s: dict) -> str:
+    """A summary cell in %: '95.3' for one seed, '95.3 (87-97)' = mean (min-max) over several."""
+    if s["n"] == 1:
+        return f"{100 * s['mean']:.1f}"
+    return f"{100 * s['mean']:.1f} ({100 * s['min']:.0f}-{100 * s['max']:.0f})"
+
+
+def run_marks(run: dict) -> str:
+    """The report's marks of one run: * not converged, ? convergence not judged, ! not learned."""
+    converged = run["convergence"]["converged"]
+    return ("*" if converged is False else "?" if converged is None else "") + ("" if run["learned"] else "!")
+
+
+def model_marks(model: dict) -> str:
+    """The marks of any of a model's seeds, e.g. "*!": the per-seed table says which seed has which."""
+    marks = "".join(run_marks(run) for run in model["runs"].values())
+    return "".join(mark for mark in "*?!" if mark in marks)
+
+
+def print_report(models: dict, args, failures: list[dict] = ()) -> None:
+    """The forgetting gap as tables, mean (min-max) over seeds: recall by distance (most facts) per
+    length and by number of facts; then each seed at the hardest setting with its convergence verdict,
+    the runs that did not learn or failed, and why recall is at chance if it is."""
     chance = 1 / N_VALUES
-    print(f"\nrecall accuracy on held-out text (chance {chance:.1%}); window w = {args.window}, "
-          f"LTE buffer b = {args.lte_buffer}")
+    seeds = sorted({int(s) for model in models.values() for s in model["runs"]})
+    several = len(seeds) > 1
+    print(f"\nrecall accuracy in % on held-out text (chance {100 * chance:.1f}); window w = {args.window}, LTE buffer "
+          f"b = {args.lte_buffer}; seed{'s' if several else ''} {', '.join(map(str, seeds))}"
+          + ("; each cell: mean (min-max) over the model's seeds" if several else ""))
+    n = str(max(args.eval_facts))
+    marked = lambda preset: f"{preset} {model_marks(models[preset])}".rstrip()
     for length in (args.seq_len, 2 * args.seq_len, 4 * args.seq_len):
-        n = str(max(args.eval_facts))
-        bins = list(next(iter(all_results.values()))["eval"][str(length)]["recall"][n])
+        at = {preset: model["summary"]["eval"][str(length)] for preset, model in models.items()}
+        bins = list(next(iter(at.values()))["recall"][n])
+        rows = [[marked(preset), str(s["lm_loss"]["n"]), f"{s['lm_loss']['mean']:.3f}", f"{s['state_bytes'] / 1024:.1f}",
+                 *(pct(s["recall"][n][b]) if b in s["recall"][n] else "-" for b in bins)] for preset, s in at.items()]
         print(f"\nT = {length} ({length // args.seq_len}x training length), {n} facts, by fact-to-query distance:")
-        print(f"{'model':10s} {'val loss':>8s} {'state KB':>9s} " + " ".join(f"{b:>9s}" for b in bins))
-        for preset, res in all_results.items():
-            r = res["eval"][str(length)]
-            cells = r["recall"][n]
-            print(f"{preset:10s} {r['lm_loss']:8.3f} {r['state_bytes'] / 1024:9.1f} "
-                  + " ".join(f"{cells.get(b, float('nan')):9.1%}" for b in bins))
+        print_table(["model", "seeds", "val loss", "state KB", *bins], rows)
     print(f"\nT = {args.seq_len}, by number of facts (all distances pooled):")
-    print(f"{'model':10s} " + " ".join(f"{n + ' facts':>10s}" for n in map(str, args.eval_facts)))
-    for preset, res in all_results.items():
-        rec = res["eval"][str(args.seq_len)]["recall"]
-        print(f"{preset:10s} " + " ".join(f"{np.mean(list(rec[str(n)].values())):10.1%}" for n in args.eval_facts))
-    steps = {preset: res.get("steps", args.steps) for preset, res in all_results.items()}
+    pooled = lambda run, k: float(np.mean(list(run["eval"][str(args.seq_len)]["recall"][str(k)].values())))
+    rows = [[marked(preset), *(pct(spread([pooled(run, k) for run in model["runs"].values()])) for k in args.eval_facts)]
+            for preset, model in models.items()]
+    print_table(["model", *(f"{k} facts" for k in args.eval_facts)], rows)
+    print_seed_table(models, seeds, args, failures)
+    runs = every_run(models)
+    steps = {label: run.get("steps", args.steps) for label, run in runs.items()}
     if len(set(steps.values())) > 1:
-        print("\nsteps per model: " + ", ".join(f"{preset} {n}" for preset, n in steps.items()))
-    for preset, res in all_results.items():
-        if "extended" in res:
-            print(f"{preset}: {res['extended']}")
-    note = chance_note(all_results, args)
+        print("\nsteps per run: " + ", ".join(f"{label} {s}" for label, s in steps.items()))
+    for label, run in runs.items():
+        if "extended" in run:
+            print(f"{label}: {run['extended']}")
+    note = chance_note(runs, args)
     if note:
         print(f"\n{note}")
 
 
-def plot_report(all_results: dict, args) -> None:
-    """out/forgetting_gap.png (recall against distance, one line per model, per length) and
-    out/training_curves.png (loss and recall against step)."""
+def print_seed_table(models: dict, seeds: list[int], args, failures=()) -> None:
+    """Each run at the hardest setting, marked, and the footnotes: the rule, each run marked, why."""
+    first = next(iter(models.values()))["runs"]
+    setting = hardest_setting(args, next(iter(first.values()))["eval"])
+    failed = {(f["model"], f["seed"]) for f in failures}
+    seeds = sorted(set(seeds) | {seed for _, seed in failed})
+    presets = list(models) + [name for name, _ in failed if name in ALL_PRESETS and name not in models]
+    rows = []
+    for preset in dict.fromkeys(presets):
+        cells = []
+        for seed in seeds:
+            run = models.get(preset, {"runs": {}})["runs"].get(str(seed))
+            cells.append("x" if (preset, seed) in failed else "" if run is None else
+                         f"{100 * hardest(run['eval'], args):.1f} {run_marks(run)}".rstrip())
+        rows.append([preset, *cells])
+    print(f"\nper seed, hardest setting ({setting}), recall in %:")
+    print_table(["model", *(f"seed {s}" for s in seeds)], rows)
+    fewest = min(args.eval_facts)
+    print(f"* not converged; ? not judged; ! did not learn the task (under {LEARNED_AT:.0%} at the easiest setting: "
+          f"{fewest} fact{'s' * (fewest > 1)}, the shortest distances); x failed (the error is above and in "
+          f"results.json)")
+    print(f"The rule: {CONVERGENCE_RULE}. The held-out probe: {PROBE_BATCHES * args.eval_batch} sequences at "
+          f"the hardest setting, every {args.eval_every} steps.")
+    for label, run in every_run(models).items():
+        if run_marks(run):
+            learned = "" if run["learned"] else (f"; did not learn the task ({easiest(run['eval'], args):.1%} at "
+                                                 f"the easiest setting)")
+            print(f"  {label}: {run['convergence']['verdict']}{learned}")
+
+
+def print_table(header: list[str], rows: list[list[str]]) -> None:
+    """Columns as wide as their widest cell: the first left-aligned, the others right-aligned."""
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print(" ".join(f"{cell:{'<' if i == 0 else '>'}{w}}" for i, (cell, w) in enumerate(zip(row, widths))))
+
+
+def plot_report(models: dict, args) -> None:
+    """out/forgetting_gap.png (recall against distance per length: per model the mean over seeds, and
+    the min-max band when there are several) and out/training_curves.png (training loss, recall on
+    the training batches and on the held-out probe against step, one thin line per seed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    colours = {preset: f"C{i}" for i, preset in enumerate(models)}
     lengths = (args.seq_len, 2 * args.seq_len, 4 * args.seq_len)
     n = str(max(args.eval_facts))
+    several = any(len(model["runs"]) > 1 for model in models.values())
     fig, axes = plt.subplots(1, len(lengths), figsize=(5 * len(lengths), 4), sharey=True)
     for ax, length in zip(axes, lengths):
-        for preset, res in all_results.items():
-            cells = res["eval"][str(length)]["recall"][n]
+        for preset, model in models.items():
+            cells = model["summary"]["eval"][str(length)]["recall"][n]
             mids = [np.sqrt(int(b.split("-")[0]) * int(b.split("-")[1])) for b in cells]
-            ax.plot(mids, list(cells.values()), marker="o", label=preset)
+            seeds = model["summary"]["eval"][str(length)]["lm_loss"]["n"]
+            ax.plot(mids, [c["mean"] for c in cells.values()], marker="o", color=colours[preset],
+                    label=f"{preset} ({seeds} seed{'s' if seeds > 1 else ''})" if several else preset)
+            if seeds > 1:
+                ax.fill_between(mids, [c["min"] for c in cells.values()], [c["max"] for c in cells.values()],
+                                color=colours[preset], alpha=0.15, lw=0)
         ax.axvline(args.window, color="grey", ls="--", lw=1)
         ax.text(args.window, 0.95, " window", color="grey")
         ax.axhline(1 / N_VALUES, color="grey", ls=":", lw=1)
@@ -943,34 +1190,46 @@ def plot_report(all_results: dict, args) -> None:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("recall accuracy")
     axes[0].legend()
-    fig.suptitle(f"Recall against fact-to-query distance (dotted: chance, 1/{N_VALUES}; dashed: the window)")
-    note = chance_note(all_results, args)
+    fig.suptitle(f"Recall against fact-to-query distance (dotted: chance, 1/{N_VALUES}; dashed: the window)"
+                 + ("; lines: the mean over seeds, bands: their min-max" if several else ""))
+    note = chance_note(every_run(models), args)
     if note:
         fig.text(0.5, 0.01, note, ha="center", va="bottom", color="firebrick")
     fig.tight_layout(rect=(0, 0.05 if note else 0, 1, 1))
     fig.savefig(args.out / "forgetting_gap.png", dpi=110)
     plt.close(fig)
 
-    fig, (ax_l, ax_r) = plt.subplots(1, 2, figsize=(11, 4.5))
-    for preset, res in all_results.items():
-        steps = [h["step"] for h in res["history"]]
-        ax_l.plot(steps, [h["loss"] for h in res["history"]], label=preset)
-        ax_r.plot(steps, [h["recall"] for h in res["history"]], label=preset)
-    ax_l.set_ylabel("training loss")
-    ax_r.set_ylabel("recall on training batches")
-    switches = sorted({res.get("text_from_step", math.ceil(args.drill_frac * args.steps)) for res in all_results.values()})
-    for ax in (ax_l, ax_r):
-        for i, step in enumerate(switches):  # one per schedule: models extended later keep their first one
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for preset, model in models.items():
+        for i, run in enumerate(model["runs"].values()):
+            label = preset if i == 0 else None
+            steps = [h["step"] for h in run["history"]]
+            axes[0].plot(steps, [h["loss"] for h in run["history"]], color=colours[preset], lw=1, label=label)
+            axes[1].plot(steps, [h["recall"] for h in run["history"]], color=colours[preset], lw=1, label=label)
+            axes[2].plot([p["step"] for p in run["probe"]], [p["recall"] for p in run["probe"]],
+                         color=colours[preset], lw=1, marker="." if len(run["probe"]) < 30 else None, label=label)
+    for ax, name in zip(axes, ("training loss", "recall on training batches",
+                               "held-out probe recall (hardest setting)")):
+        ax.set_ylabel(name)
+    runs = every_run(models).values()
+    switches = sorted({run.get("text_from_step", math.ceil(args.drill_frac * args.steps)) for run in runs})
+    for ax in axes:
+        for i, step in enumerate(switches):  # one per schedule: runs extended later keep their first one
             ax.axvline(step, color="grey", ls="--", lw=1, label="text starts" if i == 0 else None)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle("Training curves: text-free recall drills until the dashed line, then drills, dense passages "
-                 "and haystacks")
+    longest = max(run.get("steps", args.steps) for run in runs)
+    axes[2].axvspan(0.75 * longest, longest, color="grey", alpha=0.1, label="last quarter (the rule)")
+    axes[2].set_ylim(0, 1.02)
+    axes[0].legend()
+    axes[2].legend(fontsize="small")
+    fig.suptitle("Training curves" + (" (one line per seed)" if several else "") + ": text-free recall drills "
+                 "until the dashed line, then drills, dense passages and haystacks")
     fig.tight_layout()
     fig.savefig(args.out / "training_curves.png", dpi=110)
     plt.close(fig)
     print(f"saved {args.out / 'forgetting_gap.png'} and {args.out / 'training_curves.png'}")
+
 
 
 @torch.no_grad()
@@ -1044,35 +1303,383 @@ def sample_text(model, enc, val_tokens, args, device, new_tokens: int = 72) -> d
     return {"prompt": enc.decode(prompt[0].tolist()), "continuation": enc.decode(ids)}
 
 
-def state_sweep(args, tokens, val_tokens, vocab_size, device) -> list[dict]:
-    """Pure GDN at growing state sizes (heads x key dim): recall at the hardest setting rises with it."""
+def sweep_rows(results: dict[tuple[str, int], dict], args) -> list[dict]:
+    """--sweep-state: pure GDN at growing state sizes (heads x key dim), recall at the hardest setting
+    per seed and its spread; it rises with the state."""
     rows = []
     for heads, dim in args.state_sizes:
-        model, _ = train_model("gdn", args, tokens, vocab_size, device, gdn_heads=heads, gdn_head_dim=dim,
-                               tag=f"_state{heads}x{dim}")
-        res = evaluate(model, val_tokens, args, device)
+        runs = {seed: results[(f"gdn_state{heads}x{dim}", seed)] for seed in args.seeds
+                if (f"gdn_state{heads}x{dim}", seed) in results}
+        if not runs:
+            continue
         value_dim = args.gdn_value_dim or dim
+        per_seed = {str(seed): {"hardest_recall": hardest(run["eval"], args), "easiest_recall": easiest(run["eval"], args),
+                                "converged": run["convergence"]["converged"], "learned": run["learned"]}
+                    for seed, run in runs.items()}
         rows.append({"gdn_heads": heads, "gdn_head_dim": dim, "state_numbers_per_layer": heads * dim * value_dim,
-                     "hardest_recall": hardest(res, args), "easiest_recall": easiest(res, args)})
+                     "runs": per_seed,
+                     "hardest_recall": spread([r["hardest_recall"] for r in per_seed.values()]),
+                     "easiest_recall": spread([r["easiest_recall"] for r in per_seed.values()])})
+        marks = "".join(run_marks(run) for run in runs.values())
         print(f"state sweep: {heads} heads x {dim} x {value_dim} = {heads * dim * value_dim:5d} numbers/layer -> "
-              f"hardest recall {rows[-1]['hardest_recall']:.1%}", flush=True)
+              f"hardest recall {pct(rows[-1]['hardest_recall'])} %{' ' + marks if marks else ''}", flush=True)
     return rows
 
 
 # ----------------------------------------------------------------------------------------------
-# 6. Command line: flags, the checks made before any work, outputs
+# 6. Runs: every model once per seed, here or in parallel processes, with one progress view
+# ----------------------------------------------------------------------------------------------
+#
+# A run is one model with one seed. On a CPU the runs go one after the other in this process. On
+# CUDA (or on a CPU with --jobs N > 1) each run is a process of its own, started with "spawn" (CUDA
+# cannot be forked), up to --jobs at a time, placed on the least busy visible GPU, with an equal
+# share of the CPU cores as torch threads. The children do not print: they send their progress to
+# this process through a pipe, and this process prints one line when a run starts or ends and a
+# status table every STATUS_EVERY seconds. A run that fails is reported with its error, and the
+# others carry on; Ctrl-C asks every running child to save after its current step (--resume
+# continues them), a second Ctrl-C stops them at once.
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One model with one seed: a preset, or a state-sweep variant of pure GDN (tag and overrides)."""
+    preset: str
+    seed: int
+    tag: str = ""          # e.g. "_state2x16": part of the checkpoint's name
+    overrides: tuple = ()  # Config fields that differ from model_config, as (field, value) pairs
+
+    @property
+    def name(self) -> str:
+        return self.preset + self.tag
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.name, self.seed
+
+    def __str__(self) -> str:
+        return f"{self.name} seed {self.seed}"
+
+
+def planned_runs(args) -> list[Run]:
+    """Every run of this command, seed after seed (a run stopped part-way leaves whole seeds behind)."""
+    runs = []
+    for seed in args.seeds:
+        runs += [Run(preset, seed) for preset in args.models]
+        if args.sweep_state:
+            runs += [Run("gdn", seed, f"_state{heads}x{dim}", (("gdn_heads", heads), ("gdn_head_dim", dim)))
+                     for heads, dim in args.state_sizes]
+    return runs
+
+
+def run_one(run: Run, args, tokens, val_tokens, vocab_size, device, log=None, stop=None) -> dict:
+    """Train one run (or continue it) to --steps, then, with --until-plateau, in extensions until the
+    rule says it has converged; evaluate it, and keep its results in its checkpoint too, so that
+    --resume reads a finished run back instead of evaluating it again. Returns its results."""
+    args = argparse.Namespace(**{**vars(args), "seed": run.seed})
+    path = checkpoint_path(args.out, run.name, run.seed)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True) if args.resume and path.exists() else {}
+    step, probe = ckpt.get("step", 0), ckpt.get("probe", [])
+    target = next(t for t in plateau_targets(args) if t >= step)  # where a run stopped part-way goes first
+    if "result" in ckpt and step == target and next_target(probe, step, args) is None:
+        print(f"{run}: finished earlier; its results are read back from {path}", flush=True)
+        return ckpt["result"]
+    batch = probe_batch(val_tokens, args)
+    while True:
+        if target > step and step >= args.steps:  # past --steps: an extension of --until-plateau
+            print(f"{run}: {convergence(probe, step)['verdict']} at step {step}; extended to {target} steps at "
+                  f"the final learning rate (--until-plateau {args.until_plateau})", flush=True)
+        args = argparse.Namespace(**{**vars(args), "steps": target, "resume": args.resume or step > 0})
+        model, record = train_model(run.preset, args, tokens, vocab_size, device, tag=run.tag, probe=batch,
+                                    log=log, stop=stop, **dict(run.overrides))
+        step, probe = target, record["probe"]
+        target = next_target(probe, step, args)
+        if target is None:
+            break
+    result = run_result(record, evaluate(model, val_tokens, args, device), args)
+    save_atomic({**torch.load(path, map_location="cpu", weights_only=True), "result": result}, path)
+    return result
+
+
+def plateau_targets(args) -> list[int]:
+    """The step counts a run is judged at: --steps, then with --until-plateau every --steps / 2 more
+    up to its cap."""
+    targets, extension = [args.steps], max(1, args.steps // 2)
+    while targets[-1] < args.until_plateau:
+        targets.append(min(args.until_plateau, targets[-1] + extension))
+    return targets
+
+
+def next_target(probe: list[dict], step: int, args) -> int | None:
+    """The step count to train on to after `step`, or None: the run is done (it converged, or it
+    reached --steps without --until-plateau, or the cap with it)."""
+    later = [t for t in plateau_targets(args) if t > step]
+    if not later or convergence(probe, step)["converged"] is not False:
+        return None
+    return later[0]
+
+
+def finished_line(run: Run, result: dict, args) -> str:
+    return (f"{run}: trained in {result['train_seconds']:.0f}s; recall easiest {easiest(result['eval'], args):.1%}, "
+            f"hardest {hardest(result['eval'], args):.1%}; {result['convergence']['verdict']}"
+            + ("" if result["learned"] else "; did not learn the task"))
+
+
+def failure(run: Run, error: str, trace: str) -> dict:
+    return {"model": run.name, "seed": run.seed, "error": error, "traceback": trace}
+
+
+def error_line(e: BaseException, limit: int = 300) -> str:
+    """The exception as one line: its type and its message, lines joined, cut at `limit` characters."""
+    message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    message = message if len(message) <= limit else message[:limit - 3] + "..."
+    return f"{type(e).__name__}: {message}" if message else type(e).__name__
+
+
+def cpu_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def plan_jobs(args, device: torch.device, n_runs: int) -> tuple[int, list[str], int]:
+    """(runs at a time, devices to spread them over, torch threads per run).
+
+    Default on CUDA: a run of these small models is one Python thread bound by kernel launches (the
+    default run on an H200 was barely faster than on 2 CPU cores), so it needs about a core and
+    leaves its GPU mostly idle: up to 4 runs per GPU, at most one per 2 cores (the other feeds the
+    driver and draws the batches). Default on a CPU: one run at a time, with every core."""
+    cores = cpu_cores()
+    if device.type == "cuda":
+        gpus = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if device.index is None else [str(device)]
+        jobs = args.jobs or max(1, min(cores // 2, 4 * len(gpus)))
+    else:
+        gpus, jobs = [str(device)], args.jobs or 1
+    jobs = max(1, min(jobs, n_runs))
+    return jobs, gpus, max(1, cores // jobs)
+
+
+def least_busy(devices: list[str], running_on: list[str]) -> str:
+    """The device with the fewest running runs, the first of them on a tie: round robin while all
+    runs last as long, and no GPU left idle when some finish early."""
+    busy = collections.Counter(running_on)
+    return min(devices, key=lambda device: busy[device])
+
+
+def run_all(runs: list[Run], args, tokens, val_tokens, vocab_size, device) -> tuple[dict, list[dict]]:
+    """Every run, here or in parallel processes (plan_jobs). Returns ({run.key: results}, failures);
+    a Ctrl-C ends it with Interrupted after every running run has saved."""
+    jobs, devices, threads = plan_jobs(args, device, len(runs))
+    if jobs == 1:
+        return run_here(runs, args, tokens, val_tokens, vocab_size, device)
+    print(f"{len(runs)} runs, {jobs} at a time as separate processes on {', '.join(devices)}, {threads} torch "
+          f"thread{'s' if threads > 1 else ''} each; a status table every {STATUS_EVERY} s", flush=True)
+    return Pool(runs, args, (tokens, val_tokens, vocab_size), jobs, devices, threads).run()
+
+
+def run_here(runs, args, tokens, val_tokens, vocab_size, device) -> tuple[dict, list[dict]]:
+    """One run after the other in this process; a run that fails is reported and the others go on."""
+    results, failures = {}, []
+    for run in runs:
+        try:
+            results[run.key] = run_one(run, args, tokens, val_tokens, vocab_size, device)
+        except Exception as e:  # one broken run (a foreign checkpoint, out of memory) must not lose the others
+            failures.append(failure(run, error_line(e), traceback.format_exc()))
+            print(f"FAILED {run}: {error_line(e)}", flush=True)
+        else:
+            print(finished_line(run, results[run.key], args), flush=True)
+    return results, failures
+
+
+STATUS_EVERY = 60  # seconds between the status tables of a parallel run
+
+
+@dataclasses.dataclass
+class Child:
+    """A run in its own process, as the parent sees it."""
+    run: Run
+    process: multiprocessing.Process
+    conn: multiprocessing.connection.Connection
+    device: str
+    started: float
+    row: dict | None = None      # its latest progress row
+    outcome: tuple | None = None  # its last word: ("done", results), ("failed", (error, traceback)) or ("stopped", step)
+
+
+class Pool:
+    """Runs in parallel processes, at most `jobs` at a time, with one progress view (see section 6)."""
+
+    def __init__(self, runs, args, data, jobs, devices, threads):
+        self.waiting, self.args, self.data = collections.deque(runs), args, data
+        self.jobs, self.devices, self.threads = jobs, devices, threads
+        self.context = multiprocessing.get_context("spawn")
+        self.stop = self.context.Event()
+        self.running: dict[tuple, Child] = {}
+        self.results, self.failures, self.stopped = {}, [], []
+        self.interrupts, self.t0 = 0, time.perf_counter()
+
+    def run(self) -> tuple[dict, list[dict]]:
+        previous = signal.signal(signal.SIGINT, self.on_ctrl_c)
+        try:
+            last_status = time.perf_counter()
+            while self.running or (self.waiting and not self.stop.is_set()):
+                while self.waiting and len(self.running) < self.jobs and not self.stop.is_set():
+                    self.start(self.waiting.popleft())
+                for conn in multiprocessing.connection.wait([c.conn for c in self.running.values()], timeout=1.0):
+                    self.receive(next(c for c in self.running.values() if c.conn is conn))
+                if time.perf_counter() - last_status >= STATUS_EVERY and self.running:
+                    self.print_status()
+                    last_status = time.perf_counter()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            for child in self.running.values():  # left running only if this process itself failed
+                child.process.kill()
+        if self.stop.is_set():
+            saved = ", ".join(f"{run} at step {step}" for run, step in self.stopped) or "none"
+            print(f"\ninterrupted: runs saved: {saved}; the waiting runs did not start; continue with --resume",
+                  flush=True)
+            raise Interrupted(0)
+        return self.results, self.failures
+
+    def start(self, run: Run) -> None:
+        device = least_busy(self.devices, [child.device for child in self.running.values()])
+        receiver, sender = self.context.Pipe(duplex=False)
+        process = self.context.Process(target=child_main, name=str(run), daemon=True,
+                                       args=(run, self.args, *self.data, device, self.threads, sender, self.stop))
+        # The child inherits an ignored SIGINT: a Ctrl-C in the terminal reaches every process of the
+        # job, and only this one acts on it, asking the children to save (through self.stop).
+        handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            process.start()
+        finally:
+            signal.signal(signal.SIGINT, handler)
+        sender.close()  # the child holds the sending end: its exit ends the pipe here
+        self.running[run.key] = Child(run, process, receiver, device, time.perf_counter())
+        print(f"started {run} on {device} ({len(self.running)} running, {len(self.waiting)} waiting)", flush=True)
+
+    def receive(self, child: Child) -> None:
+        try:
+            kind, payload = child.conn.recv()
+        except (EOFError, OSError):
+            return self.finish(child)
+        if kind == "progress":
+            child.row = payload
+        elif kind == "message":
+            print(payload if str(child.run) in payload else f"[{child.run}] {payload}", flush=True)
+        else:
+            child.outcome = (kind, payload)
+
+    def finish(self, child: Child) -> None:
+        """The child's pipe has closed: record its outcome."""
+        child.process.join()
+        child.conn.close()
+        del self.running[child.run.key]
+        run, minutes = child.run, (time.perf_counter() - child.started) / 60
+        kind, payload = child.outcome or ("failed", (f"its process ended with exit code {child.process.exitcode} "
+                                                     f"before reporting a result", ""))
+        if kind == "done":
+            self.results[run.key] = payload
+            print(f"finished {finished_line(run, payload, self.args)} ({minutes:.1f} min on {child.device})", flush=True)
+        elif kind == "stopped":
+            self.stopped.append((run, payload))
+        else:
+            self.failures.append(failure(run, *payload))
+            print(f"FAILED {run} on {child.device}: {payload[0]}", flush=True)
+
+    def on_ctrl_c(self, signum, frame) -> None:
+        self.interrupts += 1
+        if self.interrupts == 1:
+            self.stop.set()
+            print("\nCtrl-C: every running run saves after its current step, and the waiting ones do not start "
+                  "(press again to stop at once)", flush=True)
+        else:
+            for child in self.running.values():
+                child.process.kill()
+
+    def print_status(self) -> None:
+        elapsed = (time.perf_counter() - self.t0) / 60
+        print(f"--- after {elapsed:.1f} min: {len(self.running)} running, {len(self.results)} finished, "
+              f"{len(self.waiting)} waiting, {len(self.failures)} failed")
+        rows = []
+        for child in self.running.values():
+            row = child.row
+            if row is None:
+                rows.append([str(child.run), child.device, "starting", "", "", "", ""])
+                continue
+            rows.append([str(child.run), child.device, f"{row['step']}/{row['steps']}", f"{row['loss']:.3f}",
+                         f"{row['recall']:.1%}", "-" if row["probe"] is None else f"{row['probe']:.1%}",
+                         _duration(row["eta"])])
+        print_table(["run", "device", "step", "loss", "recall", "held-out", "ETA"], rows)
+        sys.stdout.flush()
+
+
+class LinesToParent(io.TextIOBase):
+    """A child's stdout and stderr: each complete line goes to the parent, which prints it."""
+
+    def __init__(self, conn):
+        self.conn, self.partial = conn, ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        *lines, self.partial = (self.partial + text).split("\n")
+        for line in lines:
+            if line.strip():
+                self.conn.send(("message", line))
+        return len(text)
+
+
+class StopEvent:
+    """train_model's stop request in a child: the parent sets the event on Ctrl-C."""
+
+    def __init__(self, event):
+        self.event = event
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    @property
+    def requested(self) -> bool:
+        return self.event.is_set()
+
+
+def child_main(run: Run, args, tokens, val_tokens, vocab_size, device: str, threads: int, conn, stop) -> None:
+    """A child process: one run, its progress and its last word sent to the parent through conn."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it sets `stop`
+    sys.stdout = sys.stderr = LinesToParent(conn)
+    torch.set_num_threads(threads)
+    try:
+        if device.startswith("cuda"):
+            torch.cuda.set_device(device)
+        elif args.use_triton:
+            use_triton_interpreter()
+        result = run_one(run, args, tokens, val_tokens, vocab_size, torch.device(device),
+                         log=lambda row: conn.send(("progress", row)), stop=StopEvent(stop))
+    except Interrupted as e:
+        conn.send(("stopped", e.step))
+    except BaseException as e:  # reported to the parent, which carries on with the other runs
+        conn.send(("failed", (error_line(e), traceback.format_exc())))
+    else:
+        conn.send(("done", result))
+    conn.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. Command line: flags, the checks made before any work, outputs
 # ----------------------------------------------------------------------------------------------
 
 PROG = "train_shakespeare.py"
 ALL_PRESETS = MODELS + ("transformer",)
-QUICK = dict(steps=40, eval_batch=4, log_every=10, checkpoint_every=20)  # what --quick sets; flags given win
+QUICK = dict(steps=40, eval_batch=4, log_every=10, eval_every=5, checkpoint_every=20)  # what --quick sets; flags given win
 QUICK_TIME = "about 40 s on 2 CPU cores"  # measured: see the module docstring
 RESULT_FILES = ("results.json", "forgetting_gap.png", "training_curves.png")
 
 # The flags that fix what a run trains and how it is evaluated: --resume continues saved models (and
 # keeps their results) only when these equal the saved values; --steps may grow (see --resume).
-# Not among them: where and how fast it runs (--device, --use-triton: the same maths), log periods.
-RUN_SETTINGS = ("data", "seed", "seq_len", "d_model", "n_layer", "gdn_heads", "gdn_head_dim", "gdn_value_dim",
+# Not among them: the seeds (each run's checkpoint holds its own), where and how fast it runs
+# (--device, --use-triton: the same maths, --jobs), log and probe periods, and --until-plateau
+# (which only decides whether a run goes on, like a larger --steps).
+RUN_SETTINGS = ("data", "seq_len", "d_model", "n_layer", "gdn_heads", "gdn_head_dim", "gdn_value_dim",
                 "window", "key_conv", "lte_buffer", "lte_lambda_init", "lte_lambda_every", "lte_router_lr",
                 "lte_train_cap", "nsa_topn", "batch_size", "lr", "answer_weight", "max_facts", "dense_len",
                 "dense_facts", "drill_frac", "drill_facts", "eval_batch")
@@ -1084,7 +1691,8 @@ INT_RANGES = {"steps": (1, None), "seed": (0, None), "seq_len": (1, None), "d_mo
               "window": (4, None), "key_conv": (0, None), "lte_buffer": (0, None), "lte_lambda_every": (0, None),
               "nsa_topn": (1, None), "batch_size": (1, None), "max_facts": (2, N_KEYS), "dense_len": (1, None),
               "dense_facts": (1, N_KEYS), "drill_facts": (1, N_KEYS), "eval_batch": (1, None),
-              "log_every": (1, None), "checkpoint_every": (0, None)}
+              "log_every": (1, None), "eval_every": (1, None), "checkpoint_every": (0, None), "jobs": (1, None),
+              "until_plateau": (0, None)}
 FLOAT_RANGES = {"lr": (0.0, None, False), "lte_router_lr": (0.0, None, True), "answer_weight": (0.0, None, True),
                 "lte_lambda_init": (0.0, 1.0, True), "drill_frac": (0.0, 1.0, True)}
 
@@ -1094,9 +1702,10 @@ FLOAT_RANGES = {"lr": (0.0, None, False), "lte_router_lr": (0.0, None, True), "a
 TOKENS_PER_FACT = 5
 
 RESUME_HELP = (
-    "continue the run saved in --out: each model with a checkpoint continues from it (exactly as if "
-    "never stopped), a model without one starts from step 0, and models in results.json that are not "
-    "trained now stay in the report and figures. The settings that define the run (model, data, schedule, "
+    "continue the run saved in --out: each model and seed with a checkpoint continues from it (exactly as "
+    "if never stopped; a finished one is read back), one without starts from step 0 (so naming more "
+    "--seeds or --models extends the run with them), and the models and seeds in results.json that are "
+    "not trained now stay in the report and figures. The settings that define the run (model, data, schedule, "
     "evaluation) must equal the saved ones, and --steps may not shrink. A larger --steps extends a run: "
     "the saved run's schedule (warm-up, cosine decay, curriculum) plays out as planned, then the extra "
     "steps run at its final learning rate (10%% of --lr) on the mixed curriculum, whenever the run was "
@@ -1129,6 +1738,11 @@ def build_parser() -> ArgumentParser:
                      help=f"comma-separated presets to train and compare, from {', '.join(ALL_PRESETS)}")
     run.add_argument("--steps", type=int, default=DEFAULT_STEPS,
                      help="training steps per model; the learning-rate schedule and the curriculum scale with it")
+    run.add_argument("--until-plateau", type=int, default=0, metavar="MAX_STEPS",
+                     help="after --steps, a run that has not converged by the rule (see --eval-every) trains on in "
+                          "extensions of --steps / 2 at its final learning rate (its schedule is never restarted), "
+                          "judged after each, up to MAX_STEPS in all; runs may then differ in length, which the "
+                          "report shows (0: off)")
     run.add_argument("--quick", action="store_true",
                      help=f"a smoke run, {QUICK_TIME}: --steps {QUICK['steps']} --eval-batch {QUICK['eval_batch']} "
                           f"--log-every {QUICK['log_every']} --checkpoint-every {QUICK['checkpoint_every']} unless "
@@ -1150,6 +1764,10 @@ def build_parser() -> ArgumentParser:
     where.add_argument("--out", type=Path, default=Path("out"), metavar="DIR",
                        help="folder for checkpoints, results.json and the figures; if it holds results of an "
                             "earlier run, give --resume or --overwrite")
+    where.add_argument("--jobs", type=int,
+                       help="runs (model, seed) at a time, each in its own process with an equal share of the CPU "
+                            "cores; on several GPUs they are spread over all of them (default: 1 on a CPU, in this "
+                            "process; on CUDA up to 4 per GPU and at most one per 2 CPU cores)")
     where.add_argument("--resume", action="store_true", help=RESUME_HELP)
     where.add_argument("--overwrite", action="store_true",
                        help="start afresh: first delete this script's results, figures and checkpoints in --out "
@@ -1175,7 +1793,10 @@ def build_parser() -> ArgumentParser:
                        help="blocks (of window/4 tokens) each NSA query selects; 16 as in the paper: 64 tokens, LTE's b")
     task = parser.add_argument_group("task and training")
     task.add_argument("--seq-len", type=int, default=128, help="training length; evaluation also runs at 2x and 4x")
-    task.add_argument("--seed", type=int, default=0, help="seed of the weights and of every batch")
+    task.add_argument("--seed", type=int, help="seed of the weights and of every batch (default: 0)")
+    task.add_argument("--seeds", metavar="S,S,...",
+                      help="several seeds, e.g. 0,1,2: every model is trained once per seed, and the report gives "
+                           "mean (min-max) over the seeds; in place of --seed (default: the one seed of --seed)")
     task.add_argument("--batch-size", type=int, default=16, help="sequences per training step")
     task.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW, warm-up, cosine decay to 10%%)")
     task.add_argument("--answer-weight", type=float, default=1.0, help="loss weight of a recall answer against a text token")
@@ -1189,6 +1810,11 @@ def build_parser() -> ArgumentParser:
     report = parser.add_argument_group("evaluation and logging")
     report.add_argument("--eval-batch", type=int, default=16, help="held-out sequences per evaluation cell")
     report.add_argument("--log-every", type=int, default=50, help="steps between progress lines")
+    report.add_argument("--eval-every", type=int,
+                        help=f"steps between readings of the held-out probe ({PROBE_BATCHES}x --eval-batch sequences "
+                             f"at the hardest setting, about one training step's time); the report judges each "
+                             f"run by it: {CONVERGENCE_RULE} (default: --steps / {PROBE_READINGS}, so "
+                             f"{DEFAULT_STEPS // PROBE_READINGS} for {DEFAULT_STEPS} steps)")
     report.add_argument("--checkpoint-every", type=int, default=250,
                         help="steps between checkpoints (0: only at the end; Ctrl-C always saves)")
     return parser
@@ -1201,6 +1827,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.set_defaults(**QUICK)
     args = parser.parse_args(argv)
     args.models = args.models.split(",")
+    try:
+        args.seeds = [0 if args.seed is None else args.seed] if args.seeds is None else parse_seeds(args.seeds, args.seed)
+    except ValueError as e:
+        parser.error(str(e))
+    args.seed = args.seeds[0]  # the seed of the sample and of the examples in the report
+    if args.eval_every is None:
+        args.eval_every = max(1, args.steps // PROBE_READINGS)
     args.eval_facts = sorted({2, args.max_facts // 2, args.max_facts})
     args.state_sizes = ((1, 8), (2, 8), (2, 16), (2, 24), (2, 32))  # --sweep-state: (GDN heads, key dim)
     try:
@@ -1208,6 +1841,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     except ValueError as e:
         parser.error(str(e))
     return args
+
+
+def parse_seeds(text: str, seed: int | None) -> list[int]:
+    """--seeds "0,1,2" -> [0, 1, 2]; ValueError naming the flag for anything but distinct integers >= 0."""
+    if seed is not None:
+        raise ValueError(f"--seed {seed} and --seeds {text}: give one seed with --seed S, or several with --seeds "
+                         f"S,S,... (not both)")
+    items = [item.strip() for item in text.split(",")]
+    bad = [item for item in items if not item.isdigit()]
+    if not text.strip() or bad:
+        why = "is empty" if not text.strip() else f"{bad[0]!r} is not an integer >= 0"
+        raise ValueError(f"--seeds {text!r}: {why}; give distinct integers >= 0 separated by commas, e.g. 0,1,2")
+    seeds = [int(item) for item in items]
+    twice = sorted({s for s in seeds if seeds.count(s) > 1})
+    if twice:
+        raise ValueError(f"--seeds {text}: seed {twice[0]} is named twice; give each seed once, e.g. 0,1,2")
+    return seeds
 
 
 def _flag(name: str) -> str:
@@ -1225,6 +1875,12 @@ def check_flags(args) -> None:
     _check_numbers(args)
     _check_task_fits(args)
     _check_model_configs(args)
+    if args.eval_every > args.steps:
+        raise ValueError(f"--eval-every {args.eval_every}: more than --steps {args.steps}; the held-out probe needs "
+                         f"readings during training: give at most --steps, or leave it out (--steps / {PROBE_READINGS})")
+    if 0 < args.until_plateau < args.steps:
+        raise ValueError(f"--until-plateau {args.until_plateau}: less than --steps {args.steps}; give the most steps a "
+                         f"run may reach, at least --steps (or 0: off)")
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite exclude each other: continue the saved run, or replace it")
     if args.make_tokenizer and args.data is not None:
@@ -1234,6 +1890,8 @@ def check_flags(args) -> None:
 def _check_numbers(args) -> None:
     for name, (lo, hi) in INT_RANGES.items():
         value = getattr(args, name)
+        if value is None:  # --jobs: not given
+            continue
         if value < lo or (hi is not None and value > hi):
             allowed = f">= {lo}" if hi is None else f"from {lo} to {hi}"
             raise ValueError(f"{_flag(name)} {value}: must be an integer {allowed}")
@@ -1319,39 +1977,33 @@ INTERPRETER_TOKENS_PER_S = {"gdn": (100, 350), "gdn+swa": (70, 180), "gdn+lte": 
                             "gdn+attn": (65, 200), "transformer": (40, 70)}
 
 
-def run_names(args) -> list[tuple[str, str]]:
-    """(checkpoint name, preset) of every model this run trains, the state sweep's included."""
-    names = [(preset, preset) for preset in args.models]
-    if args.sweep_state:
-        names += [(f"gdn_state{heads}x{dim}", "gdn") for heads, dim in args.state_sizes]
-    return names
-
-
 def eval_lengths(args) -> tuple[int, int, int]:
     return args.seq_len, 2 * args.seq_len, 4 * args.seq_len
 
 
 def expected_tokens(args, start: int = 0, schedule_steps: int | None = None) -> tuple[int, int]:
-    """(training, evaluation) tokens one model goes through from step `start` on: a drill of n facts
-    is 4 n tokens with n uniform in 1..drill_facts; every evaluation cell is counted."""
+    """(training, evaluation) tokens one run goes through from step `start` on: a drill of n facts
+    is 4 n tokens with n uniform in 1..drill_facts; every evaluation cell and probe reading is counted."""
     length = {"drill": 2 * (1 + args.drill_facts), "dense": args.dense_len, "haystack": args.seq_len}
     train = args.batch_size * sum(length[task_for_step(s, args, schedule_steps)] for s in range(start, args.steps))
     cells = lambda T: len(args.eval_facts) * len(distance_bins(args.window, T - BLOCK_LEN))
-    return train, args.eval_batch * sum(T * cells(T) for T in eval_lengths(args))
+    probes = (args.steps - start) // args.eval_every + 1
+    return train, args.eval_batch * (sum(T * cells(T) for T in eval_lengths(args)) + probes * PROBE_BATCHES * args.seq_len)
 
 
 def interpreter_plan(args, saved: dict) -> str:
     """What --use-triton without a GPU does and about how long it takes, and the faster choice."""
     seconds = 0.0
-    for name, preset in run_names(args):
-        train, evaluation = expected_tokens(args, saved.get(name, {}).get("step", 0),
-                                            saved.get(name, {}).get("schedule_steps"))
-        train_speed, eval_speed = INTERPRETER_TOKENS_PER_S[preset]
+    runs = planned_runs(args)
+    for run in runs:
+        train, evaluation = expected_tokens(args, saved.get(run.key, {}).get("step", 0),
+                                            saved.get(run.key, {}).get("schedule_steps"))
+        train_speed, eval_speed = INTERPRETER_TOKENS_PER_S[run.preset]
         seconds += train / train_speed + evaluation / eval_speed
-    speeds = sorted({INTERPRETER_TOKENS_PER_S[preset][0] for _, preset in run_names(args)})
+    speeds = sorted({INTERPRETER_TOKENS_PER_S[run.preset][0] for run in runs})
     speed = f"{speeds[0]}" if len(speeds) == 1 else f"{speeds[0]}-{speeds[-1]}"
     return (f"--use-triton without a GPU: the Triton kernels run in Triton's CPU interpreter, which trains "
-            f"{'this model' if len(run_names(args)) == 1 else 'these models'} at about {speed} tokens/s on 2 CPU "
+            f"{'this model' if len(runs) == 1 else 'these models'} at about {speed} tokens/s on 2 CPU "
             f"cores. This run: about {_duration(seconds)} "
             f"on 2 cores ({torch.get_num_threads()} threads here). Drop --use-triton for the same maths through "
             f"the PyTorch reference ops, hundreds of times faster.")
@@ -1367,13 +2019,18 @@ def _duration(seconds: float) -> str:
 
 # ---- outputs: what --out holds, --resume and --overwrite --------------------------------------
 
+# A checkpoint's file name: a preset or a state size of the sweep, then the seed; an earlier version
+# of this script wrote one seed without the "_seedS" part.
+CHECKPOINT_NAME = re.compile("(?P<name>" + "|".join(re.escape(p.replace("+", "_")) for p in ALL_PRESETS)
+                             + r"|gdn_state\d+x\d+)(_seed(?P<seed>\d+))?\.pt")
+
+
 def output_files(out: Path) -> list[Path]:
-    """This script's files already in `out`: results, figures and checkpoints (of any preset or state
-    size); nothing else counts or is ever deleted."""
+    """This script's files already in `out`: results, figures and checkpoints (of any preset, state
+    size and seed, also an earlier version's); nothing else counts or is ever deleted."""
     if not out.is_dir():
         return []
-    checkpoints = {checkpoint_path(out, preset).name for preset in ALL_PRESETS}
-    ours = lambda name: name in RESULT_FILES or name in checkpoints or re.fullmatch(r"gdn_state\d+x\d+\.pt", name)
+    ours = lambda name: name in RESULT_FILES or CHECKPOINT_NAME.fullmatch(name)
     return sorted(path for path in out.iterdir() if ours(path.name))
 
 
@@ -1384,27 +2041,28 @@ def run_settings(args) -> dict:
     return settings
 
 
-def check_same_settings(saved: dict | None, args, where: str) -> None:
-    """ValueError naming each run setting that differs from the saved ones."""
+def check_same_settings(saved: dict | None, args, where: str, seed: int | None = None) -> None:
+    """ValueError naming each run setting (and the seed, for a checkpoint) that differs from the saved ones."""
     if saved is None:
         raise ValueError(f"--resume: {where} has no saved settings (an earlier version of this script wrote "
                          f"it); use --overwrite or another --out")
-    current = run_settings(args)
-    differ = [f"{_flag(name)} {current[name]} (saved: {saved.get(name)})" for name in RUN_SETTINGS
+    current = run_settings(args) | ({} if seed is None else {"seed": seed})
+    differ = [f"{_flag(name)} {current[name]} (saved: {saved.get(name)})" for name in current
               if saved.get(name) != current[name]]
     if differ:
         raise ValueError(f"--resume: {where} was made with other settings: {'; '.join(differ)}. Give the saved "
                          f"values, or use --overwrite or another --out")
 
 
-def check_checkpoint(ckpt: dict, args, path: Path) -> None:
-    """ValueError unless --resume can continue this checkpoint with the current flags."""
-    check_same_settings(ckpt.get("settings"), args, path.name)
-    need = max(ckpt["schedule_steps"], ckpt["step"])
-    if args.steps < need:
-        raise ValueError(f"--steps {args.steps}: {path.name} is at step {ckpt['step']} of a "
-                         f"{ckpt['schedule_steps']}-step schedule; --resume needs --steps >= {need} "
-                         f"(more steps extend the run)")
+def check_checkpoint(ckpt: dict, args, path: Path, seed: int) -> None:
+    """ValueError unless --resume can continue this checkpoint (of `seed`) with the current flags:
+    its schedule may not shrink, and its step must lie within --steps (or --until-plateau)."""
+    check_same_settings(ckpt.get("settings"), args, path.name, seed)
+    step, schedule = ckpt["step"], ckpt["schedule_steps"]
+    if args.steps < schedule or max(args.steps, args.until_plateau) < step:
+        plateau = f", or --steps >= {schedule} with --until-plateau >= {step}" if step > schedule else ""
+        raise ValueError(f"--steps {args.steps}: {path.name} is at step {step} of a {schedule}-step schedule; "
+                         f"--resume needs --steps >= {max(step, schedule)} (more steps extend the run){plateau}")
 
 
 def _read_checkpoint(path: Path) -> dict:
@@ -1422,15 +2080,15 @@ def read_results(path: Path) -> dict:
         raise ValueError(f"--resume: {path} is not readable JSON; use --overwrite or another --out") from None
 
 
-def check_out(args) -> dict[str, dict]:
+def check_out(args) -> tuple[dict, dict]:
     """Refuse, before any work, a run that would overwrite the results in --out (unless --overwrite),
-    or a --resume that cannot continue them. Returns {checkpoint name: {"step", "schedule_steps"}}
-    of the saved models this run continues."""
+    or a --resume that cannot continue them. Returns ({run.key: {"step", "schedule_steps"}} of the
+    saved runs this command continues, the earlier results.json or {})."""
     if args.out.exists() and not args.out.is_dir():
         raise ValueError(f"--out {args.out}: is a file, not a folder")
     found = output_files(args.out)
     if args.overwrite or not (found or args.resume):
-        return {}
+        return {}, {}
     if not args.resume:
         shown = ", ".join(path.name for path in found[:3]) + (", ..." if len(found) > 3 else "")
         raise ValueError(f"--out {args.out} already holds results ({shown}): add --resume to continue them, "
@@ -1438,16 +2096,29 @@ def check_out(args) -> dict[str, dict]:
     if not found:
         raise ValueError(f"--resume: nothing to resume in {args.out} (no checkpoints, no results.json); "
                          f"drop --resume to start a run there")
+    earlier = read_results(args.out / "results.json") if (args.out / "results.json").exists() else {}
+    one_seed = [path.name for path in found if CHECKPOINT_NAME.fullmatch(path.name) and
+                CHECKPOINT_NAME.fullmatch(path.name)["seed"] is None]
+    if one_seed or (earlier and "seeds" not in earlier):
+        raise ValueError(f"--resume: {args.out} holds a run of an earlier version of this script (one seed: "
+                         f"{(one_seed or ['results.json'])[0]} has no seed in its name or records), which this "
+                         f"version cannot continue; use --overwrite to start afresh there, or another --out")
     saved = {}
-    for name, _ in run_names(args):
-        path = checkpoint_path(args.out, name)
+    for run in planned_runs(args):
+        path = checkpoint_path(args.out, run.name, run.seed)
         if path.exists():
             ckpt = _read_checkpoint(path)
-            check_checkpoint(ckpt, args, path)
-            saved[name] = {"step": ckpt["step"], "schedule_steps": ckpt["schedule_steps"]}
-    if (args.out / "results.json").exists():
-        check_same_settings(read_results(args.out / "results.json").get("settings"), args, "results.json")
-    return saved
+            check_checkpoint(ckpt, args, path, run.seed)
+            saved[run.key] = {"step": ckpt["step"], "schedule_steps": ckpt["schedule_steps"]}
+    if earlier:
+        check_same_settings(earlier.get("settings"), args, "results.json")
+    return saved, earlier
+
+
+def seeds_in(out: Path, earlier: dict) -> list[int]:
+    """The seeds that --out already holds: in results.json or in a checkpoint's name."""
+    named = (CHECKPOINT_NAME.fullmatch(path.name) for path in output_files(out))
+    return sorted(set(earlier.get("seeds", [])) | {int(m["seed"]) for m in named if m and m["seed"] is not None})
 
 
 def remove_outputs(out: Path) -> None:
@@ -1469,9 +2140,9 @@ def check_data_size(args, tokens: np.ndarray, val_tokens: np.ndarray) -> None:
                          f"the length): give a longer text or a smaller --seq-len")
 
 
-def schedule_record(args, saved: dict | None) -> dict:
-    """How a model's steps were scheduled, for results.json; an extended run says so."""
-    planned = saved["schedule_steps"] if saved else args.steps
+def schedule_record(args, planned: int) -> dict:
+    """How a run's steps were scheduled (planned: the steps its schedule was laid out for), for
+    results.json; an extended run says so."""
     record = {"steps": args.steps, "schedule_steps": planned,
               "text_from_step": math.ceil(args.drill_frac * planned)}
     if args.steps > planned:
@@ -1489,26 +2160,86 @@ def write_json_atomic(obj, path: Path) -> None:
 
 def prepare_run(args):
     """Every check before any work (a bad input stops here with one line, nothing written), then the
-    plan, and --out made ready. Returns (device, saved checkpoints, tokenizer, train and val tokens)."""
+    plan, and --out made ready. Returns (device, earlier results.json or {}, tokenizer, train and val
+    tokens)."""
     try:
         device = pick_device(args.device, args.use_triton)
         if args.use_triton and device.type == "cpu":
             use_triton_interpreter()
-        saved = check_out(args)
+        saved, earlier = check_out(args)
         train_text, val_text = load_corpus(args.data)
         enc = load_tokenizer()
         tokens, val_tokens = tokenize(enc, train_text), tokenize(enc, val_text)
         check_data_size(args, tokens, val_tokens)
     except (ValueError, OSError, ImportError) as e:
         fail(str(e))
+    seeds = ", ".join(map(str, args.seeds))
     print(f"{len(tokens):,} training tokens, {len(val_tokens):,} validation tokens; device {device}, "
-          f"{torch.get_num_threads()} threads; models {', '.join(args.models)}; {args.steps} steps")
+          f"{torch.get_num_threads()} threads; models {', '.join(args.models)}; seed{'s' * (len(args.seeds) > 1)} "
+          f"{seeds}; {args.steps} steps")
+    held = seeds_in(args.out, earlier) if args.resume else []
+    new = [seed for seed in args.seeds if seed not in held]
+    if held and new:
+        print(f"--resume: {args.out} holds seed{'s' * (len(held) > 1)} {', '.join(map(str, held))}; this run adds "
+              f"seed{'s' * (len(new) > 1)} {', '.join(map(str, new))} (trained from step 0)")
     if args.use_triton and device.type == "cpu":
         print(interpreter_plan(args, saved), flush=True)
     if args.overwrite:
         remove_outputs(args.out)
     args.out.mkdir(parents=True, exist_ok=True)
-    return device, saved, enc, tokens, val_tokens
+    return device, earlier, enc, tokens, val_tokens
+
+
+def trained_models(results: dict, args, vocab_size: int, device) -> dict:
+    """The first seed's models that this command trained, read back from their checkpoints: for the
+    examples of failed recalls and the sample."""
+    from tiny_hybrid import TinyHybrid
+
+    models = {}
+    for preset in args.models:
+        if (preset, args.seeds[0]) in results:
+            model = TinyHybrid(model_config(preset, args, vocab_size)).to(device)
+            ckpt = torch.load(checkpoint_path(args.out, preset, args.seeds[0]), map_location=device, weights_only=True)
+            model.load_state_dict(ckpt["model"])
+            models[preset] = model
+    return models
+
+
+def show_examples(models: dict, enc, val_tokens, args, device) -> tuple[list[str], dict | None]:
+    """Print and return answers pure GDN got wrong and a sample of prose (from gdn+lte if trained)."""
+    failed = show_failed_recalls(models, enc, val_tokens, args, device)
+    if failed:
+        print(f"\nsome answers pure GDN got wrong (hardest setting, seed {args.seed}):")
+        print("\n".join(failed))
+    if not models:
+        return failed, None
+    sampler = "gdn+lte" if "gdn+lte" in models else next(iter(models))
+    sample = {"model": sampler, "seed": args.seed, **sample_text(models[sampler], enc, val_tokens, args, device)}
+    print(f"\n{sampler} (seed {args.seed}), sampled token by token through its decoding state (temperature 0.8, "
+          f"top-k 40; the recall task's key and value tokens and control bytes masked out)\n--- prompt (from the "
+          f"held-out text) ---\n{sample['prompt']}\n--- continuation (written by {sampler}) ---\n"
+          f"{sample['continuation']}\n---")
+    return failed, sample
+
+
+def more_seeds_hint(seeds: list[int], results: dict, wall: float) -> str:
+    """After a one-seed run: how to add seeds to it, and about how long each takes here (this run's
+    time, or its runs' training time when they were read back from an earlier run)."""
+    s = seeds[0]
+    minutes = max(wall, sum(run["train_seconds"] for run in results.values())) / 60
+    return (f"\nOne seed ({s}): how far these numbers move between seeds is unknown. To add seeds {s + 1} and "
+            f"{s + 2} to this run, repeat the command with --resume --seeds {s},{s + 1},{s + 2} (in place of any "
+            f"--seed): seed {s} is read back, and each new seed trains every model again (here about "
+            f"{minutes:.0f} min per seed, one run at a time; on CUDA the runs go in parallel, see --jobs).")
+
+
+def report_failures(failures: list[dict]) -> None:
+    """The runs that failed, each with its traceback, on stderr."""
+    for f in failures:
+        sys.stderr.write(f"\n{f['model']} seed {f['seed']} failed:\n{f['traceback'] or f['error']}\n")
+    sys.stderr.write(f"\n{len(failures)} run{'s' * (len(failures) > 1)} failed: "
+                     + "; ".join(f"{f['model']} seed {f['seed']} ({f['error']})" for f in failures)
+                     + ". The other runs' results are complete; --resume retries the failed ones.\n")
 
 
 def main(argv=None) -> None:
@@ -1520,45 +2251,40 @@ def main(argv=None) -> None:
         return
 
     wall_start = time.perf_counter()
-    device, saved, enc, tokens, val_tokens = prepare_run(args)
-    results, models = {}, {}
-    for preset in args.models:
-        t0 = time.perf_counter()
-        model, history = train_model(preset, args, tokens, enc.n_vocab, device)
-        train_s = time.perf_counter() - t0
-        results[preset] = {"history": history, "train_seconds": train_s, **schedule_record(args, saved.get(preset)),
-                           "eval": evaluate(model, val_tokens, args, device)}
-        models[preset] = model
-        print(f"{preset}: trained in {train_s:.0f}s; recall easiest {easiest(results[preset]['eval'], args):.1%}, "
-              f"hardest {hardest(results[preset]['eval'], args):.1%}", flush=True)
-
-    earlier = read_results(args.out / "results.json") if args.resume and (args.out / "results.json").exists() else {}
-    all_results = {**earlier.get("models", {}), **results}  # models not retrained now keep their results
-    kept = [preset for preset in all_results if preset not in results]
+    device, earlier, enc, tokens, val_tokens = prepare_run(args)
+    results, failures = run_all(planned_runs(args), args, tokens, val_tokens, enc.n_vocab, device)
+    models = by_model(results, earlier, args, failures)
+    kept = [f"{preset} seed {seed}" for preset, model in models.items() for seed in model["runs"]
+            if (preset, int(seed)) not in results]
     if kept:
         print(f"\nfrom the earlier run in {args.out}, not retrained now: {', '.join(kept)}")
-    print_report(all_results, args)
-    plot_report(all_results, args)
-    failed = show_failed_recalls(models, enc, val_tokens, args, device)
-    if failed:
-        print("\nsome answers pure GDN got wrong (hardest setting):")
-        print("\n".join(failed))
-    sampler = "gdn+lte" if "gdn+lte" in models else args.models[0]
-    sample = {"model": sampler, **sample_text(models[sampler], enc, val_tokens, args, device)}
-    print(f"\n{sampler}, sampled token by token through its decoding state (temperature 0.8, top-k 40; the "
-          f"recall task's key and value tokens and control bytes masked out)\n--- prompt (from the held-out text) ---\n"
-          f"{sample['prompt']}\n--- continuation (written by {sampler}) ---\n{sample['continuation']}\n---")
-    sweep = state_sweep(args, tokens, val_tokens, enc.n_vocab, device) if args.sweep_state else []
+    failed, sample = [], None
+    if models:
+        print_report(models, args, failures)
+        plot_report(models, args)
+        trained = trained_models(results, args, enc.n_vocab, device)
+        failed, sample = show_examples(trained, enc, val_tokens, args, device)
+    sweep = sweep_rows(results, args) if args.sweep_state else earlier.get("state_sweep", [])
+    seeds = sorted(set(args.seeds) | set(earlier.get("seeds", [])))
     wall = time.perf_counter() - wall_start
     summary = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-               "settings": run_settings(args),
+               "settings": run_settings(args), "seeds": seeds,
                "machine": f"{platform.machine()} {os.cpu_count()} cores, {device}",
-               "wall_seconds": wall, "models": all_results,
-               "failed_recalls": failed if "gdn" in models else earlier.get("failed_recalls", []),
-               "sample": sample,
-               "state_sweep": sweep if args.sweep_state else earlier.get("state_sweep", [])}
+               "wall_seconds": wall,
+               "convergence_rule": CONVERGENCE_RULE,
+               "probe": {"sequences": PROBE_BATCHES * args.eval_batch, "every_steps": args.eval_every,
+                         "setting": hardest_setting(args, next(iter(every_run(models).values()))["eval"]) if models else None},
+               "models": models, "failed_runs": failures,
+               "failed_recalls": failed if ("gdn", args.seed) in results else earlier.get("failed_recalls", []),
+               "sample": sample or earlier.get("sample"),
+               "state_sweep": sweep}
     write_json_atomic(summary, args.out / "results.json")
     print(f"\nwrote {args.out / 'results.json'}; wall time {wall:.0f}s")
+    if len(seeds) == 1 and results:
+        print(more_seeds_hint(seeds, results, wall))
+    if failures:
+        report_failures(failures)
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":
