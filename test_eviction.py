@@ -9,6 +9,12 @@ window attention with sinks; bad arguments are refused before any work.
 Tolerances as in test_decode.py: float32, the two sides differ by summation order only.
 """
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -224,3 +230,71 @@ def test_with_eviction_needs_full_attention_layers():
     model = TinyHybrid(Config.preset("gdn+swa", **SMALL))
     with pytest.raises(ValueError, match="full-attention layers"):
         with_eviction(model, "tova", 2, 4, 4)
+
+
+# --- the report: python train_shakespeare.py --eviction-report ---------------------------------
+
+SCRIPT = Path(__file__).resolve().parent / "train_shakespeare.py"
+# A model and task small enough for a few CPU seconds per preset (as test_cli's).
+TINY = ["--steps", "4", "--seq-len", "20", "--dense-len", "10", "--dense-facts", "2", "--drill-facts", "2",
+        "--max-facts", "2", "--batch-size", "2", "--window", "8", "--d-model", "16", "--gdn-head-dim", "8",
+        "--eval-batch", "1", "--log-every", "2", "--lte-buffer", "4"]
+
+
+def run_cli(*flags, timeout=600):
+    """The script as a user runs it: a fresh process, no TRITON_INTERPRET in its environment."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, flags)], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+def test_eviction_report_trains_what_is_missing_then_refuses_then_replaces_only_its_files(tmp_path):
+    import train_shakespeare as ts
+
+    text = tmp_path / "text.txt"
+    text.write_text(ts.load_corpus(cache_dir=tmp_path / "cache")[1][:30_000], encoding="utf-8")
+    out = tmp_path / "out"
+    flags = ["--eviction-report", "--data", text, "--out", out, *TINY]
+    first = run_cli(*flags)
+    assert first.returncode == 0, first.stderr[-3000:]
+    report = json.loads((out / "eviction.json").read_text())
+    assert report["seeds"] == [0] and list(report["per_seed"]) == ["0"]
+    rows = report["summary"]["recall"]
+    assert list(rows) == ["gdn+lte (learned)", "attn + StreamingLLM, s + w", "attn + StreamingLLM, window w + b",
+                          "attn + TOVA", "attn + H2O", "gdn+attn (uncapped)", "gdn+swa"]
+    assert list(rows["attn + H2O"]) == ["20", "40", "80"]                       # 1x, 2x, 4x the training length
+    assert list(report["summary"]["budget"]) == [str(b) for b in ts.EVICTION_BUDGETS]
+    assert list(report["summary"]["lte_keeps"]) == ["layer 1 head 0", "layer 1 head 1"]
+    assert report["budget"] == {"sink": 4, "window": 8, "buffer": 4}
+    for name in ts.EVICTION_FILES[1:]:
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+    assert "attn + TOVA" in first.stdout and "What LTE keeps" in first.stdout
+    checkpoints = {p.name: p.read_bytes() for p in out.glob("*.pt")}
+    assert sorted(checkpoints) == ["gdn_attn_seed0.pt", "gdn_lte_seed0.pt", "gdn_swa_seed0.pt"]
+
+    again = run_cli(*flags)                                    # the report exists: refused, nothing touched
+    assert again.returncode == 2 and again.stderr.count("\n") == 1 and "Traceback" not in again.stderr
+    assert "eviction.json" in again.stderr and "--overwrite" in again.stderr
+    assert json.loads((out / "eviction.json").read_text()) == report
+
+    replaced = run_cli(*flags, "--overwrite")                  # the models are read back, not trained again
+    assert replaced.returncode == 0, replaced.stderr[-3000:]
+    assert "finished earlier" in replaced.stdout and "step     4/4" not in replaced.stdout
+    assert {p.name: p.read_bytes() for p in out.glob("*.pt")} == checkpoints
+    assert json.loads((out / "eviction.json").read_text())["summary"] == report["summary"]
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--models", "gdn+attn"], ["--eviction-report", "drop --models"]),
+    (["--sweep-state"], ["--eviction-report and --sweep-state"]),
+])
+def test_eviction_report_refuses_other_runs_before_any_work(flags, words, tmp_path, capsys):
+    import train_shakespeare as ts
+
+    with pytest.raises(SystemExit) as stop:
+        ts.parse_args(["--eviction-report", *flags, "--out", str(tmp_path / "out")])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    for word in words:
+        assert word in err, (word, err)
+    assert not (tmp_path / "out").exists()

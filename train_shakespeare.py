@@ -15,7 +15,8 @@ Sections, top to bottom:
                   Ctrl-C / --resume;
   5. report     - held-out recall by distance, number of facts and length (1x, 2x, 4x), state
                   size, mean (min-max) over seeds, each seed's verdict, a sample, out/results.json,
-                  out/forgetting_gap.png, out/training_curves.png;
+                  out/forgetting_gap.png, out/training_curves.png; then (5b, --eviction-report)
+                  LTE against heuristic eviction (StreamingLLM, TOVA, H2O) at equal memory;
   6. runs       - every model once per seed, one after the other or in parallel processes
                   (on CUDA, or --jobs), with one progress view;
   7. command line - flags, every check made before any work, --resume and --overwrite.
@@ -25,6 +26,7 @@ Sections, top to bottom:
     python train_shakespeare.py --resume          # continue the run in out/ (after Ctrl-C, or more --steps)
     python train_shakespeare.py --seeds 0,1,2     # every preset once per seed: mean (min-max) over seeds
     python train_shakespeare.py --overwrite       # start again in out/, deleting its earlier results
+    python train_shakespeare.py --eviction-report # LTE against StreamingLLM, TOVA and H2O, for the run in out/
     python train_shakespeare.py --make-tokenizer  # regenerate the committed tokenizer file
 
 A run into an --out that holds earlier results stops unless given --resume or --overwrite.
@@ -1327,6 +1329,317 @@ def sweep_rows(results: dict[tuple[str, int], dict], args) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------------
+# 5b. Learned against heuristic eviction (--eviction-report)
+# ----------------------------------------------------------------------------------------------
+#
+# Does LTE's learned choice of tokens beat a rule on the attention itself, at the same memory? The
+# densely trained gdn+attn decodes under StreamingLLM, TOVA and H2O (tiny_hybrid's
+# EvictingAttention) with exactly LTE's budget: s sinks, the window of w + 1 and b more slots.
+# Three tables and two figures, on the main table's held-out haystacks (the most facts):
+#   1. recall by distance at 1x, 2x and 4x the training length: gdn+lte against gdn+attn under each
+#      heuristic, gdn+attn uncapped and gdn+swa;
+#   2. what LTE keeps: the share of fact keys, fact values and text that enter its buffer, and of
+#      the facts still held when their query comes; lte_keeps.png draws one haystack;
+#   3. the budget: recall beyond the window against b at inference (LTE, TOVA, H2O, and StreamingLLM
+#      with the b slots in its window), and LTE against its window w at inference;
+#      eviction_budget.png draws it.
+
+EVICTION_PRESETS = ("gdn+attn", "gdn+lte", "gdn+swa")
+EVICTION_BUDGETS = (8, 16, 32, 64, 128)   # b at inference
+EVICTION_WINDOWS = (8, 16, 32, 64)        # LTE's w at inference (at the trained b)
+EVICTION_FILES = ("eviction.json", "lte_keeps.png", "eviction_budget.png")
+EVICTION_ROWS = 64  # haystacks per forward: the heuristics decode token by token, so batch the bins
+
+
+def eviction_variants(models: dict, buffer: int, window: int) -> dict:
+    """The rows of table 1, each a model: LTE as trained, and gdn+attn under each heuristic with
+    LTE's memory (s sinks + w + 1 window + b), uncapped, and gdn+swa."""
+    from tiny_hybrid import with_eviction
+
+    attn, sink = models["gdn+attn"], models["gdn+lte"].config.lte_sink
+    return {"gdn+lte (learned)": with_lte_budget(models["gdn+lte"], buffer, window),
+            "attn + StreamingLLM, s + w": with_eviction(attn, "streaming", sink, window, 0),
+            "attn + StreamingLLM, window w + b": with_eviction(attn, "streaming", sink, window + buffer, 0),
+            "attn + TOVA": with_eviction(attn, "tova", sink, window, buffer),
+            "attn + H2O": with_eviction(attn, "h2o", sink, window, buffer),
+            "gdn+attn (uncapped)": attn, "gdn+swa": models["gdn+swa"]}
+
+
+def held_keys(row: str, sink: int, window: int, buffer: int, length: int) -> int:
+    """Keys an attention layer of `row` holds per KV head at the end of `length` tokens."""
+    if row == "gdn+attn (uncapped)":
+        return length
+    if row == "gdn+swa":
+        return min(length, window + 1)
+    if row == "attn + StreamingLLM, s + w":
+        return min(length, sink + window + 1)
+    return min(length, sink + window + 1 + buffer)
+
+
+def with_lte_budget(model, buffer: int, window: int):
+    """A copy of a trained gdn+lte whose LTE layers run with buffer b and window w at inference."""
+    from tiny_hybrid import LTEAttention, TinyHybrid
+
+    copy = TinyHybrid(model.config).to(model.wte.weight.device)
+    copy.load_state_dict(model.state_dict())
+    for block in copy.blocks:
+        if isinstance(block.mixer, LTEAttention):
+            block.mixer.buffer, block.mixer.window = buffer, window
+    return copy.eval()
+
+
+def recall_batches(val_tokens, args, length: int) -> dict[str, dict]:
+    """The main table's held-out haystacks at `length` with the most facts, by distance bin."""
+    n = max(args.eval_facts)
+    batches = {f"{lo}-{hi}": eval_batch(val_tokens, args, length, n, (lo, hi))
+               for lo, hi in distance_bins(args.window, length - BLOCK_LEN)}
+    return {name: batch for name, batch in batches.items() if batch is not None}
+
+
+@torch.no_grad()
+def recall_by_distance(model, batches: dict[str, dict], device) -> dict[str, float]:
+    """Recall per distance bin; the bins' haystacks go through the model together, EVICTION_ROWS at
+    a time (a heuristic decodes token by token: one pass over T serves them all)."""
+    model.eval()
+    idx = torch.cat([b["idx"] for b in batches.values()])                      # [bins * eval_batch, T]
+    answers = []
+    for rows in idx.split(EVICTION_ROWS):
+        logits, _ = model(rows.to(device))
+        answers.append(logits.argmax(-1).cpu())                                 # [rows, T]
+    answers = torch.cat(answers).split([b["idx"].shape[0] for b in batches.values()])
+    return {name: (answer[b["answer_mask"]] == b["targets"][b["answer_mask"]]).float().mean().item()
+            for (name, b), answer in zip(batches.items(), answers)}
+
+
+def beyond(cells: dict[str, float], window: int) -> float:
+    """Mean recall over the distance bins past the window (lo > w): what the window cannot give."""
+    far = [acc for name, acc in cells.items() if int(name.split("-")[0]) > window]
+    return float(np.mean(far)) if far else float("nan")
+
+
+# --- what LTE keeps ---
+
+@torch.no_grad()
+def lte_visibility(model, idx: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Per LTE layer i: int64 [B, T, Hkv], the last query that sees each key beyond the window
+    under the streaming rule [L6] (KEEP_FOREVER while retained, -1 never), as the model's eval
+    forward computes it; read from the layer's input, which a hook catches."""
+    from tiny_hybrid import LTEAttention, lte_visible_until
+
+    inputs, hooks = {}, []
+    for i, block in enumerate(model.blocks):
+        if isinstance(block.mixer, LTEAttention):
+            hooks.append(block.mixer.register_forward_hook(lambda m, args, out, i=i: inputs.__setitem__(i, args[0])))
+    try:
+        model.eval()(idx)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    until = {}
+    for i, x in inputs.items():
+        mixer = model.blocks[i].mixer
+        _, k, v, k_raw = mixer._qkv(x)
+        r = mixer.router(k_raw, v)                                              # [B, T, Hkv]
+        until[i] = lte_visible_until(r, mixer.window, mixer.sink, mixer.buffer)[0]
+    return until
+
+
+def fact_positions(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per answer: (row, fact key position, fact value position, query position)."""
+    value = batch["answer_pos"] - batch["answer_distance"]   # the distance runs from the fact's value
+    return batch["answer_batch"], value - 1, value, batch["answer_pos"]
+
+
+def lte_keeps(model, batches: dict[str, dict], device) -> dict[str, dict[str, float]]:
+    """Per LTE layer and KV head, over the haystacks: the share of fact keys, fact values and text
+    tokens that enter the buffer (of those that leave the window and are no sink), and the share
+    of facts beyond the window whose value is still held when its query comes."""
+    totals = collections.defaultdict(lambda: collections.defaultdict(list))
+    for batch in batches.values():
+        idx = batch["idx"]
+        B, T = idx.shape
+        rows, keys, values, queries = fact_positions(batch)
+        for i, until in lte_visibility(model, idx.to(device)).items():
+            mixer = model.blocks[i].mixer
+            until = until.cpu()
+            pos = torch.arange(T)[None, :, None]                                 # [1, T, 1]
+            left = (pos >= mixer.sink) & (pos < T - mixer.window - 1)            # leaves the window in time
+            entered = until > pos + mixer.window                                 # [B, T, Hkv]
+            text = (idx < N_BPE) & left[..., 0]                                 # [B, T]
+            far = batch["answer_distance"] > mixer.window
+            for h in range(until.shape[-1]):
+                head = totals[f"layer {i} head {h}"]
+                head["text"].append(entered[..., h][text])
+                head["fact keys"].append(entered[rows, keys, h][left[0, keys, 0]])
+                head["fact values"].append(entered[rows, values, h][left[0, values, 0]])
+                head["held at query"].append((until[rows, values, h] >= queries)[far])
+    return {head: {what: torch.cat(parts).float().mean().item() if sum(map(len, parts)) else float("nan")
+                   for what, parts in shares.items()} for head, shares in totals.items()}
+
+
+# --- the report ---
+
+def eviction_report(models_by_seed: dict[int, dict], val_tokens, args, device) -> dict:
+    """Every number of the three tables, per seed and as mean / min / max over the seeds."""
+    lengths = eval_lengths(args)
+    batches = {length: recall_batches(val_tokens, args, length) for length in lengths}
+    per_seed = {}
+    with one_torch_thread():
+        for seed, models in models_by_seed.items():
+            t0 = time.perf_counter()
+            recall = {row: {str(length): recall_by_distance(model, batches[length], device) for length in lengths}
+                      for row, model in eviction_variants(models, args.lte_buffer, args.window).items()}
+            budget = {str(b): {row: {length: beyond(cells, args.window) for length, cells in by_length.items()}
+                               for row, by_length in budget_recall(models, b, recall, batches, args, device).items()}
+                      for b in EVICTION_BUDGETS}
+            windows = {str(w): {str(length): beyond(recall_by_distance(
+                           with_lte_budget(models["gdn+lte"], args.lte_buffer, w), batches[length], device), args.window)
+                           for length in lengths} for w in EVICTION_WINDOWS}
+            keeps = lte_keeps(models["gdn+lte"], batches[lengths[-1]], device)
+            per_seed[str(seed)] = {"recall": recall, "lte_keeps": keeps, "budget": budget, "window": windows}
+            print(f"eviction report, seed {seed}: {time.perf_counter() - t0:.0f}s", flush=True)
+    return {"per_seed": per_seed, "summary": summarize_nested(list(per_seed.values()))}
+
+
+BUDGET_ROWS = ("gdn+lte (learned)", "attn + TOVA", "attn + H2O", "attn + StreamingLLM, window w + b")
+
+
+def budget_recall(models: dict, buffer: int, recall: dict, batches: dict, args, device) -> dict:
+    """Recall by distance of the budget curve's rows with b = buffer at inference; at the trained b
+    they are table 1's rows, whose numbers `recall` already holds."""
+    if buffer == args.lte_buffer:
+        return {row: recall[row] for row in BUDGET_ROWS}
+    variants = eviction_variants(models, buffer, args.window)
+    return {row: {str(length): recall_by_distance(variants[row], length_batches, device)
+                  for length, length_batches in batches.items()} for row in BUDGET_ROWS}
+
+
+class one_torch_thread:
+    """Run the heuristics' token-by-token decoding on one torch thread: each step is a few dozen
+    tiny ops, where more threads only wait for each other (10x slower on a busy 2-core machine)."""
+
+    def __enter__(self):
+        self.threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.threads)
+        return False
+
+
+def summarize_nested(runs: list[dict]):
+    """The same nesting as one seed's numbers, each number replaced by its `spread` over the seeds."""
+    first = runs[0]
+    if isinstance(first, dict):
+        return {key: summarize_nested([run[key] for run in runs]) for key in first}
+    return spread(runs)
+
+
+def print_eviction_report(report: dict, args, sink: int) -> None:
+    s, w, b = sink, args.window, args.lte_buffer
+    summary, seeds = report["summary"], ", ".join(report["per_seed"])
+    print(f"\nLearned against heuristic eviction at equal memory (seeds {seeds}; mean (min-max) over seeds): "
+          f"s = {s} sinks, window w = {w} (w + 1 keys), buffer b = {b}; {max(args.eval_facts)} facts; "
+          f"recall in % by fact-to-query distance")
+    for length in map(str, eval_lengths(args)):
+        bins = list(summary["recall"]["gdn+lte (learned)"][length])
+        print(f"\nT = {length} ({int(length) // args.seq_len}x training length)")
+        print_table(["model", "keys held"] + bins,
+                    [[row, str(held_keys(row, s, w, b, int(length)))] + [pct(by_length[length][c]) for c in bins]
+                     for row, by_length in summary["recall"].items()])
+    print(f"\nWhat LTE keeps, T = {eval_lengths(args)[-1]} haystacks: share (%) of the tokens that leave the window "
+          f"(sinks aside) which enter the buffer, and of facts beyond the window whose value is held at its query")
+    columns = ["fact keys", "fact values", "text", "held at query"]
+    print_table(["head"] + columns, [[head] + [pct(shares[c]) for c in columns]
+                                     for head, shares in summary["lte_keeps"].items()])
+    budgets = list(summary["budget"])
+    print(f"\nThe budget: recall (%) beyond the window (distance > {w}) against the buffer b at inference "
+          f"(s + w + 1 + b keys held; StreamingLLM holds them all in its window)")
+    for length in map(str, eval_lengths(args)):
+        print(f"\nT = {length}")
+        print_table(["model"] + [f"b = {bb}" for bb in budgets],
+                    [[row] + [pct(summary["budget"][bb][row][length]) for bb in budgets] for row in BUDGET_ROWS])
+    print(f"\ngdn+lte against its window at inference (b = {b}): recall (%) beyond distance {w}")
+    print_table(["w"] + [f"T = {length}" for length in map(str, eval_lengths(args))],
+                [[ww] + [pct(by_length[length]) for length in map(str, eval_lengths(args))]
+                 for ww, by_length in summary["window"].items()])
+
+
+def plot_lte_keeps(model, batches: dict[str, dict], args, device, seed: int) -> None:
+    """out/lte_keeps.png: for one held-out haystack (the longest distances), which keys each LTE
+    head holds at each query: window and sinks in grey, the buffer in blue; each fact's value is
+    a dot at (value, query): green when held then, red when not."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    name, batch = list(batches.items())[-1]
+    until = {i: u[0].cpu() for i, u in lte_visibility(model, batch["idx"][:1].to(device)).items()}   # [T, Hkv]
+    rows, _, values, queries = fact_positions(batch)
+    values, queries = values[rows == 0], queries[rows == 0]
+    T = batch["idx"].shape[1]
+    panels = [(i, h) for i in until for h in range(until[i].shape[-1])]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 5), squeeze=False)
+    for ax, (i, h) in zip(axes[0], panels):
+        mixer = model.blocks[i].mixer
+        q, k = torch.arange(T)[:, None], torch.arange(T)[None, :]
+        band = (k <= q) & ((q - k <= mixer.window) | (k < mixer.sink))
+        buffered = (k <= q) & ~band & (q <= until[i][:, h][None, :])
+        ax.imshow((band * 1 + buffered * 2).numpy(), cmap=matplotlib.colors.ListedColormap(["white", "0.8", "tab:blue"]),
+                  vmin=0, vmax=2, interpolation="nearest", origin="upper")
+        held = until[i][values, h] >= queries
+        far = queries - values > mixer.window
+        ax.scatter(values[far & held], queries[far & held], s=18, c="tab:green", label="fact value held at its query")
+        ax.scatter(values[far & ~held], queries[far & ~held], s=18, c="tab:red", marker="x",
+                   label="fact value gone by its query")
+        ax.set_xlabel("key position")
+        ax.set_title(f"layer {i}, KV head {h}: {int(buffered.any(0).sum())} keys ever buffered")
+    axes[0][0].set_ylabel("query position")
+    axes[0][0].legend(loc="lower left", fontsize=8)
+    fig.suptitle(f"What LTE holds: one held-out haystack, T = {T}, {max(args.eval_facts)} facts at distances {name} "
+                 f"(seed {seed})\ngrey: sinks and window, blue: the buffer (b = {args.lte_buffer})")
+    fig.tight_layout()
+    fig.savefig(args.out / "lte_keeps.png", dpi=100)
+    plt.close(fig)
+
+
+def plot_budget(report: dict, args) -> None:
+    """out/eviction_budget.png: recall beyond the window against b at inference, per length."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = report["summary"]
+    lengths = list(map(str, eval_lengths(args)))
+    fig, axes = plt.subplots(1, len(lengths), figsize=(5 * len(lengths), 4), sharey=True)
+    budgets = [int(b) for b in summary["budget"]]
+    for ax, length in zip(axes, lengths):
+        for row in next(iter(summary["budget"].values())):
+            cells = [summary["budget"][str(b)][row][length] for b in budgets]
+            mean = [c["mean"] for c in cells]
+            line, = ax.plot(budgets, mean, marker="o", label=row)
+            ax.fill_between(budgets, [c["min"] for c in cells], [c["max"] for c in cells], color=line.get_color(), alpha=0.15)
+        for row, style in (("gdn+attn (uncapped)", "--"), ("gdn+swa", ":")):
+            ax.axhline(beyond({k: v["mean"] for k, v in summary["recall"][row][length].items()}, args.window),
+                       color="grey", ls=style, lw=1, label=row)
+        ax.axvline(args.lte_buffer, color="grey", lw=0.5)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("b: buffer slots at inference (per KV head)")
+        ax.set_title(f"T = {length}")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"recall beyond the window (distance > {args.window})")
+    axes[0].legend(fontsize=8)
+    seeds = ", ".join(report["per_seed"])
+    fig.suptitle(f"Recall against the budget b at equal memory (s + w + 1 + b keys; seeds {seeds}: mean, band min-max)")
+    fig.tight_layout()
+    fig.savefig(args.out / "eviction_budget.png", dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
 # 6. Runs: every model once per seed, here or in parallel processes, with one progress view
 # ----------------------------------------------------------------------------------------------
 #
@@ -1747,6 +2060,12 @@ def build_parser() -> ArgumentParser:
                      help=f"a smoke run, {QUICK_TIME}: --steps {QUICK['steps']} --eval-batch {QUICK['eval_batch']} "
                           f"--log-every {QUICK['log_every']} --checkpoint-every {QUICK['checkpoint_every']} unless "
                           "given; far too short to learn recall (it stays at chance)")
+    run.add_argument("--eviction-report", action="store_true",
+                     help="learned against heuristic eviction at equal memory: read gdn+attn, gdn+lte and gdn+swa "
+                          "of every seed back from --out (training those missing first, with these flags), decode "
+                          "gdn+attn under StreamingLLM, TOVA and H2O with LTE's budget, and write eviction.json, "
+                          "lte_keeps.png and eviction_budget.png there (minutes on a CPU once the models exist); "
+                          "with --overwrite it replaces only those three files")
     run.add_argument("--sweep-state", action="store_true",
                      help="also train pure GDN at several state sizes (heads x key dim)")
     run.add_argument("--data", type=Path, metavar="FILE",
@@ -1881,10 +2200,20 @@ def check_flags(args) -> None:
     if 0 < args.until_plateau < args.steps:
         raise ValueError(f"--until-plateau {args.until_plateau}: less than --steps {args.steps}; give the most steps a "
                          f"run may reach, at least --steps (or 0: off)")
-    if args.resume and args.overwrite:
+    if args.eviction_report:
+        _check_eviction_flags(args)
+    if args.resume and args.overwrite and not args.eviction_report:
         raise ValueError("--resume and --overwrite exclude each other: continue the saved run, or replace it")
     if args.make_tokenizer and args.data is not None:
         raise ValueError("--make-tokenizer always trains on the Shakespeare train split (the committed file); drop --data")
+
+
+def _check_eviction_flags(args) -> None:
+    if args.models != list(MODELS):
+        raise ValueError(f"--eviction-report reads and trains {', '.join(EVICTION_PRESETS)}: drop --models")
+    for flag in ("sweep_state", "make_tokenizer"):
+        if getattr(args, flag):
+            raise ValueError(f"--eviction-report and {_flag(flag)} exclude each other: run them one after the other")
 
 
 def _check_numbers(args) -> None:
@@ -2030,7 +2359,7 @@ def output_files(out: Path) -> list[Path]:
     size and seed, also an earlier version's); nothing else counts or is ever deleted."""
     if not out.is_dir():
         return []
-    ours = lambda name: name in RESULT_FILES or CHECKPOINT_NAME.fullmatch(name)
+    ours = lambda name: name in RESULT_FILES + EVICTION_FILES or CHECKPOINT_NAME.fullmatch(name)
     return sorted(path for path in out.iterdir() if ours(path.name))
 
 
@@ -2242,6 +2571,57 @@ def report_failures(failures: list[dict]) -> None:
                      + ". The other runs' results are complete; --resume retries the failed ones.\n")
 
 
+def load_trained(args, seed: int, vocab_size: int, device) -> dict:
+    """The presets of --eviction-report with one seed, read back from their checkpoints, in eval mode."""
+    from tiny_hybrid import TinyHybrid
+
+    models = {}
+    for preset in EVICTION_PRESETS:
+        model = TinyHybrid(model_config(preset, args, vocab_size)).to(device)
+        ckpt = torch.load(checkpoint_path(args.out, preset, seed), map_location=device, weights_only=True)
+        model.load_state_dict(ckpt["model"])
+        models[preset] = model.eval()
+    return models
+
+
+def eviction_main(args) -> None:
+    """--eviction-report: gdn+attn, gdn+lte and gdn+swa for every seed, read back from --out (or
+    trained there first, like any run), then the report of section 5b into --out."""
+    wall_start = time.perf_counter()
+    existing = [name for name in EVICTION_FILES if (args.out / name).exists()]
+    if existing and not args.overwrite:
+        fail(f"--out {args.out} already holds an eviction report ({', '.join(existing)}): add --overwrite to "
+             f"replace it (only the report's files; checkpoints and results.json stay), or choose another --out")
+    args.models, args.overwrite = list(EVICTION_PRESETS), False
+    args.resume = args.resume or bool(output_files(args.out))   # finished runs are read back, missing ones trained
+    device, _, enc, tokens, val_tokens = prepare_run(args)
+    results, failures = run_all(planned_runs(args), args, tokens, val_tokens, enc.n_vocab, device)
+    if failures:
+        report_failures(failures)
+        raise SystemExit(1)
+    models_by_seed = {seed: load_trained(args, seed, enc.n_vocab, device) for seed in args.seeds}
+    sink = models_by_seed[args.seed]["gdn+lte"].config.lte_sink
+    report = eviction_report(models_by_seed, val_tokens, args, device)
+    print_eviction_report(report, args, sink)
+    plot_lte_keeps(models_by_seed[args.seed]["gdn+lte"], recall_batches(val_tokens, args, eval_lengths(args)[-1]),
+                   args, device, args.seed)
+    plot_budget(report, args)
+    wall = time.perf_counter() - wall_start
+    summary = {"settings": run_settings(args), "seeds": args.seeds,
+               "budget": {"sink": sink, "window": args.window, "buffer": args.lte_buffer},
+               "facts": max(args.eval_facts), "haystacks_per_cell": args.eval_batch,
+               "machine": f"{platform.machine()} {os.cpu_count()} cores, {device}", "wall_seconds": wall,
+               "tables": {"recall": "recall by distance bin, per model and length",
+                          "lte_keeps": "per LTE head: share of fact keys / fact values / text entering the buffer, "
+                                       "and of facts beyond the window whose value is held at its query",
+                          "budget": "recall beyond the window against b at inference, per model and length",
+                          "window": "gdn+lte's recall beyond the trained window against its window at inference"},
+               **report}
+    write_json_atomic(summary, args.out / "eviction.json")
+    print(f"\nwrote {args.out / 'eviction.json'}, {args.out / 'lte_keeps.png'} and {args.out / 'eviction_budget.png'}; "
+          f"wall time {wall:.0f}s")
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.make_tokenizer:
@@ -2250,6 +2630,8 @@ def main(argv=None) -> None:
         print(f"wrote {TOKENIZER_PATH} ({N_BPE} tokens) in {time.perf_counter() - start:.1f} s")
         return
 
+    if args.eviction_report:
+        return eviction_main(args)
     wall_start = time.perf_counter()
     device, earlier, enc, tokens, val_tokens = prepare_run(args)
     results, failures = run_all(planned_runs(args), args, tokens, val_tokens, enc.n_vocab, device)
