@@ -1484,7 +1484,7 @@ def eviction_report(models_by_seed: dict[int, dict], val_tokens, args, device) -
     lengths = eval_lengths(args)
     batches = {length: recall_batches(val_tokens, args, length) for length in lengths}
     per_seed = {}
-    with one_torch_thread():
+    with OneTorchThread():
         for seed, models in models_by_seed.items():
             t0 = time.perf_counter()
             recall = {row: {str(length): recall_by_distance(model, batches[length], device) for length in lengths}
@@ -1514,7 +1514,7 @@ def budget_recall(models: dict, buffer: int, recall: dict, batches: dict, args, 
                   for length, length_batches in batches.items()} for row in BUDGET_ROWS}
 
 
-class one_torch_thread:
+class OneTorchThread:
     """Run the heuristics' token-by-token decoding on one torch thread: each step is a few dozen
     tiny ops, where more threads only wait for each other (10x slower on a busy 2-core machine)."""
 
