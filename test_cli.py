@@ -147,7 +147,7 @@ def test_seeds_give_every_run_and_a_summary_then_resume_adds_a_seed(tmp_path, te
     # the report: mean (min-max) per model and setting, then each seed marked at the hardest setting
     assert "mean (min-max) over the model's seeds" in first.stdout
     loss = model["summary"]["eval"]["20"]["lm_loss"]["mean"]
-    assert re.search(rf"^gdn \*\s+2\s+{loss:.3f}\s", first.stdout, re.M)
+    assert re.search(rf"^gdn \?!\s+2\s+{loss:.3f}\s", first.stdout, re.M)      # its seeds' marks, 2 seeds
     seed_table = first.stdout[first.stdout.index("per seed, hardest setting"):]
     assert re.search(r"^gdn\s+\S+ \?!\s+\S+ \?!$", seed_table, re.M)      # not judged, not learned
     assert "--resume --seeds" not in first.stdout                              # the hint is for one seed only

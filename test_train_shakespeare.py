@@ -764,3 +764,18 @@ def test_until_plateau_stopped_inside_an_extension_resumes_to_the_same_model(tmp
     a, b = (torch.load(ts.checkpoint_path(tmp_path / d, "gdn+lte", 0), weights_only=True)["model"] for d in "ab")
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def test_the_probe_reads_without_changing_training(tmp_path):
+    """Reading the held-out probe every step (eval mode, no gradient) leaves the trained weights
+    exactly as without it, also for LTE (dropout, lambda controller) and NSA."""
+    for preset in ("gdn+lte", "gdn+nsa"):
+        flags = ("--steps", "6", "--eval-every", "1")
+        plain, _ = ts.train_model(preset, tiny_args(tmp_path / "plain", *flags), TEXT_TOKENS, ts.VOCAB_SIZE,
+                                  torch.device("cpu"))
+        args = tiny_args(tmp_path / "probed", *flags)
+        probed, record = ts.train_model(preset, args, TEXT_TOKENS, ts.VOCAB_SIZE, torch.device("cpu"),
+                                        probe=ts.probe_batch(TEXT_TOKENS, args))
+        assert [p["step"] for p in record["probe"]] == [1, 2, 3, 4, 5, 6]
+        for (name, a), b in zip(plain.state_dict().items(), probed.state_dict().values()):
+            assert torch.equal(a, b), (preset, name)
