@@ -538,5 +538,9 @@ def test_help_shows_every_flag_with_its_default_and_one_quick_time():
 
 def test_flags_given_win_over_quick(tmp_path):
     args = ts.parse_args(["--quick", "--steps", "100", "--out", str(tmp_path)])
-    assert (args.steps, args.eval_batch, args.log_every, args.checkpoint_every) == (100, 4, 10, 20)
-    assert ts.parse_args(["--out", str(tmp_path)]).steps == ts.DEFAULT_STEPS
+    assert (args.steps, args.eval_batch, args.log_every, args.eval_every, args.checkpoint_every) == (100, 4, 10, 5, 20)
+    default = ts.parse_args(["--out", str(tmp_path)])
+    assert (default.steps, default.eval_every, default.seeds, default.jobs) == (ts.DEFAULT_STEPS, 100, [0], None)
+    assert ts.parse_args(["--steps", "4800", "--out", str(tmp_path)]).eval_every == 200   # 24 readings a run
+    assert ts.parse_args(["--seed", "3", "--out", str(tmp_path)]).seeds == [3]
+    assert ts.parse_args(["--seeds", " 2, 0 ,5", "--out", str(tmp_path)]).seeds == [2, 0, 5]

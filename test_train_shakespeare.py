@@ -779,3 +779,16 @@ def test_the_probe_reads_without_changing_training(tmp_path):
         assert [p["step"] for p in record["probe"]] == [1, 2, 3, 4, 5, 6]
         for (name, a), b in zip(plain.state_dict().items(), probed.state_dict().values()):
             assert torch.equal(a, b), (preset, name)
+
+
+def test_parallel_status_table_shows_each_running_run(tmp_path, capsys):
+    args = tiny_args(tmp_path)
+    pool = ts.Pool([ts.Run("gdn", 2)], args, (), jobs=2, devices=["cuda:0", "cuda:1"], threads=4)
+    row = {"step": 1200, "steps": 2400, "loss": 1.2346, "recall": 0.5, "probe": 0.401, "eta": 150.0}
+    pool.running = {("gdn+lte", 0): ts.Child(ts.Run("gdn+lte", 0), None, None, "cuda:1", 0.0, row=row),
+                    ("gdn", 1): ts.Child(ts.Run("gdn", 1), None, None, "cuda:0", 0.0)}
+    pool.print_status()
+    out = capsys.readouterr().out
+    assert "2 running, 0 finished, 1 waiting, 0 failed" in out
+    assert re.search(r"^gdn\+lte seed 0\s+cuda:1\s+1200/2400\s+1\.235\s+50\.0%\s+40\.1%\s+2 min$", out, re.M)
+    assert re.search(r"^gdn seed 1\s+cuda:0\s+starting", out, re.M)

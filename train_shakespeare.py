@@ -2063,7 +2063,8 @@ def build_parser() -> ArgumentParser:
                           "report shows (0: off)")
     run.add_argument("--quick", action="store_true",
                      help=f"a smoke run, {QUICK_TIME}: --steps {QUICK['steps']} --eval-batch {QUICK['eval_batch']} "
-                          f"--log-every {QUICK['log_every']} --checkpoint-every {QUICK['checkpoint_every']} unless "
+                          f"--log-every {QUICK['log_every']} --eval-every {QUICK['eval_every']} --checkpoint-every "
+                          f"{QUICK['checkpoint_every']} unless "
                           "given; far too short to learn recall (it stays at chance)")
     run.add_argument("--eviction-report", action="store_true",
                      help="learned against heuristic eviction at equal memory: read gdn+attn, gdn+lte and gdn+swa "
