@@ -202,7 +202,7 @@ def test_parallel_runs_train_as_in_process_and_a_failed_run_is_reported(tmp_path
 
 def test_ctrl_c_stops_parallel_runs_after_a_saved_step_and_resume_finishes_them(tmp_path, text_file):
     out = tmp_path / "out"
-    flags = [*TINY, "--steps", "600", "--checkpoint-every", "5", "--models", "gdn,gdn+swa", "--data", text_file,
+    flags = [*TINY, "--steps", "300", "--checkpoint-every", "5", "--models", "gdn,gdn+swa", "--data", text_file,
              "--out", out, "--jobs", "2"]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.Popen([sys.executable, str(SCRIPT), *map(str, flags)], stdout=subprocess.PIPE,
@@ -218,14 +218,14 @@ def test_ctrl_c_stops_parallel_runs_after_a_saved_step_and_resume_finishes_them(
     assert re.search(r"interrupted: runs saved: gdn seed 0 at step \d+, gdn\+swa seed 0 at step \d+|"
                      r"interrupted: runs saved: gdn\+swa seed 0 at step \d+, gdn seed 0 at step \d+", stdout), stdout
     steps = {name: torch.load(out / f"{name}_seed0.pt", weights_only=True)["step"] for name in ("gdn", "gdn_swa")}
-    assert all(0 < step < 600 for step in steps.values()), steps
+    assert all(0 < step < 300 for step in steps.values()), steps
     assert not (out / "results.json").exists()
     resumed = run_cli(*flags, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     for name, step in steps.items():
         assert f"{name.replace('_', '+')} seed 0: resumed at step {step}" in resumed.stdout
     results = json.loads((out / "results.json").read_text())
-    assert [results["models"][p]["runs"]["0"]["history"][-1]["step"] for p in ("gdn", "gdn+swa")] == [600, 600]
+    assert [results["models"][p]["runs"]["0"]["history"][-1]["step"] for p in ("gdn", "gdn+swa")] == [300, 300]
 
 
 def test_use_triton_without_a_gpu_says_what_it_does_and_trains(tmp_path, text_file):
