@@ -270,17 +270,23 @@ def attention_decode(q, k_cache, v_cache, valid=None, scale=None):
         o = sum_s softmax_s(scale q . k_s | valid_s) v_s
     Returns o [B, H, D] in q's dtype.
     """
+    return attention_decode_weights(q, k_cache, v_cache, valid, scale)[0]
+
+
+def attention_decode_weights(q, k_cache, v_cache, valid=None, scale=None):
+    """`attention_decode` with its attention weights: (o [B, H, D], p [B, H, S]), p =
+    softmax_s(scale q . k_s | valid_s), zero on invalid slots (the heuristic eviction policies of
+    section 3e score the held tokens by them)."""
     _check_decode(q, k_cache, v_cache, valid)
     B, H, D = q.shape
-    Hkv = k_cache.shape[2]
+    G = H // k_cache.shape[2]
     scale = D ** -0.5 if scale is None else scale
-    G = H // Hkv
-    kf = _repeat_kv(k_cache, G).float()                                          # [B, S, H, D]
-    vf = _repeat_kv(v_cache, G).float()
-    scores = torch.einsum("bhd,bshd->bhs", q.float(), kf) * scale                # [B, H, S]
+    kf, vf = _repeat_kv(k_cache, G).float(), _repeat_kv(v_cache, G).float()    # [B, S, H, D]
+    scores = torch.einsum("bhd,bshd->bhs", q.float(), kf) * scale              # [B, H, S]
     if valid is not None:
         scores = scores.masked_fill(~_repeat_kv(valid[..., None], G)[..., 0].transpose(1, 2), float("-inf"))
-    return torch.einsum("bhs,bshd->bhd", scores.softmax(dim=-1), vf).to(q.dtype)
+    p = scores.softmax(dim=-1)                                                  # [B, H, S]
+    return torch.einsum("bhs,bshd->bhd", p, vf).to(q.dtype), p
 
 
 # --- 1c. Native Sparse Attention pieces -------------------------------------------------------
@@ -999,12 +1005,14 @@ def lte_kept_per_sequence(r, window: int, sink: int):
 
 # --- 3c. Inference: the cap of b retained tokens, streamed and in parallel --------------------
 
-def lte_buffer_push(buf_score, buf_pos, score, pos):
+def lte_buffer_push(buf_score, buf_pos, score, pos, offered=None):
     """[L6] Offer one token that leaves the window to the retained-token buffer (in place).
 
     buf_score, buf_pos: [..., b] (empty slots: score -inf, pos -1); score: [...] float, pos: an int
     or a 0-d integer tensor (a decoding step's position lives on the device).
-    The token enters when r > 0 and it fits or is at least as good as the lowest-scored buffered
+    offered: which tokens may enter at all, bool [...] or 0-d; by default LTE's r > 0 (the
+    heuristic policies of section 3e offer every token that leaves the window instead).
+    The token enters when offered and it fits or is at least as good as the lowest-scored buffered
     token, which then leaves (an empty slot counts as lowest). Ties go to the newer token: among
     equal scores the oldest leaves first, and a newcomer equal to the lowest enters. So the buffer
     always holds the top b of the tokens offered so far, ranked by (r, position), which is what
@@ -1017,7 +1025,7 @@ def lte_buffer_push(buf_score, buf_pos, score, pos):
     oldest_low = torch.where(buf_score == low, buf_pos, torch.iinfo(torch.int64).max)
     slot = oldest_low.argmin(dim=-1, keepdim=True)                              # [..., 1]
     # Differs from the paper on ties only: there a newcomer enters when its score is higher.
-    entered = (score > 0) & (score >= low[..., 0])
+    entered = (score > 0 if offered is None else offered) & (score >= low[..., 0])
     evicted = torch.where(entered, buf_pos.gather(-1, slot)[..., 0], -1)
     buf_score.scatter_(-1, slot, torch.where(entered, score, low[..., 0])[..., None])
     buf_pos.scatter_(-1, slot, torch.where(entered, pos, buf_pos.gather(-1, slot)[..., 0])[..., None])
@@ -1120,6 +1128,50 @@ def lte_final_buffer(scores, until, window: int, sink: int, buffer: int):
 
 
 # --- 3d. The mixer ------------------------------------------------------------------------------
+
+def _leave_to_sinks(state, t, window: int, sink: int):
+    """The first half of a decoding step's eviction, shared by LTE and the heuristic policies:
+    token j = t - w - 1 leaves the window's ring as token t arrives; a sink (j < s) moves to its
+    sink slot. Pure tensor ops on the device position t (0-d), no branch on its value.
+    Returns (j, its ring slot [1], its key and value {"k", "v": [B, 1, Hkv, D]})."""
+    j = t - window - 1
+    ring_slot = (t % (window + 1)).view(1)                 # j's ring slot, which token t takes next
+    leaving = {name: state[name].index_select(1, ring_slot) for name in ("k", "v")}
+    if sink:
+        to_sink = (j >= 0) & (j < sink)
+        sink_slot = j.clamp(0, sink - 1).view(1)
+        for name in ("k", "v"):
+            sinks = state["sink_" + name]
+            sinks.index_copy_(1, sink_slot, torch.where(to_sink, leaving[name], sinks.index_select(1, sink_slot)))
+        state["sink_valid"].index_copy_(1, sink_slot, state["sink_valid"].index_select(1, sink_slot) | to_sink)
+    return j, ring_slot, leaving
+
+
+def _enter_window(state, t, window: int, k, v):
+    """Token t (k, v [B, 1, Hkv, D]) takes ring slot t % (w + 1), the one token t - w - 1 has just
+    left. Returns that slot [1]."""
+    slot = (t % (window + 1)).view(1)
+    state["k"].index_copy_(1, slot, k.to(state["k"].dtype))
+    state["v"].index_copy_(1, slot, v.to(state["v"].dtype))
+    state["valid"].index_fill_(1, slot, True)
+    return slot
+
+
+def _held_slots(state):
+    """Every slot a query reads, side by side: sinks, the window's ring, the buffer. Returns k, v
+    [B, s + w + 1 + b, Hkv, D] and valid [B, s + w + 1 + b, Hkv]."""
+    slots = [(state["sink_k"], state["sink_v"], state["sink_valid"]), (state["k"], state["v"], state["valid"]),
+             (state["buf_k"], state["buf_v"], (state["buf_pos"] >= 0).transpose(1, 2))]
+    return tuple(torch.cat(parts, dim=1) for parts in zip(*slots))
+
+
+def _write_buffer_slot(state, leaving, entered, slot) -> None:
+    """Copy the leaving key and value into buffer slot `slot` [B, Hkv] where it entered."""
+    for name in ("k", "v"):
+        buf = state["buf_" + name]                                              # [B, b, Hkv, D]
+        idx = slot[:, None, :, None].expand(-1, 1, -1, buf.shape[-1])           # [B, 1, Hkv, D]
+        buf.scatter_(1, idx, torch.where(entered[:, None, :, None], leaving[name], buf.gather(1, idx)))
+
 
 class LTEAttention(_AttentionBase):
     """Learnable token eviction: sliding-window attention plus sink tokens plus the tokens the
@@ -1313,17 +1365,12 @@ class LTEAttention(_AttentionBase):
         t = state["pos"]                                   # 0-d, on the device
         q, k, v, k_raw = self._qkv(x, t, state)
         self._leave_window(state, t)
+        _enter_window(state, t, self.window, k, v)
         cache_dtype = state["k"].dtype
-        slot = (t % (self.window + 1)).view(1)             # the slot of token t - w - 1, which just left
-        state["k"].index_copy_(1, slot, k.to(cache_dtype))
-        state["v"].index_copy_(1, slot, v.to(cache_dtype))
-        state["valid"].index_fill_(1, slot, True)
         router_slot = (t % (2 * self.router.reach + 1)).view(1)
         state["router_in"].index_copy_(1, router_slot, torch.cat([k_raw, v], dim=-1).to(cache_dtype))
         self._score_ready_token(state, t, q.dtype)
-        slots = [(state["sink_k"], state["sink_v"], state["sink_valid"]), (state["k"], state["v"], state["valid"]),
-                 (state["buf_k"], state["buf_v"], (state["buf_pos"] >= 0).transpose(1, 2))]
-        k_all, v_all, valid = (torch.cat(parts, dim=1) for parts in zip(*slots))   # [B, s + w + 1 + b, ...]
+        k_all, v_all, valid = _held_slots(state)
         o = _op(self.config, attention_decode)(q[:, 0], k_all.to(q.dtype), v_all.to(q.dtype), valid)
         t.add_(1)                                          # last: t is the state's own tensor
         return o[:, None]
@@ -1351,27 +1398,15 @@ class LTEAttention(_AttentionBase):
     def _leave_window(self, state, t):
         """Token j = t - w - 1 leaves the window as token t arrives: to the sinks, the buffer [L6],
         or gone. Every step runs it; before any token has left (j < 0) it changes nothing."""
-        j = t - self.window - 1
-        ring_slot = (t % (self.window + 1)).view(1)        # j's ring slot, which token t takes next
-        leaving = {name: state[name].index_select(1, ring_slot) for name in ("k", "v")}   # [B, 1, Hkv, D]
-        if self.sink:
-            to_sink = (j >= 0) & (j < self.sink)
-            sink_slot = j.clamp(0, self.sink - 1).view(1)
-            for name in ("k", "v"):
-                sinks = state["sink_" + name]
-                sinks.index_copy_(1, sink_slot, torch.where(to_sink, leaving[name], sinks.index_select(1, sink_slot)))
-            state["sink_valid"].index_copy_(1, sink_slot, state["sink_valid"].index_select(1, sink_slot) | to_sink)
+        j, ring_slot, leaving = _leave_to_sinks(state, t, self.window, self.sink)
         if self.buffer == 0:
             return
         # a token that is not leaving to the buffer is offered with r = 0, which never enters [L6]
         offered = j >= self.sink
         score = torch.where(offered, state["score"].index_select(1, ring_slot)[:, 0], 0.0)   # [B, Hkv]
         entered, _, slot = lte_buffer_push(state["buf_score"], state["buf_pos"], score, j)   # [B, Hkv] each
-        for name in ("k", "v"):
-            buf = state["buf_" + name]                                          # [B, b, Hkv, D]
-            idx = slot[:, None, :, None].expand(-1, 1, -1, buf.shape[-1])       # [B, 1, Hkv, D]
-            new = torch.where(entered[:, None, :, None], leaving[name], buf.gather(1, idx))
-            buf.scatter_(1, idx, new)
+        _write_buffer_slot(state, leaving, entered, slot)
+
 
     def state_size(self, T: int) -> int:
         """Numbers held per sequence after T tokens: keys and values of the tokens held (sinks,
@@ -1413,22 +1448,6 @@ class LTEAttention(_AttentionBase):
 EVICTION_POLICIES = ("streaming", "tova", "h2o")
 
 
-def attention_decode_weights(q, k_cache, v_cache, valid=None, scale=None):
-    """`attention_decode` that also returns its attention weights: (o [B, H, D], p [B, H, S]),
-    p = softmax_s(scale q . k_s | valid_s), zero on invalid slots. The same maths, kept apart so
-    that the reference decoding step stays as it is."""
-    _check_decode(q, k_cache, v_cache, valid)
-    B, H, D = q.shape
-    G = H // k_cache.shape[2]
-    scale = D ** -0.5 if scale is None else scale
-    kf, vf = _repeat_kv(k_cache, G).float(), _repeat_kv(v_cache, G).float()    # [B, S, H, D]
-    scores = torch.einsum("bhd,bshd->bhs", q.float(), kf) * scale              # [B, H, S]
-    if valid is not None:
-        scores = scores.masked_fill(~_repeat_kv(valid[..., None], G)[..., 0].transpose(1, 2), float("-inf"))
-    p = scores.softmax(dim=-1)                                                  # [B, H, S]
-    return torch.einsum("bhs,bshd->bhd", p, vf).to(q.dtype), p
-
-
 def group_mean(p, n_kv_head: int):
     """[B, H, S] -> [B, S, Hkv]: the weights averaged over the query heads that share a KV head."""
     B, H, S = p.shape
@@ -1452,15 +1471,10 @@ def evict_lowest_push(buf_score, buf_pos, score, pos, offered):
     0-d tensor; offered: bool [...] or a 0-d bool tensor (False: nothing leaves to the buffer now).
     The token enters when it is offered and its score is at least the lowest buffered one (an
     empty slot counts as lowest); that token leaves, the oldest among equals.
-    Returns (entered bool [...], slot int64 [...]: where it went).
+    Returns (entered bool [...], slot int64 [...]: where it went). LTE's push, without its r > 0.
     """
-    low = buf_score.min(dim=-1, keepdim=True).values                           # [..., 1]
-    oldest_low = torch.where(buf_score == low, buf_pos, torch.iinfo(torch.int64).max)
-    slot = oldest_low.argmin(dim=-1, keepdim=True)                              # [..., 1]
-    entered = offered & (score >= low[..., 0])
-    buf_score.scatter_(-1, slot, torch.where(entered, score, low[..., 0])[..., None])
-    buf_pos.scatter_(-1, slot, torch.where(entered, pos, buf_pos.gather(-1, slot)[..., 0])[..., None])
-    return entered, slot[..., 0]
+    entered, _, slot = lte_buffer_push(buf_score, buf_pos, score, pos, offered)
+    return entered, slot
 
 
 class EvictingAttention(_AttentionBase):
@@ -1515,14 +1529,9 @@ class EvictingAttention(_AttentionBase):
         t = state["pos"]                                   # 0-d, on the device
         q, k, v, _ = self._qkv(x, t, state)
         self._leave_window(state, t)
-        slot = (t % (self.window + 1)).view(1)             # the slot of token t - w - 1, which just left
-        state["k"].index_copy_(1, slot, k.to(state["k"].dtype))
-        state["v"].index_copy_(1, slot, v.to(state["v"].dtype))
-        state["valid"].index_fill_(1, slot, True)
+        slot = _enter_window(state, t, self.window, k, v)
         state["score"].index_fill_(1, slot, 0.0)           # a newcomer has received no attention yet
-        slots = [(state["sink_k"], state["sink_v"], state["sink_valid"]), (state["k"], state["v"], state["valid"]),
-                 (state["buf_k"], state["buf_v"], (state["buf_pos"] >= 0).transpose(1, 2))]
-        k_all, v_all, valid = (torch.cat(parts, dim=1) for parts in zip(*slots))   # [B, s + w + 1 + b, ...]
+        k_all, v_all, valid = _held_slots(state)
         o, p = attention_decode_weights(q[:, 0], k_all.to(q.dtype), v_all.to(q.dtype), valid)
         if self.update_score is not None:
             self._score_held(state, group_mean(p, self.n_kv_head))
@@ -1541,24 +1550,12 @@ class EvictingAttention(_AttentionBase):
     def _leave_window(self, state, t):
         """Token j = t - w - 1 leaves the window as token t arrives: to the sinks (j < s), to the
         buffer (the policy's rule), or gone. Before any token has left (j < 0) nothing changes."""
-        j = t - self.window - 1
-        ring_slot = (t % (self.window + 1)).view(1)        # j's ring slot, which token t takes next
-        leaving = {name: state[name].index_select(1, ring_slot) for name in ("k", "v")}   # [B, 1, Hkv, D]
-        if self.sink:
-            to_sink = (j >= 0) & (j < self.sink)
-            sink_slot = j.clamp(0, self.sink - 1).view(1)
-            for name in ("k", "v"):
-                sinks = state["sink_" + name]
-                sinks.index_copy_(1, sink_slot, torch.where(to_sink, leaving[name], sinks.index_select(1, sink_slot)))
-            state["sink_valid"].index_copy_(1, sink_slot, state["sink_valid"].index_select(1, sink_slot) | to_sink)
+        j, ring_slot, leaving = _leave_to_sinks(state, t, self.window, self.sink)
         if self.buffer == 0:                               # StreamingLLM, or a policy given no buffer
             return
         score = state["score"].index_select(1, ring_slot)[:, 0]                 # [B, Hkv]
         entered, slot = evict_lowest_push(state["buf_score"], state["buf_pos"], score, j, j >= self.sink)
-        for name in ("k", "v"):
-            buf = state["buf_" + name]                                          # [B, b, Hkv, D]
-            idx = slot[:, None, :, None].expand(-1, 1, -1, buf.shape[-1])       # [B, 1, Hkv, D]
-            buf.scatter_(1, idx, torch.where(entered[:, None, :, None], leaving[name], buf.gather(1, idx)))
+        _write_buffer_slot(state, leaving, entered, slot)
 
     def held_positions(self, state) -> torch.Tensor:
         """bool [B, Hkv, T] with T = the tokens decoded so far: which positions the state holds
