@@ -289,7 +289,10 @@ def refused(capsys, argv) -> str:
     (["--lte-lambda-every", "-1"], ["--lte-lambda-every -1"]),
     (["--lte-router-lr", "-0.1"], ["--lte-router-lr -0.1"]),
     (["--answer-weight", "-1"], ["--answer-weight -1.0"]),
-    (["--max-facts", "40"], ["--max-facts 40", "from 2 to 32"]),
+    (["--max-facts", "40"], ["--max-facts 40", "--n-keys 32"]),      # more facts than distinct keys
+    (["--max-facts", "200"], ["--max-facts 200", "from 2 to 128"]),
+    (["--n-keys", "0"], ["--n-keys 0"]),
+    (["--n-keys", "16"], ["--max-facts 24", "--n-keys 16"]),
     (["--max-facts", "1"], ["--max-facts 1"]),
     (["--dense-facts", "0"], ["--dense-facts 0"]),
     (["--drill-facts", "33"], ["--drill-facts 33"]),

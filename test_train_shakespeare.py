@@ -382,7 +382,8 @@ def test_long_distances_crowding_the_sequence_still_fit():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(n_facts=33), "n_facts"),
+    (dict(n_facts=33, n_keys=32), "n_facts"),     # keys are distinct
+    (dict(n_keys=ts.N_KEYS + 1), "n_keys"),
     (dict(n_facts=(5, 3)), "n_facts"),
     (dict(distance_range=(0, 10)), "distance_range"),
     (dict(distance_range=(10, 255)), "distance_range"),

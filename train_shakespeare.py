@@ -87,11 +87,13 @@ N_BPE = 2048  # BPE vocabulary, including the 256 single bytes (ranks 0..255 = b
 # reserved tokens, so a fact needs no marker: the first time a key appears it is a fact, the second
 # time a query. (Marker tokens, a larger key set and a larger vocabulary each delay the moment a
 # small model learns associative recall; together they pushed it past a CPU-sized budget.)
-N_KEYS = 32
+# N_KEYS key tokens are reserved; a task draws its keys from the first --n-keys of them. With more
+# distinct keys than a GDN state has key dimensions, their keys cannot all be orthogonal in it.
+N_KEYS = 128
 N_VALUES = 32
 KEY_ID0 = N_BPE  # keys are KEY_ID0 .. KEY_ID0 + N_KEYS - 1
 VALUE_ID0 = KEY_ID0 + N_KEYS  # values are VALUE_ID0 .. VALUE_ID0 + N_VALUES - 1
-VOCAB_SIZE = VALUE_ID0 + N_VALUES  # 2112: what the model's embedding must cover
+VOCAB_SIZE = VALUE_ID0 + N_VALUES  # 2208: what the model's embedding must cover
 
 IGNORE_INDEX = -100  # target of positions without a loss (torch's cross_entropy default)
 BLOCK_LEN = 2  # a fact [key, value] and a query [key, value] are 2 tokens each
@@ -428,11 +430,18 @@ def _range(name: str, value: int | tuple[int, int]) -> tuple[int, int]:
     return int(lo), int(hi)
 
 
-def _check_recall_args(seq_len: int, n_facts: tuple[int, int], distance_range: tuple[int, int]) -> None:
+def _check_keys(n_keys: int) -> None:
+    if not 1 <= n_keys <= N_KEYS:
+        raise ValueError(f"n_keys={n_keys}: must lie in [1, N_KEYS={N_KEYS}] (the reserved key tokens)")
+
+
+def _check_recall_args(seq_len: int, n_facts: tuple[int, int], distance_range: tuple[int, int],
+                       n_keys: int = N_KEYS) -> None:
     """Raise ValueError unless n_facts facts at distances in distance_range can fit in seq_len tokens."""
     lo, hi = distance_range
-    if n_facts[0] < 0 or n_facts[1] > N_KEYS:
-        raise ValueError(f"n_facts={n_facts}: must lie in [0, N_KEYS={N_KEYS}] (keys are distinct)")
+    _check_keys(n_keys)
+    if n_facts[0] < 0 or n_facts[1] > n_keys:
+        raise ValueError(f"n_facts={n_facts}: must lie in [0, n_keys={n_keys}] (keys are distinct)")
     if lo < BLOCK_LEN - 1:
         raise ValueError(f"distance_range={distance_range}: the smallest distance is {BLOCK_LEN - 1} (query right after fact)")
     if hi > seq_len - BLOCK_LEN:
@@ -492,16 +501,18 @@ def _draw_layout(
 
 
 def make_sequence(
-    tokens: np.ndarray, seq_len: int, n_facts: int, distance_range: tuple[int, int], rng: np.random.Generator
+    tokens: np.ndarray, seq_len: int, n_facts: int, distance_range: tuple[int, int], rng: np.random.Generator,
+    n_keys: int = N_KEYS,
 ) -> dict[str, np.ndarray]:
-    """One sequence: a passage of `tokens` (random offset) with n_facts facts and their queries.
+    """One sequence: a passage of `tokens` (random offset) with n_facts facts and their queries, the
+    keys distinct, drawn from the first n_keys key tokens.
 
     Returns numpy arrays: idx [T], targets [T] (IGNORE_INDEX where no loss), answer_mask [T] bool,
     and per answer, in position order: answer_pos [n], answer_distance [n], answer_value [n].
     """
     stream_len = seq_len + 1  # one more than the inputs: targets are the stream shifted by one
     distances, fact_starts, query_starts = _draw_layout(stream_len, n_facts, distance_range, rng)
-    keys = KEY_ID0 + rng.choice(N_KEYS, size=n_facts, replace=False)
+    keys = KEY_ID0 + rng.choice(n_keys, size=n_facts, replace=False)
     values = VALUE_ID0 + rng.integers(0, N_VALUES, size=n_facts)
 
     stream = np.zeros(stream_len, dtype=np.int64)
@@ -541,12 +552,14 @@ def make_batch(
     n_facts: int | tuple[int, int],
     distance_range: int | tuple[int, int],
     rng: np.random.Generator,
+    n_keys: int = N_KEYS,
 ) -> dict[str, torch.Tensor]:
     """A batch of recall sequences, all drawn from rng (same seed, same batch).
 
     tokens: [N] int, a tokenized split. n_facts: per sequence, an int or an inclusive range
     (lo, hi) drawn per sequence. distance_range: inclusive (lo, hi) (or an int) of fact-to-query
-    distances in tokens, drawn uniformly per query; lo >= 2, hi <= seq_len - 3.
+    distances in tokens, drawn uniformly per query; lo >= 2, hi <= seq_len - 3. n_keys: how many of the
+    reserved key tokens the facts draw from.
 
     Returns torch tensors (B = batch_size, T = seq_len, N = number of answers in the batch):
       idx [B, T] int64             input tokens
@@ -558,26 +571,27 @@ def make_batch(
       answer_n_facts [N] int64     number of facts in its row    } with them
     """
     n_facts, distance_range = _range("n_facts", n_facts), _range("distance_range", distance_range)
-    _check_recall_args(seq_len, n_facts, distance_range)
+    _check_recall_args(seq_len, n_facts, distance_range, n_keys)
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: must be >= 1")
     rows = []
     for _ in range(batch_size):
         n = int(rng.integers(n_facts[0], n_facts[1] + 1))
-        rows.append(make_sequence(tokens, seq_len, n, distance_range, rng))
+        rows.append(make_sequence(tokens, seq_len, n, distance_range, rng, n_keys))
     return collate(rows)
 
 
-def make_drill_sequence(n_facts: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+def make_drill_sequence(n_facts: int, rng: np.random.Generator, n_keys: int = N_KEYS) -> dict[str, np.ndarray]:
     """A text-free recall drill: n_facts facts and their queries and nothing else (T = 4 n_facts).
 
     The 2 n_facts blocks come in random order; the first block of a key is its fact, the second
     its query. Same arrays as `make_sequence`.
     """
-    if not 1 <= n_facts <= N_KEYS:
-        raise ValueError(f"n_facts={n_facts}: a drill needs 1 to N_KEYS={N_KEYS} facts")
+    _check_keys(n_keys)
+    if not 1 <= n_facts <= n_keys:
+        raise ValueError(f"n_facts={n_facts}: a drill needs 1 to n_keys={n_keys} facts")
     order = rng.permutation(np.repeat(np.arange(n_facts), 2))             # [2n]: the fact of block b
-    keys = KEY_ID0 + rng.choice(N_KEYS, size=n_facts, replace=False)
+    keys = KEY_ID0 + rng.choice(n_keys, size=n_facts, replace=False)
     values = VALUE_ID0 + rng.integers(0, N_VALUES, size=n_facts)
     idx = np.stack([keys[order], values[order]], axis=1).reshape(-1)     # [2n, 2] -> [4n]
     is_fact = np.zeros(len(order), dtype=bool)
@@ -592,11 +606,11 @@ def make_drill_sequence(n_facts: int, rng: np.random.Generator) -> dict[str, np.
                 answer_distance=answer_distance, answer_value=targets[answer_pos])
 
 
-def make_drill_batch(batch_size: int, n_facts: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+def make_drill_batch(batch_size: int, n_facts: int, rng: np.random.Generator, n_keys: int = N_KEYS) -> dict[str, torch.Tensor]:
     """A batch of `make_drill_sequence`s (T = 4 n_facts), collated like `make_batch`."""
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: must be >= 1")
-    return collate([make_drill_sequence(n_facts, rng) for _ in range(batch_size)])
+    return collate([make_drill_sequence(n_facts, rng, n_keys) for _ in range(batch_size)])
 
 
 def collate(rows: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
@@ -672,12 +686,12 @@ def training_batch(tokens: np.ndarray, step: int, args, schedule_steps: int | No
     rng = np.random.default_rng((args.seed, step))
     kind = task_for_step(step, args, schedule_steps)
     if kind == "drill":  # 1 to drill_facts facts: easy drills start recall early, full ones fill the state
-        return make_drill_batch(args.batch_size, int(rng.integers(1, args.drill_facts + 1)), rng)
+        return make_drill_batch(args.batch_size, int(rng.integers(1, args.drill_facts + 1)), rng, args.n_keys)
     if kind == "dense":
         T, n_facts = args.dense_len, (args.dense_facts, args.dense_facts)
     else:
         T, n_facts = args.seq_len, (1, args.max_facts)
-    return make_batch(tokens, args.batch_size, T, n_facts, (BLOCK_LEN - 1, T - BLOCK_LEN), rng)
+    return make_batch(tokens, args.batch_size, T, n_facts, (BLOCK_LEN - 1, T - BLOCK_LEN), rng, args.n_keys)
 
 
 FINAL_LR = 0.1  # the cosine decays to this fraction of --lr
@@ -881,7 +895,8 @@ def probe_batch(val_tokens: np.ndarray, args) -> dict | None:
     for lo, hi in reversed(distance_bins(args.window, args.seq_len - BLOCK_LEN)):
         rng = np.random.default_rng((EVAL_SEED, args.seq_len, n, lo, PROBE_BATCHES))
         try:
-            return make_batch(val_tokens, PROBE_BATCHES * args.eval_batch, args.seq_len, n, (lo, hi), rng)
+            return make_batch(val_tokens, PROBE_BATCHES * args.eval_batch, args.seq_len, n, (lo, hi), rng,
+                              args.n_keys)
         except ValueError:
             continue  # n facts cannot all lie this far back: try the next shorter bin
     return None
@@ -931,7 +946,7 @@ def eval_batch(val_tokens, args, length: int, n_facts: int, distances: tuple[int
     the facts cannot fit at those distances."""
     rng = np.random.default_rng((EVAL_SEED, length, n_facts, distances[0]))
     try:
-        return make_batch(val_tokens, args.eval_batch, length, n_facts, distances, rng)
+        return make_batch(val_tokens, args.eval_batch, length, n_facts, distances, rng, args.n_keys)
     except ValueError:
         return None
 
@@ -2000,14 +2015,14 @@ RESULT_FILES = ("results.json", "forgetting_gap.png", "training_curves.png")
 RUN_SETTINGS = ("data", "seq_len", "d_model", "n_layer", "gdn_heads", "gdn_head_dim", "gdn_value_dim",
                 "window", "key_conv", "lte_buffer", "lte_lambda_init", "lte_lambda_every", "lte_router_lr",
                 "lte_train_cap", "nsa_topn", "batch_size", "lr", "answer_weight", "max_facts", "dense_len",
-                "dense_facts", "drill_frac", "drill_facts", "eval_batch")
+                "dense_facts", "drill_frac", "drill_facts", "eval_batch", "n_keys")
 
 # Allowed values of the numeric flags: (lowest, highest or None) for integers; for floats also
 # whether the lowest value itself is allowed.
 INT_RANGES = {"steps": (1, None), "seed": (0, None), "seq_len": (1, None), "d_model": (8, None),
               "n_layer": (1, None), "gdn_heads": (1, None), "gdn_head_dim": (1, None), "gdn_value_dim": (0, None),
               "window": (4, None), "key_conv": (0, None), "lte_buffer": (0, None), "lte_lambda_every": (0, None),
-              "nsa_topn": (1, None), "batch_size": (1, None), "max_facts": (2, N_KEYS), "dense_len": (1, None),
+              "nsa_topn": (1, None), "batch_size": (1, None), "max_facts": (2, N_KEYS), "n_keys": (1, N_KEYS), "dense_len": (1, None),
               "dense_facts": (1, N_KEYS), "drill_facts": (1, N_KEYS), "eval_batch": (1, None),
               "log_every": (1, None), "eval_every": (1, None), "checkpoint_every": (0, None), "jobs": (1, None),
               "until_plateau": (0, None)}
@@ -2125,6 +2140,8 @@ def build_parser() -> ArgumentParser:
     task.add_argument("--batch-size", type=int, default=16, help="sequences per training step")
     task.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW, warm-up, cosine decay to 10%%)")
     task.add_argument("--answer-weight", type=float, default=1.0, help="loss weight of a recall answer against a text token")
+    task.add_argument("--n-keys", type=int, default=32,
+                      help=f"distinct key tokens the facts draw from (at most {N_KEYS})")
     task.add_argument("--max-facts", type=int, default=24, help="most facts in a training haystack (1 to this)")
     task.add_argument("--dense-len", type=int, default=64, help="length of the short fact-dense passages")
     task.add_argument("--dense-facts", type=int, default=8, help="facts per fact-dense passage")
@@ -2241,7 +2258,12 @@ def _check_numbers(args) -> None:
 
 
 def _check_task_fits(args) -> None:
-    """The facts of each kind of training sequence must fit in its length (see TOKENS_PER_FACT)."""
+    """The facts of each kind of training sequence must fit in its length (see TOKENS_PER_FACT), and
+    there must be as many keys as facts (a sequence's keys are distinct)."""
+    for facts in ("max_facts", "dense_facts", "drill_facts"):
+        if getattr(args, facts) > args.n_keys:
+            raise ValueError(f"{_flag(facts)} {getattr(args, facts)}: a sequence's keys are distinct, so it "
+                             f"needs at most --n-keys {args.n_keys} facts; give --n-keys >= {getattr(args, facts)}")
     for length, facts in (("seq_len", "max_facts"), ("dense_len", "dense_facts")):
         need = TOKENS_PER_FACT * getattr(args, facts)
         if getattr(args, length) < need:
