@@ -1521,7 +1521,7 @@ def keep_shares(model, batches: dict[str, dict], device) -> dict[str, dict[str, 
         mixer = model.blocks[i].mixer
         for batch, rows in zip(batches.values(), until.split(sizes)):
             count_keeps(counts, rows, batch, i, mixer.sink, mixer.window)
-    return {head: {what: torch.cat(parts).float().mean().item() if sum(map(len, parts)) else float("nan")
+    return {head: {what: torch.cat(parts).double().mean().item() if sum(map(len, parts)) else float("nan")
                    for what, parts in shares.items()} for head, shares in counts.items()}
 
 
