@@ -454,7 +454,7 @@ def test_nsa_topn_at_inference_is_the_config_field(tmp_path):
     assert list(table) == ["3", str(args.nsa_topn)] and all(list(cells) == ["20", "40", "80"] for cells in table.values())
     for length, by_bin in batches.items():
         assert table[str(args.nsa_topn)][str(length)] == ts.beyond(ts.recall_by_distance(model, by_bin, "cpu"), args.window)
-    assert ts.nsa_topns(args) == [3, 4, 8, 16, 32, 64]
+    assert ts.nsa_topns(args) == [3, 4, 8, 16, 32]
 
 
 @pytest.mark.parametrize("top_n", [2, 0, -1, 2.5, True, "4"])

@@ -1403,14 +1403,14 @@ def recall_batches(val_tokens, args, length: int) -> dict[str, dict]:
 
 
 @torch.no_grad()
-def recall_by_distance(model, batches: dict[str, dict], device) -> dict[str, float]:
-    """Recall per distance bin; the bins' haystacks go through the model together, EVICTION_ROWS at
-    a time (a heuristic decodes token by token: one pass over T serves them all)."""
+def recall_by_distance(model, batches: dict[str, dict], device, rows: int = EVICTION_ROWS) -> dict[str, float]:
+    """Recall per distance bin; the bins' haystacks go through the model together, `rows` at a time
+    (a heuristic decodes token by token: one pass over T serves them all)."""
     model.eval()
     idx = torch.cat([b["idx"] for b in batches.values()])                      # [bins * eval_batch, T]
     answers = []
-    for rows in idx.split(EVICTION_ROWS):
-        logits, _ = model(rows.to(device))
+    for part in idx.split(rows):
+        logits, _ = model(part.to(device))
         answers.append(logits.argmax(-1).cpu())                                 # [rows, T]
     answers = torch.cat(answers).split([b["idx"].shape[0] for b in batches.values()])
     return {name: (answer[b["answer_mask"]] == b["targets"][b["answer_mask"]]).float().mean().item()
@@ -1527,7 +1527,8 @@ def keep_shares(model, batches: dict[str, dict], device) -> dict[str, dict[str, 
 
 # --- NSA's n at inference ---
 
-NSA_TOPNS = (3, 4, 8, 16, 32, 64)   # n at inference (blocks of w / 4 tokens); 3: the forced blocks alone
+NSA_TOPNS = (3, 4, 8, 16, 32)   # n at inference (blocks of w / 4 tokens); 3: the forced blocks alone
+NSA_ROWS = 16   # haystacks per NSA forward: its reference selection builds a [rows, T, Hkv, n, T] mask
 
 
 def nsa_topns(args) -> list[int]:
@@ -1551,7 +1552,8 @@ def nsa_topn_recall(model, top_ns: list[int], batches: dict[int, dict], args, de
     ({str(n): {str(length): recall}}); batches: {length: recall_batches}."""
     for top_n in top_ns:                                   # every n checked before any work
         _check_topn(model, top_n)
-    return {str(n): {str(length): beyond(recall_by_distance(with_nsa_topn(model, n), by_bin, device), args.window)
+    return {str(n): {str(length): beyond(recall_by_distance(with_nsa_topn(model, n), by_bin, device, NSA_ROWS),
+                                         args.window)
                      for length, by_bin in batches.items()} for n in top_ns}
 
 
