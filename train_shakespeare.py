@@ -1722,7 +1722,7 @@ def print_nsa_topn(report: dict, args) -> None:
         print(f"\nNSA's n at inference: not measured, {report['nsa_missing']}")
         return
     lengths = list(map(str, eval_lengths(args)))
-    block = args.window // 4
+    block = args.window // 4                               # NSA's block l, as model_config sets it
     print(f"\ngdn+nsa against its n at inference (blocks of l = {block} tokens; {seeds_note(report)}): recall (%) "
           f"beyond distance {args.window}; each query reads w + 1 = {args.window + 1} window keys, the complete "
           f"compressed blocks and n l selected keys, and its cache holds all T")
@@ -2234,8 +2234,10 @@ def build_parser() -> ArgumentParser:
                      help="learned against heuristic eviction at equal memory: read gdn+attn, gdn+lte and gdn+swa "
                           "of every seed back from --out (training those missing first, with these flags), decode "
                           "gdn+attn under StreamingLLM, TOVA and H2O with LTE's budget, and write eviction.json, "
-                          "lte_keeps.png and eviction_budget.png there (minutes on a CPU once the models exist); "
-                          "with --overwrite it replaces only those three files")
+                          "lte_keeps.png and eviction_budget.png there (minutes per seed on a CPU once the models "
+                          "exist; several seeds go in parallel processes there, one per core or --jobs); with "
+                          "gdn+nsa of every seed in --out, also NSA's n at inference; with --overwrite it replaces "
+                          "only those three files")
     run.add_argument("--sweep-state", action="store_true",
                      help="also train pure GDN at several state sizes (heads x key dim)")
     run.add_argument("--data", type=Path, metavar="FILE",
@@ -2795,8 +2797,8 @@ def eviction_main(args) -> None:
     presets = EVICTION_PRESETS + (() if missing else ("gdn+nsa",))
     jobs = eviction_jobs(args, device)
     if jobs > 1:
-        print(f"\neviction report: seeds {', '.join(map(str, args.seeds))}, {jobs} at a time, each in a process of "
-              f"one torch thread", flush=True)
+        print(f"\neviction report of seeds {', '.join(map(str, args.seeds))}: {jobs} processes at a time, one torch "
+              f"thread each", flush=True)
     report = eviction_report(args, val_tokens, enc.n_vocab, device, presets)
     if missing:
         report["nsa_missing"] = missing
