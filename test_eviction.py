@@ -264,11 +264,15 @@ def test_eviction_report_trains_what_is_missing_then_refuses_then_replaces_only_
                           "attn + TOVA", "attn + H2O", "gdn+attn (uncapped)", "gdn+swa"]
     assert list(rows["attn + H2O"]) == ["20", "40", "80"]                       # 1x, 2x, 4x the training length
     assert list(report["summary"]["budget"]) == [str(b) for b in ts.EVICTION_BUDGETS]
-    assert list(report["summary"]["lte_keeps"]) == ["layer 1 head 0", "layer 1 head 1"]
+    keeps = report["summary"]["keeps"]
+    assert list(keeps) == ["gdn+lte (learned)", "attn + TOVA", "attn + H2O"]
+    assert all(list(heads) == ["layer 1 head 0", "layer 1 head 1"] for heads in keeps.values())
     assert report["budget"] == {"sink": 4, "window": 8, "buffer": 4}
+    assert "nsa_topn" not in report["summary"] and "gdn+nsa checkpoint of seed 0" in report["nsa_missing"]
     for name in ts.EVICTION_FILES[1:]:
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
-    assert "attn + TOVA" in first.stdout and "What LTE keeps" in first.stdout
+    assert "attn + TOVA" in first.stdout and "What each policy keeps" in first.stdout
+    assert "NSA's n at inference: not measured, no gdn+nsa checkpoint of seed 0" in first.stdout
     checkpoints = {p.name: p.read_bytes() for p in out.glob("*.pt")}
     assert sorted(checkpoints) == ["gdn_attn_seed0.pt", "gdn_lte_seed0.pt", "gdn_swa_seed0.pt"]
 
@@ -298,3 +302,187 @@ def test_eviction_report_refuses_other_runs_before_any_work(flags, words, tmp_pa
     for word in words:
         assert word in err, (word, err)
     assert not (tmp_path / "out").exists()
+
+
+# --- the report's pieces: what each policy keeps, several seeds, NSA's n at inference ----------
+
+def _report_args(tmp_path, *flags):
+    import train_shakespeare as ts
+
+    return ts.parse_args([*TINY, "--out", str(tmp_path / "out"), *flags])
+
+
+def _haystacks(T, rows, window, seed=0):
+    """A recall batch of `rows` haystacks of T random text tokens, facts on both sides of the window."""
+    import numpy as np
+
+    import train_shakespeare as ts
+
+    rng = np.random.default_rng(seed)
+    text = rng.integers(0, ts.N_BPE, 5000)
+    return ts.make_batch(text, rows, T, 4, (2, T - 3), rng)
+
+
+def _held_sets(model, idx, layer):
+    """Per step t, per row and KV head: the set of positions layer `layer`'s decoding state holds
+    after token t (sinks, window, buffer positions), the model stepped one token at a time."""
+    mixer = model.blocks[layer].mixer
+    s, w = mixer.sink, mixer.window
+    B, T = idx.shape
+    state, held = model.init_state(B), []
+    for t in range(T):
+        model(idx[:, t:t + 1], state=state)
+        buf = state[layer]["buf_pos"]                                          # [B, Hkv, b]
+        held.append([[set(range(min(s, t + 1))) | set(range(max(0, t - w), t + 1))
+                      | {p for p in buf[b, h].tolist() if p >= 0} for h in range(buf.shape[1])] for b in range(B)])
+    return held
+
+
+@pytest.mark.parametrize("policy", ["lte", "tova", "h2o"])
+def test_keep_shares_are_a_plain_count_over_the_held_positions(policy):
+    """keep_shares of LTE, TOVA and H2O: the share of each kind of token that is still held right
+    after it leaves the window, and of far facts held at their query, counted over what the
+    decoding state holds after every token."""
+    import train_shakespeare as ts
+
+    sink, window, buffer, T = 2, 6, 4, 48
+    small = dict(SMALL, vocab_size=ts.VOCAB_SIZE, window=window, lte_sink=sink, lte_buffer=buffer)
+    torch.manual_seed(7)
+    if policy == "lte":
+        model = TinyHybrid(Config.preset("gdn+lte", **small)).eval()
+    else:
+        model = with_eviction(TinyHybrid(Config.preset("gdn+attn", **small)), policy, sink, window, buffer).eval()
+    batch = _haystacks(T, 3, window)
+    with torch.no_grad():
+        shares = ts.keep_shares(model, {"2-45": batch}, "cpu")
+        held = _held_sets(model, batch["idx"], 1)
+    rows, keys, values, queries = (x.tolist() for x in ts.fact_positions(batch))
+    for h in range(2):
+        count = {what: [] for what in ("fact keys", "fact values", "text", "held at query")}
+        for b in range(batch["idx"].shape[0]):
+            facts = [(k, v) for r, k, v in zip(rows, keys, values) if r == b]
+            for j in range(sink, T - window - 1):                          # tokens that leave the window
+                entered = j in held[j + window + 1][b][h]
+                if batch["idx"][b, j] < ts.N_BPE:
+                    count["text"].append(entered)
+                count["fact keys"] += [entered for k, _ in facts if k == j]
+                count["fact values"] += [entered for _, v in facts if v == j]
+        count["held at query"] = [v in held[q][r][h] for r, v, q in zip(rows, values, queries) if q - v > window]
+        want = {what: sum(c) / len(c) for what, c in count.items()}
+        assert shares[f"layer 1 head {h}"] == pytest.approx(want, abs=1e-12), h
+    kept = [shares[head]["text"] for head in shares]
+    assert any(0 < share < 1 for share in kept), kept                      # the buffer chose: some in, some out
+
+
+def test_the_seed_summary_is_mean_min_max_and_every_table_names_its_seeds(tmp_path, capsys):
+    import train_shakespeare as ts
+
+    args = _report_args(tmp_path)
+    lengths, rows = [str(t) for t in ts.eval_lengths(args)], list(ts.BUDGET_ROWS) + ["gdn+attn (uncapped)"]
+
+    def numbers(x):                    # one seed's numbers, every leaf x (recall 1-4 at T = 20: 3 x)
+        shares = {"fact keys": x, "fact values": x, "text": x, "held at query": x}
+        return {"recall": {row: {t: {"1-4": 3 * x if (row, t) == ("attn + H2O", "20") else x} for t in lengths}
+                           for row in rows},
+                "keeps": {row: {"layer 1 head 0": shares} for row in ts.KEEP_ROWS},
+                "budget": {str(b): {row: {t: x for t in lengths} for row in ts.BUDGET_ROWS} for b in (8, 64)},
+                "window": {"8": {t: x for t in lengths}},
+                "nsa_topn": {"3": {t: x for t in lengths}, "16": {t: x for t in lengths}}}
+
+    report = ts.summarize_seeds({"0": numbers(0.1), "1": numbers(0.2), "2": numbers(0.3)})
+    assert report["per_seed"]["1"] == numbers(0.2)
+    cell = report["summary"]["recall"]["attn + H2O"]["20"]["1-4"]
+    assert cell == pytest.approx({"mean": 0.6, "min": 0.3, "max": 0.9, "n": 3})
+    assert report["summary"]["keeps"]["attn + TOVA"]["layer 1 head 0"]["text"] == pytest.approx(
+        {"mean": 0.2, "min": 0.1, "max": 0.3, "n": 3})
+    ts.print_eviction_report(report, args, sink=4)
+    out = capsys.readouterr().out
+    # the heading, 3 recall tables, what each policy keeps, 3 budget tables, the window, NSA's n
+    assert out.count("seeds 0, 1, 2: mean (min-max)") == 10, out
+    assert "60.0 (30-90)" in out and "20.0 (10-30)" in out and "16 (trained)" in out
+
+
+def test_the_seeds_in_parallel_processes_give_each_seed_its_own_numbers(tmp_path):
+    """eviction_report over two seeds in two processes: each seed's numbers are those one process
+    computes for that seed alone, and the summary is over both."""
+    import numpy as np
+
+    import train_shakespeare as ts
+
+    args = _report_args(tmp_path, "--seeds", "0,1", "--jobs", "2")
+    args.out.mkdir()
+    for seed in args.seeds:                       # untrained models of two seeds, in the checkpoints' format
+        for preset in ts.EVICTION_PRESETS:
+            torch.manual_seed(seed)
+            model = TinyHybrid(ts.model_config(preset, args, ts.VOCAB_SIZE))
+            torch.save({"model": model.state_dict()}, ts.checkpoint_path(args.out, preset, seed))
+    val_tokens = np.random.default_rng(0).integers(0, ts.N_BPE, 3000)
+    cpu = torch.device("cpu")
+    assert ts.eviction_jobs(args, cpu) == 2
+    report = ts.eviction_report(args, val_tokens, ts.VOCAB_SIZE, cpu, ts.EVICTION_PRESETS)
+    alone = ts.seed_report(1, args, val_tokens, ts.VOCAB_SIZE, cpu, ts.EVICTION_PRESETS)
+    assert list(report["per_seed"]) == ["0", "1"] and report["per_seed"]["1"] == alone
+    assert report["per_seed"]["0"] != alone
+    assert report["summary"] == ts.summarize_nested([report["per_seed"]["0"], alone])
+
+
+def _tiny_nsa(args):
+    import train_shakespeare as ts
+
+    torch.manual_seed(0)
+    return TinyHybrid(ts.model_config("gdn+nsa", args, ts.VOCAB_SIZE)).eval()
+
+
+def test_nsa_topn_at_inference_is_the_config_field(tmp_path):
+    """with_nsa_topn changes only n: at the trained n it is the model itself, at another n the
+    outputs change; the table has a row per n and a cell per length."""
+    import numpy as np
+
+    import train_shakespeare as ts
+
+    args = _report_args(tmp_path)
+    model = _tiny_nsa(args)
+    idx = torch.randint(0, ts.N_BPE, (2, 80))
+    with torch.no_grad():
+        same, fewer = ts.with_nsa_topn(model, args.nsa_topn), ts.with_nsa_topn(model, 3)
+        torch.testing.assert_close(same(idx)[0], model(idx)[0], rtol=0, atol=0)
+        assert not torch.allclose(fewer(idx)[0], model(idx)[0], atol=1e-4)
+    assert model.config.nsa_topn == args.nsa_topn and fewer.config.nsa_topn == 3
+    assert all(block.mixer.top_n == 3 for block in fewer.blocks[1::2])
+    batches = ts.eviction_batches(np.random.default_rng(0).integers(0, ts.N_BPE, 3000), args)
+    table = ts.nsa_topn_recall(model, [3, args.nsa_topn], batches, args, "cpu")
+    assert list(table) == ["3", str(args.nsa_topn)] and all(list(cells) == ["20", "40", "80"] for cells in table.values())
+    for length, by_bin in batches.items():
+        assert table[str(args.nsa_topn)][str(length)] == ts.beyond(ts.recall_by_distance(model, by_bin, "cpu"), args.window)
+    assert ts.nsa_topns(args) == [3, 4, 8, 16, 32]
+
+
+@pytest.mark.parametrize("top_n", [2, 0, -1, 2.5, True, "4"])
+def test_nsa_topn_refuses_nonsense_n_before_any_work(top_n, tmp_path):
+    import train_shakespeare as ts
+
+    args = _report_args(tmp_path)
+    model = _tiny_nsa(args)
+    with pytest.raises(ValueError, match=f"top_n {top_n!r}: .* an int >= 3"):
+        ts.with_nsa_topn(model, top_n)
+    with pytest.raises(ValueError, match="top_n"):            # batches=None: refused before it is read
+        ts.nsa_topn_recall(model, [4, top_n], None, args, "cpu")
+    attn = TinyHybrid(ts.model_config("gdn+attn", args, ts.VOCAB_SIZE))
+    with pytest.raises(ValueError, match="needs a model with NSA layers"):
+        ts.with_nsa_topn(attn, 4)
+
+
+def test_nsa_table_needs_finished_gdn_nsa_runs_of_every_seed(tmp_path):
+    import train_shakespeare as ts
+
+    args = _report_args(tmp_path, "--seeds", "0,1")
+    args.out.mkdir()
+    done = {"settings": {**ts.run_settings(args), "seed": 0}, "step": args.steps, "result": {}}
+    torch.save(done, ts.checkpoint_path(args.out, "gdn+nsa", 0))
+    assert "no gdn+nsa checkpoint of seed 1" in ts.nsa_missing(args)
+    torch.save({**done, "step": args.steps - 1}, ts.checkpoint_path(args.out, "gdn+nsa", 1))
+    assert "gdn_nsa_seed1.pt has not finished its 4 steps" in ts.nsa_missing(args)
+    torch.save({**done, "settings": {**done["settings"], "window": 16}}, ts.checkpoint_path(args.out, "gdn+nsa", 1))
+    assert "gdn_nsa_seed1.pt was trained with another --window" in ts.nsa_missing(args)
+    torch.save(done, ts.checkpoint_path(args.out, "gdn+nsa", 1))
+    assert ts.nsa_missing(args) == ""
