@@ -963,6 +963,39 @@ class LTERouter(nn.Module):
         x = self.proj(x)                                                        # [B, Hkv, T]
         return torch.sigmoid(x.float()).transpose(1, 2) - 0.5                   # [L1]
 
+    def score_one(self, x, j):
+        """[L1] forward's score of the one token j, from its 2 reach + 1 inputs, with plain matmuls:
+        what a decoding step runs (no convolution kernels, which cost more than the maths here).
+
+        x: [B, 2 reach + 1, Hkv, 2D], [k before RoPE; v] at positions j - reach .. j + reach;
+        j: an int or a 0-d tensor. Returns r_j [B, Hkv] float32, equal to forward(k, v)[:, j] once
+        token j + reach exists. Each layer is the same convolution without padding (`_unpadded`),
+        so the inputs shrink to the one output at j. 'Same' padding over the whole sequence means
+        that every layer's input is zero before position 0, so it is zeroed there before each layer
+        (zeroing only the router's input would not do: the next layer would see conv(0) + bias)."""
+        _check_router_window(x, self.reach, self.n_kv_head, self.convs[0].in_channels // self.n_kv_head)
+        positions = j - self.reach + torch.arange(x.shape[1], device=x.device)  # [2 reach + 1]
+        for conv in self.convs:
+            x, positions = self._unpadded(conv, x, positions)
+            x = self.dropout(F.silu(x))
+        x, _ = self._unpadded(self.proj, x, positions)                          # [B, 1, Hkv, 1]
+        return torch.sigmoid(x[:, 0, :, 0].float()) - 0.5                       # [L1]
+
+    @staticmethod
+    def _unpadded(conv, x, positions):
+        """One of the router's grouped convolutions without padding, as one batched matmul over the
+        KV heads: output i is sum_m W[:, :, m] x_{i + d m} + bias, for the P - d (k - 1) outputs
+        that have all their taps. x: [B, P, Hkv, C_in] at `positions` [P]; inputs before position 0
+        count as zero. Returns (y [B, P - d (k - 1), Hkv, C_out], the outputs' positions)."""
+        (k,), (d,) = conv.kernel_size, conv.dilation
+        Hkv = conv.groups
+        x = torch.where((positions >= 0)[:, None, None], x, 0)                  # the sequence start's padding
+        taps = x.unfold(1, d * (k - 1) + 1, 1)[..., ::d]                       # [B, P', Hkv, C_in, k]
+        w = conv.weight.view(Hkv, -1, *conv.weight.shape[1:])                  # [Hkv C_out, C_in, k] -> [Hkv, C_out, C_in, k]
+        y = torch.einsum("bphck,hock->bpho", taps, w) + conv.bias.view(Hkv, -1)  # [B, P', Hkv, C_out]
+        half = d * (k - 1) // 2
+        return y, positions[half: positions.shape[0] - half]
+
 
 # --- 3b. Training: the boolean rule, its gradient, the L1 penalty and its weight ---------------
 
@@ -1379,22 +1412,17 @@ class LTEAttention(_AttentionBase):
     def _score_ready_token(self, state, t, dtype):
         """[L1] Token j = t - reach has its right context now: score it into its ring slot.
 
-        The router reads the 2 reach + 1 inputs j - reach .. j + reach, always that many, from the
-        router ring. Near the start (j < reach) the read starts at position 0 instead, and token j
-        sits at index j of it: the router then pads at the sequence's start, as over the whole
-        sequence (masking positions < 0 to zero would not do: the router's inner layers would see
-        conv(0) + bias there, not the zero padding). Inputs past t are never read for token j.
+        The router ring holds the inputs j - reach .. j + reach = t, read in that order; the
+        router's one-token form (`LTERouter.score_one`) zeroes those before position 0 (their slots
+        hold nothing yet, or later tokens), as its padding over the whole sequence does.
         While j < 0 nothing is written."""
-        reach = self.router.reach
-        n = 2 * reach + 1
-        j = t - reach
-        first = (j - reach).clamp(min=0)
-        ctx = state["router_in"].index_select(1, (first + torch.arange(n, device=t.device)) % n)  # [B, n, Hkv, 2D]
-        r = self.router(*ctx.to(dtype).split(self.head_dim, dim=-1))           # [B, n, Hkv]
-        r_j = r.index_select(1, (j - first).clamp(min=0).view(1))              # [B, 1, Hkv]
+        n = 2 * self.router.reach + 1
+        j = t - self.router.reach
+        ctx = state["router_in"].index_select(1, (j - self.router.reach + torch.arange(n, device=t.device)) % n)
+        r_j = self.router.score_one(ctx.to(dtype), j)                          # [B, Hkv]; ctx: [B, n, Hkv, 2D]
         slot = (j % (self.window + 1)).view(1)
         old = state["score"].index_select(1, slot)
-        state["score"].index_copy_(1, slot, torch.where(j >= 0, r_j.float(), old))
+        state["score"].index_copy_(1, slot, torch.where(j >= 0, r_j[:, None], old))
 
     def _leave_window(self, state, t):
         """Token j = t - w - 1 leaves the window as token t arrives: to the sinks, the buffer [L6],
@@ -2348,6 +2376,15 @@ def _check_router_convs(kernel_sizes, dilations) -> None:
     if any(k < 1 or k % 2 == 0 for k in kernel_sizes) or any(d < 1 for d in dilations):
         raise ValueError(f"lte_kernel_sizes must be odd and >= 1 ('same' padding), dilations >= 1; "
                          f"got {kernel_sizes}, {dilations}")
+
+
+def _check_router_window(x, reach: int, n_kv_head: int, channels: int) -> None:
+    """LTERouter.score_one's input: [B, 2 reach + 1, Hkv, 2D], a token and its reach neighbours
+    on each side (a longer window would score another token without a word)."""
+    _check_tensor("x", x, 4)
+    if tuple(x.shape[1:]) != (2 * reach + 1, n_kv_head, channels):
+        raise ValueError(f"x must be [B, 2 reach + 1, Hkv, 2D] = [B, {2 * reach + 1}, {n_kv_head}, {channels}] "
+                         f"(token j and its {reach} neighbours on each side), got shape {tuple(x.shape)}")
 
 
 def _check_lte_rule(scores, window, sink, buffer) -> None:
