@@ -109,9 +109,9 @@ def test_static_step_through_the_triton_kernels_equals_the_parallel_reference(pr
 
 def test_lte_scores_near_the_start_equal_the_routers_over_the_whole_sequence():
     """Token j is scored when token j + reach arrives, from the 2 reach + 1 router inputs around it
-    in the router ring; for j < reach some of them lie before position 0, and their slots hold
-    nothing yet or later tokens: the router's one-token form must pad there as the router does over
-    the whole sequence. Every score equals the parallel router's."""
+    in the router ring; for j < reach some of them lie before position 0, where the router's
+    one-token form must pad, in every layer, as the router does over the whole sequence. Every
+    score equals the parallel router's."""
     model = small_model("gdn+lte")
     lte = model.blocks[1].mixer
     idx = torch.randint(0, 61, (2, 16), generator=torch.Generator().manual_seed(3))

@@ -921,6 +921,8 @@ class LTERouter(nn.Module):
         r_j = sigmoid(cnn([k; v] at j - reach .. j + reach)) - 0.5       (kept when r_j > 0)
     The projection's bias starts at +0.5 so that at first every token is kept (r ~ 0.12).
     `reach` (see `lte_reach`): how far a score reads on each side, 6 by default.
+    `forward` scores a whole sequence; `score_one` scores one token from its 2 reach + 1 inputs,
+    the same maths as batched matmuls, for a decoding step.
     """
 
     def __init__(self, n_kv_head: int, head_dim: int, kernel_sizes=(3, 3, 3), dilations=(2, 2, 2),
@@ -1413,9 +1415,8 @@ class LTEAttention(_AttentionBase):
         """[L1] Token j = t - reach has its right context now: score it into its ring slot.
 
         The router ring holds the inputs j - reach .. j + reach = t, read in that order; the
-        router's one-token form (`LTERouter.score_one`) zeroes those before position 0 (their slots
-        hold nothing yet, or later tokens), as its padding over the whole sequence does.
-        While j < 0 nothing is written."""
+        router's one-token form (`LTERouter.score_one`) counts those before position 0 as its
+        padding over the whole sequence, in every layer. While j < 0 nothing is written."""
         n = 2 * self.router.reach + 1
         j = t - self.router.reach
         ctx = state["router_in"].index_select(1, (j - self.router.reach + torch.arange(n, device=t.device)) % n)
