@@ -108,10 +108,10 @@ def test_static_step_through_the_triton_kernels_equals_the_parallel_reference(pr
 
 
 def test_lte_scores_near_the_start_equal_the_routers_over_the_whole_sequence():
-    """Token j is scored when token j + reach arrives, from a window of 2 reach + 1 router inputs of
-    fixed length; for j < reach the window starts at position 0, where the router pads as it does
-    over the whole sequence (zeroing inputs at positions < 0 instead would not do: the router's
-    inner layers would see conv(0) + bias there). Every score equals the parallel router's."""
+    """Token j is scored when token j + reach arrives, from the 2 reach + 1 router inputs around it
+    in the router ring; for j < reach some of them lie before position 0, where the router's
+    one-token form must pad, in every layer, as the router does over the whole sequence. Every
+    score equals the parallel router's."""
     model = small_model("gdn+lte")
     lte = model.blocks[1].mixer
     idx = torch.randint(0, 61, (2, 16), generator=torch.Generator().manual_seed(3))
@@ -127,6 +127,40 @@ def test_lte_scores_near_the_start_equal_the_routers_over_the_whole_sequence():
             j = t - reach
             if j >= 0:
                 torch.testing.assert_close(decoder.state[1]["score"][:, j % slots], want[:, j], atol=1e-6, rtol=1e-6)
+
+
+ROUTER_CONVS = {"paper": ((3, 3, 3), (2, 2, 2)), "mixed": ((3, 5, 1), (1, 2, 3)), "one layer": ((5,), (3,)),
+                "kernel 1": ((1,), (1,))}
+
+
+@pytest.mark.parametrize("convs", list(ROUTER_CONVS))
+def test_router_one_token_form_equals_its_forward(convs):
+    """LTERouter.score_one, the matmul form a decoding step runs, gives forward's score of token j
+    from the 2 reach + 1 inputs around it, for every j whose right context exists, the ones near
+    the start included: whatever the inputs before position 0 hold, they count as the padding
+    (they are filled with noise here). Non-zero biases, so that padding only the router's input
+    and not its inner layers would show."""
+    kernel_sizes, dilations = ROUTER_CONVS[convs]
+    torch.manual_seed(0)
+    router = th.LTERouter(3, 4, kernel_sizes, dilations).eval()
+    reach = router.reach
+    B, T = 2, 3 * reach + 4
+    k, v = torch.randn(B, T, 3, 4), torch.randn(B, T, 3, 4)
+    with torch.no_grad():
+        want = router(k, v)                                                    # [B, T, Hkv]
+        x = torch.cat([torch.randn(B, reach, 3, 8), torch.cat([k, v], dim=-1)], dim=1)   # noise before position 0
+        for j in range(T - reach):
+            window = x[:, j: j + 2 * reach + 1]                                # positions j - reach .. j + reach
+            got = router.score_one(window, j if j % 2 else torch.tensor(j))   # an int or a 0-d tensor
+            torch.testing.assert_close(got, want[:, j], atol=1e-6, rtol=1e-6, msg=lambda m: f"j = {j}: {m}")
+
+
+def test_router_one_token_form_takes_exactly_one_tokens_window():
+    router = th.LTERouter(2, 4)                                                # reach 6: 13 inputs
+    with pytest.raises(ValueError, match=r"x must be \[B, 2 reach \+ 1, Hkv, 2D\] = \[B, 13, 2, 8\].*\(2, 14, 2, 8\)"):
+        router.score_one(torch.randn(2, 14, 2, 8), 20)
+    with pytest.raises(ValueError, match="x must have 4 dims"):
+        router.score_one(torch.randn(13, 2, 8), 20)
 
 
 def test_a_decoder_serves_one_sequence_after_another():
@@ -214,6 +248,24 @@ def test_every_step_does_the_same_work_in_place_without_reading_the_device(prese
     assert not {name for name, _ in logs[0]} & HOST_READS
     assert _tensors(decoder.state) == before
     assert [{k: v for k, v in layer.items() if not isinstance(v, torch.Tensor)} for layer in decoder.state] == hosts
+
+
+@pytest.mark.parametrize("preset", ["gdn", "gdn+swa", "gdn+lte", "transformer"])
+def test_a_decoding_step_runs_one_matmul_per_weight_matrix_and_no_router_convolution(preset):
+    """What a captured step costs is about the sum of its kernels, so each mixer projects its input
+    once (GDN: q, k, v, beta, alpha, gate; attention: q, k, v), SwiGLU its gate and up at once, and
+    the LTE router runs as batched matmuls, not convolutions. Per layer: the input and output
+    projections and SwiGLU's two, plus the output head; GDN's three short convs per GDN layer."""
+    model = small_model(preset)
+    decoder = model.decoder(2, 40, cuda_graph=False)
+    with torch.no_grad():
+        decoder.prefill(torch.randint(0, 61, (2, 3)))
+        with OpLog() as log:
+            model._decode_step(torch.zeros(2, 1, dtype=torch.long), decoder.state)
+    names = [name for name, _ in log.ops]
+    layers = model.config.layers
+    assert names.count("mm") + names.count("addmm") == 4 * len(layers) + 1
+    assert names.count("convolution") == 3 * layers.count("gdn")
 
 
 def test_sampling_draws_what_torch_multinomial_draws():

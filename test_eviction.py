@@ -185,8 +185,8 @@ def test_nothing_evicted_is_full_attention(policy):
         got = torch.cat([evicting(idx[:, :12], state=state)[0], evicting(idx[:, 12:], state=state)[0]], dim=1)
         want = torch.cat([model(idx[:, :12], state=want_state)[0], model(idx[:, 12:], state=want_state)[0]], dim=1)
     torch.testing.assert_close(got, want, **TOL)
-    assert model.blocks[1].mixer.q_proj.weight is not evicting.blocks[1].mixer.q_proj.weight   # a copy
-    torch.testing.assert_close(model.blocks[1].mixer.q_proj.weight, evicting.blocks[1].mixer.q_proj.weight)
+    assert model.blocks[1].mixer.qkv_proj.weight is not evicting.blocks[1].mixer.qkv_proj.weight   # a copy
+    torch.testing.assert_close(model.blocks[1].mixer.qkv_proj.weight, evicting.blocks[1].mixer.qkv_proj.weight)
 
 
 def test_streaming_without_buffer_is_sliding_window_with_sinks():

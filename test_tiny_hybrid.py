@@ -759,13 +759,16 @@ def test_lte_decode_state_holds_exactly_the_streaming_rule_tokens():
     model = TinyHybrid(small_config("gdn+lte", lte_buffer=4)).eval()
     lte = model.blocks[1].mixer
     idx = torch.randint(0, 61, (2, 64))
-    real = th.LTERouter.forward
+    real, real_one = th.LTERouter.forward, th.LTERouter.score_one
     with torch.no_grad():
         _, _, v, k_raw = lte._qkv(model.blocks[1].norm1(_hidden_before(model, idx, 1)))
         raw = real(lte.router, k_raw, v)
     centre, spread = raw.median(), raw.std()
     # quantised scores in {-3/8 .. 3/8}: many exact ties, both signs, the same in every code path
-    th.LTERouter.forward = lambda self, k, v: ((real(self, k, v) - centre) / spread * 1.5).round().clamp(-3, 3) / 8
+    # (the parallel forward and the decoding step's one-token form)
+    quantised = lambda r: ((r - centre) / spread * 1.5).round().clamp(-3, 3) / 8
+    th.LTERouter.forward = lambda self, k, v: quantised(real(self, k, v))
+    th.LTERouter.score_one = lambda self, x, j: quantised(real_one(self, x, j))
     try:
         state = model.init_state(2)
         with torch.no_grad():
@@ -774,7 +777,7 @@ def test_lte_decode_state_holds_exactly_the_streaming_rule_tokens():
                 model(idx[:, t: t + 1], state=state)
             r = lte.router(k_raw, v)
     finally:
-        th.LTERouter.forward = real
+        th.LTERouter.forward, th.LTERouter.score_one = real, real_one
     assert (r > 0).any() and (r <= 0).any() and len(r.unique()) < 8
     st = state[1]
     for b in range(2):

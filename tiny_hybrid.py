@@ -489,6 +489,7 @@ class GatedDeltaNet(nn.Module):
     x -> q, k, v (each: linear, short causal conv, SiLU); q, k L2-normalised per head;
     beta = sigmoid(W_b x); g = log alpha = -exp(A_log) softplus(W_a x + dt_bias) <= 0       [G1]
     o = gated_delta_rule(q, k, v, g, beta); o = RMSNorm(o) * SiLU(W_gate x) per head; out = W_o o.
+    W_q, W_k, W_v, W_b, W_a and W_gate live stacked in one Linear, `in_proj`; W_o is `o_proj`.
     State per sequence: H x K x V numbers plus the conv tails, whatever the length.
     Reads from the config: d_model, gdn_heads, gdn_head_dim, gdn_value_dim, gdn_conv_size,
     gdn_chunk_size, use_triton.
@@ -499,14 +500,12 @@ class GatedDeltaNet(nn.Module):
         self.config = config
         C, H, K, V = config.d_model, config.gdn_heads, config.gdn_head_dim, config.gdn_value_dim
         self.n_head, self.head_dim, self.value_dim = H, K, V
-        self.q_proj = nn.Linear(C, H * K, bias=False)
-        self.k_proj = nn.Linear(C, H * K, bias=False)
-        self.v_proj = nn.Linear(C, H * V, bias=False)
+        # W_q, W_k, W_v, W_b (beta), W_a (alpha) and W_gate stacked by rows into one matrix: the
+        # same maths as six separate projections, one launch instead of six. _mix splits the output.
+        self.in_split = (H * K, H * K, H * V, H, H, H * V)                     # q, k, v, beta, alpha, gate
+        self.in_proj = nn.Linear(C, sum(self.in_split), bias=False)
         self.q_conv, self.k_conv = (ShortConv(H * K, config.gdn_conv_size) for _ in range(2))
         self.v_conv = ShortConv(H * V, config.gdn_conv_size)
-        self.a_proj = nn.Linear(C, H, bias=False)
-        self.b_proj = nn.Linear(C, H, bias=False)
-        self.g_proj = nn.Linear(C, H * V, bias=False)
         self.o_norm = RMSNorm(V)
         self.o_proj = nn.Linear(H * V, C, bias=False)
         # Decay rates spread over heads (as in Mamba-2 / GDN): A in [1, 16], dt in [1e-3, 1e-1].
@@ -549,24 +548,25 @@ class GatedDeltaNet(nn.Module):
     def _mix(self, x, state):
         B, T, _ = x.shape
         H, V = self.n_head, self.value_dim
-        convs = {}
-        for name, proj, conv in (("q", self.q_proj, self.q_conv), ("k", self.k_proj, self.k_conv),
-                                 ("v", self.v_proj, self.v_conv)):
-            y, convs[name] = conv(proj(x), None if state is None else state[f"{name}_conv"])
-            convs[name + "_out"] = F.silu(y).view(B, T, H, -1)                  # [B, T, C'] -> [B, T, H, K or V]
-        q = F.normalize(convs["q_out"].float(), dim=-1).to(x.dtype)
-        k = F.normalize(convs["k_out"].float(), dim=-1).to(x.dtype)
-        v = convs["v_out"]
-        beta = torch.sigmoid(self.b_proj(x).float())                            # [G1] [B, T, H]
-        g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias)   # [G1] log alpha
+        # [B, T, C] -> q, k [B, T, H K], v [B, T, H V], beta, alpha [B, T, H], gate [B, T, H V]
+        q, k, v, b, a, gate = self.in_proj(x).split(self.in_split, dim=-1)
+        heads, tails = {}, {}
+        for name, y, conv in (("q", q, self.q_conv), ("k", k, self.k_conv), ("v", v, self.v_conv)):
+            y, tails[name] = conv(y, None if state is None else state[f"{name}_conv"])
+            heads[name] = F.silu(y).view(B, T, H, -1)                           # [B, T, C'] -> [B, T, H, K or V]
+        q = F.normalize(heads["q"].float(), dim=-1).to(x.dtype)
+        k = F.normalize(heads["k"].float(), dim=-1).to(x.dtype)
+        v = heads["v"]
+        beta = torch.sigmoid(b.float())                                         # [G1] [B, T, H]
+        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)    # [G1] log alpha
         if state is None:
             o, _ = _op(self.config, gated_delta_rule)(q, k, v, g, beta, chunk_size=self.config.gdn_chunk_size)
         else:
             o = self._decode(q, k, v, g, beta, state)
             for name in ("q", "k", "v"):                   # in place, as every write to a state
-                state[f"{name}_conv"].copy_(convs[name])
+                state[f"{name}_conv"].copy_(tails[name])
             state["pos"].add_(T)
-        o = self.o_norm(o) * F.silu(self.g_proj(x).view(B, T, H, V))
+        o = self.o_norm(o) * F.silu(gate.view(B, T, H, V))                     # [B, T, H V] -> [B, T, H, V]
         return self.o_proj(o.reshape(B, T, H * V))                              # [B, T, H, V] -> [B, T, C']
 
     def _decode(self, q, k, v, g, beta, state):
@@ -605,9 +605,10 @@ class _AttentionBase(nn.Module):
         self.config = config
         C, H, Hkv, D = config.d_model, config.n_head, config.n_kv_head, config.head_dim
         self.n_head, self.n_kv_head, self.head_dim = H, Hkv, D
-        self.q_proj = nn.Linear(C, H * D, bias=False)
-        self.k_proj = nn.Linear(C, Hkv * D, bias=False)
-        self.v_proj = nn.Linear(C, Hkv * D, bias=False)
+        # W_q, W_k and W_v stacked by rows into one matrix: the same maths as three projections,
+        # one launch instead of three. _qkv splits the output (k: Hkv heads only, GQA).
+        self.qkv_split = (H * D, Hkv * D, Hkv * D)                             # q, k, v
+        self.qkv_proj = nn.Linear(C, sum(self.qkv_split), bias=False)
         self.o_proj = nn.Linear(H * D, C, bias=False)
         # Differs from the paper (an addition, off by default): the key shift described above.
         self.k_conv = ShortConv(Hkv * D, config.key_conv) if config.key_conv else None
@@ -641,15 +642,15 @@ class _AttentionBase(nn.Module):
         offset .. offset + T - 1 (an int, or a 0-d tensor on the device while decoding). With a
         decoding state, the key shift continues from (and updates, in place) its conv tail."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
-        k = self.k_proj(x)
+        q, k, v = self.qkv_proj(x).split(self.qkv_split, dim=-1)               # [B, T, H D], 2 x [B, T, Hkv D]
         if self.k_conv is not None:
             shifted, tail = self.k_conv(k, None if state is None else state["k_conv"])
             k = k + shifted
             if state is not None:
                 state["k_conv"].copy_(tail)
+        q = q.view(B, T, self.n_head, self.head_dim)                            # [B, T, H * D] -> [B, T, H, D]
         k = k.view(B, T, self.n_kv_head, self.head_dim)                         # [B, T, Hkv * D] -> [B, T, Hkv, D]
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = v.view(B, T, self.n_kv_head, self.head_dim)
         base = self.config.rope_base
         return rotary(q, offset, base), rotary(k, offset, base), v, k
 
@@ -920,6 +921,8 @@ class LTERouter(nn.Module):
         r_j = sigmoid(cnn([k; v] at j - reach .. j + reach)) - 0.5       (kept when r_j > 0)
     The projection's bias starts at +0.5 so that at first every token is kept (r ~ 0.12).
     `reach` (see `lte_reach`): how far a score reads on each side, 6 by default.
+    `forward` scores a whole sequence; `score_one` scores one token from its 2 reach + 1 inputs,
+    the same maths as batched matmuls, for a decoding step.
     """
 
     def __init__(self, n_kv_head: int, head_dim: int, kernel_sizes=(3, 3, 3), dilations=(2, 2, 2),
@@ -961,6 +964,39 @@ class LTERouter(nn.Module):
             x = self.dropout(F.silu(conv(x)))
         x = self.proj(x)                                                        # [B, Hkv, T]
         return torch.sigmoid(x.float()).transpose(1, 2) - 0.5                   # [L1]
+
+    def score_one(self, x, j):
+        """[L1] forward's score of the one token j, from its 2 reach + 1 inputs, with plain matmuls:
+        what a decoding step runs (no convolution kernels, which cost more than the maths here).
+
+        x: [B, 2 reach + 1, Hkv, 2D], [k before RoPE; v] at positions j - reach .. j + reach;
+        j: an int or a 0-d tensor. Returns r_j [B, Hkv] float32, equal to forward(k, v)[:, j] once
+        token j + reach exists. Each layer is the same convolution without padding (`_unpadded`),
+        so the inputs shrink to the one output at j. 'Same' padding over the whole sequence means
+        that every layer's input is zero before position 0, so it is zeroed there before each layer
+        (zeroing only the router's input would not do: the next layer would see conv(0) + bias)."""
+        _check_router_window(x, self.reach, self.n_kv_head, self.convs[0].in_channels // self.n_kv_head)
+        positions = j - self.reach + torch.arange(x.shape[1], device=x.device)  # [2 reach + 1]
+        for conv in self.convs:
+            x, positions = self._unpadded(conv, x, positions)
+            x = self.dropout(F.silu(x))
+        x, _ = self._unpadded(self.proj, x, positions)                          # [B, 1, Hkv, 1]
+        return torch.sigmoid(x[:, 0, :, 0].float()) - 0.5                       # [L1]
+
+    @staticmethod
+    def _unpadded(conv, x, positions):
+        """One of the router's grouped convolutions without padding, as one batched matmul over the
+        KV heads: output i is sum_m W[:, :, m] x_{i + d m} + bias, for the P - d (k - 1) outputs
+        that have all their taps. x: [B, P, Hkv, C_in] at `positions` [P]; inputs before position 0
+        count as zero. Returns (y [B, P - d (k - 1), Hkv, C_out], the outputs' positions)."""
+        (k,), (d,) = conv.kernel_size, conv.dilation
+        Hkv = conv.groups
+        x = torch.where((positions >= 0)[:, None, None], x, 0)                  # the sequence start's padding
+        taps = x.unfold(1, d * (k - 1) + 1, 1)[..., ::d]                       # [B, P', Hkv, C_in, k]
+        w = conv.weight.view(Hkv, -1, *conv.weight.shape[1:])                  # [Hkv C_out, C_in, k] -> [Hkv, C_out, C_in, k]
+        y = torch.einsum("bphck,hock->bpho", taps, w) + conv.bias.view(Hkv, -1)  # [B, P', Hkv, C_out]
+        half = d * (k - 1) // 2
+        return y, positions[half: positions.shape[0] - half]
 
 
 # --- 3b. Training: the boolean rule, its gradient, the L1 penalty and its weight ---------------
@@ -1378,22 +1414,16 @@ class LTEAttention(_AttentionBase):
     def _score_ready_token(self, state, t, dtype):
         """[L1] Token j = t - reach has its right context now: score it into its ring slot.
 
-        The router reads the 2 reach + 1 inputs j - reach .. j + reach, always that many, from the
-        router ring. Near the start (j < reach) the read starts at position 0 instead, and token j
-        sits at index j of it: the router then pads at the sequence's start, as over the whole
-        sequence (masking positions < 0 to zero would not do: the router's inner layers would see
-        conv(0) + bias there, not the zero padding). Inputs past t are never read for token j.
-        While j < 0 nothing is written."""
-        reach = self.router.reach
-        n = 2 * reach + 1
-        j = t - reach
-        first = (j - reach).clamp(min=0)
-        ctx = state["router_in"].index_select(1, (first + torch.arange(n, device=t.device)) % n)  # [B, n, Hkv, 2D]
-        r = self.router(*ctx.to(dtype).split(self.head_dim, dim=-1))           # [B, n, Hkv]
-        r_j = r.index_select(1, (j - first).clamp(min=0).view(1))              # [B, 1, Hkv]
+        The router ring holds the inputs j - reach .. j + reach = t, read in that order; the
+        router's one-token form (`LTERouter.score_one`) counts those before position 0 as its
+        padding over the whole sequence, in every layer. While j < 0 nothing is written."""
+        n = 2 * self.router.reach + 1
+        j = t - self.router.reach
+        ctx = state["router_in"].index_select(1, (j - self.router.reach + torch.arange(n, device=t.device)) % n)
+        r_j = self.router.score_one(ctx.to(dtype), j)                          # [B, Hkv]; ctx: [B, n, Hkv, 2D]
         slot = (j % (self.window + 1)).view(1)
         old = state["score"].index_select(1, slot)
-        state["score"].index_copy_(1, slot, torch.where(j >= 0, r_j.float(), old))
+        state["score"].index_copy_(1, slot, torch.where(j >= 0, r_j[:, None], old))
 
     def _leave_window(self, state, t):
         """Token j = t - w - 1 leaves the window as token t arrives: to the sinks, the buffer [L6],
@@ -1807,12 +1837,13 @@ class SwiGLU(nn.Module):
 
     def __init__(self, d_model: int, hidden: int):
         super().__init__()
-        self.w1 = nn.Linear(d_model, hidden, bias=False)
-        self.w3 = nn.Linear(d_model, hidden, bias=False)
+        # W_1 (the gate) and W_3 (up) stacked by rows: the same maths, one launch instead of two
+        self.w13 = nn.Linear(d_model, 2 * hidden, bias=False)
         self.w2 = nn.Linear(hidden, d_model, bias=False)
 
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.w13(x).chunk(2, dim=-1)                                 # [B, T, 2 hidden] -> 2 x [B, T, hidden]
+        return self.w2(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -2346,6 +2377,15 @@ def _check_router_convs(kernel_sizes, dilations) -> None:
     if any(k < 1 or k % 2 == 0 for k in kernel_sizes) or any(d < 1 for d in dilations):
         raise ValueError(f"lte_kernel_sizes must be odd and >= 1 ('same' padding), dilations >= 1; "
                          f"got {kernel_sizes}, {dilations}")
+
+
+def _check_router_window(x, reach: int, n_kv_head: int, channels: int) -> None:
+    """LTERouter.score_one's input: [B, 2 reach + 1, Hkv, 2D], a token and its reach neighbours
+    on each side (a longer window would score another token without a word)."""
+    _check_tensor("x", x, 4)
+    if tuple(x.shape[1:]) != (2 * reach + 1, n_kv_head, channels):
+        raise ValueError(f"x must be [B, 2 reach + 1, Hkv, 2D] = [B, {2 * reach + 1}, {n_kv_head}, {channels}] "
+                         f"(token j and its {reach} neighbours on each side), got shape {tuple(x.shape)}")
 
 
 def _check_lte_rule(scores, window, sink, buffer) -> None:
