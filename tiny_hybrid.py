@@ -479,8 +479,11 @@ class ShortConv(nn.Module):
         B, T, C = x.shape
         past = x.new_zeros(B, self.kernel_size - 1, C) if cache is None else cache.to(x.dtype)
         xp = torch.cat([past, x], dim=1)                                        # [B, k - 1 + T, C]
-        y = F.conv1d(xp.transpose(1, 2), self.weight.to(x.dtype), groups=C)     # [B, C, T]
-        return y.transpose(1, 2), xp[:, xp.shape[1] - (self.kernel_size - 1):]
+        if T == 1:  # a decoding step: the sum written out, which torch.compile fuses (no conv launch)
+            y = (xp * self.weight[:, 0].t().to(x.dtype)).sum(dim=1, keepdim=True)   # [B, k, C] * [k, C] -> [B, 1, C]
+        else:
+            y = F.conv1d(xp.transpose(1, 2), self.weight.to(x.dtype), groups=C).transpose(1, 2)  # [B, C, T] -> [B, T, C]
+        return y, xp[:, xp.shape[1] - (self.kernel_size - 1):]
 
 
 class GatedDeltaNet(nn.Module):
