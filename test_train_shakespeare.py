@@ -677,15 +677,22 @@ def test_report_marks_each_seed_and_a_failed_run(tmp_path, capsys):
     assert "gdn+lte seed 0:" not in out                                       # an unmarked run needs no footnote
 
 
-def test_jobs_default_to_one_on_a_cpu_and_spread_over_gpus(tmp_path, monkeypatch):
+def test_jobs_default_to_one_on_a_cpu_and_to_a_run_per_core_on_cuda(tmp_path, monkeypatch):
+    """A CPU trains one run at a time with every core; CUDA every run at once in its own process
+    (the step is host-bound), up to one per core but one, one torch thread each, over every GPU."""
     args = tiny_args(tmp_path)
     monkeypatch.setattr(ts, "cpu_cores", lambda: 16)
     assert ts.plan_jobs(args, torch.device("cpu"), 10) == (1, ["cpu"], 16)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert ts.plan_jobs(args, torch.device("cuda"), 15) == (8, ["cuda:0", "cuda:1"], 2)   # one per 2 cores
-    assert ts.plan_jobs(args, torch.device("cuda"), 3) == (3, ["cuda:0", "cuda:1"], 5)    # never more than runs
-    assert ts.plan_jobs(args, torch.device("cuda:1"), 15)[:2] == (4, ["cuda:1"])         # 4 per GPU
+    assert ts.plan_jobs(args, torch.device("cuda"), 15) == (15, ["cuda:0", "cuda:1"], 1)  # a process per run
+    assert ts.plan_jobs(args, torch.device("cuda"), 40) == (15, ["cuda:0", "cuda:1"], 1)  # one core left over
+    assert ts.plan_jobs(args, torch.device("cuda"), 3) == (3, ["cuda:0", "cuda:1"], 1)   # never more than runs
+    assert ts.plan_jobs(args, torch.device("cuda:1"), 15) == (15, ["cuda:1"], 1)
+    monkeypatch.setattr(ts, "cpu_cores", lambda: 1)
+    assert ts.plan_jobs(args, torch.device("cuda"), 5) == (1, ["cuda:0", "cuda:1"], 1)   # in this process
     args.jobs = 3
+    assert ts.plan_jobs(args, torch.device("cuda"), 10) == (3, ["cuda:0", "cuda:1"], 1)
+    monkeypatch.setattr(ts, "cpu_cores", lambda: 16)
     assert ts.plan_jobs(args, torch.device("cpu"), 10) == (3, ["cpu"], 5)
     assert ts.least_busy(["cuda:0", "cuda:1"], []) == "cuda:0"
     assert ts.least_busy(["cuda:0", "cuda:1"], ["cuda:0"]) == "cuda:1"
