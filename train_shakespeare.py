@@ -641,6 +641,7 @@ def distance_bins(window: int, max_distance: int) -> list[tuple[int, int]]:
 
 MODELS = ("gdn", "gdn+swa", "gdn+lte", "gdn+nsa", "gdn+attn")
 DEFAULT_STEPS = 2400
+TRAINING_KEYS = ("idx", "targets", "answer_mask", "answer_batch", "answer_pos")  # what a step reads of a batch
 
 
 def model_config(preset: str, args, vocab_size: int, **overrides):
@@ -774,7 +775,8 @@ def train_model(preset: str, args, tokens: np.ndarray, vocab_size: int, device: 
         for step in range(start, args.steps):
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, args, schedule_steps) * group["lr_scale"]
-            batch = {k: v.to(device) for k, v in training_batch(tokens, step, args, schedule_steps).items()}
+            batch = {k: v.to(device) for k, v in training_batch(tokens, step, args, schedule_steps).items()
+                     if k in TRAINING_KEYS}
             logits, _ = model(batch["idx"])
             loss = recall_loss(logits, batch, args.answer_weight) + model.lte_penalty()
             optimizer.zero_grad(set_to_none=True)
@@ -784,9 +786,8 @@ def train_model(preset: str, args, tokens: np.ndarray, vocab_size: int, device: 
             # The controller compares kept tokens per sequence with b, which means something only at
             # the training length: short drills and passages would walk lambda to its floor.
             model.update_lte_lambdas(count_step=task_for_step(step, args, schedule_steps) == "haystack")
-            mask = batch["answer_mask"]
-            hits = (logits.detach()[mask].argmax(-1) == batch["targets"][mask]).float()
-            recent.append((loss.item(), hits.sum().item(), hits.numel()))
+            # kept on the device, read once per progress row: no host sync per step on a GPU
+            recent.append((loss.detach(), answer_hits(logits, batch), batch["answer_pos"].numel()))
             tokens_seen += batch["idx"].numel()
             last = step + 1 == args.steps
             if probe is not None and ((step + 1) % args.eval_every == 0 or last):
@@ -831,11 +832,20 @@ class StopOnInterrupt:
         return False
 
 
+def answer_hits(logits: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Recall answers predicted right, a 0-d tensor on the logits' device. The answers are picked by
+    their (row, column), in answer_mask order: a boolean mask would wait for the GPU to count them."""
+    rows, columns = batch["answer_batch"], batch["answer_pos"]
+    return (logits.detach()[rows, columns].argmax(-1) == batch["targets"][rows, columns]).sum()
+
+
 def progress_row(step: int, recent, tokens_seen: int, t0: float) -> dict:
-    """The training curve's point after `step`: mean loss and recall on the recent training batches."""
+    """The training curve's point after `step`: mean loss and recall on the recent training batches,
+    `recent` holding (loss, hits) as device tensors and the number of answers, per step."""
     elapsed = time.perf_counter() - t0
-    return {"step": step + 1, "loss": float(np.mean([r[0] for r in recent])),
-            "recall": sum(r[1] for r in recent) / max(1, sum(r[2] for r in recent)),
+    losses = torch.stack([r[0] for r in recent]).tolist()       # one host sync for the whole row
+    hits = int(torch.stack([r[1] for r in recent]).sum())
+    return {"step": step + 1, "loss": float(np.mean(losses)), "recall": hits / max(1, sum(r[2] for r in recent)),
             "tokens_per_s": tokens_seen / max(elapsed, 1e-9)}
 
 
