@@ -678,15 +678,22 @@ def test_report_marks_each_seed_and_a_failed_run(tmp_path, capsys):
     assert "gdn+lte seed 0:" not in out                                       # an unmarked run needs no footnote
 
 
-def test_jobs_default_to_one_on_a_cpu_and_spread_over_gpus(tmp_path, monkeypatch):
+def test_jobs_default_to_one_on_a_cpu_and_to_a_run_per_core_on_cuda(tmp_path, monkeypatch):
+    """A CPU trains one run at a time with every core; CUDA every run at once in its own process
+    (the step is host-bound), up to one per core but one, one torch thread each, over every GPU."""
     args = tiny_args(tmp_path)
     monkeypatch.setattr(ts, "cpu_cores", lambda: 16)
     assert ts.plan_jobs(args, torch.device("cpu"), 10) == (1, ["cpu"], 16)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert ts.plan_jobs(args, torch.device("cuda"), 15) == (8, ["cuda:0", "cuda:1"], 2)   # one per 2 cores
-    assert ts.plan_jobs(args, torch.device("cuda"), 3) == (3, ["cuda:0", "cuda:1"], 5)    # never more than runs
-    assert ts.plan_jobs(args, torch.device("cuda:1"), 15)[:2] == (4, ["cuda:1"])         # 4 per GPU
+    assert ts.plan_jobs(args, torch.device("cuda"), 15) == (15, ["cuda:0", "cuda:1"], 1)  # a process per run
+    assert ts.plan_jobs(args, torch.device("cuda"), 40) == (15, ["cuda:0", "cuda:1"], 1)  # one core left over
+    assert ts.plan_jobs(args, torch.device("cuda"), 3) == (3, ["cuda:0", "cuda:1"], 1)   # never more than runs
+    assert ts.plan_jobs(args, torch.device("cuda:1"), 15) == (15, ["cuda:1"], 1)
+    monkeypatch.setattr(ts, "cpu_cores", lambda: 1)
+    assert ts.plan_jobs(args, torch.device("cuda"), 5) == (1, ["cuda:0", "cuda:1"], 1)   # in this process
     args.jobs = 3
+    assert ts.plan_jobs(args, torch.device("cuda"), 10) == (3, ["cuda:0", "cuda:1"], 1)
+    monkeypatch.setattr(ts, "cpu_cores", lambda: 16)
     assert ts.plan_jobs(args, torch.device("cpu"), 10) == (3, ["cpu"], 5)
     assert ts.least_busy(["cuda:0", "cuda:1"], []) == "cuda:0"
     assert ts.least_busy(["cuda:0", "cuda:1"], ["cuda:0"]) == "cuda:1"
@@ -780,6 +787,62 @@ def test_the_probe_reads_without_changing_training(tmp_path):
         assert [p["step"] for p in record["probe"]] == [1, 2, 3, 4, 5, 6]
         for (name, a), b in zip(plain.state_dict().items(), probed.state_dict().values()):
             assert torch.equal(a, b), (preset, name)
+
+
+def test_answer_hits_counts_the_answers_that_a_boolean_mask_picks():
+    batch = ts.make_batch(TEXT_TOKENS, 4, 48, (1, 4), (2, 40), np.random.default_rng(0))
+    logits = torch.randn(4, 48, ts.VOCAB_SIZE, generator=torch.Generator().manual_seed(0))
+    rows, columns = batch["answer_mask"].nonzero(as_tuple=True)
+    right = slice(0, None, 2)                                  # every other answer predicted right
+    logits[rows[right], columns[right], batch["targets"][rows[right], columns[right]]] = 100.0
+    hits = ts.answer_hits(logits, batch)
+    mask = batch["answer_mask"]
+    assert hits.ndim == 0 and hits == (logits[mask].argmax(-1) == batch["targets"][mask]).sum()
+    assert hits == (len(rows) + 1) // 2 and len(rows) > 4
+
+
+def plain_training(preset, args, tokens):
+    """The training loop written out plainly: AdamW's per-parameter loop, and each step's loss and
+    recall read on the host at once (loss.item(), a boolean mask of the answers). Returns the
+    progress rows' (step, loss, recall) and the trained weights."""
+    torch.manual_seed(args.seed)
+    model = tiny_hybrid.TinyHybrid(ts.model_config(preset, args, ts.VOCAB_SIZE))
+    optimizer = torch.optim.AdamW(model.optimizer_groups(args.lr, weight_decay=0.1), betas=(0.9, 0.95),
+                                  foreach=False)
+    rows, losses, hits, answers = [], [], 0, 0
+    for step in range(args.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = ts.learning_rate(step, args) * group["lr_scale"]
+        batch = ts.training_batch(tokens, step, args)
+        logits, _ = model(batch["idx"])
+        loss = ts.recall_loss(logits, batch, args.answer_weight) + model.lte_penalty()
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=False)
+        optimizer.step()
+        model.update_lte_lambdas(count_step=ts.task_for_step(step, args) == "haystack")
+        mask = batch["answer_mask"]
+        right = (logits.detach()[mask].argmax(-1) == batch["targets"][mask]).float()
+        losses.append(loss.item())
+        hits, answers = hits + right.sum().item(), answers + right.numel()
+        if (step + 1) % args.log_every == 0:
+            rows.append((step + 1, float(np.mean(losses)), hits / answers))
+            losses, hits, answers = [], 0, 0
+    return rows, model.state_dict()
+
+
+@pytest.mark.parametrize("preset", ["gdn+lte", "gdn+attn"])
+def test_training_gives_bit_for_bit_the_plainly_written_loop(preset, tmp_path):
+    """What train_model does for speed (statistics kept on the device and read once per progress
+    row, the answers picked by index, the optimizer's settings) leaves every number as it was: the
+    same losses, recall and weights, bit for bit, as the loop written out plainly."""
+    args = tiny_args(tmp_path, "--steps", "12", "--log-every", "4", "--drill-frac", "0.25")
+    model, record = ts.train_model(preset, args, TEXT_TOKENS, ts.VOCAB_SIZE, torch.device("cpu"))
+    rows, weights = plain_training(preset, args, TEXT_TOKENS)
+    assert {ts.task_for_step(s, args) for s in range(args.steps)} == {"drill", "dense", "haystack"}
+    assert [(h["step"], h["loss"], h["recall"]) for h in record["history"]] == rows
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, weights[name]), name
 
 
 def test_parallel_status_table_shows_each_running_run(tmp_path, capsys):

@@ -655,6 +655,7 @@ def distance_bins(window: int, max_distance: int) -> list[tuple[int, int]]:
 
 MODELS = ("gdn", "gdn+swa", "gdn+lte", "gdn+nsa", "gdn+attn")
 DEFAULT_STEPS = 2400
+TRAINING_KEYS = ("idx", "targets", "answer_mask", "answer_batch", "answer_pos")  # what a step reads of a batch
 
 
 def model_config(preset: str, args, vocab_size: int, **overrides):
@@ -788,7 +789,8 @@ def train_model(preset: str, args, tokens: np.ndarray, vocab_size: int, device: 
         for step in range(start, args.steps):
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, args, schedule_steps) * group["lr_scale"]
-            batch = {k: v.to(device) for k, v in training_batch(tokens, step, args, schedule_steps).items()}
+            batch = {k: v.to(device) for k, v in training_batch(tokens, step, args, schedule_steps).items()
+                     if k in TRAINING_KEYS}
             logits, _ = model(batch["idx"])
             loss = recall_loss(logits, batch, args.answer_weight) + model.lte_penalty()
             optimizer.zero_grad(set_to_none=True)
@@ -798,9 +800,8 @@ def train_model(preset: str, args, tokens: np.ndarray, vocab_size: int, device: 
             # The controller compares kept tokens per sequence with b, which means something only at
             # the training length: short drills and passages would walk lambda to its floor.
             model.update_lte_lambdas(count_step=task_for_step(step, args, schedule_steps) == "haystack")
-            mask = batch["answer_mask"]
-            hits = (logits.detach()[mask].argmax(-1) == batch["targets"][mask]).float()
-            recent.append((loss.item(), hits.sum().item(), hits.numel()))
+            # kept on the device, read once per progress row: no host sync per step on a GPU
+            recent.append((loss.detach(), answer_hits(logits, batch), batch["answer_pos"].numel()))
             tokens_seen += batch["idx"].numel()
             last = step + 1 == args.steps
             if probe is not None and ((step + 1) % args.eval_every == 0 or last):
@@ -845,11 +846,20 @@ class StopOnInterrupt:
         return False
 
 
+def answer_hits(logits: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Recall answers predicted right, a 0-d tensor on the logits' device. The answers are picked by
+    their (row, column), in answer_mask order: a boolean mask would wait for the GPU to count them."""
+    rows, columns = batch["answer_batch"], batch["answer_pos"]
+    return (logits.detach()[rows, columns].argmax(-1) == batch["targets"][rows, columns]).sum()
+
+
 def progress_row(step: int, recent, tokens_seen: int, t0: float) -> dict:
-    """The training curve's point after `step`: mean loss and recall on the recent training batches."""
+    """The training curve's point after `step`: mean loss and recall on the recent training batches,
+    `recent` holding (loss, hits) as device tensors and the number of answers, per step."""
     elapsed = time.perf_counter() - t0
-    return {"step": step + 1, "loss": float(np.mean([r[0] for r in recent])),
-            "recall": sum(r[1] for r in recent) / max(1, sum(r[2] for r in recent)),
+    losses = torch.stack([r[0] for r in recent]).tolist()       # one host sync for the whole row
+    hits = int(torch.stack([r[1] for r in recent]).sum())
+    return {"step": step + 1, "loss": float(np.mean(losses)), "recall": hits / max(1, sum(r[2] for r in recent)),
             "tokens_per_s": tokens_seen / max(elapsed, 1e-9)}
 
 
@@ -1826,12 +1836,12 @@ def plot_budget(report: dict, args) -> None:
 #
 # A run is one model with one seed. On a CPU the runs go one after the other in this process. On
 # CUDA (or on a CPU with --jobs N > 1) each run is a process of its own, started with "spawn" (CUDA
-# cannot be forked), up to --jobs at a time, placed on the least busy visible GPU, with an equal
-# share of the CPU cores as torch threads. The children do not print: they send their progress to
-# this process through a pipe, and this process prints one line when a run starts or ends and a
-# status table every STATUS_EVERY seconds. A run that fails is reported with its error, and the
-# others carry on; Ctrl-C asks every running child to save after its current step (--resume
-# continues them), a second Ctrl-C stops them at once.
+# cannot be forked), up to --jobs at a time (plan_jobs), placed on the least busy visible GPU, with
+# one torch thread on CUDA and an equal share of the cores on a CPU. The children do not print:
+# they send their progress to this process through a pipe, and this process prints one line when
+# a run starts or ends and a status table every STATUS_EVERY seconds. A run that fails is reported
+# with its error, and the others carry on; Ctrl-C asks every running child to save after its
+# current step (--resume continues them), a second Ctrl-C stops them at once.
 
 @dataclasses.dataclass(frozen=True)
 class Run:
@@ -1935,18 +1945,22 @@ def cpu_cores() -> int:
 def plan_jobs(args, device: torch.device, n_runs: int) -> tuple[int, list[str], int]:
     """(runs at a time, devices to spread them over, torch threads per run).
 
-    Default on CUDA: a run of these small models is one Python thread bound by kernel launches (the
-    default run on an H200 was barely faster than on 2 CPU cores), so it needs about a core and
-    leaves its GPU mostly idle: up to 4 runs per GPU, at most one per 2 cores (the other feeds the
-    driver and draws the batches). Default on a CPU: one run at a time, with every core."""
+    Default on CUDA: every run in a process of its own, at most one per CPU core but one (left to
+    this process and the driver), with one torch thread each. At this model size a training step is
+    bound by the host, not the GPU: an H200 computes for microseconds of a ~34 ms step, the rest is
+    Python, the autograd engine and kernel launches, one core's work. So the runs scale with the
+    cores, whatever the GPUs, and a second torch thread finds no work to share (measured on one H200
+    with 16 cores, EXPERIMENTS.md section 6: 12 runs of one thread at once took 274 s, 24 about
+    300 s; 4 at a time with 4 threads each took 392 s for 15). With --jobs N on CUDA: one thread each
+    too. On a CPU: one run at a time with every core by default; with --jobs N, an equal share each
+    (the threads do the maths there, and their number changes a run's last bits)."""
     cores = cpu_cores()
     if device.type == "cuda":
         gpus = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if device.index is None else [str(device)]
-        jobs = args.jobs or max(1, min(cores // 2, 4 * len(gpus)))
-    else:
-        gpus, jobs = [str(device)], args.jobs or 1
-    jobs = max(1, min(jobs, n_runs))
-    return jobs, gpus, max(1, cores // jobs)
+        jobs = max(1, min(args.jobs or cores - 1, n_runs))
+        return jobs, gpus, 1
+    jobs = max(1, min(args.jobs or 1, n_runs))
+    return jobs, [str(device)], max(1, cores // jobs)
 
 
 def least_busy(devices: list[str], running_on: list[str]) -> str:
@@ -2271,9 +2285,11 @@ def build_parser() -> ArgumentParser:
                        help="folder for checkpoints, results.json and the figures; if it holds results of an "
                             "earlier run, give --resume or --overwrite")
     where.add_argument("--jobs", type=int,
-                       help="runs (model, seed) at a time, each in its own process with an equal share of the CPU "
-                            "cores; on several GPUs they are spread over all of them (default: 1 on a CPU, in this "
-                            "process; on CUDA up to 4 per GPU and at most one per 2 CPU cores)")
+                       help="runs (model, seed) at a time, each in its own process; on CUDA spread over every "
+                            "visible GPU, one torch thread each (a step of these small models is host-bound: the "
+                            "runs scale with the CPU cores, not the GPUs), on a CPU with an equal share of the "
+                            "cores (default: on CUDA every run at once, up to one per CPU core but one; on a CPU "
+                            "1, in this process)")
     where.add_argument("--resume", action="store_true", help=RESUME_HELP)
     where.add_argument("--overwrite", action="store_true",
                        help="start afresh: first delete this script's results, figures and checkpoints in --out "
