@@ -2072,10 +2072,10 @@ class Decoder:
     place and its shapes never depend on the position) is captured into a CUDA graph after a
     warm-up; each token is copied into a static input and the graph replayed, with no host sync.
     Without CUDA, or with cuda_graph=False, the very same step runs eagerly.
-    A graph still launches every small kernel of the step (hundreds); compile=True first fuses
-    the step with torch.compile (tens of seconds, once per Decoder): on an H200 the bench model's
-    captured step went from 0.49 / 0.47 / 0.90 ms to 0.30 / 0.27 / 0.48 ms per token for gdn /
-    gdn+swa / gdn+lte (float32, batch 1, the PyTorch ops; EXPERIMENTS.md section 7).
+    A graph still launches every small kernel of the step (a hundred or more); compile=True first
+    fuses the step with torch.compile (tens of seconds, once per Decoder): on an H200 the bench
+    model's compiled and captured step costs 0.22 / 0.20 / 0.32 ms per token for gdn / gdn+swa /
+    gdn+lte (float32, batch 1, the PyTorch ops; EXPERIMENTS.md section 7).
     max_len bounds the prompt plus the decoded tokens: past it, a ValueError before any work.
     """
 
