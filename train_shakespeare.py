@@ -1951,7 +1951,8 @@ def plan_jobs(args, device: torch.device, n_runs: int) -> tuple[int, list[str], 
     Python, the autograd engine and kernel launches, one core's work. So the runs scale with the
     cores, whatever the GPUs, and a second torch thread finds no work to share (measured on one H200
     with 16 cores, EXPERIMENTS.md section 6: 12 runs of one thread at once took 274 s, 24 about
-    300 s; 4 at a time with 4 threads each took 392 s for 15). With --jobs N on CUDA: one thread each
+    300 s; 4 at a time with 4 threads each took 392 s for 15, and this default 237 s for the same
+    15 runs of `--use-triton --seeds 0,1,2`). With --jobs N on CUDA: one thread each
     too. On a CPU: one run at a time with every core by default; with --jobs N, an equal share each
     (the threads do the maths there, and their number changes a run's last bits)."""
     cores = cpu_cores()
