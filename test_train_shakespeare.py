@@ -845,6 +845,33 @@ def test_training_gives_bit_for_bit_the_plainly_written_loop(preset, tmp_path):
         assert torch.equal(value, weights[name]), name
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("preset", ts.MODELS)
+def test_training_steps_on_a_gpu_never_wait_for_it_between_progress_rows(preset, tmp_path, monkeypatch):
+    """On a GPU a training step only queues work (a host sync would stall a launch-bound step): from
+    step 2 on (the first steps set up), under sync debug mode "error", until the progress row reads."""
+    args = tiny_args(tmp_path, "--steps", "8", "--log-every", "8", "--checkpoint-every", "0")
+    real_batch, real_row, synced = ts.training_batch, ts.progress_row, []
+
+    def batch_then_watch(tokens, step, args, *schedule):
+        if step == 2:
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        return real_batch(tokens, step, args, *schedule)
+
+    def row_may_read(step, *rest):
+        torch.cuda.set_sync_debug_mode("default")
+        synced.append(step)
+        return real_row(step, *rest)
+    monkeypatch.setattr(ts, "training_batch", batch_then_watch)
+    monkeypatch.setattr(ts, "progress_row", row_may_read)
+    try:
+        _, record = ts.train_model(preset, args, TEXT_TOKENS, ts.VOCAB_SIZE, torch.device("cuda"))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert synced == [7] and np.isfinite(record["history"][-1]["loss"])
+
+
 def test_parallel_status_table_shows_each_running_run(tmp_path, capsys):
     args = tiny_args(tmp_path)
     pool = ts.Pool([ts.Run("gdn", 2)], args, (), jobs=2, devices=["cuda:0", "cuda:1"], threads=4)

@@ -789,8 +789,10 @@ def train_model(preset: str, args, tokens: np.ndarray, vocab_size: int, device: 
         for step in range(start, args.steps):
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, args, schedule_steps) * group["lr_scale"]
-            batch = {k: v.to(device) for k, v in training_batch(tokens, step, args, schedule_steps).items()
-                     if k in TRAINING_KEYS}
+            # non_blocking: a plain copy to a GPU waits for every queued kernel first (this one stages
+            # the few KB and returns); nothing on the CPU
+            batch = {k: v.to(device, non_blocking=True)
+                     for k, v in training_batch(tokens, step, args, schedule_steps).items() if k in TRAINING_KEYS}
             logits, _ = model(batch["idx"])
             loss = recall_loss(logits, batch, args.answer_weight) + model.lte_penalty()
             optimizer.zero_grad(set_to_none=True)
