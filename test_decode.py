@@ -135,7 +135,7 @@ ROUTER_CONVS = {"paper": ((3, 3, 3), (2, 2, 2)), "mixed": ((3, 5, 1), (1, 2, 3))
 
 @pytest.mark.parametrize("convs", list(ROUTER_CONVS))
 def test_router_one_token_form_equals_its_forward(convs):
-    """LTERouter.score_one, the matmul form a decoding step runs, gives forward's score of token j
+    """LTERouter.score_one, the multiply-sum form a decoding step runs, gives forward's score of token j
     from the 2 reach + 1 inputs around it, for every j whose right context exists, the ones near
     the start included: whatever the inputs before position 0 hold, they count as the padding
     (they are filled with noise here). Non-zero biases, so that padding only the router's input
@@ -254,8 +254,10 @@ def test_every_step_does_the_same_work_in_place_without_reading_the_device(prese
 def test_a_decoding_step_runs_one_matmul_per_weight_matrix_and_no_convolution(preset):
     """What a captured step costs is about the sum of its kernels, so each mixer projects its input
     once (GDN: q, k, v, beta, alpha, gate; attention: q, k, v), SwiGLU its gate and up at once, and
-    the LTE router and GDN's short convs run without convolution launches (batched matmuls, a
-    written-out sum). Per layer: the input and output projections and SwiGLU's two, plus the output head."""
+    the LTE router and GDN's short convs run without convolution or matmul launches of their own
+    (written-out multiply-sums, which torch.compile fuses). Per layer: the input and output
+    projections and SwiGLU's two, plus the output head; and two batched products per mixer (GDN's
+    read-out and state update, attention's scores and weighted sum)."""
     model = small_model(preset)
     decoder = model.decoder(2, 40, cuda_graph=False)
     with torch.no_grad():
@@ -266,6 +268,7 @@ def test_a_decoding_step_runs_one_matmul_per_weight_matrix_and_no_convolution(pr
     layers = model.config.layers
     assert names.count("mm") + names.count("addmm") == 4 * len(layers) + 1
     assert names.count("convolution") == 0
+    assert names.count("bmm") == 2 * len(layers)
 
 
 def test_sampling_draws_what_torch_multinomial_draws():

@@ -925,7 +925,7 @@ class LTERouter(nn.Module):
     The projection's bias starts at +0.5 so that at first every token is kept (r ~ 0.12).
     `reach` (see `lte_reach`): how far a score reads on each side, 6 by default.
     `forward` scores a whole sequence; `score_one` scores one token from its 2 reach + 1 inputs,
-    the same maths as batched matmuls, for a decoding step.
+    the same maths written out as multiply-sums, for a decoding step.
     """
 
     def __init__(self, n_kv_head: int, head_dim: int, kernel_sizes=(3, 3, 3), dilations=(2, 2, 2),
@@ -969,8 +969,9 @@ class LTERouter(nn.Module):
         return torch.sigmoid(x.float()).transpose(1, 2) - 0.5                   # [L1]
 
     def score_one(self, x, j):
-        """[L1] forward's score of the one token j, from its 2 reach + 1 inputs, with plain matmuls:
-        what a decoding step runs (no convolution kernels, which cost more than the maths here).
+        """[L1] forward's score of the one token j, from its 2 reach + 1 inputs, with written-out
+        multiply-sums: what a decoding step runs (no convolution kernels, which cost more than the
+        maths here).
 
         x: [B, 2 reach + 1, Hkv, 2D], [k before RoPE; v] at positions j - reach .. j + reach;
         j: an int or a 0-d tensor. Returns r_j [B, Hkv] float32, equal to forward(k, v)[:, j] once
@@ -988,16 +989,19 @@ class LTERouter(nn.Module):
 
     @staticmethod
     def _unpadded(conv, x, positions):
-        """One of the router's grouped convolutions without padding, as one batched matmul over the
-        KV heads: output i is sum_m W[:, :, m] x_{i + d m} + bias, for the P - d (k - 1) outputs
-        that have all their taps. x: [B, P, Hkv, C_in] at `positions` [P]; inputs before position 0
-        count as zero. Returns (y [B, P - d (k - 1), Hkv, C_out], the outputs' positions)."""
+        """One of the router's grouped convolutions without padding: output i is
+        sum_m W[:, :, m] x_{i + d m} + bias, for the P - d (k - 1) outputs that have all their taps.
+        x: [B, P, Hkv, C_in] at `positions` [P]; inputs before position 0 count as zero. Returns
+        (y [B, P - d (k - 1), Hkv, C_out], the outputs' positions).
+        Written as a broadcast product summed over (input channel, tap), not as an einsum: at these
+        sizes torch.compile fuses it into one small reduction kernel, where an einsum would become a
+        matrix-multiply launch of its own (~9 us each on an H200, 4 per LTE layer and step)."""
         (k,), (d,) = conv.kernel_size, conv.dilation
         Hkv = conv.groups
         x = torch.where((positions >= 0)[:, None, None], x, 0)                  # the sequence start's padding
         taps = x.unfold(1, d * (k - 1) + 1, 1)[..., ::d]                       # [B, P', Hkv, C_in, k]
         w = conv.weight.view(Hkv, -1, *conv.weight.shape[1:])                  # [Hkv C_out, C_in, k] -> [Hkv, C_out, C_in, k]
-        y = torch.einsum("bphck,hock->bpho", taps, w) + conv.bias.view(Hkv, -1)  # [B, P', Hkv, C_out]
+        y = (taps[:, :, :, None] * w).sum(dim=(-2, -1)) + conv.bias.view(Hkv, -1)  # [B, P', Hkv, C_out]
         half = d * (k - 1) // 2
         return y, positions[half: positions.shape[0] - half]
 
@@ -2074,7 +2078,7 @@ class Decoder:
     Without CUDA, or with cuda_graph=False, the very same step runs eagerly.
     A graph still launches every small kernel of the step (a hundred or more); compile=True first
     fuses the step with torch.compile (tens of seconds, once per Decoder): on an H200 the bench
-    model's compiled and captured step costs 0.22 / 0.20 / 0.32 ms per token for gdn / gdn+swa /
+    model's compiled and captured step costs 0.21 / 0.20 / 0.29 ms per token for gdn / gdn+swa /
     gdn+lte (float32, batch 1, the PyTorch ops; EXPERIMENTS.md section 7).
     max_len bounds the prompt plus the decoded tokens: past it, a ValueError before any work.
     """
@@ -2085,7 +2089,8 @@ class Decoder:
         _check_bool("compile", compile)
         if compile and model.config.use_triton:
             raise ValueError("compile=True fuses the PyTorch ops of the step; with use_triton the step runs "
-                             "Triton kernels, which torch.compile was not tested with here: use one or the other")
+                             "Triton kernels, which torch.compile cannot take yet (inductor fails on "
+                             "kernels.attention_decode's bool-to-int8 view): use one or the other")
         self.model, self.batch_size, self.max_len = model, batch_size, max_len
         # the step that runs (captured or eager): the model's own, or torch.compile's fusion of it
         self._step_fn = torch.compile(model._decode_step, dynamic=False) if compile else model._decode_step
