@@ -63,7 +63,8 @@ def assert_refused(proc, *words):
 
 def test_run_then_refuse_then_resume_then_overwrite(tmp_path, text_file):
     out = tmp_path / "out"
-    first = run_cli(*TINY, "--models", "gdn,gdn+lte", "--data", text_file, "--out", out)
+    # --jobs 1: one run after the other in this process, with a progress line per --log-every steps
+    first = run_cli(*TINY, "--models", "gdn,gdn+lte", "--data", text_file, "--out", out, "--jobs", "1")
     assert first.returncode == 0, first.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert list(results["models"]) == ["gdn", "gdn+lte"] and results["seeds"] == [0]

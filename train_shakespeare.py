@@ -739,6 +739,23 @@ class Interrupted(SystemExit):
         self.step = step
 
 
+def rng_states(device: torch.device) -> dict:
+    """The random generators a training step draws from (dropout: the CPU's, or the GPU's on CUDA),
+    for a checkpoint, so that a resumed run draws what an uninterrupted one would have."""
+    states = {"rng": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def set_rng_states(ckpt: dict, device: torch.device) -> None:
+    """Restore `rng_states` (CPU tensors, as torch.set_rng_state needs them). A checkpoint written on
+    another kind of device restores what it has."""
+    torch.set_rng_state(ckpt["rng"].cpu())
+    if device.type == "cuda" and "cuda_rng" in ckpt:
+        torch.cuda.set_rng_state(ckpt["cuda_rng"].cpu(), device)
+
+
 def train_model(preset: str, args, tokens: np.ndarray, vocab_size: int, device: torch.device, tag: str = "",
                 probe: dict | None = None, log=None, stop=None, **overrides):
     """Train one preset with seed args.seed (or continue it with --resume). Returns (model, record):
@@ -759,11 +776,13 @@ def train_model(preset: str, args, tokens: np.ndarray, vocab_size: int, device: 
     path = checkpoint_path(args.out, preset + tag, args.seed)
     start, history, probe_curve, schedule_steps, seconds_before = 0, [], [], args.steps, 0.0
     if args.resume and path.exists():
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        # on the CPU first: the RNG states must stay CPU tensors; the weights and the optimizer's
+        # moments are copied onto the model's device by load_state_dict
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
         check_checkpoint(ckpt, args, path, args.seed)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["rng"])
+        set_rng_states(ckpt, device)
         start, history, schedule_steps = ckpt["step"], ckpt["history"], ckpt["schedule_steps"]
         probe_curve, seconds_before = ckpt.get("probe", []), ckpt.get("train_seconds", 0.0)
         extended = (f"; its {schedule_steps}-step schedule is extended to {args.steps} steps at the final "
@@ -778,7 +797,7 @@ def train_model(preset: str, args, tokens: np.ndarray, vocab_size: int, device: 
     t0 = time.perf_counter()
 
     def save(step):
-        save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
+        save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), **rng_states(device),
                      "step": step, "history": history, "probe": probe_curve, "preset": preset,
                      "schedule_steps": schedule_steps, "train_seconds": seconds_before + time.perf_counter() - t0,
                      "settings": {**run_settings(args), "seed": args.seed}}, path)
@@ -1955,14 +1974,16 @@ def plan_jobs(args, device: torch.device, n_runs: int) -> tuple[int, list[str], 
     with 16 cores, EXPERIMENTS.md section 6: 12 runs of one thread at once took 274 s, 24 about
     300 s; 4 at a time with 4 threads each took 392 s for 15, and this default 237 s for the same
     15 runs of `--use-triton --seeds 0,1,2`). With --jobs N on CUDA: one thread each
-    too. On a CPU: one run at a time with every core by default; with --jobs N, an equal share each
-    (the threads do the maths there, and their number changes a run's last bits)."""
+    too. On a CPU the same by default: one run per core, one torch thread each, because a second
+    thread barely speeds up a step this small (the default run of five models on 2 cores: 847 s one
+    after the other with 2 threads, 590 s two at a time with one thread each). With --jobs N on a
+    CPU: an equal share of the cores each (the thread count changes a run's last bits)."""
     cores = cpu_cores()
     if device.type == "cuda":
         gpus = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if device.index is None else [str(device)]
         jobs = max(1, min(args.jobs or cores - 1, n_runs))
         return jobs, gpus, 1
-    jobs = max(1, min(args.jobs or 1, n_runs))
+    jobs = max(1, min(args.jobs or cores, n_runs))
     return jobs, [str(device)], max(1, cores // jobs)
 
 
@@ -2292,7 +2313,7 @@ def build_parser() -> ArgumentParser:
                             "visible GPU, one torch thread each (a step of these small models is host-bound: the "
                             "runs scale with the CPU cores, not the GPUs), on a CPU with an equal share of the "
                             "cores (default: on CUDA every run at once, up to one per CPU core but one; on a CPU "
-                            "1, in this process)")
+                            "one per core, one thread each)")
     where.add_argument("--resume", action="store_true", help=RESUME_HELP)
     where.add_argument("--overwrite", action="store_true",
                        help="start afresh: first delete this script's results, figures and checkpoints in --out "
@@ -2767,15 +2788,13 @@ def show_examples(models: dict, enc, val_tokens, args, device) -> tuple[list[str
     return failed, sample
 
 
-def more_seeds_hint(seeds: list[int], results: dict, wall: float) -> str:
-    """After a one-seed run: how to add seeds to it, and about how long each takes here (this run's
-    time, or its runs' training time when they were read back from an earlier run)."""
+def more_seeds_hint(seeds: list[int], wall: float) -> str:
+    """After a one-seed run: how to add seeds to it, and how long this run took."""
     s = seeds[0]
-    minutes = max(wall, sum(run["train_seconds"] for run in results.values())) / 60
     return (f"\nOne seed ({s}): how far these numbers move between seeds is unknown. To add seeds {s + 1} and "
             f"{s + 2} to this run, repeat the command with --resume --seeds {s},{s + 1},{s + 2} (in place of any "
-            f"--seed): seed {s} is read back, and each new seed trains every model again (here about "
-            f"{minutes:.0f} min per seed, one run at a time; on CUDA the runs go in parallel, see --jobs).")
+            f"--seed): seed {s} is read back, and each new seed trains every model again (this run took "
+            f"{wall / 60:.0f} min; the runs go in parallel where there are cores for them, see --jobs).")
 
 
 def report_failures(failures: list[dict]) -> None:
@@ -2912,7 +2931,7 @@ def main(argv=None) -> None:
     write_json_atomic(summary, args.out / "results.json")
     print(f"\nwrote {args.out / 'results.json'}; wall time {wall:.0f}s")
     if len(seeds) == 1 and results:
-        print(more_seeds_hint(seeds, results, wall))
+        print(more_seeds_hint(seeds, wall))
     if failures:
         report_failures(failures)
         raise SystemExit(1)
