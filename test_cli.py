@@ -372,7 +372,7 @@ def test_resume_refuses_other_settings_and_fewer_steps(tmp_path, text_file, caps
     assert "--d-model 32 (saved: 16)" in err and "gdn_seed0.pt" in err
     err = refused(capsys, [*TINY, "--models", "gdn", "--data", text_file, "--out", out, "--resume", "--lr", "0.01",
                            "--answer-weight", "2"])
-    assert "--answer-weight 2.0 (saved: 1.0)" in err and "--lr 0.01 (saved: 0.001)" in err
+    assert "--answer-weight 2.0 (saved: 1.0)" in err and "--lr 0.01 (saved: 0.0007)" in err
     # a checkpoint renamed to another seed's name holds that other seed: refused, not trained as the wrong seed
     (out / "gdn_seed0.pt").rename(out / "gdn_seed3.pt")
     err = refused(capsys, [*TINY, "--models", "gdn", "--data", text_file, "--out", out, "--resume", "--seeds", "3"])

@@ -583,6 +583,13 @@ def test_state_sweep_trains_pure_gdn_at_each_state_size_per_seed(tmp_path):
     small, large = (results[(f"gdn_state{size}", 1)]["eval"]["48"]["state_bytes"] for size in ("1x8", "2x16"))
     assert large > small                                           # the sweep's model really is larger
     assert ts.checkpoint_path(tmp_path, "gdn_state2x16", 1).exists()
+    # the command's own pure GDN (--gdn-heads 2 --gdn-head-dim 4 here) joins the sweep at its size
+    args.gdn_heads, args.gdn_head_dim = 2, 4
+    results.update({("gdn", seed): results[("gdn_state1x8", seed)] for seed in (0, 1)})   # stands in for it
+    rows = ts.sweep_rows(results, args)
+    assert [(r["gdn_heads"], r["gdn_head_dim"]) for r in rows] == [(2, 4), (1, 8), (2, 16)]
+    ts.plot_state_sweep(rows, args)
+    assert (tmp_path / "state_sweep.png").stat().st_size > 10_000
 
 
 def test_failed_recalls_use_the_longest_distance_that_the_facts_can_fill(tmp_path, enc):

@@ -1022,9 +1022,10 @@ def easiest(results: dict, args) -> float:
     return list(cells.values())[0] if cells else float("nan")
 
 
-def hardest_setting(args, eval_results: dict) -> str:
-    cells = eval_results[str(args.seq_len)]["recall"][str(max(args.eval_facts))]
-    far = f", {list(cells)[-1]} tokens back" if cells else ""
+def hardest_setting(args, eval_results: dict | None) -> str:
+    """The hardest setting in words; with a run's results, the distance bin too."""
+    cells = eval_results[str(args.seq_len)]["recall"][str(max(args.eval_facts))] if eval_results else {}
+    far = f", {list(cells)[-1]} tokens back" if cells else ", the longest distance"
     return f"T = {args.seq_len}, {max(args.eval_facts)} facts{far}"
 
 
@@ -1130,6 +1131,12 @@ def model_marks(model: dict) -> str:
     return "".join(mark for mark in "*?!" if mark in marks)
 
 
+def recall_with_facts(run: dict, n_facts: int, args) -> float:
+    """A run's held-out recall at the training length with n_facts facts per sequence, its
+    distance bins pooled (each bin weighs the same)."""
+    return float(np.mean(list(run["eval"][str(args.seq_len)]["recall"][str(n_facts)].values())))
+
+
 def print_report(models: dict, args, failures: list[dict] = ()) -> None:
     """The forgetting gap as tables, mean (min-max) over seeds: recall by distance (most facts) per
     length and by number of facts; then each seed at the hardest setting with its convergence verdict,
@@ -1151,8 +1158,7 @@ def print_report(models: dict, args, failures: list[dict] = ()) -> None:
         print(f"\nT = {length} ({length // args.seq_len}x training length), {n} facts, by fact-to-query distance:")
         print_table(["model", "seeds", "val loss", "state KB", *bins], rows)
     print(f"\nT = {args.seq_len}, by number of facts (all distances pooled):")
-    pooled = lambda run, k: float(np.mean(list(run["eval"][str(args.seq_len)]["recall"][str(k)].values())))
-    rows = [[marked(preset), *(pct(spread([pooled(run, k) for run in model["runs"].values()]))
+    rows = [[marked(preset), *(pct(spread([recall_with_facts(run, k, args) for run in model["runs"].values()]))
                                for k in args.eval_facts)] for preset, model in models.items()]
     print_table(["model", *(f"{k} facts" for k in args.eval_facts)], rows)
     print_seed_table(models, seeds, args, failures)
@@ -1205,9 +1211,27 @@ def print_table(header: list[str], rows: list[list[str]]) -> None:
         print(" ".join(f"{cell:{'<' if i == 0 else '>'}{w}}" for i, (cell, w) in enumerate(zip(row, widths))))
 
 
+def plot_recall_with_facts(ax, models: dict, colours: dict, args) -> None:
+    """The last panel of forgetting_gap.png: recall against the number of facts per sequence at the
+    training length, distances pooled; per model the mean over seeds and their min-max band. A state
+    of fixed size (GDN's) loses facts as more of them compete for it."""
+    facts = list(args.eval_facts)
+    for preset, model in models.items():
+        runs = list(model["runs"].values())
+        per_seed = np.array([[recall_with_facts(run, k, args) for k in facts] for run in runs])   # [seeds, facts]
+        ax.plot(facts, per_seed.mean(axis=0), marker="o", color=colours[preset])
+        if len(runs) > 1:
+            ax.fill_between(facts, per_seed.min(axis=0), per_seed.max(axis=0), color=colours[preset], alpha=0.15, lw=0)
+    ax.axhline(1 / N_VALUES, color="grey", ls=":", lw=1)
+    ax.set_xticks(facts)
+    ax.set_xlabel("facts per sequence (distances pooled)")
+    ax.set_title(f"T = {args.seq_len}, against the number of facts")
+    ax.grid(alpha=0.3)
+
+
 def plot_report(models: dict, args) -> None:
-    """out/forgetting_gap.png (recall against distance per length: per model the mean over seeds, and
-    the min-max band when there are several) and out/training_curves.png (training loss, recall on
+    """out/forgetting_gap.png (recall against distance per length, and against the number of facts:
+    per model the mean over seeds, and the min-max band when there are several) and out/training_curves.png (training loss, recall on
     the training batches and on the held-out probe against step, one thin line per seed)."""
     import matplotlib
 
@@ -1218,7 +1242,7 @@ def plot_report(models: dict, args) -> None:
     lengths = (args.seq_len, 2 * args.seq_len, 4 * args.seq_len)
     n = str(max(args.eval_facts))
     several = any(len(model["runs"]) > 1 for model in models.values())
-    fig, axes = plt.subplots(1, len(lengths), figsize=(5 * len(lengths), 4), sharey=True)
+    fig, axes = plt.subplots(1, len(lengths) + 1, figsize=(5 * (len(lengths) + 1), 4), sharey=True)
     for ax, length in zip(axes, lengths):
         for preset, model in models.items():
             cells = model["summary"]["eval"][str(length)]["recall"][n]
@@ -1237,9 +1261,11 @@ def plot_report(models: dict, args) -> None:
         ax.set_title(f"T = {length}, {n} facts")
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
+    plot_recall_with_facts(axes[-1], models, colours, args)
     axes[0].set_ylabel("recall accuracy")
     axes[0].legend()
-    fig.suptitle(f"Recall against fact-to-query distance (dotted: chance, 1/{N_VALUES}; dashed: the window)"
+    fig.suptitle(f"Recall against fact-to-query distance and the number of facts (dotted: chance, 1/{N_VALUES}; "
+                 f"dashed: the window)"
                  + ("; lines: the mean over seeds, bands: their min-max" if several else ""))
     note = chance_note(every_run(models), args)
     if note:
@@ -1352,13 +1378,51 @@ def sample_text(model, enc, val_tokens, args, device, new_tokens: int = 72) -> d
     return {"prompt": enc.decode(prompt[0].tolist()), "continuation": enc.decode(ids)}
 
 
+def plot_state_sweep(rows: list[dict], args) -> None:
+    """out/state_sweep.png: pure GDN's recall at the hardest and the easiest setting against the
+    numbers its state holds per layer; the mean over seeds, and their min-max band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    numbers = [row["state_numbers_per_layer"] for row in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label, style in (("hardest_recall", f"hardest: {hardest_setting(args, None)}", "-"),
+                              ("easiest_recall", f"easiest: {min(args.eval_facts)} facts, closest", "--")):
+        ax.plot(numbers, [row[key]["mean"] for row in rows], style, marker="o", color="C2", label=label)
+        if max(row[key]["n"] for row in rows) > 1:
+            ax.fill_between(numbers, [row[key]["min"] for row in rows], [row[key]["max"] for row in rows],
+                            color="C2", alpha=0.15, lw=0)
+    for row, x in zip(rows, numbers):                    # heads x key dim, under each hardest point
+        ax.annotate(f"{row['gdn_heads']}x{row['gdn_head_dim']}", (x, row["hardest_recall"]["mean"]),
+                    textcoords="offset points", xytext=(0, -14), ha="center", color="grey")
+    ax.axhline(1 / N_VALUES, color="grey", ls=":", lw=1)
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("GDN state per layer (heads x key dim x value dim numbers)")
+    ax.set_ylabel("recall accuracy")
+    ax.set_title("Pure GDN: recall against its state size")
+    ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(args.out / "state_sweep.png", dpi=110)
+    plt.close(fig)
+    print(f"saved {args.out / 'state_sweep.png'}")
+
+
 def sweep_rows(results: dict[tuple[str, int], dict], args) -> list[dict]:
     """--sweep-state: pure GDN at growing state sizes (heads x key dim), recall at the hardest setting
-    per seed and its spread; it rises with the state."""
+    per seed and its spread; it rises with the state. The sweep's sizes, and the default size from
+    this command's own `gdn` runs when it trained them, ordered by state size."""
+    default = (args.gdn_heads, args.gdn_head_dim)
+    numbers = lambda size: size[0] * size[1] * (args.gdn_value_dim or size[1])   # per layer, H x K x V
+    sizes = sorted({*args.state_sizes, default}, key=numbers)
     rows = []
-    for heads, dim in args.state_sizes:
-        runs = {seed: results[(f"gdn_state{heads}x{dim}", seed)] for seed in args.seeds
-                if (f"gdn_state{heads}x{dim}", seed) in results}
+    for heads, dim in sizes:
+        names = [f"gdn_state{heads}x{dim}"] + (["gdn"] if (heads, dim) == default else [])
+        runs = {seed: next(results[(name, seed)] for name in names if (name, seed) in results)
+                for seed in args.seeds if any((name, seed) in results for name in names)}
         if not runs:
             continue
         value_dim = args.gdn_value_dim or dim
@@ -2344,7 +2408,9 @@ def build_parser() -> ArgumentParser:
                       help="several seeds, e.g. 0,1,2: every model is trained once per seed, and the report gives "
                            "mean (min-max) over the seeds; in place of --seed (default: the one seed of --seed)")
     task.add_argument("--batch-size", type=int, default=16, help="sequences per training step")
-    task.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW, warm-up, cosine decay to 10%%)")
+    task.add_argument("--lr", type=float, default=7e-4,
+                      help="peak learning rate (AdamW, warm-up, cosine decay to 10%%); at 1e-3 the small models "
+                           "failed to learn recall in some seeds (EXPERIMENTS.md section 2)")
     task.add_argument("--answer-weight", type=float, default=1.0, help="loss weight of a recall answer against a text token")
     task.add_argument("--n-keys", type=int, default=32,
                       help=f"distinct key tokens the facts draw from (at most {N_KEYS})")
@@ -2914,6 +2980,8 @@ def main(argv=None) -> None:
         trained = trained_models(results, args, enc.n_vocab, device)
         failed, sample = show_examples(trained, enc, val_tokens, args, device)
     sweep = sweep_rows(results, args) if args.sweep_state else earlier.get("state_sweep", [])
+    if args.sweep_state and sweep:
+        plot_state_sweep(sweep, args)
     seeds = sorted(set(args.seeds) | set(earlier.get("seeds", [])))
     wall = time.perf_counter() - wall_start
     summary = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
