@@ -1231,8 +1231,9 @@ def plot_recall_with_facts(ax, models: dict, colours: dict, args) -> None:
 
 def plot_report(models: dict, args) -> None:
     """out/forgetting_gap.png (recall against distance per length, and against the number of facts:
-    per model the mean over seeds, and the min-max band when there are several) and out/training_curves.png (training loss, recall on
-    the training batches and on the held-out probe against step, one thin line per seed)."""
+    per model the mean over seeds, and the min-max band when there are several) and
+    out/training_curves.png (training loss, recall on the training batches and on the held-out
+    probe against step, one thin line per seed)."""
     import matplotlib
 
     matplotlib.use("Agg")
