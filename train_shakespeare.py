@@ -2386,8 +2386,9 @@ def build_parser() -> ArgumentParser:
     model = parser.add_argument_group("model (the same for every preset)")
     model.add_argument("--d-model", type=int, default=64, help="width; the attention layers have 4 heads of d/4")
     model.add_argument("--n-layer", type=int, default=2, help="layers: GDN on even ones, the preset's mixer on odd ones")
-    model.add_argument("--gdn-heads", type=int, default=1, help="GDN heads")
-    model.add_argument("--gdn-head-dim", type=int, default=16, help="GDN key dim K")
+    model.add_argument("--gdn-heads", type=int, default=2,
+                       help="GDN heads (2 x key dim 8: a state too small for 24 facts; EXPERIMENTS.md section 2)")
+    model.add_argument("--gdn-head-dim", type=int, default=8, help="GDN key dim K")
     model.add_argument("--gdn-value-dim", type=int, default=0, help="GDN value dim V (0: = K)")
     model.add_argument("--window", type=int, default=16, help="sliding window w of SWA, LTE and NSA")
     model.add_argument("--key-conv", type=int, default=2,
@@ -2451,7 +2452,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.eval_every is None:
         args.eval_every = max(1, args.steps // PROBE_READINGS)
     args.eval_facts = sorted({2, args.max_facts // 2, args.max_facts})
-    args.state_sizes = ((1, 8), (2, 8), (2, 16), (2, 24), (2, 32))  # --sweep-state: (GDN heads, key dim)
+    # --sweep-state: (GDN heads, key dim), besides the command's own size (its `gdn` run)
+    args.state_sizes = tuple(size for size in ((1, 8), (2, 8), (1, 16), (2, 16), (2, 24), (2, 32))
+                             if size != (args.gdn_heads, args.gdn_head_dim))
     try:
         check_flags(args)
     except ValueError as e:
