@@ -299,6 +299,7 @@ CASES = [
     (200, 16, True, WEAK, 16, 16),
     (200, 64, True, STRONG, 16, 16),
     (200, 32, False, WEAK, 32, 32),
+    (64, 16, True, WEAK, 8, 8),          # train_shakespeare's GDN: 2 heads of key dim 8 (tiles padded to 16)
 ]
 
 
