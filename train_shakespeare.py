@@ -749,11 +749,11 @@ def rng_states(device: torch.device) -> dict:
 
 
 def set_rng_states(ckpt: dict, device: torch.device) -> None:
-    """Restore `rng_states` (CPU tensors, as torch.set_rng_state needs them). A checkpoint written on
-    another kind of device restores what it has."""
-    torch.set_rng_state(ckpt["rng"].cpu())
+    """Restore `rng_states` from a checkpoint loaded on the CPU (torch.set_rng_state takes CPU
+    tensors only). A checkpoint written on another kind of device restores what it has."""
+    torch.set_rng_state(ckpt["rng"])
     if device.type == "cuda" and "cuda_rng" in ckpt:
-        torch.cuda.set_rng_state(ckpt["cuda_rng"].cpu(), device)
+        torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
 
 
 def train_model(preset: str, args, tokens: np.ndarray, vocab_size: int, device: torch.device, tag: str = "",
@@ -1414,16 +1414,15 @@ def plot_state_sweep(rows: list[dict], args) -> None:
 
 def sweep_rows(results: dict[tuple[str, int], dict], args) -> list[dict]:
     """--sweep-state: pure GDN at growing state sizes (heads x key dim), recall at the hardest setting
-    per seed and its spread; it rises with the state. The sweep's sizes, and the default size from
-    this command's own `gdn` runs when it trained them, ordered by state size."""
+    per seed and its spread; it rises with the state. The sweep's sizes, and the command's own size
+    (its `gdn` runs, when it trained them; parse_args leaves that size out of the sweep's), ordered
+    by state size."""
     default = (args.gdn_heads, args.gdn_head_dim)
-    numbers = lambda size: size[0] * size[1] * (args.gdn_value_dim or size[1])   # per layer, H x K x V
-    sizes = sorted({*args.state_sizes, default}, key=numbers)
+    sizes = sorted({*args.state_sizes, default}, key=lambda size: size[0] * size[1] * (args.gdn_value_dim or size[1]))
     rows = []
     for heads, dim in sizes:
-        names = [f"gdn_state{heads}x{dim}"] + (["gdn"] if (heads, dim) == default else [])
-        runs = {seed: next(results[(name, seed)] for name in names if (name, seed) in results)
-                for seed in args.seeds if any((name, seed) in results for name in names)}
+        name = "gdn" if (heads, dim) == default else f"gdn_state{heads}x{dim}"
+        runs = {seed: results[(name, seed)] for seed in args.seeds if (name, seed) in results}
         if not runs:
             continue
         value_dim = args.gdn_value_dim or dim
@@ -2041,7 +2040,7 @@ def plan_jobs(args, device: torch.device, n_runs: int) -> tuple[int, list[str], 
     15 runs of `--use-triton --seeds 0,1,2`). With --jobs N on CUDA: one thread each
     too. On a CPU the same by default: one run per core, one torch thread each, because a second
     thread barely speeds up a step this small (the default run of five models on 2 cores: 847 s one
-    after the other with 2 threads, 590 s two at a time with one thread each). With --jobs N on a
+    after the other with 2 threads, 702 s two at a time with one thread each). With --jobs N on a
     CPU: an equal share of the cores each (the thread count changes a run's last bits)."""
     cores = cpu_cores()
     if device.type == "cuda":
