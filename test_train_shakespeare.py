@@ -1,12 +1,19 @@
 """Tests of train_shakespeare.py's data half: corpus conversion and split, tokenizer, recall facts."""
 
 import collections
+import hashlib
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import train_shakespeare as ts
+
+ROOT = Path(__file__).resolve().parent
 
 # ----------------------------------------------------------------------------------------------
 # 1. Corpus
@@ -123,6 +130,27 @@ def test_load_corpus_reads_its_cache_back(corpus, tmp_path):
     assert first == corpus
     (tmp_path / f"shakespeare_v{ts.CORPUS_VERSION}_val.txt").write_text("cached", encoding="utf-8")
     assert ts.load_corpus(cache_dir=tmp_path) == (corpus[0], "cached")
+
+
+def test_runs_started_together_share_an_empty_cache_safely(tmp_path):
+    """Sweeps start many runs at once in one checkout: each must prepare or read the corpus cache
+    safely (once, one writer's rename took the file from under the others)."""
+    cache = tmp_path / "cache"
+    start_at = time.time() + 8  # every process imports first, then all convert at the same moment
+    script = ("import hashlib, sys, time; import train_shakespeare as ts; "
+              "time.sleep(max(0.0, float(sys.argv[2]) - time.time())); "
+              "train, val = ts.load_corpus(cache_dir=sys.argv[1]); "
+              "print(hashlib.sha256((train + '\\0' + val).encode()).hexdigest())")
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(cache), str(start_at)], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(6)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outputs):
+        assert p.returncode == 0, err
+    digests = {out.strip() for out, _ in outputs}
+    train, val = ts.load_corpus(cache_dir=cache)
+    assert digests == {hashlib.sha256((train + "\0" + val).encode()).hexdigest()}
+    assert sorted(path.name for path in cache.iterdir()) == [
+        f"shakespeare_v{ts.CORPUS_VERSION}_{split}.txt" for split in ("train", "val")]  # no temporary file left
 
 
 def test_data_file_is_split_at_the_end(tmp_path):
@@ -526,7 +554,7 @@ def test_interrupt_then_resume_equals_uninterrupted_run(tmp_path, monkeypatch, d
 def test_checkpoint_write_is_atomic(tmp_path):
     path = tmp_path / "x.pt"
     ts.save_atomic({"a": torch.ones(2)}, path)
-    assert path.exists() and not path.with_suffix(".pt.tmp").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["x.pt"]  # no temporary file left
     assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(2))
 
 

@@ -53,6 +53,7 @@ import math
 import re
 import signal
 import sys
+import tempfile
 import time
 import traceback
 import warnings
@@ -213,12 +214,30 @@ def _shakespeare_splits(cache_dir: Path) -> tuple[str, str]:
     paths = play_paths()
     train_names, val_names = split_plays(list(paths))
     texts = {"train": _convert_plays(train_names, paths), "val": _convert_plays(val_names, paths)}
-    cache_dir.mkdir(parents=True, exist_ok=True)
     for split, path in cache.items():
-        tmp = path.with_suffix(".tmp")  # write then rename: a killed run leaves no half file
-        tmp.write_text(texts[split], encoding="utf-8")
-        tmp.replace(path)
+        write_atomic(path, lambda tmp: tmp.write_text(texts[split], encoding="utf-8"))
     return texts["train"], texts["val"]
+
+
+def write_atomic(path: Path, write) -> None:
+    """write(tmp) to a temporary file of this writer's own beside path, then rename it onto path.
+
+    Many runs may start at once in one checkout (sweeps, seeds, the frontier) and write the same
+    shared file (the corpus cache): each writer gets a unique temporary name, and os.replace is
+    atomic, so a reader sees the old file or a whole new one, never half a file, and no writer
+    renames another's file from under it. A crash leaves at most a stray temporary file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp makes it private (0600); the file it replaces was not
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _text_file_splits(data_path: Path) -> tuple[str, str]:
@@ -347,7 +366,7 @@ def train_bpe(text: str, n_tokens: int = N_BPE) -> dict[bytes, int]:
 def save_ranks(ranks: dict[bytes, int], path: str | Path) -> None:
     """Write ranks in tiktoken's format: one line per token, `base64(bytes) rank`, by rank."""
     lines = [f"{base64.b64encode(b).decode('ascii')} {rank}\n" for b, rank in sorted(ranks.items(), key=lambda x: x[1])]
-    Path(path).write_text("".join(lines), encoding="ascii", newline="\n")
+    write_atomic(path, lambda tmp: tmp.write_text("".join(lines), encoding="ascii", newline="\n"))
 
 
 def read_ranks(path: str | Path) -> dict[bytes, int]:
@@ -720,10 +739,7 @@ def recall_loss(logits: torch.Tensor, batch: dict, answer_weight: float) -> torc
 
 def save_atomic(obj, path: Path) -> None:
     """torch.save to a temporary file, then rename: a crash never leaves half a checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+    write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def checkpoint_path(out: Path, name: str, seed: int) -> Path:
@@ -2788,9 +2804,7 @@ def schedule_record(args, planned: int) -> dict:
 
 
 def write_json_atomic(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1), encoding="utf-8")
-    tmp.replace(path)
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1), encoding="utf-8"))
 
 
 def prepare_run(args):
