@@ -160,6 +160,14 @@ def _default_scale(scale, D: int) -> float:
 
 
 @functools.lru_cache(maxsize=None)
+def _launched_as_is(fn):
+    """For the ops a decoding step calls: inside torch.compile (the Decoder's compile=True) the op
+    runs as written, a graph break, and inductor fuses the PyTorch ops around it. Tracing into the
+    launch fails (inductor cannot take attention_decode's bool-to-int8 view of `valid`), and a break
+    costs nothing once the step is captured in a CUDA graph: the replay launches kernels only."""
+    return functools.wraps(fn)(torch.compiler.disable(fn))
+
+
 def _multiprocessors(device) -> int:
     """Streaming multiprocessors of a CUDA device (132 on an H100 or H200); 1 in the interpreter.
     Grids that must fill the GPU size themselves by it."""
@@ -976,6 +984,7 @@ def _gdn_recurrent_launch(q, k, v, g, beta, h0, ht, o, scale):
         BLOCK_K=BLOCK_K, BLOCK_V=BLOCK_V, HAS_H0=h0 is not None, num_warps=4 if BLOCK_K <= 64 else 8)
 
 
+@_launched_as_is
 def gated_delta_rule_recurrent(q, k, v, g, beta, scale=None, initial_state=None):
     """Gated DeltaNet token by token in one fused Triton kernel: the twin of
     `tiny_hybrid.gated_delta_rule_recurrent` (same arguments, checks and outputs).
@@ -1726,6 +1735,7 @@ def _decode_splits(S: int, B: int, Hkv: int, block_n: int, device) -> int:
     return max(1, min(triton.cdiv(S, block_n), triton.cdiv(2 * _multiprocessors(device), B * Hkv)))
 
 
+@_launched_as_is
 def attention_decode(q, k_cache, v_cache, valid=None, scale=None):
     """One decoding step in Triton; same arguments, errors and result as
     tiny_hybrid.attention_decode: q [B, H, D], k_cache, v_cache [B, S, Hkv, D], valid bool
@@ -1793,7 +1803,9 @@ def attention_decode(q, k_cache, v_cache, valid=None, scale=None):
 #                tokens that chose it (a stable sort on the device, no host sync); one program per
 #                (block, piece of its list) walks it.
 # Decoding (one query at position t) uses `nsa_compressed_attention(..., offset=t)` and
-# `nsa_block_scores(..., offset=t)` from here; the selected branch gathers the n l selected tokens
+# `nsa_block_scores(..., offset=t)` from here, t a 0-d tensor that the kernels read on the device
+# (every kernel loads its offset from a 1-element tensor: no host sync, and a captured step reads
+# the position of each replay); the selected branch gathers the n l selected tokens
 # of the cache and calls `attention_decode` (split-K) through the same switch (tiny_hybrid's
 # NativeSparseAttention._selected_step): one query per KV group is too little work for the tiles
 # above.
@@ -1846,9 +1858,22 @@ def _check_nsa_compressed_args(q, k_cmp, v_cmp, block, offset) -> None:
         raise ValueError(f"q {tuple(q.shape)} and k_cmp {tuple(k_cmp.shape)} must agree on B and D, and "
                          f"the query heads must be a multiple of the key/value heads")
     _check_block(block)
-    if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
-        raise ValueError(f"offset must be an int >= 0, got {offset!r}")
+    if isinstance(offset, torch.Tensor):  # a decoding step's position: its value stays on the device
+        if offset.ndim != 0 or offset.dtype.is_floating_point or offset.dtype == torch.bool or \
+                offset.device != q.device:
+            raise ValueError(f"offset must be an int >= 0 or a 0-d integer tensor on q's device ({q.device}), "
+                             f"got a {offset.ndim}-d {offset.dtype} tensor on {offset.device}")
+    elif not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+        raise ValueError(f"offset must be an int >= 0 or a 0-d integer tensor, got {offset!r}")
     _check_kernel_limits("nsa_compressed_attention", dict(D=q.shape[3]), dict(q=q, k_cmp=k_cmp, v_cmp=v_cmp))
+
+
+def _offset_on_device(offset, device) -> torch.Tensor:
+    """The position of the first query as a 1-element int32 tensor that the kernels load: a host int
+    is written there (no sync), a decoding step's 0-d tensor is read where it is (no .item())."""
+    if isinstance(offset, torch.Tensor):
+        return offset.reshape(1).to(torch.int32)                                # [1]
+    return torch.full((1,), offset, dtype=torch.int32, device=device)
 
 
 def _check_nsa_selected_args(q, k, v, block_idx, block) -> None:
@@ -1936,11 +1961,12 @@ def _slc_tile(k_ptr, v_ptr, j0, j_end, tok, chose, offs_d, row_stride, D: tl.con
 # --- Compressed attention --------------------------------------------------------------------
 
 @triton.jit
-def _nsa_cmp_fwd_kernel(q_ptr, kc_ptr, vc_ptr, o_ptr, lse_ptr, T, Nc, H, Hkv, block, offset, qk_scale,
+def _nsa_cmp_fwd_kernel(q_ptr, kc_ptr, vc_ptr, o_ptr, lse_ptr, T, Nc, H, Hkv, block, offset_ptr, qk_scale,
                         G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """One program per (token tile, batch * KV head). q, o [B, T, H, D]; kc, vc [B, Nc, Hkv, D].
     Writes o (0 on rows with no complete block) and lse [B, H, T] in base 2 (-inf on those rows)."""
+    offset = tl.load(offset_ptr)
     b, hkv, tok, g, ok, q_off, lse_off = _group_tile(T, H, Hkv, G, D, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     kc_ptr += (b.to(tl.int64) * Nc * Hkv + hkv) * D
@@ -1965,9 +1991,10 @@ def _nsa_cmp_fwd_kernel(q_ptr, kc_ptr, vc_ptr, o_ptr, lse_ptr, T, Nc, H, Hkv, bl
 
 @triton.jit
 def _nsa_cmp_bwd_dq_kernel(q_ptr, kc_ptr, vc_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, T, Nc, H, Hkv, block,
-                           offset, qk_scale, scale, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                           offset_ptr, qk_scale, scale, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """dq [B, T, H, D]: the forward's walk, with P recomputed from lse and delta [B, H, T]."""
+    offset = tl.load(offset_ptr)
     b, hkv, tok, g, ok, q_off, lse_off = _group_tile(T, H, Hkv, G, D, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     kc_ptr += (b.to(tl.int64) * Nc * Hkv + hkv) * D
@@ -1987,12 +2014,13 @@ def _nsa_cmp_bwd_dq_kernel(q_ptr, kc_ptr, vc_ptr, do_ptr, lse_ptr, delta_ptr, dq
 
 @triton.jit
 def _nsa_cmp_bwd_dkdv_kernel(q_ptr, kc_ptr, vc_ptr, do_ptr, lse_ptr, delta_ptr, dkc_ptr, dvc_ptr, T, Nc, H, Hkv,
-                             block, offset, tokens_per_chunk, qk_scale, scale, G: tl.constexpr, D: tl.constexpr,
+                             block, offset_ptr, tokens_per_chunk, qk_scale, scale, G: tl.constexpr, D: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                              PRECISION: tl.constexpr):
     """One program per (tile of compressed blocks, chunk of tokens, batch * KV head): the part of
     dKc, dVc that comes from the chunk's queries (all G heads). Writes float32 partials
     dkc, dvc [n_chunks, B, Nc, Hkv, D]; the host sums over the chunks."""
+    offset = tl.load(offset_ptr)
     n0 = tl.program_id(0) * BLOCK_N
     chunk = tl.program_id(1)
     b = tl.program_id(2) // Hkv
@@ -2071,19 +2099,20 @@ class _NSACompressedAttention(torch.autograd.Function):
         G = H // Hkv
         o = torch.empty_like(q)
         lse2 = torch.empty(B, H, T, dtype=torch.float32, device=q.device)      # base 2
+        offset = _offset_on_device(offset, q.device)
         cfg = _nsa_blocks("cmp", G)
         precision = _dot_precision(q.dtype)  # decided once: the backward multiplies the same way
         _nsa_cmp_fwd_kernel[(triton.cdiv(T, cfg["BLOCK_M"] // G), B * Hkv)](
             q, k_cmp, v_cmp, o, lse2, T, Nc, H, Hkv, block, offset, scale * LOG2E, G=G, D=D,
             BLOCK_D=_block_d(D), PRECISION=precision, **cfg)
-        ctx.save_for_backward(q, k_cmp, v_cmp, o, lse2)
-        ctx.block, ctx.offset, ctx.scale, ctx.precision = block, offset, scale, precision
+        ctx.save_for_backward(q, k_cmp, v_cmp, o, lse2, offset)
+        ctx.block, ctx.scale, ctx.precision = block, scale, precision
         return o, lse2 * LN2                                                   # natural log, [B, H, T]
 
     @staticmethod
     def backward(ctx, do, dlse):
-        q, k_cmp, v_cmp, o, lse2 = ctx.saved_tensors
-        block, offset, scale = ctx.block, ctx.offset, ctx.scale
+        q, k_cmp, v_cmp, o, lse2, offset = ctx.saved_tensors
+        block, scale = ctx.block, ctx.scale
         B, T, H, D = q.shape
         Nc, Hkv = k_cmp.shape[1], k_cmp.shape[2]
         G = H // Hkv
@@ -2109,9 +2138,11 @@ class _NSACompressedAttention(torch.autograd.Function):
         return dq, dkc.sum(0).to(k_cmp.dtype), dvc.sum(0).to(v_cmp.dtype), None, None, None
 
 
-def nsa_compressed_attention(q, k_cmp, v_cmp, block: int, scale=None, offset: int = 0):
+@_launched_as_is
+def nsa_compressed_attention(q, k_cmp, v_cmp, block: int, scale=None, offset=0):
     """NSA's compressed branch in Triton; same arguments and result as
-    tiny_hybrid.nsa_compressed_attention: q [B, T, H, D] at positions offset .. offset + T - 1,
+    tiny_hybrid.nsa_compressed_attention: q [B, T, H, D] at positions offset .. offset + T - 1
+    (offset: an int, or a 0-d integer tensor on q's device, as a decoding step keeps it),
     k_cmp, v_cmp [B, Nc, Hkv, D] (mean-pooled blocks of `block` tokens); the query at position p
     attends to the complete blocks n < (p + 1) // block. Returns (o [B, T, H, D] in q's dtype,
     lse [B, T, H] float32); o = 0 and lse = -inf where no block is complete. Differentiable in
@@ -2131,12 +2162,13 @@ def nsa_compressed_attention(q, k_cmp, v_cmp, block: int, scale=None, offset: in
 # --- Block scores ----------------------------------------------------------------------------
 
 @triton.jit
-def _nsa_scores_kernel(q_ptr, kc_ptr, lse_ptr, score_ptr, T, Nc, H, Hkv, block, offset, qk_scale,
+def _nsa_scores_kernel(q_ptr, kc_ptr, lse_ptr, score_ptr, T, Nc, H, Hkv, block, offset_ptr, qk_scale,
                        G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """One program per (tile of BLOCK_M tokens, tile of BLOCK_N compressed blocks, batch * KV head):
     score [B, T, Hkv, Nc] float32 = sum over the G heads h of the group of exp2(s_h - lse_h), 0 on
     blocks not complete yet. q [B, T, H, D], kc [B, Nc, Hkv, D], lse [B, T, H] (base 2)."""
+    offset = tl.load(offset_ptr)
     offs_t = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     b = tl.program_id(2) // Hkv
@@ -2157,7 +2189,8 @@ def _nsa_scores_kernel(q_ptr, kc_ptr, lse_ptr, score_ptr, T, Nc, H, Hkv, block, 
     tl.store(ptrs, score, mask=(offs_t < T)[:, None] & (offs_n < Nc)[None, :])
 
 
-def nsa_block_scores(q, k_cmp, lse, block: int, scale=None, offset: int = 0):
+@_launched_as_is
+def nsa_block_scores(q, k_cmp, lse, block: int, scale=None, offset=0):
     """tiny_hybrid.nsa_block_scores in Triton: the compressed attention probabilities summed over the
     query heads of each KV group. q [B, T, H, D], k_cmp [B, Nc, Hkv, D], lse [B, T, H] (natural log,
     from nsa_compressed_attention). Returns [B, T, Hkv, Nc] float32; no gradient."""
@@ -2177,7 +2210,8 @@ def nsa_block_scores(q, k_cmp, lse, block: int, scale=None, offset: int = 0):
         lse2 = (lse.detach().float() * LOG2E).contiguous()                      # base 2, [B, T, H]
         cfg = _nsa_blocks("scores", H // Hkv)
         grid = (triton.cdiv(T, cfg["BLOCK_M"]), triton.cdiv(Nc, cfg["BLOCK_N"]), B * Hkv)
-        _nsa_scores_kernel[grid](q_, k_, lse2, scores, T, Nc, H, Hkv, block, offset, scale * LOG2E, G=H // Hkv, D=D,
+        _nsa_scores_kernel[grid](q_, k_, lse2, scores, T, Nc, H, Hkv, block, _offset_on_device(offset, q.device),
+                                 scale * LOG2E, G=H // Hkv, D=D,
                                  BLOCK_D=_block_d(D), PRECISION=_dot_precision(dtype), **cfg)
     return scores
 

@@ -133,13 +133,16 @@ ROUTER_CONVS = {"paper": ((3, 3, 3), (2, 2, 2)), "mixed": ((3, 5, 1), (1, 2, 3))
                 "kernel 1": ((1,), (1,))}
 
 
+@pytest.mark.parametrize("product_limit", [1 << 30, 0], ids=["multiply-sum", "matmul"])
 @pytest.mark.parametrize("convs", list(ROUTER_CONVS))
-def test_router_one_token_form_equals_its_forward(convs):
-    """LTERouter.score_one, the multiply-sum form a decoding step runs, gives forward's score of token j
+def test_router_one_token_form_equals_its_forward(convs, product_limit, monkeypatch):
+    """LTERouter.score_one, in either form a decoding step runs (a fused multiply-sum for few
+    sequences, a batched matmul for many: ROUTER_PRODUCT_LIMIT), gives forward's score of token j
     from the 2 reach + 1 inputs around it, for every j whose right context exists, the ones near
     the start included: whatever the inputs before position 0 hold, they count as the padding
     (they are filled with noise here). Non-zero biases, so that padding only the router's input
     and not its inner layers would show."""
+    monkeypatch.setattr(th, "ROUTER_PRODUCT_LIMIT", product_limit)
     kernel_sizes, dilations = ROUTER_CONVS[convs]
     torch.manual_seed(0)
     router = th.LTERouter(3, 4, kernel_sizes, dilations).eval()
@@ -357,8 +360,6 @@ def test_bad_decoder_arguments(kwargs, error, match):
 
 def test_bad_decoder_inputs():
     model = small_model("gdn+swa")
-    with pytest.raises(ValueError, match="compile=True fuses the PyTorch ops"):
-        small_model("gdn", use_triton=True, gdn_chunk_size=16).decoder(1, 8, compile=True)
     with pytest.raises(TypeError, match="model must be a tiny_hybrid.TinyHybrid"):
         Decoder(torch.nn.Linear(2, 2), 1, 8)
     with pytest.raises(ValueError, match="training mode"):
@@ -479,11 +480,13 @@ def test_prompts_up_to_max_len_on_cuda(preset, exact_cuda):
 
 
 @needs_cuda
+@pytest.mark.parametrize("use_triton", [False, True], ids=["torch", "triton"])
 @pytest.mark.parametrize("preset", ["gdn", "gdn+swa", "gdn+lte", "gdn+nsa"])
-def test_compiled_and_captured_equals_eager(preset, exact_cuda):
+def test_compiled_and_captured_equals_eager(preset, use_triton, exact_cuda):
     """torch.compile fuses the step before capture: the same logits up to float32 reordering
-    (fused reductions sum in another order), the same greedy tokens."""
-    model = small_model(preset, device="cuda")
+    (fused reductions sum in another order), the same greedy tokens. With use_triton the kernels
+    run between the fused pieces, and the eager step runs the same kernels."""
+    model = small_model(preset, device="cuda", use_triton=use_triton, **(TRITON_SIZES if use_triton else {}))
     idx = torch.randint(0, 61, (2, 41), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     compiled = model.decoder(2, 41, compile=True)
     eager = model.decoder(2, 41, cuda_graph=False)

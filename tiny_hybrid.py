@@ -845,10 +845,8 @@ class NativeSparseAttention(_AttentionBase):
         q, k, v, _ = self._qkv(x, t, state)
         self._append(state, k, v, t)
         K, V, Kc, Vc = (state[n].to(q.dtype) for n in ("k", "v", "k_cmp", "v_cmp"))
-        # kernels.nsa_compressed_attention and nsa_block_scores take the offset as a host int, so the
-        # step runs the reference for these two, one query over max_len / l blocks (cheap).
-        o_cmp, lse = nsa_compressed_attention(q, Kc, Vc, l, offset=t)                   # [N1]
-        scores = nsa_block_scores(q, Kc, lse, l, offset=t)                              # [N2]
+        o_cmp, lse = _op(self.config, nsa_compressed_attention)(q, Kc, Vc, l, offset=t)  # [N1]
+        scores = _op(self.config, nsa_block_scores)(q, Kc, lse, l, offset=t)             # [N2]
         block_idx = nsa_select_blocks(scores, l, self.top_n, self.n_recent, n_blocks=Kc.shape[1],
                                       offset=t)[:, 0]                                   # [B, Hkv, n]
         o_slc = self._selected_step(q[:, 0], K, V, block_idx, t)
@@ -914,6 +912,12 @@ def lte_reach(kernel_sizes, dilations) -> int:
     R = 2 reach + 1 = 13 positions, but with dilation 2 in every layer a score reads only the even
     offsets -6, -4, ..., 6 (7 tokens). Decoding can score token j once token j + reach exists."""
     return sum(d * (k - 1) // 2 for k, d in zip(kernel_sizes, dilations))
+
+
+# The most products (taps times output channels) for which a decoding step scores with a fused
+# multiply-sum rather than a batched matmul (LTERouter._unpadded): the bench model's first router
+# layer at batch 1 is 0.44M, at batch 64 28M.
+ROUTER_PRODUCT_LIMIT = 1 << 20
 
 
 class LTERouter(nn.Module):
@@ -993,15 +997,20 @@ class LTERouter(nn.Module):
         sum_m W[:, :, m] x_{i + d m} + bias, for the P - d (k - 1) outputs that have all their taps.
         x: [B, P, Hkv, C_in] at `positions` [P]; inputs before position 0 count as zero. Returns
         (y [B, P - d (k - 1), Hkv, C_out], the outputs' positions).
-        Written as a broadcast product summed over (input channel, tap), not as an einsum: at these
-        sizes torch.compile fuses it into one small reduction kernel, where an einsum would become a
-        matrix-multiply launch of its own (~9 us each on an H200, 4 per LTE layer and step)."""
+        A few sequences: a broadcast product summed over (input channel, tap), which torch.compile
+        fuses into one small reduction kernel, where an einsum would be a matrix-multiply launch of
+        its own (~9 us each on an H200, 4 per LTE layer and step). Many sequences: the product
+        would hold C_out times the taps, so a batched matmul (the einsum) is cheaper."""
         (k,), (d,) = conv.kernel_size, conv.dilation
         Hkv = conv.groups
         x = torch.where((positions >= 0)[:, None, None], x, 0)                  # the sequence start's padding
         taps = x.unfold(1, d * (k - 1) + 1, 1)[..., ::d]                       # [B, P', Hkv, C_in, k]
         w = conv.weight.view(Hkv, -1, *conv.weight.shape[1:])                  # [Hkv C_out, C_in, k] -> [Hkv, C_out, C_in, k]
-        y = (taps[:, :, :, None] * w).sum(dim=(-2, -1)) + conv.bias.view(Hkv, -1)  # [B, P', Hkv, C_out]
+        if taps.numel() * w.shape[1] <= ROUTER_PRODUCT_LIMIT:
+            y = (taps[:, :, :, None] * w).sum(dim=(-2, -1))                     # [B, P', Hkv, C_out]
+        else:
+            y = torch.einsum("bphck,hock->bpho", taps, w)                       # [B, P', Hkv, C_out]
+        y = y + conv.bias.view(Hkv, -1)
         half = d * (k - 1) // 2
         return y, positions[half: positions.shape[0] - half]
 
@@ -2077,7 +2086,8 @@ class Decoder:
     warm-up; each token is copied into a static input and the graph replayed, with no host sync.
     Without CUDA, or with cuda_graph=False, the very same step runs eagerly.
     A graph still launches every small kernel of the step (a hundred or more); compile=True first
-    fuses the step with torch.compile (tens of seconds, once per Decoder): on an H200 the bench
+    fuses the step with torch.compile (tens of seconds, once per Decoder; with use_triton the
+    kernels run as they are between the fused pieces, see kernels._launched_as_is): on an H200 the bench
     model's compiled and captured step costs 0.21 / 0.20 / 0.29 ms per token for gdn / gdn+swa /
     gdn+lte (float32, batch 1, the PyTorch ops; EXPERIMENTS.md section 7).
     max_len bounds the prompt plus the decoded tokens: past it, a ValueError before any work.
@@ -2087,10 +2097,6 @@ class Decoder:
                  compile: bool = False):
         _check_decoder(model, batch_size, max_len, cuda_graph)
         _check_bool("compile", compile)
-        if compile and model.config.use_triton:
-            raise ValueError("compile=True fuses the PyTorch ops of the step; with use_triton the step runs "
-                             "Triton kernels, which torch.compile cannot take yet (inductor fails on "
-                             "kernels.attention_decode's bool-to-int8 view): use one or the other")
         self.model, self.batch_size, self.max_len = model, batch_size, max_len
         # the step that runs (captured or eager): the model's own, or torch.compile's fusion of it
         self._step_fn = torch.compile(model._decode_step, dynamic=False) if compile else model._decode_step
