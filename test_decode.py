@@ -27,7 +27,12 @@ from tiny_hybrid import PRESETS, Config, Decoder, TinyHybrid
 ROOT = Path(__file__).resolve().parent
 TOL = dict(atol=1e-5, rtol=1e-5)
 CUDA = torch.cuda.is_available()
-needs_cuda = pytest.mark.skipif(not CUDA, reason="CUDA graphs need a CUDA GPU; the CPU tests run the same step eagerly")
+
+
+def needs_cuda(test):
+    """A test of capture and replay on a GPU: marked `gpu`, skipped without one."""
+    return pytest.mark.gpu(pytest.mark.skipif(not CUDA, reason="CUDA graphs need a CUDA GPU; the CPU tests "
+                                                                "run the same step eagerly")(test))
 
 
 @pytest.fixture(autouse=True)
@@ -90,13 +95,13 @@ def test_static_step_equals_the_parallel_forward(preset, gqa):
                                        msg=lambda m: f"prompt {prompt}, max_len {T + slack}: {m}")
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("preset", ["gdn+swa", "gdn+lte", "gdn+nsa", "transformer"])
-def test_static_step_through_the_triton_kernels_equals_the_parallel_reference(preset):
+def test_static_step_through_the_triton_kernels_equals_the_parallel_reference(preset, kernel_device, exact_float32):
     """use_triton: attention_decode and GDN's recurrent step are the kernels (in Triton's
     interpreter without a GPU), with the device-side positions and validity masks of the static
-    step, run eagerly."""
-    pytest.importorskip("triton")
-    device = "cuda" if CUDA else "cpu"                  # where kernels.py runs its kernels
+    step, run eagerly, where the kernels run."""
+    device = kernel_device
     reference = small_model(preset, device, **TRITON_SIZES)
     fast = small_model(preset, device, use_triton=True, **TRITON_SIZES)
     fast.load_state_dict(reference.state_dict())
@@ -402,18 +407,13 @@ def test_bench_decode_runs_as_a_user_runs_it(tmp_path):
 # CUDA: capture, replay, no host sync
 # =============================================================================================
 
-@pytest.fixture
-def exact_cuda(monkeypatch):
-    """float32 without TF32 (cuDNN's convolutions use it by default), so that eager, captured and
-    the parallel forward are compared at float32 precision."""
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-
+# exact_float32 (conftest.py): float32 without TF32 (cuDNN's convolutions use it by default), so
+# that eager, captured and the parallel forward are compared at float32 precision.
 
 @needs_cuda
 @pytest.mark.parametrize("use_triton", [False, True])
 @pytest.mark.parametrize("preset", sorted(PRESETS))
-def test_captured_equals_eager_and_the_parallel_forward(preset, use_triton, exact_cuda):
+def test_captured_equals_eager_and_the_parallel_forward(preset, use_triton, exact_float32):
     if use_triton:
         pytest.importorskip("triton")
     sizes = TRITON_SIZES if use_triton else {}
@@ -462,7 +462,7 @@ def test_replaying_never_waits_for_the_device(preset, use_triton):
 
 @needs_cuda
 @pytest.mark.parametrize("preset", ["gdn+lte", "gdn+nsa", "gdn+attn"])
-def test_prompts_up_to_max_len_on_cuda(preset, exact_cuda):
+def test_prompts_up_to_max_len_on_cuda(preset, exact_float32):
     model = small_model(preset, device="cuda")
     idx = torch.randint(0, 61, (1, 24), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
     decoder = model.decoder(1, 24)
@@ -482,7 +482,7 @@ def test_prompts_up_to_max_len_on_cuda(preset, exact_cuda):
 @needs_cuda
 @pytest.mark.parametrize("use_triton", [False, True], ids=["torch", "triton"])
 @pytest.mark.parametrize("preset", ["gdn", "gdn+swa", "gdn+lte", "gdn+nsa"])
-def test_compiled_and_captured_equals_eager(preset, use_triton, exact_cuda):
+def test_compiled_and_captured_equals_eager(preset, use_triton, exact_float32):
     """torch.compile fuses the step before capture: the same logits up to float32 reordering
     (fused reductions sum in another order), the same greedy tokens. With use_triton the kernels
     run between the fused pieces, and the eager step runs the same kernels."""

@@ -1,6 +1,10 @@
 """kernels.py against the reference ops of tiny_hybrid.py: forward, gradients, decoding, errors.
 
-Without a CUDA GPU the kernels run in Triton's interpreter, so shapes here are small (D=16, B<=2).
+Every tensor a kernel sees lives on DEVICE, the kernels' device: with a CUDA GPU the kernels are
+compiled and run there, without one they run in Triton's interpreter on the CPU (conftest.py sets
+TRITON_INTERPRET then). The reference they are compared with runs on the same tensors. Inputs are
+drawn on the CPU from seeded generators, then moved, so both devices test the same numbers.
+Shapes are small (D=16, B<=2) for the interpreter; on a GPU each distinct shape class compiles once.
 """
 
 import os
@@ -17,7 +21,12 @@ pytest.importorskip("triton")  # Triton ships for Linux only
 import kernels  # noqa: E402
 import tiny_hybrid  # noqa: E402
 
-DEVICE = "cpu" if kernels.INTERPRET else "cuda"
+# The kernels' device, the one place these tests decide where tensors live: kernels.py's own rule
+# (its interpreter on the CPU without a CUDA GPU, else CUDA), as conftest.py's `kernel_device`
+# gives it to tests elsewhere; a module constant here because parametrize lists below use it.
+DEVICE = torch.device("cpu" if kernels.INTERPRET else "cuda")
+# Float32 is float32 here: no TF32 in PyTorch's products or cuDNN's convolutions (conftest.py).
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("exact_float32")]
 
 # Tolerances.
 # float32: the kernels multiply in exact float32 (IEEE dots) and accumulate in float32, like the
@@ -268,10 +277,15 @@ def rel_err(a, b):
 
 
 def make_inputs(B, T, H, K, V, decay, dtype=torch.float32, with_h0=True, seed=0):
-    q, k, v, g, beta = kernels._gdn_random_inputs(B, T, H, K, V, dtype, "cpu", decay=decay, seed=seed)
+    q, k, v, g, beta = kernels._gdn_random_inputs(B, T, H, K, V, dtype, DEVICE, decay=decay, seed=seed)
     torch.manual_seed(seed)
-    h0 = torch.randn(B, H, K, V) if with_h0 else None
+    h0 = torch.randn(B, H, K, V).to(DEVICE) if with_h0 else None
     return q, k, v, g, beta, h0
+
+
+def randn(*shape):
+    """torch.randn on the CPU's global generator (seeded by the caller), moved to DEVICE."""
+    return torch.randn(*shape).to(DEVICE)
 
 
 def run_with_grads(fn, q, k, v, g, beta, h0, do, dht, **kw):
@@ -306,8 +320,8 @@ CASES = [
 @pytest.mark.parametrize("T,L,with_h0,decay,K,V", CASES)
 def test_chunked_matches_reference_fp32(T, L, with_h0, decay, K, V):
     q, k, v, g, beta, h0 = make_inputs(2, T, 2, K, V, decay, with_h0=with_h0, seed=T + L)
-    do = torch.randn(2, T, 2, V)
-    dht = torch.randn(2, 2, K, V)
+    do = randn(2, T, 2, V)
+    dht = randn(2, 2, K, V)
     o, ht, grads = run_with_grads(kernels.gated_delta_rule, q, k, v, g, beta, h0, do, dht, chunk_size=L)
     o_ref, ht_ref, grads_ref = run_with_grads(tiny_hybrid.gated_delta_rule, q, k, v, g, beta, h0, do, dht,
                                               chunk_size=L)
@@ -331,11 +345,11 @@ def test_chunked_near_duplicate_keys():
     """The hard case for the UT transform: no decay, beta near 1, almost parallel keys, so that
     I + A is far from the identity. Checked against the float32 reference like the rest."""
     torch.manual_seed(0)
-    base = torch.randn(1, 1, 2, 16)
-    k = torch.nn.functional.normalize(base + 0.01 * torch.randn(1, 128, 2, 16), dim=-1)
-    q = torch.nn.functional.normalize(torch.randn(1, 128, 2, 16), dim=-1)
-    v = torch.randn(1, 128, 2, 16)
-    g, beta = torch.zeros(1, 128, 2), torch.full((1, 128, 2), 0.99)
+    base = randn(1, 1, 2, 16)
+    k = torch.nn.functional.normalize(base + 0.01 * randn(1, 128, 2, 16), dim=-1)
+    q = torch.nn.functional.normalize(randn(1, 128, 2, 16), dim=-1)
+    v = randn(1, 128, 2, 16)
+    g, beta = torch.zeros(1, 128, 2, device=DEVICE), torch.full((1, 128, 2), 0.99, device=DEVICE)
     o, ht = kernels.gated_delta_rule(q, k, v, g, beta, chunk_size=64)
     o_ref, ht_ref = tiny_hybrid.gated_delta_rule(q, k, v, g, beta, chunk_size=64)
     assert rel_err(o, o_ref) < F32_TOL and rel_err(ht, ht_ref) < F32_TOL
@@ -344,8 +358,8 @@ def test_chunked_near_duplicate_keys():
 def test_chunked_bf16_close():
     q, k, v, g, beta, h0 = make_inputs(1, 100, 2, 32, 32, (-0.5, -0.01), dtype=torch.bfloat16,
                                        seed=7)
-    do = torch.randn(1, 100, 2, 32)
-    dht = torch.randn(1, 2, 32, 32)
+    do = randn(1, 100, 2, 32)
+    dht = randn(1, 2, 32, 32)
     beta = beta.to(torch.bfloat16)
     o, ht, grads = run_with_grads(kernels.gated_delta_rule, q, k, v, g, beta, h0, do, dht, chunk_size=32)
     o_ref, ht_ref, grads_ref = run_with_grads(tiny_hybrid.gated_delta_rule, q, k, v, g, beta, h0, do, dht,
@@ -432,7 +446,7 @@ def test_bad_chunk_size():
         assert str(got.value) == str(expected.value)
     with pytest.raises(ValueError, match="chunk_size must be one of"):   # valid for the reference
         kernels.gated_delta_rule(q, k, v, g, beta, chunk_size=48)
-    big = torch.randn(1, 8, 2, 256)
+    big = randn(1, 8, 2, 256)
     with pytest.raises(ValueError, match="head dim K = 256"):
         kernels.gated_delta_rule(big, big, v, g, beta)
 
@@ -464,8 +478,8 @@ def _model_pair(preset, **overrides):
                     lte_sink=2, lte_buffer=3, lte_dropout=0.0, gdn_chunk_size=16, nsa_block=4, nsa_topn=3)
     settings.update(overrides)
     torch.manual_seed(0)
-    ref = tiny_hybrid.TinyHybrid(tiny_hybrid.Config.preset(preset, **settings))
-    fast = tiny_hybrid.TinyHybrid(tiny_hybrid.Config.preset(preset, use_triton=True, **settings))
+    ref = tiny_hybrid.TinyHybrid(tiny_hybrid.Config.preset(preset, **settings)).to(DEVICE)
+    fast = tiny_hybrid.TinyHybrid(tiny_hybrid.Config.preset(preset, use_triton=True, **settings)).to(DEVICE)
     fast.load_state_dict(ref.state_dict())
     return ref, fast
 
@@ -478,7 +492,7 @@ def _model_pair(preset, **overrides):
 def test_model_with_triton_equals_reference(preset, overrides):
     """Logits and every parameter gradient; the attention and GDN kernels run in float32 (IEEE)."""
     ref, fast = _model_pair(preset, **overrides)
-    idx = torch.randint(0, 61, (2, 37))
+    idx = torch.randint(0, 61, (2, 37)).to(DEVICE)
     logits_ref, loss_ref = ref(idx, idx)
     logits, loss = fast(idx, idx)
     torch.testing.assert_close(logits, logits_ref, atol=1e-4, rtol=1e-4)
@@ -492,10 +506,10 @@ def test_model_with_triton_equals_reference(preset, overrides):
 def test_decoding_with_triton_equals_parallel_reference(preset):
     ref, fast = _model_pair(preset)
     ref.eval(), fast.eval()
-    idx = torch.randint(0, 61, (2, 30))
+    idx = torch.randint(0, 61, (2, 30)).to(DEVICE)
     with torch.no_grad():
         full, _ = ref(idx)
-        state = fast.init_state(2)
+        state = fast.init_state(2, device=DEVICE)
         parts = [fast(idx[:, :11], state=state)[0]] + [fast(idx[:, t: t + 1], state=state)[0] for t in range(11, 30)]
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-4, rtol=1e-4)
 
@@ -614,7 +628,7 @@ def test_nsa_block_lists_invert_the_selection():
     it, in order; entries without a block go to the last list of their (batch, KV head)."""
     B, T, Hkv, n, n_blocks = 2, 30, 2, 3, 4
     g = torch.Generator().manual_seed(6)
-    idx = kernels._nsa_clean_selection(torch.randint(-1, n_blocks + 1, (B, T, Hkv, n), generator=g), n_blocks)
+    idx = kernels._nsa_clean_selection(torch.randint(-1, n_blocks + 1, (B, T, Hkv, n), generator=g).to(DEVICE), n_blocks)
     tokens, starts = kernels._nsa_block_lists(idx, n_blocks)
     for b in range(B):
         for h in range(Hkv):
@@ -662,7 +676,7 @@ def _bad_nsa_calls():
         (lambda: slc(q, k, v, idx[:, :5], 4), "block_idx"),
         (lambda: slc(q, k, v, idx, 0), "block"),
         (lambda: slc(q, k[:, :5], v[:, :5], idx, 4), "q"),
-        (lambda: kernels.nsa_block_scores(q, k_cmp, torch.zeros(1, 16, 3), 4), "lse"),
+        (lambda: kernels.nsa_block_scores(q, k_cmp, torch.zeros(1, 16, 3, device=DEVICE), 4), "lse"),
     ]
 
 
@@ -680,8 +694,8 @@ def _nsa_model_pair(**overrides):
                     gdn_chunk_size=16, nsa_block=8, nsa_topn=4, nsa_recent=1)
     settings.update(overrides)
     torch.manual_seed(0)
-    ref = tiny_hybrid.TinyHybrid(tiny_hybrid.Config.preset("gdn+nsa", **settings))
-    fast = tiny_hybrid.TinyHybrid(tiny_hybrid.Config.preset("gdn+nsa", use_triton=True, **settings))
+    ref = tiny_hybrid.TinyHybrid(tiny_hybrid.Config.preset("gdn+nsa", **settings)).to(DEVICE)
+    fast = tiny_hybrid.TinyHybrid(tiny_hybrid.Config.preset("gdn+nsa", use_triton=True, **settings)).to(DEVICE)
     fast.load_state_dict(ref.state_dict())
     return ref, fast
 
@@ -689,7 +703,7 @@ def _nsa_model_pair(**overrides):
 def test_nsa_model_with_triton_equals_reference():
     """Logits and every parameter gradient (the gates' included) of a gdn+nsa model."""
     ref, fast = _nsa_model_pair()
-    idx = torch.randint(0, 61, (2, 48), generator=torch.Generator().manual_seed(1))
+    idx = torch.randint(0, 61, (2, 48), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     logits_ref, loss_ref = ref(idx, idx)
     logits, loss = fast(idx, idx)
     torch.testing.assert_close(logits, logits_ref, atol=1e-4, rtol=1e-4)
@@ -704,10 +718,10 @@ def test_nsa_decoding_with_triton_equals_parallel_reference():
     offset, the selected and window branches through attention_decode) == the parallel reference."""
     ref, fast = _nsa_model_pair()
     ref.eval(), fast.eval()
-    idx = torch.randint(0, 61, (2, 32), generator=torch.Generator().manual_seed(2))
+    idx = torch.randint(0, 61, (2, 32), generator=torch.Generator().manual_seed(2)).to(DEVICE)
     with torch.no_grad():
         full, _ = ref(idx)
-        state = fast.init_state(2)
+        state = fast.init_state(2, device=DEVICE)
         parts = [fast(idx[:, :13], state=state)[0]] + [fast(idx[:, t: t + 1], state=state)[0] for t in range(13, 32)]
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-4, rtol=1e-4)
 
@@ -754,10 +768,10 @@ def _run_float32_ops():
     _forward_backward(kernels.attention, q, k, v, do, window=4, keep=_keep("random", B, T, Hkv))
     kernels.attention_decode(q[:, -1], k, v)
     gdn = make_inputs(B, T, 2, 16, 16, WEAK)
-    run_with_grads(kernels.gated_delta_rule, *gdn, torch.randn(B, T, 2, 16), torch.randn(B, 2, 16, 16), chunk_size=16)
+    run_with_grads(kernels.gated_delta_rule, *gdn, randn(B, T, 2, 16), randn(B, 2, 16, 16), chunk_size=16)
     k_cmp, v_cmp = tiny_hybrid.nsa_compress(k, block), tiny_hybrid.nsa_compress(v, block)
     _, lse = kernels.nsa_compressed_attention(q, k_cmp, v_cmp, block)
-    _compressed_with_grads(kernels.nsa_compressed_attention, q, k_cmp, v_cmp, do, torch.randn(B, T, H), block, 0)
+    _compressed_with_grads(kernels.nsa_compressed_attention, q, k_cmp, v_cmp, do, randn(B, T, H), block, 0)
     scores = kernels.nsa_block_scores(q, k_cmp, lse, block)
     block_idx = tiny_hybrid.nsa_select_blocks(scores, block, 2, 1)
     _forward_backward(kernels.nsa_selected_attention, q, k, v, do, block_idx=block_idx, block=block)
@@ -791,9 +805,17 @@ def test_float32_means_exact_products_unless_the_caller_allows_tf32(monkeypatch)
                      if name.endswith("_kernel") and "PRECISION" in getattr(fn, "arg_names", ())}
     assert {"_gdn_ut_kernel", "_attn_fwd_kernel", "_decode_split_kernel", "_nsa_slc_fwd_kernel"} <= with_products
     assert _launch_precisions(monkeypatch) == {name: {"ieee"} for name in with_products}
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    assert kernels._tf32_allowed()
-    assert _launch_precisions(monkeypatch) == {name: {"tf32"} for name in with_products}
+    # Switched and restored by hand: cuBLAS's switches are computed attributes that monkeypatch
+    # (pytest >= 9) cannot restore, and torch >= 2.9 refuses to read the legacy allow_tf32 once
+    # the current fp32_precision has been set.
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    matmul.fp32_precision = "tf32"
+    try:
+        assert kernels._tf32_allowed()
+        assert _launch_precisions(monkeypatch) == {name: {"tf32"} for name in with_products}
+    finally:
+        matmul.fp32_precision = before
 
 
 def test_tf32_switches_are_pytorchs():
