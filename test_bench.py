@@ -35,12 +35,16 @@ def test_token_by_token_baseline_equals_the_parallel_rule(scores):
                 sorted(zip(want_pos[b, h].tolist(), want_score[b, h].tolist()))
 
 
+@pytest.mark.gpu
 def test_lte_rule_and_prefill_subcommands_run(tmp_path):
+    """On the device a user gets by default: CUDA when torch sees a GPU (the LTE rule's kernel
+    included), else the CPU; the file is named after it."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     for args in (["lte-rule", "--contexts", "700", "--steps", "1"],
                  ["prefill", "--presets", "gdn+lte", "gdn+swa", "--contexts", "600", "--steps", "1"]):
         done = run_bench(*args, "--out", str(tmp_path), cwd=tmp_path)
         assert done.returncode == 0, done.stderr[-2000:]
-        results = json.loads((tmp_path / f"bench_cpu_{args[0]}.json").read_text())
+        results = json.loads((tmp_path / f"bench_{device}_{args[0]}.json").read_text())
         rows = next(iter(results.values()))
         assert rows and all(r["ms"] > 0 for r in rows)
 

@@ -165,12 +165,12 @@ def test_seeds_give_every_run_and_a_summary_then_resume_adds_a_seed(tmp_path, te
 
 
 def test_parallel_runs_train_as_in_process_and_a_failed_run_is_reported(tmp_path, text_file):
-    """--jobs 2 on a CPU: each run in its own process, trained as in this process; then a run whose
-    checkpoint cannot be loaded fails with its error while the other finishes, and the exit status
-    says so."""
+    """--jobs 2 on a CPU (asked for: a GPU machine would train on CUDA): each run in its own process,
+    trained as in this process; then a run whose checkpoint cannot be loaded fails with its error
+    while the other finishes, and the exit status says so."""
     out = tmp_path / "out"
     flags = [*TINY, "--eval-every", "2", "--models", "gdn", "--seeds", "0,1", "--data", text_file, "--out", out,
-             "--jobs", "2"]
+             "--jobs", "2", "--device", "cpu"]
     parallel = run_cli(*flags)
     assert parallel.returncode == 0, parallel.stderr[-3000:]
     assert "2 runs, 2 at a time as separate processes on cpu" in parallel.stdout

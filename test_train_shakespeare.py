@@ -520,8 +520,8 @@ def test_text_loss_falls_on_predictable_text(tmp_path):
     assert history[-1]["loss"] < 0.5 * history[0]["loss"], history
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="the same resume on a GPU: its RNG states, its checkpoint on the device"))])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the same resume on a GPU: its RNG states, its checkpoint on the device")])])
 def test_interrupt_then_resume_equals_uninterrupted_run(tmp_path, monkeypatch, device):
     """Stopped at step 6 and resumed, a run ends with the weights of one that never stopped: the
     model, the optimizer and every random generator (dropout draws from the GPU's on CUDA) are
@@ -634,10 +634,12 @@ def test_failed_recalls_use_the_longest_distance_that_the_facts_can_fill(tmp_pat
     assert all(17 <= d <= 32 for d in distances), distances            # the bin below 33-46
 
 
-def test_use_triton_trains_like_the_reference(tmp_path, monkeypatch):
-    """--use-triton swaps every mixer's ops for the kernels (Triton's interpreter on a CPU): the
-    first steps' losses must match the reference run's. float32 with IEEE dots in the interpreter,
-    so the two differ only by summation order; 1e-4 relative leaves room for 3 optimizer steps."""
+@pytest.mark.gpu
+def test_use_triton_trains_like_the_reference(tmp_path, monkeypatch, kernel_device, exact_float32):
+    """--use-triton swaps every mixer's ops for the kernels (Triton's interpreter on a CPU, compiled
+    on a GPU; both runs train where the kernels run): the first steps' losses must match the
+    reference run's. float32 with IEEE dots (no TF32 anywhere), so the two differ only by summation
+    order; 1e-4 relative leaves room for 3 optimizer steps."""
     import kernels
     calls = collections.Counter()
     for name in ("attention", "gated_delta_rule"):
@@ -645,7 +647,7 @@ def test_use_triton_trains_like_the_reference(tmp_path, monkeypatch):
             calls[_name] += 1
             return _kernel(*a, **kw)
         monkeypatch.setattr(kernels, name, counted)
-    device = torch.device("cpu")
+    device = kernel_device
     runs = {}
     for flags in ((), ("--use-triton",)):
         args = tiny_args(tmp_path / str(len(flags)), "--steps", "3", "--log-every", "1", "--seq-len", "32",
@@ -894,6 +896,7 @@ def test_training_gives_bit_for_bit_the_plainly_written_loop(preset, tmp_path):
         assert torch.equal(value, weights[name]), name
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("preset", ts.MODELS)
 def test_training_steps_on_a_gpu_never_wait_for_it_between_progress_rows(preset, tmp_path, monkeypatch):
