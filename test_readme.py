@@ -227,6 +227,21 @@ def _section(text: str, heading: str) -> str:
     return text[start: end if end >= 0 else len(text)]
 
 
+def test_setup_is_a_fresh_environment_then_install_and_test_and_ci_runs_it():
+    """README's Setup block: a fresh virtual environment (its first line), then two commands,
+    install and test. .ci/run reads that block from the README and runs it, so CI does what a
+    newcomer does; the optional CPU build of torch asks for requirements.txt's range."""
+    setup = _section(README.read_text(encoding="utf-8"), "Setup")
+    blocks = [b for b in code_blocks(setup) if b["lang"] == "bash"]
+    commands = [line.split("#")[0].strip() for line in blocks[0]["code"].splitlines()]
+    assert [c for c in commands if c] == ["python3 -m venv .venv && source .venv/bin/activate",
+                                          "pip install -r requirements.txt", "python -m pytest -q"]
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert "## Setup" in ci and "pip install" not in ci and "pytest" not in ci    # the README's, not its own
+    torch_range = re.search(r"^torch(\S+)$", (ROOT / "requirements.txt").read_text(), re.M).group(1)
+    assert f'pip install "torch{torch_range}" --index-url https://download.pytorch.org/whl/cpu' in setup
+
+
 # ---------------------------------------------------------------------------------------------
 # Copying a mixer: the README's lists are exactly what a copy needs, and the copy trains and decodes
 # ---------------------------------------------------------------------------------------------
