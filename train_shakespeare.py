@@ -1946,15 +1946,22 @@ def plot_budget(report: dict, args) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-    """One model with one seed: a preset, or a state-sweep variant of pure GDN (tag and overrides)."""
+    """One model with one seed: a preset, or a variant of it (tag and overrides: a state size of the
+    sweep, a knob of the frontier), at --lr or at a learning rate of its own."""
     preset: str
     seed: int
     tag: str = ""          # e.g. "_state2x16": part of the checkpoint's name
     overrides: tuple = ()  # Config fields that differ from model_config, as (field, value) pairs
+    lr: float | None = None  # None: --lr; else this peak rate, named in the checkpoint (runs never collide)
+
+    @property
+    def suffix(self) -> str:
+        """What the name adds to the preset: the tag, then the learning rate when the run has its own."""
+        return self.tag + ("" if self.lr is None else f"_lr{self.lr:g}")
 
     @property
     def name(self) -> str:
-        return self.preset + self.tag
+        return self.preset + self.suffix
 
     @property
     def key(self) -> tuple[str, int]:
@@ -1979,7 +1986,7 @@ def run_one(run: Run, args, tokens, val_tokens, vocab_size, device, log=None, st
     """Train one run (or continue it) to --steps, then, with --until-plateau, in extensions until the
     rule says it has converged; evaluate it, and keep its results in its checkpoint too, so that
     --resume reads a finished run back instead of evaluating it again. Returns its results."""
-    args = argparse.Namespace(**{**vars(args), "seed": run.seed})
+    args = argparse.Namespace(**{**vars(args), "seed": run.seed, **({} if run.lr is None else {"lr": run.lr})})
     path = checkpoint_path(args.out, run.name, run.seed)
     ckpt = torch.load(path, map_location="cpu", weights_only=True) if args.resume and path.exists() else {}
     step, probe = ckpt.get("step", 0), ckpt.get("probe", [])
@@ -1993,7 +2000,7 @@ def run_one(run: Run, args, tokens, val_tokens, vocab_size, device, log=None, st
             print(f"{run}: {convergence(probe, step)['verdict']} at step {step}; extended to {target} steps at "
                   f"the final learning rate (--until-plateau {args.until_plateau})", flush=True)
         args = argparse.Namespace(**{**vars(args), "steps": target, "resume": args.resume or step > 0})
-        model, record = train_model(run.preset, args, tokens, vocab_size, device, tag=run.tag, probe=batch,
+        model, record = train_model(run.preset, args, tokens, vocab_size, device, tag=run.suffix, probe=batch,
                                     log=log, stop=stop, **dict(run.overrides))
         step, probe = target, record["probe"]
         target = next_target(probe, step, args)
@@ -2670,10 +2677,11 @@ def _duration(seconds: float) -> str:
 
 # ---- outputs: what --out holds, --resume and --overwrite --------------------------------------
 
-# A checkpoint's file name: a preset or a state size of the sweep, then the seed; an earlier version
-# of this script wrote one seed without the "_seedS" part.
-CHECKPOINT_NAME = re.compile("(?P<name>" + "|".join(re.escape(p.replace("+", "_")) for p in ALL_PRESETS)
-                             + r"|gdn_state\d+x\d+)(_seed(?P<seed>\d+))?\.pt")
+# A checkpoint's file name: a preset, a state size of the sweep or a knob of the frontier (a window,
+# a buffer, NSA's n), a learning rate of its own (Run.lr), then the seed; an earlier version of this
+# script wrote one seed without the "_seedS" part.
+CHECKPOINT_NAME = re.compile("(?P<name>(" + "|".join(re.escape(p.replace("+", "_")) for p in ALL_PRESETS)
+                             + r")(_state\d+x\d+|_[wbn]\d+)?(_lr[\d.e+-]+)?)(_seed(?P<seed>\d+))?\.pt")
 
 
 def output_files(out: Path) -> list[Path]:
