@@ -64,6 +64,8 @@ import regex  # tiktoken's own dependency; needed for \p{L} in the GPT-2 split p
 import tiktoken
 import torch
 
+import frontier  # the recall-memory frontier (--frontier); it never imports this file: main hands it over
+
 # ----------------------------------------------------------------------------------------------
 # Constants
 # ----------------------------------------------------------------------------------------------
@@ -2295,6 +2297,7 @@ ALL_PRESETS = MODELS + ("transformer",)
 QUICK = dict(steps=40, eval_batch=4, log_every=10, eval_every=5, checkpoint_every=20)
 QUICK_TIME = "about 40 s on 2 CPU cores"  # measured: see the module docstring
 RESULT_FILES = ("results.json", "forgetting_gap.png", "training_curves.png")
+FRONTIER_FILES = frontier.FILES
 
 # The flags that fix what a run trains and how it is evaluated: --resume continues saved models (and
 # keeps their results) only when these equal the saved values; --steps may grow (see --resume).
@@ -2455,19 +2458,22 @@ def build_parser() -> ArgumentParser:
                              f"{DEFAULT_STEPS // PROBE_READINGS} for {DEFAULT_STEPS} steps)")
     report.add_argument("--checkpoint-every", type=int, default=250,
                         help="steps between checkpoints (0: only at the end; Ctrl-C always saves)")
+    frontier.add_flags(parser)
     return parser
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     """Parse the flags and check them; a bad one exits with one line that names it, before any work."""
     parser = build_parser()
-    if parser.parse_known_args(argv)[0].quick:
-        parser.set_defaults(**QUICK)
+    known = parser.parse_known_args(argv)[0]
+    if known.quick:
+        parser.set_defaults(**{**QUICK, **(frontier.QUICK if known.frontier else {})})
     args = parser.parse_args(argv)
     args.models = args.models.split(",")
     try:
         given = args.seeds is not None
         args.seeds = parse_seeds(args.seeds, args.seed) if given else [0 if args.seed is None else args.seed]
+        frontier.parse_flags(args, seeds_given=given or args.seed is not None)
     except ValueError as e:
         parser.error(str(e))
     args.seed = args.seeds[0]  # the seed of the sample and of the examples in the report
@@ -2689,7 +2695,7 @@ def output_files(out: Path) -> list[Path]:
     size and seed, also an earlier version's); nothing else counts or is ever deleted."""
     if not out.is_dir():
         return []
-    ours = lambda name: name in RESULT_FILES + EVICTION_FILES or CHECKPOINT_NAME.fullmatch(name)
+    ours = lambda name: name in RESULT_FILES + EVICTION_FILES + FRONTIER_FILES or CHECKPOINT_NAME.fullmatch(name)
     return sorted(path for path in out.iterdir() if ours(path.name))
 
 
@@ -2990,6 +2996,8 @@ def main(argv=None) -> None:
 
     if args.eviction_report:
         return eviction_main(args)
+    if args.frontier:
+        return frontier.main(args, sys.modules[__name__])
     wall_start = time.perf_counter()
     device, earlier, enc, tokens, val_tokens = prepare_run(args)
     results, failures = run_all(planned_runs(args), args, tokens, val_tokens, enc.n_vocab, device)
