@@ -26,16 +26,18 @@ printed at the end.
                                                                    # cores (2 min 17 s with another job running)
     python train_shakespeare.py --frontier --use-triton            # the whole frontier: 90 runs
 
-The whole frontier is about 90 runs of the default recipe. It splits into commands that each fit a
-time limit: --frontier-tune-only trains only the tuning runs, --models picks the families a command
-trains, and --resume reads every finished run back, so a last command with every family reads and
-plots. On one GPU with 16 cores (15 runs at a time), each part within about 10 minutes:
+The whole frontier is 90 runs of the default recipe: 30 to tune (5 families x 3 rates x 2 seeds) and
+60 points (20 knob values x 3 seeds), then 36 heuristic decodes (3 policies x 4 budgets x 3 seeds). It
+splits into commands that each fit a time limit: --frontier-tune-only trains only the tuning runs,
+--models picks the families a command trains, and --resume reads every finished run back, so a last
+command with every family reads and plots. On one GPU with 16 cores (15 runs at a time, a run 80-170 s)
+each part should take under 10 minutes (an estimate: two waves of runs at most; not yet timed):
 
-    python train_shakespeare.py --frontier --use-triton --out frontier --frontier-tune-only   # 30 runs
-    python train_shakespeare.py --frontier --use-triton --out frontier --resume --models gdn,gdn+attn
-    python train_shakespeare.py --frontier --use-triton --out frontier --resume --models gdn+lte
-    python train_shakespeare.py --frontier --use-triton --out frontier --resume --models gdn+swa,gdn+nsa
-    python train_shakespeare.py --frontier --use-triton --out frontier --resume   # reads, decodes the heuristics, plots
+    python train_shakespeare.py --frontier --use-triton --out frontier --frontier-tune-only  # 30 runs
+    python train_shakespeare.py --frontier --use-triton --out frontier --resume --models gdn,gdn+attn  # 21 + heuristics
+    python train_shakespeare.py --frontier --use-triton --out frontier --resume --models gdn+lte  # 18 runs
+    python train_shakespeare.py --frontier --use-triton --out frontier --resume --models gdn+swa,gdn+nsa  # 21 runs
+    python train_shakespeare.py --frontier --use-triton --out frontier --resume  # reads back, heuristics, plots
 
 train_shakespeare.py owns the runs and hands itself over to `main` as `ts`: this module never imports
 it (no two files import each other).
@@ -94,8 +96,8 @@ def add_flags(parser) -> None:
                             "command trains and --resume reads finished runs back, so it splits into parts (see "
                             f"frontier.py); with --quick the machinery in {QUICK_TIME}")
     group.add_argument("--frontier-tune-seeds", metavar="S,S,...",
-                       help=f"seeds that choose each family's learning rate, never a point's seed; the points' seeds are "
-                            f"--seeds, which default to {POINT_SEEDS} with --frontier ({QUICK_POINT_SEEDS} with "
+                       help=f"seeds that choose each family's learning rate, never a point's seed; the points' "
+                            f"seeds are --seeds, which default to {POINT_SEEDS} with --frontier ({QUICK_POINT_SEEDS} with "
                             f"--quick) (default: {TUNE_SEEDS}; with --quick {QUICK['frontier_tune_seeds']})")
     group.add_argument("--frontier-lrs", metavar="LR,LR,...",
                        help=f"the learning-rate grid of the tuning phase (default: {LRS}; with --quick "
@@ -556,7 +558,8 @@ def check_configs(plan: Plan, args, ts) -> None:
             try:
                 ts.model_config(family, args, ts.VOCAB_SIZE, **dict(knob.overrides))
             except ValueError as e:
-                raise ValueError(f"--frontier: {family} at {knob.label} cannot be built with these flags: {e}") from None
+                raise ValueError(f"--frontier: {family} at {knob.label} cannot be built with these flags: "
+                                 f"{e}") from None
 
 
 def check_saved(runs: list, args, ts) -> None:
@@ -594,10 +597,9 @@ def announce(plan: Plan, args, device, ts) -> None:
               f"(a rough estimate from step times measured on 2 cores)", flush=True)
 
 
-def main(args, ts) -> None:
-    """--frontier: tune, train the points, decode the heuristics, report (see the module docstring)."""
-    wall_start = time.perf_counter()
-    plan = make_plan(args, ts)
+def prepare(plan: Plan, args, ts):
+    """Every check before any work (one line and exit status 2 otherwise), --out made ready, the plan
+    announced. Returns (device, (train tokens, validation tokens, vocabulary size))."""
     try:
         check_configs(plan, args, ts)
     except ValueError as e:
@@ -609,34 +611,56 @@ def main(args, ts) -> None:
     except ValueError as e:
         ts.fail(str(e))
     announce(plan, args, device, ts)
+    return device, (tokens, val_tokens, enc.n_vocab)
 
+
+def tune(plan: Plan, args, data, device, ts) -> tuple[dict, dict, list]:
+    """Phase "tune": the tuning runs (or theirs read back), the table and the chosen rates.
+    Returns (tuning table, {run.key: result}, failures)."""
     tuned = tune_points(plan, args)
-    tune_results, failures = ts.run_all(runs_of(tuned, args.frontier_tune_seeds, ts), args, tokens, val_tokens,
-                                        enc.n_vocab, device)
-    tuning = tuning_table(tuned, tune_results, args, ts)
-    print_tuning(tuning, args, ts)
-    lrs = {family: row["chosen"] for family, row in tuning.items() if row["chosen"] is not None}
-    for family in set(plan.knobs) - set(lrs):
-        print(f"{family}: no learning rate, none of its tuning runs finished (see the failures); its points wait")
+    results, failures = ts.run_all(runs_of(tuned, args.frontier_tune_seeds, ts), args, *data, device)
+    table = tuning_table(tuned, results, args, ts)
+    print_tuning(table, args, ts)
+    for family, row in table.items():
+        if row["chosen"] is None:
+            print(f"{family}: no learning rate, none of its tuning runs finished (see the failures); its points wait")
+    return table, results, failures
+
+
+def train_points(plan: Plan, lrs: dict[str, float], args, data, device, ts) -> tuple[list, dict, list]:
+    """Phase "points": every point of the families with a rate, trained on --seeds (or read back), then
+    the heuristics on the trained gdn+attn. Returns (points, {(family, knob label, seed): result},
+    failures)."""
+    points = trained_points(plan, lrs)
+    trained, failures = ts.run_all(runs_of(points, args.seeds, ts), args, *data, device)
+    results = {(p.family, p.knob.label, seed): trained[p.run(seed, ts).key]
+               for p in points for seed in args.seeds if p.run(seed, ts).key in trained}
+    if "gdn+attn" in lrs:
+        attn = next(p for p in points if p.family == "gdn+attn")
+        heuristics = heuristic_points(plan, args, lrs["gdn+attn"])
+        val_tokens, vocab_size = data[1:]
+        results |= heuristic_results(heuristics, attn, trained, plan, args, val_tokens, vocab_size, device, ts)
+        points = [p for p in points if p is not attn] + heuristics + [attn]     # the reference last
+    return points, results, failures
+
+
+def main(args, ts) -> None:
+    """--frontier: tune, train the points, decode the heuristics, report (see the module docstring)."""
+    wall_start = time.perf_counter()
+    plan = make_plan(args, ts)
+    device, data = prepare(plan, args, ts)
+    tuning, tune_results, failures = tune(plan, args, data, device, ts)
     points, results = [], {}
     if not args.frontier_tune_only:
-        points = trained_points(plan, lrs)
-        point_results, point_failures = ts.run_all(runs_of(points, args.seeds, ts), args, tokens, val_tokens,
-                                                   enc.n_vocab, device)
-        failures += point_failures
-        results = {(p.family, p.knob.label, seed): point_results[p.run(seed, ts).key]
-                   for p in points for seed in args.seeds if p.run(seed, ts).key in point_results}
-        if "gdn+attn" in lrs:
-            attn = next(p for p in points if p.family == "gdn+attn")
-            heuristics = heuristic_points(plan, args, lrs["gdn+attn"])
-            results |= heuristic_results(heuristics, attn, point_results, plan, args, val_tokens, enc.n_vocab,
-                                         device, ts)
-            points = [p for p in points if p is not attn] + heuristics + [attn]   # the reference last
+        lrs = {family: row["chosen"] for family, row in tuning.items() if row["chosen"] is not None}
+        points, results, more_failures = train_points(plan, lrs, args, data, device, ts)
+        failures += more_failures
     records = frontier_records(points, results, args, plan, ts)
     runs = {f"{family} {knob} seed {seed}": result for (family, knob, seed), result in results.items()}
     runs |= {f"{name} seed {seed} (tuning)": result for (name, seed), result in tune_results.items()}
-    report(records, tuning, runs, failures, plan, args, device, time.perf_counter() - wall_start, ts)
-    print(f"wall time {time.perf_counter() - wall_start:.0f}s")
+    wall = time.perf_counter() - wall_start
+    report(records, tuning, runs, failures, plan, args, device, wall, ts)
+    print(f"wall time {wall:.0f}s")
     if failures:
         ts.report_failures(failures)
         raise SystemExit(1)

@@ -183,7 +183,8 @@ def test_learning_rate_is_chosen_on_the_tuning_seeds_only(tmp_path):
 
 
 def test_runs_at_other_rates_never_share_a_checkpoint(tmp_path):
-    runs = [ts.Run("gdn+lte", 10, "_b8", (("lte_buffer", 8),), lr) for lr in (4e-4, 7e-4, 1.2e-3)] + [ts.Run("gdn+lte", 10)]
+    runs = [ts.Run("gdn+lte", 10, "_b8", (("lte_buffer", 8),), lr) for lr in (4e-4, 7e-4, 1.2e-3)]
+    runs.append(ts.Run("gdn+lte", 10))
     paths = [ts.checkpoint_path(tmp_path, run.name, run.seed).name for run in runs]
     assert paths == ["gdn_lte_b8_lr0.0004_seed10.pt", "gdn_lte_b8_lr0.0007_seed10.pt", "gdn_lte_b8_lr0.0012_seed10.pt",
                      "gdn_lte_seed10.pt"]

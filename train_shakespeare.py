@@ -65,6 +65,8 @@ import tiktoken
 import torch
 
 import frontier  # the recall-memory frontier (--frontier); it never imports this file: main hands it over
+import distributed  # data parallel under torchrun (--long); identity functions outside a torchrun job
+import long_context  # needles at controlled depths, 1x-8x the training length (--long)
 
 # ----------------------------------------------------------------------------------------------
 # Constants
@@ -705,6 +707,8 @@ def task_for_step(step: int, args, schedule_steps: int | None = None) -> str:
 
 
 def training_batch(tokens: np.ndarray, step: int, args, schedule_steps: int | None = None) -> dict[str, torch.Tensor]:
+    if getattr(args, "long", False):
+        return long_training_batch(tokens, step, args, schedule_steps)
     rng = np.random.default_rng((args.seed, step))
     kind = task_for_step(step, args, schedule_steps)
     if kind == "drill":  # 1 to drill_facts facts: easy drills start recall early, full ones fill the state
@@ -714,6 +718,27 @@ def training_batch(tokens: np.ndarray, step: int, args, schedule_steps: int | No
     else:
         T, n_facts = args.seq_len, (1, args.max_facts)
     return make_batch(tokens, args.batch_size, T, n_facts, (BLOCK_LEN - 1, T - BLOCK_LEN), rng, args.n_keys)
+
+
+def long_training_batch(tokens: np.ndarray, step: int, args, schedule_steps: int | None = None) -> dict[str, torch.Tensor]:
+    """--long: the same curriculum, with haystacks of 1 to --max-facts needles queried at the end
+    (long_context.py). Each row comes from a generator of its own, seeded (seed, step, row), so a
+    process of a torchrun job draws only its rows and the global batch is the same for any number
+    of processes; a drill's size is drawn once per step (a batch's rows have one length)."""
+    kind = task_for_step(step, args, schedule_steps)
+    drill_facts = int(np.random.default_rng((args.seed, step)).integers(1, args.drill_facts + 1))
+    keys, values = KEY_ID0 + np.arange(args.n_keys), VALUE_ID0 + np.arange(N_VALUES)
+    rows = []
+    for row in distributed.my_rows(args.batch_size):
+        rng = np.random.default_rng((args.seed, step, row))
+        if kind == "drill":
+            rows.append(make_drill_sequence(drill_facts, rng, args.n_keys))
+        elif kind == "dense":  # facts and queries anywhere in a short passage, as in the default recipe
+            rows.append(make_sequence(tokens, args.dense_len, args.dense_facts, (BLOCK_LEN - 1, args.dense_len - BLOCK_LEN),
+                                      rng, args.n_keys))
+        else:
+            rows.append(long_context.training_haystack(tokens, args.seq_len, args.max_facts, rng, keys, values))
+    return collate(rows)
 
 
 FINAL_LR = 0.1  # the cosine decays to this fraction of --lr
@@ -732,11 +757,17 @@ def learning_rate(step: int, args, schedule_steps: int | None = None) -> float:
 
 def recall_loss(logits: torch.Tensor, batch: dict, answer_weight: float) -> torch.Tensor:
     """Cross-entropy over every target, the recall answers weighted `answer_weight` times a text token."""
+    total, count = recall_sums(logits, batch, answer_weight)
+    return total / count.clamp(min=1)
+
+
+def recall_sums(logits: torch.Tensor, batch: dict, answer_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """recall_loss as (weighted sum, sum of weights): a data-parallel job adds them over its shards."""
     targets = batch["targets"].flatten()
     ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets,
                                            ignore_index=IGNORE_INDEX, reduction="none")
     weight = torch.where(batch["answer_mask"].flatten(), answer_weight, 1.0) * (targets != IGNORE_INDEX)
-    return (ce * weight).sum() / weight.sum().clamp(min=1)
+    return (ce * weight).sum(), weight.sum()
 
 
 def save_atomic(obj, path: Path) -> None:
@@ -800,7 +831,9 @@ def train_model(preset: str, args, tokens: np.ndarray, vocab_size: int, device: 
         check_checkpoint(ckpt, args, path, args.seed)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        set_rng_states(ckpt, device)
+        # a data-parallel job saved every process's generators; each takes back its own
+        set_rng_states(ckpt["rank_rngs"][distributed.rank()] if len(ckpt.get("rank_rngs", [])) == distributed.world()
+                       else ckpt, device)
         start, history, schedule_steps = ckpt["step"], ckpt["history"], ckpt["schedule_steps"]
         probe_curve, seconds_before = ckpt.get("probe", []), ckpt.get("train_seconds", 0.0)
         extended = (f"; its {schedule_steps}-step schedule is extended to {args.steps} steps at the final "
@@ -815,11 +848,20 @@ def train_model(preset: str, args, tokens: np.ndarray, vocab_size: int, device: 
     t0 = time.perf_counter()
 
     def save(step):
+        if distributed.active():  # every process's generators (a collective: all call save together)
+            rank_rngs = {"rank_rngs": distributed.gather(rng_states(device))}
+            if not distributed.is_main():
+                return
+        else:
+            rank_rngs = {}
         save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), **rng_states(device),
                      "step": step, "history": history, "probe": probe_curve, "preset": preset,
                      "schedule_steps": schedule_steps, "train_seconds": seconds_before + time.perf_counter() - t0,
-                     "settings": {**run_settings(args), "seed": args.seed}}, path)
+                     "settings": {**run_settings(args), "seed": args.seed}, **rank_rngs}, path)
 
+    if distributed.active() and start == 0:
+        distributed.seed_dropout(args.seed)
+    net = distributed.wrap(model, device)  # what a step calls: DDP in a torchrun job, else the model
     model.train()
     tokens_seen, recent = 0, collections.deque(maxlen=max(1, args.log_every))
     with (stop or StopOnInterrupt()) as stop:
@@ -830,8 +872,11 @@ def train_model(preset: str, args, tokens: np.ndarray, vocab_size: int, device: 
             # the few KB and returns); nothing on the CPU
             batch = {k: v.to(device, non_blocking=True)
                      for k, v in training_batch(tokens, step, args, schedule_steps).items() if k in TRAINING_KEYS}
-            logits, _ = model(batch["idx"])
-            loss = recall_loss(logits, batch, args.answer_weight) + model.lte_penalty()
+            logits, _ = net(batch["idx"])
+            # the mean over the global batch's targets, whichever process holds them (distributed.py)
+            mean, shown = distributed.global_mean(*recall_sums(logits, batch, args.answer_weight))
+            penalty = model.lte_penalty()
+            loss = mean + penalty
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -840,8 +885,13 @@ def train_model(preset: str, args, tokens: np.ndarray, vocab_size: int, device: 
             # the training length: short drills and passages would walk lambda to its floor.
             model.update_lte_lambdas(count_step=task_for_step(step, args, schedule_steps) == "haystack")
             # kept on the device, read once per progress row: no host sync per step on a GPU
-            recent.append((loss.detach(), answer_hits(logits, batch), batch["answer_pos"].numel()))
-            tokens_seen += batch["idx"].numel()
+            if distributed.active():  # the global batch's loss and answers, not this shard's
+                recent.append((shown + distributed.mean_over_ranks(penalty),
+                               distributed.total(answer_hits(logits, batch), device),
+                               distributed.total(batch["answer_pos"].numel(), device)))
+            else:
+                recent.append((loss.detach(), answer_hits(logits, batch), batch["answer_pos"].numel()))
+            tokens_seen += batch["idx"].numel() * distributed.world()
             last = step + 1 == args.steps
             if probe is not None and ((step + 1) % args.eval_every == 0 or last):
                 probe_curve.append({"step": step + 1, "recall": probe_recall(model, probe)})
@@ -852,7 +902,7 @@ def train_model(preset: str, args, tokens: np.ndarray, vocab_size: int, device: 
                      "probe": probe_curve[-1]["recall"] if probe_curve else None,
                      "eta": (args.steps - step - 1) * (time.perf_counter() - t0) / (step + 1 - start),
                      "lte": lte_note(model)})
-            if stop.requested:
+            if distributed.any_rank(stop.requested, device):
                 save(step + 1)
                 print(f"\ninterrupted: {name} saved after step {step + 1} in {path}; continue with --resume",
                       flush=True)
@@ -898,7 +948,8 @@ def progress_row(step: int, recent, tokens_seen: int, t0: float) -> dict:
     elapsed = time.perf_counter() - t0
     losses = torch.stack([r[0] for r in recent]).tolist()       # one host sync for the whole row
     hits = int(torch.stack([r[1] for r in recent]).sum())
-    return {"step": step + 1, "loss": float(np.mean(losses)), "recall": hits / max(1, sum(r[2] for r in recent)),
+    answers = int(sum(r[2] for r in recent))  # ints, or device tensors in a data-parallel job
+    return {"step": step + 1, "loss": float(np.mean(losses)), "recall": hits / max(1, answers),
             "tokens_per_s": tokens_seen / max(elapsed, 1e-9)}
 
 
@@ -2032,6 +2083,8 @@ def next_target(probe: list[dict], step: int, args) -> int | None:
 
 
 def finished_line(run: Run, result: dict, args) -> str:
+    if "summary" in result:  # a --long run says its own (long_summary)
+        return f"{run}: {result['summary']}"
     return (f"{run}: trained in {result['train_seconds']:.0f}s; recall easiest {easiest(result['eval'], args):.1%}, "
             f"hardest {hardest(result['eval'], args):.1%}; {result['convergence']['verdict']}"
             + ("" if result["learned"] else "; did not learn the task"))
@@ -2083,23 +2136,24 @@ def least_busy(devices: list[str], running_on: list[str]) -> str:
     return min(devices, key=lambda device: busy[device])
 
 
-def run_all(runs: list[Run], args, tokens, val_tokens, vocab_size, device) -> tuple[dict, list[dict]]:
+def run_all(runs: list[Run], args, tokens, val_tokens, vocab_size, device, work=run_one) -> tuple[dict, list[dict]]:
     """Every run, here or in parallel processes (plan_jobs). Returns ({run.key: results}, failures);
-    a Ctrl-C ends it with Interrupted after every running run has saved."""
+    a Ctrl-C ends it with Interrupted after every running run has saved. work: what one run does
+    (run_one; long_run_one for --long)."""
     jobs, devices, threads = plan_jobs(args, device, len(runs))
     if jobs == 1:
-        return run_here(runs, args, tokens, val_tokens, vocab_size, device)
+        return run_here(runs, args, tokens, val_tokens, vocab_size, device, work)
     print(f"{len(runs)} runs, {jobs} at a time as separate processes on {', '.join(devices)}, {threads} torch "
           f"thread{'s' if threads > 1 else ''} each; a status table every {STATUS_EVERY} s", flush=True)
-    return Pool(runs, args, (tokens, val_tokens, vocab_size), jobs, devices, threads).run()
+    return Pool(runs, args, (tokens, val_tokens, vocab_size), jobs, devices, threads, work).run()
 
 
-def run_here(runs, args, tokens, val_tokens, vocab_size, device) -> tuple[dict, list[dict]]:
+def run_here(runs, args, tokens, val_tokens, vocab_size, device, work=run_one) -> tuple[dict, list[dict]]:
     """One run after the other in this process; a run that fails is reported and the others go on."""
     results, failures = {}, []
     for run in runs:
         try:
-            results[run.key] = run_one(run, args, tokens, val_tokens, vocab_size, device)
+            results[run.key] = work(run, args, tokens, val_tokens, vocab_size, device)
         except Exception as e:  # one broken run (a foreign checkpoint, out of memory) must not lose the others
             failures.append(failure(run, error_line(e), traceback.format_exc()))
             print(f"FAILED {run}: {error_line(e)}", flush=True)
@@ -2127,9 +2181,9 @@ class Child:
 class Pool:
     """Runs in parallel processes, at most `jobs` at a time, with one progress view (see section 6)."""
 
-    def __init__(self, runs, args, data, jobs, devices, threads):
+    def __init__(self, runs, args, data, jobs, devices, threads, work=run_one):
         self.waiting, self.args, self.data = collections.deque(runs), args, data
-        self.jobs, self.devices, self.threads = jobs, devices, threads
+        self.jobs, self.devices, self.threads, self.work = jobs, devices, threads, work
         self.context = multiprocessing.get_context("spawn")
         self.stop = self.context.Event()
         self.running: dict[tuple, Child] = {}
@@ -2163,7 +2217,8 @@ class Pool:
         device = least_busy(self.devices, [child.device for child in self.running.values()])
         receiver, sender = self.context.Pipe(duplex=False)
         process = self.context.Process(target=child_main, name=str(run), daemon=True,
-                                       args=(run, self.args, *self.data, device, self.threads, sender, self.stop))
+                                       args=(run, self.args, *self.data, device, self.threads, sender, self.stop,
+                                             self.work))
         # The child inherits an ignored SIGINT: a Ctrl-C in the terminal reaches every process of the
         # job, and only this one acts on it, asking the children to save (through self.stop).
         handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -2266,8 +2321,10 @@ class StopEvent:
         return self.event.is_set()
 
 
-def child_main(run: Run, args, tokens, val_tokens, vocab_size, device: str, threads: int, conn, stop) -> None:
-    """A child process: one run, its progress and its last word sent to the parent through conn."""
+def child_main(run: Run, args, tokens, val_tokens, vocab_size, device: str, threads: int, conn, stop,
+               work=run_one) -> None:
+    """A child process: one run (`work`: run_one or long_run_one), its progress and its last word
+    sent to the parent through conn."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it sets `stop`
     sys.stdout = sys.stderr = LinesToParent(conn)
     torch.set_num_threads(threads)
@@ -2276,8 +2333,8 @@ def child_main(run: Run, args, tokens, val_tokens, vocab_size, device: str, thre
             torch.cuda.set_device(device)
         elif args.use_triton:
             use_triton_interpreter()
-        result = run_one(run, args, tokens, val_tokens, vocab_size, torch.device(device),
-                         log=lambda row: conn.send(("progress", row)), stop=StopEvent(stop))
+        result = work(run, args, tokens, val_tokens, vocab_size, torch.device(device),
+                      log=lambda row: conn.send(("progress", row)), stop=StopEvent(stop))
     except Interrupted as e:
         conn.send(("stopped", e.step))
     except BaseException as e:  # reported to the parent, which carries on with the other runs
@@ -2373,6 +2430,18 @@ def build_parser() -> ArgumentParser:
                           f"--log-every {QUICK['log_every']} --eval-every {QUICK['eval_every']} --checkpoint-every "
                           f"{QUICK['checkpoint_every']} unless "
                           "given; far too short to learn recall (it stays at chance)")
+    run.add_argument("--long", action="store_true",
+                     help=f"the paper's regime on one GPU: every --models preset and pure GDN at gdn+lte's state "
+                          f"size, trained at T = {LONG['seq_len']}, {LONG['n_layer']} layers, d = {LONG['d_model']}, "
+                          f"w = {LONG['window']}, LTE b = {LONG['lte_buffer']}, NSA blocks of {LONG['window'] // 4}, "
+                          f"on haystacks of 1 to {LONG['max_facts']} needles queried at the end ({LONG['steps']} "
+                          f"steps of {LONG['batch_size']}); recall by needle depth and length at 1x-8x T, the "
+                          f"kernels' speed-up over the reference ops, long.json and long_heatmap.png in --out "
+                          f"(default {LONG['out']}); {LONG_TIME} with --use-triton (flags given win). On a CPU it "
+                          f"refuses and says what it would cost; --long --quick: T = {LONG_QUICK['seq_len']}, "
+                          f"d = {LONG_QUICK['d_model']}, {LONG_QUICK['steps']} steps, {LONG_QUICK_TIME}. Under "
+                          f"torchrun --nproc_per_node N: data parallel (NCCL on GPUs, gloo on CPUs), the runs one "
+                          f"after another, the same global --batch-size for any N")
     run.add_argument("--eviction-report", action="store_true",
                      help="learned against heuristic eviction at equal memory: read gdn+attn, gdn+lte and gdn+swa "
                           "of every seed back from --out (training those missing first, with these flags), decode "
@@ -2468,6 +2537,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     known = parser.parse_known_args(argv)[0]
     if known.quick:
         parser.set_defaults(**{**QUICK, **(frontier.QUICK if known.frontier else {})})
+    if known.long:
+        parser.set_defaults(**(LONG_QUICK if known.quick else LONG))
     args = parser.parse_args(argv)
     args.models = args.models.split(",")
     try:
@@ -2531,10 +2602,18 @@ def check_flags(args) -> None:
                          f"run may reach, at least --steps (or 0: off)")
     if args.eviction_report:
         _check_eviction_flags(args)
+    if args.long:
+        _check_long_flags(args)
     if args.resume and args.overwrite and not args.eviction_report:
         raise ValueError("--resume and --overwrite exclude each other: continue the saved run, or replace it")
     if args.make_tokenizer and args.data is not None:
         raise ValueError("--make-tokenizer always trains on the Shakespeare train split (the committed file); drop --data")
+
+
+def _check_long_flags(args) -> None:
+    for flag in ("eviction_report", "frontier", "sweep_state", "make_tokenizer", "until_plateau"):
+        if getattr(args, flag, False):
+            raise ValueError(f"--long and {_flag(flag)} exclude each other: --long trains and reports on its own")
 
 
 def _check_eviction_flags(args) -> None:
@@ -2696,7 +2775,7 @@ def output_files(out: Path) -> list[Path]:
     if not out.is_dir():
         return []
     ours = lambda name: name in RESULT_FILES + EVICTION_FILES + FRONTIER_FILES or CHECKPOINT_NAME.fullmatch(name)
-    return sorted(path for path in out.iterdir() if ours(path.name))
+    return sorted(path for path in out.iterdir() if ours(path.name) or path.name in long_context.FILES)
 
 
 def run_settings(args) -> dict:
@@ -2986,6 +3065,309 @@ def eviction_main(args) -> None:
           f"{args.out / 'eviction_budget.png'}; wall time {wall:.0f}s")
 
 
+# ---- --long: the paper's regime on one GPU (needles at 1x-8x the training length) ------------
+#
+# The default recipe is CPU-sized (T = 128, d = 64, 2 layers). --long trains the presets where the
+# paper's question lives: T = 2048, 4 layers alternating GDN and the preset's mixer, d = 128, with
+# the windows scaled with T: w = 128 (1/16 of T; the paper's 768 is 3/16 of its 4K), LTE's buffer
+# b = 128 (the paper's b / w = 2/3, here 1), NSA's block l = w / 4 = 32 and n = 16 blocks (512
+# tokens, a quarter of T, as the paper's 16 x 64 = 1024 is of its 4K). GDN has 4 heads of key dim
+# 32, like the attention layers; pure GDN is trained twice: at that size, and with a state at least
+# as large as gdn+lte's (the equal-memory control, `equal_memory_gdn`). 1 to 8 needles per haystack,
+# queried at its end; evaluated by depth and length at 1x, 2x, 4x and 8x T (long_context.py).
+LONG = dict(seq_len=2048, d_model=128, n_layer=4, window=128, lte_buffer=128, gdn_heads=4, gdn_head_dim=32,
+            max_facts=8, n_keys=32, dense_len=256, dense_facts=16, drill_facts=32, steps=2000, batch_size=8,
+            eval_batch=16, log_every=100, checkpoint_every=500, out=Path("out_long"))
+# --long --quick: the same pipeline at T = 128 and d = 64 (still 4 layers), for a CPU.
+LONG_QUICK = dict(LONG, seq_len=128, d_model=64, window=32, lte_buffer=32, gdn_heads=2, gdn_head_dim=16,
+                  dense_len=64, dense_facts=8, drill_facts=16, steps=100, batch_size=8, eval_batch=4, log_every=20,
+                  eval_every=10, checkpoint_every=50)
+# Estimated, not yet measured: 16 CPU cores hold the 6 runs at once, one process each; a step of
+# these models is host-bound (~35-70 ms at 2 layers, so ~70-140 ms at 4), half the steps are short
+# drills, and the 500 full-length haystack steps (8 x 2048 tokens) share the GPU six ways.
+LONG_TIME = "about 8 min on one H100 for one seed of the six models (estimated)"
+LONG_QUICK_TIME = "about 3 min on 2 CPU cores"
+# Training tokens per second of one run at the --long sizes through the PyTorch reference ops on
+# one core of a 2-core x86-64 CPU (gdn+lte and gdn+attn, T = 2048): what --long would cost there.
+LONG_CPU_TOKENS_PER_S = 2500
+SPEEDUP_MODEL, SPEEDUP_STEPS = "gdn+lte", 5  # the model and steps timed both ways (kernel_speedup)
+
+
+def long_needles(args) -> tuple[int, ...]:
+    """The needle counts of the evaluation grid: one needle (the classic test) and the most."""
+    return tuple(sorted({1, args.max_facts}))
+
+
+def key_value_ids(args) -> tuple[np.ndarray, np.ndarray]:
+    return KEY_ID0 + np.arange(args.n_keys), VALUE_ID0 + np.arange(N_VALUES)
+
+
+def config_state_bytes(config, length: int) -> int:
+    """Decoding state per sequence of a model of `config` after `length` tokens, in bytes, without
+    its weights (built on the meta device)."""
+    from tiny_hybrid import TinyHybrid
+
+    with torch.device("meta"):
+        model = TinyHybrid(config)
+    return long_context.state_bytes(model, [length])[str(length)]
+
+
+def equal_memory_gdn(args, vocab_size: int) -> tuple[int, int, int, int]:
+    """Pure GDN's (heads, key dim) whose decoding state is the smallest at least as large as
+    gdn+lte's at the training length (heads 2, 4 or 8; key dim = value dim, a multiple of 16, the
+    kernels' smallest tile). Returns (heads, key dim, its bytes, gdn+lte's bytes)."""
+    target = config_state_bytes(model_config("gdn+lte", args, vocab_size), args.seq_len)
+    sizes = []
+    for heads in (2, 4, 8):
+        for dim in range(16, 513, 16):
+            nbytes = config_state_bytes(model_config("gdn", args, vocab_size, gdn_heads=heads, gdn_head_dim=dim,
+                                                     gdn_value_dim=0), args.seq_len)
+            if nbytes >= target:
+                sizes.append((nbytes, heads, dim))
+                break  # a larger key dim only grows it
+    nbytes, heads, dim = min(sizes)
+    return heads, dim, nbytes, target
+
+
+def long_runs(args, vocab_size: int) -> list[Run]:
+    """Every --long run: the presets, and with gdn and gdn+lte among them the equal-memory GDN."""
+    runs = []
+    heads, dim, _, _ = equal_memory_gdn(args, vocab_size)
+    for seed in args.seeds:
+        runs += [Run(preset, seed) for preset in args.models]
+        if {"gdn", "gdn+lte"} <= set(args.models):
+            runs.append(Run("gdn", seed, f"_state{heads}x{dim}",
+                            (("gdn_heads", heads), ("gdn_head_dim", dim), ("gdn_value_dim", 0))))
+    return runs
+
+
+def long_probe(val_tokens: np.ndarray, args) -> dict:
+    """The held-out probe of --long: PROBE_BATCHES x --eval-batch haystacks of --max-facts needles
+    at random depths, at the training length."""
+    keys, values = key_value_ids(args)
+    n = args.max_facts
+    rng = np.random.default_rng((EVAL_SEED, args.seq_len, n))
+    rows = [long_context.needle_sequence(val_tokens, args.seq_len,
+                                         long_context.random_starts(n, args.seq_len + 1 - BLOCK_LEN * n, rng),
+                                         rng, keys, values)
+            for _ in range(PROBE_BATCHES * args.eval_batch)]
+    return collate(rows)
+
+
+def long_summary(result: dict, args) -> str:
+    """One line for a finished --long run: time, and recall of the most needles at 1x and 8x T."""
+    cells = result["grid"]["recall"][str(args.max_facts)]
+    lengths = result["grid"]["lengths"]
+    at = lambda length: long_context.pooled(cells[str(length)])
+    return (f"trained in {result['train_seconds']:.0f}s; recall of {args.max_facts} needles {at(lengths[0]):.1%} at "
+            f"T = {lengths[0]}, {at(lengths[-1]):.1%} at {lengths[-1]}; {result['convergence']['verdict']}")
+
+
+def long_run_one(run: Run, args, tokens, val_tokens, vocab_size, device, log=None, stop=None) -> dict:
+    """Train one --long run (or continue it, or read a finished one back), then (rank 0 alone in a
+    torchrun job) evaluate it on the needle grid and keep the result in its checkpoint."""
+    args = argparse.Namespace(**{**vars(args), "seed": run.seed})
+    path = checkpoint_path(args.out, run.name, run.seed)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True) if args.resume and path.exists() else {}
+    if "result" in ckpt and ckpt["step"] == args.steps:
+        print(f"{run}: finished earlier; its results are read back from {path}", flush=True)
+        return ckpt["result"]
+    probe = long_probe(val_tokens, args) if distributed.is_main() else None
+    model, record = train_model(run.preset, args, tokens, vocab_size, device, tag=run.suffix, probe=probe,
+                                log=log, stop=stop, **dict(run.overrides))
+    if not distributed.is_main():
+        distributed.barrier()  # while rank 0 evaluates
+        return {"summary": f"trained (rank {distributed.rank()}); rank 0 evaluates"}
+    keys, values = key_value_ids(args)
+    grid = long_context.evaluate_grid(model, val_tokens, args.seq_len, args.window, long_needles(args),
+                                      args.eval_batch, keys, values, device)
+    result = {"history": record["history"], "probe": record["probe"],
+              "convergence": convergence(record["probe"], args.steps), "train_seconds": record["train_seconds"],
+              "overrides": dict(run.overrides), "grid": grid,
+              "state_bytes": long_context.state_bytes(model, grid["lengths"])}
+    result["summary"] = long_summary(result, args)
+    save_atomic({**torch.load(path, map_location="cpu", weights_only=True), "result": result}, path)
+    distributed.barrier()
+    return result
+
+
+def time_training_steps(config, batch: dict, args, device, steps: int) -> float:
+    """Seconds per training step of a fresh model of `config` on `batch`, after two warm-up steps
+    (the kernels compile in the first)."""
+    from tiny_hybrid import TinyHybrid
+
+    torch.manual_seed(0)
+    model = TinyHybrid(config).to(device)
+    optimizer = torch.optim.AdamW(model.optimizer_groups(args.lr, weight_decay=0.1), betas=(0.9, 0.95))
+    for i in range(2 + steps):
+        if i == 2:
+            torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+        logits, _ = model(batch["idx"])
+        loss = recall_loss(logits, batch, args.answer_weight) + model.lte_penalty()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    torch.cuda.synchronize(device)
+    return (time.perf_counter() - t0) / steps
+
+
+def kernel_speedup(args, tokens: np.ndarray, vocab_size: int, device) -> dict:
+    """A training step of SPEEDUP_MODEL at the training length and the global batch, on this GPU,
+    through the Triton kernels and through the PyTorch reference ops (same weights, same batch)."""
+    if importlib.util.find_spec("triton") is None:
+        return {"skipped": "Triton is not installed here (pip install triton)"}
+    keys, values = key_value_ids(args)
+    rng = np.random.default_rng((args.seed, 2**31))  # a batch of its own, never a training batch
+    batch = collate([long_context.training_haystack(tokens, args.seq_len, args.max_facts, rng, keys, values)
+                     for _ in range(args.batch_size)])
+    batch = {k: v.to(device) for k, v in batch.items() if k in TRAINING_KEYS}
+    timing = {"model": SPEEDUP_MODEL, "seq_len": args.seq_len, "batch_size": args.batch_size, "steps": SPEEDUP_STEPS}
+    for name, use_triton in (("kernels", True), ("reference", False)):
+        config = model_config(SPEEDUP_MODEL, args, vocab_size, use_triton=use_triton)
+        try:
+            timing[f"{name}_ms"] = 1000 * time_training_steps(config, batch, args, device, SPEEDUP_STEPS)
+        except torch.cuda.OutOfMemoryError:
+            timing[f"{name}_ms"] = None
+        torch.cuda.empty_cache()  # give the memory back before the runs start
+    if timing["kernels_ms"] and timing["reference_ms"]:
+        timing["speedup"] = timing["reference_ms"] / timing["kernels_ms"]
+    return timing
+
+
+def speedup_line(timing: dict) -> str:
+    if "skipped" in timing:
+        return f"kernels against reference ops: {timing['skipped']}"
+    where = f"{timing['model']} at T = {timing['seq_len']}, batch {timing['batch_size']}"
+    if "speedup" not in timing:
+        return f"training step of {where}: kernels {timing['kernels_ms']} ms, reference ops {timing['reference_ms']} ms (None: out of memory)"
+    return (f"training step of {where}, {timing['steps']} steps each way: Triton kernels {timing['kernels_ms']:.0f} ms, "
+            f"PyTorch reference ops {timing['reference_ms']:.0f} ms: the kernels are {timing['speedup']:.1f}x faster")
+
+
+def long_cpu_cost(args, n_runs: int) -> float:
+    """Seconds --long would take on this CPU (one run per core, at LONG_CPU_TOKENS_PER_S each)."""
+    train, _ = expected_tokens(args)
+    evaluation = (len(long_needles(args)) * len(long_context.DEPTHS) * args.eval_batch
+                  * sum(f * args.seq_len for f in long_context.LENGTH_FACTORS))
+    per_run = (train + evaluation / 3) / LONG_CPU_TOKENS_PER_S  # a forward is about a third of a step
+    return per_run * math.ceil(n_runs / cpu_cores())
+
+
+def long_device(args, n_runs: int) -> torch.device:
+    """The device of --long, checked before any work: a CPU gets --long --quick only, the reference
+    ops only (the kernels would run in Triton's interpreter), and a clear word on what --long costs."""
+    try:
+        device = pick_device(args.device, use_triton=False)
+        if device.type == "cuda" and args.use_triton:
+            _check_triton(device)
+    except ValueError as e:
+        fail(str(e))
+    if device.type == "cpu" and not args.quick:
+        fail(f"--long on a CPU: {n_runs} runs of {args.steps} steps at T = {args.seq_len} would take about "
+             f"{_duration(long_cpu_cost(args, n_runs))} here ({cpu_cores()} cores, PyTorch reference ops); run it "
+             f"on a GPU ({LONG_TIME}), or try --long --quick ({LONG_QUICK_TIME})")
+    if device.type == "cpu" and args.use_triton:
+        fail("--long --quick on a CPU runs the PyTorch reference ops (the kernels would run in Triton's CPU "
+             "interpreter, hundreds of times slower): drop --use-triton")
+    return device
+
+
+def long_versions() -> dict:
+    """python, torch, triton and CUDA as installed (triton from its metadata: no import)."""
+    from importlib import metadata
+
+    try:
+        triton = metadata.version("triton")
+    except metadata.PackageNotFoundError:
+        triton = None
+    return {"python": platform.python_version(), "torch": torch.__version__, "triton": triton,
+            "cuda": torch.version.cuda}
+
+
+def long_command() -> str:
+    launcher = f"torchrun --nproc_per_node {distributed.world()} " if distributed.launched() else "python "
+    return launcher + " ".join([PROG, *sys.argv[1:]])
+
+
+def print_long_report(models: dict, args, timing: dict, control: str) -> None:
+    for n in long_needles(args):
+        header, rows = long_context.table_rows(models, n)
+        print(f"\n{n} needle{'s' * (n > 1)} queried at the end: recall by context length (all depths pooled) and by "
+              f"fact-to-query distance d (all lengths); state per sequence in KB")
+        print(long_context.format_table(header, rows))
+    print(f"\n{control}\n{speedup_line(timing)}")
+
+
+def long_main(args) -> None:
+    """--long: train every preset and the equal-memory GDN at the paper's lengths (in parallel
+    processes, or one after another data-parallel under torchrun), evaluate the needle grid, and
+    write long.json and long_heatmap.png into --out (rank 0)."""
+    from tiny_hybrid import TinyHybrid  # noqa: F401  (fails here, before any work, if it cannot load)
+
+    wall_start = time.perf_counter()
+    n_runs = len(args.models) + ({"gdn", "gdn+lte"} <= set(args.models))
+    device = long_device(args, len(args.seeds) * n_runs)
+    if distributed.launched():
+        device = distributed.start(device)
+        if args.batch_size % distributed.world():
+            fail(f"--batch-size {args.batch_size}: torchrun's {distributed.world()} processes share every batch "
+                 f"equally; give a multiple of {distributed.world()}")
+    if distributed.is_main():   # deletes with --overwrite, makes --out: before the others look at it
+        _, _, enc, tokens, val_tokens = prepare_run(args)
+    distributed.barrier()
+    if not distributed.is_main():
+        _, _, enc, tokens, val_tokens = prepare_run(argparse.Namespace(**{**vars(args), "overwrite": False}))
+    if len(val_tokens) < 8 * args.seq_len + 1:
+        fail(f"--seq-len {args.seq_len}: the evaluation at 8x needs {8 * args.seq_len + 1} validation tokens, "
+             f"the split has {len(val_tokens)}")
+    heads, dim, gdn_bytes, lte_bytes = equal_memory_gdn(args, enc.n_vocab)
+    control = (f"equal-memory control: pure GDN with {heads} heads x key dim {dim} holds {gdn_bytes / 1024:.0f} KB "
+               f"per sequence, gdn+lte {lte_bytes / 1024:.0f} KB (the smallest GDN state at least as large)")
+    print(control)
+    timing = {"skipped": "timed on a GPU only (on a CPU the kernels run in Triton's interpreter)"}
+    if device.type == "cuda" and distributed.is_main():
+        timing = kernel_speedup(args, tokens, enc.n_vocab, device)
+        print(speedup_line(timing), flush=True)
+    distributed.barrier()
+    runs = long_runs(args, enc.n_vocab)
+    if distributed.active():  # one run after the other, each over every process
+        results, failures = run_here(runs, args, tokens, val_tokens, enc.n_vocab, device, long_run_one)
+    else:
+        results, failures = run_all(runs, args, tokens, val_tokens, enc.n_vocab, device, long_run_one)
+    if distributed.is_main():
+        write_long_report(runs, results, failures, args, timing, control, device, wall_start)
+    distributed.finish()
+    if failures:
+        report_failures(failures)
+        raise SystemExit(1)
+
+
+def write_long_report(runs, results, failures, args, timing: dict, control: str, device, wall_start: float) -> None:
+    """The table, the heat map of the first seed, and long.json with every run."""
+    first = {run.name: results[run.key] for run in runs if run.seed == args.seeds[0] and run.key in results}
+    if first:
+        print_long_report(first, args, timing, control)
+        title = (f"recall of {args.max_facts} needles by depth and context length, seed {args.seeds[0]} "
+                 f"(trained at T = {args.seq_len}, {args.steps} steps)")
+        long_context.plot_heatmaps(first, args.max_facts, args.out / "long_heatmap.png", title)
+    wall = time.perf_counter() - wall_start
+    machine = f"{platform.machine()} {os.cpu_count()} cores, {device}"
+    if device.type == "cuda":
+        machine += f" ({torch.cuda.get_device_name(device)})"
+    summary = {"command": long_command(), "machine": machine, "versions": long_versions(),
+               "processes": distributed.world(), "settings": run_settings(args),
+               "steps": args.steps, "seeds": args.seeds, "needles": list(long_needles(args)),
+               "depths": list(long_context.DEPTHS), "length_factors": list(long_context.LENGTH_FACTORS),
+               "equal_memory_control": control, "kernel_speedup": timing,
+               "state_bytes_per_sequence": {run.name: results[run.key]["state_bytes"] for run in runs
+                                            if run.seed == args.seeds[0] and run.key in results},
+               "runs": {str(run): results[run.key] for run in runs if run.key in results},
+               "failed_runs": failures, "wall_seconds": wall}
+    write_json_atomic(summary, args.out / "long.json")
+    print(f"\nwrote {args.out / 'long.json'} and {args.out / 'long_heatmap.png'}; wall time {wall:.0f}s")
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.make_tokenizer:
@@ -2996,6 +3378,8 @@ def main(argv=None) -> None:
 
     if args.eviction_report:
         return eviction_main(args)
+    if args.long:
+        return long_main(args)
     if args.frontier:
         return frontier.main(args, sys.modules[__name__])
     wall_start = time.perf_counter()
