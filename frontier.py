@@ -97,8 +97,9 @@ def add_flags(parser) -> None:
                             f"frontier.py); with --quick the machinery in {QUICK_TIME}")
     group.add_argument("--frontier-tune-seeds", metavar="S,S,...",
                        help=f"seeds that choose each family's learning rate, never a point's seed; the points' "
-                            f"seeds are --seeds, which default to {POINT_SEEDS} with --frontier ({QUICK_POINT_SEEDS} with "
-                            f"--quick) (default: {TUNE_SEEDS}; with --quick {QUICK['frontier_tune_seeds']})")
+                            f"seeds are --seeds, which default to {POINT_SEEDS} with --frontier "
+                            f"({QUICK_POINT_SEEDS} with --quick) (default: {TUNE_SEEDS}; with --quick "
+                            f"{QUICK['frontier_tune_seeds']})")
     group.add_argument("--frontier-lrs", metavar="LR,LR,...",
                        help=f"the learning-rate grid of the tuning phase (default: {LRS}; with --quick "
                             f"{QUICK['frontier_lrs']})")
