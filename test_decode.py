@@ -142,12 +142,12 @@ ROUTER_CONVS = {"paper": ((3, 3, 3), (2, 2, 2)), "mixed": ((3, 5, 1), (1, 2, 3))
 @pytest.mark.parametrize("convs", list(ROUTER_CONVS))
 def test_router_one_token_form_equals_its_forward(convs, product_limit, monkeypatch):
     """LTERouter.score_one, in either form a decoding step runs (a fused multiply-sum for few
-    sequences, a batched matmul for many: ROUTER_PRODUCT_LIMIT), gives forward's score of token j
+    sequences, a batched matmul for many: LTERouter.PRODUCT_LIMIT), gives forward's score of token j
     from the 2 reach + 1 inputs around it, for every j whose right context exists, the ones near
     the start included: whatever the inputs before position 0 hold, they count as the padding
     (they are filled with noise here). Non-zero biases, so that padding only the router's input
     and not its inner layers would show."""
-    monkeypatch.setattr(th, "ROUTER_PRODUCT_LIMIT", product_limit)
+    monkeypatch.setattr(th.LTERouter, "PRODUCT_LIMIT", product_limit)
     kernel_sizes, dilations = ROUTER_CONVS[convs]
     torch.manual_seed(0)
     router = th.LTERouter(3, 4, kernel_sizes, dilations).eval()

@@ -914,12 +914,6 @@ def lte_reach(kernel_sizes, dilations) -> int:
     return sum(d * (k - 1) // 2 for k, d in zip(kernel_sizes, dilations))
 
 
-# The most products (taps times output channels) for which a decoding step scores with a fused
-# multiply-sum rather than a batched matmul (LTERouter._unpadded): the bench model's first router
-# layer at batch 1 is 0.44M, at batch 64 28M.
-ROUTER_PRODUCT_LIMIT = 1 << 20
-
-
 class LTERouter(nn.Module):
     """The retention scorer [L1]: one small CNN per KV head over (k before RoPE, v).
 
@@ -929,8 +923,14 @@ class LTERouter(nn.Module):
     The projection's bias starts at +0.5 so that at first every token is kept (r ~ 0.12).
     `reach` (see `lte_reach`): how far a score reads on each side, 6 by default.
     `forward` scores a whole sequence; `score_one` scores one token from its 2 reach + 1 inputs,
-    the same maths written out as multiply-sums, for a decoding step.
+    the same maths written out as multiply-sums (a batched matmul for many sequences), for a
+    decoding step.
     """
+
+    # The most products (taps times output channels) for which a decoding step scores with a fused
+    # multiply-sum rather than a batched matmul (_unpadded): the bench model's first router layer
+    # at batch 1 is 0.44M, at batch 64 28M.
+    PRODUCT_LIMIT = 1 << 20
 
     def __init__(self, n_kv_head: int, head_dim: int, kernel_sizes=(3, 3, 3), dilations=(2, 2, 2),
                  dropout: float = 0.1, bias_init: float = 0.5):
@@ -1006,7 +1006,7 @@ class LTERouter(nn.Module):
         x = torch.where((positions >= 0)[:, None, None], x, 0)                  # the sequence start's padding
         taps = x.unfold(1, d * (k - 1) + 1, 1)[..., ::d]                       # [B, P', Hkv, C_in, k]
         w = conv.weight.view(Hkv, -1, *conv.weight.shape[1:])                  # [Hkv C_out, C_in, k] -> [Hkv, C_out, C_in, k]
-        if taps.numel() * w.shape[1] <= ROUTER_PRODUCT_LIMIT:
+        if taps.numel() * w.shape[1] <= LTERouter.PRODUCT_LIMIT:
             y = (taps[:, :, :, None] * w).sum(dim=(-2, -1))                     # [B, P', Hkv, C_out]
         else:
             y = torch.einsum("bphck,hock->bpho", taps, w)                       # [B, P', Hkv, C_out]

@@ -1074,7 +1074,7 @@ def evaluate(model, val_tokens: np.ndarray, args, device) -> dict:
                 lm_losses.append(torch.nn.functional.cross_entropy(logits[text].float(), batch["targets"][text]).item())
             recall[str(n_facts)] = cells
         results[str(length)] = {"lm_loss": float(np.mean(lm_losses)), "recall": recall,
-                                "state_bytes": 4 * sum(model.state_size(length).values())}
+                                "state_bytes": frontier.state_bytes(model, length)}   # every tensor of the decoding state
     model.train()
     return results
 
@@ -1226,6 +1226,9 @@ def print_report(models: dict, args, failures: list[dict] = ()) -> None:
                  f"{s['state_bytes'] / 1024:.1f}", *(cell(s, b) for b in bins)] for preset, s in at.items()]
         print(f"\nT = {length} ({length // args.seq_len}x training length), {n} facts, by fact-to-query distance:")
         print_table(["model", "seeds", "val loss", "state KB", *bins], rows)
+    note = state_note(models, args)
+    if note:
+        print(f"\n{note}")
     print(f"\nT = {args.seq_len}, by number of facts (all distances pooled):")
     rows = [[marked(preset), *(pct(spread([recall_with_facts(run, k, args) for run in model["runs"].values()]))
                                for k in args.eval_facts)] for preset, model in models.items()]
@@ -1241,6 +1244,21 @@ def print_report(models: dict, args, failures: list[dict] = ()) -> None:
     note = chance_note(runs, args)
     if note:
         print(f"\n{note}")
+
+
+def state_note(models: dict, args) -> str:
+    """How much decoding state each model carries against pure GDN's, in words: a comparison of
+    recall means little until it says how much memory bought it."""
+    if "gdn" not in models or len(models) < 2:
+        return ""
+    parts = []
+    for length in (args.seq_len, 4 * args.seq_len):
+        at = {preset: model["summary"]["eval"][str(length)]["state_bytes"] for preset, model in models.items()}
+        ratios = ", ".join(f"{preset} {nbytes / at['gdn']:.1f}x" for preset, nbytes in at.items() if preset != "gdn")
+        parts.append(f"at T = {length}: {ratios}")
+    return ("decoding state per sequence against pure GDN's (" + f"{models['gdn']['summary']['eval'][str(args.seq_len)]['state_bytes'] / 1024:.1f} KB"
+            + "): " + "; ".join(parts) + ". A hybrid's recall is bought with that much more memory; "
+            "--frontier compares the mixers at equal memory.")
 
 
 def print_seed_table(models: dict, seeds: list[int], args, failures=()) -> None:
@@ -3404,7 +3422,7 @@ def main(argv=None) -> None:
     summary = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                "settings": run_settings(args), "seeds": seeds,
                "machine": f"{platform.machine()} {os.cpu_count()} cores, {device}",
-               "wall_seconds": wall,
+               "versions": frontier.versions(), "wall_seconds": wall,
                "convergence_rule": CONVERGENCE_RULE,
                "probe": {"sequences": PROBE_BATCHES * args.eval_batch, "every_steps": args.eval_every,
                          "setting": hardest_setting(args, next(iter(every_run(models).values()))["eval"])
