@@ -28,6 +28,8 @@ Sections, top to bottom:
     python train_shakespeare.py --overwrite       # start again in out/, deleting its earlier results
     python train_shakespeare.py --eviction-report # LTE against StreamingLLM, TOVA and H2O, for the run in out/
     python train_shakespeare.py --make-tokenizer  # regenerate the committed tokenizer file
+    python train_shakespeare.py --use-triton --long  # T = 2048, needles at 1x-8x T, on a GPU: see --long
+    torchrun --nproc_per_node 2 train_shakespeare.py --long --quick  # the same, data parallel, small, on a CPU
 
 A run into an --out that holds earlier results stops unless given --resume or --overwrite.
 --use-triton without a GPU runs the kernels in Triton's CPU interpreter, hundreds of times slower
@@ -3095,7 +3097,7 @@ def eviction_main(args) -> None:
 # queried at its end; evaluated by depth and length at 1x, 2x, 4x and 8x T (long_context.py).
 LONG = dict(seq_len=2048, d_model=128, n_layer=4, window=128, lte_buffer=128, gdn_heads=4, gdn_head_dim=32,
             max_facts=8, n_keys=32, dense_len=256, dense_facts=16, drill_facts=32, steps=2000, batch_size=8,
-            eval_batch=16, log_every=100, checkpoint_every=500, out=Path("out_long"))
+            eval_batch=16, log_every=100, checkpoint_every=500, out=Path("out") / "long")
 # --long --quick: the same pipeline at T = 128 and d = 64 (still 4 layers), for a CPU.
 LONG_QUICK = dict(LONG, seq_len=128, d_model=64, window=32, lte_buffer=32, gdn_heads=2, gdn_head_dim=16,
                   dense_len=64, dense_facts=8, drill_facts=16, steps=100, batch_size=8, eval_batch=4, log_every=20,
@@ -3150,10 +3152,11 @@ def equal_memory_gdn(args, vocab_size: int) -> tuple[int, int, int, int]:
 def long_runs(args, vocab_size: int) -> list[Run]:
     """Every --long run: the presets, and with gdn and gdn+lte among them the equal-memory GDN."""
     runs = []
-    heads, dim, _, _ = equal_memory_gdn(args, vocab_size)
+    control = {"gdn", "gdn+lte"} <= set(args.models)
+    heads, dim, _, _ = equal_memory_gdn(args, vocab_size) if control else (0, 0, 0, 0)
     for seed in args.seeds:
         runs += [Run(preset, seed) for preset in args.models]
-        if {"gdn", "gdn+lte"} <= set(args.models):
+        if control:
             runs.append(Run("gdn", seed, f"_state{heads}x{dim}",
                             (("gdn_heads", heads), ("gdn_head_dim", dim), ("gdn_value_dim", 0))))
     return runs
@@ -3339,9 +3342,11 @@ def long_main(args) -> None:
     if len(val_tokens) < 8 * args.seq_len + 1:
         fail(f"--seq-len {args.seq_len}: the evaluation at 8x needs {8 * args.seq_len + 1} validation tokens, "
              f"the split has {len(val_tokens)}")
-    heads, dim, gdn_bytes, lte_bytes = equal_memory_gdn(args, enc.n_vocab)
-    control = (f"equal-memory control: pure GDN with {heads} heads x key dim {dim} holds {gdn_bytes / 1024:.0f} KB "
-               f"per sequence, gdn+lte {lte_bytes / 1024:.0f} KB (the smallest GDN state at least as large)")
+    control = "no equal-memory control (it needs gdn and gdn+lte in --models)"
+    if {"gdn", "gdn+lte"} <= set(args.models):
+        heads, dim, gdn_bytes, lte_bytes = equal_memory_gdn(args, enc.n_vocab)
+        control = (f"equal-memory control: pure GDN with {heads} heads x key dim {dim} holds {gdn_bytes / 1024:.0f} "
+                   f"KB per sequence, gdn+lte {lte_bytes / 1024:.0f} KB (the smallest GDN state at least as large)")
     print(control)
     timing = {"skipped": "timed on a GPU only (on a CPU the kernels run in Triton's interpreter)"}
     if device.type == "cuda" and distributed.is_main():
