@@ -75,7 +75,9 @@ def my_rows(batch_size: int) -> range:
 
 
 def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """The module a training step calls: DDP around the model in a job, the model itself outside one."""
+    """The module a training step calls: DDP around the model in a job, the model itself outside one.
+    DDP copies rank 0's buffers to the others before every forward: LTE's lambda (and the counts of
+    its controller, when on) follow rank 0's shard."""
     if not active():
         return model
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
