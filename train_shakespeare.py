@@ -3096,16 +3096,19 @@ def eviction_main(args) -> None:
 # as large as gdn+lte's (the equal-memory control, `equal_memory_gdn`). 1 to 8 needles per haystack,
 # queried at its end; evaluated by depth and length at 1x, 2x, 4x and 8x T (long_context.py).
 LONG = dict(seq_len=2048, d_model=128, n_layer=4, window=128, lte_buffer=128, gdn_heads=4, gdn_head_dim=32,
-            max_facts=8, n_keys=32, dense_len=256, dense_facts=16, drill_facts=32, steps=2000, batch_size=8,
+            max_facts=8, n_keys=32, dense_len=256, dense_facts=16, drill_facts=32, steps=1500, batch_size=8,
             eval_batch=16, log_every=100, checkpoint_every=500, out=Path("out") / "long")
 # --long --quick: the same pipeline at T = 128 and d = 64 (still 4 layers), for a CPU.
 LONG_QUICK = dict(LONG, seq_len=128, d_model=64, window=32, lte_buffer=32, gdn_heads=2, gdn_head_dim=16,
                   dense_len=64, dense_facts=8, drill_facts=16, steps=100, batch_size=8, eval_batch=4, log_every=20,
                   eval_every=10, checkpoint_every=50)
-# Estimated, not yet measured: 16 CPU cores hold the 6 runs at once, one process each; a step of
-# these models is host-bound (~35-70 ms at 2 layers, so ~70-140 ms at 4), half the steps are short
-# drills, and the 500 full-length haystack steps (8 x 2048 tokens) share the GPU six ways.
-LONG_TIME = "about 8 min on one H100 for one seed of the six models (estimated)"
+# Estimated, not yet measured: 16 CPU cores hold the 6 runs at once, one process each. A step of
+# the default recipe is host-bound on an H200 (gdn 34 ms, gdn+lte 70 ms at 2 layers: EXPERIMENTS.md
+# section 6), so ~70-140 ms at 4 layers: 1500 steps ~3.5 min for the slowest, plus the 375
+# full-length haystack steps (8 x 2048 tokens; ~12 ms of GPU work at batch 4 in bf16 there, more in
+# float32) sharing the GPU six ways (~1 min), each process compiling its kernels (~1-2 min, in
+# parallel), the needle grid (~1 min) and the timing (~20 s).
+LONG_TIME = "about 7 min on one H100 for one seed of the six models (estimated)"
 LONG_QUICK_TIME = "about 2.5 min on 2 CPU cores"  # measured: 2 min 19 s, the six runs two at a time
 # Training tokens per second of one run at the --long sizes through the PyTorch reference ops, one
 # thread on a 2-core x86-64 CPU (haystacks of 8 x 2048 tokens, measured beside other jobs: gdn
