@@ -65,15 +65,18 @@ def test_grid_of_a_model_that_copies_the_answer_is_perfect():
     assert grid["lengths"] == [64, 128, 256, 512] and min(cells) == 1.0
 
 
-def run_script(*args: str, torchrun: bool = False, timeout: int = 120) -> subprocess.CompletedProcess:
-    """The script as a user runs it, with the user's environment."""
-    if torchrun:
-        launcher = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2"]
+def run_script(*args: str, processes: int = 0, timeout: int = 120) -> subprocess.CompletedProcess:
+    """The script as a user runs it: python, or torchrun with `processes` processes; the user's
+    environment (without the TRITON_INTERPRET that conftest.py sets for this process)."""
+    if processes:
+        launcher = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", str(processes)]
         if not Path(launcher[0]).exists():
             pytest.skip("torchrun is not installed beside this python")
     else:
         launcher = [sys.executable]
-    return subprocess.run([*launcher, str(SCRIPT), *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([*launcher, str(SCRIPT), *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=env)
 
 
 def test_long_on_a_cpu_says_what_it_costs_and_stops(tmp_path):
@@ -100,7 +103,7 @@ def test_torchrun_two_processes_train_like_one(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     first = run_script(*TINY, "--out", str(one))
     assert first.returncode == 0, first.stderr[-2000:]
-    second = run_script(*TINY, "--out", str(two), torchrun=True)
+    second = run_script(*TINY, "--out", str(two), processes=2)
     assert second.returncode == 0, second.stderr[-2000:]
     a, b = losses(one), losses(two)
     assert a.keys() == b.keys() == {"gdn seed 0", "gdn+swa seed 0"}
@@ -116,6 +119,27 @@ def test_torchrun_two_processes_train_like_one(tmp_path):
     written = sorted(p.name for p in two.iterdir())
     assert written == sorted(p.name for p in one.iterdir())
     assert "long_heatmap.png" in written and "gdn_seed0.pt" in written
-    again = run_script(*TINY, "--out", str(two), "--resume", torchrun=True)
+    again = run_script(*TINY, "--out", str(two), "--resume", processes=2)
     assert again.returncode == 0, again.stderr[-2000:]
     assert again.stdout.count("finished earlier") == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA path: needs a GPU")
+def test_long_on_a_gpu_times_the_kernels_and_trains_over_nccl(tmp_path):
+    """--use-triton --long --quick on the GPU: the kernels' speed-up over the reference ops is
+    measured and recorded, and torchrun (NCCL, one process per GPU, at most 2) trains like one
+    process. The exact comparison is the CPU test's; here the GPU's reductions (cuBLAS, atomics)
+    may change the order of float32 sums from run to run, so 1e-3 relative only says the two jobs
+    trained the same model on the same batches."""
+    tiny = [a for a in TINY if a not in ("--device", "cpu")] + ["--use-triton"]
+    one = run_script(*tiny, "--out", str(tmp_path / "one"), timeout=900)
+    assert one.returncode == 0, one.stderr[-2000:]
+    timing = json.loads((tmp_path / "one" / "long.json").read_text())["kernel_speedup"]
+    assert timing["kernels_ms"] > 0 and timing["reference_ms"] > 0 and timing["speedup"] > 0
+    assert "the kernels are" in one.stdout
+    two = run_script(*tiny, "--out", str(tmp_path / "two"), processes=min(2, torch.cuda.device_count()), timeout=900)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    for name in a:
+        np.testing.assert_allclose(b[name], a[name], rtol=1e-3)
