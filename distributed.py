@@ -19,8 +19,8 @@ import torch.distributed as dist
 
 
 def launched() -> bool:
-    """Started by torchrun (which sets LOCAL_RANK), even with one process."""
-    return "LOCAL_RANK" in os.environ
+    """Started by torchrun (which sets TORCHELASTIC_RUN_ID and LOCAL_RANK), even with one process."""
+    return "TORCHELASTIC_RUN_ID" in os.environ and "LOCAL_RANK" in os.environ
 
 
 def active() -> bool:
@@ -80,7 +80,8 @@ def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     its controller, when on) follow rank 0's shard."""
     if not active():
         return model
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    device_ids = [device.index] if device.type == "cuda" else None  # one GPU per process, or the CPU
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 
 def seed_dropout(seed: int) -> None:

@@ -65,7 +65,8 @@ def needle_sequence(tokens: np.ndarray, length: int, starts: np.ndarray, rng: np
     stream_len = length + 1                         # targets are the stream shifted by one
     room = stream_len - BLOCK_LEN * n               # the stream before the queries
     if n == 0 or starts.max() + BLOCK_LEN > room:
-        raise ValueError(f"needle starts {starts.tolist()}: need 1 or more, inside the {room} tokens before the queries")
+        raise ValueError(f"needle starts {starts.tolist()}: need 1 or more, inside the {room} tokens before "
+                         f"the queries")
     keys = rng.choice(key_ids, size=n, replace=False)
     values = rng.choice(value_ids, size=n)
     stream = np.zeros(stream_len, dtype=np.int64)

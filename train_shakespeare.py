@@ -2624,6 +2624,9 @@ def check_flags(args) -> None:
         _check_eviction_flags(args)
     if args.long:
         _check_long_flags(args)
+    elif distributed.launched():
+        raise ValueError("torchrun: only --long trains data parallel; run the other modes with python (they "
+                         "run their models in parallel processes themselves)")
     if args.resume and args.overwrite and not args.eviction_report:
         raise ValueError("--resume and --overwrite exclude each other: continue the saved run, or replace it")
     if args.make_tokenizer and args.data is not None:
@@ -3274,7 +3277,8 @@ def speedup_line(timing: dict) -> str:
         return f"kernels against reference ops: {timing['skipped']}"
     where = f"{timing['model']} at T = {timing['seq_len']}, batch {timing['batch_size']}"
     if "speedup" not in timing:
-        return f"training step of {where}: kernels {timing['kernels_ms']} ms, reference ops {timing['reference_ms']} ms (None: out of memory)"
+        return (f"training step of {where}: kernels {timing['kernels_ms']} ms, reference ops "
+                f"{timing['reference_ms']} ms (None: out of memory)")
     return (f"training step of {where}, {timing['steps']} steps each way: Triton kernels {timing['kernels_ms']:.0f} ms, "
             f"PyTorch reference ops {timing['reference_ms']:.0f} ms: the kernels are "
             + (f"{timing['speedup']:.1f}x faster" if timing["speedup"] >= 1 else f"{1 / timing['speedup']:.1f}x slower"))
