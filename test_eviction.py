@@ -193,6 +193,20 @@ def test_memory_is_constant(policy, buffer):
     assert layer.state_size(budget - 1) < layer.state_size(budget)
 
 
+@pytest.mark.parametrize("policy,buffer,scored", [("streaming", 0, False), ("tova", 3, True), ("h2o", 0, True)])
+def test_a_state_holds_scores_only_where_its_policy_reads_them(policy, buffer, scored):
+    """The frontier counts every tensor of a decoding state: StreamingLLM reads no score, so it
+    keeps none; TOVA and H2O one per window and buffer slot and KV head. state_size counts
+    the same float numbers as the state's keys, values and scores hold (plus the key conv's tail)."""
+    layer = _layer(policy, 2, 4, buffer)
+    state = layer.init_state(1)
+    held = state["score"].numel() + state["buf_score"].numel()
+    assert held == (SMALL["n_kv_head"] * (4 + 1 + buffer) if scored else 0)
+    floats = sum(t.numel() for name, t in state.items()
+                 if isinstance(t, torch.Tensor) and t.is_floating_point() and "conv" not in name)
+    assert layer.state_size(10 ** 6) == floats + layer._key_conv_size()
+
+
 @pytest.mark.parametrize("policy", ["streaming", "tova", "h2o"])
 def test_nothing_evicted_is_full_attention(policy):
     """sink + window + 1 + buffer >= T: every policy is gdn+attn's own decoding, prompt and steps."""

@@ -1548,9 +1548,11 @@ class EvictingAttention(_AttentionBase):
         B, Hkv, D, s, b = batch_size, self.n_kv_head, self.head_dim, self.sink, self.buffer
         zeros = lambda n: torch.zeros(B, n, Hkv, D, device=device, dtype=dtype)
         off = lambda n: torch.zeros(B, n, Hkv, dtype=torch.bool, device=device)
+        # StreamingLLM never reads a score: it keeps none (the frontier counts every tensor of a state)
+        scored = self.window + 1 if self.update_score is not None else 0
         state = {"sink_k": zeros(s), "sink_v": zeros(s), "sink_valid": off(s),
                  "k": zeros(self.window + 1), "v": zeros(self.window + 1), "valid": off(self.window + 1),
-                 "score": torch.zeros(B, self.window + 1, Hkv, device=device),
+                 "score": torch.zeros(B, scored, Hkv, device=device),
                  "buf_k": zeros(b), "buf_v": zeros(b),
                  "buf_score": torch.zeros(B, Hkv, b, device=device),
                  "buf_pos": torch.zeros(B, Hkv, b, dtype=torch.long, device=device),
@@ -1576,7 +1578,8 @@ class EvictingAttention(_AttentionBase):
         q, k, v, _ = self._qkv(x, t, state)
         self._leave_window(state, t)
         slot = _enter_window(state, t, self.window, k, v)
-        state["score"].index_fill_(1, slot, 0.0)           # a newcomer has received no attention yet
+        if self.update_score is not None:
+            state["score"].index_fill_(1, slot, 0.0)       # a newcomer has received no attention yet
         k_all, v_all, valid = _held_slots(state)
         o, p = attention_decode_weights(q[:, 0], k_all.to(q.dtype), v_all.to(q.dtype), valid)
         if self.update_score is not None:
