@@ -80,6 +80,14 @@ def test_run_then_refuse_then_resume_then_overwrite(tmp_path, text_file):
     assert sample["model"] == "gdn+lte" and sample["prompt"] in text_file.read_text(encoding="utf-8")
     assert sample["continuation"].strip() and sample["continuation"] not in text_file.read_text(encoding="utf-8")
     assert f"--- prompt (from the held-out text) ---\n{sample['prompt']}\n--- continuation" in first.stdout
+    # the versions that produced it; each model's state in bytes as its decoding state's tensors hold
+    # them, and the report says in words how much more state the hybrid carries than pure GDN
+    assert results["versions"]["torch"] == torch.__version__
+    state = {p: results["models"][p]["summary"]["eval"]["20"]["state_bytes"] for p in ("gdn", "gdn+lte")}
+    for preset, nbytes in state.items():
+        model = tiny_hybrid.TinyHybrid(ts.model_config(preset, ts.parse_args([*map(str, TINY)]), ts.VOCAB_SIZE))
+        assert nbytes == model.state_nbytes(model.init_state(1, max_len=20))
+    assert f"gdn+lte {state['gdn+lte'] / state['gdn']:.1f}x" in first.stdout
 
     # the same command again would overwrite: refused before any work, nothing touched
     before = snapshot(out)
