@@ -313,13 +313,6 @@ def _pct(x) -> str:
 # Phase "points": state bytes, the heuristics, one record per point, the Pareto frontier
 # ----------------------------------------------------------------------------------------------
 
-def state_bytes(model, length: int) -> int:
-    """Bytes of one sequence's decoding state after `length` tokens: every tensor it holds, as the
-    model's own init_state makes it for that length (full attention and NSA preallocate max_len
-    slots, the other mixers one size for any length; decoding never grows them)."""
-    return model.state_nbytes(model.init_state(1, device="cpu", max_len=length))
-
-
 def point_model(point: Point, args, ts):
     """An untrained model of the point's shape on the CPU, for its state bytes."""
     from tiny_hybrid import TinyHybrid, with_eviction
@@ -377,7 +370,7 @@ def point_record(point: Point, by_seed: dict[int, dict], args, plan: Plan, ts) -
     for length in plan.lengths:
         recall = {str(seed): recall_at(result, length, args) for seed, result in sorted(by_seed.items())}
         values = list(recall.values())
-        record["state_bytes"][str(length)] = state_bytes(model, length)
+        record["state_bytes"][str(length)] = model.state_bytes(length)
         record["recall"][str(length)] = {"median": float(np.median(values)), "min": float(np.min(values)),
                                          "max": float(np.max(values)), "per_seed": recall}
     record["hollow"] = 2 * record["learned"] <= record["n"]

@@ -182,13 +182,6 @@ def evaluate_grid(model, val_tokens: np.ndarray, train_len: int, window: int, ne
     return {"lengths": lengths, "depths": list(DEPTHS), "recall": recall, "by_distance": by_distance}
 
 
-def state_bytes(model, lengths: list[int]) -> dict[str, int]:
-    """Bytes of decoding state per sequence after each length: an empty state made for that length
-    (full attention and NSA preallocate their caches to it), counted tensor by tensor."""
-    return {str(length): model.state_nbytes(model.init_state(1, device="cpu", max_len=length))
-            for length in lengths}
-
-
 # ----------------------------------------------------------------------------------------------
 # Report: table and heat map
 # ----------------------------------------------------------------------------------------------

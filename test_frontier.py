@@ -70,7 +70,7 @@ def test_reported_state_bytes_count_every_tensor_of_the_decoding_state(tmp_path)
 def test_at_the_default_sizes_the_largest_gdn_state_holds_more_than_gdn_lte(tmp_path):
     args = ts.parse_args(["--frontier", "--out", str(tmp_path)])
     plan = frontier.make_plan(args, ts)
-    size = lambda family, knob: frontier.state_bytes(frontier.point_model(frontier.Point(family, knob), args, ts), 128)
+    size = lambda family, knob: frontier.point_model(frontier.Point(family, knob), args, ts).state_bytes(128)
     assert size("gdn", plan.knobs["gdn"][-1]) > size("gdn+lte", plan.knobs["gdn+lte"][0])
     assert [k.label for k in plan.knobs["gdn+swa"]] == ["w=16", "w=8", "w=32", "w=84"]    # 84: s + w + b
     assert [k.label for k in plan.knobs["gdn+lte"]] == ["b=64", "b=8", "b=16", "b=32", "w=8", "w=32"]

@@ -2020,6 +2020,12 @@ class TinyHybrid(nn.Module):
         batch = next((t.shape[0] for t in tensors if t.ndim > 0), 1)
         return sum(t.numel() * t.element_size() for t in tensors) // max(batch, 1)
 
+    def state_bytes(self, T: int) -> int:
+        """Bytes of one sequence's decoding state after T tokens: every tensor of an empty state made
+        for that length (full attention and NSA preallocate their caches to it; the other mixers have
+        one size for any length), built on the CPU, so a model on the meta device can say it too."""
+        return self.state_nbytes(self.init_state(1, device="cpu", max_len=T))
+
     def state_size(self, T: int) -> dict:
         """Numbers each mixer holds per sequence to decode token T + 1, by layer ("0:gdn", ...)."""
         return {f"{i}:{name}": b.mixer.state_size(T) for i, (b, name) in enumerate(zip(self.blocks, self.config.layers))}

@@ -729,7 +729,7 @@ def long_training_batch(tokens: np.ndarray, step: int, args, schedule_steps: int
     of processes; a drill's size is drawn once per step (a batch's rows have one length)."""
     kind = task_for_step(step, args, schedule_steps)
     drill_facts = int(np.random.default_rng((args.seed, step)).integers(1, args.drill_facts + 1))
-    keys, values = KEY_ID0 + np.arange(args.n_keys), VALUE_ID0 + np.arange(N_VALUES)
+    keys, values = key_value_ids(args)
     rows = []
     for row in distributed.my_rows(args.batch_size):
         rng = np.random.default_rng((args.seed, step, row))
@@ -1076,7 +1076,7 @@ def evaluate(model, val_tokens: np.ndarray, args, device) -> dict:
                 lm_losses.append(torch.nn.functional.cross_entropy(logits[text].float(), batch["targets"][text]).item())
             recall[str(n_facts)] = cells
         results[str(length)] = {"lm_loss": float(np.mean(lm_losses)), "recall": recall,
-                                "state_bytes": frontier.state_bytes(model, length)}   # every tensor of the decoding state
+                                "state_bytes": model.state_bytes(length)}   # every tensor of the decoding state
     model.train()
     return results
 
@@ -3139,7 +3139,7 @@ def config_state_bytes(config, length: int) -> int:
 
     with torch.device("meta"):
         model = TinyHybrid(config)
-    return long_context.state_bytes(model, [length])[str(length)]
+    return model.state_bytes(length)
 
 
 def equal_memory_gdn(args, vocab_size: int) -> tuple[int, int, int, int]:
@@ -3215,7 +3215,7 @@ def long_run_one(run: Run, args, tokens, val_tokens, vocab_size, device, log=Non
     result = {"history": record["history"], "probe": record["probe"],
               "convergence": convergence(record["probe"], args.steps), "train_seconds": record["train_seconds"],
               "overrides": dict(run.overrides), "grid": grid,
-              "state_bytes": long_context.state_bytes(model, grid["lengths"])}
+              "state_bytes": {str(length): model.state_bytes(length) for length in grid["lengths"]}}
     result["summary"] = long_summary(result, args)
     save_atomic({**torch.load(path, map_location="cpu", weights_only=True), "result": result}, path)
     distributed.barrier()
