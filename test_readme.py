@@ -237,7 +237,8 @@ def test_setup_is_a_fresh_environment_then_install_and_test_and_ci_runs_it():
     assert [c for c in commands if c] == ["python3 -m venv .venv && source .venv/bin/activate",
                                           "pip install -r requirements.txt", "python -m pytest -q"]
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
-    assert "## Setup" in ci and "pip install" not in ci and "pytest" not in ci    # the README's, not its own
+    assert "## Setup" in ci and "pip install" not in ci    # the README's install, not its own
+    assert 'test_command="python -m pytest -q"' in ci and "\npython -m pytest -q\n" in ci   # and its test command
     torch_range = re.search(r"^torch(\S+)$", (ROOT / "requirements.txt").read_text(), re.M).group(1)
     assert f'pip install "torch{torch_range}" --index-url https://download.pytorch.org/whl/cpu' in setup
 
