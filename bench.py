@@ -10,7 +10,7 @@
     python bench.py             all of the above
     python bench.py kernels     each Triton kernel of kernels.py against its reference and the fastest
                                 baselines (CUDA GPU only): a headline shape per op, --full for every
-                                table of the README, --tune to pick attention tiles first
+                                table of docs/kernels.md, --tune to pick attention tiles first
 
 Decode: a context of N tokens is represented by a state of the size N tokens leave behind, filled
 with random numbers (prefilling 64K tokens through the O(T^2) reference would not fit in memory,
@@ -38,6 +38,7 @@ import warnings
 import torch
 
 import tiny_hybrid
+from decoder import Decoder
 from tiny_hybrid import Config, TinyHybrid
 
 DECODE_PRESETS = ("gdn", "gdn+swa", "gdn+lte", "gdn+nsa", "gdn+attn")
@@ -125,7 +126,7 @@ def time_decode(model, batch: int, context: int, steps: int, device,
     state = None                                         # free the eager cache before capturing
     captured = None
     if device.type == "cuda":
-        decoder = model.decoder(batch, max_len, compile=compile)   # captures its step (on an empty state)
+        decoder = Decoder(model, batch, max_len, compile=compile)   # captures its step (on an empty state)
         fill_synthetic(model, decoder.state, context)
         captured = _ms_per_token(lambda: decoder.step(token), steps, device)
         del decoder
@@ -235,7 +236,8 @@ def bench_train(args, device) -> list[dict]:
 
             def step():
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                    _, loss = model(idx, idx)
+                    logits, penalty = model(idx)
+                    loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), idx.flatten()) + penalty
                 loss.backward()
             ms = _median_ms(step, args.steps, device)
             tok_s = args.batch * args.train_len / ms * 1e3
@@ -535,6 +537,21 @@ def bench_kernel_decode() -> list[dict]:
     return rows
 
 
+def _gdn_inputs(B: int, T: int, H: int, D: int, dtype):
+    """Gated DeltaNet's inputs as a layer makes them, seeded, on the GPU: L2-normalised q, k
+    [B, T, H, D] and v in `dtype`; log decays g in [-0.2, -0.005] and beta = sigmoid(randn),
+    float32 [B, T, H]."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, device="cuda", generator=gen)
+    q, k = (torch.nn.functional.normalize(randn(B, T, H, D), dim=-1).to(dtype) for _ in range(2))
+    v = randn(B, T, H, D).to(dtype)
+    lo, hi = -0.2, -0.005
+    g = lo + (hi - lo) * torch.rand(B, T, H, device="cuda", generator=gen)
+    return q, k, v, g, torch.sigmoid(randn(B, T, H))
+
+
 def bench_kernel_gdn(Ts=(1024, 4096, 16384), dims=(64, 128), B=4, H=8, with_reference=True, with_fla=True) -> list[dict]:
     """Median ms of forward and forward+backward, bf16, for kernels.gated_delta_rule, the PyTorch
     reference and (when importable) flash-linear-attention's chunk_gated_delta_rule."""
@@ -557,7 +574,7 @@ def bench_kernel_gdn(Ts=(1024, 4096, 16384), dims=(64, 128), B=4, H=8, with_refe
     print(f"{'impl':10s} {'K=V':>4s} {'T':>6s} {'fwd ms':>8s} {'fwd+bwd ms':>11s}")
     for D in dims:
         for T in Ts:
-            q, k, v, g, beta = kernels._gdn_random_inputs(B, T, H, D, D, torch.bfloat16, "cuda", decay=(-0.2, -0.005))
+            q, k, v, g, beta = _gdn_inputs(B, T, H, D, torch.bfloat16)
             beta = beta.to(torch.bfloat16)
             for name, fn in impls.items():
                 if name == "torch ref" and T > 4096:
@@ -719,7 +736,7 @@ def _precision_case(kernels, op: str, B: int, dtype):
                 (randn(B, T, H, D), randn(B, T, Hkv, D), randn(B, T, Hkv, D)), randn(B, T, H, D, grad=False))
     if op == "gated_delta_rule":
         T, H, D = 16384, 8, 128
-        q, k, v, g, beta = kernels._gdn_random_inputs(B, T, H, D, D, dtype, "cuda", decay=(-0.2, -0.005))
+        q, k, v, g, beta = _gdn_inputs(B, T, H, D, dtype)
         inputs = [x.requires_grad_() for x in (q, k, v, g, beta)]
         return lambda *x: kernels.gated_delta_rule(*x)[0], inputs, randn(B, T, H, D, grad=False)
     T, H, Hkv, D = 8192, 32, 2, 64
@@ -729,7 +746,7 @@ def _precision_case(kernels, op: str, B: int, dtype):
 
 
 # The default: one headline shape per op (a few minutes on one GPU). --full: every length and
-# baseline of the README's tables (tens of minutes: flex_attention compiles for every shape).
+# baseline of docs/kernels.md's tables (tens of minutes: flex_attention compiles for every shape).
 KERNEL_BENCHES = {
     "attention": lambda deadline: bench_kernel_attention(Ts=(8192,), kv_heads=(2,), flex=False),
     "attention_decode": lambda deadline: bench_kernel_decode(),
@@ -833,7 +850,7 @@ def _parse_args(argv):
                              "preset and context; CUDA only)")
     parser.add_argument("--out", default="out", help="folder for bench_<device>.json and the decode figure")
     parser.add_argument("--full", action="store_true",
-                        help="kernels: every length and baseline of the README's tables (tens of minutes: "
+                        help="kernels: every length and baseline of docs/kernels.md's tables (tens of minutes: "
                              "flex_attention compiles for every shape)")
     parser.add_argument("--tune", action="store_true", help="kernels: pick attention block sizes by measuring first")
     parser.add_argument("--budget-s", type=float, default=float("inf"),

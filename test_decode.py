@@ -21,8 +21,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import checks
 import tiny_hybrid as th
-from tiny_hybrid import PRESETS, Config, Decoder, TinyHybrid
+from decoder import Decoder
+from tiny_hybrid import PRESETS, Config, TinyHybrid
 
 ROOT = Path(__file__).resolve().parent
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -89,7 +91,7 @@ def test_static_step_equals_the_parallel_forward(preset, gqa):
     with torch.no_grad():
         full, _ = model(idx)
     for slack in (0, 5):                                # a cache exactly full, and one with room left
-        decoder = model.decoder(2, T + slack, cuda_graph=False)
+        decoder = Decoder(model, 2, T + slack, cuda_graph=False)
         for prompt in PROMPTS:
             torch.testing.assert_close(decode_logits(decoder, idx, prompt), full, **TOL,
                                        msg=lambda m: f"prompt {prompt}, max_len {T + slack}: {m}")
@@ -108,7 +110,7 @@ def test_static_step_through_the_triton_kernels_equals_the_parallel_reference(pr
     idx = torch.randint(0, 61, (2, 21), generator=torch.Generator().manual_seed(2)).to(device)
     with torch.no_grad():
         full, _ = reference(idx)
-    torch.testing.assert_close(decode_logits(fast.decoder(2, 21, cuda_graph=False), idx, 5), full,
+    torch.testing.assert_close(decode_logits(Decoder(fast, 2, 21, cuda_graph=False), idx, 5), full,
                                atol=1e-4, rtol=1e-4)
 
 
@@ -121,10 +123,10 @@ def test_lte_scores_near_the_start_equal_the_routers_over_the_whole_sequence():
     lte = model.blocks[1].mixer
     idx = torch.randint(0, 61, (2, 16), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        x = model.blocks[1].norm1(model.blocks[0](model.wte(idx)))
+        x = model.blocks[1].norm1(model.blocks[0](model.wte(idx))[0])
         _, _, v, k_raw = lte._qkv(x)
         want = lte.router(k_raw, v)                                            # [B, T, Hkv]
-        decoder = model.decoder(2, 16, cuda_graph=False)
+        decoder = Decoder(model, 2, 16, cuda_graph=False)
         decoder.prefill(idx[:, :1])
         reach, slots = lte.router.reach, lte.window + 1
         for t in range(1, 16):
@@ -177,9 +179,9 @@ def test_a_decoder_serves_one_sequence_after_another():
     for preset in sorted(PRESETS):
         model = small_model(preset)
         first, second = (torch.randint(0, 61, (2, 20), generator=torch.Generator().manual_seed(s)) for s in (4, 5))
-        used = model.decoder(2, 20, cuda_graph=False)
+        used = Decoder(model, 2, 20, cuda_graph=False)
         decode_logits(used, first, 11)
-        fresh = model.decoder(2, 20, cuda_graph=False)
+        fresh = Decoder(model, 2, 20, cuda_graph=False)
         torch.testing.assert_close(decode_logits(used, second, 3), decode_logits(fresh, second, 3),
                                    rtol=0, atol=0, msg=preset)
 
@@ -191,7 +193,7 @@ def test_eager_forward_and_decoder_steps_can_take_turns():
     idx = torch.randint(0, 61, (2, 18), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         full, _ = model(idx)
-        decoder = model.decoder(2, 18, cuda_graph=False)
+        decoder = Decoder(model, 2, 18, cuda_graph=False)
         parts = [decoder.prefill(idx[:, :5])]
         for t in range(5, 18):
             if t % 2:
@@ -236,9 +238,9 @@ def test_every_step_does_the_same_work_in_place_without_reading_the_device(prese
     state in place (no tensor replaced, no host value changed), and never read device data back
     (no .item(), bool(), nonzero: a sync on a GPU). attention_decode's check that a query sees a
     slot reads the device, and skips itself while a graph captures: so it is told that one does."""
-    monkeypatch.setattr(th, "_capturing_cuda_graph", lambda t: True)
+    monkeypatch.setattr(checks, "capturing_cuda_graph", lambda t: True)
     model = small_model(preset)
-    decoder = model.decoder(2, 40, cuda_graph=False)
+    decoder = Decoder(model, 2, 40, cuda_graph=False)
     with torch.no_grad():
         decoder.prefill(torch.randint(0, 61, (2, 1)))
         token = torch.zeros(2, 1, dtype=torch.long)
@@ -247,7 +249,7 @@ def test_every_step_does_the_same_work_in_place_without_reading_the_device(prese
         logs = []
         for t in range(1, 30):
             with OpLog() as log:
-                model._decode_step(token, decoder.state)
+                model.decode_step(token, decoder.state)
             logs.append(log.ops)
             assert [int(layer["pos"]) for layer in decoder.state] == [t + 1] * len(decoder.state)
     assert logs[0], "the step ran no op at all?"
@@ -267,11 +269,11 @@ def test_a_decoding_step_runs_one_matmul_per_weight_matrix_and_no_convolution(pr
     projections and SwiGLU's two, plus the output head; and two batched products per mixer (GDN's
     read-out and state update, attention's scores and weighted sum)."""
     model = small_model(preset)
-    decoder = model.decoder(2, 40, cuda_graph=False)
+    decoder = Decoder(model, 2, 40, cuda_graph=False)
     with torch.no_grad():
         decoder.prefill(torch.randint(0, 61, (2, 3)))
         with OpLog() as log:
-            model._decode_step(torch.zeros(2, 1, dtype=torch.long), decoder.state)
+            model.decode_step(torch.zeros(2, 1, dtype=torch.long), decoder.state)
     names = [name for name, _ in log.ops]
     layers = model.config.layers
     assert names.count("mm") + names.count("addmm") == 4 * len(layers) + 1
@@ -284,7 +286,7 @@ def test_sampling_draws_what_torch_multinomial_draws():
     method, so the same generator gives the same tokens."""
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
     for seed in range(20):
-        got = TinyHybrid._sample(logits, 0.8, 10, torch.Generator().manual_seed(seed))
+        got = TinyHybrid.sample(logits, 0.8, 10, torch.Generator().manual_seed(seed))
         scaled = logits / 0.8
         scaled = scaled.masked_fill(scaled < scaled.topk(10, dim=-1).values[:, -1:], float("-inf"))
         want = torch.multinomial(scaled.softmax(dim=-1), 1, generator=torch.Generator().manual_seed(seed))
@@ -295,7 +297,7 @@ def test_sampling_draws_what_torch_multinomial_draws():
 def test_generate_through_the_decoder_equals_repeated_full_forward(preset):
     model = small_model(preset)
     prompt = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(7))
-    out = model.decoder(2, 25, cuda_graph=False).generate(prompt, 16, temperature=0)
+    out = Decoder(model, 2, 25, cuda_graph=False).generate(prompt, 16, temperature=0)
     seq = prompt
     with torch.no_grad():
         for _ in range(16):
@@ -322,12 +324,12 @@ def refused(model, call, error, match):
 @pytest.mark.parametrize("preset", ["gdn", "gdn+attn", "gdn+nsa"])
 def test_what_does_not_fit_in_max_len_is_refused_before_any_work(preset):
     model = small_model(preset)
-    decoder = model.decoder(1, 10, cuda_graph=False)
+    decoder = Decoder(model, 1, 10, cuda_graph=False)
     refused(model, lambda: decoder.prefill(torch.zeros(1, 11, dtype=torch.long)), ValueError,
             r"prompt \(11 tokens\) plus max_new_tokens \(0\) must fit in the decoder's max_len = 10")
     refused(model, lambda: decoder.generate(torch.zeros(1, 6, dtype=torch.long), 5), ValueError,
             r"prompt \(6 tokens\) plus max_new_tokens \(5\) must fit in the decoder's max_len = 10")
-    refused(model, lambda: model.decoder(1, 10, cuda_graph=False).step(torch.zeros(1, 1, dtype=torch.long)),
+    refused(model, lambda: Decoder(model, 1, 10, cuda_graph=False).step(torch.zeros(1, 1, dtype=torch.long)),
             ValueError, r"call prefill\(idx\) first")
     decoder.prefill(torch.zeros(1, 10, dtype=torch.long))          # a prompt of exactly max_len fits
     refused(model, lambda: decoder.step(torch.zeros(1, 1, dtype=torch.long)), ValueError,
@@ -360,7 +362,7 @@ def test_a_preallocated_cache_refuses_overflow_before_any_layer_changes():
 ])
 def test_bad_decoder_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
-        small_model("gdn").decoder(**kwargs)
+        Decoder(small_model("gdn"), **kwargs)
 
 
 def test_bad_decoder_inputs():
@@ -370,8 +372,8 @@ def test_bad_decoder_inputs():
     with pytest.raises(ValueError, match="training mode"):
         Decoder(small_model("gdn").train(), 1, 8)
     with pytest.raises(ValueError, match="cuda_graph=True needs the model on a CUDA device, it is on cpu"):
-        model.decoder(1, 8, cuda_graph=True)
-    decoder = model.decoder(2, 8, cuda_graph=False)
+        Decoder(model, 1, 8, cuda_graph=True)
+    decoder = Decoder(model, 2, 8, cuda_graph=False)
     refused(model, lambda: decoder.prefill(torch.zeros(1, 3, dtype=torch.long)), ValueError,
             "idx has batch size 1, the decoder was made for batch_size = 2")
     refused(model, lambda: decoder.prefill(torch.full((2, 3), 61)), ValueError, r"\[0, 61\)")
@@ -421,9 +423,9 @@ def test_captured_equals_eager_and_the_parallel_forward(preset, use_triton, exac
     reference = small_model(preset, device="cuda", **sizes)
     reference.load_state_dict(model.state_dict())
     idx = torch.randint(0, 61, (2, 41), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
-    captured = model.decoder(2, 41)
+    captured = Decoder(model, 2, 41)
     assert captured.graph is not None                   # on CUDA a decoder captures by default
-    eager = model.decoder(2, 41, cuda_graph=False)
+    eager = Decoder(model, 2, 41, cuda_graph=False)
     with torch.no_grad():
         full, _ = reference(idx)                       # the parallel forward of the PyTorch ops
     for prompt in (1, 11):
@@ -433,8 +435,7 @@ def test_captured_equals_eager_and_the_parallel_forward(preset, use_triton, exac
     prompt = idx[:, :11]
     tokens = captured.generate(prompt, 30, temperature=0)
     assert torch.equal(tokens, eager.generate(prompt, 30, temperature=0))
-    assert torch.equal(tokens, model.generate(prompt, 30, temperature=0))          # generate captures on CUDA
-    assert torch.equal(tokens, model.generate(prompt, 30, temperature=0, cuda_graph=False))
+    assert torch.equal(tokens, model.generate(prompt, 30, temperature=0))          # eager, the same step
 
 
 @needs_cuda
@@ -446,14 +447,14 @@ def test_replaying_never_waits_for_the_device(preset, use_triton):
     if use_triton:
         pytest.importorskip("triton")
     model = small_model(preset, device="cuda", use_triton=use_triton, **(TRITON_SIZES if use_triton else {}))
-    decoder = model.decoder(2, 40)
+    decoder = Decoder(model, 2, 40)
     generator = torch.Generator("cuda").manual_seed(0)
     logits = decoder.prefill(torch.randint(0, 61, (2, 7), device="cuda"))[:, -1]
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for t in range(30):
-            token = TinyHybrid._sample(logits.float(), 1.0 if t % 2 else 0.0, 5, generator)
+            token = TinyHybrid.sample(logits.float(), 1.0 if t % 2 else 0.0, 5, generator)
             logits = decoder.step(token)
     finally:
         torch.cuda.set_sync_debug_mode("default")
@@ -465,7 +466,7 @@ def test_replaying_never_waits_for_the_device(preset, use_triton):
 def test_prompts_up_to_max_len_on_cuda(preset, exact_float32):
     model = small_model(preset, device="cuda")
     idx = torch.randint(0, 61, (1, 24), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
-    decoder = model.decoder(1, 24)
+    decoder = Decoder(model, 1, 24)
     with torch.no_grad():
         full, _ = model(idx)
     torch.testing.assert_close(decoder.prefill(idx), full, **TOL)                  # exactly max_len
@@ -488,8 +489,8 @@ def test_compiled_and_captured_equals_eager(preset, use_triton, exact_float32):
     run between the fused pieces, and the eager step runs the same kernels."""
     model = small_model(preset, device="cuda", use_triton=use_triton, **(TRITON_SIZES if use_triton else {}))
     idx = torch.randint(0, 61, (2, 41), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
-    compiled = model.decoder(2, 41, compile=True)
-    eager = model.decoder(2, 41, cuda_graph=False)
+    compiled = Decoder(model, 2, 41, compile=True)
+    eager = Decoder(model, 2, 41, cuda_graph=False)
     torch.testing.assert_close(decode_logits(compiled, idx, 11), decode_logits(eager, idx, 11), atol=1e-4, rtol=1e-4)
     prompt = idx[:, :11]
     assert torch.equal(compiled.generate(prompt, 30, temperature=0), eager.generate(prompt, 30, temperature=0))

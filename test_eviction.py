@@ -22,7 +22,8 @@ import pytest
 import torch
 
 import tiny_hybrid as th
-from tiny_hybrid import Config, EvictingAttention, TinyHybrid, with_eviction
+from eviction import EvictingAttention, attention_decode_weights, evict_lowest_push, with_eviction
+from tiny_hybrid import Config, TinyHybrid
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 SMALL = dict(d_model=32, n_head=4, n_kv_head=2, head_dim=8, vocab_size=64, n_layer=2)
@@ -57,7 +58,7 @@ def test_push_rule_matches_a_python_simulation_with_ties():
     buf_pos = torch.full((rows, b), -1, dtype=torch.long)
     sim = [dict() for _ in range(rows)]                                       # pos -> score
     for j in range(n):
-        th.evict_lowest_push(buf_score, buf_pos, scores[:, j], j, offered[:, j])
+        evict_lowest_push(buf_score, buf_pos, scores[:, j], j, offered[:, j])
         for r in range(rows):
             if not offered[r, j]:
                 continue
@@ -246,7 +247,7 @@ def test_attention_weights_step_is_attention_decode():
     q, k, v = torch.randn(2, 4, 8, generator=g), torch.randn(2, 9, 2, 8, generator=g), torch.randn(2, 9, 2, 8, generator=g)
     valid = torch.rand(2, 9, 2, generator=g) < 0.6
     valid[:, 0] = True
-    o, p = th.attention_decode_weights(q, k, v, valid)
+    o, p = attention_decode_weights(q, k, v, valid)
     torch.testing.assert_close(o, th.attention_decode(q, k, v, valid), **TOL)
     torch.testing.assert_close(p.sum(-1), torch.ones(2, 4), **TOL)
     hidden = ~valid.repeat_interleave(2, dim=2).transpose(1, 2)                # [B, H, S]
@@ -273,6 +274,11 @@ def test_with_eviction_needs_full_attention_layers():
 
 # --- the report: python train_shakespeare.py --eviction-report ---------------------------------
 
+import cli  # noqa: E402
+import corpus  # noqa: E402
+import eviction_report  # noqa: E402
+import recall_task  # noqa: E402
+
 SCRIPT = Path(__file__).resolve().parent / "train_shakespeare.py"
 # A model and task small enough for a few CPU seconds per preset (as test_cli's).
 TINY = ["--steps", "4", "--seq-len", "20", "--dense-len", "10", "--dense-facts", "2", "--drill-facts", "2",
@@ -288,10 +294,8 @@ def run_cli(*flags, timeout=600):
 
 
 def test_eviction_report_trains_what_is_missing_then_refuses_then_replaces_only_its_files(tmp_path):
-    import train_shakespeare as ts
-
     text = tmp_path / "text.txt"
-    text.write_text(ts.load_corpus(cache_dir=tmp_path / "cache")[1][:30_000], encoding="utf-8")
+    text.write_text(corpus.load_corpus(cache_dir=tmp_path / "cache")[1][:30_000], encoding="utf-8")
     out = tmp_path / "out"
     flags = ["--eviction-report", "--data", text, "--out", out, *TINY]
     first = run_cli(*flags)
@@ -302,13 +306,13 @@ def test_eviction_report_trains_what_is_missing_then_refuses_then_replaces_only_
     assert list(rows) == ["gdn+lte (learned)", "attn + StreamingLLM, s + w", "attn + StreamingLLM, window w + b",
                           "attn + TOVA", "attn + H2O", "gdn+attn (uncapped)", "gdn+swa"]
     assert list(rows["attn + H2O"]) == ["20", "40", "80"]                       # 1x, 2x, 4x the training length
-    assert list(report["summary"]["budget"]) == [str(b) for b in ts.EVICTION_BUDGETS]
+    assert list(report["summary"]["budget"]) == [str(b) for b in eviction_report.EVICTION_BUDGETS]
     keeps = report["summary"]["keeps"]
     assert list(keeps) == ["gdn+lte (learned)", "attn + TOVA", "attn + H2O"]
     assert all(list(heads) == ["layer 1 head 0", "layer 1 head 1"] for heads in keeps.values())
     assert report["budget"] == {"sink": 4, "window": 8, "buffer": 4}
     assert "nsa_topn" not in report["summary"] and "gdn+nsa checkpoint of seed 0" in report["nsa_missing"]
-    for name in ts.EVICTION_FILES[1:]:
+    for name in cli.EVICTION_FILES[1:]:
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
     assert "attn + TOVA" in first.stdout and "What each policy keeps" in first.stdout
     assert "NSA's n at inference: not measured, no gdn+nsa checkpoint of seed 0" in first.stdout
@@ -332,10 +336,8 @@ def test_eviction_report_trains_what_is_missing_then_refuses_then_replaces_only_
     (["--sweep-state"], ["--eviction-report and --sweep-state"]),
 ])
 def test_eviction_report_refuses_other_runs_before_any_work(flags, words, tmp_path, capsys):
-    import train_shakespeare as ts
-
     with pytest.raises(SystemExit) as stop:
-        ts.parse_args(["--eviction-report", *flags, "--out", str(tmp_path / "out")])
+        cli.parse_args(["--eviction-report", *flags, "--out", str(tmp_path / "out")])
     assert stop.value.code == 2
     err = capsys.readouterr().err
     for word in words:
@@ -346,20 +348,16 @@ def test_eviction_report_refuses_other_runs_before_any_work(flags, words, tmp_pa
 # --- the report's pieces: what each policy keeps, several seeds, NSA's n at inference ----------
 
 def _report_args(tmp_path, *flags):
-    import train_shakespeare as ts
-
-    return ts.parse_args([*TINY, "--out", str(tmp_path / "out"), *flags])
+    return cli.parse_args([*TINY, "--out", str(tmp_path / "out"), *flags])
 
 
 def _haystacks(T, rows, window, seed=0):
     """A recall batch of `rows` haystacks of T random text tokens, facts on both sides of the window."""
     import numpy as np
 
-    import train_shakespeare as ts
-
     rng = np.random.default_rng(seed)
-    text = rng.integers(0, ts.N_BPE, 5000)
-    return ts.make_batch(text, rows, T, 4, (2, T - 3), rng)
+    text = rng.integers(0, corpus.N_BPE, 5000)
+    return recall_task.make_batch(text, rows, T, 4, (2, T - 3), rng)
 
 
 def _held_sets(model, idx, layer):
@@ -382,10 +380,8 @@ def test_keep_shares_are_a_plain_count_over_the_held_positions(policy):
     """keep_shares of LTE, TOVA and H2O: the share of each kind of token that is still held right
     after it leaves the window, and of far facts held at their query, counted over what the
     decoding state holds after every token."""
-    import train_shakespeare as ts
-
     sink, window, buffer, T = 2, 6, 4, 48
-    small = dict(SMALL, vocab_size=ts.VOCAB_SIZE, window=window, lte_sink=sink, lte_buffer=buffer)
+    small = dict(SMALL, vocab_size=corpus.VOCAB_SIZE, window=window, lte_sink=sink, lte_buffer=buffer)
     torch.manual_seed(7)
     if policy == "lte":
         model = TinyHybrid(Config.preset("gdn+lte", **small)).eval()
@@ -393,16 +389,16 @@ def test_keep_shares_are_a_plain_count_over_the_held_positions(policy):
         model = with_eviction(TinyHybrid(Config.preset("gdn+attn", **small)), policy, sink, window, buffer).eval()
     batch = _haystacks(T, 3, window)
     with torch.no_grad():
-        shares = ts.keep_shares(model, {"2-45": batch}, "cpu")
+        shares = eviction_report.keep_shares(model, {"2-45": batch}, "cpu")
         held = _held_sets(model, batch["idx"], 1)
-    rows, keys, values, queries = (x.tolist() for x in ts.fact_positions(batch))
+    rows, keys, values, queries = (x.tolist() for x in eviction_report.fact_positions(batch))
     for h in range(2):
         count = {what: [] for what in ("fact keys", "fact values", "text", "held at query")}
         for b in range(batch["idx"].shape[0]):
             facts = [(k, v) for r, k, v in zip(rows, keys, values) if r == b]
             for j in range(sink, T - window - 1):                          # tokens that leave the window
                 entered = j in held[j + window + 1][b][h]
-                if batch["idx"][b, j] < ts.N_BPE:
+                if batch["idx"][b, j] < corpus.N_BPE:
                     count["text"].append(entered)
                 count["fact keys"] += [entered for k, _ in facts if k == j]
                 count["fact values"] += [entered for _, v in facts if v == j]
@@ -414,27 +410,27 @@ def test_keep_shares_are_a_plain_count_over_the_held_positions(policy):
 
 
 def test_the_seed_summary_is_mean_min_max_and_every_table_names_its_seeds(tmp_path, capsys):
-    import train_shakespeare as ts
-
     args = _report_args(tmp_path)
-    lengths, rows = [str(t) for t in ts.eval_lengths(args)], list(ts.BUDGET_ROWS) + ["gdn+attn (uncapped)"]
+    lengths = [str(t) for t in cli.eval_lengths(args)]
+    rows = list(eviction_report.BUDGET_ROWS) + ["gdn+attn (uncapped)"]
 
     def numbers(x):                    # one seed's numbers, every leaf x (recall 1-4 at T = 20: 3 x)
         shares = {"fact keys": x, "fact values": x, "text": x, "held at query": x}
         return {"recall": {row: {t: {"1-4": 3 * x if (row, t) == ("attn + H2O", "20") else x} for t in lengths}
                            for row in rows},
-                "keeps": {row: {"layer 1 head 0": shares} for row in ts.KEEP_ROWS},
-                "budget": {str(b): {row: {t: x for t in lengths} for row in ts.BUDGET_ROWS} for b in (8, 64)},
+                "keeps": {row: {"layer 1 head 0": shares} for row in eviction_report.KEEP_ROWS},
+                "budget": {str(b): {row: {t: x for t in lengths} for row in eviction_report.BUDGET_ROWS}
+                           for b in (8, 64)},
                 "window": {"8": {t: x for t in lengths}},
                 "nsa_topn": {"3": {t: x for t in lengths}, "16": {t: x for t in lengths}}}
 
-    report = ts.summarize_seeds({"0": numbers(0.1), "1": numbers(0.2), "2": numbers(0.3)})
+    report = eviction_report.summarize_seeds({"0": numbers(0.1), "1": numbers(0.2), "2": numbers(0.3)})
     assert report["per_seed"]["1"] == numbers(0.2)
     cell = report["summary"]["recall"]["attn + H2O"]["20"]["1-4"]
     assert cell == pytest.approx({"mean": 0.6, "min": 0.3, "max": 0.9, "n": 3})
     assert report["summary"]["keeps"]["attn + TOVA"]["layer 1 head 0"]["text"] == pytest.approx(
         {"mean": 0.2, "min": 0.1, "max": 0.3, "n": 3})
-    ts.print_eviction_report(report, args, sink=4)
+    eviction_report.print_eviction_report(report, args, sink=4)
     out = capsys.readouterr().out
     # the heading, 3 recall tables, what each policy keeps, 3 budget tables, the window, NSA's n
     assert out.count("seeds 0, 1, 2: mean (min-max)") == 10, out
@@ -446,30 +442,26 @@ def test_the_seeds_in_parallel_processes_give_each_seed_its_own_numbers(tmp_path
     computes for that seed alone, and the summary is over both."""
     import numpy as np
 
-    import train_shakespeare as ts
-
     args = _report_args(tmp_path, "--seeds", "0,1", "--jobs", "2")
     args.out.mkdir()
     for seed in args.seeds:                       # untrained models of two seeds, in the checkpoints' format
-        for preset in ts.EVICTION_PRESETS:
+        for preset in cli.EVICTION_PRESETS:
             torch.manual_seed(seed)
-            model = TinyHybrid(ts.model_config(preset, args, ts.VOCAB_SIZE))
-            torch.save({"model": model.state_dict()}, ts.checkpoint_path(args.out, preset, seed))
-    val_tokens = np.random.default_rng(0).integers(0, ts.N_BPE, 3000)
+            model = TinyHybrid(cli.model_config(preset, args, corpus.VOCAB_SIZE))
+            torch.save({"model": model.state_dict()}, cli.checkpoint_path(args.out, preset, seed))
+    val_tokens = np.random.default_rng(0).integers(0, corpus.N_BPE, 3000)
     cpu = torch.device("cpu")
-    assert ts.eviction_jobs(args, cpu) == 2
-    report = ts.eviction_report(args, val_tokens, ts.VOCAB_SIZE, cpu, ts.EVICTION_PRESETS)
-    alone = ts.seed_report(1, args, val_tokens, ts.VOCAB_SIZE, cpu, ts.EVICTION_PRESETS)
+    assert eviction_report.eviction_jobs(args, cpu) == 2
+    report = eviction_report.eviction_report(args, val_tokens, corpus.VOCAB_SIZE, cpu, cli.EVICTION_PRESETS)
+    alone = eviction_report.seed_report(1, args, val_tokens, corpus.VOCAB_SIZE, cpu, cli.EVICTION_PRESETS)
     assert list(report["per_seed"]) == ["0", "1"] and report["per_seed"]["1"] == alone
     assert report["per_seed"]["0"] != alone
-    assert report["summary"] == ts.summarize_nested([report["per_seed"]["0"], alone])
+    assert report["summary"] == eviction_report.summarize_nested([report["per_seed"]["0"], alone])
 
 
 def _tiny_nsa(args):
-    import train_shakespeare as ts
-
     torch.manual_seed(0)
-    return TinyHybrid(ts.model_config("gdn+nsa", args, ts.VOCAB_SIZE)).eval()
+    return TinyHybrid(cli.model_config("gdn+nsa", args, corpus.VOCAB_SIZE)).eval()
 
 
 def test_nsa_topn_at_inference_is_the_config_field(tmp_path):
@@ -477,51 +469,46 @@ def test_nsa_topn_at_inference_is_the_config_field(tmp_path):
     outputs change; the table has a row per n and a cell per length."""
     import numpy as np
 
-    import train_shakespeare as ts
-
     args = _report_args(tmp_path)
     model = _tiny_nsa(args)
-    idx = torch.randint(0, ts.N_BPE, (2, 80))
+    idx = torch.randint(0, corpus.N_BPE, (2, 80))
     with torch.no_grad():
-        same, fewer = ts.with_nsa_topn(model, args.nsa_topn), ts.with_nsa_topn(model, 3)
+        same, fewer = eviction_report.with_nsa_topn(model, args.nsa_topn), eviction_report.with_nsa_topn(model, 3)
         torch.testing.assert_close(same(idx)[0], model(idx)[0], rtol=0, atol=0)
         assert not torch.allclose(fewer(idx)[0], model(idx)[0], atol=1e-4)
     assert model.config.nsa_topn == args.nsa_topn and fewer.config.nsa_topn == 3
     assert all(block.mixer.top_n == 3 for block in fewer.blocks[1::2])
-    batches = ts.eviction_batches(np.random.default_rng(0).integers(0, ts.N_BPE, 3000), args)
-    table = ts.nsa_topn_recall(model, [3, args.nsa_topn], batches, args, "cpu")
+    batches = eviction_report.eviction_batches(np.random.default_rng(0).integers(0, corpus.N_BPE, 3000), args)
+    table = eviction_report.nsa_topn_recall(model, [3, args.nsa_topn], batches, args, "cpu")
     assert list(table) == ["3", str(args.nsa_topn)] and all(list(cells) == ["20", "40", "80"] for cells in table.values())
     for length, by_bin in batches.items():
-        assert table[str(args.nsa_topn)][str(length)] == ts.beyond(ts.recall_by_distance(model, by_bin, "cpu"), args.window)
-    assert ts.nsa_topns(args) == [3, 4, 8, 16, 32]
+        cells = eviction_report.recall_by_distance(model, by_bin, "cpu")
+        assert table[str(args.nsa_topn)][str(length)] == eviction_report.beyond(cells, args.window)
+    assert eviction_report.nsa_topns(args) == [3, 4, 8, 16, 32]
 
 
 @pytest.mark.parametrize("top_n", [2, 0, -1, 2.5, True, "4"])
 def test_nsa_topn_refuses_nonsense_n_before_any_work(top_n, tmp_path):
-    import train_shakespeare as ts
-
     args = _report_args(tmp_path)
     model = _tiny_nsa(args)
     with pytest.raises(ValueError, match=f"top_n {top_n!r}: .* an int >= 3"):
-        ts.with_nsa_topn(model, top_n)
+        eviction_report.with_nsa_topn(model, top_n)
     with pytest.raises(ValueError, match="top_n"):            # batches=None: refused before it is read
-        ts.nsa_topn_recall(model, [4, top_n], None, args, "cpu")
-    attn = TinyHybrid(ts.model_config("gdn+attn", args, ts.VOCAB_SIZE))
+        eviction_report.nsa_topn_recall(model, [4, top_n], None, args, "cpu")
+    attn = TinyHybrid(cli.model_config("gdn+attn", args, corpus.VOCAB_SIZE))
     with pytest.raises(ValueError, match="needs a model with NSA layers"):
-        ts.with_nsa_topn(attn, 4)
+        eviction_report.with_nsa_topn(attn, 4)
 
 
 def test_nsa_table_needs_finished_gdn_nsa_runs_of_every_seed(tmp_path):
-    import train_shakespeare as ts
-
     args = _report_args(tmp_path, "--seeds", "0,1")
     args.out.mkdir()
-    done = {"settings": {**ts.run_settings(args), "seed": 0}, "step": args.steps, "result": {}}
-    torch.save(done, ts.checkpoint_path(args.out, "gdn+nsa", 0))
-    assert "no gdn+nsa checkpoint of seed 1" in ts.nsa_missing(args)
-    torch.save({**done, "step": args.steps - 1}, ts.checkpoint_path(args.out, "gdn+nsa", 1))
-    assert "gdn_nsa_seed1.pt has not finished its 4 steps" in ts.nsa_missing(args)
-    torch.save({**done, "settings": {**done["settings"], "window": 16}}, ts.checkpoint_path(args.out, "gdn+nsa", 1))
-    assert "gdn_nsa_seed1.pt was trained with another --window" in ts.nsa_missing(args)
-    torch.save(done, ts.checkpoint_path(args.out, "gdn+nsa", 1))
-    assert ts.nsa_missing(args) == ""
+    done = {"settings": {**cli.run_settings(args), "seed": 0}, "step": args.steps, "result": {}}
+    torch.save(done, cli.checkpoint_path(args.out, "gdn+nsa", 0))
+    assert "no gdn+nsa checkpoint of seed 1" in eviction_report.nsa_missing(args)
+    torch.save({**done, "step": args.steps - 1}, cli.checkpoint_path(args.out, "gdn+nsa", 1))
+    assert "gdn_nsa_seed1.pt has not finished its 4 steps" in eviction_report.nsa_missing(args)
+    torch.save({**done, "settings": {**done["settings"], "window": 16}}, cli.checkpoint_path(args.out, "gdn+nsa", 1))
+    assert "gdn_nsa_seed1.pt was trained with another --window" in eviction_report.nsa_missing(args)
+    torch.save(done, cli.checkpoint_path(args.out, "gdn+nsa", 1))
+    assert eviction_report.nsa_missing(args) == ""

@@ -1,6 +1,7 @@
-"""The documentation works as written: README.md's Python examples run, every table in README.md
-and EXPERIMENTS.md is well formed, every relative link or image in them resolves, and the names
-README.md says to copy for LTE attention are enough to run it.
+"""The documentation works as written: the Python examples of README.md and of the topic pages in
+docs/ run, every table in README.md, EXPERIMENTS.md and docs/*.md is well formed, every relative
+link or image in them resolves, every topic page is linked from README.md, and the names
+docs/copying.md says to copy for a mixer are enough to run it.
 
 The examples run in a subprocess with the environment a user has: conftest.py sets
 TRITON_INTERPRET for this process, and a user who copies an example never has it."""
@@ -22,7 +23,9 @@ import tiny_hybrid as th
 
 ROOT = Path(__file__).resolve().parent
 README = ROOT / "README.md"
-TABLE_FILES = (README, ROOT / "EXPERIMENTS.md")
+EXPERIMENTS = ROOT / "EXPERIMENTS.md"
+DOCS = sorted((ROOT / "docs").glob("*.md"))                     # the topic pages
+MARKDOWN_FILES = (README, EXPERIMENTS, *DOCS)
 
 # A Python block the tests must not run says why on the line before its fence, e.g.
 #   <!-- not run: needs a CUDA GPU -->
@@ -182,17 +185,32 @@ def test_code_blocks_read_fences_and_not_run_markers():
 # The documentation itself
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("path", TABLE_FILES, ids=lambda p: p.name)
+def _name(path: Path) -> str:
+    return path.relative_to(ROOT).as_posix()
+
+
+def test_the_topic_pages_are_there():
+    assert len(DOCS) >= 6, f"docs/ holds only {[p.name for p in DOCS]}"
+
+
+@pytest.mark.parametrize("path", MARKDOWN_FILES, ids=_name)
 def test_every_table_is_well_formed(path):
-    assert path.exists(), f"{path.name} is missing"
+    assert path.exists(), f"{_name(path)} is missing"
     text = path.read_text(encoding="utf-8")
-    assert tables(text), f"{path.name} has no tables: the parser found nothing to check"
+    if path in (README, EXPERIMENTS):    # both hold tables: the parser must find them
+        assert tables(text), f"{_name(path)} has no tables: the parser found nothing to check"
     assert table_problems(text) == []
 
 
-@pytest.mark.parametrize("path", TABLE_FILES, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", MARKDOWN_FILES, ids=_name)
 def test_every_relative_link_resolves(path):
     assert link_problems(path) == []
+
+
+def test_readme_links_every_topic_page():
+    """A page in docs/ that the README does not link is a page a newcomer never finds."""
+    targets = set(re.findall(r"\]\(([^)#]+)", prose(README.read_text(encoding="utf-8"))))
+    assert {f"docs/{p.name}" for p in DOCS} - targets == set()
 
 
 def test_readme_links_to_the_experiment_log_and_the_licence():
@@ -200,23 +218,28 @@ def test_readme_links_to_the_experiment_log_and_the_licence():
     assert "EXPERIMENTS.md" in targets and "LICENSE" in targets
 
 
-def _python_blocks():
-    return [b for b in code_blocks(README.read_text(encoding="utf-8")) if b["lang"] in ("python", "py")]
+def _python_blocks(path: Path) -> list[dict]:
+    """The Python blocks of one page, each with the page's name."""
+    blocks = code_blocks(path.read_text(encoding="utf-8"))
+    return [dict(b, page=_name(path)) for b in blocks if b["lang"] in ("python", "py")]
 
 
 def test_readme_has_python_examples_and_every_skip_gives_a_reason():
-    blocks = _python_blocks()
-    assert sum(b["not_run"] is None for b in blocks) >= 2, "the README should have runnable examples"
+    readme = _python_blocks(README)
+    assert sum(b["not_run"] is None for b in readme) >= 2, "the README should have runnable examples"
+    blocks = readme + [b for page in DOCS for b in _python_blocks(page)]
     assert all(b["not_run"] != "" for b in blocks), "a block marked 'not run' must say why"
 
 
-@pytest.mark.parametrize("block", [b for b in _python_blocks() if b["not_run"] is None],
-                         ids=lambda b: f"README.md:{b['line']}")
+@pytest.mark.parametrize("block", [b for page in (README, *DOCS) for b in _python_blocks(page) if b["not_run"] is None],
+                         ids=lambda b: f"{b['page']}:{b['line']}")
 def test_readme_python_example_runs(block):
+    """Every runnable Python block of README.md and docs/*.md, as a user runs it: in a fresh
+    interpreter at the repository's root."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}   # a user's environment
     result = subprocess.run([sys.executable, "-c", block["code"]], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, (f"the example at README.md line {block['line']} failed:\n"
+    assert result.returncode == 0, (f"the example at {block['page']} line {block['line']} failed:\n"
                                     f"{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
 
 
@@ -225,6 +248,12 @@ def _section(text: str, heading: str) -> str:
     start = text.index(f"## {heading}\n")
     end = text.find("\n## ", start + 1)
     return text[start: end if end >= 0 else len(text)]
+
+
+def test_setup_starts_on_the_first_screens():
+    """A newcomer reaches the install within 60 lines: what this is and the result come first."""
+    lines = README.read_text(encoding="utf-8").splitlines()
+    assert lines.index("## Setup") < 60, f"## Setup is on line {lines.index('## Setup') + 1}"
 
 
 def test_setup_is_a_fresh_environment_then_install_and_test_and_ci_runs_it():
@@ -244,35 +273,47 @@ def test_setup_is_a_fresh_environment_then_install_and_test_and_ci_runs_it():
 
 
 # ---------------------------------------------------------------------------------------------
-# Copying a mixer: the README's lists are exactly what a copy needs, and the copy trains and decodes
+# Copying a mixer: docs/copying.md's lists are exactly what a copy needs, and the copy trains and decodes
 # ---------------------------------------------------------------------------------------------
 
-COPIED = {"Gated DeltaNet": "GatedDeltaNet", "NSA": "NativeSparseAttention", "LTE": "LTEAttention"}
+COPYING = ROOT / "docs" / "copying.md"
+# mixer: (how to build it from a copied module and its settings, its bullet in docs/copying.md)
+COPIED = {"Gated DeltaNet": lambda mod, cfg: mod.GatedDeltaNet(cfg),
+          "SWA": lambda mod, cfg: mod.Attention(cfg, window=cfg.window),
+          "NSA": lambda mod, cfg: mod.NativeSparseAttention(cfg),
+          "LTE": lambda mod, cfg: mod.LTEAttention(cfg)}
+ROOTS = {"Gated DeltaNet": {"GatedDeltaNet"}, "SWA": {"Attention"}, "NSA": {"NativeSparseAttention"},
+         "LTE": {"LTEAttention", "optimizer_groups"}}
 SOURCE = (ROOT / "tiny_hybrid.py").read_text(encoding="utf-8")
+MOST_PIECES = 15                        # checks.py counts as one piece, every copied name as one
 
 
 def top_level_definitions(tree: ast.Module) -> dict[str, ast.stmt]:
-    """Functions, classes and assigned names at the top of a module, by name."""
+    """Functions, classes and assigned names at the top of a module, by name (a tuple assignment
+    defines each of its names)."""
     found = {}
     for node in tree.body:
         if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
             found[node.name] = node
         elif isinstance(node, (ast.Assign, ast.AnnAssign)):
             target = node.targets[0] if isinstance(node, ast.Assign) else node.target
-            if isinstance(target, ast.Name):
-                found[target.id] = node
+            for name in ast.walk(target):
+                if isinstance(name, ast.Name):
+                    found[name.id] = node
     return found
 
 
 def needed(roots, definitions) -> set[str]:
-    """The top-level names that `roots` use, directly or through each other (annotations aside:
-    under `from __future__ import annotations` they are never evaluated)."""
+    """The top-level names that `roots` read, directly or through each other (annotations aside:
+    under `from __future__ import annotations` they are never evaluated; a name a class body
+    assigns is its own attribute, not a use)."""
     def used_by(name):
         node = definitions[name]
         annotations = {id(a) for n in ast.walk(node) for a in (getattr(n, "annotation", None), getattr(n, "returns", None))
                        if a is not None}
         skip = {id(n) for a in ast.walk(node) if id(a) in annotations for n in ast.walk(a)}
-        return {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and n.id in definitions and id(n) not in skip}
+        return {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)
+                and n.id in definitions and id(n) not in skip}
     seen, todo = set(), list(roots)
     while todo:
         name = todo.pop()
@@ -282,15 +323,19 @@ def needed(roots, definitions) -> set[str]:
     return seen
 
 
-def readme_copy_list(mixer: str) -> tuple[set[str], list[str]]:
-    """From the README's copying section: the names to copy for `mixer` (its bullet and the one
-    for every mixer), and the settings its table row says it reads."""
-    section = _section(README.read_text(encoding="utf-8"), "Copying one mixer into another project")
-    bullets = {m.group(1): m.group(2) for m in re.finditer(r"^- \*\*(.+?)\*\*:(.*?)(?=^\S|^- |\Z)", section, re.M | re.S)}
+def copy_list(mixer: str) -> tuple[set[str], list[str], int]:
+    """From docs/copying.md: the names to copy for `mixer` (its bullet and the one for every
+    mixer), the settings its table row says it reads, and the pieces its count says it takes."""
+    text = COPYING.read_text(encoding="utf-8")
+    bullets = {m.group(1): m.group(2) for m in re.finditer(r"^- \*\*(.+?)\*\*:(.*?)(?=^\S|^- |\Z)", text, re.M | re.S)}
     assert {"Every mixer", *COPIED} <= set(bullets), f"bullets found: {sorted(bullets)}"
     names = set(re.findall(r"`(\w+)`", bullets["Every mixer"] + bullets[mixer]))
-    rows = {cells[0]: cells[-1] for cells in map(split_row, without_fences(section).splitlines()) if len(cells) == 2}
-    return names, re.findall(r"`(\w+)`", rows[mixer])
+    rows = [cells for cells in map(split_row, without_fences(text).splitlines()) if len(cells) == 2]
+    settings = {cells[0]: cells[1] for cells in rows if "`" in cells[1]}
+    pieces = {cells[0]: cells[1] for cells in rows if cells[1].isdigit()}
+    counted = {"Gated DeltaNet": "Gated DeltaNet", "SWA": "sliding-window (or full) attention", "NSA": "NSA",
+               "LTE": "LTE"}[mixer]
+    return names, re.findall(r"`(\w+)`", settings[mixer]), int(pieces[counted])
 
 
 class Settings:
@@ -301,29 +346,37 @@ class Settings:
 
     def __getattr__(self, name):
         if name not in self.values:
-            raise AttributeError(f"the README does not list the setting {name!r}")
+            raise AttributeError(f"docs/copying.md does not list the setting {name!r}")
         self.read.add(name)
         return self.values[name]
 
 
+def mix(m, x, state=None):
+    """A mixer's output and LTE's penalty (0.0 for the others, whose forward returns y alone)."""
+    out = m(x, state)
+    return out if isinstance(out, tuple) else (out, 0.0)
+
+
 @pytest.mark.parametrize("mixer", COPIED)
-def test_a_mixer_copied_by_the_readme_list_trains_and_decodes(mixer, tmp_path, monkeypatch):
-    """Cut exactly the names the README lists for one mixer out of tiny_hybrid.py (with the file's
-    imports, all from torch and the standard library) into a fresh module. The list must be what
-    the mixer needs, no name more or less; the copy, built from an object holding only the
-    settings the README lists, trains (forward, backward with LTE's penalty, an optimizer step with
-    optimizer_groups) exactly as tiny_hybrid does, and decodes: prefill + steps = parallel."""
+def test_a_mixer_copied_by_the_docs_list_trains_and_decodes(mixer, tmp_path, monkeypatch):
+    """Cut exactly the names docs/copying.md lists for one mixer out of tiny_hybrid.py (with the
+    file's imports: torch, checks.py and the standard library) into a fresh module. The list must be
+    what the mixer needs with Config, no name more or less, and with checks.py at most 15 pieces, as
+    the page counts them; the copy, built from an object holding only the settings the page lists,
+    trains (forward, backward with LTE's penalty, an optimizer step with optimizer_groups) exactly as
+    tiny_hybrid does, and decodes: prefill + steps = parallel."""
     tree = ast.parse(SOURCE)
     definitions = top_level_definitions(tree)
-    names, settings = readme_copy_list(mixer)
+    names, settings, pieces = copy_list(mixer)
     assert names <= set(definitions), f"not defined in tiny_hybrid.py: {sorted(names - set(definitions))}"
-    roots = {"Config", COPIED[mixer]} | ({"optimizer_groups"} if mixer == "LTE" else set())
+    roots = {"Config"} | ROOTS[mixer]
     assert names == needed(roots, definitions), (
         f"missing {sorted(needed(roots, definitions) - names)}, not needed {sorted(names - needed(roots, definitions))}")
+    assert pieces == len(names) + 1 <= MOST_PIECES, f"{len(names)} names and checks.py, the page says {pieces}"
 
     imports = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
     modules = {(n.module if isinstance(n, ast.ImportFrom) else a.name).split(".")[0] for n in imports for a in n.names}
-    assert modules <= {"__future__", "math", "numbers", "dataclasses", "torch"}, modules
+    assert modules <= {"__future__", "math", "warnings", "dataclasses", "torch", "checks"}, modules
     lines = SOURCE.splitlines()
     first_line = lambda n: min([n.lineno] + [d.lineno for d in getattr(n, "decorator_list", [])])   # @dataclass too
     copied = ["\n".join(lines[first_line(n) - 1: n.end_lineno]) for n in tree.body
@@ -340,16 +393,15 @@ def test_a_mixer_copied_by_the_readme_list_trains_and_decodes(mixer, tmp_path, m
     config = module.Config(**small)                                 # the copied Config, its defaults
     only_listed = Settings({name: getattr(config, name) for name in settings})
     torch.manual_seed(0)
-    ours = getattr(th, COPIED[mixer])(th.Config(**small))
-    theirs = getattr(module, COPIED[mixer])(only_listed)
+    ours = COPIED[mixer](th, th.Config(**small))
+    theirs = COPIED[mixer](module, only_listed)
     theirs.load_state_dict(ours.state_dict())
     x = torch.randn(2, 40, 32)
 
     results = []
     for m, groups in ((ours, th.optimizer_groups), (theirs, module.optimizer_groups if mixer == "LTE" else None)):
         m.train()
-        y = m(x)
-        penalty = m.take_penalty() if mixer == "LTE" else 0.0
+        y, penalty = mix(m, x)
         if mixer == "LTE":
             assert penalty.requires_grad and penalty > 0
         (y.square().mean() + penalty).backward()
@@ -367,9 +419,10 @@ def test_a_mixer_copied_by_the_readme_list_trains_and_decodes(mixer, tmp_path, m
 
     theirs.eval()
     with torch.no_grad():
-        full = theirs(x)
+        full, _ = mix(theirs, x)
         state = theirs.init_state(2)
-        decoded = torch.cat([theirs(x[:, :25], state)] + [theirs(x[:, t: t + 1], state) for t in range(25, 40)], 1)
-        torch.testing.assert_close(full, ours.eval()(x), rtol=0, atol=0)
+        decoded = torch.cat([mix(theirs, x[:, :25], state)[0]] + [mix(theirs, x[:, t: t + 1], state)[0]
+                                                                   for t in range(25, 40)], 1)
+        torch.testing.assert_close(full, mix(ours.eval(), x)[0], rtol=0, atol=0)
     torch.testing.assert_close(decoded, full, rtol=1e-5, atol=1e-5)
     assert only_listed.read == set(settings), f"listed but never read: {sorted(set(settings) - only_listed.read)}"

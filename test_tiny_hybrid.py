@@ -324,7 +324,7 @@ def test_straight_through_gradient_is_v_dot_grad_v(train_cap):
         return real_attention(q, k, v, **kw)
     th.attention = attention_spy
     try:
-        m(x).pow(2).sum().backward()
+        m(x)[0].pow(2).sum().backward()
     finally:
         th.attention = real_attention
     r, v, vp = captured["r"], captured["v"], captured["v_prime"]
@@ -337,10 +337,11 @@ def test_sinks_are_always_visible_and_eval_cap_is_respected():
     torch.manual_seed(0)
     B, T, Hkv, w, s, b = 2, 60, 2, 5, 3, 4
     scores = torch.rand(B, T, Hkv) - 0.3                # some negative: dropped
-    until, _, _ = lte_visible_until(scores, w, s, b)
-    mask = th.attention_mask(T, w, until, B, Hkv)       # [B, Hkv, T, T]
+    until = lte_visible_until(scores, w, s, b)
     i = torch.arange(T)[:, None]
     j = torch.arange(T)[None, :]
+    kept = i <= until.permute(0, 2, 1)[:, :, None, :]   # [B, Hkv, T, T]: attention's rule for an int keep
+    mask = (j <= i) & ((i - j <= w) | kept)
     beyond = (i - j > w) & (j >= s)
     assert mask[..., :s].logical_or(j[:, :s] > i).all()  # every sink, for every later query
     assert (mask & beyond).sum(-1).max() <= b            # never more than b retained tokens
@@ -368,7 +369,8 @@ def test_visible_until_equals_python_simulation_with_ties(buffer, sink):
     torch.manual_seed(buffer)
     B, T, Hkv, w, s = 2, 70, 2, 6, sink
     scores = torch.randint(-2, 4, (B, T, Hkv)).float() / 8       # many exact ties, some <= 0
-    until, buf_score, buf_pos = lte_visible_until(scores, w, s, buffer)
+    until = lte_visible_until(scores, w, s, buffer)
+    buf_score, buf_pos = th.lte_final_buffer(scores, until, w, s, buffer)
     for b in range(B):
         for h in range(Hkv):
             visible, final = simulate_lte(scores[b, :, h].tolist(), w, s, buffer)
@@ -399,7 +401,8 @@ def stream_lte_until(scores, window, sink, buffer):
 
 
 def assert_lte_rule_matches_stream(scores, window, sink, buffer, rule=lte_visible_until):
-    until, buf_score, buf_pos = rule(scores, window, sink, buffer)
+    until = rule(scores, window, sink, buffer)
+    buf_score, buf_pos = th.lte_final_buffer(scores, until, window, sink, buffer)   # what prefill keeps
     B, T, Hkv = scores.shape
     assert until.shape == (B, T, Hkv) and until.dtype == torch.int64
     assert buf_score.shape == buf_pos.shape == (B, Hkv, buffer)
@@ -472,18 +475,18 @@ def test_lambda_controller_moves_the_right_way():
     m = lte_mixer(lte_lambda_every=4, lte_lambda_init=1e-2, lte_buffer=10)
     # per head: 20 > b up, 5 < 0.95 b down; then 9.8 and 10, inside [0.95 b, b]: unchanged
     for kept, direction in (([[20, 5]], (1.5, 0.5)), ([[9, 10]] + [[10, 10]] * 4, (1.0, 1.0))):
-        before = m.lam.clone()
+        before = m.l1_lambda.clone()
         for step in range(4):
             forward_keeping(m, kept)
             m.update_lambda()
             if step < 3:
-                assert torch.equal(m.lam, before)        # only every N steps
-        torch.testing.assert_close(m.lam, before * torch.tensor(direction))
-    m.lam.fill_(0.9)
+                assert torch.equal(m.l1_lambda, before)        # only every N steps
+        torch.testing.assert_close(m.l1_lambda, before * torch.tensor(direction))
+    m.l1_lambda.fill_(0.9)
     for _ in range(4):
         forward_keeping(m, [[29, 29]])
         m.update_lambda()
-    assert torch.equal(m.lam, torch.full((2,), 1.0))    # clamped at lte_lambda_max
+    assert torch.equal(m.l1_lambda, torch.full((2,), 1.0))    # clamped at lte_lambda_max
 
 
 def test_lambda_controller_counts_every_micro_batch_of_a_step():
@@ -492,13 +495,13 @@ def test_lambda_controller_counts_every_micro_batch_of_a_step():
     for kept in ([[29, 0]], [[0, 29]], [[29, 0]]):      # means 19.3 (in [19, 20]: stay) and 9.7 (down)
         forward_keeping(m, kept)
     m.update_lambda()
-    torch.testing.assert_close(m.lam, torch.tensor([1e-2, 5e-3]))
+    torch.testing.assert_close(m.l1_lambda, torch.tensor([1e-2, 5e-3]))
     forward_keeping(m, [[29, 29]])                      # a step that must not count ...
     m.update_lambda(count_step=False)
-    torch.testing.assert_close(m.lam, torch.tensor([1e-2, 5e-3]))
+    torch.testing.assert_close(m.l1_lambda, torch.tensor([1e-2, 5e-3]))
     forward_keeping(m, [[19, 20]])                      # ... nor leak into the next one
     m.update_lambda()
-    torch.testing.assert_close(m.lam, torch.tensor([1e-2, 5e-3]))
+    torch.testing.assert_close(m.l1_lambda, torch.tensor([1e-2, 5e-3]))
 
 
 def test_lambda_controller_off_keeps_lambda_fixed():
@@ -507,7 +510,7 @@ def test_lambda_controller_off_keeps_lambda_fixed():
         for _ in range(40):
             forward_keeping(m, kept)
             m.update_lambda()
-        assert torch.equal(m.lam, torch.full((2,), 1e-3))
+        assert torch.equal(m.l1_lambda, torch.full((2,), 1e-3))
     with pytest.raises(ValueError, match="lte_lambda_every"):
         lte_mixer(lte_lambda_every=-1)
 
@@ -515,7 +518,7 @@ def test_lambda_controller_off_keeps_lambda_fixed():
 def test_lte_training_keeps_every_positive_token_and_counts_them():
     m = lte_mixer(lte_dropout=0.0, lte_train_cap=False).train()
     x = torch.randn(3, 40, m.config.d_model)
-    out = m(x)
+    out, penalty = m(x)
     with torch.no_grad():
         q, k, v, k_raw = m._qkv(x)
         r = m.router(k_raw, v)
@@ -523,33 +526,29 @@ def test_lte_training_keeps_every_positive_token_and_counts_them():
         torch.testing.assert_close(out, m.o_proj(attention(q, k, v, window=m.window, keep=keep).flatten(2)))
     leaving = r[:, m.sink: 40 - m.window - 1]           # the tokens that leave the window
     torch.testing.assert_close(m.last_kept, (leaving > 0).float().sum(1).mean(0))
-    assert m.last_penalty.requires_grad and m.last_penalty > 0
+    assert penalty.requires_grad and penalty > 0
+    torch.testing.assert_close(penalty, (m.l1_lambda * F.relu(r).mean(dim=(0, 1))).sum())   # [L4]
 
 
-def test_lte_penalty_is_handed_over_once_and_holds_no_graph():
-    """The penalty of a training forward goes into one loss; the model keeps no autograd graph
-    (a model that holds one cannot even be deep-copied), and eval lets go of a pending one."""
+def test_lte_penalty_is_a_returned_value_and_the_model_holds_no_graph():
+    """The penalty of a training forward is returned, for one loss; the model keeps no autograd
+    graph (a model that holds one cannot even be deep-copied), and eval returns 0."""
     torch.manual_seed(0)
     model = TinyHybrid(small_config("gdn+lte", lte_lambda_init=0.5))
-    lte = model.blocks[1].mixer
     idx = torch.randint(0, 61, (2, 30))
-    _, loss = model(idx, idx)                           # the penalty is in this loss ...
-    assert model.last_losses["lte_penalty"] > 0 and lte._penalty is None
-    assert model.lte_penalty() == 0                     # ... and nowhere else
+    _, penalty = model(idx)
+    assert penalty.requires_grad and penalty > 0 and penalty.shape == () and penalty.dtype == torch.float32
     copy.deepcopy(model)
-    model(idx)                                          # without targets: the caller adds it
-    penalty = model.lte_penalty()
-    assert penalty.requires_grad and penalty > 0 and model.lte_penalty() == 0
-    model(idx)
-    assert lte.last_penalty > 0
     model.eval()
-    assert lte._penalty is None
-    copy.deepcopy(model)
+    _, penalty = model(idx)
+    assert penalty.shape == () and penalty == 0 and not penalty.requires_grad
+    _, penalty = TinyHybrid(small_config("gdn+swa")).train()(idx)
+    assert penalty == 0
 
 
-def test_lte_counters_are_buffers_and_old_checkpoints_load():
+def test_lte_counters_are_buffers_and_checkpoints_load():
     """The controller's counters move with the module (.to), its lambda and period counts are
-    saved, and a checkpoint that still calls lambda `lam` loads."""
+    saved, and a checkpoint loads them."""
     torch.manual_seed(0)
     model = TinyHybrid(small_config("gdn+lte"))
     model(torch.randint(0, 61, (2, 30)))
@@ -560,7 +559,7 @@ def test_lte_counters_are_buffers_and_old_checkpoints_load():
     model.to(torch.float64)
     assert lte.last_kept.dtype == lte.step_kept.dtype == lte.l1_lambda.dtype == torch.float64
     old = model.state_dict()
-    old["blocks.1.mixer.lam"] = old.pop("blocks.1.mixer.l1_lambda").fill_(0.25)
+    old["blocks.1.mixer.l1_lambda"].fill_(0.25)
     fresh = TinyHybrid(small_config("gdn+lte")).to(torch.float64)
     fresh.load_state_dict(old)
     assert torch.equal(fresh.blocks[1].mixer.l1_lambda, torch.full((2,), 0.25, dtype=torch.float64))
@@ -596,12 +595,14 @@ def test_tiny_batch_can_be_overfit(preset):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses = []
     for _ in range(40):
-        _, loss = model(idx[:, :-1], idx[:, 1:])
+        logits, penalty = model(idx[:, :-1])
+        lm = F.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten())
+        loss = lm + penalty
         opt.zero_grad()
         loss.backward()
         opt.step()
         model.update_lte_lambdas()
-        losses.append(model.last_losses["lm"].item())
+        losses.append(lm.item())
     assert losses[-1] < 0.3 * losses[0], losses[::8]
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
 
@@ -613,7 +614,8 @@ def test_bfloat16_forward_backward(preset):
     ref_logits, _ = model(torch.arange(20)[None] % 61)
     model = model.to(torch.bfloat16)
     idx = torch.arange(20)[None] % 61
-    logits, loss = model(idx, idx)
+    logits, penalty = model(idx)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), idx.flatten()) + penalty
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
     loss.backward()
     assert torch.isfinite(model.wte.weight.grad.float()).all()
@@ -621,18 +623,22 @@ def test_bfloat16_forward_backward(preset):
     assert (logits.float() - ref_logits).abs().max() < 0.05 * ref_logits.abs().max() + 0.05
 
 
-def test_lte_penalty_is_part_of_training_loss_only():
+def test_lte_penalty_is_the_layers_sum_in_training_only():
+    """The model's penalty is each LTE layer's [L4] summed in layer order, from a 0-d zero: in
+    training only; eval returns 0 (and counts no kept tokens)."""
     torch.manual_seed(0)
-    model = TinyHybrid(small_config("gdn+lte", lte_dropout=0.0, lte_lambda_init=0.5))
+    model = TinyHybrid(small_config("gdn+lte", n_layer=4, lte_dropout=0.0, lte_lambda_init=0.5))
     idx = torch.randint(0, 61, (2, 30))
-    _, loss = model(idx, idx)
-    parts = model.last_losses
-    assert parts["lte_penalty"] > 0
-    torch.testing.assert_close(loss.detach(), parts["lm"] + parts["lte_penalty"])
+    layer_penalties = []
+    for block in model.blocks[1::2]:
+        block.mixer.register_forward_hook(lambda mod, args, out: layer_penalties.append(out[1]))
+    _, penalty = model(idx)
+    assert len(layer_penalties) == 2 and all(p > 0 for p in layer_penalties)
+    assert torch.equal(penalty, torch.zeros(()) + layer_penalties[0] + layer_penalties[1])
     model.eval()
-    _, loss = model(idx, idx)
-    assert model.last_losses["lte_penalty"] == 0
-    assert len(model.lte_stats()) == 1 and len(model.lte_stats()[0]["kept"]) == 2
+    _, penalty = model(idx)
+    assert penalty == 0
+    assert len(model.lte_stats()) == 2 and len(model.lte_stats()[0]["kept"]) == 2
 
 
 def test_defaults_are_the_recipe_that_trained():
@@ -666,9 +672,12 @@ def test_config_draws_no_random_numbers():
     torch.manual_seed(0)
     Config.preset("gdn+lte")
     assert torch.equal(torch.rand(3), want)
-    for kernels, dilations in (((3, 3, 3), (2, 2, 2)), ((5,), (1,)), ((3, 1, 5), (1, 4, 3))):
-        assert th.lte_reach(kernels, dilations) == th.LTERouter(2, 8, kernels, dilations).reach
-    assert th.lte_reach((3, 3, 3), (2, 2, 2)) == 6
+    for kernels, dilations, reach in (((3, 3, 3), (2, 2, 2), 6), ((5,), (1,), 2), ((3, 1, 5), (1, 4, 3), 7)):
+        assert th.LTERouter(2, 8, kernels, dilations).reach == reach
+        # Config's check counts the same reach: the window must cover it
+        Config.preset("gdn+lte", lte_kernel_sizes=kernels, lte_dilations=dilations, window=reach)
+        with pytest.raises(ValueError, match=f"reach \\({reach} tokens"):
+            Config.preset("gdn+lte", lte_kernel_sizes=kernels, lte_dilations=dilations, window=reach - 1)
 
 
 def test_mixer_names_and_mixers_agree():
@@ -791,7 +800,7 @@ def _hidden_before(model, idx, layer):
     """Residual stream entering block `layer` (eval mode)."""
     x = model.wte(idx)
     for block in model.blocks[:layer]:
-        x = block(x)
+        x, _ = block(x)
     return x
 
 

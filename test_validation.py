@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 
+import checks
 import tiny_hybrid as th
 from tiny_hybrid import Config, TinyHybrid
 
@@ -88,8 +89,8 @@ def test_edge_values_that_are_allowed(preset, overrides):
     """The checks do not refuse what works: boundaries of every range, a list for a tuple."""
     config = small_config(preset, **overrides)
     model = TinyHybrid(config)
-    _, loss = model(torch.randint(0, 61, (1, 10)), torch.randint(0, 61, (1, 10)))
-    assert torch.isfinite(loss)
+    logits, penalty = model(torch.randint(0, 61, (1, 10)))
+    assert torch.isfinite(logits).all() and torch.isfinite(penalty)
     assert dataclasses.replace(config) == config         # a Config rebuilt from its own fields passes
     assert isinstance(config.lte_kernel_sizes, tuple)
 
@@ -177,8 +178,8 @@ def test_decode_check_is_skipped_only_while_a_cuda_graph_captures(monkeypatch):
     """Capturing forbids reading device data: the data-dependent part steps aside, shape checks stay."""
     q, k, v, valid = decode_inputs()
     valid[0, :, 1] = False
-    assert not th._capturing_cuda_graph(valid)           # a CPU tensor: never capturing (no CUDA needed)
-    monkeypatch.setattr(th, "_capturing_cuda_graph", lambda t: True)
+    assert not checks.capturing_cuda_graph(valid)        # a CPU tensor: never capturing (no CUDA needed)
+    monkeypatch.setattr(checks, "capturing_cuda_graph", lambda t: True)
     o = th.attention_decode(q, k, v, valid)
     assert torch.isnan(o[0, 2:]).all()                   # what the check prevents outside a capture
     with pytest.raises(ValueError, match="valid must be bool"):
@@ -210,7 +211,7 @@ def test_mixers_own_decoding_always_sees_a_slot(preset, overrides, monkeypatch):
 
 
 # =============================================================================================
-# The model: idx and targets
+# The model's idx, and the targets of a caller's loss (checks.check_targets)
 # =============================================================================================
 
 @pytest.fixture
@@ -231,9 +232,10 @@ def refuses_before_any_work(model, call, error, match):
     assert not ran
 
 
-def test_targets_all_ignored_is_refused(model):
+def test_targets_all_ignored_is_refused():
     idx = torch.randint(0, 61, (2, 6))
-    refuses_before_any_work(model, lambda m: m(idx, torch.full_like(idx, -100)), ValueError, "nothing to learn")
+    with pytest.raises(ValueError, match="nothing to learn"):
+        checks.check_targets(torch.full_like(idx, -100), idx, 61)
 
 
 @pytest.mark.parametrize("make_targets,error,match", [
@@ -242,21 +244,20 @@ def test_targets_all_ignored_is_refused(model):
     (lambda idx: idx.float(), TypeError, "targets must hold integer"),
     (lambda idx: idx.bool(), TypeError, "targets must hold integer"),
     (lambda idx: idx[:, :-1], ValueError, r"targets must be shaped like idx \(2, 6\), got \(2, 5\)"),
-    (lambda idx: idx.tolist(), TypeError, "targets must be None or a torch.Tensor"),
+    (lambda idx: idx.tolist(), TypeError, "targets must be a torch.Tensor"),
 ])
-def test_bad_targets_are_refused(model, make_targets, error, match):
+def test_bad_targets_are_refused(make_targets, error, match):
     idx = torch.randint(0, 61, (2, 6))
-    refuses_before_any_work(model, lambda m: m(idx, make_targets(idx)), error, match)
+    with pytest.raises(error, match=match):
+        checks.check_targets(make_targets(idx), idx, 61)
 
 
-def test_partly_ignored_targets_give_the_mean_over_the_rest(model):
+def test_partly_ignored_targets_are_allowed():
     idx = torch.randint(0, 61, (2, 6))
     targets = torch.randint(0, 61, (2, 6))
     targets[0] = -100
     targets[1, :2] = -100
-    logits, loss = model.eval()(idx, targets)
-    want = torch.nn.functional.cross_entropy(logits[1, 2:], targets[1, 2:])
-    torch.testing.assert_close(loss, want)
+    checks.check_targets(targets, idx, 61)               # some targets remain: a finite mean
 
 
 def test_empty_batch_and_bad_generate_arguments(model):
@@ -286,11 +287,16 @@ def test_a_training_step_on_the_gpu_never_waits_for_the_device(preset, use_trito
     torch.manual_seed(0)
     model = TinyHybrid(small_config(preset, use_triton=use_triton, gdn_chunk_size=16)).cuda()   # 16: the kernel's least
     idx = torch.randint(0, 61, (2, 24), device="cuda")
-    model(idx, idx)[1].backward()                          # warm-up: first-call set-up may sync
+
+    def loss_of(idx):
+        checks.check_targets(idx, idx, 61)
+        logits, penalty = model(idx)
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), idx.flatten()) + penalty
+    loss_of(idx).backward()                                # warm-up: first-call set-up may sync
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        _, loss = model(idx, idx)
+        loss = loss_of(idx)
         loss.backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
@@ -307,13 +313,15 @@ def test_bad_values_on_the_gpu_stop_with_the_message(bad, message):
     """A device-side assert ends the CUDA context, so the model runs in a fresh process."""
     script = f"""
 import torch
+from checks import check_targets
 from test_validation import small_config
 from tiny_hybrid import TinyHybrid
 model = TinyHybrid(small_config("gdn+swa")).cuda()
 idx = torch.randint(0, 61, (2, 6), device="cuda")
 targets = idx.clone()
 {bad}
-model(idx, targets)
+check_targets(targets, idx, 61)
+model(idx)
 torch.cuda.synchronize()
 """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
