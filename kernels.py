@@ -11,12 +11,14 @@ kernels compute, forward and backward, and says how the work is cut into program
                         attention_decode(q, k_cache, v_cache, valid=None, scale=None): one step
   1c. NSA               nsa_compressed_attention, nsa_block_scores, nsa_selected_attention
   1d. LTE's rule        lte_visible_until(scores, window, sink, buffer)
-  2.  Checks            every kernel against its reference; `python kernels.py` runs them
+  2.  The tour          `python kernels.py`
 
-Each op returns what its twin in tiny_hybrid.py returns and raises the same errors on bad input.
-`python kernels.py` runs the checks, then (on a GPU) bench.py's headline benchmark of every op;
-`--check-only` stops after the checks, `--full` times every shape and baseline of the README's
-tables. The benchmarks and the tuning live in bench.py (`python bench.py kernels`).
+Each op returns what its twin in tiny_hybrid.py returns and raises the same errors on bad input
+(both call the same checks, from checks.py). The checks of every kernel against its reference are
+test_kernels.py; the benchmarks and the tuning live in bench.py (`python bench.py kernels`).
+`python kernels.py` is a tour of both: it runs test_kernels.py, then (on a GPU) bench.py's
+headline benchmark of every op; `--check-only` stops after the checks, `--full` times every shape
+and baseline of docs/kernels.md's tables.
 
 One dialect, close to Triton's tutorials:
   - A kernel is `_<op>_<what>_kernel`, launched by the host function next to it. Small jit helpers
@@ -36,7 +38,6 @@ One dialect, close to Triton's tutorials:
   - Launch settings sit in tables (`*_GPU_BLOCKS`, and `*_INTERPRETER_BLOCKS` for Triton's CPU
     interpreter) or in small functions at the head of their section; each says where it was
     measured, or that it is an untuned default.
-  - The checks measure max_rel_error = max |x - ref| / max |ref|.
 
 The precision rule: float32 in means float32 math. Every kernel multiplies float32 inputs exactly
 (tl.dot's input_precision="ieee", as the reference does) unless the caller allowed tf32 with
@@ -56,15 +57,15 @@ import argparse
 import functools
 import importlib.util
 import os
+import shlex
+import subprocess
 import sys
-import time
-import traceback
 import warnings
+from pathlib import Path
 
 import torch
 
-import tiny_hybrid
-from tiny_hybrid import _check_tensor
+from checks import check_attention, check_decode, check_gdn, check_gqa, check_int, check_lte_rule, check_tensor
 
 
 # =============================================================================================
@@ -818,9 +819,8 @@ def _gdn_output(q, k, gamma, h, u, scale, L, out_dtype, precision):
 
 def _gdn_validate(q, k, v, g, beta, initial_state, chunk_size) -> None:
     """The reference's checks (same errors), then the kernel's own limits."""
-    tiny_hybrid._check_gdn(q, k, v, g, beta, initial_state)
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    check_gdn(q, k, v, g, beta, initial_state)
+    check_int("chunk_size", chunk_size, low=1)
     if chunk_size not in _GDN_CHUNK_SIZES:
         raise ValueError(f"chunk_size must be one of {_GDN_CHUNK_SIZES} for the Triton kernel, "
                          f"got {chunk_size}")
@@ -992,7 +992,7 @@ def gated_delta_rule_recurrent(q, k, v, g, beta, scale=None, initial_state=None)
     FORWARD ONLY (no autograd): meant for decoding and prefill; train with `gated_delta_rule`.
     Returns (o [B, T, H, V] in v's dtype, final_state [B, H, K, V] float32).
     """
-    tiny_hybrid._check_gdn(q, k, v, g, beta, initial_state)
+    check_gdn(q, k, v, g, beta, initial_state)
     _check_kernel_limits("gated_delta_rule_recurrent", dict(K=k.shape[3], V=v.shape[3]),
                          dict(q=q, k=k, v=v, g=g, beta=beta, initial_state=initial_state))
     B, T, H, K = k.shape
@@ -1017,10 +1017,10 @@ def gated_delta_rule_recurrent_step(q, k, v, g, beta, state, scale=None):
     Returns o [B, H, V] in v's dtype. Forward only.
     """
     for name, x in (("q", q), ("k", k), ("v", v)):
-        _check_tensor(name, x, 3)
-    _check_tensor("g", g, 2)
-    _check_tensor("beta", beta, 2)
-    _check_tensor("state", state, 4)
+        check_tensor(name, x, 3)
+    check_tensor("g", g, 2)
+    check_tensor("beta", beta, 2)
+    check_tensor("state", state, 4)
     B, H, K = k.shape
     V = v.shape[2]
     if q.shape != k.shape:
@@ -1123,8 +1123,9 @@ def _blocks(kernel: str, D: int = 64) -> dict:
 
 
 def _check_attention_args(q, k, v, window, keep) -> None:
-    """The checks of tiny_hybrid.attention (the same function), plus what only the kernels need."""
-    tiny_hybrid._check_attention(q, k, v, window, keep)
+    """The checks of tiny_hybrid.attention (the same function, from checks.py), plus what only the
+    kernels need."""
+    check_attention(q, k, v, window, keep)
     _check_kernel_limits("attention", dict(D=q.shape[3]), dict(q=q, k=k, v=v))
 
 
@@ -1721,8 +1722,9 @@ def _decode_combine_kernel(m_part_ptr, l_part_ptr, acc_part_ptr, o_ptr, n_splits
 
 
 def _check_decode_args(q, k_cache, v_cache, valid) -> None:
-    """The checks of tiny_hybrid.attention_decode (the same function), plus the kernels' limits."""
-    tiny_hybrid._check_decode(q, k_cache, v_cache, valid)
+    """The checks of tiny_hybrid.attention_decode (the same function, from checks.py), plus the
+    kernels' limits."""
+    check_decode(q, k_cache, v_cache, valid)
     _check_kernel_limits("attention_decode", dict(D=q.shape[2]),
                          dict(q=q, k_cache=k_cache, v_cache=v_cache, valid=valid))
 
@@ -1812,7 +1814,7 @@ def attention_decode(q, k_cache, v_cache, valid=None, scale=None):
 
 LN2 = 0.6931471805599453
 
-# Launch settings: untuned defaults, checked and timed on an H200 (README). "slc": M = 16 rows is
+# Launch settings: untuned defaults, checked and timed on an H200 (docs/kernels.md). "slc": M = 16 rows is
 # one token's 16 heads at the paper's G = 16, the smallest tile the tensor cores take; its
 # num_stages=1 is checked on the GPU by check_nsa_selected_stages. `python bench.py kernels` prints
 # a breakdown to tune by (at 16K the selected-block kernel and the top-n sort take most of the
@@ -1842,22 +1844,17 @@ def _nsa_blocks(kernel: str, G: int, block: int | None = None) -> dict:
 
 # --- Input checks ----------------------------------------------------------------------------
 
-def _check_block(block) -> None:
-    if not isinstance(block, int) or isinstance(block, bool) or block < 1:
-        raise ValueError(f"block must be a positive int, got {block!r}")
-
-
 def _check_nsa_compressed_args(q, k_cmp, v_cmp, block, offset) -> None:
     """q [B, T, H, D]; k_cmp, v_cmp [B, Nc, Hkv, D] with H % Hkv == 0; block >= 1; offset >= 0."""
     for name, x in (("q", q), ("k_cmp", k_cmp), ("v_cmp", v_cmp)):
-        _check_tensor(name, x, 4)
+        check_tensor(name, x, 4)
     if k_cmp.shape != v_cmp.shape:
         raise ValueError(f"k_cmp and v_cmp must have the same shape, got {tuple(k_cmp.shape)} and "
                          f"{tuple(v_cmp.shape)}")
     if q.shape[0] != k_cmp.shape[0] or q.shape[3] != k_cmp.shape[3] or q.shape[2] % max(k_cmp.shape[2], 1):
         raise ValueError(f"q {tuple(q.shape)} and k_cmp {tuple(k_cmp.shape)} must agree on B and D, and "
                          f"the query heads must be a multiple of the key/value heads")
-    _check_block(block)
+    check_int("block", block, low=1)
     if isinstance(offset, torch.Tensor):  # a decoding step's position: its value stays on the device
         if offset.ndim != 0 or offset.dtype.is_floating_point or offset.dtype == torch.bool or \
                 offset.device != q.device:
@@ -1877,13 +1874,13 @@ def _offset_on_device(offset, device) -> torch.Tensor:
 
 
 def _check_nsa_selected_args(q, k, v, block_idx, block) -> None:
-    tiny_hybrid._check_gqa(q, k, v)
-    _check_tensor("block_idx", block_idx, 4, floating=False)
+    check_gqa(q, k, v)
+    check_tensor("block_idx", block_idx, 4, floating=False)
     B, T, Hkv = k.shape[:3]
     if block_idx.shape[:3] != (B, T, Hkv) or block_idx.is_floating_point() or block_idx.dtype == torch.bool:
         raise ValueError(f"block_idx must be integer [B, T, Hkv, n] = [{B}, {T}, {Hkv}, n], got "
                          f"{block_idx.dtype} {tuple(block_idx.shape)}")
-    _check_block(block)
+    check_int("block", block, low=1)
     _check_kernel_limits("nsa_selected_attention", dict(D=q.shape[3]),
                          dict(q=q, k=k, v=v, block_idx=block_idx))
 
@@ -2195,7 +2192,7 @@ def nsa_block_scores(q, k_cmp, lse, block: int, scale=None, offset=0):
     query heads of each KV group. q [B, T, H, D], k_cmp [B, Nc, Hkv, D], lse [B, T, H] (natural log,
     from nsa_compressed_attention). Returns [B, T, Hkv, Nc] float32; no gradient."""
     _check_nsa_compressed_args(q, k_cmp, k_cmp, block, offset)
-    _check_tensor("lse", lse, 3)
+    check_tensor("lse", lse, 3)
     B, T, H, D = q.shape
     Nc, Hkv = k_cmp.shape[1], k_cmp.shape[2]
     if lse.shape != (B, T, H):
@@ -2478,6 +2475,10 @@ def nsa_selected_attention(q, k, v, block_idx, block: int, scale=None):
 # here every key counts its beaters directly, a tile of keys against a tile of tokens at a time:
 # O(T^2) comparisons, but all of them independent, which a GPU does in well under a millisecond at 8K.
 
+# tiny_hybrid.KEEP_FOREVER, the visible-until of a key no query ever loses (a test holds the two
+# equal); restated here so that this file needs no model code.
+KEEP_FOREVER = torch.iinfo(torch.int32).max
+
 # Launch settings, measured on the H200 at B = 4, T = 8K, Hkv = 2: 32 x 32 tiles with 4 warps
 # 0.46 ms; 64 x 64 0.80; 128 x 128 2.6 (the best of 27 tried).
 LTE_RULE_GPU_BLOCKS = dict(BLOCK_J=32, BLOCK_I=32, num_warps=4)
@@ -2518,10 +2519,11 @@ def _lte_until_kernel(r_ptr, until_ptr, T, Hkv, n_left, window, sink, buffer, KE
 
 
 def lte_visible_until(scores, window: int, sink: int, buffer: int):
-    """LTE's capped visibility in Triton; same arguments, errors and results as
-    tiny_hybrid.lte_visible_until: scores [B, T, Hkv] -> (until int64 [B, T, Hkv],
-    buf_score [B, Hkv, b], buf_pos [B, Hkv, b]). No autograd (the rule has no gradient)."""
-    tiny_hybrid._check_lte_rule(scores, window, sink, buffer)
+    """LTE's capped visibility in Triton; same arguments, errors and result as
+    tiny_hybrid.lte_visible_until: scores [B, T, Hkv] -> until int64 [B, T, Hkv]. No autograd
+    (the rule has no gradient). The buffer prefill keeps follows from until, by
+    tiny_hybrid.lte_final_buffer."""
+    check_lte_rule(scores, window, sink, buffer)
     _check_kernel_limits("lte_visible_until", {}, dict(scores=scores))
     B, T, Hkv = scores.shape
     r = scores.detach().float().contiguous()
@@ -2530,324 +2532,51 @@ def lte_visible_until(scores, window: int, sink: int, buffer: int):
     blocks = LTE_RULE_INTERPRETER_BLOCKS if INTERPRET else LTE_RULE_GPU_BLOCKS
     grid = (triton.cdiv(T, blocks["BLOCK_J"]), B * Hkv)
     _lte_until_kernel[grid](r, until, T, Hkv, n_left, window, sink, buffer,
-                            KEEP_FOREVER=tiny_hybrid.KEEP_FOREVER, **blocks)
-    buf_score, buf_pos = tiny_hybrid.lte_final_buffer(r, until.transpose(1, 2), window, sink, buffer)
-    return until, buf_score, buf_pos
+                            KEEP_FOREVER=KEEP_FOREVER, **blocks)
+    return until
 
 
 # =============================================================================================
-# 2. Checks: every kernel against its reference (`python kernels.py`)
+# 2. The tour (`python kernels.py`): the checks' verdict, then the headline benchmarks
 # =============================================================================================
-# Every check prints max_rel_error = max |x - ref| / max |ref| of each output and gradient, the
-# reference computing in float32 on the same (rounded) inputs, and passes when all stay below:
-#   float32  1e-4 (exact products, the precision rule: kernel and reference differ only in the
-#            order of their float32 sums); 1e-2 when the caller allowed tf32 (10-bit mantissas);
-#   16-bit   2e-2 for the softmax ops (inputs, P and dS rounded to 8 bits in bf16), 3e-2 for Gated
-#            DeltaNet (W, U', the chunk states and their gradients are stored in the input dtype
-#            too, and the delta rule's v - S^T k cancels, which amplifies those roundings);
-#   decoding 1e-5 / 1e-2: one forward, no gradients.
-
-def max_rel_error(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """max |x - ref| / max |ref| over the whole tensor (NaN anywhere counts as an infinite error)."""
-    err = (x.double() - ref.double()).abs().max().item()
-    return err / max(ref.double().abs().max().item(), 1e-30) if err == err else float("inf")
-
-
-def _limit(dtype: torch.dtype, low_precision: float, exact: float = 1e-4) -> float:
-    """The pass mark of a check (see above) for inputs of `dtype`."""
-    if dtype != torch.float32:
-        return low_precision
-    return 1e-2 if _tf32_allowed() else exact
-
-
-def _report(label: str, errs, limit: float, note: str = "") -> bool:
-    """Print one case's errors, FAIL past the limit; True when it passed."""
-    good = max(errs) < limit
-    print(f"  {label} " + " ".join(f"{e:.1e}" for e in errs) + note + ("" if good else f"  FAIL (limit {limit:.0e})"),
-          flush=True)
-    return good
-
-
-def _gdn_random_inputs(B, T, H, K, V, dtype, device, decay=(-0.1, -0.01), seed=0):
-    """Inputs like a GDN layer makes them: L2-normalised q, k; v ~ N(0, 1); log decays g uniform
-    in `decay` (float32, <= 0); beta = sigmoid(randn) (float32). Seeded, drawn on the CPU."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen).to(device)
-    q = torch.nn.functional.normalize(randn(B, T, H, K), dim=-1).to(dtype)
-    k = torch.nn.functional.normalize(randn(B, T, H, K), dim=-1).to(dtype)
-    v = randn(B, T, H, V).to(dtype)
-    lo, hi = decay
-    g = (lo + (hi - lo) * torch.rand(B, T, H, generator=gen)).to(device)       # float32 decay
-    beta = torch.sigmoid(randn(B, T, H))
-    return q, k, v, g, beta
-
-
-def check_gdn(full: bool = False) -> bool:
-    """gated_delta_rule vs tiny_hybrid.gated_delta_rule on random inputs, float32 and bf16: the
-    output, the final state and the gradients of q, k, v, g, beta and the initial state. float32
-    runs one shape (odd head dims, ragged T, L = 32) unless full: its exact dots compile slowly,
-    and the bf16 shapes run the same code."""
-    device = "cpu" if INTERPRET else "cuda"
-    shapes = [(1, 100, 2, 16, 16, 32)] if INTERPRET else \
-        [(1, 300, 2, 48, 96, 32), (2, 1000, 4, 64, 64, 64), (2, 777, 4, 128, 128, 64)]   # (B, T, H, K, V, L)
-    print("gated_delta_rule vs tiny_hybrid.gated_delta_rule: max_rel_error of o, state, dq, dk, dv, dg, dbeta, dh0")
-    ok = True
-    for dtype in (torch.float32, torch.bfloat16):
-        for B, T, H, K, V, L in (shapes if full or dtype != torch.float32 else shapes[:1]):
-            q, k, v, g, beta = _gdn_random_inputs(B, T, H, K, V, dtype, device, decay=(-1., -0.01))
-            h0 = torch.randn(B, H, K, V, device=device)
-            ins = [x.clone().requires_grad_() for x in (q, k, v, g, beta, h0)]
-            refs = [x.detach().clone().requires_grad_() for x in (q, k, v, g, beta, h0)]
-            o, ht = gated_delta_rule(*ins[:5], initial_state=ins[5], chunk_size=L)
-            o_ref, ht_ref = tiny_hybrid.gated_delta_rule(*refs[:5], initial_state=refs[5], chunk_size=L)
-            do, dht = torch.randn_like(o_ref), torch.randn_like(ht_ref)
-            ((o.float() * do.float()).sum() + (ht * dht).sum()).backward()
-            ((o_ref.float() * do.float()).sum() + (ht_ref * dht).sum()).backward()
-            errs = [max_rel_error(o, o_ref), max_rel_error(ht, ht_ref)]
-            errs += [max_rel_error(x.grad, r.grad) for x, r in zip(ins, refs)]
-            ok &= _report(f"B={B} T={T:5d} H={H} K={K:3d} V={V:3d} L={L} {str(dtype)[6:]:8s}", errs,
-                          _limit(dtype, 3e-2))
-    return ok
-
-
-def _random_keep(kind, B: int, T: int, Hkv: int, device, p: float = 0.15):
-    """A keep argument of one kind: None; "all" / "random" (bool, about p kept); "until"
-    (integer visible-until: -1, small values inside the window, values past T, KEEP_FOREVER)."""
-    if kind is None:
-        return None
-    if kind == "all":
-        return torch.ones(B, T, Hkv, dtype=torch.bool, device=device)
-    if kind == "random":
-        return torch.rand(B, T, Hkv, device=device) < p
-    until = torch.randint(-1, T + 3, (B, T, Hkv), device=device)
-    forever = torch.rand(B, T, Hkv, device=device) < 0.1
-    return torch.where(forever, torch.iinfo(torch.int32).max, until)
-
-
-def _attention_case(B, T, H, Hkv, D, window, keep_kind, dtype, device):
-    """max_rel_error of o, dq, dk, dv of kernels.attention against tiny_hybrid.attention."""
-    q = torch.randn(B, T, H, D, device=device, dtype=dtype, requires_grad=True)
-    k = torch.randn(B, T, Hkv, D, device=device, dtype=dtype, requires_grad=True)
-    v = torch.randn(B, T, Hkv, D, device=device, dtype=dtype, requires_grad=True)
-    keep = _random_keep(keep_kind, B, T, Hkv, device)
-    do = torch.randn(B, T, H, D, device=device, dtype=dtype)
-    o = attention(q, k, v, window, keep)
-    grads = torch.autograd.grad(o, (q, k, v), do)
-    # The reference sees the same (rounded) inputs, and computes in float32.
-    qf, kf, vf = (x.detach().float().requires_grad_() for x in (q, k, v))
-    o_ref = tiny_hybrid.attention(qf, kf, vf, window, keep)
-    grads_ref = torch.autograd.grad(o_ref, (qf, kf, vf), do.float())
-    return [max_rel_error(a, b) for a, b in zip((o,) + grads, (o_ref,) + grads_ref)]
-
-
-def check_attention() -> bool:
-    """attention vs tiny_hybrid.attention on random inputs: o, dq, dk, dv."""
-    device = "cpu" if INTERPRET else "cuda"
-    f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
-    if INTERPRET:  # (B, T, H, Hkv, D, window, keep, dtype)
-        cases = [(1, 100, 2, 1, 16, 16, "random", f32), (1, 64, 2, 2, 16, None, None, f32)]
-    else:
-        cases = [(2, 1000, 4, 2, 64, 128, "random", bf16), (2, 777, 8, 2, 64, 100, "until", bf16),
-                 (1, 1000, 4, 4, 64, None, None, bf16), (2, 600, 4, 1, 64, 64, None, f16),
-                 (1, 500, 4, 2, 32, 50, "random", f32), (1, 700, 2, 1, 128, 200, "random", f16)]
-    ok = True
-    print("attention vs tiny_hybrid.attention: max_rel_error of o, dq, dk, dv")
-    for B, T, H, Hkv, D, window, keep, dtype in cases:
-        errs = _attention_case(B, T, H, Hkv, D, window, keep, dtype, device)
-        ok &= _report(f"B={B} T={T:5d} H={H} Hkv={Hkv} D={D:3d} window={str(window):4s} keep={str(keep):6s} "
-                      f"{str(dtype)[6:]:8s}", errs, _limit(dtype, 2e-2))
-    return ok
-
-
-def check_attention_decode() -> bool:
-    """attention_decode vs tiny_hybrid.attention_decode, with invalid slots and a long cache (the
-    split-K path)."""
-    device = "cpu" if INTERPRET else "cuda"
-    cases = [(2, 4, 2, 16, 100)] if INTERPRET else [(3, 8, 2, 64, 5000), (2, 32, 2, 128, 333), (4, 8, 8, 64, 70000)]
-    ok = True
-    print("attention_decode vs tiny_hybrid.attention_decode: max_rel_error of o")
-    for B, H, Hkv, D, S in cases:
-        for dtype in (torch.float32, torch.bfloat16):
-            q = torch.randn(B, H, D, device=device, dtype=dtype)
-            kc, vc = (torch.randn(B, S, Hkv, D, device=device, dtype=dtype) for _ in range(2))
-            valid = torch.rand(B, S, Hkv, device=device) < 0.7
-            err = max_rel_error(attention_decode(q, kc, vc, valid), tiny_hybrid.attention_decode(q, kc, vc, valid))
-            ok &= _report(f"B={B} H={H} Hkv={Hkv} D={D:3d} S={S:6d} {str(dtype)[6:]:8s}", [err],
-                          _limit(dtype, 1e-2, exact=1e-5))
-    return ok
-
-
-def _nsa_inputs(B, T, H, Hkv, D, block, top_n, dtype, device):
-    """Random q, k, v, do, dlse and their compressed blocks, and the blocks the reference selects."""
-    q, k, v, do = (torch.randn(B, T, h, D, device=device, dtype=dtype) for h in (H, Hkv, Hkv, H))
-    dlse = torch.randn(B, T, H, device=device)
-    k_cmp, v_cmp = tiny_hybrid.nsa_compress(k, block), tiny_hybrid.nsa_compress(v, block)
-    _, lse_ref = tiny_hybrid.nsa_compressed_attention(q.float(), k_cmp.float(), v_cmp.float(), block)
-    scores_ref = tiny_hybrid.nsa_block_scores(q.float(), k_cmp.float(), lse_ref, block)
-    block_idx = tiny_hybrid.nsa_select_blocks(scores_ref, block, top_n)
-    return q, k, v, do, dlse, k_cmp, v_cmp, lse_ref, scores_ref, block_idx
-
-
-def _nsa_selected_grads(ops, q, k, v, do, block_idx, block):
-    """o and dq, dk, dv of ops.nsa_selected_attention (this module's or tiny_hybrid's, which gets
-    float32 inputs)."""
-    cast = (lambda x: x.float()) if ops is tiny_hybrid else (lambda x: x)
-    leaves = [cast(x).detach().requires_grad_() for x in (q, k, v)]
-    o = ops.nsa_selected_attention(*leaves, block_idx, block)
-    return [o, *torch.autograd.grad(o, leaves, cast(do))]
-
-
-def _nsa_case(B, T, H, Hkv, D, block, top_n, dtype, device):
-    """max_rel_error against tiny_hybrid of: compressed o, lse, dq, dk_cmp, dv_cmp; block scores;
-    selected o, dq, dk, dv; and the fraction of (token, KV head) selections that differ between
-    the kernel's scores and the reference's."""
-    inputs = _nsa_inputs(B, T, H, Hkv, D, block, top_n, dtype, device)
-    q, k, v, do, dlse, k_cmp, v_cmp, lse_ref, scores_ref, block_idx = inputs
-    outs = []
-    for ops, cast in ((sys.modules[__name__], lambda x: x), (tiny_hybrid, lambda x: x.float())):
-        leaves = [cast(x).detach().requires_grad_() for x in (q, k_cmp, v_cmp)]
-        o, lse = ops.nsa_compressed_attention(*leaves, block)
-        loss = (o.float() * do.float()).sum() + (torch.where(lse.isfinite(), lse, 0.0) * dlse).sum()
-        outs.append([o, lse, *torch.autograd.grad(loss, leaves)])
-    errs = [max_rel_error(a.float().nan_to_num(neginf=0.0), b.nan_to_num(neginf=0.0)) for a, b in zip(*outs)]
-    scores = nsa_block_scores(q, k_cmp, lse_ref, block)
-    errs.append(max_rel_error(scores, scores_ref))
-    differ = (tiny_hybrid.nsa_select_blocks(scores, block, top_n).sort(-1).values != block_idx.sort(-1).values)
-    errs += [max_rel_error(a, b) for a, b in zip(_nsa_selected_grads(sys.modules[__name__], q, k, v, do, block_idx,
-                                                                     block),
-                                                 _nsa_selected_grads(tiny_hybrid, q, k, v, do, block_idx, block))]
-    return errs, differ.any(-1).float().mean().item()
-
-
-def check_nsa() -> bool:
-    """The NSA kernels vs tiny_hybrid: every output and gradient, and the blocks their scores pick."""
-    device = "cpu" if INTERPRET else "cuda"
-    f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
-    if INTERPRET:  # (B, T, H, Hkv, D, block, top_n, dtype)
-        cases = [(1, 70, 4, 2, 16, 16, 3, f32)]
-    else:
-        cases = [(2, 2000, 32, 2, 64, 64, 16, bf16), (1, 777, 8, 2, 128, 32, 8, f16),
-                 (2, 500, 4, 4, 32, 16, 5, f32), (1, 600, 2, 1, 64, 16, 6, bf16)]
-    names = "cmp: o lse dq dkc dvc | scores | slc: o dq dk dv"
-    print(f"NSA vs tiny_hybrid: max_rel_error of {names}; share of selections that differ")
-    ok = True
-    for B, T, H, Hkv, D, block, top_n, dtype in cases:
-        errs, differ = _nsa_case(B, T, H, Hkv, D, block, top_n, dtype, device)
-        # 16-bit: the kernel's scores come from the same rounded inputs, but near-ties may flip.
-        same_blocks = differ < (1e-6 if dtype == f32 else 1e-2)
-        ok &= _report(f"B={B} T={T:5d} H={H:2d} Hkv={Hkv} D={D:3d} l={block} n={top_n:2d} {str(dtype)[6:]:8s}",
-                      errs, _limit(dtype, 2e-2), f" | differ {differ:.1e}" + ("" if same_blocks else "  FAIL"))
-        ok &= same_blocks
-    return ok
-
-
-def check_nsa_selected_stages() -> bool:
-    """NSA's selected-branch forward and dQ kernels run with num_stages=1 (NSA_GPU_BLOCKS["slc"]),
-    the setting that gave wrong bf16 gradients and illegal memory accesses in Gated DeltaNet's
-    backward (Triton 3.6, H200; _gdn_num_stages). Here, at several shapes (G = 1 to 16, D = 64 and
-    128, blocks of 16 to 64, ragged T), bf16 forward + backward three times over: o, dq, dk, dv
-    against the float32 reference, and o, dq (the two kernels the setting launches; no atomics)
-    against the same launches with num_stages=3, which must agree (pipelining moves loads, not
-    arithmetic). A fault raises here: this check runs last. The interpreter ignores num_stages:
-    there it only runs the check's code, once, on a small case."""
-    tables = NSA_INTERPRETER_BLOCKS if INTERPRET else NSA_GPU_BLOCKS
-    stages_now = NSA_GPU_BLOCKS["slc"]["num_stages"]
-    device = "cpu" if INTERPRET else "cuda"
-    repeats = 1 if INTERPRET else 3
-    cases = [(1, 48, 4, 2, 16, 8, 3)] if INTERPRET else [      # (B, T, H, Hkv, D, block, top_n)
-        (2, 2000, 32, 2, 64, 64, 16), (1, 4100, 16, 1, 128, 64, 16), (2, 1500, 8, 2, 64, 32, 8),
-        (1, 1000, 4, 2, 128, 16, 6), (2, 777, 2, 2, 64, 16, 5), (1, 3000, 6, 2, 64, 64, 4)]
-    print(f"nsa_selected_attention, bf16, num_stages={stages_now} (the table's) vs the reference and vs "
-          f"num_stages=3: max_rel_error of o, dq, dk, dv | of o, dq; each run {repeats}x")
-    ok = True
-    for B, T, H, Hkv, D, block, top_n in cases:
-        q, k, v, do, _, _, _, _, _, block_idx = _nsa_inputs(B, T, H, Hkv, D, block, top_n, torch.bfloat16, device)
-        ref = _nsa_selected_grads(tiny_hybrid, q, k, v, do, block_idx, block)
-        table, runs = dict(tables["slc"]), {}
-        try:
-            for stages in (stages_now, 3):
-                tables["slc"] = dict(table, num_stages=stages)
-                runs[stages] = [_nsa_selected_grads(sys.modules[__name__], q, k, v, do, block_idx, block)
-                                for _ in range(repeats)]
-                if not INTERPRET:
-                    torch.cuda.synchronize()  # an illegal memory access surfaces here at the latest
-        finally:
-            tables["slc"] = table
-        # per output, the worst of the runs; against num_stages=3, run by run, o and dq
-        vs_ref = [max(max_rel_error(x, r) for x in of_one) for of_one, r in zip(zip(*runs[stages_now]), ref)]
-        vs_3 = max(max_rel_error(x, y) for a, b in zip(runs[stages_now], runs[3]) for x, y in zip(a[:2], b[:2]))
-        ok &= _report(f"B={B} T={T:5d} H={H:2d} Hkv={Hkv} D={D:3d} l={block} n={top_n:2d}", vs_ref, 2e-2)
-        ok &= _report(f"{'':40s} vs num_stages=3:", [vs_3], 1e-3)
-    return ok
-
-
-def check_lte_rule() -> bool:
-    """lte_visible_until equals tiny_hybrid.lte_visible_until exactly (random and tied scores, long T)."""
-    device = "cpu" if INTERPRET else "cuda"
-    cases = [(2, 300, 2, 7, 4, 16)]
-    if not INTERPRET:
-        cases += [(4, 2048, 2, 512, 4, 256), (4, 8192, 2, 512, 4, 256), (1, 65536, 2, 512, 4, 256)]
-    print("lte_visible_until vs tiny_hybrid.lte_visible_until: equal?")
-    ok = True
-    for B, T, Hkv, w, s, b in cases:
-        g = torch.Generator().manual_seed(T)
-        for name, scores in (("random", torch.randn(B, T, Hkv, generator=g) * 0.2),
-                             ("tied", torch.randint(-4, 9, (B, T, Hkv), generator=g) / 16)):
-            scores = scores.to(device)
-            same = all(torch.equal(x, y) for x, y in zip(lte_visible_until(scores, w, s, b),
-                                                         tiny_hybrid.lte_visible_until(scores, w, s, b)))
-            ok &= same
-            print(f"  {name:6s} B={B} T={T:5d} Hkv={Hkv} w={w} s={s} b={b}: {'equal' if same else 'DIFFERENT  FAIL'}",
-                  flush=True)
-    return ok
-
-
-# Each returns True when every case passes; in the order of the sections above, then the
-# num_stages=1 check, last because a fault would end the process.
-CHECKS = [check_gdn, check_attention, check_attention_decode, check_nsa, check_lte_rule]
-# --full also re-runs the num_stages=1 question (settled on an H200: identical results to num_stages=3
-# at six shapes, forward and backward, three runs each); it compiles a second variant of the kernels
-FULL_CHECKS = [check_nsa_selected_stages]
-
+# The checks are test_kernels.py (every kernel against its reference, forward and backward, on
+# small shapes everywhere and on large ones on a GPU); the benchmarks are bench.py's. Each runs in
+# a process of its own, so that this file imports neither.
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Check the Triton kernels against tiny_hybrid, then time them "
-                                     "with bench.py's headline kernel benchmarks (python bench.py kernels times them "
-                                     "alone).",
+    parser = argparse.ArgumentParser(description="Check the Triton kernels against tiny_hybrid (pytest "
+                                     "test_kernels.py), then, on a CUDA GPU, time them with bench.py's headline "
+                                     "kernel benchmarks (python bench.py kernels times them alone).",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--check-only", action="store_true", help="run the checks, skip the benchmarks")
-    parser.add_argument("--full", action="store_true",
-                        help="every length and baseline of the README's tables (tens of minutes: flex_attention "
-                             "compiles for every shape)")
-    parser.add_argument("--tune", action="store_true", help="pick attention block sizes by measuring first")
+    parser.add_argument("-k", dest="select", metavar="EXPRESSION",
+                        help="run only the checks whose test names match (pytest's -k)")
+    parser.add_argument("--full", action="store_true", help="benchmarks: every length and baseline of the "
+                        "docs/kernels.md's tables (tens of minutes: flex_attention compiles for every shape)")
+    parser.add_argument("--tune", action="store_true",
+                        help="benchmarks: pick attention block sizes by measuring first")
     parser.add_argument("--budget-s", type=float, default=float("inf"),
-                        help="stop timing flex_attention after this many seconds (the rest print as nan)")
+                        help="benchmarks: stop timing flex_attention after this many seconds (the rest print as nan)")
     args = parser.parse_args()
     if not args.budget_s > 0:
         parser.error(f"--budget-s must be > 0, got {args.budget_s}")
-    start = time.time()
-    torch.manual_seed(0)
-    ok = True
-    for check in CHECKS + (FULL_CHECKS if args.full else []):
-        check_start = time.time()
-        try:
-            ok &= check(full=args.full) if check is check_gdn else check()
-        except Exception:  # one broken check should not hide the others' results
-            traceback.print_exc()
-            ok = False
-        print(f"  ({check.__name__}: {time.time() - check_start:.0f} s, compiles included)", flush=True)
-    print("checks:", "all passed" if ok else "FAILED", f"({time.time() - start:.0f} s)", flush=True)
-    if args.check_only or INTERPRET:
-        if INTERPRET and not args.check_only:
-            print("no CUDA GPU: benchmarks skipped")
-        print(f"wall time {time.time() - start:.0f} s")
-        sys.exit(0 if ok else 1)
-    import bench  # the benchmarks live there: python bench.py kernels runs them without the checks
-    benches_ok, _ = bench.bench_kernels(full=args.full, tune=args.tune, budget_s=args.budget_s)
-    print(f"\nwall time {time.time() - start:.0f} s (checks and benchmarks)")
-    sys.exit(0 if ok and benches_ok else 1)
+    if importlib.util.find_spec("pytest") is None:
+        parser.error("the checks need pytest (pip install pytest)")
+    here = Path(__file__).resolve().parent
+    checks = [sys.executable, "-m", "pytest", "-q", "test_kernels.py"] + (["-k", args.select] if args.select else [])
+    where = "in Triton's CPU interpreter, a few minutes" if INTERPRET else "compiled on the GPU"
+    print(f"checks ({where}): python {shlex.join(checks[1:])}", flush=True)
+    checks_ok = subprocess.run(checks, cwd=here).returncode == 0
+    print("checks:", "all passed" if checks_ok else "FAILED", flush=True)
+    benches_ok = True
+    if INTERPRET and not args.check_only:
+        print("no CUDA GPU: benchmarks skipped (they time the compiled kernels)")
+    elif not args.check_only:
+        bench = [sys.executable, "bench.py", "kernels"] + ["--full"] * args.full + ["--tune"] * args.tune
+        bench += ["--budget-s", str(args.budget_s)] if args.budget_s != float("inf") else []
+        print(f"benchmarks: python {shlex.join(bench[1:])}", flush=True)
+        benches_ok = subprocess.run(bench, cwd=here).returncode == 0
+    sys.exit(0 if checks_ok and benches_ok else 1)
 
 
 if __name__ == "__main__":
