@@ -17,7 +17,7 @@ says which mixers give the most recall for their memory:
 Two phases. "tune": each trained family, at its default knob (the command's model settings), once per
 learning rate of --frontier-lrs and seed of --frontier-tune-seeds; the rate of LR_RULE wins. "points":
 every knob value of every family at its family's rate, once per seed of --seeds, seeds never used for
-tuning. Each point is the median (min-max) over its seeds, with "k of n learned" (train_shakespeare's
+tuning. Each point is the median (min-max) over its seeds, with "k of n learned" (report.py's
 LEARNED_AT rule); a point whose runs mostly did not learn stays on the chart, hollow. Recall and state
 bytes at 1x and 4x the training length. Outputs in --out: frontier.json, frontier.png, and the table
 printed at the end.
@@ -39,8 +39,9 @@ each part should take under 10 minutes (an estimate: two waves of runs at most; 
     python train_shakespeare.py --frontier --use-triton --out frontier --resume --models gdn+swa,gdn+nsa  # 21 runs
     python train_shakespeare.py --frontier --use-triton --out frontier --resume  # reads back, heuristics, plots
 
-train_shakespeare.py owns the runs and hands itself over to `main` as `ts`: this module never imports
-it (no two files import each other).
+The flags (--frontier, --frontier-tune-seeds, --frontier-lrs, --frontier-tune-only) are cli.py's;
+what one run does is the training script's run_one, which it hands over to `main`: this module never
+imports the training script (no two files import each other).
 """
 
 from __future__ import annotations
@@ -59,18 +60,20 @@ import time
 import numpy as np
 import torch
 
-FAMILIES = ("gdn", "gdn+swa", "gdn+lte", "gdn+nsa", "gdn+attn")     # the trained ones, in the table's order
+from cli import (MODELS, check_checkpoint, checkpoint_path, fail, model_config, prepare_run, read_checkpoint,
+                 run_settings, write_json_atomic)
+from corpus import N_VALUES, VOCAB_SIZE
+from eviction import with_eviction
+from eviction_report import recall_by_distance
+from recall_task import recall_batches
+from report import LEARNED_AT, duration, print_table, pyplot, save_figure
+from runs import OneTorchThread, Run, cpu_cores, report_failures, run_all
+from tiny_hybrid import TinyHybrid
+
+FAMILIES = MODELS     # the trained ones, in the table's order: gdn, gdn+swa, gdn+lte, gdn+nsa, gdn+attn
 HEURISTICS = {"attn+StreamingLLM": "streaming", "attn+TOVA": "tova", "attn+H2O": "h2o"}   # name: with_eviction's policy
 GDN_STATES = ((1, 8), (2, 8), (1, 16), (2, 16), (2, 24), (4, 32))    # heads x key dim; 4 x 32 holds more than gdn+lte
 
-TUNE_SEEDS, POINT_SEEDS, LRS = "0,1", "10,11,12", "4e-4,7e-4,1.2e-3"
-# --quick --frontier: the same machinery in under 3 CPU minutes: one seed per phase, two rates, two knob
-# values a family, and shorter runs than --quick's (flags given win)
-QUICK = dict(steps=20, eval_every=4, eval_batch=2, log_every=10, checkpoint_every=10, frontier_tune_seeds="0",
-             frontier_lrs="7e-4,1.2e-3")
-QUICK_POINT_SEEDS = "10"
-QUICK_TIME = "about 2 min on 2 CPU cores"   # measured: see the module docstring
-FILES = ("frontier.json", "frontier.png")
 
 LR_RULE = ("each trained family's learning rate is the one of the grid whose tuning runs (the tuning seeds, the "
            "family's default knob) have the highest median held-out recall at the hardest setting ({setting}); "
@@ -80,80 +83,6 @@ PARETO_RULE = ("a point is on the frontier when no other point has state bytes <
 HOLLOW_RULE = "hollow: at most half of the point's seeds learned the task, so its median is a run that did not"
 STATE_NOTE = ("state bytes: every tensor of one sequence's decoding state after T tokens, as TinyHybrid.init_state "
               "makes it with max_len = T (caches, ring buffers, scores, masks, positions, conv tails), all layers")
-
-
-# ----------------------------------------------------------------------------------------------
-# Flags (train_shakespeare.py adds them to its parser and calls parse_flags while checking)
-# ----------------------------------------------------------------------------------------------
-
-def add_flags(parser) -> None:
-    group = parser.add_argument_group("the recall-memory frontier (frontier.py)")
-    group.add_argument("--frontier", action="store_true",
-                       help="recall against decoding-state bytes for every family at several knob values (tune "
-                            "each family's learning rate on --frontier-tune-seeds, then train every point on "
-                            "--seeds), heuristic eviction on the trained gdn+attn, the Pareto frontier: "
-                            "frontier.json, frontier.png and a table in --out; --models picks the families this "
-                            "command trains and --resume reads finished runs back, so it splits into parts (see "
-                            f"frontier.py); with --quick the machinery in {QUICK_TIME}")
-    group.add_argument("--frontier-tune-seeds", metavar="S,S,...",
-                       help=f"seeds that choose each family's learning rate, never a point's seed; the points' "
-                            f"seeds are --seeds, which default to {POINT_SEEDS} with --frontier "
-                            f"({QUICK_POINT_SEEDS} with --quick) (default: {TUNE_SEEDS}; with --quick "
-                            f"{QUICK['frontier_tune_seeds']})")
-    group.add_argument("--frontier-lrs", metavar="LR,LR,...",
-                       help=f"the learning-rate grid of the tuning phase (default: {LRS}; with --quick "
-                            f"{QUICK['frontier_lrs']})")
-    group.add_argument("--frontier-tune-only", action="store_true",
-                       help="train only the tuning runs of --models and report the chosen rates (a first part)")
-
-
-def parse_flags(args, seeds_given: bool) -> None:
-    """Fill in the frontier's defaults and check its flags: ValueError naming the flag. Without
-    --frontier its own flags must be absent."""
-    own = {"frontier_tune_seeds": args.frontier_tune_seeds, "frontier_lrs": args.frontier_lrs,
-           "frontier_tune_only": args.frontier_tune_only}
-    if not args.frontier:
-        given = [name for name, value in own.items() if value not in (None, False)]
-        if given:
-            raise ValueError(f"{_flag(given[0])} goes with --frontier: add --frontier, or drop it")
-        return
-    for other in ("sweep_state", "eviction_report", "make_tokenizer"):
-        if getattr(args, other):
-            raise ValueError(f"--frontier and {_flag(other)} exclude each other: run them one after the other")
-    strangers = [m for m in args.models if m not in FAMILIES]
-    if strangers:
-        raise ValueError(f"--models {','.join(args.models)}: --frontier trains {', '.join(FAMILIES)}; "
-                         f"{strangers[0]} is not among them")
-    args.frontier_tune_seeds = _seeds("--frontier-tune-seeds", args.frontier_tune_seeds or TUNE_SEEDS)
-    args.frontier_lrs = _rates(args.frontier_lrs or LRS)
-    if not seeds_given:
-        args.seeds = _seeds("--seeds", QUICK_POINT_SEEDS if args.quick else POINT_SEEDS)
-    shared = sorted(set(args.seeds) & set(args.frontier_tune_seeds))
-    if shared:
-        raise ValueError(f"--seeds {','.join(map(str, args.seeds))} and --frontier-tune-seeds "
-                         f"{','.join(map(str, args.frontier_tune_seeds))} share seed {shared[0]}: a point is trained "
-                         f"on fresh seeds, never on those that chose its learning rate; give disjoint seeds")
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _seeds(flag: str, text: str) -> list[int]:
-    items = [item.strip() for item in text.split(",")]
-    if not all(item.isdigit() for item in items) or len(set(items)) < len(items):
-        raise ValueError(f"{flag} {text!r}: give distinct integers >= 0 separated by commas, e.g. {TUNE_SEEDS}")
-    return [int(item) for item in items]
-
-
-def _rates(text: str) -> list[float]:
-    try:
-        rates = [float(item) for item in text.split(",")]
-    except ValueError:
-        rates = []
-    if not rates or not all(math.isfinite(r) and r > 0 for r in rates) or len(set(rates)) < len(rates):
-        raise ValueError(f"--frontier-lrs {text!r}: give distinct finite numbers > 0 separated by commas, e.g. {LRS}")
-    return sorted(rates)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -196,8 +125,8 @@ class Point:
     lr: float | None = None
     budget: tuple = ()
 
-    def run(self, seed: int, ts):
-        return ts.Run(self.family, seed, self.knob.tag, self.knob.overrides, self.lr)
+    def run(self, seed: int):
+        return Run(self.family, seed, self.knob.tag, self.knob.overrides, self.lr)
 
 
 @dataclasses.dataclass
@@ -210,8 +139,8 @@ class Plan:
     lengths: tuple[int, int]
 
 
-def make_plan(args, ts) -> Plan:
-    config = ts.model_config("gdn+lte", args, ts.VOCAB_SIZE)
+def make_plan(args) -> Plan:
+    config = model_config("gdn+lte", args, VOCAB_SIZE)
     sink, w, b, n = config.lte_sink, args.window, args.lte_buffer, args.nsa_topn
     own = (args.gdn_heads, args.gdn_head_dim)
     knobs = {
@@ -253,9 +182,9 @@ def heuristic_points(plan: Plan, args, attn_lr: float) -> list[Point]:
             for name, policy in HEURISTICS.items() for b in plan.budgets]
 
 
-def runs_of(points: list[Point], seeds: list[int], ts) -> list:
+def runs_of(points: list[Point], seeds: list[int]) -> list:
     """The runs of the points, seed after seed (a command stopped part-way leaves whole seeds)."""
-    return [point.run(seed, ts) for seed in seeds for point in points]
+    return [point.run(seed) for seed in seeds for point in points]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -269,14 +198,14 @@ def recall_at(result: dict, length: int, args) -> float:
     return list(cells.values())[-1] if cells else float("nan")
 
 
-def tuning_table(points: list[Point], results: dict, args, ts) -> dict[str, dict]:
+def tuning_table(points: list[Point], results: dict, args) -> dict[str, dict]:
     """{family: {"knob", "rates": {str(lr): {"per_seed": {seed: recall}, "median", "learned"}}, "chosen"}}
     from the runs of the tuning seeds only (results may hold any seeds). A rate without results is
     left out; a family with none has chosen None."""
     table = {}
     for point in points:
-        done = {seed: results[point.run(seed, ts).key] for seed in args.frontier_tune_seeds
-                if point.run(seed, ts).key in results}
+        done = {seed: results[point.run(seed).key] for seed in args.frontier_tune_seeds
+                if point.run(seed).key in results}
         row = table.setdefault(point.family, {"knob": point.knob.label, "rates": {}, "chosen": None})
         if done:
             recall = {str(seed): recall_at(result, args.seq_len, args) for seed, result in done.items()}
@@ -289,7 +218,7 @@ def tuning_table(points: list[Point], results: dict, args, ts) -> dict[str, dict
     return table
 
 
-def print_tuning(table: dict, args, ts) -> None:
+def print_tuning(table: dict, args) -> None:
     seeds = args.frontier_tune_seeds
     print(f"\nPhase tune: {LR_RULE.format(setting=hardest_words(args))}. Recall (%) of each tuning seed:")
     rows = []
@@ -298,7 +227,7 @@ def print_tuning(table: dict, args, ts) -> None:
             chosen = " <- chosen" if float(lr) == row["chosen"] else ""
             rows.append([family, row["knob"], f"{float(lr):g}"] + [_pct(cell["per_seed"].get(str(s))) for s in seeds]
                         + [_pct(cell["median"]), f"{cell['learned']}/{cell['n']}" + chosen])
-    ts.print_table(["family", "knob", "lr"] + [f"seed {s}" for s in seeds] + ["median", "learned"], rows)
+    print_table(["family", "knob", "lr"] + [f"seed {s}" for s in seeds] + ["median", "learned"], rows)
 
 
 def hardest_words(args) -> str:
@@ -313,57 +242,51 @@ def _pct(x) -> str:
 # Phase "points": state bytes, the heuristics, one record per point, the Pareto frontier
 # ----------------------------------------------------------------------------------------------
 
-def point_model(point: Point, args, ts):
+def point_model(point: Point, args):
     """An untrained model of the point's shape on the CPU, for its state bytes."""
-    from tiny_hybrid import TinyHybrid, with_eviction
-
     if point.family in HEURISTICS:
-        attn = TinyHybrid(ts.model_config("gdn+attn", args, ts.VOCAB_SIZE))
+        attn = TinyHybrid(model_config("gdn+attn", args, VOCAB_SIZE))
         return with_eviction(attn, HEURISTICS[point.family], *point.budget)
-    return TinyHybrid(ts.model_config(point.family, args, ts.VOCAB_SIZE, **dict(point.knob.overrides)))
+    return TinyHybrid(model_config(point.family, args, VOCAB_SIZE, **dict(point.knob.overrides)))
 
 
-def trained_attn(run, args, vocab_size: int, device, ts):
+def trained_attn(run, args, vocab_size: int, device):
     """A gdn+attn run's model read back from its checkpoint, in eval mode."""
-    from tiny_hybrid import TinyHybrid
-
-    model = TinyHybrid(ts.model_config("gdn+attn", args, vocab_size)).to(device)
-    ckpt = torch.load(ts.checkpoint_path(args.out, run.name, run.seed), map_location=device, weights_only=True)
+    model = TinyHybrid(model_config("gdn+attn", args, vocab_size)).to(device)
+    ckpt = torch.load(checkpoint_path(args.out, run.name, run.seed), map_location=device, weights_only=True)
     model.load_state_dict(ckpt["model"])
     return model.eval()
 
 
 def heuristic_results(points: list[Point], attn: Point, attn_results: dict, plan: Plan, args, val_tokens,
-                      vocab_size: int, device, ts) -> dict[tuple[str, str, int], dict]:
+                      vocab_size: int, device) -> dict[tuple[str, str, int], dict]:
     """{(point's family, knob label, seed): result} of each heuristic point: the seed's trained gdn+attn
     decoded under the policy (the eviction report's with_eviction and recall_by_distance on the same
     held-out haystacks as evaluate's), as {"eval": {str(T): {"recall": {str(facts): by bin}}},
     "learned": the gdn+attn run's}: no training, so the run's verdict is the model's."""
-    from tiny_hybrid import with_eviction
-
-    batches = {length: ts.recall_batches(val_tokens, args, length) for length in plan.lengths}
+    batches = {length: recall_batches(val_tokens, args, length) for length in plan.lengths}
     facts, results = str(max(args.eval_facts)), {}
     for seed in args.seeds:
-        run = attn.run(seed, ts)
+        run = attn.run(seed)
         if run.key not in attn_results:
             continue                                   # its gdn+attn run failed: reported with it
         t0 = time.perf_counter()
-        with ts.OneTorchThread() if device.type == "cpu" else contextlib.nullcontext():
-            model = trained_attn(run, args, vocab_size, device, ts)
+        with OneTorchThread() if device.type == "cpu" else contextlib.nullcontext():
+            model = trained_attn(run, args, vocab_size, device)
             for point in points:
                 evicting = with_eviction(model, HEURISTICS[point.family], *point.budget)
                 results[point.family, point.knob.label, seed] = {
-                    "eval": {str(T): {"recall": {facts: ts.recall_by_distance(evicting, batches[T], device)}}
+                    "eval": {str(T): {"recall": {facts: recall_by_distance(evicting, batches[T], device)}}
                              for T in plan.lengths},
                     "learned": attn_results[run.key]["learned"]}
         print(f"heuristic eviction on {run}: {len(points)} points in {time.perf_counter() - t0:.0f}s", flush=True)
     return results
 
 
-def point_record(point: Point, by_seed: dict[int, dict], args, plan: Plan, ts) -> dict:
+def point_record(point: Point, by_seed: dict[int, dict], args, plan: Plan) -> dict:
     """One point of the frontier from its runs' results ({seed: result}): state bytes and recall at the
     hardest setting per length as median, min, max and per seed, and how many seeds learned."""
-    model = point_model(point, args, ts)
+    model = point_model(point, args)
     record = {"family": point.family, "knob": point.knob.label, "lr": point.lr, "seeds": sorted(by_seed),
               "learned": sum(result["learned"] for result in by_seed.values()), "n": len(by_seed),
               "state_bytes": {}, "recall": {}}
@@ -396,7 +319,7 @@ def mark_frontier(records: list[dict], plan: Plan) -> None:
             record["frontier"][length] = mark
 
 
-def frontier_records(points: list[Point], results: dict, args, plan: Plan, ts) -> list[dict]:
+def frontier_records(points: list[Point], results: dict, args, plan: Plan) -> list[dict]:
     """The records of the points with at least one result, frontier marked; results: {(family, knob
     label, seed): result}."""
     records = []
@@ -404,7 +327,7 @@ def frontier_records(points: list[Point], results: dict, args, plan: Plan, ts) -
         by_seed = {seed: results[point.family, point.knob.label, seed] for seed in args.seeds
                    if (point.family, point.knob.label, seed) in results}
         if by_seed:
-            records.append(point_record(point, by_seed, args, plan, ts))
+            records.append(point_record(point, by_seed, args, plan))
     mark_frontier(records, plan)
     return records
 
@@ -413,7 +336,7 @@ def frontier_records(points: list[Point], results: dict, args, plan: Plan, ts) -
 # Report: the table, the figure, frontier.json
 # ----------------------------------------------------------------------------------------------
 
-def print_frontier(records: list[dict], plan: Plan, args, ts) -> None:
+def print_frontier(records: list[dict], plan: Plan, args) -> None:
     one, four = map(str, plan.lengths)
     print(f"\nThe recall-memory frontier: held-out recall (%) at the hardest setting ({max(args.eval_facts)} facts, "
           f"the longest distance bin) at T = {one} and {four} (1x, 4x the training length), median (min-max) over "
@@ -424,7 +347,7 @@ def print_frontier(records: list[dict], plan: Plan, args, ts) -> None:
                 f"{r['state_bytes'][length] / 1000:.1f}", _spread(r["recall"][length]),
                 "*" if r["frontier"][length] else "")]
             + [f"{r['learned']}/{r['n']}" + (" !" if r["hollow"] else "")] for r in records]
-    ts.print_table(["family", "knob", "lr", f"KB T={one}", f"recall T={one}", "", f"KB T={four}", f"recall T={four}",
+    print_table(["family", "knob", "lr", f"KB T={one}", f"recall T={one}", "", f"KB T={four}", f"recall T={four}",
                     "", "learned"], rows)
 
 
@@ -432,18 +355,13 @@ def _spread(cell: dict) -> str:
     return f"{_pct(cell['median'])} ({_pct(cell['min'])}-{_pct(cell['max'])})"
 
 
-def plot_frontier(records: list[dict], plan: Plan, args, ts) -> None:
+def plot_frontier(records: list[dict], plan: Plan, args) -> None:
     """frontier.png: one panel per length, recall against state bytes (log), a curve per family
     through its knob values (heuristics dashed), min-max bars, hollow markers for points that did not
     learn, the Pareto frontier as a step line with ringed points, full attention as a star."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     families = list(dict.fromkeys(r["family"] for r in records))
     colours = {family: f"C{i}" for i, family in enumerate(f for f in families if f != "gdn+attn")}
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2), sharey=True)
+    fig, axes = pyplot().subplots(1, 2, figsize=(13, 5.2), sharey=True)
     for ax, length in zip(axes, map(str, plan.lengths)):
         for family in families:
             _plot_family(ax, [r for r in records if r["family"] == family], length, colours.get(family, "black"))
@@ -453,7 +371,7 @@ def plot_frontier(records: list[dict], plan: Plan, args, ts) -> None:
             xs, ys = zip(*front)
             ax.step(xs, ys, where="post", color="black", lw=1, alpha=0.6, label="Pareto frontier")
             ax.scatter(xs, ys, s=260, facecolors="none", edgecolors="black", lw=1, zorder=4)
-        ax.axhline(1 / ts.N_VALUES, color="grey", ls=":", lw=1, label="chance")
+        ax.axhline(1 / N_VALUES, color="grey", ls=":", lw=1, label="chance")
         ax.set_xscale("log")
         ax.set_ylim(-0.02, 1.02)
         ax.set_xlabel("decoding-state bytes per sequence")
@@ -463,9 +381,7 @@ def plot_frontier(records: list[dict], plan: Plan, args, ts) -> None:
     fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=6, fontsize=8)
     fig.suptitle(f"Recall against memory: median (bar: min-max) over seeds {', '.join(map(str, args.seeds))}; "
                  f"ringed: on the Pareto frontier; hollow: most seeds did not learn")
-    fig.tight_layout(rect=(0, 0.08, 1, 1))     # room for the legend below the panels
-    fig.savefig(args.out / "frontier.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, args.out / "frontier.png", rect=(0, 0.08, 1, 1))     # room for the legend below the panels
 
 
 def _plot_family(ax, records: list[dict], length: str, colour: str) -> None:
@@ -499,15 +415,15 @@ def machine(device) -> str:
 
 
 def frontier_json(records: list[dict], tuning: dict, runs: dict, failures: list, plan: Plan, args, device,
-                  wall: float, ts) -> dict:
+                  wall: float) -> dict:
     """Everything frontier.json holds: the command and where it ran, the rules, the seeds, the tuning
     table with the chosen rates, every run's numbers and every point's aggregate."""
     return {"command": shlex.join([os.path.basename(sys.executable)] + sys.argv), **versions(),
-            "machine": machine(device), "wall_seconds": wall, "settings": ts.run_settings(args),
+            "machine": machine(device), "wall_seconds": wall, "settings": run_settings(args),
             "seeds": {"tune": args.frontier_tune_seeds, "points": args.seeds}, "lrs": args.frontier_lrs,
             "lengths": list(plan.lengths), "hardest_setting": hardest_words(args),
             "rules": {"lr": LR_RULE.format(setting=hardest_words(args)), "pareto": PARETO_RULE,
-                      "learned": learned_rule(args, ts), "hollow": HOLLOW_RULE, "state_bytes": STATE_NOTE},
+                      "learned": learned_rule(args), "hollow": HOLLOW_RULE, "state_bytes": STATE_NOTE},
             "knobs": {family: [k.label for k in knobs] for family, knobs in plan.knobs.items()},
             "heuristic_budget": {"sink": plan.sink, "window": args.window, "buffers": plan.budgets,
                                  "streaming": "StreamingLLM holds s sinks and a window of w + b (no buffer)"},
@@ -515,21 +431,21 @@ def frontier_json(records: list[dict], tuning: dict, runs: dict, failures: list,
             "points": records, "runs": runs, "failed_runs": failures}
 
 
-def learned_rule(args, ts) -> str:
+def learned_rule(args) -> str:
     return (f"a run has learned the task when its recall at the easiest setting (T = {args.seq_len}, "
-            f"{min(args.eval_facts)} facts, the shortest distances) is at least {ts.LEARNED_AT:.0%}; a heuristic "
+            f"{min(args.eval_facts)} facts, the shortest distances) is at least {LEARNED_AT:.0%}; a heuristic "
             f"point's runs are its gdn+attn runs")
 
 
-def report(records: list[dict], tuning: dict, runs: dict, failures: list, plan: Plan, args, device, wall: float,
-           ts) -> None:
+def report(records: list[dict], tuning: dict, runs: dict, failures: list, plan: Plan, args, device,
+           wall: float) -> None:
     """The table, frontier.png and frontier.json, from the points' records (a command of the tuning
     phase alone writes its tuning table only)."""
     if records:
-        print_frontier(records, plan, args, ts)
-        plot_frontier(records, plan, args, ts)
-    ts.write_json_atomic(frontier_json(records, tuning, runs, failures, plan, args, device, wall, ts),
-                         args.out / "frontier.json")
+        print_frontier(records, plan, args)
+        plot_frontier(records, plan, args)
+    write_json_atomic(frontier_json(records, tuning, runs, failures, plan, args, device, wall),
+                      args.out / "frontier.json")
     print(f"\nwrote {args.out / 'frontier.json'}" + (f" and {args.out / 'frontier.png'}" if records else ""))
 
 
@@ -545,30 +461,30 @@ CPU_EVAL_SECONDS = {"gdn": 7, "gdn+swa": 14, "gdn+lte": 17, "gdn+nsa": 29, "gdn+
 CPU_START_SECONDS = 7   # a process's start, the probe readings, reading the corpus: fits --quick's 1 min 48 s
 
 
-def check_configs(plan: Plan, args, ts) -> None:
+def check_configs(plan: Plan, args) -> None:
     """Every point's model can be built with these flags (ValueError naming the knob otherwise)."""
     for family, knobs in plan.knobs.items():
         for knob in knobs:
             try:
-                ts.model_config(family, args, ts.VOCAB_SIZE, **dict(knob.overrides))
+                model_config(family, args, VOCAB_SIZE, **dict(knob.overrides))
             except ValueError as e:
                 raise ValueError(f"--frontier: {family} at {knob.label} cannot be built with these flags: "
                                  f"{e}") from None
 
 
-def check_saved(runs: list, args, ts) -> None:
+def check_saved(runs: list, args) -> None:
     """--resume: every saved checkpoint of these runs can go on with these flags (ValueError otherwise);
     a checkpoint's settings hold its run's own rate."""
     if not args.resume:
         return
     for run in runs:
-        path = ts.checkpoint_path(args.out, run.name, run.seed)
+        path = checkpoint_path(args.out, run.name, run.seed)
         if path.exists():
-            ts.check_checkpoint(ts._read_checkpoint(path), argparse.Namespace(**{**vars(args), "lr": run.lr}), path,
+            check_checkpoint(read_checkpoint(path), argparse.Namespace(**{**vars(args), "lr": run.lr}), path,
                                 run.seed)
 
 
-def announce(plan: Plan, args, device, ts) -> None:
+def announce(plan: Plan, args, device) -> None:
     """How many runs the command plans, and on a CPU how long they take (the tuning runs and, once the
     rates are chosen, one run per point and seed)."""
     tune = len(plan.knobs) * len(args.frontier_lrs) * len(args.frontier_tune_seeds)
@@ -586,75 +502,75 @@ def announce(plan: Plan, args, device, ts) -> None:
         seconds = sum(per_family[f] * (len(args.frontier_lrs) * len(args.frontier_tune_seeds)
                                        + (0 if args.frontier_tune_only else len(knobs) * len(args.seeds)))
                       for f, knobs in plan.knobs.items())
-        jobs = args.jobs or ts.cpu_cores()
-        print(f"on this CPU, {jobs} run{'s' * (jobs > 1)} at a time: about {ts._duration(seconds / jobs)} "
+        jobs = args.jobs or cpu_cores()
+        print(f"on this CPU, {jobs} run{'s' * (jobs > 1)} at a time: about {duration(seconds / jobs)} "
               f"(a rough estimate from step times measured on 2 cores)", flush=True)
 
 
-def prepare(plan: Plan, args, ts):
+def prepare(plan: Plan, args):
     """Every check before any work (one line and exit status 2 otherwise), --out made ready, the plan
     announced. Returns (device, (train tokens, validation tokens, vocabulary size))."""
     try:
-        check_configs(plan, args, ts)
+        check_configs(plan, args)
     except ValueError as e:
-        ts.fail(str(e))
-    device, _, enc, tokens, val_tokens = ts.prepare_run(args)
+        fail(str(e))
+    device, _, enc, tokens, val_tokens = prepare_run(args)
     every_rate = [Point(f, k, lr) for f, knobs in plan.knobs.items() for k in knobs for lr in args.frontier_lrs]
     try:
-        check_saved(runs_of(every_rate, args.frontier_tune_seeds + args.seeds, ts), args, ts)
+        check_saved(runs_of(every_rate, args.frontier_tune_seeds + args.seeds), args)
     except ValueError as e:
-        ts.fail(str(e))
-    announce(plan, args, device, ts)
+        fail(str(e))
+    announce(plan, args, device)
     return device, (tokens, val_tokens, enc.n_vocab)
 
 
-def tune(plan: Plan, args, data, device, ts) -> tuple[dict, dict, list]:
+def tune(plan: Plan, args, data, device, run_one) -> tuple[dict, dict, list]:
     """Phase "tune": the tuning runs (or theirs read back), the table and the chosen rates.
     Returns (tuning table, {run.key: result}, failures)."""
     tuned = tune_points(plan, args)
-    results, failures = ts.run_all(runs_of(tuned, args.frontier_tune_seeds, ts), args, *data, device)
-    table = tuning_table(tuned, results, args, ts)
-    print_tuning(table, args, ts)
+    results, failures = run_all(runs_of(tuned, args.frontier_tune_seeds), args, *data, device, run_one)
+    table = tuning_table(tuned, results, args)
+    print_tuning(table, args)
     for family, row in table.items():
         if row["chosen"] is None:
             print(f"{family}: no learning rate, none of its tuning runs finished (see the failures); its points wait")
     return table, results, failures
 
 
-def train_points(plan: Plan, lrs: dict[str, float], args, data, device, ts) -> tuple[list, dict, list]:
+def train_points(plan: Plan, lrs: dict[str, float], args, data, device, run_one) -> tuple[list, dict, list]:
     """Phase "points": every point of the families with a rate, trained on --seeds (or read back), then
     the heuristics on the trained gdn+attn. Returns (points, {(family, knob label, seed): result},
     failures)."""
     points = trained_points(plan, lrs)
-    trained, failures = ts.run_all(runs_of(points, args.seeds, ts), args, *data, device)
-    results = {(p.family, p.knob.label, seed): trained[p.run(seed, ts).key]
-               for p in points for seed in args.seeds if p.run(seed, ts).key in trained}
+    trained, failures = run_all(runs_of(points, args.seeds), args, *data, device, run_one)
+    results = {(p.family, p.knob.label, seed): trained[p.run(seed).key]
+               for p in points for seed in args.seeds if p.run(seed).key in trained}
     if "gdn+attn" in lrs:
         attn = next(p for p in points if p.family == "gdn+attn")
         heuristics = heuristic_points(plan, args, lrs["gdn+attn"])
         val_tokens, vocab_size = data[1:]
-        results |= heuristic_results(heuristics, attn, trained, plan, args, val_tokens, vocab_size, device, ts)
+        results |= heuristic_results(heuristics, attn, trained, plan, args, val_tokens, vocab_size, device)
         points = [p for p in points if p is not attn] + heuristics + [attn]     # the reference last
     return points, results, failures
 
 
-def main(args, ts) -> None:
+def main(args, run_one) -> None:
     """--frontier: tune, train the points, decode the heuristics, report (see the module docstring)."""
     wall_start = time.perf_counter()
-    plan = make_plan(args, ts)
-    device, data = prepare(plan, args, ts)
-    tuning, tune_results, failures = tune(plan, args, data, device, ts)
+    plan = make_plan(args)
+    device, data = prepare(plan, args)
+    tuning, tune_results, failures = tune(plan, args, data, device, run_one)
     points, results = [], {}
     if not args.frontier_tune_only:
         lrs = {family: row["chosen"] for family, row in tuning.items() if row["chosen"] is not None}
-        points, results, more_failures = train_points(plan, lrs, args, data, device, ts)
+        points, results, more_failures = train_points(plan, lrs, args, data, device, run_one)
         failures += more_failures
-    records = frontier_records(points, results, args, plan, ts)
+    records = frontier_records(points, results, args, plan)
     runs = {f"{family} {knob} seed {seed}": result for (family, knob, seed), result in results.items()}
     runs |= {f"{name} seed {seed} (tuning)": result for (name, seed), result in tune_results.items()}
     wall = time.perf_counter() - wall_start
-    report(records, tuning, runs, failures, plan, args, device, wall, ts)
+    report(records, tuning, runs, failures, plan, args, device, wall)
     print(f"wall time {wall:.0f}s")
     if failures:
-        ts.report_failures(failures)
+        report_failures(failures)
         raise SystemExit(1)

@@ -17,8 +17,12 @@ import numpy as np
 import pytest
 import torch
 
-import train_shakespeare as ts
+import cli
+import corpus
+import recall_task
+import report
 import tiny_hybrid
+import train_shakespeare as ts
 
 SCRIPT = Path(ts.__file__)
 # A model and task small enough for a few CPU seconds per preset.
@@ -31,7 +35,7 @@ TINY = ["--steps", "4", "--seq-len", "20", "--dense-len", "10", "--dense-facts",
 def text_file(tmp_path_factory):
     """A small UTF-8 text (Shakespeare's words, ~30k characters) for --data: no corpus conversion."""
     path = tmp_path_factory.mktemp("data") / "text.txt"
-    path.write_text(ts.load_corpus(cache_dir=tmp_path_factory.mktemp("cache"))[1][:30_000], encoding="utf-8")
+    path.write_text(corpus.load_corpus(cache_dir=tmp_path_factory.mktemp("cache"))[1][:30_000], encoding="utf-8")
     return path
 
 
@@ -85,7 +89,7 @@ def test_run_then_refuse_then_resume_then_overwrite(tmp_path, text_file):
     assert results["versions"]["torch"] == torch.__version__
     state = {p: results["models"][p]["summary"]["eval"]["20"]["state_bytes"] for p in ("gdn", "gdn+lte")}
     for preset, nbytes in state.items():
-        model = tiny_hybrid.TinyHybrid(ts.model_config(preset, ts.parse_args([*map(str, TINY)]), ts.VOCAB_SIZE))
+        model = tiny_hybrid.TinyHybrid(cli.model_config(preset, cli.parse_args([*map(str, TINY)]), corpus.VOCAB_SIZE))
         assert nbytes == model.state_nbytes(model.init_state(1, max_len=20))
     assert f"gdn+lte {state['gdn+lte'] / state['gdn']:.1f}x" in first.stdout
 
@@ -185,10 +189,10 @@ def test_parallel_runs_train_as_in_process_and_a_failed_run_is_reported(tmp_path
     assert "started gdn seed 0 on cpu" in parallel.stdout and "finished gdn seed 1:" in parallel.stdout
     assert " step " not in parallel.stdout                 # no progress lines of the children interleaved
     runs = json.loads((out / "results.json").read_text())["models"]["gdn"]["runs"]
-    tokens = ts.tokenize(ts.load_tokenizer(), ts.load_corpus(text_file)[0])
+    tokens = corpus.tokenize(corpus.load_tokenizer(), corpus.load_corpus(text_file)[0])
     for seed in (0, 1):
-        args = ts.parse_args([*map(str, TINY), "--seed", str(seed), "--out", str(tmp_path / "here")])
-        here = ts.train_model("gdn", args, tokens, ts.VOCAB_SIZE, torch.device("cpu"))[1]
+        args = cli.parse_args([*map(str, TINY), "--seed", str(seed), "--out", str(tmp_path / "here")])
+        here = ts.train_model("gdn", args, tokens, corpus.VOCAB_SIZE, torch.device("cpu"))[1]
         assert [h["loss"] for h in runs[str(seed)]["history"]] == pytest.approx([h["loss"] for h in here["history"]],
                                                                                rel=1e-4)
 
@@ -337,8 +341,8 @@ def test_bad_flags_are_refused_before_any_work(flags, words, tmp_path, capsys):
 
 
 def test_every_numeric_flag_has_a_checked_range():
-    typed = {a.dest for a in ts.build_parser()._actions if a.type in (int, float)}
-    assert typed == set(ts.INT_RANGES) | set(ts.FLOAT_RANGES)
+    typed = {a.dest for a in cli.build_parser()._actions if a.type in (int, float)}
+    assert typed == set(cli.INT_RANGES) | set(cli.FLOAT_RANGES)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible here")
@@ -411,8 +415,8 @@ def test_an_earlier_versions_one_seed_run_is_refused_by_resume_and_removed_by_ov
     err = refused(capsys, ["--resume", "--out", out])
     assert "earlier version of this script" in err and "results.json" in err
     (out / "gdn_state2x8.pt").write_bytes(b"old")
-    assert [p.name for p in ts.output_files(out)] == ["gdn_state2x8.pt", "results.json"]
-    ts.remove_outputs(out)
+    assert [p.name for p in cli.output_files(out)] == ["gdn_state2x8.pt", "results.json"]
+    cli.remove_outputs(out)
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 
 
@@ -427,25 +431,25 @@ def test_a_file_as_out_is_refused(tmp_path, capsys):
 
 
 def test_extended_run_keeps_its_schedule_then_the_final_learning_rate(tmp_path):
-    args = ts.parse_args(["--steps", "100", "--out", str(tmp_path)])
+    args = cli.parse_args(["--steps", "100", "--out", str(tmp_path)])
     final = ts.FINAL_LR * args.lr
     assert ts.learning_rate(99, args) == pytest.approx(final, rel=0.01)
     assert ts.learning_rate(100, args, schedule_steps=100) == ts.learning_rate(250, args, schedule_steps=100) == final
-    assert ts.learning_rate(30, args, schedule_steps=100) == ts.learning_rate(30, ts.parse_args(
+    assert ts.learning_rate(30, args, schedule_steps=100) == ts.learning_rate(30, cli.parse_args(
         ["--steps", "100", "--out", str(tmp_path)]))
     # past its schedule a run keeps the mixed curriculum: no second block of text-free drills
-    kinds = [ts.task_for_step(s, args, schedule_steps=60) for s in range(60, 100)]
+    kinds = [recall_task.task_for_step(s, args, schedule_steps=60) for s in range(60, 100)]
     assert kinds.count("drill") == 10 and "haystack" in kinds
 
 
 def test_extension_gives_the_same_model_whenever_the_run_was_stopped(tmp_path, monkeypatch):
     """Finish 8 steps then extend to 12, or Ctrl-C at step 5 of 8 and resume with 12: the same weights
     (the 8-step schedule, then its final learning rate), which differ from a fresh 12-step run."""
-    device, tokens = torch.device("cpu"), np.arange(10_000, dtype=np.int64) % ts.N_BPE
+    device, tokens = torch.device("cpu"), np.arange(10_000, dtype=np.int64) % corpus.N_BPE
 
     def train(out, steps, *flags):
-        args = ts.parse_args([*TINY, "--models", "gdn", "--steps", str(steps), "--out", str(out), *flags])
-        return ts.train_model("gdn", args, tokens, ts.VOCAB_SIZE, device)[0]
+        args = cli.parse_args([*TINY, "--models", "gdn", "--steps", str(steps), "--out", str(out), *flags])
+        return ts.train_model("gdn", args, tokens, corpus.VOCAB_SIZE, device)[0]
 
     train(tmp_path / "a", 8)
     extended = train(tmp_path / "a", 12, "--resume")
@@ -460,7 +464,7 @@ def test_extension_gives_the_same_model_whenever_the_run_was_stopped(tmp_path, m
     with pytest.raises(SystemExit):
         train(tmp_path / "b", 8)
     monkeypatch.setattr(ts, "training_batch", real_batch)
-    assert torch.load(ts.checkpoint_path(tmp_path / "b", "gdn", 0), weights_only=True)["step"] == 5
+    assert torch.load(cli.checkpoint_path(tmp_path / "b", "gdn", 0), weights_only=True)["step"] == 5
     stopped_then_extended = train(tmp_path / "b", 12, "--resume")
 
     for (name, a), b in zip(extended.state_dict().items(), stopped_then_extended.state_dict().values()):
@@ -480,31 +484,32 @@ def test_sampled_prose_never_contains_recall_tokens_or_control_bytes():
     used to pass as the model's text)."""
     torch.manual_seed(0)
     model = tiny_hybrid.TinyHybrid(tiny_hybrid.Config.preset(
-        "gdn+lte", vocab_size=ts.VOCAB_SIZE, n_layer=2, d_model=16, head_dim=4, window=8, lte_buffer=4))
+        "gdn+lte", vocab_size=corpus.VOCAB_SIZE, n_layer=2, d_model=16, head_dim=4, window=8, lte_buffer=4))
     forward = model.forward
 
     def favour_recall_tokens(*a, **kw):
         logits, loss = forward(*a, **kw)
-        banned = torch.zeros(ts.VOCAB_SIZE)
+        banned = torch.zeros(corpus.VOCAB_SIZE)
         banned[ts.NOT_PROSE] = 30.0
         return logits + banned, loss
     model.forward = favour_recall_tokens
     prompt = torch.arange(100, 116)[None]                                   # [1, 16]
     top = set(model(prompt)[0][0, -1].topk(40).indices.tolist())
-    assert top <= set(ts.NOT_PROSE) and top & set(range(32)) and max(top) >= ts.N_BPE
+    assert top <= set(ts.NOT_PROSE) and top & set(range(32)) and max(top) >= corpus.N_BPE
     ids = ts.sample_prose(model, prompt, 30, torch.Generator().manual_seed(0))
     assert len(ids) == 30 and not set(ids) & set(ts.NOT_PROSE)
-    assert set(range(ts.N_BPE, ts.VOCAB_SIZE)) <= set(ts.NOT_PROSE) and 10 not in ts.NOT_PROSE   # newline is prose
+    assert set(range(corpus.N_BPE, corpus.VOCAB_SIZE)) <= set(ts.NOT_PROSE)
+    assert 10 not in ts.NOT_PROSE                                                    # newline is prose
     assert model.training                                                    # left as it was found
 
 
 def test_sample_text_keeps_the_prompt_apart(tmp_path):
-    enc = ts.load_tokenizer()
-    val_tokens = ts.tokenize(enc, "To be, or not to be, that is the question. " * 40)
-    args = ts.parse_args(["--out", str(tmp_path)])
+    enc = corpus.load_tokenizer()
+    val_tokens = corpus.tokenize(enc, "To be, or not to be, that is the question. " * 40)
+    args = cli.parse_args(["--out", str(tmp_path)])
     torch.manual_seed(0)
-    model = tiny_hybrid.TinyHybrid(ts.model_config("gdn", ts.parse_args(["--d-model", "16", "--out", str(tmp_path)]),
-                                                   ts.VOCAB_SIZE))
+    model = tiny_hybrid.TinyHybrid(cli.model_config("gdn", cli.parse_args(["--d-model", "16", "--out", str(tmp_path)]),
+                                                   corpus.VOCAB_SIZE))
     sample = ts.sample_text(model, enc, val_tokens, args, torch.device("cpu"), new_tokens=10)
     start = len(val_tokens) - 32                                                # a short text: its last 32 tokens
     assert sample["prompt"] == enc.decode(val_tokens[start:].tolist())
@@ -517,42 +522,42 @@ def _results(recall: float, steps: int) -> dict:
 
 
 def test_chance_note_says_when_recall_at_chance_is_expected(tmp_path):
-    args = ts.parse_args([*TINY, "--out", str(tmp_path)])
-    assert ts.chance_note({"gdn": _results(0.9, 40), "gdn+lte": _results(0.95, 40)}, args) == ""
-    short = ts.chance_note({"gdn": _results(0.03, 40), "gdn+lte": _results(0.9, 40)}, args)
+    args = cli.parse_args([*TINY, "--out", str(tmp_path)])
+    assert report.chance_note({"gdn": _results(0.9, 40), "gdn+lte": _results(0.95, 40)}, args) == ""
+    short = report.chance_note({"gdn": _results(0.03, 40), "gdn+lte": _results(0.9, 40)}, args)
     assert "expected after 40 steps" in short
-    long = ts.chance_note({"gdn": _results(0.03, 2400), "gdn+lte": _results(0.9, 2400)}, args)
+    long = report.chance_note({"gdn": _results(0.03, 2400), "gdn+lte": _results(0.9, 2400)}, args)
     assert "for gdn: not learned" in long
 
 
 def test_expected_tokens_match_the_batches(tmp_path):
     """The --use-triton time estimate counts the tokens that training will see."""
-    args = ts.parse_args([*TINY, "--steps", "200", "--out", str(tmp_path)])
-    tokens = np.arange(10_000, dtype=np.int64) % ts.N_BPE
+    args = cli.parse_args([*TINY, "--steps", "200", "--out", str(tmp_path)])
+    tokens = np.arange(10_000, dtype=np.int64) % corpus.N_BPE
     seen = [ts.training_batch(tokens, s, args)["idx"].numel() for s in range(200)]
-    train, evaluation = ts.expected_tokens(args)
+    train, evaluation = cli.expected_tokens(args)
     assert train == pytest.approx(sum(seen), rel=0.1) and evaluation > 0
-    assert ts.expected_tokens(args, start=150)[0] == pytest.approx(sum(seen[150:]), rel=0.1)  # a resumed run
+    assert cli.expected_tokens(args, start=150)[0] == pytest.approx(sum(seen[150:]), rel=0.1)  # a resumed run
 
 
 def test_help_shows_every_flag_with_its_default_and_one_quick_time():
-    parser = ts.build_parser()
-    formatter = ts.HelpFormatter("train_shakespeare.py")
+    parser = cli.build_parser()
+    formatter = cli.HelpFormatter("train_shakespeare.py")
     for action in parser._actions:
         if action.dest == "help":
             continue
         assert action.help, action.option_strings
         assert "(default: " in formatter._get_help_string(action), action.option_strings
     quick_help = next(a.help for a in parser._actions if a.dest == "quick")
-    assert ts.QUICK_TIME in quick_help and ts.QUICK_TIME in ts.__doc__
+    assert cli.QUICK_TIME in quick_help and cli.QUICK_TIME in ts.__doc__
     assert len(set(re.findall(r"(\d+) s on 2 CPU cores", ts.__doc__))) == 1
 
 
 def test_flags_given_win_over_quick(tmp_path):
-    args = ts.parse_args(["--quick", "--steps", "100", "--out", str(tmp_path)])
+    args = cli.parse_args(["--quick", "--steps", "100", "--out", str(tmp_path)])
     assert (args.steps, args.eval_batch, args.log_every, args.eval_every, args.checkpoint_every) == (100, 4, 10, 5, 20)
-    default = ts.parse_args(["--out", str(tmp_path)])
-    assert (default.steps, default.eval_every, default.seeds, default.jobs) == (ts.DEFAULT_STEPS, 100, [0], None)
-    assert ts.parse_args(["--steps", "4800", "--out", str(tmp_path)]).eval_every == 200   # 24 readings a run
-    assert ts.parse_args(["--seed", "3", "--out", str(tmp_path)]).seeds == [3]
-    assert ts.parse_args(["--seeds", " 2, 0 ,5", "--out", str(tmp_path)]).seeds == [2, 0, 5]
+    default = cli.parse_args(["--out", str(tmp_path)])
+    assert (default.steps, default.eval_every, default.seeds, default.jobs) == (report.DEFAULT_STEPS, 100, [0], None)
+    assert cli.parse_args(["--steps", "4800", "--out", str(tmp_path)]).eval_every == 200   # 24 readings a run
+    assert cli.parse_args(["--seed", "3", "--out", str(tmp_path)]).seeds == [3]
+    assert cli.parse_args(["--seeds", " 2, 0 ,5", "--out", str(tmp_path)]).seeds == [2, 0, 5]

@@ -14,7 +14,10 @@ import matplotlib.pyplot as plt
 import pytest
 import torch
 
+import cli
+import corpus
 import frontier
+import runs
 import train_shakespeare as ts
 
 SCRIPT = Path(ts.__file__)
@@ -24,7 +27,7 @@ TINY = ["--seq-len", "32", "--dense-len", "16", "--dense-facts", "2", "--drill-f
 
 
 def tiny_args(out, *extra):
-    return ts.parse_args(["--frontier", "--out", str(out), *TINY, *extra])
+    return cli.parse_args(["--frontier", "--out", str(out), *TINY, *extra])
 
 
 def run_cli(*flags, timeout=300):
@@ -52,7 +55,7 @@ def decoded_state_bytes(model, T: int) -> int:
 
 def test_reported_state_bytes_count_every_tensor_of_the_decoding_state(tmp_path):
     args = tiny_args(tmp_path)
-    plan = frontier.make_plan(args, ts)
+    plan = frontier.make_plan(args)
     gdn = plan.knobs["gdn"]
     points = ([frontier.Point("gdn", gdn[0]), frontier.Point("gdn", gdn[-1])]
               + [frontier.Point(family, plan.knobs[family][-1]) for family in ("gdn+swa", "gdn+lte", "gdn+nsa")]
@@ -60,17 +63,17 @@ def test_reported_state_bytes_count_every_tensor_of_the_decoding_state(tmp_path)
     assert points[-1].family == "attn+H2O" and gdn[-1].label == "4x32"
     torch.manual_seed(0)
     for point in points:
-        model = frontier.point_model(point, args, ts)
+        model = frontier.point_model(point, args)
         record = frontier.point_record(point, {10: fake_result({T: 0.5 for T in plan.lengths}, True, args)},
-                                       args, plan, ts)
+                                       args, plan)
         for T in plan.lengths:
             assert record["state_bytes"][str(T)] == decoded_state_bytes(model, T), (point.family, point.knob, T)
 
 
 def test_at_the_default_sizes_the_largest_gdn_state_holds_more_than_gdn_lte(tmp_path):
-    args = ts.parse_args(["--frontier", "--out", str(tmp_path)])
-    plan = frontier.make_plan(args, ts)
-    size = lambda family, knob: frontier.point_model(frontier.Point(family, knob), args, ts).state_bytes(128)
+    args = cli.parse_args(["--frontier", "--out", str(tmp_path)])
+    plan = frontier.make_plan(args)
+    size = lambda family, knob: frontier.point_model(frontier.Point(family, knob), args).state_bytes(128)
     assert size("gdn", plan.knobs["gdn"][-1]) > size("gdn+lte", plan.knobs["gdn+lte"][0])
     assert [k.label for k in plan.knobs["gdn+swa"]] == ["w=16", "w=8", "w=32", "w=84"]    # 84: s + w + b
     assert [k.label for k in plan.knobs["gdn+lte"]] == ["b=64", "b=8", "b=16", "b=32", "w=8", "w=32"]
@@ -92,7 +95,7 @@ def fake_result(recall: dict[int, float], learned: bool, args) -> dict:
 def stub_frontier(args):
     """Four points with made-up results over seeds 10, 11, 12: GDN 2x8 holds more than 1x8 and
     recalls less (dominated); LTE recalls the most; full attention never learned (hollow)."""
-    plan = frontier.make_plan(args, ts)
+    plan = frontier.make_plan(args)
     by_label = lambda family, label: next(k for k in plan.knobs[family] if k.label == label)
     recalls = {("gdn", "1x8"): ([0.2, 0.3, 0.25], [True] * 3), ("gdn", "2x8"): ([0.1, 0.2, 0.15], [True] * 3),
                ("gdn+lte", "b=8"): ([0.9, 0.5, 0.8], [True, False, True]),
@@ -106,7 +109,7 @@ def stub_frontier(args):
 def test_points_medians_spread_and_pareto_marks_come_from_the_runs(tmp_path):
     args = tiny_args(tmp_path)
     plan, points, results = stub_frontier(args)
-    records = {(r["family"], r["knob"]): r for r in frontier.frontier_records(points, results, args, plan, ts)}
+    records = {(r["family"], r["knob"]): r for r in frontier.frontier_records(points, results, args, plan)}
     one = str(plan.lengths[0])
     assert records["gdn", "1x8"]["recall"][one] == {"median": 0.25, "min": 0.2, "max": 0.3,
                                                     "per_seed": {"10": 0.2, "11": 0.3, "12": 0.25}}
@@ -126,11 +129,11 @@ def test_pareto_rule_on_ties_and_missing_recall():
 def test_table_figure_and_json_are_made_from_the_records(tmp_path, capsys, monkeypatch):
     args = tiny_args(tmp_path)
     plan, points, results = stub_frontier(args)
-    records = frontier.frontier_records(points, results, args, plan, ts)
+    records = frontier.frontier_records(points, results, args, plan)
     tuning = {"gdn": {"knob": "2x8", "rates": {}, "chosen": 7e-4}}
     kept = []
     monkeypatch.setattr(plt, "close", kept.append)   # keep the figure to read it back
-    frontier.report(records, tuning, {"a run": {"learned": True}}, [], plan, args, torch.device("cpu"), 1.0, ts)
+    frontier.report(records, tuning, {"a run": {"learned": True}}, [], plan, args, torch.device("cpu"), 1.0)
 
     table = capsys.readouterr().out
     row = next(line for line in table.splitlines() if line.startswith("gdn ") and " 1x8 " in line)
@@ -163,32 +166,32 @@ def test_table_figure_and_json_are_made_from_the_records(tmp_path, capsys, monke
 
 def test_learning_rate_is_chosen_on_the_tuning_seeds_only(tmp_path):
     args = tiny_args(tmp_path, "--frontier-lrs", "4e-4,1e-3,2e-3")
-    plan = frontier.make_plan(args, ts)
+    plan = frontier.make_plan(args)
     tuned = frontier.tune_points(plan, args)
     recall = {(4e-4, 0): 0.3, (4e-4, 1): 0.5, (1e-3, 0): 0.6, (1e-3, 1): 0.4, (2e-3, 0): 0.1, (2e-3, 1): 0.9}
     results = {}
     for point in tuned:
         for seed in (0, 1, 10, 11):     # the points' seeds at the same runs: better at 2e-3 if they counted
             r = recall[point.lr, seed] if seed < 10 else (1.0 if point.lr == 2e-3 else 0.0)
-            results[point.run(seed, ts).key] = fake_result({T: r for T in plan.lengths}, True, args)
-    table = frontier.tuning_table(tuned, results, args, ts)
+            results[point.run(seed).key] = fake_result({T: r for T in plan.lengths}, True, args)
+    table = frontier.tuning_table(tuned, results, args)
     assert set(table) == set(frontier.FAMILIES)
     # medians over seeds 0, 1: 0.4, 0.5, 0.5: the tie between 1e-3 and 2e-3 goes to the smaller rate
     assert all(row["chosen"] == 1e-3 for row in table.values())
     assert table["gdn"]["rates"]["0.0004"] == {"per_seed": {"0": 0.3, "1": 0.5}, "median": 0.4, "learned": 2, "n": 2}
     points = frontier.trained_points(plan, {"gdn": 1e-3})
     assert {p.lr for p in points} == {1e-3} and [p.knob for p in points] == plan.knobs["gdn"]
-    names = [run.name for run in frontier.runs_of(points, args.seeds, ts)]
+    names = [run.name for run in frontier.runs_of(points, args.seeds)]
     assert names[0] == "gdn_state2x8_lr0.001" and len(set(names)) == len(plan.knobs["gdn"])
 
 
 def test_runs_at_other_rates_never_share_a_checkpoint(tmp_path):
-    runs = [ts.Run("gdn+lte", 10, "_b8", (("lte_buffer", 8),), lr) for lr in (4e-4, 7e-4, 1.2e-3)]
-    runs.append(ts.Run("gdn+lte", 10))
-    paths = [ts.checkpoint_path(tmp_path, run.name, run.seed).name for run in runs]
+    lr_runs = [runs.Run("gdn+lte", 10, "_b8", (("lte_buffer", 8),), lr) for lr in (4e-4, 7e-4, 1.2e-3)]
+    lr_runs.append(runs.Run("gdn+lte", 10))
+    paths = [cli.checkpoint_path(tmp_path, run.name, run.seed).name for run in lr_runs]
     assert paths == ["gdn_lte_b8_lr0.0004_seed10.pt", "gdn_lte_b8_lr0.0007_seed10.pt", "gdn_lte_b8_lr0.0012_seed10.pt",
                      "gdn_lte_seed10.pt"]
-    assert all(ts.CHECKPOINT_NAME.fullmatch(p)["seed"] == "10" for p in paths)
+    assert all(cli.CHECKPOINT_NAME.fullmatch(p)["seed"] == "10" for p in paths)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -222,7 +225,7 @@ def test_bad_frontier_flags_are_refused_in_one_line(flags, words, capsys, tmp_pa
 def text_file(tmp_path_factory):
     """A small UTF-8 text for --data: no corpus conversion, a fast tokenization."""
     path = tmp_path_factory.mktemp("data") / "text.txt"
-    path.write_text(ts.load_corpus(cache_dir=tmp_path_factory.mktemp("cache"))[1][:30_000], encoding="utf-8")
+    path.write_text(corpus.load_corpus(cache_dir=tmp_path_factory.mktemp("cache"))[1][:30_000], encoding="utf-8")
     return path
 
 

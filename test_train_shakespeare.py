@@ -1,4 +1,6 @@
-"""Tests of train_shakespeare.py's data half: corpus conversion and split, tokenizer, recall facts."""
+"""Tests of the training script: corpus conversion and split, tokenizer, recall facts (corpus.py,
+recall_task.py), the training loop and its evaluation (train_shakespeare.py), runs (runs.py), the
+report (report.py) and the command's checks (cli.py)."""
 
 import collections
 import hashlib
@@ -11,6 +13,11 @@ import numpy as np
 import pytest
 import torch
 
+import cli
+import corpus
+import recall_task
+import report
+import runs
 import train_shakespeare as ts
 
 ROOT = Path(__file__).resolve().parent
@@ -84,33 +91,33 @@ Nine. lines.
 
 
 def test_markdown_to_text_on_a_synthetic_scene():
-    assert ts.markdown_to_text(SNIPPET) == SNIPPET_TEXT
+    assert corpus.markdown_to_text(SNIPPET) == SNIPPET_TEXT
 
 
 def test_markdown_to_text_continues_a_speech_across_a_stage_direction():
-    text = ts.markdown_to_text("**A**  \none  \n\n_Enter B_\n\ntwo\n\n**B**  \nthree\n")
+    text = corpus.markdown_to_text("**A**  \none  \n\n_Enter B_\n\ntwo\n\n**B**  \nthree\n")
     assert text == "A:\none\ntwo\n\nB:\nthree\n\n"
 
 
 def test_split_is_by_play_and_disjoint():
-    names = list(ts.play_paths())
+    names = list(corpus.play_paths())
     assert len(names) == 38
-    train, val = ts.split_plays(names)
-    assert sorted(val) == sorted(ts.VAL_PLAYS)
+    train, val = corpus.split_plays(names)
+    assert sorted(val) == sorted(corpus.VAL_PLAYS)
     assert not set(train) & set(val)
     assert sorted(train + val) == sorted(names)
     with pytest.raises(ValueError, match="julius-caesar"):
-        ts.split_plays([name for name in names if name != "julius-caesar"])
+        corpus.split_plays([name for name in names if name != "julius-caesar"])
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
+def splits(tmp_path_factory):
     """The Shakespeare splits, converted into a fresh cache (not the repo's data/cache)."""
-    return ts.load_corpus(cache_dir=tmp_path_factory.mktemp("cache"))
+    return corpus.load_corpus(cache_dir=tmp_path_factory.mktemp("cache"))
 
 
-def test_validation_plays_never_appear_in_training_text(corpus):
-    train_text, val_text = corpus
+def test_validation_plays_never_appear_in_training_text(splits):
+    train_text, val_text = splits
     for line in ("Friends, Romans, countrymen, lend me your ears;",  # Julius Caesar
                  "If music be the food of love, play on;",  # Twelfth Night
                  "We are such stuff"):  # The Tempest
@@ -119,17 +126,17 @@ def test_validation_plays_never_appear_in_training_text(corpus):
     assert 0.05 < len(val_text) / (len(train_text) + len(val_text)) < 0.1
 
 
-def test_corpus_has_no_markdown_left(corpus):
-    for text in corpus:
+def test_corpus_has_no_markdown_left(splits):
+    for text in splits:
         assert not set("_*#\\[]") & set(text)
         assert text.startswith(text.split(":\n", 1)[0] + ":\n")  # starts with a speaker line
 
 
-def test_load_corpus_reads_its_cache_back(corpus, tmp_path):
-    first = ts.load_corpus(cache_dir=tmp_path)
-    assert first == corpus
-    (tmp_path / f"shakespeare_v{ts.CORPUS_VERSION}_val.txt").write_text("cached", encoding="utf-8")
-    assert ts.load_corpus(cache_dir=tmp_path) == (corpus[0], "cached")
+def test_load_corpus_reads_its_cache_back(splits, tmp_path):
+    first = corpus.load_corpus(cache_dir=tmp_path)
+    assert first == splits
+    (tmp_path / f"shakespeare_v{corpus.CORPUS_VERSION}_val.txt").write_text("cached", encoding="utf-8")
+    assert corpus.load_corpus(cache_dir=tmp_path) == (splits[0], "cached")
 
 
 def test_runs_started_together_share_an_empty_cache_safely(tmp_path):
@@ -137,9 +144,9 @@ def test_runs_started_together_share_an_empty_cache_safely(tmp_path):
     safely (once, one writer's rename took the file from under the others)."""
     cache = tmp_path / "cache"
     start_at = time.time() + 8  # every process imports first, then all convert at the same moment
-    script = ("import hashlib, sys, time; import train_shakespeare as ts; "
+    script = ("import hashlib, sys, time; import corpus; "
               "time.sleep(max(0.0, float(sys.argv[2]) - time.time())); "
-              "train, val = ts.load_corpus(cache_dir=sys.argv[1]); "
+              "train, val = corpus.load_corpus(cache_dir=sys.argv[1]); "
               "print(hashlib.sha256((train + '\\0' + val).encode()).hexdigest())")
     procs = [subprocess.Popen([sys.executable, "-c", script, str(cache), str(start_at)], cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(6)]
@@ -147,29 +154,29 @@ def test_runs_started_together_share_an_empty_cache_safely(tmp_path):
     for p, (out, err) in zip(procs, outputs):
         assert p.returncode == 0, err
     digests = {out.strip() for out, _ in outputs}
-    train, val = ts.load_corpus(cache_dir=cache)
+    train, val = corpus.load_corpus(cache_dir=cache)
     assert digests == {hashlib.sha256((train + "\0" + val).encode()).hexdigest()}
     assert sorted(path.name for path in cache.iterdir()) == [
-        f"shakespeare_v{ts.CORPUS_VERSION}_{split}.txt" for split in ("train", "val")]  # no temporary file left
+        f"shakespeare_v{corpus.CORPUS_VERSION}_{split}.txt" for split in ("train", "val")]  # no temporary file left
 
 
 def test_data_file_is_split_at_the_end(tmp_path):
     path = tmp_path / "tiny.txt"
     path.write_text("x" * 90 + "y" * 10, encoding="utf-8")
-    assert ts.load_corpus(path) == ("x" * 90, "y" * 10)
+    assert corpus.load_corpus(path) == ("x" * 90, "y" * 10)
 
 
 def test_missing_data_file_names_the_path(tmp_path):
     path = tmp_path / "no_such_file.txt"
     with pytest.raises(FileNotFoundError, match="no_such_file.txt"):
-        ts.load_corpus(path)
+        corpus.load_corpus(path)
 
 
 def test_empty_data_file_names_the_path(tmp_path):
     path = tmp_path / "empty.txt"
     path.write_text("", encoding="utf-8")
     with pytest.raises(ValueError, match="empty.txt"):
-        ts.load_corpus(path)
+        corpus.load_corpus(path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -179,23 +186,23 @@ def test_empty_data_file_names_the_path(tmp_path):
 
 @pytest.fixture(scope="module")
 def enc():
-    return ts.load_tokenizer()
+    return corpus.load_tokenizer()
 
 
 def test_committed_tokenizer_loads_with_the_expected_size(enc):
-    ranks = ts.read_ranks(ts.TOKENIZER_PATH)
-    assert len(ranks) == ts.N_BPE == 2048
-    assert sorted(ranks.values()) == list(range(ts.N_BPE))
+    ranks = corpus.read_ranks(corpus.TOKENIZER_PATH)
+    assert len(ranks) == corpus.N_BPE == 2048
+    assert sorted(ranks.values()) == list(range(corpus.N_BPE))
     assert all(ranks[bytes([b])] == b for b in range(256))
-    assert enc.n_vocab == ts.VOCAB_SIZE == ts.N_BPE + ts.N_KEYS + ts.N_VALUES
+    assert enc.n_vocab == corpus.VOCAB_SIZE == corpus.N_BPE + corpus.N_KEYS + corpus.N_VALUES
     assert enc.encode("<|key_00|><|value_31|>", allowed_special="all") == [
-        ts.KEY_ID0, ts.VALUE_ID0 + ts.N_VALUES - 1]
+        corpus.KEY_ID0, corpus.VALUE_ID0 + corpus.N_VALUES - 1]
 
 
-def test_tokenizer_round_trips_shakespeare(enc, corpus):
-    val_text = corpus[1]
-    tokens = ts.tokenize(enc, val_text)
-    assert tokens.dtype == np.int64 and tokens.max() < ts.N_BPE
+def test_tokenizer_round_trips_shakespeare(enc, splits):
+    val_text = splits[1]
+    tokens = corpus.tokenize(enc, val_text)
+    assert tokens.dtype == np.int64 and tokens.max() < corpus.N_BPE
     assert enc.decode(tokens.tolist()) == val_text
     assert len(tokens) / len(val_text) < 0.45  # BPE compresses: far fewer tokens than characters
 
@@ -210,7 +217,7 @@ def test_tokenizer_round_trips_arbitrary_unicode(enc, text):
 
 def _naive_bpe(text, n_tokens):
     """Reference BPE: recount every pair after each merge (slow, obviously right)."""
-    words = [(list(piece), count) for piece, count in ts.count_words(text).items()]
+    words = [(list(piece), count) for piece, count in corpus.count_words(text).items()]
     token_bytes = [bytes([b]) for b in range(256)]
     id_of = {b: i for i, b in enumerate(token_bytes)}
     while len(token_bytes) < n_tokens:
@@ -225,44 +232,44 @@ def _naive_bpe(text, n_tokens):
         if new not in id_of:
             id_of[new] = len(token_bytes)
             token_bytes.append(new)
-        words = [(ts._merge_word(word, pair, id_of[new]), count) for word, count in words]
+        words = [(corpus._merge_word(word, pair, id_of[new]), count) for word, count in words]
     return {b: rank for rank, b in enumerate(token_bytes)}
 
 
-def test_train_bpe_matches_the_naive_algorithm(corpus):
-    text = corpus[0][:5000]
-    assert ts.train_bpe(text, 400) == _naive_bpe(text, 400)
+def test_train_bpe_matches_the_naive_algorithm(splits):
+    text = splits[0][:5000]
+    assert corpus.train_bpe(text, 400) == _naive_bpe(text, 400)
 
 
-def test_train_bpe_is_deterministic(corpus, tmp_path):
-    text = corpus[0][:30000]
+def test_train_bpe_is_deterministic(splits, tmp_path):
+    text = splits[0][:30000]
     for name in ("a", "b"):
-        ts.save_ranks(ts.train_bpe(text, 600), tmp_path / name)
+        corpus.save_ranks(corpus.train_bpe(text, 600), tmp_path / name)
     assert (tmp_path / "a").read_bytes() == (tmp_path / "b").read_bytes()
-    assert len(ts.read_ranks(tmp_path / "a")) == 600
+    assert len(corpus.read_ranks(tmp_path / "a")) == 600
 
 
 def test_train_bpe_stops_when_no_pair_is_left():
-    ranks = ts.train_bpe("ab ab", 1000)
+    ranks = corpus.train_bpe("ab ab", 1000)
     assert set(ranks) >= {b"ab", b" ab"} and len(ranks) == 258
 
 
-def test_committed_tokenizer_is_reproduced_byte_for_byte(corpus, tmp_path):
-    ts.save_ranks(ts.train_bpe(corpus[0], ts.N_BPE), tmp_path / "bpe.tiktoken")
-    assert (tmp_path / "bpe.tiktoken").read_bytes() == ts.TOKENIZER_PATH.read_bytes()
+def test_committed_tokenizer_is_reproduced_byte_for_byte(splits, tmp_path):
+    corpus.save_ranks(corpus.train_bpe(splits[0], corpus.N_BPE), tmp_path / "bpe.tiktoken")
+    assert (tmp_path / "bpe.tiktoken").read_bytes() == corpus.TOKENIZER_PATH.read_bytes()
 
 
 # ----------------------------------------------------------------------------------------------
 # 3. Recall facts
 # ----------------------------------------------------------------------------------------------
 
-TEXT_TOKENS = np.arange(10_000, dtype=np.int64) % ts.N_BPE  # stand-in text: each token predicts the next
+TEXT_TOKENS = np.arange(10_000, dtype=np.int64) % corpus.N_BPE  # stand-in text: each token predicts the next
 
 
 def _batch(seed=0, **kwargs):
     args = dict(batch_size=8, seq_len=256, n_facts=8, distance_range=(10, 150))
     args.update(kwargs)
-    return ts.make_batch(TEXT_TOKENS, rng=np.random.default_rng(seed), **args)
+    return recall_task.make_batch(TEXT_TOKENS, rng=np.random.default_rng(seed), **args)
 
 
 def test_batch_shapes_and_dtypes():
@@ -272,7 +279,7 @@ def test_batch_shapes_and_dtypes():
     assert batch["answer_mask"].shape == (8, 256) and batch["answer_mask"].dtype == torch.bool
     for key in ("answer_batch", "answer_pos", "answer_distance", "answer_n_facts"):
         assert batch[key].shape == (8 * 8,) and batch[key].dtype == torch.int64
-    assert batch["idx"].max() < ts.VOCAB_SIZE
+    assert batch["idx"].max() < corpus.VOCAB_SIZE
 
 
 def test_batch_is_deterministic_for_a_seed_and_differs_for_another():
@@ -283,7 +290,7 @@ def test_batch_is_deterministic_for_a_seed_and_differs_for_another():
 
 
 def _is_key(x):
-    return (x >= ts.KEY_ID0) & (x < ts.KEY_ID0 + ts.N_KEYS)
+    return (x >= corpus.KEY_ID0) & (x < corpus.KEY_ID0 + corpus.N_KEYS)
 
 
 def _facts(row):
@@ -304,19 +311,19 @@ def test_each_answer_is_the_value_bound_to_its_key_earlier():
         assert len(facts) == n_facts == _is_key(row).sum() // 2   # each key: a fact and a query
         value_pos, value = facts[row[pos].item()]
         assert value_pos < pos and row[pos + 1] == value if pos + 1 < len(row) else True
-        assert targets[pos] == value and ts.VALUE_ID0 <= value < ts.VALUE_ID0 + ts.N_VALUES
+        assert targets[pos] == value and corpus.VALUE_ID0 <= value < corpus.VALUE_ID0 + corpus.N_VALUES
         assert distance == pos - value_pos
 
 
 def _drill(seed=0, n_facts=6, batch_size=5):
-    return ts.make_drill_batch(batch_size, n_facts, np.random.default_rng(seed))
+    return recall_task.make_drill_batch(batch_size, n_facts, np.random.default_rng(seed))
 
 
 def test_drill_is_facts_and_queries_only_each_query_after_its_fact():
     batch = _drill()
     idx = batch["idx"]
     assert idx.shape == (5, 24)
-    assert _is_key(idx[:, 0::2]).all() and ((idx[:, 1::2] >= ts.VALUE_ID0) & (idx[:, 1::2] < ts.VOCAB_SIZE)).all()
+    assert _is_key(idx[:, 0::2]).all() and ((idx[:, 1::2] >= corpus.VALUE_ID0) & (idx[:, 1::2] < corpus.VOCAB_SIZE)).all()
     for row in idx:
         keys, counts = row[0::2].unique(return_counts=True)
         assert len(keys) == 6 and (counts == 2).all()                   # every key: one fact, one query
@@ -327,7 +334,7 @@ def test_drill_is_facts_and_queries_only_each_query_after_its_fact():
     rows, cols = batch["answer_mask"].nonzero(as_tuple=True)
     assert torch.equal(rows, batch["answer_batch"]) and torch.equal(cols, batch["answer_pos"])
     assert (batch["answer_n_facts"] == 6).all() and batch["answer_mask"].sum() == 5 * 6
-    assert (batch["targets"][~batch["answer_mask"]] == ts.IGNORE_INDEX).all()
+    assert (batch["targets"][~batch["answer_mask"]] == recall_task.IGNORE_INDEX).all()
 
 
 def test_drill_is_deterministic_and_mixes_the_order():
@@ -338,10 +345,10 @@ def test_drill_is_deterministic_and_mixes_the_order():
     assert (batch["answer_pos"] < 4 * 8 - 2 * 8).any()
 
 
-@pytest.mark.parametrize("n_facts", [0, ts.N_KEYS + 1])
+@pytest.mark.parametrize("n_facts", [0, corpus.N_KEYS + 1])
 def test_drill_with_impossible_number_of_facts_raises(n_facts):
     with pytest.raises(ValueError, match="n_facts"):
-        ts.make_drill_sequence(n_facts, np.random.default_rng(0))
+        recall_task.make_drill_sequence(n_facts, np.random.default_rng(0))
 
 
 def test_distances_stay_in_the_requested_range():
@@ -357,9 +364,9 @@ def test_answers_are_exactly_the_masked_positions_in_mask_order():
     assert torch.equal(rows, batch["answer_batch"]) and torch.equal(cols, batch["answer_pos"])
     assert torch.equal(batch["answer_n_facts"], batch["answer_mask"].sum(1)[rows])
     answer_targets = batch["targets"][batch["answer_mask"]]
-    assert ((answer_targets >= ts.VALUE_ID0) & (answer_targets < ts.VOCAB_SIZE)).all()
+    assert ((answer_targets >= corpus.VALUE_ID0) & (answer_targets < corpus.VOCAB_SIZE)).all()
     other = batch["targets"][~batch["answer_mask"]]
-    assert ((other == ts.IGNORE_INDEX) | (other < ts.N_BPE)).all()  # only answers target a special
+    assert ((other == recall_task.IGNORE_INDEX) | (other < corpus.N_BPE)).all()  # only answers target a special
 
 
 def test_fact_and_query_blocks_have_no_target_but_the_answer():
@@ -371,22 +378,22 @@ def test_fact_and_query_blocks_have_no_target_but_the_answer():
             first = idx[b, t].item() not in seen
             seen.add(idx[b, t].item())
             if t > 0:
-                assert targets[b, t - 1] == ts.IGNORE_INDEX          # text before a block
+                assert targets[b, t - 1] == recall_task.IGNORE_INDEX          # text before a block
             if t + 1 < idx.shape[1]:
-                assert targets[b, t + 1] == ts.IGNORE_INDEX          # the block's value
+                assert targets[b, t + 1] == recall_task.IGNORE_INDEX          # the block's value
             # a fact's key has no target (its value is random); a query's key is the answer
-            assert (targets[b, t] == ts.IGNORE_INDEX) == first
+            assert (targets[b, t] == recall_task.IGNORE_INDEX) == first
             assert batch["answer_mask"][b, t] == (not first)
 
 
 def test_text_targets_are_the_next_text_token():
     batch = _batch()
     idx, targets = batch["idx"], batch["targets"]
-    lm = (targets != ts.IGNORE_INDEX) & ~batch["answer_mask"]
+    lm = (targets != recall_task.IGNORE_INDEX) & ~batch["answer_mask"]
     assert lm.float().mean() > 0.75  # most of the sequence is still language modelling
     assert torch.equal(targets[:, :-1][lm[:, :-1]], idx[:, 1:][lm[:, :-1]])
-    text = idx < ts.N_BPE
-    assert ((idx[:, 1:] - idx[:, :-1]) % ts.N_BPE == 1)[text[:, 1:] & text[:, :-1]].float().mean() > 0.95
+    text = idx < corpus.N_BPE
+    assert ((idx[:, 1:] - idx[:, :-1]) % corpus.N_BPE == 1)[text[:, 1:] & text[:, :-1]].float().mean() > 0.95
 
 
 def _offset_of(tokens, passage):
@@ -397,10 +404,10 @@ def _offset_of(tokens, passage):
     return None
 
 
-def test_passages_are_contiguous_slices_from_random_offsets(enc, corpus):
-    tokens = ts.tokenize(enc, corpus[1][:50_000])
-    batch = ts.make_batch(tokens, 4, 128, 3, (5, 60), np.random.default_rng(0))
-    offsets = [_offset_of(tokens, row[row < ts.N_BPE].tolist()) for row in batch["idx"]]
+def test_passages_are_contiguous_slices_from_random_offsets(enc, splits):
+    tokens = corpus.tokenize(enc, splits[1][:50_000])
+    batch = recall_task.make_batch(tokens, 4, 128, 3, (5, 60), np.random.default_rng(0))
+    offsets = [_offset_of(tokens, row[row < corpus.N_BPE].tolist()) for row in batch["idx"]]
     assert None not in offsets and len(set(offsets)) == 4
 
 
@@ -411,7 +418,7 @@ def test_long_distances_crowding_the_sequence_still_fit():
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(n_facts=33, n_keys=32), "n_facts"),     # keys are distinct
-    (dict(n_keys=ts.N_KEYS + 1), "n_keys"),
+    (dict(n_keys=corpus.N_KEYS + 1), "n_keys"),
     (dict(n_facts=(5, 3)), "n_facts"),
     (dict(distance_range=(0, 10)), "distance_range"),
     (dict(distance_range=(10, 255)), "distance_range"),
@@ -425,9 +432,9 @@ def test_impossible_recall_arguments_raise(kwargs, match):
 
 
 def test_distance_bins_straddle_the_window():
-    assert ts.distance_bins(64, 253) == [(1, 32), (33, 64), (65, 128), (129, 253)]
-    assert ts.distance_bins(16, 100) == [(1, 8), (9, 16), (17, 32), (33, 64), (65, 100)]
-    bins = ts.distance_bins(64, 509)
+    assert recall_task.distance_bins(64, 253) == [(1, 32), (33, 64), (65, 128), (129, 253)]
+    assert recall_task.distance_bins(16, 100) == [(1, 8), (9, 16), (17, 32), (33, 64), (65, 100)]
+    bins = recall_task.distance_bins(64, 509)
     assert bins[0][0] == 1 and bins[-1][1] == 509
     assert all(hi + 1 == next_lo for (_, hi), (next_lo, _) in zip(bins, bins[1:]))
 
@@ -445,20 +452,20 @@ import tiny_hybrid
 
 def tiny_args(out, *extra):
     """A model and task small enough for a few CPU seconds per preset."""
-    return ts.parse_args(["--out", str(out), "--steps", "20", "--seq-len", "48", "--dense-len", "24",
+    return cli.parse_args(["--out", str(out), "--steps", "20", "--seq-len", "48", "--dense-len", "24",
                           "--dense-facts", "3", "--drill-facts", "3", "--max-facts", "4", "--batch-size", "4", "--window", "8",
                           "--d-model", "32", "--gdn-head-dim", "8", "--eval-batch", "2", "--log-every", "10",
                           "--lte-buffer", "4", *extra])
 
 
-@pytest.mark.parametrize("preset", ts.MODELS + ("transformer",))
+@pytest.mark.parametrize("preset", cli.MODELS + ("transformer",))
 def test_twenty_step_training_smoke(preset, tmp_path):
     args = tiny_args(tmp_path)
-    model, record = ts.train_model(preset, args, TEXT_TOKENS, ts.VOCAB_SIZE, torch.device("cpu"))
+    model, record = ts.train_model(preset, args, TEXT_TOKENS, corpus.VOCAB_SIZE, torch.device("cpu"))
     history = record["history"]
     assert [h["step"] for h in history] == [10, 20]
     assert history[-1]["loss"] < history[0]["loss"] + 1.0 and np.isfinite(history[-1]["loss"])
-    ckpt = torch.load(ts.checkpoint_path(tmp_path, preset, 0), weights_only=True)
+    ckpt = torch.load(cli.checkpoint_path(tmp_path, preset, 0), weights_only=True)
     assert ckpt["step"] == 20 and ckpt["preset"] == preset and ckpt["settings"]["seed"] == 0
 
 
@@ -470,8 +477,8 @@ def test_lte_lambda_controller_runs_on_haystack_steps_only(tmp_path, monkeypatch
     calls = []
     monkeypatch.setattr(tiny_hybrid.TinyHybrid, "update_lte_lambdas",
                         lambda self, count_step=True: calls.append(count_step))
-    model, _ = ts.train_model("gdn+lte", args, TEXT_TOKENS, ts.VOCAB_SIZE, torch.device("cpu"))
-    haystacks = [s for s in range(args.steps) if ts.task_for_step(s, args) == "haystack"]
+    model, _ = ts.train_model("gdn+lte", args, TEXT_TOKENS, corpus.VOCAB_SIZE, torch.device("cpu"))
+    haystacks = [s for s in range(args.steps) if recall_task.task_for_step(s, args) == "haystack"]
     assert len(calls) == args.steps                     # once per optimizer step
     assert 0 < len(haystacks) < args.steps
     assert [s for s, counted in enumerate(calls) if counted] == haystacks
@@ -481,7 +488,7 @@ def test_lte_lambda_controller_runs_on_haystack_steps_only(tmp_path, monkeypatch
 def test_lte_router_trains_at_its_own_learning_rate(tmp_path):
     """The routers' parameters (and only they) get --lte-router-lr times the rate, without decay."""
     args = tiny_args(tmp_path, "--lte-router-lr", "0.25")
-    model = tiny_hybrid.TinyHybrid(ts.model_config("gdn+lte", args, ts.VOCAB_SIZE))
+    model = tiny_hybrid.TinyHybrid(cli.model_config("gdn+lte", args, corpus.VOCAB_SIZE))
     assert model.config.lte_router_lr_scale == 0.25
     groups = model.optimizer_groups(args.lr)
     router = {id(p) for p in model.blocks[1].mixer.router.parameters()}
@@ -504,7 +511,7 @@ def test_lte_router_trains_at_its_own_learning_rate(tmp_path):
 def test_the_script_defaults_are_the_recipe_in_config(tmp_path):
     """The LTE and NSA settings the script trains with by default are tiny_hybrid.Config's
     defaults, so a copied module carries the recipe the README reports."""
-    config = ts.model_config("gdn+lte", ts.parse_args(["--out", str(tmp_path)]), ts.VOCAB_SIZE)
+    config = cli.model_config("gdn+lte", cli.parse_args(["--out", str(tmp_path)]), corpus.VOCAB_SIZE)
     defaults = tiny_hybrid.Config()
     for name in ("lte_buffer", "lte_train_cap", "lte_lambda_every", "lte_lambda_init", "lte_router_lr_scale",
                  "nsa_topn", "lte_sink", "lte_dropout", "lte_kernel_sizes", "lte_dilations"):
@@ -516,7 +523,7 @@ def test_text_loss_falls_on_predictable_text(tmp_path):
     drill warm-up, so text batches start at step 0)."""
     args = tiny_args(tmp_path, "--steps", "60", "--log-every", "20", "--lr", "1e-2", "--drill-frac", "0")
     cycle = np.arange(10_000, dtype=np.int64) % 16
-    history = ts.train_model("gdn+swa", args, cycle, ts.VOCAB_SIZE, torch.device("cpu"))[1]["history"]
+    history = ts.train_model("gdn+swa", args, cycle, corpus.VOCAB_SIZE, torch.device("cpu"))[1]["history"]
     assert history[-1]["loss"] < 0.5 * history[0]["loss"], history
 
 
@@ -529,7 +536,7 @@ def test_interrupt_then_resume_equals_uninterrupted_run(tmp_path, monkeypatch, d
     embedding's) add with atomics in any order."""
     device = torch.device(device)
     straight, _ = ts.train_model("gdn+lte", tiny_args(tmp_path / "a", "--steps", "12"), TEXT_TOKENS,
-                                 ts.VOCAB_SIZE, device)
+                                 corpus.VOCAB_SIZE, device)
     real_batch = ts.training_batch
 
     def ctrl_c_at_step_5(tokens, step, args, *schedule):
@@ -538,12 +545,12 @@ def test_interrupt_then_resume_equals_uninterrupted_run(tmp_path, monkeypatch, d
         return real_batch(tokens, step, args, *schedule)
     monkeypatch.setattr(ts, "training_batch", ctrl_c_at_step_5)
     with pytest.raises(SystemExit) as stopped:
-        ts.train_model("gdn+lte", tiny_args(tmp_path / "b", "--steps", "12"), TEXT_TOKENS, ts.VOCAB_SIZE, device)
+        ts.train_model("gdn+lte", tiny_args(tmp_path / "b", "--steps", "12"), TEXT_TOKENS, corpus.VOCAB_SIZE, device)
     assert stopped.value.code == 130
-    assert torch.load(ts.checkpoint_path(tmp_path / "b", "gdn+lte", 0), weights_only=True)["step"] == 6
+    assert torch.load(cli.checkpoint_path(tmp_path / "b", "gdn+lte", 0), weights_only=True)["step"] == 6
     monkeypatch.setattr(ts, "training_batch", real_batch)
     resumed, _ = ts.train_model("gdn+lte", tiny_args(tmp_path / "b", "--steps", "12", "--resume"), TEXT_TOKENS,
-                                ts.VOCAB_SIZE, device)
+                                corpus.VOCAB_SIZE, device)
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         if device.type == "cpu":
             assert torch.equal(a, b), name
@@ -553,20 +560,20 @@ def test_interrupt_then_resume_equals_uninterrupted_run(tmp_path, monkeypatch, d
 
 def test_checkpoint_write_is_atomic(tmp_path):
     path = tmp_path / "x.pt"
-    ts.save_atomic({"a": torch.ones(2)}, path)
+    cli.save_atomic({"a": torch.ones(2)}, path)
     assert [p.name for p in tmp_path.iterdir()] == ["x.pt"]  # no temporary file left
     assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(2))
 
 
 def test_unknown_model_is_a_clear_error(capsys):
     with pytest.raises(SystemExit):
-        ts.parse_args(["--models", "gdn,mamba"])
+        cli.parse_args(["--models", "gdn,mamba"])
     assert "mamba" in capsys.readouterr().err
 
 
 def test_curriculum_and_batches_are_the_same_for_every_model(tmp_path):
     args = tiny_args(tmp_path, "--steps", "100", "--drill-frac", "0.3")
-    kinds = [ts.task_for_step(s, args) for s in range(100)]
+    kinds = [recall_task.task_for_step(s, args) for s in range(100)]
     assert kinds[:30] == ["drill"] * 30                                   # text-free warm-up first
     assert kinds[32:40] == ["drill", "haystack", "dense", "haystack"] * 2   # then a quarter stay drills
     shapes = {kind: ts.training_batch(TEXT_TOKENS, kinds.index(kind, 30), args)["idx"].shape for kind in ("dense", "haystack")}
@@ -582,7 +589,7 @@ def test_evaluation_reports_every_length_and_state_size(tmp_path):
     torch.manual_seed(0)
     results = {}
     for preset in ("gdn", "gdn+attn"):
-        model = tiny_hybrid.TinyHybrid(ts.model_config(preset, args, ts.VOCAB_SIZE))
+        model = tiny_hybrid.TinyHybrid(cli.model_config(preset, args, corpus.VOCAB_SIZE))
         results[preset] = ts.evaluate(model, TEXT_TOKENS, args, torch.device("cpu"))
     for res in results.values():
         assert list(res) == ["48", "96", "192"]
@@ -597,12 +604,12 @@ def test_state_sweep_trains_pure_gdn_at_each_state_size_per_seed(tmp_path):
     args = tiny_args(tmp_path, "--steps", "4", "--log-every", "2", "--eval-every", "2", "--models", "gdn",
                      "--sweep-state", "--seeds", "0,1")
     args.state_sizes = ((1, 8), (2, 16))
-    runs = [run for run in ts.planned_runs(args) if run.tag]
-    assert [str(run) for run in runs] == ["gdn_state1x8 seed 0", "gdn_state2x16 seed 0", "gdn_state1x8 seed 1",
+    sweep = [run for run in runs.planned_runs(args) if run.tag]
+    assert [str(run) for run in sweep] == ["gdn_state1x8 seed 0", "gdn_state2x16 seed 0", "gdn_state1x8 seed 1",
                                           "gdn_state2x16 seed 1"]
-    results = {run.key: ts.run_one(run, args, TEXT_TOKENS, TEXT_TOKENS, ts.VOCAB_SIZE, torch.device("cpu"))
-               for run in runs}
-    rows = ts.sweep_rows(results, args)
+    results = {run.key: ts.run_one(run, args, TEXT_TOKENS, TEXT_TOKENS, corpus.VOCAB_SIZE, torch.device("cpu"))
+               for run in sweep}
+    rows = report.sweep_rows(results, args)
     assert [(r["gdn_heads"], r["gdn_head_dim"], r["state_numbers_per_layer"]) for r in rows] == [(1, 8, 64), (2, 16, 512)]
     for row in rows:
         per_seed = [row["runs"][seed]["hardest_recall"] for seed in ("0", "1")]
@@ -610,13 +617,13 @@ def test_state_sweep_trains_pure_gdn_at_each_state_size_per_seed(tmp_path):
                                          "max": max(per_seed), "n": 2}
     small, large = (results[(f"gdn_state{size}", 1)]["eval"]["48"]["state_bytes"] for size in ("1x8", "2x16"))
     assert large > small                                           # the sweep's model really is larger
-    assert ts.checkpoint_path(tmp_path, "gdn_state2x16", 1).exists()
+    assert cli.checkpoint_path(tmp_path, "gdn_state2x16", 1).exists()
     # the command's own pure GDN (--gdn-heads 2 --gdn-head-dim 4 here) joins the sweep at its size
     args.gdn_heads, args.gdn_head_dim = 2, 4
     results.update({("gdn", seed): results[("gdn_state1x8", seed)] for seed in (0, 1)})   # stands in for it
-    rows = ts.sweep_rows(results, args)
+    rows = report.sweep_rows(results, args)
     assert [(r["gdn_heads"], r["gdn_head_dim"]) for r in rows] == [(2, 4), (1, 8), (2, 16)]
-    ts.plot_state_sweep(rows, args)
+    report.plot_state_sweep(rows, args)
     assert (tmp_path / "state_sweep.png").stat().st_size > 10_000
 
 
@@ -627,7 +634,7 @@ def test_failed_recalls_use_the_longest_distance_that_the_facts_can_fill(tmp_pat
     from tiny_hybrid import TinyHybrid
     args = tiny_args(tmp_path, "--max-facts", "8")
     torch.manual_seed(0)
-    models = {p: TinyHybrid(ts.model_config(p, args, ts.VOCAB_SIZE)) for p in ("gdn", "gdn+attn")}
+    models = {p: TinyHybrid(cli.model_config(p, args, corpus.VOCAB_SIZE)) for p in ("gdn", "gdn+attn")}
     lines = ts.show_failed_recalls(models, enc, TEXT_TOKENS, args, torch.device("cpu"))
     assert lines and all("-> expected <value_" in line and "; gdn+attn: " in line for line in lines)
     distances = [int(re.search(r"\(fact (\d+) tokens back\)", line).group(1)) for line in lines]
@@ -648,13 +655,13 @@ def test_use_triton_trains_like_the_reference(tmp_path, monkeypatch, kernel_devi
             return _kernel(*a, **kw)
         monkeypatch.setattr(kernels, name, counted)
     device = kernel_device
-    runs = {}
+    histories = {}
     for flags in ((), ("--use-triton",)):
         args = tiny_args(tmp_path / str(len(flags)), "--steps", "3", "--log-every", "1", "--seq-len", "32",
                          "--dense-len", "16", "--max-facts", "2", "--dense-facts", "2", "--drill-facts", "2",
                          "--models", "gdn+lte", *flags)
-        runs[flags] = ts.train_model("gdn+lte", args, TEXT_TOKENS, ts.VOCAB_SIZE, device)[1]["history"]
-    reference, triton_run = runs[()], runs[("--use-triton",)]
+        histories[flags] = ts.train_model("gdn+lte", args, TEXT_TOKENS, corpus.VOCAB_SIZE, device)[1]["history"]
+    reference, triton_run = histories[()], histories[("--use-triton",)]
     assert calls["attention"] >= 3 and calls["gated_delta_rule"] >= 3, calls   # the kernels did run
     assert len(reference) == len(triton_run) == 3
     for a, b in zip(reference, triton_run):
@@ -672,19 +679,19 @@ def curve(*recalls, every=100):
 
 def test_convergence_rule_on_rising_flat_falling_and_short_curves():
     # 8 readings of an 800-step run: steps 100..600 before the last quarter, 700 and 800 in it
-    rising = ts.convergence(curve(0.1, 0.2, 0.3, 0.35, 0.40, 0.40, 0.44, 0.45), 800)
+    rising = report.convergence(curve(0.1, 0.2, 0.3, 0.35, 0.40, 0.40, 0.44, 0.45), 800)
     assert rising["converged"] is False and rising["verdict"].startswith("still rising: +5.0 points")
     assert rising["last_quarter_gain"] == pytest.approx(0.05)
-    flat = ts.convergence(curve(0.1, 0.5, 0.9, 0.93, 0.95, 0.94, 0.96, 0.95), 800)
+    flat = report.convergence(curve(0.1, 0.5, 0.9, 0.93, 0.95, 0.94, 0.96, 0.95), 800)
     assert flat["converged"] is True and flat["last_quarter_gain"] == pytest.approx(0.01)
-    fell = ts.convergence(curve(0.1, 0.9, 0.95, 0.9, 0.8, 0.8, 0.7, 0.72), 800)
+    fell = report.convergence(curve(0.1, 0.9, 0.95, 0.9, 0.8, 0.8, 0.7, 0.72), 800)
     assert fell["converged"] is False and fell["verdict"].startswith("fell: ") and "23.0 points" in fell["verdict"]
-    at_chance = ts.convergence(curve(*[0.03] * 8), 800)            # flat at chance: converged, but not learned
+    at_chance = report.convergence(curve(*[0.03] * 8), 800)            # flat at chance: converged, but not learned
     assert at_chance["converged"] is True
-    short = ts.convergence(curve(0.1, 0.2, 0.3, 0.4), 400)          # one reading in the last quarter
+    short = report.convergence(curve(0.1, 0.2, 0.3, 0.4), 400)          # one reading in the last quarter
     assert short["converged"] is None and "lower --eval-every" in short["verdict"]
     # exactly the threshold counts as a change: within 2 points means less than 2
-    assert ts.convergence(curve(0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.52, 0.5), 800)["converged"] is False
+    assert report.convergence(curve(0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.52, 0.5), 800)["converged"] is False
 
 
 def fake_run(hardest, easiest, converged=True, loss=5.0):
@@ -693,14 +700,14 @@ def fake_run(hardest, easiest, converged=True, loss=5.0):
     return {"eval": {"48": {"lm_loss": loss, "state_bytes": 1024, "recall": cells}},
             "convergence": {"converged": converged, "verdict": "still rising: +3.0 points" if converged is False
                             else "converged", "last_quarter_gain": 0.0},
-            "learned": easiest >= ts.LEARNED_AT, "steps": 20, "history": [], "probe": []}
+            "learned": easiest >= report.LEARNED_AT, "steps": 20, "history": [], "probe": []}
 
 
 def test_summary_is_mean_min_max_over_seeds_and_names_the_marked_seeds(tmp_path):
     args = tiny_args(tmp_path)
-    runs = {"0": fake_run(0.9, 1.0, loss=5.0), "1": fake_run(0.3, 0.5, converged=False, loss=5.5),
-            "2": fake_run(0.6, 0.95, converged=None, loss=5.3)}
-    summary = ts.summarize(runs, args)
+    by_seed = {"0": fake_run(0.9, 1.0, loss=5.0), "1": fake_run(0.3, 0.5, converged=False, loss=5.5),
+               "2": fake_run(0.6, 0.95, converged=None, loss=5.3)}
+    summary = report.summarize(by_seed, args)
     assert summary["seeds"] == [0, 1, 2]
     assert summary["eval"]["48"]["recall"]["4"]["9-16"] == {"mean": pytest.approx(0.6), "min": 0.3, "max": 0.9, "n": 3}
     assert summary["eval"]["48"]["lm_loss"] == {"mean": pytest.approx(5.266666, rel=1e-5), "min": 5.0, "max": 5.5,
@@ -708,14 +715,14 @@ def test_summary_is_mean_min_max_over_seeds_and_names_the_marked_seeds(tmp_path)
     assert summary["eval"]["48"]["state_bytes"] == 1024
     assert summary["hardest"]["mean"] == pytest.approx(0.6) and summary["easiest"]["min"] == 0.5
     assert (summary["not_converged"], summary["not_judged"], summary["not_learned"]) == ([1], [2], [1])
-    assert ts.pct(summary["hardest"]) == "60.0 (30-90)" and ts.pct(ts.spread([0.953])) == "95.3"
+    assert report.pct(summary["hardest"]) == "60.0 (30-90)" and report.pct(report.spread([0.953])) == "95.3"
 
 
 def test_report_marks_each_seed_and_a_failed_run(tmp_path, capsys):
     args = tiny_args(tmp_path, "--seeds", "0,1")
-    runs = {"0": fake_run(0.9, 1.0), "1": fake_run(0.3, 0.5, converged=False)}
-    models = {"gdn+lte": {"runs": runs, "summary": ts.summarize(runs, args)}}
-    ts.print_seed_table(models, [0, 1], args, [{"model": "gdn", "seed": 1, "error": "E", "traceback": ""}])
+    by_seed = {"0": fake_run(0.9, 1.0), "1": fake_run(0.3, 0.5, converged=False)}
+    models = {"gdn+lte": {"runs": by_seed, "summary": report.summarize(by_seed, args)}}
+    report.print_seed_table(models, [0, 1], args, [{"model": "gdn", "seed": 1, "error": "E", "traceback": ""}])
     out = capsys.readouterr().out
     assert "per seed, hardest setting (T = 48, 4 facts, 9-16 tokens back)" in out
     assert re.search(r"^gdn\+lte\s+90\.0\s+30\.0 \*!$", out, re.M)          # seed 1: not converged, not learned
@@ -728,46 +735,46 @@ def test_jobs_default_to_a_run_per_core(tmp_path, monkeypatch):
     """A CPU trains one run per core, one torch thread each; CUDA every run at once in its own
     process (the step is host-bound), up to one per core but one, one torch thread each, over every GPU."""
     args = tiny_args(tmp_path)
-    monkeypatch.setattr(ts, "cpu_cores", lambda: 16)
-    assert ts.plan_jobs(args, torch.device("cpu"), 10) == (10, ["cpu"], 1)
-    assert ts.plan_jobs(args, torch.device("cpu"), 40) == (16, ["cpu"], 1)
-    monkeypatch.setattr(ts, "cpu_cores", lambda: 2)
-    assert ts.plan_jobs(args, torch.device("cpu"), 5) == (2, ["cpu"], 1)
-    assert ts.plan_jobs(args, torch.device("cpu"), 1) == (1, ["cpu"], 2)      # one run: in this process, every core
-    monkeypatch.setattr(ts, "cpu_cores", lambda: 16)
+    monkeypatch.setattr(runs, "cpu_cores", lambda: 16)
+    assert runs.plan_jobs(args, torch.device("cpu"), 10) == (10, ["cpu"], 1)
+    assert runs.plan_jobs(args, torch.device("cpu"), 40) == (16, ["cpu"], 1)
+    monkeypatch.setattr(runs, "cpu_cores", lambda: 2)
+    assert runs.plan_jobs(args, torch.device("cpu"), 5) == (2, ["cpu"], 1)
+    assert runs.plan_jobs(args, torch.device("cpu"), 1) == (1, ["cpu"], 2)      # one run: in this process, every core
+    monkeypatch.setattr(runs, "cpu_cores", lambda: 16)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert ts.plan_jobs(args, torch.device("cuda"), 15) == (15, ["cuda:0", "cuda:1"], 1)  # a process per run
-    assert ts.plan_jobs(args, torch.device("cuda"), 40) == (15, ["cuda:0", "cuda:1"], 1)  # one core left over
-    assert ts.plan_jobs(args, torch.device("cuda"), 3) == (3, ["cuda:0", "cuda:1"], 1)   # never more than runs
-    assert ts.plan_jobs(args, torch.device("cuda:1"), 15) == (15, ["cuda:1"], 1)
-    monkeypatch.setattr(ts, "cpu_cores", lambda: 1)
-    assert ts.plan_jobs(args, torch.device("cuda"), 5) == (1, ["cuda:0", "cuda:1"], 1)   # in this process
+    assert runs.plan_jobs(args, torch.device("cuda"), 15) == (15, ["cuda:0", "cuda:1"], 1)  # a process per run
+    assert runs.plan_jobs(args, torch.device("cuda"), 40) == (15, ["cuda:0", "cuda:1"], 1)  # one core left over
+    assert runs.plan_jobs(args, torch.device("cuda"), 3) == (3, ["cuda:0", "cuda:1"], 1)   # never more than runs
+    assert runs.plan_jobs(args, torch.device("cuda:1"), 15) == (15, ["cuda:1"], 1)
+    monkeypatch.setattr(runs, "cpu_cores", lambda: 1)
+    assert runs.plan_jobs(args, torch.device("cuda"), 5) == (1, ["cuda:0", "cuda:1"], 1)   # in this process
     args.jobs = 3
-    assert ts.plan_jobs(args, torch.device("cuda"), 10) == (3, ["cuda:0", "cuda:1"], 1)
-    monkeypatch.setattr(ts, "cpu_cores", lambda: 16)
-    assert ts.plan_jobs(args, torch.device("cpu"), 10) == (3, ["cpu"], 5)
-    assert ts.least_busy(["cuda:0", "cuda:1"], []) == "cuda:0"
-    assert ts.least_busy(["cuda:0", "cuda:1"], ["cuda:0"]) == "cuda:1"
-    assert ts.least_busy(["cuda:0", "cuda:1"], ["cuda:1", "cuda:0", "cuda:1"]) == "cuda:0"
+    assert runs.plan_jobs(args, torch.device("cuda"), 10) == (3, ["cuda:0", "cuda:1"], 1)
+    monkeypatch.setattr(runs, "cpu_cores", lambda: 16)
+    assert runs.plan_jobs(args, torch.device("cpu"), 10) == (3, ["cpu"], 5)
+    assert runs.least_busy(["cuda:0", "cuda:1"], []) == "cuda:0"
+    assert runs.least_busy(["cuda:0", "cuda:1"], ["cuda:0"]) == "cuda:1"
+    assert runs.least_busy(["cuda:0", "cuda:1"], ["cuda:1", "cuda:0", "cuda:1"]) == "cuda:0"
 
 
 def test_probe_is_the_hardest_setting_fixed_for_every_seed(tmp_path):
     args = tiny_args(tmp_path)
-    probe = ts.probe_batch(TEXT_TOKENS, args)
-    again = ts.probe_batch(TEXT_TOKENS, tiny_args(tmp_path, "--seed", "5"))
+    probe = recall_task.probe_batch(TEXT_TOKENS, args)
+    again = recall_task.probe_batch(TEXT_TOKENS, tiny_args(tmp_path, "--seed", "5"))
     assert torch.equal(probe["idx"], again["idx"])
-    assert probe["idx"].shape == (ts.PROBE_BATCHES * args.eval_batch, args.seq_len)
+    assert probe["idx"].shape == (recall_task.PROBE_BATCHES * args.eval_batch, args.seq_len)
     assert (probe["answer_n_facts"] == args.max_facts).all()
     # the distance bin of the report's hardest cell: the longest one that max_facts facts can fill
-    bins = ts.distance_bins(args.window, args.seq_len - ts.BLOCK_LEN)
-    lo, hi = [b for b in bins if ts.eval_batch(TEXT_TOKENS, args, args.seq_len, args.max_facts, b) is not None][-1]
+    bins = recall_task.distance_bins(args.window, args.seq_len - recall_task.BLOCK_LEN)
+    lo, hi = [b for b in bins if recall_task.eval_batch(TEXT_TOKENS, args, args.seq_len, args.max_facts, b) is not None][-1]
     assert lo <= probe["answer_distance"].min() and probe["answer_distance"].max() <= hi
 
 
 def test_until_plateau_extends_an_unconverged_run_up_to_its_cap(tmp_path, monkeypatch):
     """--until-plateau: a run judged not converged at --steps goes on by --steps / 2 at its final
     learning rate, judged again each time; it stops when the rule is met or at the cap."""
-    real = ts.convergence
+    real = report.convergence
     converges_at = {"value": 12}
 
     def rule(probe, steps):  # the rule as a stub: not converged before `converges_at` steps
@@ -775,37 +782,38 @@ def test_until_plateau_extends_an_unconverged_run_up_to_its_cap(tmp_path, monkey
             return {"converged": False, "verdict": "still rising: +9.9 points in the last quarter",
                     "last_quarter_gain": 0.099}
         return {**real(probe, steps), "converged": True}
-    monkeypatch.setattr(ts, "convergence", rule)
+    monkeypatch.setattr(ts, "convergence", rule)        # what run_one judges by
+    monkeypatch.setattr(report, "convergence", rule)    # and what its result records
     args = tiny_args(tmp_path / "a", "--steps", "8", "--eval-every", "1", "--until-plateau", "16")
     assert ts.plateau_targets(args) == [8, 12, 16]
-    result = ts.run_one(ts.Run("gdn", 0), args, TEXT_TOKENS, TEXT_TOKENS, ts.VOCAB_SIZE, torch.device("cpu"))
+    result = ts.run_one(runs.Run("gdn", 0), args, TEXT_TOKENS, TEXT_TOKENS, corpus.VOCAB_SIZE, torch.device("cpu"))
     assert (result["steps"], result["schedule_steps"]) == (12, 8) and "extended from 8 to 12" in result["extended"]
     assert [p["step"] for p in result["probe"]] == list(range(1, 13))          # one curve across the extension
-    ckpt = torch.load(ts.checkpoint_path(tmp_path / "a", "gdn", 0), weights_only=True)
+    ckpt = torch.load(cli.checkpoint_path(tmp_path / "a", "gdn", 0), weights_only=True)
     assert ckpt["step"] == 12 and ckpt["schedule_steps"] == 8                  # the schedule is never restarted
 
     converges_at["value"] = 10 ** 9                                           # never: the cap stops it
     args = tiny_args(tmp_path / "b", "--steps", "8", "--eval-every", "1", "--until-plateau", "14")
     assert ts.plateau_targets(args) == [8, 12, 14]
-    result = ts.run_one(ts.Run("gdn", 0), args, TEXT_TOKENS, TEXT_TOKENS, ts.VOCAB_SIZE, torch.device("cpu"))
+    result = ts.run_one(runs.Run("gdn", 0), args, TEXT_TOKENS, TEXT_TOKENS, corpus.VOCAB_SIZE, torch.device("cpu"))
     assert result["steps"] == 14 and result["convergence"]["converged"] is False
     # --resume reads it back rather than extending it again, and without --until-plateau refuses it
-    again = ts.run_one(ts.Run("gdn", 0), tiny_args(tmp_path / "b", "--steps", "8", "--eval-every", "1",
+    again = ts.run_one(runs.Run("gdn", 0), tiny_args(tmp_path / "b", "--steps", "8", "--eval-every", "1",
                                                    "--until-plateau", "14", "--resume"),
-                       TEXT_TOKENS, TEXT_TOKENS, ts.VOCAB_SIZE, torch.device("cpu"))
+                       TEXT_TOKENS, TEXT_TOKENS, corpus.VOCAB_SIZE, torch.device("cpu"))
     assert again == result
     with pytest.raises(ValueError, match=r"--steps 8: gdn_seed0.pt is at step 14 of a 8-step schedule.*"
                                          r"--until-plateau >= 14"):
-        ts.check_checkpoint(ckpt | {"step": 14}, tiny_args(tmp_path / "b", "--steps", "8"),
-                            ts.checkpoint_path(tmp_path / "b", "gdn", 0), 0)
+        cli.check_checkpoint(ckpt | {"step": 14}, tiny_args(tmp_path / "b", "--steps", "8"),
+                            cli.checkpoint_path(tmp_path / "b", "gdn", 0), 0)
 
 
 def test_until_plateau_stopped_inside_an_extension_resumes_to_the_same_model(tmp_path, monkeypatch):
     monkeypatch.setattr(ts, "convergence", lambda probe, steps: {
         "converged": steps >= 12, "verdict": "stub", "last_quarter_gain": 0.0})
     flags = ("--steps", "8", "--eval-every", "1", "--until-plateau", "16")
-    run, device = ts.Run("gdn+lte", 0), torch.device("cpu")
-    straight = ts.run_one(run, tiny_args(tmp_path / "a", *flags), TEXT_TOKENS, TEXT_TOKENS, ts.VOCAB_SIZE, device)
+    run, device = runs.Run("gdn+lte", 0), torch.device("cpu")
+    straight = ts.run_one(run, tiny_args(tmp_path / "a", *flags), TEXT_TOKENS, TEXT_TOKENS, corpus.VOCAB_SIZE, device)
     real_batch = ts.training_batch
 
     def ctrl_c_at_step_9(tokens, step, args, *schedule):
@@ -814,13 +822,13 @@ def test_until_plateau_stopped_inside_an_extension_resumes_to_the_same_model(tmp
         return real_batch(tokens, step, args, *schedule)
     monkeypatch.setattr(ts, "training_batch", ctrl_c_at_step_9)
     with pytest.raises(SystemExit):
-        ts.run_one(run, tiny_args(tmp_path / "b", *flags), TEXT_TOKENS, TEXT_TOKENS, ts.VOCAB_SIZE, device)
+        ts.run_one(run, tiny_args(tmp_path / "b", *flags), TEXT_TOKENS, TEXT_TOKENS, corpus.VOCAB_SIZE, device)
     monkeypatch.setattr(ts, "training_batch", real_batch)
-    assert torch.load(ts.checkpoint_path(tmp_path / "b", "gdn+lte", 0), weights_only=True)["step"] == 10
+    assert torch.load(cli.checkpoint_path(tmp_path / "b", "gdn+lte", 0), weights_only=True)["step"] == 10
     resumed = ts.run_one(run, tiny_args(tmp_path / "b", *flags, "--resume"), TEXT_TOKENS, TEXT_TOKENS,
-                         ts.VOCAB_SIZE, device)
+                         corpus.VOCAB_SIZE, device)
     assert resumed["steps"] == straight["steps"] == 12 and resumed["probe"] == straight["probe"]
-    a, b = (torch.load(ts.checkpoint_path(tmp_path / d, "gdn+lte", 0), weights_only=True)["model"] for d in "ab")
+    a, b = (torch.load(cli.checkpoint_path(tmp_path / d, "gdn+lte", 0), weights_only=True)["model"] for d in "ab")
     for name in a:
         assert torch.equal(a[name], b[name]), name
 
@@ -830,19 +838,19 @@ def test_the_probe_reads_without_changing_training(tmp_path):
     exactly as without it, also for LTE (dropout, lambda controller) and NSA."""
     for preset in ("gdn+lte", "gdn+nsa"):
         flags = ("--steps", "6", "--eval-every", "1")
-        plain, _ = ts.train_model(preset, tiny_args(tmp_path / "plain", *flags), TEXT_TOKENS, ts.VOCAB_SIZE,
+        plain, _ = ts.train_model(preset, tiny_args(tmp_path / "plain", *flags), TEXT_TOKENS, corpus.VOCAB_SIZE,
                                   torch.device("cpu"))
         args = tiny_args(tmp_path / "probed", *flags)
-        probed, record = ts.train_model(preset, args, TEXT_TOKENS, ts.VOCAB_SIZE, torch.device("cpu"),
-                                        probe=ts.probe_batch(TEXT_TOKENS, args))
+        probed, record = ts.train_model(preset, args, TEXT_TOKENS, corpus.VOCAB_SIZE, torch.device("cpu"),
+                                        probe=recall_task.probe_batch(TEXT_TOKENS, args))
         assert [p["step"] for p in record["probe"]] == [1, 2, 3, 4, 5, 6]
         for (name, a), b in zip(plain.state_dict().items(), probed.state_dict().values()):
             assert torch.equal(a, b), (preset, name)
 
 
 def test_answer_hits_counts_the_answers_that_a_boolean_mask_picks():
-    batch = ts.make_batch(TEXT_TOKENS, 4, 48, (1, 4), (2, 40), np.random.default_rng(0))
-    logits = torch.randn(4, 48, ts.VOCAB_SIZE, generator=torch.Generator().manual_seed(0))
+    batch = recall_task.make_batch(TEXT_TOKENS, 4, 48, (1, 4), (2, 40), np.random.default_rng(0))
+    logits = torch.randn(4, 48, corpus.VOCAB_SIZE, generator=torch.Generator().manual_seed(0))
     rows, columns = batch["answer_mask"].nonzero(as_tuple=True)
     right = slice(0, None, 2)                                  # every other answer predicted right
     logits[rows[right], columns[right], batch["targets"][rows[right], columns[right]]] = 100.0
@@ -857,7 +865,7 @@ def plain_training(preset, args, tokens):
     recall read on the host at once (loss.item(), a boolean mask of the answers). Returns the
     progress rows' (step, loss, recall) and the trained weights."""
     torch.manual_seed(args.seed)
-    model = tiny_hybrid.TinyHybrid(ts.model_config(preset, args, ts.VOCAB_SIZE))
+    model = tiny_hybrid.TinyHybrid(cli.model_config(preset, args, corpus.VOCAB_SIZE))
     optimizer = torch.optim.AdamW(model.optimizer_groups(args.lr, weight_decay=0.1), betas=(0.9, 0.95),
                                   foreach=False)
     rows, losses, hits, answers = [], [], 0, 0
@@ -865,13 +873,13 @@ def plain_training(preset, args, tokens):
         for group in optimizer.param_groups:
             group["lr"] = ts.learning_rate(step, args) * group["lr_scale"]
         batch = ts.training_batch(tokens, step, args)
-        logits, _ = model(batch["idx"])
-        loss = ts.recall_loss(logits, batch, args.answer_weight) + model.lte_penalty()
+        logits, penalty = model(batch["idx"])
+        loss = recall_task.recall_loss(logits, batch, args.answer_weight) + penalty
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=False)
         optimizer.step()
-        model.update_lte_lambdas(count_step=ts.task_for_step(step, args) == "haystack")
+        model.update_lte_lambdas(count_step=recall_task.task_for_step(step, args) == "haystack")
         mask = batch["answer_mask"]
         right = (logits.detach()[mask].argmax(-1) == batch["targets"][mask]).float()
         losses.append(loss.item())
@@ -888,9 +896,9 @@ def test_training_gives_bit_for_bit_the_plainly_written_loop(preset, tmp_path):
     row, the answers picked by index, the optimizer's settings) leaves every number as it was: the
     same losses, recall and weights, bit for bit, as the loop written out plainly."""
     args = tiny_args(tmp_path, "--steps", "12", "--log-every", "4", "--drill-frac", "0.25")
-    model, record = ts.train_model(preset, args, TEXT_TOKENS, ts.VOCAB_SIZE, torch.device("cpu"))
+    model, record = ts.train_model(preset, args, TEXT_TOKENS, corpus.VOCAB_SIZE, torch.device("cpu"))
     rows, weights = plain_training(preset, args, TEXT_TOKENS)
-    assert {ts.task_for_step(s, args) for s in range(args.steps)} == {"drill", "dense", "haystack"}
+    assert {recall_task.task_for_step(s, args) for s in range(args.steps)} == {"drill", "dense", "haystack"}
     assert [(h["step"], h["loss"], h["recall"]) for h in record["history"]] == rows
     for name, value in model.state_dict().items():
         assert torch.equal(value, weights[name]), name
@@ -898,7 +906,7 @@ def test_training_gives_bit_for_bit_the_plainly_written_loop(preset, tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("preset", ts.MODELS)
+@pytest.mark.parametrize("preset", cli.MODELS)
 def test_training_steps_on_a_gpu_never_wait_for_it_between_progress_rows(preset, tmp_path, monkeypatch):
     """On a GPU a training step only queues work (a host sync would stall a launch-bound step): from
     step 2 on (the first steps set up), under sync debug mode "error", until the progress row reads."""
@@ -918,19 +926,17 @@ def test_training_steps_on_a_gpu_never_wait_for_it_between_progress_rows(preset,
     monkeypatch.setattr(ts, "training_batch", batch_then_watch)
     monkeypatch.setattr(ts, "progress_row", row_may_read)
     try:
-        _, record = ts.train_model(preset, args, TEXT_TOKENS, ts.VOCAB_SIZE, torch.device("cuda"))
+        _, record = ts.train_model(preset, args, TEXT_TOKENS, corpus.VOCAB_SIZE, torch.device("cuda"))
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert synced == [7] and np.isfinite(record["history"][-1]["loss"])
 
 
-def test_parallel_status_table_shows_each_running_run(tmp_path, capsys):
-    args = tiny_args(tmp_path)
-    pool = ts.Pool([ts.Run("gdn", 2)], args, (), jobs=2, devices=["cuda:0", "cuda:1"], threads=4)
+def test_parallel_status_table_shows_each_running_run(capsys):
     row = {"step": 1200, "steps": 2400, "loss": 1.2346, "recall": 0.5, "probe": 0.401, "eta": 150.0}
-    pool.running = {("gdn+lte", 0): ts.Child(ts.Run("gdn+lte", 0), None, None, "cuda:1", 0.0, row=row),
-                    ("gdn", 1): ts.Child(ts.Run("gdn", 1), None, None, "cuda:0", 0.0)}
-    pool.print_status()
+    running = [runs.Running(runs.Run("gdn+lte", 0), "cuda:1", 0.0, row=row),
+               runs.Running(runs.Run("gdn", 1), "cuda:0", 0.0)]
+    runs.print_status(90.0, running, finished=0, waiting=1, failed=0)
     out = capsys.readouterr().out
     assert "2 running, 0 finished, 1 waiting, 0 failed" in out
     assert re.search(r"^gdn\+lte seed 0\s+cuda:1\s+1200/2400\s+1\.235\s+50\.0%\s+40\.1%\s+2 min$", out, re.M)
