@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 
 from checks import check_decode, check_eviction, check_max_len
-from tiny_hybrid import Attention, AttentionBase, LTEAttention, TinyHybrid, lte_buffer_push
+from tiny_hybrid import Attention, AttentionBase, TinyHybrid, lte_buffer_push
 
 
 EVICTION_POLICIES = ("streaming", "tova", "h2o")
@@ -107,10 +107,8 @@ class EvictingAttention(AttentionBase):
         check_max_len(max_len)
         # StreamingLLM never reads a score: it keeps none (the frontier counts every tensor of a state)
         scored = self.window + 1 if self.update_score is not None else 0
-        state = self._new_state(batch_size, device, dtype, **LTEAttention.sinks_window_buffer(
-            batch_size, self.n_kv_head, self.head_dim, self.sink, self.window, self.buffer, scored, device, dtype))
-        self.reset_state(state)
-        return state
+        cache = self._sinks_window_buffer(batch_size, device, dtype, scored)
+        return self._new_state(batch_size, device, dtype, **cache)
 
     def _parallel(self, x, state=None):
         """No parallel form: decode x [B, T, C] token by token, from `state` if given (it must be
@@ -119,19 +117,24 @@ class EvictingAttention(AttentionBase):
             state = self.init_state(x.shape[0], x.device, x.dtype)
         return torch.cat([self._step(x[:, t: t + 1], state) for t in range(x.shape[1])], dim=1)
 
-    def _step(self, x, state):
-        t = state["pos"]                                   # 0-d, on the device
-        q, k, v, _ = self._qkv(x, t, state)
-        self._leave_window(state, t)
-        slot = self._enter(state, t.view(1), k, v)
+    # A step is AttentionBase._step: token t - w - 1 leaves the window (`_offer` decides whether it
+    # takes a buffer slot), token t enters (`_entered`), the query attends the held slots and, with
+    # the weights it gives them, updates their scores (`_attend_held`).
+    def _offer(self, state, j, score):
+        """Token j leaves the window with its policy score [B, Hkv]: offered to the buffer unless it is
+        a sink. Returns (entered, slot), [B, Hkv] each."""
+        return evict_lowest_push(state["buf_score"], state["buf_pos"], score, j, j >= self.sink)
+
+    def _entered(self, state, t, slot, k_raw, v):
         if self.update_score is not None:
             state["score"].index_fill_(1, slot, 0.0)       # a newcomer has received no attention yet
-        k_all, v_all, valid = LTEAttention.held_slots(state)
-        o, p = attention_decode_weights(q[:, 0], k_all.to(q.dtype), v_all.to(q.dtype), valid)
+
+    def _attend_held(self, q, state):
+        k_all, v_all, valid = self._held(state)
+        o, p = attention_decode_weights(q, k_all.to(q.dtype), v_all.to(q.dtype), valid)
         if self.update_score is not None:
             self._score_held(state, group_mean(p, self.n_kv_head))
-        t.add_(1)                                          # last: t is the state's own tensor
-        return o[:, None]
+        return o
 
     def _score_held(self, state, p):
         """The policy's score of every window and buffer token after this query; p: [B, S, Hkv]
@@ -141,16 +144,6 @@ class EvictingAttention(AttentionBase):
         state["score"].copy_(self.update_score(state["score"], p_window))
         held = state["buf_pos"] >= 0
         state["buf_score"].copy_(torch.where(held, self.update_score(state["buf_score"], p_buf), float("-inf")))
-
-    def _leave_window(self, state, t):
-        """Token j = t - w - 1 leaves the window as token t arrives: to the sinks (j < s), to the
-        buffer (the policy's rule), or gone. Before any token has left (j < 0) nothing changes."""
-        j, ring_slot, leaving = LTEAttention.leave_to_sinks(state, t, self.window, self.sink)
-        if self.buffer == 0:                               # StreamingLLM, or a policy given no buffer
-            return
-        score = state["score"].index_select(1, ring_slot)[:, 0]                 # [B, Hkv]
-        entered, slot = evict_lowest_push(state["buf_score"], state["buf_pos"], score, j, j >= self.sink)
-        LTEAttention.write_buffer_slot(state, leaving, entered, slot)
 
     def held_positions(self, state) -> torch.Tensor:
         """bool [B, Hkv, T] with T = the tokens decoded so far: which positions the state holds

@@ -1809,7 +1809,7 @@ def attention_decode(q, k_cache, v_cache, valid=None, scale=None):
 # (every kernel loads its offset from a 1-element tensor: no host sync, and a captured step reads
 # the position of each replay); the selected branch gathers the n l selected tokens
 # of the cache and calls `attention_decode` (split-K) through the same switch (tiny_hybrid's
-# NativeSparseAttention._selected_step): one query per KV group is too little work for the tiles
+# NativeSparseAttention._attend_gathered): one query per KV group is too little work for the tiles
 # above.
 
 LN2 = 0.6931471805599453

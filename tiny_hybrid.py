@@ -446,7 +446,7 @@ class GatedDeltaNet(nn.Module):
         C, H, K, V = config.d_model, config.gdn_heads, config.gdn_head_dim, config.gdn_value_dim
         self.n_head, self.head_dim, self.value_dim = H, K, V
         # W_q, W_k, W_v, W_b (beta), W_a (alpha) and W_gate stacked by rows into one matrix: the
-        # same maths as six separate projections, one launch instead of six. _mix splits the output.
+        # same maths as six separate projections, one launch instead of six. step splits the output.
         self.in_split = (H * K, H * K, H * V, H, H, H * V)                     # q, k, v, beta, alpha, gate
         self.in_proj = nn.Linear(C, sum(self.in_split), bias=False)
         self.q_conv, self.k_conv = (ShortConv(H * K, config.gdn_conv_size) for _ in range(2))
@@ -468,27 +468,16 @@ class GatedDeltaNet(nn.Module):
                 "q_conv": tail(H * K), "k_conv": tail(H * K), "v_conv": tail(H * V),
                 "pos": torch.zeros((), dtype=torch.long, device=device), "length": 0}
 
-    def reset_state(self, state: dict) -> None:
-        """Back to the empty state, in place: a captured step keeps reading these very tensors."""
-        for value in state.values():
-            if isinstance(value, torch.Tensor):
-                value.zero_()
-        state["length"] = 0
-
     def forward(self, x, state: dict | None = None):
-        check_mixer_input(x, self.config.d_model)
-        out = self._mix(x, state)
+        out = self.step(x, state)
         if state is not None:
             state["length"] += x.shape[1]                  # host bookkeeping, outside what a graph captures
         return out
 
-    def step(self, x, state: dict):
-        """One token, x [B, 1, C], through the state, device work only (what a CUDA graph
-        captures): forward's maths, without the host-side length, which the caller counts."""
+    def step(self, x, state: dict | None):
+        """forward's device work only, without the host-side length, which the caller counts: what a
+        CUDA graph captures for one token, x [B, 1, C]."""
         check_mixer_input(x, self.config.d_model)
-        return self._mix(x, state)
-
-    def _mix(self, x, state):
         B, T, _ = x.shape
         H, V = self.n_head, self.value_dim
         # [B, T, C] -> q, k [B, T, H K], v [B, T, H V], beta, alpha [B, T, H], gate [B, T, H V]
@@ -531,9 +520,7 @@ class AttentionBase(nn.Module):
     so a key can carry the tokens just before it, as GDN's short convs do (why: docs/model.md).
 
     Decoding (`forward(x, state)`): a prompt into an empty state runs the parallel form, which also
-    fills the state (`_parallel(x, state)`); later tokens go one at a time through `_step`, which
-    reads the position from the device and writes the state in place, with shapes that never depend
-    on the position: the step that decoder.py captures in a CUDA graph."""
+    fills the state (`_parallel(x, state)`); later tokens go one at a time through `_step`."""
 
     block = 1                                              # a cache grows in whole blocks (NSA: l tokens)
 
@@ -573,8 +560,8 @@ class AttentionBase(nn.Module):
         return self.o_proj(o.flatten(2))                                        # [B, T, H, D] -> [B, T, H * D]
 
     def step(self, x, state: dict):
-        """One token, x [B, 1, C], through the state: `_step`, device work only (what a CUDA graph
-        captures); the caller counts the host-side length."""
+        """forward for one token x [B, 1, C], device work only (what a CUDA graph captures): the caller
+        counts the host-side length."""
         check_mixer_input(x, self.config.d_model)
         if x.shape[1] != 1:
             raise ValueError(f"step takes one token: x must be [B, 1, C], got shape {tuple(x.shape)}")
@@ -596,15 +583,14 @@ class AttentionBase(nn.Module):
     def _make_room(self, state: dict, T: int) -> None:
         """Grow a cache made without max_len (full attention's, NSA's) so that T more tokens fit,
         doubling it so that growing costs O(1) a token. A state of fixed size has no "max_len"."""
-        if "max_len" not in state or state["max_len"] is not None:
+        slots, l = state["k"].shape[1], self.block
+        if state.get("max_len", 0) is not None or state["length"] + T <= slots:
             return
-        need, slots, l = state["length"] + T, state["k"].shape[1], self.block
-        if need > slots:
-            more = -(-max(need, 2 * slots) // l) * l - slots
-            for name in ("k", "v", "valid", "k_cmp", "v_cmp"):
-                if name in state:                          # the compressed caches hold a slot per block
-                    c, extra = state[name], more // l if name.endswith("_cmp") else more
-                    state[name] = torch.cat([c, c.new_zeros(c.shape[0], extra, *c.shape[2:])], 1)
+        more = -(-max(state["length"] + T, 2 * slots) // l) * l - slots
+        for name in ("k", "v", "valid", "k_cmp", "v_cmp"):
+            if name in state:                              # the compressed caches hold a slot per block
+                c, extra = state[name], more // l if name.endswith("_cmp") else more
+                state[name] = torch.cat([c, c.new_zeros(c.shape[0], extra, *c.shape[2:])], 1)
 
     def _new_state(self, batch_size: int, device, dtype, **tensors) -> dict:
         """A decoding state: the mixer's tensors, the key shift's conv tail (its last key_conv - 1
@@ -616,16 +602,28 @@ class AttentionBase(nn.Module):
                                             device=device, dtype=dtype)
         return {**tensors, "pos": torch.zeros((), dtype=torch.long, device=device), "length": 0}
 
-    def reset_state(self, state: dict) -> None:
-        """Back to the empty state, in place: a captured step keeps reading these very tensors.
-        Empty buffer slots (LTE and the eviction baselines) hold score -inf and position -1."""
-        for value in state.values():
-            if isinstance(value, torch.Tensor):
-                value.zero_()
-        if "buf_pos" in state:
-            state["buf_score"].fill_(float("-inf"))
-            state["buf_pos"].fill_(-1)
-        state["length"] = 0
+    def _step(self, x, state):
+        """One token x [B, 1, C] -> o [B, 1, H, D], writing the state in place with shapes that never
+        depend on the position (the step decoder.py captures in a CUDA graph): token t (its position
+        read from the state, on the device) takes its slot, t % slots, and its query attends every slot
+        held. A constant-size cache (below) first lets token t - w - 1 leave the window."""
+        t = state["pos"]                                   # 0-d, on the device
+        q, k, v, k_raw = self._qkv(x, t, state)
+        if "buf_k" in state:
+            self._leave_window(state, t)
+        slot = self._enter(state, t.view(1), k, v)
+        self._entered(state, t, slot, k_raw, v)
+        o = self._attend_held(q[:, 0], state)
+        t.add_(1)                                          # last: t is the state's own tensor
+        return o[:, None]
+
+    def _entered(self, state, t, slot, k_raw, v) -> None:
+        """What a mixer does once token t holds its slot (LTE: score a token, see LTEAttention)."""
+
+    def _attend_held(self, q, state):
+        """The query q [B, H, D] over every slot the state holds -> o [B, H, D]."""
+        k, v, valid = self._held(state)
+        return _op(self.config, attention_decode)(q, k.to(q.dtype), v.to(q.dtype), valid)
 
     @staticmethod
     def _enter(state: dict, positions, k, v) -> torch.Tensor:
@@ -637,16 +635,61 @@ class AttentionBase(nn.Module):
         state["valid"].index_fill_(1, slots, True)
         return slots
 
+    @staticmethod
+    def _held(state):
+        """Every slot a query reads, side by side: k, v [B, S, Hkv, D] and valid [B, S, Hkv]; for a
+        constant-size cache the sinks, the window's ring and the buffer."""
+        if "buf_k" not in state:
+            return state["k"], state["v"], state["valid"]
+        slots = [(state["sink_k"], state["sink_v"], state["sink_valid"]), (state["k"], state["v"], state["valid"]),
+                 (state["buf_k"], state["buf_v"], (state["buf_pos"] >= 0).transpose(1, 2))]
+        return tuple(torch.cat(parts, dim=1) for parts in zip(*slots))
+
     def _key_conv_size(self) -> int:
         return 0 if self.k_conv is None else (self.config.key_conv - 1) * self.n_kv_head * self.head_dim
+
+    # --- a constant-size cache (LTE's, and eviction.py's baselines'): s sinks, w + 1 window slots in a
+    # ring, b buffer slots; the mixer has attributes sink, window, buffer and decides who enters (`_offer`)
+    def _sinks_window_buffer(self, batch_size: int, device, dtype, scored: int) -> dict:
+        """The cache, empty: k, v, valid of the sinks, the ring and the buffer; a score for `scored`
+        ring slots; the buffered tokens' scores and positions (empty: -inf and -1)."""
+        B, Hkv, D, b = batch_size, self.n_kv_head, self.head_dim, self.buffer
+        zeros = lambda n: torch.zeros(B, n, Hkv, D, device=device, dtype=dtype)
+        off = lambda n: torch.zeros(B, n, Hkv, dtype=torch.bool, device=device)
+        return {"sink_k": zeros(self.sink), "sink_v": zeros(self.sink), "sink_valid": off(self.sink),
+                "k": zeros(self.window + 1), "v": zeros(self.window + 1), "valid": off(self.window + 1),
+                "score": torch.zeros(B, scored, Hkv, device=device), "buf_k": zeros(b), "buf_v": zeros(b),
+                "buf_score": torch.full((B, Hkv, b), float("-inf"), device=device),
+                "buf_pos": torch.full((B, Hkv, b), -1, dtype=torch.long, device=device)}
+
+    def _leave_window(self, state, t) -> None:
+        """Token j = t - w - 1 leaves the ring as token t (0-d) arrives: a sink (j < s) moves to its
+        sink slot, a later token is offered to the buffer (`_offer`) and, where it enters, takes the
+        slot of the token it pushes out. While j < 0 this changes nothing."""
+        j = t - self.window - 1
+        ring_slot = (t % (self.window + 1)).view(1)        # j's ring slot, which token t takes next
+        leaving = {name: state[name].index_select(1, ring_slot) for name in ("k", "v")}   # [B, 1, Hkv, D]
+        if self.sink:
+            to_sink = (j >= 0) & (j < self.sink)
+            sink_slot = j.clamp(0, self.sink - 1).view(1)
+            for name in ("k", "v"):
+                sinks = state["sink_" + name]
+                sinks.index_copy_(1, sink_slot, torch.where(to_sink, leaving[name], sinks.index_select(1, sink_slot)))
+            state["sink_valid"].index_copy_(1, sink_slot, state["sink_valid"].index_select(1, sink_slot) | to_sink)
+        if self.buffer == 0:
+            return
+        entered, slot = self._offer(state, j, state["score"].index_select(1, ring_slot)[:, 0])   # [B, Hkv] each
+        for name in ("k", "v"):
+            buf = state["buf_" + name]                                          # [B, b, Hkv, D]
+            idx = slot[:, None, :, None].expand(-1, 1, -1, buf.shape[-1])       # [B, 1, Hkv, D]
+            buf.scatter_(1, idx, torch.where(entered[:, None, :, None], leaving[name], buf.gather(1, idx)))
 
 
 class Attention(AttentionBase):
     """Softmax attention with RoPE and GQA: full (window=None) or sliding window (SWA, the last w + 1 tokens).
 
     Decoding state: k, v and valid in slots; token t in slot t % (w + 1) of a ring (SWA), or in slot
-    t of a cache of max_len slots (full; without max_len it grows as needed, which only eager
-    decoding can do)."""
+    t of a cache of max_len slots (full; without max_len it grows, eager decoding only)."""
 
     def __init__(self, config, window: int | None = None):
         super().__init__(config)
@@ -661,15 +704,6 @@ class Attention(AttentionBase):
             recent = torch.arange(max(0, T - state["k"].shape[1]), T, device=k.device)
             self._enter(state, recent, k[:, recent], v[:, recent])
         return _op(self.config, attention)(q, k, v, window=self.window)
-
-    def _step(self, x, state):
-        t = state["pos"]                                   # 0-d, on the device
-        q, k, v, _ = self._qkv(x, t, state)
-        self._enter(state, t.view(1), k, v)
-        o = _op(self.config, attention_decode)(q[:, 0], state["k"].to(q.dtype), state["v"].to(q.dtype),
-                                               state["valid"])
-        t.add_(1)                                          # last: t is the state's own tensor
-        return o[:, None]
 
     def init_state(self, batch_size: int, device=None, dtype=torch.float32, max_len=None) -> dict:
         """An empty state: w + 1 slots for a window, max_len for full attention (None: it grows)."""
@@ -736,50 +770,37 @@ class NativeSparseAttention(AttentionBase):
                                v_cmp=zeros(slots // l), max_len=max_len)
 
     def _step(self, x, state):
-        t, l = state["pos"], self.block                    # t: 0-d, on the device
+        t, l, w = state["pos"], self.block, self.window    # t: 0-d, on the device
         q, k, v, _ = self._qkv(x, t, state)
-        self._append(state, k, v, t)
-        K, V, Kc, Vc = (state[n].to(q.dtype) for n in ("k", "v", "k_cmp", "v_cmp"))
-        o_cmp, lse = _op(self.config, nsa_compressed_attention)(q, Kc, Vc, l, offset=t)  # [N1]
-        scores = _op(self.config, nsa_block_scores)(q, Kc, lse, l, offset=t)             # [N2]
-        block_idx = nsa_select_blocks(scores, l, self.top_n, self.n_recent, n_blocks=Kc.shape[1],
-                                      offset=t)[:, 0]                                   # [B, Hkv, n]
-        o_slc = self._selected_step(q[:, 0], K, V, block_idx, t)
-        o_swa = self._window_step(q[:, 0], K, V, t)
-        t.add_(1)                                          # last: t is the state's own tensor
-        return nsa_combine(self._gates(x), o_cmp, o_slc[:, None], o_swa[:, None])       # [N3]
-
-    def _append(self, state, k, v, t):
-        """Token t into slot t, and the mean of its block (t // l) into that block's compressed slot,
-        every step: the block's slot is only read once the block is complete, and by then it holds
-        the mean of its l tokens [N1]."""
-        l = self.block
+        # token t into slot t, and its block's mean into the block's compressed slot t // l, every step:
+        # a query reads that slot only once the block is complete, and by then it is its l tokens' mean [N1]
         block = t // l
-        tokens = block * l + torch.arange(l, device=k.device)                   # [l] the block's slots
+        tokens = block * l + torch.arange(l, device=t.device)                   # [l] the block's slots
         for name, new in (("k", k), ("v", v)):
             cache = state[name]
             cache.index_copy_(1, t.view(1), new.to(cache.dtype))
             pooled = cache.index_select(1, tokens).mean(dim=1, keepdim=True)    # [B, 1, Hkv, D]
             state[name + "_cmp"].index_copy_(1, block.view(1), pooled)
+        K, V, Kc, Vc = (state[n].to(q.dtype) for n in ("k", "v", "k_cmp", "v_cmp"))
+        o_cmp, lse = _op(self.config, nsa_compressed_attention)(q, Kc, Vc, l, offset=t)  # [N1]
+        scores = _op(self.config, nsa_block_scores)(q, Kc, lse, l, offset=t)             # [N2]
+        block_idx = nsa_select_blocks(scores, l, self.top_n, self.n_recent, n_blocks=Kc.shape[1],
+                                      offset=t)[:, 0]                                   # [B, Hkv, n]
+        selected = (block_idx[..., None] * l + torch.arange(l, device=t.device)).flatten(2)   # [B, Hkv, n * l]
+        chosen = (block_idx[..., None] >= 0).expand(-1, -1, -1, l).flatten(2) & (selected <= t)   # [B, Hkv, n * l]
+        o_slc = self._attend_gathered(q[:, 0], K, V, selected, chosen)                 # [N2]
+        recent = (t - w + torch.arange(w + 1, device=t.device)).expand(*selected.shape[:2], -1)   # [B, Hkv, w + 1]
+        o_swa = self._attend_gathered(q[:, 0], K, V, recent, recent >= 0)              # before position 0: masked
+        t.add_(1)                                          # last: t is the state's own tensor
+        return nsa_combine(self._gates(x), o_cmp, o_slc[:, None], o_swa[:, None])       # [N3]
 
-    def _selected_step(self, q, k, v, block_idx, t):
-        """One query at position t over its selected blocks: gather n l tokens, never the whole cache.
-        With use_triton this runs as kernels.attention_decode (split-K over the gathered slots)."""
-        B, P, Hkv, D = k.shape
-        l = self.block
-        tok = (block_idx[..., None] * l + torch.arange(l, device=q.device)).flatten(2)   # [B, Hkv, n * l]
-        valid = (block_idx[..., None] >= 0).expand(-1, -1, -1, l).flatten(2) & (tok <= t)   # [B, Hkv, n * l]
-        idx = tok.clamp(0, P - 1).transpose(1, 2)[..., None].expand(-1, -1, -1, D)      # [B, n * l, Hkv, D]
+    def _attend_gathered(self, q, k, v, slots, valid):
+        """One query q [B, H, D] over the cache slots `slots` [B, Hkv, S] where `valid` [B, Hkv, S] (the
+        selected blocks' n l tokens, or the window's w + 1): gathered, never the whole cache. With
+        use_triton: kernels.attention_decode, split-K over the gathered slots."""
+        idx = slots.clamp(0, k.shape[1] - 1).transpose(1, 2)                  # [B, Hkv, S] -> [B, S, Hkv]
+        idx = idx[..., None].expand(-1, -1, -1, k.shape[-1])                   # [B, S, Hkv, D]
         return _op(self.config, attention_decode)(q, k.gather(1, idx), v.gather(1, idx), valid.transpose(1, 2))
-
-    def _window_step(self, q, k, v, t):
-        """The window branch for one query at position t: the w + 1 slots t - w .. t, those before
-        position 0 masked, gathered from the cache."""
-        B, _, Hkv, _ = k.shape
-        positions = t - self.window + torch.arange(self.window + 1, device=q.device)   # [w + 1]
-        valid = (positions >= 0)[None, :, None].expand(B, -1, Hkv)                    # [B, w + 1, Hkv]
-        recent = positions.clamp(min=0)
-        return _op(self.config, attention_decode)(q, k.index_select(1, recent), v.index_select(1, recent), valid)
 
     def state_size(self, T: int) -> int:
         return 2 * (T + T // self.block) * self.n_kv_head * self.head_dim + self._key_conv_size()
@@ -851,39 +872,28 @@ class LTERouter(nn.Module):
         return torch.sigmoid(x.float()).transpose(1, 2) - 0.5                   # [L1]
 
     def score_one(self, x, j):
-        """[L1] forward's score of the one token j from its inputs x [B, 2 reach + 1, Hkv, 2D],
-        [k before RoPE; v] at positions j - reach .. j + reach (j: an int or a 0-d tensor).
-        Returns r_j [B, Hkv] float32, equal to forward(k, v)[:, j]. Each layer is the same
-        convolution without padding, so the inputs shrink to the one output at j; every layer's
-        input is zeroed before position 0, as 'same' padding over the whole sequence does there."""
+        """[L1] forward(k, v)[:, j] for the one token j (an int or a 0-d tensor): r_j [B, Hkv] float32
+        from x [B, 2 reach + 1, Hkv, 2D], [k before RoPE; v] at positions j - reach .. j + reach. Each
+        layer is its convolution without padding, output i = sum_m W[:, :, m] x_{i + d m} + bias, with
+        its input zeroed before position 0 as 'same' padding does: the inputs shrink to the output at j.
+        A product summed over (input channel, tap) fuses into one kernel under torch.compile; above
+        PRODUCT_LIMIT a batched matmul (the einsum) is cheaper."""
         check_router_window(x, self.reach, self.n_kv_head, self.convs[0].in_channels // self.n_kv_head)
         positions = j - self.reach + torch.arange(x.shape[1], device=x.device)  # [2 reach + 1]
-        for conv in self.convs:
-            x, positions = self._unpadded(conv, x, positions)
-            x = self.dropout(F.silu(x))
-        x, _ = self._unpadded(self.proj, x, positions)                          # [B, 1, Hkv, 1]
-        return torch.sigmoid(x[:, 0, :, 0].float()) - 0.5                       # [L1]
-
-    @staticmethod
-    def _unpadded(conv, x, positions):
-        """One of the router's grouped convolutions without padding: output i is
-        sum_m W[:, :, m] x_{i + d m} + bias, for the outputs that have all their taps.
-        x: [B, P, Hkv, C_in] at `positions` [P]; inputs before position 0 count as zero. Returns
-        (y [B, P - d (k - 1), Hkv, C_out], the outputs' positions). A product summed over
-        (input channel, tap) fuses into one kernel under torch.compile; for many sequences it grows
-        too large, and a batched matmul (the einsum) is cheaper."""
-        (k,), (d,) = conv.kernel_size, conv.dilation
-        Hkv = conv.groups
-        x = torch.where((positions >= 0)[:, None, None], x, 0)                  # the sequence start's padding
-        taps = x.unfold(1, d * (k - 1) + 1, 1)[..., ::d]                       # [B, P', Hkv, C_in, k]
-        w = conv.weight.view(Hkv, -1, *conv.weight.shape[1:])    # [Hkv C_out, C_in, k] -> [Hkv, C_out, C_in, k]
-        if taps.numel() * w.shape[1] <= LTERouter.PRODUCT_LIMIT:
-            y = (taps[:, :, :, None] * w).sum(dim=(-2, -1))                     # [B, P', Hkv, C_out]
-        else:
-            y = torch.einsum("bphck,hock->bpho", taps, w)                       # [B, P', Hkv, C_out]
-        y = y + conv.bias.view(Hkv, -1)                                         # [Hkv C_out] -> [Hkv, C_out]
-        half = d * (k - 1) // 2
-        return y, positions[half: positions.shape[0] - half]
+        for conv in [*self.convs, self.proj]:
+            (k,), (d,) = conv.kernel_size, conv.dilation
+            x = torch.where((positions >= 0)[:, None, None], x, 0)              # the sequence start's padding
+            taps = x.unfold(1, d * (k - 1) + 1, 1)[..., ::d]                   # [B, P', Hkv, C_in, k]
+            w = conv.weight.view(self.n_kv_head, -1, *conv.weight.shape[1:])    # -> [Hkv, C_out, C_in, k]
+            if taps.numel() * w.shape[1] <= self.PRODUCT_LIMIT:
+                x = (taps[:, :, :, None] * w).sum(dim=(-2, -1))                 # [B, P', Hkv, C_out]
+            else:
+                x = torch.einsum("bphck,hock->bpho", taps, w)                   # [B, P', Hkv, C_out]
+            x = x + conv.bias.view(self.n_kv_head, -1)                          # [Hkv C_out] -> [Hkv, C_out]
+            positions = positions[d * (k - 1) // 2: positions.shape[0] - d * (k - 1) // 2]
+            if conv is not self.proj:
+                x = self.dropout(F.silu(x))
+        return torch.sigmoid(x[:, 0, :, 0].float()) - 0.5                       # [L1] x: [B, 1, Hkv, 1]
 
 
 # --- 3b. The mixer: training [L2]-[L5], inference [L6] and its constant-size state ------------
@@ -908,9 +918,8 @@ class LTEAttention(AttentionBase):
       router ring (2 reach + 1 slots): [k before RoPE; v] of the newest tokens, the router's input
 
     Token t arrives (`_step`): token t - w - 1 leaves the window, to the sinks, the buffer or
-    nowhere, and token t takes its ring slot. Token j is scored when token j + reach arrives (its
-    right context), long before it leaves the window (reach <= w). The step does the same work at
-    every position, masking what does not apply yet, so that a CUDA graph can capture it once.
+    nowhere [L6], and token t takes its ring slot. Token j is scored when token j + reach arrives
+    (its right context [L1]), long before it leaves the window (reach <= w).
     """
 
     def __init__(self, config):
@@ -1017,116 +1026,50 @@ class LTEAttention(AttentionBase):
     def init_state(self, batch_size: int, device=None, dtype=torch.float32, max_len=None) -> dict:
         """An empty decoding state (pictured in the class docstring); max_len needs nothing here."""
         check_max_len(max_len)
-        B, Hkv, D = batch_size, self.n_kv_head, self.head_dim
-        router_in = torch.zeros(B, 2 * self.router.reach + 1, Hkv, 2 * D, device=device, dtype=dtype)
-        state = self._new_state(B, device, dtype, router_in=router_in,
-                                **self.sinks_window_buffer(B, Hkv, D, self.sink, self.window, self.buffer,
-                                                           self.window + 1, device, dtype))
-        self.reset_state(state)
-        return state
-
-    @staticmethod
-    def sinks_window_buffer(B, Hkv, D, sink, window, buffer, scored, device, dtype) -> dict:
-        """A constant-size cache (LTE's, the eviction baselines'): k, v, valid of s sinks, a ring of
-        w + 1 slots and b buffer slots; a score for `scored` ring slots; buffered scores, positions."""
-        zeros = lambda n: torch.zeros(B, n, Hkv, D, device=device, dtype=dtype)
-        off = lambda n: torch.zeros(B, n, Hkv, dtype=torch.bool, device=device)
-        return {"sink_k": zeros(sink), "sink_v": zeros(sink), "sink_valid": off(sink),
-                "k": zeros(window + 1), "v": zeros(window + 1), "valid": off(window + 1),
-                "score": torch.zeros(B, scored, Hkv, device=device),
-                "buf_k": zeros(buffer), "buf_v": zeros(buffer),
-                "buf_score": torch.zeros(B, Hkv, buffer, device=device),
-                "buf_pos": torch.zeros(B, Hkv, buffer, dtype=torch.long, device=device)}
+        router_in = torch.zeros(batch_size, 2 * self.router.reach + 1, self.n_kv_head, 2 * self.head_dim,
+                                device=device, dtype=dtype)
+        return self._new_state(batch_size, device, dtype, router_in=router_in,
+                               **self._sinks_window_buffer(batch_size, device, dtype, scored=self.window + 1))
 
     def _fill_state(self, state, k, v, k_raw, r, until):
         """After a parallel prefill of T tokens: the state that stepping them one by one leaves."""
         B, T, Hkv, D = k.shape
         window_slots, router_slots = self.window + 1, 2 * self.router.reach + 1
-        cache_dtype = state["k"].dtype
         n_sink = min(self.sink, max(0, T - window_slots))         # sinks that have left the window by now
-        state["sink_k"][:, :n_sink] = k[:, :n_sink].to(cache_dtype)
-        state["sink_v"][:, :n_sink] = v[:, :n_sink].to(cache_dtype)
+        buf_score, buf_pos = lte_final_buffer(r.detach(), until, self.window, self.sink, self.buffer)   # [L6]
+        at = buf_pos.clamp(min=0).transpose(1, 2)[..., None].expand(-1, -1, -1, D)   # [B, Hkv, b] -> [B, b, Hkv, D]
+        for name, x in (("k", k), ("v", v)):
+            state["sink_" + name][:, :n_sink] = x[:, :n_sink].to(state[name].dtype)
+            state["buf_" + name].copy_(x.gather(1, at))
         state["sink_valid"][:, :n_sink] = True
+        state["buf_score"].copy_(buf_score)
+        state["buf_pos"].copy_(buf_pos)
         recent = torch.arange(max(0, T - window_slots), T, device=k.device)
         slots = self._enter(state, recent, k[:, recent], v[:, recent])
         scored = recent <= T - 1 - self.router.reach              # later ones wait for their right context
         state["score"][:, slots[scored]] = r[:, recent[scored]].detach().float()
-        buf_score, buf_pos = lte_final_buffer(r.detach(), until, self.window, self.sink, self.buffer)   # [L6]
-        state["buf_score"].copy_(buf_score)
-        state["buf_pos"].copy_(buf_pos)
-        pos = buf_pos.clamp(min=0).transpose(1, 2)[..., None].expand(-1, -1, -1, D)   # [B, Hkv, b] -> [B, b, Hkv, D]
-        state["buf_k"].copy_(k.gather(1, pos))
-        state["buf_v"].copy_(v.gather(1, pos))
         tail = torch.arange(max(0, T - router_slots), T, device=k.device)
-        state["router_in"][:, tail % router_slots] = torch.cat([k_raw, v], dim=-1)[:, tail].to(cache_dtype)
+        state["router_in"][:, tail % router_slots] = torch.cat([k_raw, v], dim=-1)[:, tail].to(state["k"].dtype)
 
-    def _step(self, x, state):
-        t = state["pos"]                                   # 0-d, on the device
-        q, k, v, k_raw = self._qkv(x, t, state)
-        self._leave_window(state, t)
-        self._enter(state, t.view(1), k, v)
-        self._score_ready_token(state, t, torch.cat([k_raw, v], dim=-1), q.dtype)
-        k_all, v_all, valid = self.held_slots(state)
-        o = _op(self.config, attention_decode)(q[:, 0], k_all.to(q.dtype), v_all.to(q.dtype), valid)
-        t.add_(1)                                          # last: t is the state's own tensor
-        return o[:, None]
-
-    def _score_ready_token(self, state, t, router_in, dtype):
-        """[L1] Token t's router input [B, 1, Hkv, 2D] joins the ring; token j = t - reach now has its
+    def _entered(self, state, t, slot, k_raw, v):
+        """[L1] Token t's router input [k_raw; v] joins the router ring; token j = t - reach now has its
         right context: score it (ring inputs j - reach .. t, in order) into its window slot, once j >= 0."""
         n = 2 * self.router.reach + 1
+        router_in = torch.cat([k_raw, v], dim=-1)                               # [B, 1, Hkv, 2D]
         state["router_in"].index_copy_(1, (t % n).view(1), router_in.to(state["k"].dtype))
         j = t - self.router.reach
         ctx = state["router_in"].index_select(1, (j - self.router.reach + torch.arange(n, device=t.device)) % n)
-        r_j = self.router.score_one(ctx.to(dtype), j)                          # [B, Hkv]; ctx: [B, n, Hkv, 2D]
+        r_j = self.router.score_one(ctx.to(v.dtype), j)                        # [B, Hkv]; ctx: [B, n, Hkv, 2D]
         slot = (j % (self.window + 1)).view(1)
         old = state["score"].index_select(1, slot)
         state["score"].index_copy_(1, slot, torch.where(j >= 0, r_j[:, None], old))
 
-    def _leave_window(self, state, t):
-        """Token j = t - w - 1 leaves the window as token t arrives: to the sinks, the buffer [L6],
-        or gone. Every step runs it; before any token has left (j < 0) it changes nothing."""
-        j, ring_slot, leaving = self.leave_to_sinks(state, t, self.window, self.sink)
-        if self.buffer == 0:
-            return
-        # a token that is not leaving to the buffer is offered with r = 0, which never enters [L6]
-        offered = j >= self.sink
-        score = torch.where(offered, state["score"].index_select(1, ring_slot)[:, 0], 0.0)   # [B, Hkv]
-        entered, _, slot = lte_buffer_push(state["buf_score"], state["buf_pos"], score, j)   # [B, Hkv] each
-        self.write_buffer_slot(state, leaving, entered, slot)
-
-    # The three moves of a constant-size cache, shared with the eviction baselines (eviction.py).
-    @staticmethod
-    def leave_to_sinks(state, t, window: int, sink: int):
-        """Token j = t - w - 1 leaves the window's ring as token t (0-d) arrives; a sink (j < s) moves
-        to its sink slot. Returns (j, its ring slot [1], its key and value {"k", "v": [B, 1, Hkv, D]})."""
-        j = t - window - 1
-        ring_slot = (t % (window + 1)).view(1)             # j's ring slot, which token t takes next
-        leaving = {name: state[name].index_select(1, ring_slot) for name in ("k", "v")}
-        if sink:
-            to_sink = (j >= 0) & (j < sink)
-            sink_slot = j.clamp(0, sink - 1).view(1)
-            for name in ("k", "v"):
-                sinks = state["sink_" + name]
-                sinks.index_copy_(1, sink_slot, torch.where(to_sink, leaving[name], sinks.index_select(1, sink_slot)))
-            state["sink_valid"].index_copy_(1, sink_slot, state["sink_valid"].index_select(1, sink_slot) | to_sink)
-        return j, ring_slot, leaving
-
-    @staticmethod
-    def write_buffer_slot(state, leaving, entered, slot) -> None:
-        """Copy the leaving key and value into buffer slot `slot` [B, Hkv] where it entered."""
-        for name in ("k", "v"):
-            buf = state["buf_" + name]                                          # [B, b, Hkv, D]
-            idx = slot[:, None, :, None].expand(-1, 1, -1, buf.shape[-1])       # [B, 1, Hkv, D]
-            buf.scatter_(1, idx, torch.where(entered[:, None, :, None], leaving[name], buf.gather(1, idx)))
-
-    @staticmethod
-    def held_slots(state):
-        """Every slot a query reads, side by side: sinks, the window's ring, the buffer. Returns k, v
-        [B, s + w + 1 + b, Hkv, D] and valid [B, s + w + 1 + b, Hkv]."""
-        slots = [(state["sink_k"], state["sink_v"], state["sink_valid"]), (state["k"], state["v"], state["valid"]),
-                 (state["buf_k"], state["buf_v"], (state["buf_pos"] >= 0).transpose(1, 2))]
-        return tuple(torch.cat(parts, dim=1) for parts in zip(*slots))
+    def _offer(self, state, j, score):
+        """[L6] Token j leaves the window with its score r_j [B, Hkv]: offered to the buffer when r_j > 0
+        and it is no sink (`lte_buffer_push`). Returns (entered, slot), [B, Hkv] each."""
+        offered = (j >= self.sink) & (score > 0)
+        entered, _, slot = lte_buffer_push(state["buf_score"], state["buf_pos"], score, j, offered)
+        return entered, slot
 
     def state_size(self, T: int) -> int:
         """Numbers held per sequence after T tokens: k and v of the sinks, window and buffer, their
@@ -1487,10 +1430,18 @@ class TinyHybrid(nn.Module):
         dtype = dtype or self.wte.weight.dtype
         return [b.mixer.init_state(batch_size, device, dtype, max_len=max_len) for b in self.blocks]
 
-    def reset_state(self, state: list[dict]) -> None:
-        """Empty a decoding state in place, for the next sequence (its tensors stay where they are)."""
-        for block, layer in zip(self.blocks, state):
-            block.mixer.reset_state(layer)
+    @staticmethod
+    def reset_state(state: list[dict]) -> None:
+        """Empty a decoding state in place, for the next sequence: a captured step keeps reading these
+        very tensors. Empty buffer slots (LTE, eviction.py) hold score -inf and position -1."""
+        for layer in state:
+            for value in layer.values():
+                if isinstance(value, torch.Tensor):
+                    value.zero_()
+            if "buf_pos" in layer:
+                layer["buf_score"].fill_(float("-inf"))
+                layer["buf_pos"].fill_(-1)
+            layer["length"] = 0
 
     @staticmethod
     def state_nbytes(state: list[dict]) -> int:
@@ -1510,9 +1461,8 @@ class TinyHybrid(nn.Module):
         return {f"{i}:{name}": b.mixer.state_size(T) for i, (b, name) in enumerate(layers)}
 
     def decode_step(self, token, state: list[dict]):
-        """One token per sequence, token [B, 1], through every layer's `step`: device work only, the
-        same shapes at every position (what decoder.py captures); the caller counts the lengths.
-        Returns logits [B, vocab]."""
+        """token [B, 1] -> logits [B, vocab] through every layer's `step`: device work only, the same
+        shapes at every position (what decoder.py captures); the caller counts the lengths."""
         x = self.wte(token)                                                     # [B, 1, C]
         for block, layer in zip(self.blocks, state):
             x = block.step(x, layer)
