@@ -1,49 +1,27 @@
 """tiny-hybrid: hybrid linear / sparse attention language models, small and readable.
 
-Implements, in plain PyTorch, the models of
-    He & Garner, "Alleviating Forgetfulness of Linear Attention by Hybrid Sparse Attention and
-    Contextualized Learnable Token Eviction", arXiv 2510.20787 (2025),
-whose linear-attention layer is Gated DeltaNet:
-    Yang, Kautz & Hatamizadeh, "Gated Delta Networks: Improving Mamba2 with Delta Rule", ICLR 2025.
+In plain PyTorch, the models of He & Garner, "Alleviating Forgetfulness of Linear Attention by
+Hybrid Sparse Attention and Contextualized Learnable Token Eviction", arXiv 2510.20787 (2025), whose
+linear-attention layer is Yang, Kautz & Hatamizadeh's Gated DeltaNet (ICLR 2025).
+GDN keeps a fixed K x V state per head and forgets old facts once it is full; a mixer that looks
+directly at past tokens gives recall back. The paper's LTE does so with a constant-size state: a
+sliding window plus the few tokens a tiny CNN decided to keep.
 
-A linear-attention layer (Gated DeltaNet) keeps a fixed K x V state per head and forgets old facts
-once that state is full. Interleaving it with a mixer that can look directly at past tokens gives
-recall back; the paper's proposal, learnable token eviction (LTE), does so with a state of constant
-size: a sliding window plus a few tokens that a tiny CNN decided to keep.
-
-The file reads top to bottom:
-    1. ops      pure functions on [B, T, H, D] tensors: Gated DeltaNet (chunked and recurrent), one
-                causal softmax attention for full / sliding-window / LTE patterns, the NSA pieces
-    2. mixers   nn.Modules (B, T, C) -> (B, T, C): GatedDeltaNet, Attention, NativeSparseAttention
-    3. LTE      the paper's proposal in the paper's order, from the score [L1] to the inference cap
-                [L6] and the mixer's constant-size decoding state
-    4. model    Config, Block, TinyHybrid, optimizer_groups; eager prefill, step and generate
-Beside it: checks.py (input checks), decoder.py (one captured CUDA graph per decoded token),
-eviction.py (the heuristic eviction baselines), kernels.py (Triton twins of the ops); docs/model.md
-is a tour of this file.
+Sections: 1. ops, 2. mixers (GDN, attention, NSA), 3. LTE in the paper's order, 4. the model (docs/model.md).
 
 Dimensions
-    B     batch size                     T     sequence length (time)
-    C     model width (d_model)          H     query heads (GDN heads for GDN)
-    Hkv   key/value heads (GQA: H % Hkv == 0; G = H // Hkv query heads share one KV head)
-    D     attention head dim             K, V  key / value head dims of Gated DeltaNet
-    L     chunk length of the chunked Gated DeltaNet form
+    B batch size, T sequence length (time), C model width (d_model), H query heads (GDN's for GDN)
+    Hkv key/value heads (GQA: H % Hkv == 0; G = H // Hkv query heads share one KV head)
+    D attention head dim, K, V key / value head dims of Gated DeltaNet, L its chunk length
 
 The papers' symbols
     S_t      GDN state of one head: K x V here (the GDN paper's S_t is its transpose, V x K)
-    alpha_t  GDN decay in (0, 1]; the code holds its log, g_t = log alpha_t <= 0
-    beta_t   GDN writing strength in (0, 1)
-    w        window: query i sees key j when 0 <= i - j <= w, w + 1 keys. The paper counts keys for
-             SWA and NSA (its 1024 and 512 are w = 1023 and 511 here), not for LTE (768 is w = 768).
-    s        LTE sink tokens, always kept           b    LTE buffer: retained tokens per KV head
+    alpha_t  GDN decay in (0, 1], held as g_t = log alpha_t <= 0;   beta_t  GDN writing strength in (0, 1)
+    w        window: query i sees key j when 0 <= i - j <= w, w + 1 keys (the paper's SWA 1024 is w = 1023)
+    s, b     LTE sink tokens (always kept), LTE buffer (retained tokens per KV head)
     r_j      LTE retention score of token j (per KV head), in (-1/2, 1/2): kept when r_j > 0
-    R        the router's receptive field, R = 2 reach + 1 = 13 positions (reach = 6 each side)
-    lambda   LTE's L1 penalty weight, one per (layer, KV head)
-    phi      NSA's block compression: mean pooling here, as in the official code
-    l, n     NSA block length, selected blocks per query
-Settings of the paper (0.4B and 1.4B models, 24 layers): s = 4, LTE w = 768, b = 512, R = 13;
-SWA 1024 keys; NSA l = 64, n = 16, 512 keys; GDN K = V = 128 (0.4B) or 256 (1.4B). They are
-`Config.paper(name, size)`; `Config()` is a laptop-sized model with the recipe that trained here.
+    R        the router's receptive field, 2 reach + 1 = 13;   lambda  LTE's L1 penalty weight per (layer, KV head)
+    l, n     NSA block length, selected blocks per query; phi its block compression (mean pooling)
 
 The method in equations; each tag marks the lines that compute it
   Gated DeltaNet (Yang et al. 2025, the gated delta rule), per head:
@@ -66,8 +44,7 @@ The method in equations; each tag marks the lines that compute it
          the top n blocks (block 0 and the most recent ones forced) are attended token by token
     [N3] o_i = g_cmp o_cmp + g_slc o_slc + g_swa o_swa, gates sigmoid(W_g x_i)
 
-Where the code differs from the paper or the authors' code, the line says so ("Differs from the
-paper: ..."); README.md tables every such difference.
+Where the code differs from the paper or its code, the line says so; README.md tables them all.
 """
 
 from __future__ import annotations
@@ -96,16 +73,13 @@ KEEP_FOREVER = torch.iinfo(torch.int32).max
 # --- 1a. Gated DeltaNet ----------------------------------------------------------------------
 
 def gated_delta_rule_recurrent(q, k, v, g, beta, scale=None, initial_state=None):
-    """Gated DeltaNet, token by token (the definition; used for decoding and as the test oracle).
+    """Gated DeltaNet token by token: the definition, used for decoding and as the test oracle.
 
-    q, k: [B, T, H, K] (already L2-normalised), v: [B, T, H, V], g: [B, T, H] log decay
-    (g_t = log alpha_t <= 0), beta: [B, T, H] in (0, 1), initial_state: [B, H, K, V] or None (zeros).
-    For every head, with state S (K x V):
-        S_t = exp(g_t) S_{t-1}                                                            [G2]
-        S_t = S_t + k_t (beta_t (v_t - S_t^T k_t))^T        (delta rule: overwrite what k_t points at)
-        o_t = scale * S_t^T q_t,   scale = K ** -0.5 by default                           [G3]
-    Returns (o [B, T, H, V] in v's dtype, final_state [B, H, K, V] float32).
-    """
+    q, k: [B, T, H, K] L2-normalised, v: [B, T, H, V], g: [B, T, H] = log alpha_t <= 0, beta: [B, T, H],
+    initial_state: [B, H, K, V] or None (zeros). Per head, with state S (K x V):
+        S_t = exp(g_t) S_{t-1};  S_t = S_t + k_t (beta_t (v_t - S_t^T k_t))^T                  [G2]
+        o_t = scale S_t^T q_t,   scale = K ** -0.5 by default                                 [G3]
+    Returns (o [B, T, H, V] in v's dtype, final state [B, H, K, V] float32)."""
     check_gdn(q, k, v, g, beta, initial_state)
     B, T, H, K = k.shape
     scale = K ** -0.5 if scale is None else scale
@@ -124,19 +98,13 @@ def gated_delta_rule_recurrent(q, k, v, g, beta, scale=None, initial_state=None)
 
 
 def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, chunk_size=64):
-    """Gated DeltaNet, chunked (WY / UT-transform) form: the same function as the recurrent form.
+    """Gated DeltaNet in chunks of L tokens (the WY / UT transform): the recurrent form's function.
 
-    Shapes and arguments as `gated_delta_rule_recurrent`, plus chunk_size L. Inside a chunk, with
-    gamma_i = g_1 + ... + g_i (decay from the chunk's start) and S_0 the state entering the chunk,
-    the delta-rule updates u_i = beta_i (v_i - exp(gamma_i) S_0^T k_i - sum_{j<i} exp(gamma_i - gamma_j)
-    (k_i . k_j) u_j) form a unit lower-triangular system (I + A) U = beta V - diag(beta e^gamma) K S_0.
-    Solving it once per chunk (the UT transform) gives U = U' - W S_0 with
-        W  = (I + A)^-1 diag(beta e^gamma) K,     U' = (I + A)^-1 diag(beta) V
-    and then, with Gamma_ij = exp(gamma_i - gamma_j) for j <= i,
+    Arguments and returns as `gated_delta_rule_recurrent`. Within a chunk, with S_0 the state entering
+    it, one triangular solve gives the delta-rule updates U = U' - W S_0, and
         O   = scale (diag(e^gamma) Q S_0 + (Q K^T * Gamma) U)                                [G3]
-        S_L = e^{gamma_L} S_0 + (K * e^{gamma_L - gamma})^T U.                               [G2]
-    Only step 5 runs sequentially over chunks; everything else is batched matrix algebra.
-    """
+        S_L = e^{gamma_L} S_0 + (K * e^{gamma_L - gamma})^T U                                [G2]
+    (the derivation: docs/model.md). Only step 5, the walk over chunks, is sequential."""
     check_gdn(q, k, v, g, beta, initial_state)
     check_int("chunk_size", chunk_size, low=1)
     B, T, H, K = k.shape
@@ -198,18 +166,14 @@ def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, chunk_siz
 # --- 1b. One causal softmax attention: full, sliding window, LTE band-plus-columns ------------
 
 def attention(q, k, v, window=None, keep=None, scale=None):
-    """Causal softmax attention for full attention, SWA and LTE's A-plus-column pattern.
+    """Causal softmax attention: full, sliding-window, or LTE's band plus kept columns.
 
     q: [B, T, H, D], k, v: [B, T, Hkv, D] (GQA: query head h reads KV head h // (H / Hkv)).
-    window: None (full causal) or w >= 0: query i sees key j when 0 <= i - j <= w.
-    keep (only with a window): per key and KV head, which keys stay visible beyond the window,
-        bool [B, T, Hkv]      True: kept forever (LTE in training, the paper's rule [L2]),
-        int  [B, T, Hkv]      the last query index that sees key j (LTE with its capped buffer [L6]:
-                              visible until a higher-scored token pushes it out); -1 or any value
-                              below j + w + 1 means "the window only".
-        o_i = sum_j softmax_j(scale q_i . k_j | j visible to i) v_j,  scale = D ** -0.5 by default.
-    Returns o [B, T, H, D] in q's dtype; the math is float32 on a dense mask (a reference, O(T^2)).
-    """
+    window: None (full) or w: query i sees key j when 0 <= i - j <= w. keep [B, T, Hkv], only with
+    a window, the keys visible beyond it: bool, kept forever (LTE training [L2]); or int, the last
+    query that sees key j (LTE's capped buffer [L6]; -1: the window only).
+        o_i = sum_j softmax_j(scale q_i . k_j | j visible to i) v_j,  scale = D ** -0.5 by default
+    Returns o [B, T, H, D] in q's dtype (float32 maths on a dense T x T mask)."""
     check_attention(q, k, v, window, keep)
     B, T, H, D = q.shape
     G = H // k.shape[2]                                                         # query heads per KV head
@@ -235,12 +199,7 @@ def attention(q, k, v, window=None, keep=None, scale=None):
 
 
 def attention_decode(q, k_cache, v_cache, valid=None, scale=None):
-    """One new query per sequence against a cache of key/value slots (the decoding step).
-
-    q: [B, H, D]; k_cache, v_cache: [B, S, Hkv, D] in any slot order; valid: bool [B, S, Hkv], the
-    slots this query may see (None: all).   o = sum_s softmax_s(scale q . k_s | valid_s) v_s
-    Returns o [B, H, D] in q's dtype.
-    """
+    """A decoding query q [B, H, D] over cache slots [B, S, Hkv, D] where valid [B, S, Hkv] (None: all)."""
     check_decode(q, k_cache, v_cache, valid)
     B, H, D = q.shape
     G = H // k_cache.shape[2]
@@ -262,19 +221,14 @@ def nsa_compress(x, block: int):
     check_int("block", block, low=1)
     B, T, Hkv, D = x.shape
     n = T // block
-    # Differs from the original NSA (not from the paper's code): NSA compresses a block with a
-    # learned MLP over its tokens and their positions in the block, keys and values apart; the
-    # paper's code, like this one, mean-pools keys and values alike.
+    # Differs from the original NSA, not from the paper's code: NSA compresses a block with a learned
+    # MLP over its tokens and their positions, keys and values apart; both here mean-pool.
     return x[:, : n * block].reshape(B, n, block, Hkv, D).mean(dim=2)          # [B, n, Hkv, D]
 
 
 def nsa_compressed_attention(q, k_cmp, v_cmp, block: int, scale=None, offset=0):
-    """Compressed branch [N1]: attention over mean-pooled blocks, complete blocks only.
-
-    q: [B, T, H, D] at positions offset .. offset + T - 1 (an int or a 0-d integer tensor);
-    k_cmp, v_cmp: [B, Nc, Hkv, D]. Returns (o [B, T, H, D], lse [B, T, H] float32); a query with
-    no complete block yet gets o = 0 and lse = -inf.
-    """
+    """Compressed branch [N1]: q [B, T, H, D] at positions offset .. over the complete blocks of k_cmp,
+    v_cmp [B, Nc, Hkv, D] -> (o [B, T, H, D], lse [B, T, H] float32; o = 0, lse = -inf before any)."""
     B, T, H, D = q.shape
     Hkv = k_cmp.shape[2]
     scale = D ** -0.5 if scale is None else scale
@@ -292,10 +246,8 @@ def nsa_compressed_attention(q, k_cmp, v_cmp, block: int, scale=None, offset=0):
 
 
 def nsa_block_scores(q, k_cmp, lse, block: int, scale=None, offset=0):
-    """Importance of each compressed block for each query [N2]: the compressed attention
-    probabilities p_{i,n} = exp(scale q_i . kc_n - lse_i), summed over the query heads of a KV group.
-    q: [B, T, H, D], k_cmp: [B, Nc, Hkv, D], lse: [B, T, H]. Returns [B, T, Hkv, Nc] float32
-    (0 for blocks that are not complete yet). No gradient: selection is a hard choice."""
+    """Block importance [N2]: p_{i,n} = exp(scale q_i . kc_n - lse_i) summed over a KV group's query
+    heads, [B, T, Hkv, Nc] float32 (0 for incomplete blocks). No gradient: selection is a hard choice."""
     B, T, H, D = q.shape
     Hkv = k_cmp.shape[2]
     scale = D ** -0.5 if scale is None else scale
@@ -310,14 +262,9 @@ def nsa_block_scores(q, k_cmp, lse, block: int, scale=None, offset=0):
 
 def nsa_select_blocks(scores, block: int, top_n: int, n_recent: int = 2, n_blocks: int | None = None,
                       offset=0):
-    """Top-n block selection per query and KV head, with forced blocks [N2].
-
-    scores: [B, T, Hkv, Nc] from `nsa_block_scores`. Candidates for the query at position p: the
-    blocks that have started (n l <= p); forced: block 0 and the n_recent most recent ones. Ranking:
-    score descending, ties to the lower block index (a stable sort). n_blocks: blocks that can exist
-    (default ceil((offset + T) / l); a decoding step gives it, so that shapes do not depend on t).
-    Returns int64 [B, T, Hkv, top_n]: block indices, -1 where fewer than top_n candidates exist.
-    """
+    """Top-n blocks per query and KV head [N2] from scores [B, T, Hkv, Nc]: of the blocks started by
+    position p (n l <= p), block 0 and the n_recent newest first, then by score, ties to the lower index
+    -> int64 [B, T, Hkv, top_n] (-1: none). n_blocks fixes the shapes of a decoding step."""
     check_nsa_selection(top_n, n_recent)
     B, T, Hkv, Nc = scores.shape
     q_pos = offset + torch.arange(T, device=scores.device)
@@ -337,11 +284,8 @@ def nsa_select_blocks(scores, block: int, top_n: int, n_recent: int = 2, n_block
 
 
 def nsa_selected_attention(q, k, v, block_idx, block: int, scale=None):
-    """Selected branch [N2]: token-level causal attention over the selected blocks.
-
-    q: [B, T, H, D], k, v: [B, T, Hkv, D], block_idx: int [B, T, Hkv, n] (-1: no block). Query i
-    sees key j when block j // l is selected for (i, its KV head) and j <= i (so the block holding
-    i is read causally). Returns o [B, T, H, D]."""
+    """Selected branch [N2]: query i sees key j <= i when block j // l is in block_idx [B, T, Hkv, n]
+    (-1: none) for i and its KV head. q: [B, T, H, D], k, v: [B, T, Hkv, D] -> o [B, T, H, D]."""
     check_gqa(q, k, v)
     B, T, H, D = q.shape
     Hkv = k.shape[2]
@@ -358,8 +302,7 @@ def nsa_selected_attention(q, k, v, block_idx, block: int, scale=None):
 
 
 def nsa_combine(gates, o_cmp, o_slc, o_swa):
-    """The gated sum of the three branches [N3]: o = g_cmp o_cmp + g_slc o_slc + g_swa o_swa.
-    gates: [B, T, H, 3] in (0, 1) (sigmoid of a linear map of x); branch outputs [B, T, H, D]."""
+    """[N3] o = g_cmp o_cmp + g_slc o_slc + g_swa o_swa; gates [B, T, H, 3], branches [B, T, H, D]."""
     g = gates.to(o_cmp.dtype)
     return g[..., 0:1] * o_cmp + g[..., 1:2] * o_slc + g[..., 2:3] * o_swa
 
@@ -382,8 +325,7 @@ class RMSNorm(nn.Module):
 
 
 def rotary(x, offset=0, base: float = 10000.0):
-    """RoPE on [B, T, H, D] at positions offset .. offset + T - 1 (rotate-half form, float32 math).
-    offset: an int, or a 0-d integer tensor on x's device (a decoding step reads its position there)."""
+    """RoPE (rotate-half) on [B, T, H, D] at positions offset .. offset + T - 1, offset an int or 0-d."""
     B, T, H, D = x.shape
     inv_freq = base ** (-torch.arange(0, D, 2, device=x.device, dtype=torch.float32) / D)   # [D/2]
     positions = offset + torch.arange(T, device=x.device)                       # [T], exact in float32 below 2^24
@@ -394,9 +336,8 @@ def rotary(x, offset=0, base: float = 10000.0):
 
 
 def _op(config, reference):
-    """The op a mixer calls: `reference`, or its Triton twin of the same name in kernels.py (imported
-    only then) when config.use_triton. Mixers name the reference, `_op(self.config, attention)(...)`,
-    so an editor's "go to definition" leads to the maths."""
+    """`reference`, or with config.use_triton its Triton twin of the same name in kernels.py. Mixers
+    name the reference, so "go to definition" leads to the maths."""
     if not config.use_triton:
         return reference
     try:
@@ -419,8 +360,7 @@ class ShortConv(nn.Module):
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
     def forward(self, x, cache=None):
-        """x: [B, T, C]; cache: [B, kernel - 1, C] inputs before x (None: zeros).
-        Returns (y [B, T, C], new cache [B, kernel - 1, C])."""
+        """x [B, T, C], cache [B, kernel - 1, C] inputs before x (None: zeros) -> (y, new cache)."""
         B, T, C = x.shape
         past = x.new_zeros(B, self.kernel_size - 1, C) if cache is None else cache.to(x.dtype)
         xp = torch.cat([past, x], dim=1)                                        # [B, k - 1 + T, C]
@@ -432,21 +372,17 @@ class ShortConv(nn.Module):
 
 
 class GatedDeltaNet(nn.Module):
-    """Gated DeltaNet (Yang et al., ICLR 2025): the linear-attention layer of the hybrids.
-
-    x -> q, k, v (each: linear, short causal conv, SiLU); q, k L2-normalised per head;
-    beta = sigmoid(W_b x); g = log alpha = -exp(A_log) softplus(W_a x + dt_bias) <= 0       [G1]
-    o = gated_delta_rule(q, k, v, g, beta); o = RMSNorm(o) * SiLU(W_gate x) per head; out = W_o o.
-    State per sequence: H x K x V numbers plus the conv tails, whatever the length.
-    """
+    """Gated DeltaNet, the hybrids' linear-attention layer. q, k, v: linear, short causal conv, SiLU;
+    q, k L2-normalised; beta = sigmoid(W_b x); g = -exp(A_log) softplus(W_a x + dt_bias)       [G1]
+    o = gated_delta_rule(q, k, v, g, beta); out = W_o (RMSNorm(o) * SiLU(W_gate x)), per head.
+    Decoding state: H K V numbers plus the conv tails, whatever the length."""
 
     def __init__(self, config):
         super().__init__()
         self.config = config
         C, H, K, V = config.d_model, config.gdn_heads, config.gdn_head_dim, config.gdn_value_dim
         self.n_head, self.head_dim, self.value_dim = H, K, V
-        # W_q, W_k, W_v, W_b (beta), W_a (alpha) and W_gate stacked by rows into one matrix: the
-        # same maths as six separate projections, one launch instead of six. step splits the output.
+        # W_q, W_k, W_v, W_b (beta), W_a (alpha), W_gate stacked by rows: one launch instead of six
         self.in_split = (H * K, H * K, H * V, H, H, H * V)                     # q, k, v, beta, alpha, gate
         self.in_proj = nn.Linear(C, sum(self.in_split), bias=False)
         self.q_conv, self.k_conv = (ShortConv(H * K, config.gdn_conv_size) for _ in range(2))
@@ -460,8 +396,7 @@ class GatedDeltaNet(nn.Module):
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))          # softplus^-1(dt)
 
     def init_state(self, batch_size: int, device=None, dtype=torch.float32, max_len=None) -> dict:
-        """Empty decoding state: S [B, H, K, V] (float32), the three conv tails and the counters pos
-        and length (see AttentionBase._new_state); one size for any length, so max_len needs nothing."""
+        """Empty decoding state: S [B, H, K, V] float32, conv tails, pos and length; of any length."""
         H, K, V = self.n_head, self.head_dim, self.value_dim
         tail = lambda C: torch.zeros(batch_size, self.config.gdn_conv_size - 1, C, device=device, dtype=dtype)
         return {"S": torch.zeros(batch_size, H, K, V, device=device),
@@ -475,8 +410,7 @@ class GatedDeltaNet(nn.Module):
         return out
 
     def step(self, x, state: dict | None):
-        """forward's device work only, without the host-side length, which the caller counts: what a
-        CUDA graph captures for one token, x [B, 1, C]."""
+        """forward's device work, without the host-side length (what a CUDA graph captures)."""
         check_mixer_input(x, self.config.d_model)
         B, T, _ = x.shape
         H, V = self.n_head, self.value_dim
@@ -513,14 +447,9 @@ class GatedDeltaNet(nn.Module):
 
 
 class AttentionBase(nn.Module):
-    """What the attention-type mixers share: q, k, v projections with RoPE and GQA, an optional key
-    shift, and the decoding contract.
-
-    Optional key shift (`Config.key_conv = c > 0`, not in the paper): k = W_k x + ShortConv_c(W_k x),
-    so a key can carry the tokens just before it, as GDN's short convs do (why: docs/model.md).
-
-    Decoding (`forward(x, state)`): a prompt into an empty state runs the parallel form, which also
-    fills the state (`_parallel(x, state)`); later tokens go one at a time through `_step`."""
+    """What the attention-type mixers share: q, k, v with RoPE and GQA, decoding, and an optional key
+    shift, `Config.key_conv = c`: k = W_k x + ShortConv_c(W_k x), so that a key carries the tokens just
+    before it, as GDN's short convs do (why: docs/model.md)."""
 
     block = 1                                              # a cache grows in whole blocks (NSA: l tokens)
 
@@ -529,8 +458,7 @@ class AttentionBase(nn.Module):
         self.config = config
         C, H, Hkv, D = config.d_model, config.n_head, config.n_kv_head, config.head_dim
         self.n_head, self.n_kv_head, self.head_dim = H, Hkv, D
-        # W_q, W_k and W_v stacked by rows into one matrix: the same maths as three projections,
-        # one launch instead of three. _qkv splits the output (k: Hkv heads only, GQA).
+        # W_q, W_k and W_v stacked by rows: one launch instead of three (k, v: Hkv heads only, GQA)
         self.qkv_split = (H * D, Hkv * D, Hkv * D)                             # q, k, v
         self.qkv_proj = nn.Linear(C, sum(self.qkv_split), bias=False)
         self.o_proj = nn.Linear(H * D, C, bias=False)
@@ -538,9 +466,8 @@ class AttentionBase(nn.Module):
         self.k_conv = ShortConv(Hkv * D, config.key_conv) if config.key_conv else None
 
     def _qkv(self, x, offset=0, state: dict | None = None):
-        """x [B, T, C] -> q [B, T, H, D], k and v [B, T, Hkv, D], and k before RoPE, at positions
-        offset .. offset + T - 1 (an int, or a 0-d tensor on the device while decoding). With a
-        decoding state, the key shift continues from (and updates, in place) its conv tail."""
+        """x [B, T, C] -> q [B, T, H, D], k, v and k before RoPE [B, T, Hkv, D] at positions offset ..
+        offset + T - 1; with a state, the key shift continues from its conv tail (updated in place)."""
         B, T, _ = x.shape
         q, k, v = self.qkv_proj(x).split(self.qkv_split, dim=-1)               # [B, T, H D], 2 x [B, T, Hkv D]
         if self.k_conv is not None:
@@ -560,8 +487,7 @@ class AttentionBase(nn.Module):
         return self.o_proj(o.flatten(2))                                        # [B, T, H, D] -> [B, T, H * D]
 
     def step(self, x, state: dict):
-        """forward for one token x [B, 1, C], device work only (what a CUDA graph captures): the caller
-        counts the host-side length."""
+        """forward for one token x [B, 1, C], device work only (the caller counts the length)."""
         check_mixer_input(x, self.config.d_model)
         if x.shape[1] != 1:
             raise ValueError(f"step takes one token: x must be [B, 1, C], got shape {tuple(x.shape)}")
@@ -582,7 +508,7 @@ class AttentionBase(nn.Module):
 
     def _make_room(self, state: dict, T: int) -> None:
         """Grow a cache made without max_len (full attention's, NSA's) so that T more tokens fit,
-        doubling it so that growing costs O(1) a token. A state of fixed size has no "max_len"."""
+        doubling it (O(1) a token). A state of fixed size has no "max_len"."""
         slots, l = state["k"].shape[1], self.block
         if state.get("max_len", 0) is not None or state["length"] + T <= slots:
             return
@@ -593,20 +519,17 @@ class AttentionBase(nn.Module):
                 state[name] = torch.cat([c, c.new_zeros(c.shape[0], extra, *c.shape[2:])], 1)
 
     def _new_state(self, batch_size: int, device, dtype, **tensors) -> dict:
-        """A decoding state: the mixer's tensors, the key shift's conv tail (its last key_conv - 1
-        key projections), and the counters of every mixer's state: pos, the next token's position as
-        a 0-d tensor on the device, which a step reads and advances there (so that a captured step
-        can be replayed), and length, the same count on the host (prefill or steps? room left?)."""
+        """The mixer's tensors, the key shift's conv tail, and two counters: pos, the next position as
+        a 0-d tensor on the device (a captured step advances it), and length, the same on the host."""
         if self.k_conv is not None:
             tensors["k_conv"] = torch.zeros(batch_size, self.config.key_conv - 1, self.n_kv_head * self.head_dim,
                                             device=device, dtype=dtype)
         return {**tensors, "pos": torch.zeros((), dtype=torch.long, device=device), "length": 0}
 
     def _step(self, x, state):
-        """One token x [B, 1, C] -> o [B, 1, H, D], writing the state in place with shapes that never
-        depend on the position (the step decoder.py captures in a CUDA graph): token t (its position
-        read from the state, on the device) takes its slot, t % slots, and its query attends every slot
-        held. A constant-size cache (below) first lets token t - w - 1 leave the window."""
+        """One token x [B, 1, C] -> o [B, 1, H, D], in place, with the same shapes at every position
+        (decoder.py captures it): token t takes slot t % slots and its query attends every slot held;
+        a constant-size cache first lets token t - w - 1 leave the window."""
         t = state["pos"]                                   # 0-d, on the device
         q, k, v, k_raw = self._qkv(x, t, state)
         if "buf_k" in state:
@@ -627,8 +550,7 @@ class AttentionBase(nn.Module):
 
     @staticmethod
     def _enter(state: dict, positions, k, v) -> torch.Tensor:
-        """Keys and values [B, P, Hkv, D] of the tokens at `positions` [P] into their slots, position
-        % slots: a window's ring (token t overwrites t - w - 1) or a full cache. Returns the slots."""
+        """k, v [B, P, Hkv, D] of the tokens at `positions` [P] into slots position % slots, returned."""
         slots = positions % state["k"].shape[1]
         state["k"].index_copy_(1, slots, k.to(state["k"].dtype))
         state["v"].index_copy_(1, slots, v.to(state["v"].dtype))
@@ -637,8 +559,7 @@ class AttentionBase(nn.Module):
 
     @staticmethod
     def _held(state):
-        """Every slot a query reads, side by side: k, v [B, S, Hkv, D] and valid [B, S, Hkv]; for a
-        constant-size cache the sinks, the window's ring and the buffer."""
+        """Every slot a query reads: k, v [B, S, Hkv, D], valid [B, S, Hkv] (sinks, ring, buffer)."""
         if "buf_k" not in state:
             return state["k"], state["v"], state["valid"]
         slots = [(state["sink_k"], state["sink_v"], state["sink_valid"]), (state["k"], state["v"], state["valid"]),
@@ -648,11 +569,9 @@ class AttentionBase(nn.Module):
     def _key_conv_size(self) -> int:
         return 0 if self.k_conv is None else (self.config.key_conv - 1) * self.n_kv_head * self.head_dim
 
-    # --- a constant-size cache (LTE's, and eviction.py's baselines'): s sinks, w + 1 window slots in a
-    # ring, b buffer slots; the mixer has attributes sink, window, buffer and decides who enters (`_offer`)
+    # --- a constant-size cache (LTE's, eviction.py's): s sinks, a ring of w + 1, b buffer slots; `_offer` decides
     def _sinks_window_buffer(self, batch_size: int, device, dtype, scored: int) -> dict:
-        """The cache, empty: k, v, valid of the sinks, the ring and the buffer; a score for `scored`
-        ring slots; the buffered tokens' scores and positions (empty: -inf and -1)."""
+        """The empty cache; a score for `scored` ring slots; buffer scores -inf and positions -1."""
         B, Hkv, D, b = batch_size, self.n_kv_head, self.head_dim, self.buffer
         zeros = lambda n: torch.zeros(B, n, Hkv, D, device=device, dtype=dtype)
         off = lambda n: torch.zeros(B, n, Hkv, dtype=torch.bool, device=device)
@@ -663,9 +582,8 @@ class AttentionBase(nn.Module):
                 "buf_pos": torch.full((B, Hkv, b), -1, dtype=torch.long, device=device)}
 
     def _leave_window(self, state, t) -> None:
-        """Token j = t - w - 1 leaves the ring as token t (0-d) arrives: a sink (j < s) moves to its
-        sink slot, a later token is offered to the buffer (`_offer`) and, where it enters, takes the
-        slot of the token it pushes out. While j < 0 this changes nothing."""
+        """Token j = t - w - 1 leaves the ring as token t arrives: a sink (j < s) moves to its slot, a
+        later token is offered to the buffer (`_offer`) and takes the slot it wins. j < 0: nothing."""
         j = t - self.window - 1
         ring_slot = (t % (self.window + 1)).view(1)        # j's ring slot, which token t takes next
         leaving = {name: state[name].index_select(1, ring_slot) for name in ("k", "v")}   # [B, 1, Hkv, D]
@@ -686,10 +604,8 @@ class AttentionBase(nn.Module):
 
 
 class Attention(AttentionBase):
-    """Softmax attention with RoPE and GQA: full (window=None) or sliding window (SWA, the last w + 1 tokens).
-
-    Decoding state: k, v and valid in slots; token t in slot t % (w + 1) of a ring (SWA), or in slot
-    t of a cache of max_len slots (full; without max_len it grows, eager decoding only)."""
+    """Softmax attention with RoPE and GQA: full (window=None) or sliding window (the last w + 1 tokens).
+    Decoding state: k, v, valid; token t in slot t % (w + 1) of a ring, or t of max_len slots (full)."""
 
     def __init__(self, config, window: int | None = None):
         super().__init__(config)
@@ -727,11 +643,8 @@ class NativeSparseAttention(AttentionBase):
       1. compressed: attention over mean-pooled blocks of l tokens (complete blocks only);     [N1]
       2. selected: the compressed probabilities summed over a KV group rank the blocks; the top n
          (block 0 and the most recent ones forced) are attended token by token, causally;      [N2]
-      3. sliding window: the last w + 1 tokens (w = nsa_window, or the shared `window` when None).
-    Decoding state: the KV cache (max_len slots in whole blocks; without max_len it grows, eager
-    decoding only) and one compressed slot per block. A step writes token t into slot t and pools its
-    block again into slot t // l, which a query reads only once the block is complete.
-    """
+      3. sliding window: the last w + 1 tokens (w = nsa_window, or `window` when None).
+    Decoding state: the KV cache (max_len slots, whole blocks) and one compressed slot per block."""
 
     def __init__(self, config):
         super().__init__(config)
@@ -772,8 +685,7 @@ class NativeSparseAttention(AttentionBase):
     def _step(self, x, state):
         t, l, w = state["pos"], self.block, self.window    # t: 0-d, on the device
         q, k, v, _ = self._qkv(x, t, state)
-        # token t into slot t, and its block's mean into the block's compressed slot t // l, every step:
-        # a query reads that slot only once the block is complete, and by then it is its l tokens' mean [N1]
+        # token t into slot t, its block's mean into slot t // l (read once the block is complete) [N1]
         block = t // l
         tokens = block * l + torch.arange(l, device=t.device)                   # [l] the block's slots
         for name, new in (("k", k), ("v", v)):
@@ -795,9 +707,8 @@ class NativeSparseAttention(AttentionBase):
         return nsa_combine(self._gates(x), o_cmp, o_slc[:, None], o_swa[:, None])       # [N3]
 
     def _attend_gathered(self, q, k, v, slots, valid):
-        """One query q [B, H, D] over the cache slots `slots` [B, Hkv, S] where `valid` [B, Hkv, S] (the
-        selected blocks' n l tokens, or the window's w + 1): gathered, never the whole cache. With
-        use_triton: kernels.attention_decode, split-K over the gathered slots."""
+        """One query q [B, H, D] over the gathered cache slots `slots` [B, Hkv, S] where `valid`
+        [B, Hkv, S]: the selected blocks' n l tokens or the window's w + 1, never the whole cache."""
         idx = slots.clamp(0, k.shape[1] - 1).transpose(1, 2)                  # [B, Hkv, S] -> [B, S, Hkv]
         idx = idx[..., None].expand(-1, -1, -1, k.shape[-1])                   # [B, S, Hkv, D]
         return _op(self.config, attention_decode)(q, k.gather(1, idx), v.gather(1, idx), valid.transpose(1, 2))
@@ -809,27 +720,17 @@ class NativeSparseAttention(AttentionBase):
 # =============================================================================================
 # 3. LTE: LEARNABLE TOKEN EVICTION, in the paper's order
 # =============================================================================================
-#   3a. the score r_j of every token, from a CNN over its neighbourhood, past and future      [L1]
-#   3b. the mixer: training [L2]-[L5], inference [L6] and its decoding state of constant size
-#   3c. the inference rule [L6] as ops: streamed token by token, and in parallel over a sequence
 
 # --- 3a. The score ----------------------------------------------------------------------------
 
 class LTERouter(nn.Module):
-    """The retention scorer [L1]: one small CNN per KV head over (k before RoPE, v).
-
-    Grouped 1-D convolutions (groups = Hkv, so heads never mix), 'same' padding, channels halving
-    each layer, SiLU and dropout, then a 1x1 projection to one number per token and head:
+    """The retention scorer [L1]: one small CNN per KV head (groups = Hkv) over (k before RoPE, v):
+    1-D convolutions with 'same' padding, channels halving, SiLU and dropout, then a 1x1 projection,
         r_j = sigmoid(cnn([k; v] at j - reach .. j + reach)) - 0.5       (kept when r_j > 0)
-    The projection's bias starts at +0.5 so that at first every token is kept (r ~ 0.12).
-    reach = sum of d (k - 1) / 2 over the convolutions: 6 for the paper's three of kernel 3 and
-    dilation 2, so R = 13 positions, of which a score reads the even offsets -6, -4, ..., 6.
-    `forward` scores a sequence; `score_one` scores one token for a decoding step, once token
-    j + reach exists.
-    """
+    The projection's bias starts at +0.5, so that at first every token is kept. reach = sum of
+    d (k - 1) / 2: 6 for the paper's three convolutions of kernel 3, dilation 2 (R = 13)."""
 
-    # Up to this many products (taps x output channels) a decoding step scores with a fused
-    # multiply-sum, above it with a batched matmul (docs/decoding.md has the measurements).
+    # score_one's products (taps x out channels) up to which a multiply-sum beats a matmul (docs/decoding.md)
     PRODUCT_LIMIT = 1 << 20
 
     def __init__(self, n_kv_head: int, head_dim: int, kernel_sizes=(3, 3, 3), dilations=(2, 2, 2),
@@ -851,9 +752,8 @@ class LTERouter(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self):
-        # Differs from the paper's code: PyTorch's default init, U(+-1 / sqrt(fan_in)); the official
-        # code draws the weights from kaiming_normal for ReLU (2.4 times wider), so its first scores
-        # spread further around sigmoid(0.5) - 0.5. The README's recipe was trained with this init.
+        # Differs from the paper's code: PyTorch's default init U(+-1 / sqrt(fan_in)), with which the
+        # README's recipe trained; there kaiming_normal for ReLU, 2.4x wider (first scores spread more).
         for conv in self.convs:
             conv.reset_parameters()
         self.proj.reset_parameters()
@@ -872,12 +772,9 @@ class LTERouter(nn.Module):
         return torch.sigmoid(x.float()).transpose(1, 2) - 0.5                   # [L1]
 
     def score_one(self, x, j):
-        """[L1] forward(k, v)[:, j] for the one token j (an int or a 0-d tensor): r_j [B, Hkv] float32
-        from x [B, 2 reach + 1, Hkv, 2D], [k before RoPE; v] at positions j - reach .. j + reach. Each
-        layer is its convolution without padding, output i = sum_m W[:, :, m] x_{i + d m} + bias, with
-        its input zeroed before position 0 as 'same' padding does: the inputs shrink to the output at j.
-        A product summed over (input channel, tap) fuses into one kernel under torch.compile; above
-        PRODUCT_LIMIT a batched matmul (the einsum) is cheaper."""
+        """[L1] forward(k, v)[:, j] for one token j (a decoding step): r_j [B, Hkv] float32 from x
+        [B, 2 reach + 1, Hkv, 2D], [k before RoPE; v] at j - reach .. j + reach. Each layer is its
+        convolution unpadded, inputs before position 0 zeroed as 'same' padding does."""
         check_router_window(x, self.reach, self.n_kv_head, self.convs[0].in_channels // self.n_kv_head)
         positions = j - self.reach + torch.arange(x.shape[1], device=x.device)  # [2 reach + 1]
         for conv in [*self.convs, self.proj]:
@@ -899,15 +796,11 @@ class LTERouter(nn.Module):
 # --- 3b. The mixer: training [L2]-[L5], inference [L6] and its constant-size state ------------
 
 class LTEAttention(AttentionBase):
-    """Learnable token eviction: sliding-window attention plus sink tokens plus the tokens the
-    router retains (the paper's "A-plus-column" pattern), with RoPE and GQA.
-
-    Query i sees key j when j <= i and (i - j <= w, or j < s, or j is retained for i).
-      training  every token with r_j > 0 stays visible [L2] (with `lte_train_cap`, the inference
-                cap instead), through the straight-through gradient [L3]; forward returns the L1
-                penalty [L4] beside y, and `update_lambda()` runs the controller [L5].
-      eval      at most b retained tokens per head, by the streaming rule [L6], so that the
-                parallel forward sees exactly what decoding holds.
+    """Learnable token eviction: query i sees key j <= i when i - j <= w, or j < s (a sink), or the
+    router retains j for i (the paper's "A-plus-column" pattern); RoPE and GQA.
+      training  every token with r_j > 0 stays visible [L2] (`lte_train_cap`: the cap [L6]), the
+                straight-through gradient [L3], the L1 penalty [L4] beside y, `update_lambda()` [L5].
+      eval      at most b retained tokens per head, by the streaming rule [L6], as decoding holds.
 
     Decoding state per sequence and KV head, of the same size for any T:
       sinks (s slots)       window ring (w + 1 slots)             buffer (b slots)
@@ -915,17 +808,11 @@ class LTEAttention(AttentionBase):
       k, v of the first     k, v; token t in slot t % (w + 1);    k, v of the retained tokens
       s tokens              the score r_j of every token but      in any order, their scores
                             the newest `reach` (not known yet)    (buf_score), positions (buf_pos)
-      router ring (2 reach + 1 slots): [k before RoPE; v] of the newest tokens, the router's input
-
-    Token t arrives (`_step`): token t - w - 1 leaves the window, to the sinks, the buffer or
-    nowhere [L6], and token t takes its ring slot. Token j is scored when token j + reach arrives
-    (its right context [L1]), long before it leaves the window (reach <= w).
-    """
+      router ring (2 reach + 1 slots): [k before RoPE; v] of the newest tokens, the router's input"""
 
     def __init__(self, config):
         super().__init__(config)
-        # Differs from the paper's code: the s sinks are held apart from the b buffer slots (s + b
-        # tokens beyond the window); there the sinks take s of the b slots.
+        # Differs from the paper's code: s sinks beside the b buffer slots (s + b beyond the window); there s of b.
         self.window, self.sink, self.buffer = config.window, config.lte_sink, config.lte_buffer
         self.router = LTERouter(config.n_kv_head, config.head_dim, config.lte_kernel_sizes,
                                 config.lte_dilations, config.lte_dropout)
@@ -940,8 +827,7 @@ class LTEAttention(AttentionBase):
         self.step_sequences = 0
 
     def forward(self, x, state: dict | None = None):
-        """x [B, T, C] -> (y [B, T, C], penalty): the L1 penalty [L4] of a training forward, for the
-        caller to add to its loss; a 0-d zero in eval and while decoding (with a state)."""
+        """x [B, T, C] -> (y [B, T, C], penalty): the L1 penalty [L4] in training, else a 0-d zero."""
         check_mixer_input(x, self.config.d_model)
         zero = self.l1_lambda.new_zeros(())
         if state is not None:
@@ -951,21 +837,17 @@ class LTEAttention(AttentionBase):
         if not self.training:
             return y, zero
         self._count_kept(r)                                                            # [L5]
-        # Differs from the paper's code, which averages lambda_h relu(r_j) over the batch, the positions
-        # (all but the last reach), the LTE layers and the heads: here the heads' terms add up, and so
-        # do the layers' (TinyHybrid.forward), so one lambda weighs n_lte_layers * Hkv times more.
+        # Differs from the paper's code, which averages lambda_h relu(r_j) over batch, positions (but the
+        # last reach), LTE layers, heads; here they add up: a lambda weighs n_lte_layers * Hkv times more.
         penalty = (self.l1_lambda * F.relu(r).mean(dim=(0, 1))).sum()                  # [L4]
         return y, penalty
 
     def _attend(self, x, state=None):
-        """The parallel form (training, eval, prefill into `state`): o [B, T, H, D] and the scores
-        r [B, T, Hkv]."""
+        """The parallel form (training, eval, prefill): o [B, T, H, D] and the scores r [B, T, Hkv]."""
         q, k, v, k_raw = self._qkv(x, state=state)
         r = self.router(k_raw, v)                                                      # [L1] [B, T, Hkv]
         if self.training and not self.config.lte_train_cap and state is None:
-            # [L2] the paper's training rule: token j stays visible beyond the window for every later
-            # query when r_j > 0 or it is a sink. Every positive score counts, however many there are:
-            # the paper applies the cap b only at inference (lte_train_cap applies it in training too).
+            # [L2] the paper's training rule: sinks and every r_j > 0 stay visible to all later queries
             keep = r > 0
             keep[:, :self.sink] = True
         else:
@@ -984,9 +866,8 @@ class LTEAttention(AttentionBase):
 
     # --- training: lambda's controller ---
     def _count_kept(self, r):
-        """[L5] What the controller compares with b: per sequence and KV head, the tokens with r_j > 0
-        among those that leave the window within the sequence (s <= j < T - w - 1), the ones the
-        buffer would have to hold; summed over the optimizer step's forwards."""
+        """[L5] What the controller compares with b: per sequence and KV head, the tokens the buffer
+        would have to hold (r_j > 0, s <= j < T - w - 1), summed over the optimizer step's forwards."""
         T = r.shape[1]
         # Differs from the paper's code, which counts r_j > 0 over the whole sequence but its last
         # reach tokens, sinks and tokens that never leave the window included.
@@ -997,11 +878,9 @@ class LTEAttention(AttentionBase):
 
     @torch.no_grad()
     def update_lambda(self, count_step: bool = True):
-        """[L5] The lambda controller: call once per optimizer step, after the step's forwards (every
-        micro-batch's). Every N = lte_lambda_every counted steps: lambda *= up for the heads that kept
-        more than b tokens per sequence on average, /= down below 0.95 b, clamped to [lambda_min,
-        lambda_max]. count_step=False drops the step's forwards (e.g. batches of another length);
-        N = 0, the default, keeps lambda fixed."""
+        """[L5] Call once per optimizer step, after its forwards. Every N = lte_lambda_every counted
+        steps: lambda *= up for the heads that kept more than b tokens per sequence on average, /= down
+        below 0.95 b, clamped. count_step=False drops this step's forwards; N = 0 keeps lambda fixed."""
         c = self.config
         step_kept, sequences = self.step_kept / max(self.step_sequences, 1), self.step_sequences
         self.step_kept = torch.zeros_like(self.step_kept)
@@ -1012,9 +891,8 @@ class LTEAttention(AttentionBase):
         self.kept_steps += 1
         if int(self.kept_steps) < c.lte_lambda_every:
             return
-        # Differs from the paper's code: a plain mean over the period (there: a moving average
-        # updated every step, alpha = 2 / (1 + N / 2)), and lambda starts at lte_lambda_init
-        # (there: at 0, and at lambda_min once a head keeps too many).
+        # Differs from the paper's code: a plain mean over the period (there a moving average updated every
+        # step, alpha = 2 / (1 + N / 2)); lambda starts at lte_lambda_init (there 0, lambda_min once too many).
         kept = self.kept_sum / self.kept_steps
         self.l1_lambda.mul_(torch.where(kept > self.buffer, c.lte_lambda_up, 1.0))
         self.l1_lambda.div_(torch.where(kept < 0.95 * self.buffer, c.lte_lambda_down, 1.0))
@@ -1052,8 +930,7 @@ class LTEAttention(AttentionBase):
         state["router_in"][:, tail % router_slots] = torch.cat([k_raw, v], dim=-1)[:, tail].to(state["k"].dtype)
 
     def _entered(self, state, t, slot, k_raw, v):
-        """[L1] Token t's router input [k_raw; v] joins the router ring; token j = t - reach now has its
-        right context: score it (ring inputs j - reach .. t, in order) into its window slot, once j >= 0."""
+        """[L1] Token t's [k_raw; v] joins the router ring; token j = t - reach is scored (if j >= 0)."""
         n = 2 * self.router.reach + 1
         router_in = torch.cat([k_raw, v], dim=-1)                               # [B, 1, Hkv, 2D]
         state["router_in"].index_copy_(1, (t % n).view(1), router_in.to(state["k"].dtype))
@@ -1065,15 +942,13 @@ class LTEAttention(AttentionBase):
         state["score"].index_copy_(1, slot, torch.where(j >= 0, r_j[:, None], old))
 
     def _offer(self, state, j, score):
-        """[L6] Token j leaves the window with its score r_j [B, Hkv]: offered to the buffer when r_j > 0
-        and it is no sink (`lte_buffer_push`). Returns (entered, slot), [B, Hkv] each."""
+        """[L6] Token j leaves the window: offered to the buffer if r_j > 0 and no sink -> (entered, slot)."""
         offered = (j >= self.sink) & (score > 0)
         entered, _, slot = lte_buffer_push(state["buf_score"], state["buf_pos"], score, j, offered)
         return entered, slot
 
     def state_size(self, T: int) -> int:
-        """Numbers held per sequence after T tokens: k and v of the sinks, window and buffer, their
-        scores (window and buffer), and the router's 2 reach + 1 inputs."""
+        """Numbers held per sequence: k, v and scores of sinks, window, buffer; the router's inputs."""
         held = min(T, self.sink + self.window + 1 + self.buffer)
         scored = min(T, self.window + 1 + self.buffer)
         router = min(T, 2 * self.router.reach + 1) * 2 * self.head_dim
@@ -1083,15 +958,11 @@ class LTEAttention(AttentionBase):
 # --- 3c. The inference rule [L6] as ops: streamed, and in parallel over a sequence -------------
 
 def lte_buffer_push(buf_score, buf_pos, score, pos, offered=None):
-    """[L6] Offer one token that leaves the window to the retained-token buffer (in place).
-
-    buf_score, buf_pos: [..., b] (empty slots: score -inf, pos -1); score: [...] float; pos: an int
-    or a 0-d tensor; offered: bool [...] or 0-d, by default LTE's r > 0 (eviction.py: any token).
-    The token enters when offered and at least as good as the lowest-scored buffered token, which
-    then leaves (an empty slot counts as lowest; among equal scores the oldest). So the buffer holds
-    the top b offered tokens by (r, position), which `lte_visible_until` computes in parallel.
-    Returns (entered bool [...], evicted_pos int64 [...] (-1: nothing real evicted), slot int64 [...]).
-    """
+    """[L6] Offer one token leaving the window to the buffer, in place: it enters when offered (by
+    default r > 0) and at least as good as the lowest-scored token held (an empty slot is lowest; among
+    equal scores the oldest), which leaves. So the buffer holds the top b by (r, position).
+    buf_score, buf_pos: [..., b] (empty: -inf, -1); score: [...]; pos: int or 0-d; offered: bool [...].
+    Returns (entered bool [...], evicted_pos int64 [...] (-1: none), slot int64 [...])."""
     low = buf_score.min(dim=-1, keepdim=True).values                           # [..., 1]
     oldest_low = torch.where(buf_score == low, buf_pos, torch.iinfo(torch.int64).max)
     slot = oldest_low.argmin(dim=-1, keepdim=True)                              # [..., 1]
@@ -1104,24 +975,16 @@ def lte_buffer_push(buf_score, buf_pos, score, pos, offered=None):
 
 
 def lte_visible_until(scores, window: int, sink: int, buffer: int):
-    """[L6] The capped-inference visibility of every key, from the streaming rule (eval-mode LTE).
-
-    scores: [B, T, Hkv] retention scores r. Token j leaves the window when query j + w + 1 arrives;
-    sinks (j < s) stay, r <= 0 is dropped, any other is offered to the buffer (`lte_buffer_push`).
-    Returns until, int64 [B, T, Hkv]: the last query that sees key j beyond the window (KEEP_FOREVER
-    while retained, -1 if never), which `attention` takes as `keep`.
-
-    In parallel: the buffer always holds the top b offered tokens by (r, position), so rank the
-    offered tokens once (0 = best). After token t has left, the buffer holds the ranks <= R_t, the
-    b-th smallest rank offered up to t, which never grows with t. So token j enters iff rank_j <= R_j
-    and stays until the first t with R_t < rank_j: its last query is t + w (docs/lte.md).
-    """
+    """[L6] `lte_buffer_push`'s rule over a whole sequence, in parallel: scores r [B, T, Hkv] -> until,
+    int64 [B, T, Hkv], the last query that sees key j beyond the window (KEEP_FOREVER while retained,
+    -1 if never), which `attention` takes as `keep`. Rank the offered tokens once by (r, position);
+    after token t has left, the buffer holds the ranks <= R_t, the b-th smallest offered so far, so
+    token j stays until the first t with R_t < rank_j (why: docs/lte.md)."""
     check_lte_rule(scores, window, sink, buffer)
 
     def running_kth_smallest(x, k: int, fill: int, chunk: int = 256):
-        """out[..., t] = the k-th smallest of x[..., :t + 1] and k copies of `fill` (>= every x).
-        A chunk at a time: what came before a chunk matters only through its k smallest values, so
-        memory is O(chunk (k + chunk)) per row, never T x T."""
+        """out[..., t] = the k-th smallest of x[..., :t + 1] and k copies of `fill` (>= every x), a
+        chunk at a time: the past matters only through its k smallest, never T x T."""
         *lead, T = x.shape
         k_smallest = x.new_full((*lead, k), fill)                               # [..., k]
         out = torch.empty_like(x)
@@ -1162,10 +1025,9 @@ def lte_visible_until(scores, window: int, sink: int, buffer: int):
 
 
 def lte_final_buffer(scores, until, window: int, sink: int, buffer: int):
-    """The buffer the streaming rule holds after the last query: the tokens beyond the sinks that
-    are still retained (until == KEEP_FOREVER), by position. scores, until: [B, T, Hkv] (until from
-    `lte_visible_until`). Returns buf_score float32 and buf_pos int64, both [B, Hkv, b], empty slots
-    -inf / -1: what prefill hands to decoding."""
+    """What prefill hands to decoding: the buffer after the last query, the non-sinks still retained
+    (until == KEEP_FOREVER), by position. scores, until: [B, T, Hkv] -> buf_score float32, buf_pos
+    int64, both [B, Hkv, b] (empty slots -inf / -1)."""
     B, T, Hkv = scores.shape
     pos = torch.arange(T, device=scores.device)
     held = (until.transpose(1, 2) == KEEP_FOREVER) & (pos >= sink)              # [B, Hkv, T], <= b each
@@ -1184,15 +1046,10 @@ def lte_final_buffer(scores, until, window: int, sink: int, buffer: int):
 
 @dataclass
 class Config:
-    """Sizes and per-mixer settings, each checked when the Config is made (checks.py);
-    `Config.preset(name)` picks the layer pattern.
+    """Sizes and per-mixer settings, checked when made; the defaults train on a laptop CPU with the
+    README's recipe. `Config.preset(name)` picks a layer pattern, `Config.paper` the paper's models."""
 
-    The defaults make a model that trains on a laptop CPU, with the recipe the README's results were
-    trained with (train_shakespeare.py); `Config.paper(name, size)` gives the paper's models and its
-    training rule instead."""
-
-    # Not fields (no annotation): the names `layers` accepts, and the named layer patterns, with
-    # attention-type mixers on the odd layers and GDN on the even ones, as in the paper.
+    # Not fields: the names `layers` accepts; the paper's patterns (attention-type on odd layers, GDN on even)
     MIXER_NAMES = ("gdn", "swa", "attn", "nsa", "lte")
     PRESETS = {"gdn": ("gdn",), "gdn+swa": ("gdn", "swa"), "gdn+attn": ("gdn", "attn"),
                "gdn+nsa": ("gdn", "nsa"), "gdn+lte": ("gdn", "lte"), "transformer": ("attn",)}
@@ -1257,12 +1114,10 @@ class Config:
 
     @classmethod
     def paper(cls, name: str, size: str = "0.4B", **overrides) -> "Config":
-        """One of the paper's models: preset `name` at size '0.4B' or '1.4B' with the official
-        configs' settings, LTE's training rule included. The '0.4B' models have 0.34-0.37e9
-        parameters (`with torch.device("meta"): TinyHybrid(config)` builds one without memory)."""
+        """Preset `name` at size '0.4B' or '1.4B' with the official configs' settings, LTE's training
+        rule included (`with torch.device("meta"): TinyHybrid(config)` builds one without memory)."""
         check_preset(name, overrides, cls.PRESETS)
-        # The official configs: 24 layers, GDN with 8 heads (K = V), SwiGLU of 2/3 * 4 d rounded up
-        # to a multiple of 256, a 32000-token vocabulary, attention head dim 64 ...
+        # The official configs (SwiGLU: 2/3 * 4 d rounded up to a multiple of 256) at each size ...
         sizes = {"0.4B": dict(d_model=1024, gdn_head_dim=128, mlp_hidden=2816, n_head=16, n_kv_head=16),
                  "1.4B": dict(d_model=2048, gdn_head_dim=256, mlp_hidden=5632, n_head=32, n_kv_head=8)}
         # ... and what differs per mixer, at both sizes (windows as counted here: see the glossary).
@@ -1331,10 +1186,8 @@ class Block(nn.Module):
 
 def optimizer_groups(model: nn.Module, lr: float, weight_decay: float = 0.1,
                      router_lr_scale: float = 0.1) -> list[dict]:
-    """AdamW parameter groups of the recipe that trained here, for any module holding these mixers:
-    matrices and convolution kernels (ndim >= 2) at lr with weight_decay; vectors at lr without;
-    every LTE router's parameters at router_lr_scale * lr without (a router as fast as the rest
-    evicted the recall facts: EXPERIMENTS.md, "5. What LTE needed"). A schedule sets
+    """AdamW groups of the recipe, for any module: tensors of ndim >= 2 at lr with weight_decay,
+    vectors without, LTE routers at router_lr_scale * lr without (why: docs/lte.md). A schedule sets
     group["lr"] = lr_now * group["lr_scale"]."""
     # Differs from the paper's code: one learning rate for every parameter there.
     router = {id(p) for m in model.modules() if isinstance(m, LTERouter) for p in m.parameters()}
@@ -1351,13 +1204,11 @@ def optimizer_groups(model: nn.Module, lr: float, weight_decay: float = 0.1,
 class TinyHybrid(nn.Module):
     """The interleaved language model: token embedding, blocks, final norm, tied output head.
 
-    forward(idx, state=None) -> (logits [B, T, vocab], penalty), penalty LTE's L1 penalty [L4]
-    summed over the LTE layers in training (a 0-d tensor; 0 otherwise), for the caller's loss:
-        logits, penalty = model(idx)
+    forward(idx, state=None) -> (logits [B, T, vocab], penalty): LTE's L1 penalty [L4] summed over
+    the layers in training (0-d; 0 otherwise), for the caller's loss:
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten()) + penalty
-    With `state` (from `init_state`) the call continues a sequence, updating the state in place.
-    Train with `optimizer_groups(lr)` and `update_lte_lambdas()` after every optimizer step.
-    """
+    With `state` (from `init_state`) it continues a sequence, in place. Train with
+    `optimizer_groups(lr)`, and call `update_lte_lambdas()` after every optimizer step."""
 
     def __init__(self, config: Config):
         super().__init__()
@@ -1402,8 +1253,7 @@ class TinyHybrid(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def optimizer_groups(self, lr: float, weight_decay: float = 0.1) -> list[dict]:
-        """AdamW parameter groups of the recipe, the routers at config.lte_router_lr_scale * lr:
-        `torch.optim.AdamW(model.optimizer_groups(1e-3), betas=(0.9, 0.95))` (see `optimizer_groups`)."""
+        """`optimizer_groups` with config.lte_router_lr_scale: `AdamW(model.optimizer_groups(1e-3))`."""
         return optimizer_groups(self, lr, weight_decay, self.config.lte_router_lr_scale)
 
     # --- LTE's lambda controller ---
@@ -1411,8 +1261,7 @@ class TinyHybrid(nn.Module):
         return [(i, b.mixer) for i, b in enumerate(self.blocks) if isinstance(b.mixer, LTEAttention)]
 
     def update_lte_lambdas(self, count_step: bool = True):
-        """Run the lambda controller [L5] of every LTE layer; call once per optimizer step.
-        count_step=False: this step's forwards do not count (see LTEAttention.update_lambda)."""
+        """Every LTE layer's `update_lambda` [L5]; call once per optimizer step."""
         for _, m in self._lte_layers():
             m.update_lambda(count_step)
 
@@ -1423,8 +1272,7 @@ class TinyHybrid(nn.Module):
 
     # --- decoding: the state, eager prefill, step and generate (decoder.py captures the step) ---
     def init_state(self, batch_size: int, device=None, dtype=None, max_len=None) -> list[dict]:
-        """An empty decoding state, one dict per layer. max_len: the most tokens it will take, to which
-        full attention and NSA preallocate their caches (None: they grow, eager decoding only)."""
+        """An empty decoding state, one dict per layer; max_len sizes full attention's and NSA's caches."""
         check_max_len(max_len)
         device = device or self.wte.weight.device
         dtype = dtype or self.wte.weight.dtype
@@ -1432,8 +1280,7 @@ class TinyHybrid(nn.Module):
 
     @staticmethod
     def reset_state(state: list[dict]) -> None:
-        """Empty a decoding state in place, for the next sequence: a captured step keeps reading these
-        very tensors. Empty buffer slots (LTE, eviction.py) hold score -inf and position -1."""
+        """Empty a decoding state in place (a captured step keeps reading these very tensors)."""
         for layer in state:
             for value in layer.values():
                 if isinstance(value, torch.Tensor):
@@ -1451,8 +1298,7 @@ class TinyHybrid(nn.Module):
         return sum(t.numel() * t.element_size() for t in tensors) // max(batch, 1)
 
     def state_bytes(self, T: int) -> int:
-        """Bytes of one sequence's decoding state after T tokens: an empty state made for that length,
-        on the CPU (so a model on the meta device can say it too)."""
+        """Bytes of one sequence's decoding state after T tokens (made on the CPU: works on meta too)."""
         return self.state_nbytes(self.init_state(1, device="cpu", max_len=T))
 
     def state_size(self, T: int) -> dict:
@@ -1461,8 +1307,7 @@ class TinyHybrid(nn.Module):
         return {f"{i}:{name}": b.mixer.state_size(T) for i, (b, name) in enumerate(layers)}
 
     def decode_step(self, token, state: list[dict]):
-        """token [B, 1] -> logits [B, vocab] through every layer's `step`: device work only, the same
-        shapes at every position (what decoder.py captures); the caller counts the lengths."""
+        """token [B, 1] -> logits [B, vocab], device work only (decoder.py captures it; the caller counts)."""
         x = self.wte(token)                                                     # [B, 1, C]
         for block, layer in zip(self.blocks, state):
             x = block.step(x, layer)
@@ -1471,8 +1316,7 @@ class TinyHybrid(nn.Module):
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  generator: torch.Generator | None = None):
-        """Prefill idx [B, T] once, then decode max_new_tokens eagerly with `decode_step` (decoder.py
-        runs the same step captured). temperature 0 is greedy. Returns [B, T + max_new_tokens]."""
+        """Prefill idx [B, T], then decode eagerly (`decode_step`; temperature 0: greedy) -> [B, T + max_new_tokens]."""
         check_idx(idx, self.config.vocab_size)
         check_sampling(max_new_tokens, temperature, top_k)
         was_training = self.training
@@ -1494,9 +1338,8 @@ class TinyHybrid(nn.Module):
 
     @staticmethod
     def sample(logits, temperature, top_k, generator):
-        """The next token [B, 1] from logits [B, vocab], on their device and without a host sync.
-        Sampling is torch.multinomial's own method for one sample, argmax(p / q) with q ~ Exp(1),
-        so the same generator draws the same token; multinomial itself first checks p on the host."""
+        """The next token [B, 1] from logits [B, vocab] without a host sync: torch.multinomial's own
+        method for one sample, argmax(p / q), q ~ Exp(1), so the same generator draws the same token."""
         if temperature == 0:
             return logits.argmax(dim=-1, keepdim=True)
         logits = logits / temperature
