@@ -426,3 +426,42 @@ def test_a_mixer_copied_by_the_docs_list_trains_and_decodes(mixer, tmp_path, mon
         torch.testing.assert_close(full, mix(ours.eval(), x)[0], rtol=0, atol=0)
     torch.testing.assert_close(decoded, full, rtol=1e-5, atol=1e-5)
     assert only_listed.read == set(settings), f"listed but never read: {sorted(set(settings) - only_listed.read)}"
+
+
+def local_imports(path: Path) -> set[str]:
+    """The repository's modules that `path` imports anywhere in it (inside functions too)."""
+    local = {p.stem for p in ROOT.glob("*.py")}
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module.split(".")[0])
+    return (found & local) - {path.stem}
+
+
+def test_no_module_imports_itself_back_through_others():
+    """The layout's rule: no import circle between the repository's modules, however long and
+    wherever the import sits (a lazy import inside a function counts). Tests are left out."""
+    graph = {p.stem: local_imports(p) for p in ROOT.glob("*.py") if not p.stem.startswith(("test_", "conftest"))}
+    assert {"tiny_hybrid", "kernels", "train_shakespeare", "checks"} <= set(graph)
+
+    def reachable(start):
+        seen, todo = set(), list(graph[start])
+        while todo:
+            name = todo.pop()
+            if name in graph and name not in seen:
+                seen.add(name)
+                todo.extend(graph[name])
+        return seen
+
+    circles = sorted(name for name in graph if name in reachable(name))
+    assert not circles, f"modules that import themselves back: {circles}"
+    assert not any("train_shakespeare" in imports for imports in graph.values())   # main hands over
+
+
+def test_the_import_check_catches_a_circle(tmp_path, monkeypatch):
+    (tmp_path / "a.py").write_text("def f():\n    import b\n", encoding="utf-8")
+    (tmp_path / "b.py").write_text("from a import f\n", encoding="utf-8")
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    assert local_imports(tmp_path / "a.py") == {"b"} and local_imports(tmp_path / "b.py") == {"a"}
