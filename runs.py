@@ -33,6 +33,7 @@ import torch
 
 from report import duration, easiest, hardest, print_table
 
+
 @dataclasses.dataclass(frozen=True)
 class Run:
     """One model with one seed: a preset, or a variant of it (tag and overrides: a state size of the

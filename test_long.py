@@ -3,7 +3,6 @@ under torchrun, run the way a user runs them (in a subprocess, on the CPU)."""
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
