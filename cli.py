@@ -26,7 +26,7 @@ from corpus import N_KEYS, ROOT, TOKENIZER_PATH, VOCAB_SIZE, load_corpus, load_t
 from recall_task import BLOCK_LEN, PROBE_BATCHES, distance_bins, task_for_step
 from report import CONVERGENCE_RULE, DEFAULT_STEPS, PROBE_READINGS, duration
 from runs import planned_runs, use_triton_interpreter
-from tiny_hybrid import Config
+from tiny_hybrid import Config, TinyHybrid
 
 PROG = "train_shakespeare.py"
 MODELS = ("gdn", "gdn+swa", "gdn+lte", "gdn+nsa", "gdn+attn")   # what a run trains and compares by default
@@ -687,6 +687,17 @@ def save_atomic(obj, path: Path) -> None:
 def checkpoint_path(out: Path, name: str, seed: int) -> Path:
     """One checkpoint per model and seed: out/gdn_lte_seed0.pt for gdn+lte with seed 0."""
     return out / f"{name.replace('+', '_')}_seed{seed}.pt"
+
+
+def load_trained(args, seed: int, vocab_size: int, device, presets) -> dict:
+    """{preset: its model with `seed`, read back from its checkpoint in --out, in eval mode}."""
+    models = {}
+    for preset in presets:
+        model = TinyHybrid(model_config(preset, args, vocab_size)).to(device)
+        ckpt = torch.load(checkpoint_path(args.out, preset, seed), map_location=device, weights_only=True)
+        model.load_state_dict(ckpt["model"])
+        models[preset] = model.eval()
+    return models
 
 
 def write_json_atomic(obj, path: Path) -> None:

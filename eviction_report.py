@@ -33,7 +33,7 @@ import time
 import numpy as np
 import torch
 
-from cli import (EVICTION_FILES, EVICTION_PRESETS, checkpoint_path, eval_lengths, fail, flag_of, model_config,
+from cli import (EVICTION_FILES, EVICTION_PRESETS, checkpoint_path, eval_lengths, fail, flag_of, load_trained,
                  output_files, prepare_run, run_settings, write_json_atomic)
 from corpus import N_BPE
 from eviction import EvictingAttention, with_eviction
@@ -443,17 +443,6 @@ def plot_budget(report: dict, args) -> None:
 
 
 # --- the models, and the command ---
-
-def load_trained(args, seed: int, vocab_size: int, device, presets=EVICTION_PRESETS) -> dict:
-    """The presets (of --eviction-report) with one seed, read back from their checkpoints, in eval mode."""
-    models = {}
-    for preset in presets:
-        model = TinyHybrid(model_config(preset, args, vocab_size)).to(device)
-        ckpt = torch.load(checkpoint_path(args.out, preset, seed), map_location=device, weights_only=True)
-        model.load_state_dict(ckpt["model"])
-        models[preset] = model.eval()
-    return models
-
 
 def nsa_missing(args) -> str:
     """Why NSA's n at inference cannot be measured for the run's seeds ("" when it can): each seed

@@ -9,8 +9,8 @@ controlled depths in real held-out text, and every one is queried at the very en
 
 This module holds what the task needs and nothing of the training: the sequences, the evaluation
 grid (needle depth x context length, at 1x to 8x the training length), the heat map and the table.
-It imports torch, numpy and (for the figure) matplotlib, never the training script: the script
-hands over the token ids of its keys and values.
+It imports torch, numpy, recall_task.py and (for the figure) matplotlib, never the training script:
+the script hands over the token ids of its keys and values.
 """
 
 from __future__ import annotations
@@ -20,8 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100  # a position without a loss (torch's cross_entropy default, as in the script)
-BLOCK_LEN = 2        # a needle [key, value] and a query [key, value] are 2 tokens each
+from recall_task import BLOCK_LEN, fill_with_text   # a needle is a fact: [key, value]
 EVAL_SEED = 2        # the held-out haystacks: the same for every model and seed
 LENGTH_FACTORS = (1, 2, 4, 8)        # evaluation lengths, in training lengths
 DEPTHS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # needle depth: 0 = first text token, 1 = just before the queries
@@ -79,14 +78,7 @@ def needle_sequence(tokens: np.ndarray, length: int, starts: np.ndarray, rng: np
     stream[query_starts] = keys[order]
     stream[query_starts + 1] = values[order]
     is_text[room:] = False
-    n_text = int(is_text.sum())
-    if len(tokens) < n_text:
-        raise ValueError(f"tokens has {len(tokens)} tokens, a haystack of {length} needs {n_text} of text")
-    offset = int(rng.integers(0, len(tokens) - n_text + 1))
-    stream[is_text] = tokens[offset : offset + n_text]
-
-    idx, targets = stream[:-1].copy(), stream[1:].copy()
-    targets[~(is_text[:-1] & is_text[1:])] = IGNORE_INDEX  # language modelling on text -> text only
+    idx, targets = fill_with_text(stream, is_text, tokens, rng, f"a haystack of {length}")
     targets[query_starts] = values[order]                   # the query's key predicts the value
     answer_mask = np.zeros(length, dtype=bool)
     answer_mask[query_starts] = True

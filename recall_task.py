@@ -110,6 +110,21 @@ def _draw_layout(
     )
 
 
+def fill_with_text(stream: np.ndarray, is_text: np.ndarray, tokens: np.ndarray, rng: np.random.Generator,
+                   what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Fill the positions of `stream` where is_text with a passage of `tokens` at a random offset,
+    then split the stream into inputs idx [T] and next-token targets [T] (T = len(stream) - 1), the
+    targets IGNORE_INDEX except from text to text. `what` names the sequence in the error."""
+    n_text = int(is_text.sum())
+    if len(tokens) < n_text:
+        raise ValueError(f"tokens has {len(tokens)} tokens, {what} needs {n_text} of text")
+    offset = int(rng.integers(0, len(tokens) - n_text + 1))
+    stream[is_text] = tokens[offset : offset + n_text]
+    idx, targets = stream[:-1].copy(), stream[1:].copy()
+    targets[~(is_text[:-1] & is_text[1:])] = IGNORE_INDEX  # only text -> text is language modelling
+    return idx, targets
+
+
 def make_sequence(
     tokens: np.ndarray, seq_len: int, n_facts: int, distance_range: tuple[int, int], rng: np.random.Generator,
     n_keys: int = N_KEYS,
@@ -131,14 +146,7 @@ def make_sequence(
         stream[f : f + BLOCK_LEN] = (key, value)
         stream[q : q + BLOCK_LEN] = (key, value)
         is_text[f : f + BLOCK_LEN] = is_text[q : q + BLOCK_LEN] = False
-    n_text = int(is_text.sum())
-    if len(tokens) < n_text:
-        raise ValueError(f"tokens has {len(tokens)} tokens, a sequence needs {n_text} of text")
-    offset = int(rng.integers(0, len(tokens) - n_text + 1))
-    stream[is_text] = tokens[offset : offset + n_text]
-
-    idx, targets = stream[:-1].copy(), stream[1:].copy()
-    targets[~(is_text[:-1] & is_text[1:])] = IGNORE_INDEX  # only text -> text is language modelling
+    idx, targets = fill_with_text(stream, is_text, tokens, rng, "a sequence")
     answer_pos = np.sort(query_starts)  # the query's key: its target is the value
     targets[answer_pos] = stream[answer_pos + 1]
     answer_mask = np.zeros(seq_len, dtype=bool)

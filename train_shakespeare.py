@@ -50,8 +50,8 @@ import eviction_report
 import frontier
 import long_context
 import long_run
-from cli import (checkpoint_path, check_checkpoint, model_config, parse_args, prepare_run, run_settings,
-                 save_atomic, write_json_atomic)
+from cli import (checkpoint_path, check_checkpoint, load_trained, model_config, parse_args, prepare_run,
+                 run_settings, save_atomic, write_json_atomic)
 from corpus import KEY_ID0, N_BPE, TOKENIZER_PATH, VALUE_ID0, VOCAB_SIZE, make_tokenizer
 from recall_task import (BLOCK_LEN, IGNORE_INDEX, PROBE_BATCHES, TRAINING_KEYS, collate, distance_bins,
                          eval_batch, key_value_ids, make_batch, make_drill_batch, make_drill_sequence,
@@ -453,14 +453,8 @@ def sample_text(model, enc, val_tokens, args, device, new_tokens: int = 72) -> d
 def trained_models(results: dict, args, vocab_size: int, device) -> dict:
     """The first seed's models that this command trained, read back from their checkpoints: for the
     examples of failed recalls and the sample."""
-    models = {}
-    for preset in args.models:
-        if (preset, args.seeds[0]) in results:
-            model = TinyHybrid(model_config(preset, args, vocab_size)).to(device)
-            ckpt = torch.load(checkpoint_path(args.out, preset, args.seeds[0]), map_location=device, weights_only=True)
-            model.load_state_dict(ckpt["model"])
-            models[preset] = model
-    return models
+    presets = [preset for preset in args.models if (preset, args.seeds[0]) in results]
+    return load_trained(args, args.seeds[0], vocab_size, device, presets)
 
 
 def show_examples(models: dict, enc, val_tokens, args, device) -> tuple[list[str], dict | None]:
